@@ -1,0 +1,137 @@
+"""The exception hierarchy of pytest-microsandbox.
+
+Every error the runtime raises on purpose derives from :class:`SandboxError`::
+
+    SandboxError
+    ├── ConfigError                  a configuration value is invalid
+    ├── BackendUnavailableError      no VM engine can run on this host
+    │   └── KernelNotFoundError      the guest kernel has not been provisioned
+    ├── ImageError                   a root filesystem image cannot be built
+    ├── AgentBuildError              the guest agent cannot be compiled
+    ├── BootError                    a VM did not reach its agent
+    │   └── GuestCrashedError        the guest died (panic, power-off, QEMU exit)
+    ├── ProtocolError                the guest sent bytes that break the protocol
+    ├── SandboxNotRunningError       an operation needs a running sandbox
+    ├── ExecError                    a command could not be started in the guest
+    │   └── CommandNotFoundError     the program does not exist in the guest
+    ├── ExecTimeoutError             a command ran past its timeout and was killed
+    ├── GuestTimeoutError            the guest stopped answering
+    └── FilesystemError              a guest file operation failed
+        └── PathNotFoundError        the guest path does not exist
+
+Errors that concern a running guest carry ``console_tail``: the last lines the
+guest printed on its console, which usually say why it failed.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentBuildError",
+    "BackendUnavailableError",
+    "BootError",
+    "CommandNotFoundError",
+    "ConfigError",
+    "ExecError",
+    "ExecTimeoutError",
+    "FilesystemError",
+    "GuestCrashedError",
+    "GuestTimeoutError",
+    "ImageError",
+    "KernelNotFoundError",
+    "PathNotFoundError",
+    "ProtocolError",
+    "SandboxError",
+    "SandboxNotRunningError",
+]
+
+
+class SandboxError(Exception):
+    """Base of every error raised by pytest-microsandbox on purpose."""
+
+    def __init__(self, message: str, *, console_tail: str | None = None) -> None:
+        self.message = message
+        self.console_tail = console_tail
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        if self.console_tail:
+            return f"{self.message}\n--- guest console (last lines) ---\n{self.console_tail}"
+        return self.message
+
+
+class ConfigError(SandboxError, ValueError):
+    """Raised when a configuration value is invalid; the message names the field."""
+
+
+class BackendUnavailableError(SandboxError):
+    """Raised when no VM engine can run here (QEMU missing, no accelerator that boots)."""
+
+
+class KernelNotFoundError(BackendUnavailableError):
+    """Raised when the guest kernel or its modules are not in the cache directory."""
+
+
+class ImageError(SandboxError):
+    """Raised when a root filesystem image cannot be built or found."""
+
+
+class AgentBuildError(SandboxError):
+    """Raised when the static guest agent cannot be compiled."""
+
+
+class BootError(SandboxError):
+    """Raised when a VM does not reach a serving agent within its boot timeout."""
+
+
+class GuestCrashedError(BootError):
+    """Raised when the guest dies: kernel panic, power-off, or the QEMU process exited."""
+
+
+class ProtocolError(SandboxError):
+    """Raised when bytes from the guest break the wire protocol (docs/protocol.md)."""
+
+
+class SandboxNotRunningError(SandboxError):
+    """Raised when an operation needs a running sandbox and this one is stopped."""
+
+
+class ExecError(SandboxError):
+    """Raised when the guest could not start a command."""
+
+
+class CommandNotFoundError(ExecError):
+    """Raised when the program of an exec does not exist in the guest."""
+
+
+class ExecTimeoutError(SandboxError):
+    """Raised when a command ran past its timeout; it has been killed in the guest."""
+
+    def __init__(
+        self, message: str, *, stdout: bytes = b"", stderr: bytes = b"", timeout: float = 0.0
+    ) -> None:
+        super().__init__(message)
+        self.stdout = stdout
+        self.stderr = stderr
+        self.timeout = timeout
+
+
+class GuestTimeoutError(SandboxError):
+    """Raised when the guest agent stops answering within the configured timeout."""
+
+
+class FilesystemError(SandboxError, OSError):
+    """Raised when a guest file operation fails; ``errno`` is the guest's errno."""
+
+    def __init__(self, message: str, *, errno: int = 0, path: str | None = None) -> None:
+        SandboxError.__init__(self, message)
+        self.errno = errno
+        self.path = path
+        self.strerror = message
+        self.filename = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PathNotFoundError(FilesystemError, FileNotFoundError):
+    """Raised when a guest path does not exist (ENOENT)."""
