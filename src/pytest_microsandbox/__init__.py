@@ -1,0 +1,1 @@
+"""pytest-microsandbox: run tests in microVMs."""
