@@ -1,0 +1,1915 @@
+/*
+ * msb-agent: PID 1 and guest agent of pytest-microsandbox.
+ *
+ * As PID 1 (getpid() == 1) it assembles the root filesystem described on the
+ * kernel command line, then serves the wire protocol of docs/protocol.md over
+ * the virtio-serial port named "msb.agent".  With --serve-fd N or
+ * --serve-unix PATH it skips all of that and serves on the given descriptor,
+ * running commands directly on the host; that is how the protocol is tested
+ * without a VM.
+ *
+ * The agent is one single-threaded poll() loop.  Output to the host is
+ * queued in one buffer (frames are built in place); when that queue is
+ * large, the agent stops reading producers (child pipes, FS_READ files) so
+ * memory stays bounded, and resumes them all together once the host has
+ * caught up, so no single request can starve the others.
+ *
+ * Everything the host sends is parsed strictly; a malformed frame is logged
+ * and answered with ERROR where that cannot confuse a live request.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PROTO_VERSION 1
+#define AGENT_VERSION "1.0.0"
+#define MAX_FRAME (1048576u + 65536u)
+#define CHUNK 1048576u
+#define OUTQ_HIGH (4u << 20)   /* pause producers while this much is queued */
+#define MAX_REQS 1024          /* live requests (execs, transfers) */
+#define FS_READ_BURST 4        /* chunks per FS_READ per loop iteration */
+#define DRAIN_READS 16         /* reads per pipe after reaping (grandchildren may never stop) */
+#define PORT_NAME "msb.agent"
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#define MODULE_INIT_COMPRESSED_FILE 4
+/* <linux/random.h> is not available to musl-gcc: _IOW('R', 0x03, int[2]). */
+#define MSB_RNDADDENTROPY _IOW('R', 0x03, int[2])
+
+enum tag {
+	T_VERSION = 1, T_ARG = 2, T_ENV = 3, T_CWD = 4, T_USER = 5, T_TIMEOUT_MS = 7,
+	T_STDIN_MODE = 8, T_DATA = 9, T_SIGNAL = 10, T_PATH = 11, T_PATH2 = 12, T_MODE = 13,
+	T_FLAGS = 14, T_PID = 15, T_EXIT_CODE = 16, T_TERM_SIGNAL = 17, T_TIMED_OUT = 18,
+	T_ERRNO = 19, T_MESSAGE = 20, T_NAME = 21, T_KIND = 22, T_SIZE = 23, T_MTIME_NS = 24,
+	T_FSTYPE = 25, T_OPTIONS = 26, T_SOURCE = 27, T_TIME_NS = 28, T_SEED = 29,
+	T_AGENT_VERSION = 30, T_HOSTNAME = 31, T_UID = 32, T_GID = 33, T_UPTIME_MS = 40,
+	T_MEM_TOTAL = 41, T_MEM_AVAILABLE = 42, T_CPU_BUSY_MS = 43, T_CPU_IDLE_MS = 44,
+	T_NPROCS = 45, T_LOAD1_MILLI = 46,
+};
+
+enum mtype {
+	M_READY = 0x01, M_LOG = 0x02, M_HELLO = 0x03, M_PING = 0x04, M_SHUTDOWN = 0x05,
+	M_CONFIGURE = 0x06, M_METRICS = 0x07, M_MOUNT = 0x08, M_UMOUNT = 0x09,
+	M_EXEC = 0x10, M_STDIN = 0x11, M_SIGNAL = 0x12,
+	M_FS_READ = 0x20, M_FS_WRITE = 0x21, M_FS_CHUNK = 0x22, M_FS_END = 0x23,
+	M_FS_LIST = 0x24, M_FS_STAT = 0x25, M_FS_MKDIR = 0x26, M_FS_REMOVE = 0x27,
+	M_FS_RENAME = 0x28, M_FS_CHMOD = 0x29,
+	M_STARTED = 0x90, M_STDOUT = 0x91, M_STDERR = 0x92, M_EXITED = 0x93, M_DIRENT = 0xA2,
+	M_OK = 0xF0, M_ERROR = 0xF1,
+};
+
+enum { K_UNKNOWN, K_INT, K_BYTES, K_REPEATED };
+
+static int tag_kind(uint8_t tag)
+{
+	switch (tag) {
+	case T_ARG: case T_ENV:
+		return K_REPEATED;
+	case T_CWD: case T_USER: case T_DATA: case T_PATH: case T_PATH2: case T_MESSAGE:
+	case T_NAME: case T_FSTYPE: case T_OPTIONS: case T_SOURCE: case T_SEED:
+	case T_AGENT_VERSION: case T_HOSTNAME:
+		return K_BYTES;
+	case T_VERSION: case T_TIMEOUT_MS: case T_STDIN_MODE: case T_SIGNAL: case T_MODE:
+	case T_FLAGS: case T_PID: case T_EXIT_CODE: case T_TERM_SIGNAL: case T_TIMED_OUT:
+	case T_ERRNO: case T_KIND: case T_SIZE: case T_MTIME_NS: case T_TIME_NS: case T_UID:
+	case T_GID: case T_UPTIME_MS: case T_MEM_TOTAL: case T_MEM_AVAILABLE:
+	case T_CPU_BUSY_MS: case T_CPU_IDLE_MS: case T_NPROCS: case T_LOAD1_MILLI:
+		return K_INT;
+	default:
+		return K_UNKNOWN;
+	}
+}
+
+static bool pid1;
+static int port_fd = -1;
+static int64_t port_backoff_until; /* virtio port has no host connected: retry later */
+
+/* ------------------------------------------------------------------ utils */
+
+static int64_t clock_ms(clockid_t clk)
+{
+	struct timespec ts;
+	clock_gettime(clk, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint32_t be32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static void put_be32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
+}
+
+static void write_all_fd(int fd, const char *s, size_t n)
+{
+	while (n > 0) {
+		ssize_t w = write(fd, s, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return;
+		s += w;
+		n -= (size_t)w;
+	}
+}
+
+/* Reads a small (sysfs/proc) file, NUL-terminated, trailing whitespace cut. */
+static ssize_t read_small(const char *path, char *buf, size_t cap)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	size_t n = 0;
+	while (n + 1 < cap) {
+		ssize_t r = read(fd, buf + n, cap - 1 - n);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			break;
+		n += (size_t)r;
+	}
+	close(fd);
+	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
+		n--;
+	buf[n] = 0;
+	return (ssize_t)n;
+}
+
+static void poweroff(void) __attribute__((noreturn));
+static void poweroff(void)
+{
+	sync();
+	reboot(RB_POWER_OFF);
+	for (;;)
+		pause(); /* PID 1 must never exit: that panics the kernel */
+}
+
+static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void die(const char *fmt, ...)
+{
+	char buf[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if ((size_t)n > sizeof buf - 2)
+		n = sizeof buf - 2;
+	buf[n++] = '\n';
+	write_all_fd(2, "msb-agent: fatal: ", 18);
+	write_all_fd(2, buf, (size_t)n);
+	if (!pid1)
+		exit(1);
+	int c = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	if (c >= 0) {
+		write_all_fd(c, "msb-agent: fatal: ", 18);
+		write_all_fd(c, buf, (size_t)n);
+		close(c);
+	}
+	poweroff();
+}
+
+/* ------------------------------------------------------- output queue
+ * Frames are built directly in the queue: msg_begin() reserves the header,
+ * f_*() append fields, msg_end() patches the length.  Offsets, not pointers,
+ * survive reallocation; the queue is only compacted in ob_flush(), never
+ * while a frame is being built. */
+
+static struct {
+	uint8_t *buf;
+	size_t off, len, cap;
+	size_t frame;      /* start of the frame being built */
+	bool building;
+} ob;
+
+static size_t ob_pending(void) { return ob.len - ob.off; }
+
+static void ob_reserve(size_t n)
+{
+	if (ob.len + n <= ob.cap)
+		return;
+	size_t cap = ob.cap ? ob.cap : 65536;
+	while (cap < ob.len + n)
+		cap *= 2;
+	uint8_t *b = realloc(ob.buf, cap);
+	if (!b)
+		die("out of memory (output queue of %zu bytes)", cap);
+	ob.buf = b;
+	ob.cap = cap;
+}
+
+static void msg_begin(uint32_t id, uint8_t type)
+{
+	ob_reserve(9);
+	ob.frame = ob.len;
+	ob.building = true;
+	put_be32(ob.buf + ob.len + 4, id);
+	ob.buf[ob.len + 8] = type;
+	ob.len += 9;
+}
+
+static void msg_end(void)
+{
+	put_be32(ob.buf + ob.frame, (uint32_t)(ob.len - ob.frame - 4));
+	ob.building = false;
+}
+
+static void msg_abort(void)
+{
+	ob.len = ob.frame;
+	ob.building = false;
+}
+
+static void f_bytes(uint8_t tag, const void *p, size_t n)
+{
+	ob_reserve(5 + n);
+	ob.buf[ob.len] = tag;
+	put_be32(ob.buf + ob.len + 1, (uint32_t)n);
+	if (n)
+		memcpy(ob.buf + ob.len + 5, p, n);
+	ob.len += 5 + n;
+}
+
+static void f_str(uint8_t tag, const char *s) { f_bytes(tag, s, strlen(s)); }
+
+static void f_int(uint8_t tag, int64_t v)
+{
+	uint8_t b[8];
+	uint64_t u = (uint64_t)v;
+	for (int i = 7; i >= 0; i--, u >>= 8)
+		b[i] = (uint8_t)u;
+	f_bytes(tag, b, 8);
+}
+
+/* Appends a DATA frame read straight from fd.  Returns read()'s result. */
+static ssize_t msg_read_data(uint32_t id, uint8_t type, int fd)
+{
+	msg_begin(id, type);
+	ob_reserve(5 + CHUNK);
+	ssize_t n;
+	do
+		n = read(fd, ob.buf + ob.len + 5, CHUNK);
+	while (n < 0 && errno == EINTR);
+	if (n <= 0) {
+		msg_abort();
+		return n;
+	}
+	ob.buf[ob.len] = T_DATA;
+	put_be32(ob.buf + ob.len + 1, (uint32_t)n);
+	ob.len += 5 + (size_t)n;
+	msg_end();
+	return n;
+}
+
+static void ob_flush(void)
+{
+	while (ob.off < ob.len) {
+		ssize_t n = write(port_fd, ob.buf + ob.off, ob.len - ob.off);
+		if (n > 0) {
+			ob.off += (size_t)n;
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == EAGAIN)
+			break;
+		if (!pid1)
+			exit(0); /* host mode: the peer went away */
+		/* Guest: nothing sensible to do with the queue but drop it. */
+		dprintf(2, "msb-agent: port write failed (%s); dropping %zu bytes\n",
+			n < 0 ? strerror(errno) : "EOF", ob.len - ob.off);
+		ob.off = ob.len;
+	}
+	if (ob.off == ob.len) {
+		ob.off = ob.len = 0;
+	} else if (ob.off > ob.cap / 2) {
+		memmove(ob.buf, ob.buf + ob.off, ob.len - ob.off);
+		ob.len -= ob.off;
+		ob.off = 0;
+	}
+}
+
+static void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void logmsg(const char *fmt, ...)
+{
+	char buf[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n >= sizeof buf)
+		n = sizeof buf - 1;
+	dprintf(2, "msb-agent: %s\n", buf);
+	if (port_fd >= 0 && !ob.building) {
+		msg_begin(0, M_LOG);
+		f_bytes(T_MESSAGE, buf, (size_t)n);
+		msg_end();
+	}
+}
+
+static void reply_ok(uint32_t id)
+{
+	msg_begin(id, M_OK);
+	msg_end();
+}
+
+static void reply_error(uint32_t id, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void reply_error(uint32_t id, int err, const char *fmt, ...)
+{
+	char buf[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if ((size_t)n >= sizeof buf)
+		n = sizeof buf - 1;
+	msg_begin(id, M_ERROR);
+	f_int(T_ERRNO, err);
+	f_bytes(T_MESSAGE, buf, (size_t)n);
+	msg_end();
+}
+
+/* ---------------------------------------------------------- parsing */
+
+struct msg {
+	uint32_t id;
+	uint8_t type;
+	const uint8_t *pl;
+	uint32_t pl_len;
+};
+
+static char perr[128];
+
+/* Checks the field structure of a frame; returns NULL or a reason. */
+static const char *validate(const struct msg *m)
+{
+	uint64_t seen = 0;
+	uint32_t off = 0;
+	while (off < m->pl_len) {
+		if (m->pl_len - off < 5)
+			return "truncated field header";
+		uint8_t tag = m->pl[off];
+		uint32_t len = be32(m->pl + off + 1);
+		off += 5;
+		if (len > m->pl_len - off) {
+			snprintf(perr, sizeof perr, "field %u overruns the frame", tag);
+			return perr;
+		}
+		int k = tag_kind(tag);
+		if (k == K_INT && len != 8) {
+			snprintf(perr, sizeof perr, "integer field %u has length %u", tag, len);
+			return perr;
+		}
+		if (k == K_INT || k == K_BYTES) {
+			uint64_t bit = 1ull << tag; /* every known tag is < 64 */
+			if (seen & bit) {
+				snprintf(perr, sizeof perr, "field %u given twice", tag);
+				return perr;
+			}
+			seen |= bit;
+		}
+		off += len;
+	}
+	return NULL;
+}
+
+/* Iterates fields of a validated frame. */
+static bool next_field(const struct msg *m, uint32_t *off, uint8_t *tag, const uint8_t **p, uint32_t *len)
+{
+	if (*off >= m->pl_len)
+		return false;
+	*tag = m->pl[*off];
+	*len = be32(m->pl + *off + 1);
+	*p = m->pl + *off + 5;
+	*off += 5 + *len;
+	return true;
+}
+
+static bool get_field(const struct msg *m, uint8_t want, const uint8_t **p, uint32_t *len)
+{
+	uint32_t off = 0;
+	uint8_t tag;
+	while (next_field(m, &off, &tag, p, len))
+		if (tag == want)
+			return true;
+	return false;
+}
+
+static bool get_int(const struct msg *m, uint8_t tag, int64_t *v)
+{
+	const uint8_t *p;
+	uint32_t n;
+	if (!get_field(m, tag, &p, &n))
+		return false;
+	uint64_t u = 0;
+	for (int i = 0; i < 8; i++)
+		u = u << 8 | p[i];
+	*v = (int64_t)u;
+	return true;
+}
+
+static int64_t get_int_or(const struct msg *m, uint8_t tag, int64_t dflt)
+{
+	int64_t v;
+	return get_int(m, tag, &v) ? v : dflt;
+}
+
+/* A malloc'ed C string copy of a bytes field, or NULL if it holds a NUL. */
+static char *dup_cstr(const uint8_t *p, uint32_t n)
+{
+	if (memchr(p, 0, n))
+		return NULL;
+	char *s = malloc((size_t)n + 1);
+	if (!s)
+		die("out of memory");
+	memcpy(s, p, n);
+	s[n] = 0;
+	return s;
+}
+
+/* Copies a required absolute path field into buf[PATH_MAX]; replies ERROR if not. */
+static bool need_path(const struct msg *m, uint8_t tag, char *buf)
+{
+	const uint8_t *p;
+	uint32_t n;
+	const char *name = tag == T_PATH2 ? "PATH2" : "PATH";
+	if (!get_field(m, tag, &p, &n)) {
+		reply_error(m->id, EPROTO, "missing %s", name);
+		return false;
+	}
+	if (n == 0 || n >= PATH_MAX || p[0] != '/' || memchr(p, 0, n)) {
+		reply_error(m->id, EINVAL, "%s must be an absolute path without NUL bytes", name);
+		return false;
+	}
+	memcpy(buf, p, n);
+	buf[n] = 0;
+	return true;
+}
+
+/* --------------------------------------------------------- requests */
+
+enum { R_EXEC = 1, R_READ, R_WRITE, R_WRITE_FAILED };
+
+struct req {
+	uint32_t id;
+	int kind;
+	bool dead;           /* finished; freed at the end of the loop iteration */
+	/* exec */
+	pid_t pid;
+	int out_fd, err_fd, in_fd;
+	bool reaped, timed_out, in_eof;
+	int status;
+	int64_t deadline;    /* CLOCK_MONOTONIC ms, 0 = none */
+	uint8_t *inq;
+	size_t inq_off, inq_len, inq_cap;
+	/* FS_READ / FS_WRITE */
+	int fd;
+	int64_t size;
+};
+
+static struct req *reqs[MAX_REQS];
+static int nreqs;
+
+static struct req *find_req(uint32_t id)
+{
+	for (int i = 0; i < nreqs; i++)
+		if (!reqs[i]->dead && reqs[i]->id == id)
+			return reqs[i];
+	return NULL;
+}
+
+static struct req *new_req(uint32_t id, int kind)
+{
+	if (nreqs == MAX_REQS)
+		return NULL;
+	struct req *r = calloc(1, sizeof *r);
+	if (!r)
+		die("out of memory");
+	r->id = id;
+	r->kind = kind;
+	r->out_fd = r->err_fd = r->in_fd = r->fd = -1;
+	reqs[nreqs++] = r;
+	return r;
+}
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+static void release(struct req *r)
+{
+	close_fd(&r->out_fd);
+	close_fd(&r->err_fd);
+	close_fd(&r->in_fd);
+	close_fd(&r->fd);
+	free(r->inq);
+	r->inq = NULL;
+	r->dead = true;
+}
+
+static void sweep_reqs(void)
+{
+	int j = 0;
+	for (int i = 0; i < nreqs; i++) {
+		if (reqs[i]->dead)
+			free(reqs[i]);
+		else
+			reqs[j++] = reqs[i];
+	}
+	nreqs = j;
+}
+
+/* ------------------------------------------------------------- exec */
+
+enum { STAGE_CWD = 1, STAGE_USER, STAGE_EXEC, STAGE_SETUP };
+
+struct child_report {
+	int stage;
+	int err;
+};
+
+struct exec_spec {
+	char **argv, **envp;
+	char *cwd;
+	bool has_user;
+	uid_t uid;
+	gid_t gid;
+	int in_r, out_w, err_w, report_w;
+};
+
+static void child_fail(int fd, int stage, int err)
+{
+	struct child_report rep = {stage, err};
+	if (write(fd, &rep, sizeof rep) < 0) {
+		/* nothing left to tell anyone */
+	}
+	_exit(127);
+}
+
+/* Runs in the forked child; never returns. */
+static void child_exec(const struct exec_spec *s)
+{
+	sigset_t none;
+	sigemptyset(&none);
+	for (int i = 1; i < NSIG; i++)
+		signal(i, SIG_DFL); /* the agent ignores SIGPIPE; ignored dispositions survive exec */
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	setsid();
+	int in = s->in_r >= 0 ? s->in_r : open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (in < 0 || dup2(in, 0) < 0 || dup2(s->out_w, 1) < 0 || dup2(s->err_w, 2) < 0)
+		child_fail(s->report_w, STAGE_SETUP, errno);
+	if (chdir(s->cwd) < 0)
+		child_fail(s->report_w, STAGE_CWD, errno);
+	if (s->has_user && (setgroups(0, NULL) < 0 || setgid(s->gid) < 0 || setuid(s->uid) < 0))
+		child_fail(s->report_w, STAGE_USER, errno);
+
+	const char *prog = s->argv[0];
+	if (prog[0] == 0)
+		child_fail(s->report_w, STAGE_EXEC, ENOENT);
+	if (strchr(prog, '/')) {
+		execve(prog, s->argv, s->envp);
+		child_fail(s->report_w, STAGE_EXEC, errno);
+	}
+	/* execvpe() semantics, but with PATH from the request's environment. */
+	const char *path = DEFAULT_PATH;
+	for (char **e = s->envp; *e; e++)
+		if (strncmp(*e, "PATH=", 5) == 0)
+			path = *e + 5;
+	int err = ENOENT;
+	char buf[PATH_MAX];
+	for (const char *p = path;; p++) {
+		const char *end = strchrnul(p, ':');
+		size_t dl = (size_t)(end - p);
+		int n = dl ? snprintf(buf, sizeof buf, "%.*s/%s", (int)dl, p, prog)
+			   : snprintf(buf, sizeof buf, "%s", prog);
+		if (n > 0 && (size_t)n < sizeof buf) {
+			execve(buf, s->argv, s->envp);
+			if (errno == EACCES)
+				err = EACCES;
+			else if (errno != ENOENT && errno != ENOTDIR)
+				child_fail(s->report_w, STAGE_EXEC, errno);
+		}
+		if (*end == 0)
+			break;
+		p = end;
+	}
+	child_fail(s->report_w, STAGE_EXEC, err);
+}
+
+static bool all_digits(const char *s)
+{
+	if (!*s)
+		return false;
+	for (; *s; s++)
+		if (*s < '0' || *s > '9')
+			return false;
+	return true;
+}
+
+/* Looks up USER ("name", "uid" or "uid:gid") in /etc/passwd without NSS. */
+static int resolve_user(const char *spec, uid_t *uid, gid_t *gid)
+{
+	char name[256];
+	const char *colon = strchr(spec, ':');
+	if (colon) {
+		size_t ul = (size_t)(colon - spec);
+		if (ul >= sizeof name)
+			return -1;
+		memcpy(name, spec, ul);
+		name[ul] = 0;
+		if (!all_digits(name) || !all_digits(colon + 1))
+			return -1;
+		*uid = (uid_t)strtoul(name, NULL, 10);
+		*gid = (gid_t)strtoul(colon + 1, NULL, 10);
+		return 0;
+	}
+	bool numeric = all_digits(spec);
+	if (numeric)
+		*uid = *gid = (uid_t)strtoul(spec, NULL, 10); /* gid = uid unless passwd says otherwise */
+	FILE *f = fopen("/etc/passwd", "re");
+	if (!f)
+		return numeric ? 0 : -1;
+	char line[1024];
+	int found = numeric ? 0 : -1;
+	while (fgets(line, sizeof line, f)) {
+		/* name:password:uid:gid:gecos:home:shell */
+		char *fields[4];
+		char *p = line;
+		int i;
+		for (i = 0; i < 4; i++) {
+			fields[i] = p;
+			p = strchr(p, ':');
+			if (!p)
+				break;
+			*p++ = 0;
+		}
+		if (i < 4 || !all_digits(fields[2]) || !all_digits(fields[3]))
+			continue;
+		bool match = numeric ? strtoul(fields[2], NULL, 10) == (unsigned long)*uid
+				     : strcmp(fields[0], spec) == 0;
+		if (match) {
+			*uid = (uid_t)strtoul(fields[2], NULL, 10);
+			*gid = (gid_t)strtoul(fields[3], NULL, 10);
+			found = 0;
+			break;
+		}
+	}
+	fclose(f);
+	return found;
+}
+
+static void free_strv(char **v)
+{
+	if (!v)
+		return;
+	for (char **p = v; *p; p++)
+		free(*p);
+	free(v);
+}
+
+/* Collects every field with `tag` as a NULL-terminated string vector. */
+static char **collect_strv(const struct msg *m, uint8_t want, size_t *count, bool *bad)
+{
+	size_t n = 0;
+	uint32_t off = 0;
+	uint8_t tag;
+	const uint8_t *p;
+	uint32_t len;
+	while (next_field(m, &off, &tag, &p, &len))
+		n += tag == want;
+	char **v = calloc(n + 1, sizeof *v);
+	if (!v)
+		die("out of memory");
+	size_t i = 0;
+	off = 0;
+	while (next_field(m, &off, &tag, &p, &len)) {
+		if (tag != want)
+			continue;
+		if (!(v[i] = dup_cstr(p, len))) {
+			*bad = true;
+			break;
+		}
+		i++;
+	}
+	*count = n;
+	return v;
+}
+
+static void h_exec(const struct msg *m)
+{
+	size_t argc = 0, envc = 0;
+	bool bad = false;
+	char **argv = collect_strv(m, T_ARG, &argc, &bad);
+	char **envp = collect_strv(m, T_ENV, &envc, &bad);
+	char *cwd = NULL, *user = NULL;
+	struct exec_spec s = {.argv = argv, .envp = envp, .in_r = -1, .out_w = -1, .err_w = -1, .report_w = -1};
+	int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr_[2] = {-1, -1}, prep[2] = {-1, -1};
+	const uint8_t *p;
+	uint32_t n;
+	int64_t timeout = get_int_or(m, T_TIMEOUT_MS, 0);
+	int64_t stdin_mode = get_int_or(m, T_STDIN_MODE, 0);
+
+	if (bad) {
+		reply_error(m->id, EINVAL, "ARG and ENV must not contain NUL bytes");
+		goto out;
+	}
+	if (argc == 0) {
+		reply_error(m->id, EPROTO, "EXEC needs at least one ARG");
+		goto out;
+	}
+	if (timeout < 0 || (stdin_mode != 0 && stdin_mode != 1)) {
+		reply_error(m->id, EINVAL, "invalid TIMEOUT_MS or STDIN_MODE");
+		goto out;
+	}
+	cwd = get_field(m, T_CWD, &p, &n) ? dup_cstr(p, n) : strdup("/");
+	if (!cwd || !*cwd) {
+		reply_error(m->id, EINVAL, "invalid CWD");
+		goto out;
+	}
+	if (get_field(m, T_USER, &p, &n)) {
+		user = dup_cstr(p, n);
+		if (!user || resolve_user(user, &s.uid, &s.gid) < 0) {
+			reply_error(m->id, EINVAL, "unknown user: %.200s", user ? user : "(invalid)");
+			goto out;
+		}
+		s.has_user = true;
+	}
+	if (nreqs == MAX_REQS) {
+		reply_error(m->id, EAGAIN, "too many live requests");
+		goto out;
+	}
+	if (pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr_, O_CLOEXEC) < 0 || pipe2(prep, O_CLOEXEC) < 0 ||
+	    (stdin_mode == 1 && pipe2(pin, O_CLOEXEC) < 0)) {
+		reply_error(m->id, errno, "pipe: %s", strerror(errno));
+		goto out;
+	}
+	s.cwd = cwd;
+	s.in_r = pin[0];
+	s.out_w = pout[1];
+	s.err_w = perr_[1];
+	s.report_w = prep[1];
+	pid_t pid = fork();
+	if (pid < 0) {
+		reply_error(m->id, errno, "fork: %s", strerror(errno));
+		goto out;
+	}
+	if (pid == 0)
+		child_exec(&s);
+	close_fd(&pin[0]);
+	close_fd(&pout[1]);
+	close_fd(&perr_[1]);
+	close_fd(&prep[1]);
+
+	/* Block until exec succeeds (EOF through CLOEXEC) or the child reports why not. */
+	struct child_report rep;
+	ssize_t r;
+	do
+		r = read(prep[0], &rep, sizeof rep);
+	while (r < 0 && errno == EINTR);
+	if (r == (ssize_t)sizeof rep) {
+		waitpid(pid, NULL, 0);
+		if (rep.stage == STAGE_EXEC && rep.err == ENOENT)
+			reply_error(m->id, ENOENT, "command not found: %.200s", argv[0]);
+		else if (rep.stage == STAGE_CWD)
+			reply_error(m->id, rep.err, "cannot change directory to %.200s: %s", cwd, strerror(rep.err));
+		else if (rep.stage == STAGE_USER)
+			reply_error(m->id, rep.err, "cannot switch to user %.200s: %s", user, strerror(rep.err));
+		else
+			reply_error(m->id, rep.err, "cannot execute %.200s: %s", argv[0], strerror(rep.err));
+		goto out;
+	}
+
+	struct req *q = new_req(m->id, R_EXEC);
+	q->pid = pid;
+	q->out_fd = pout[0];
+	q->err_fd = perr_[0];
+	q->in_fd = pin[1];
+	pout[0] = perr_[0] = pin[1] = -1;
+	fcntl(q->out_fd, F_SETFL, O_NONBLOCK);
+	fcntl(q->err_fd, F_SETFL, O_NONBLOCK);
+	/* Bigger pipes mean fewer wakeups for chatty commands; best effort. */
+	fcntl(q->out_fd, F_SETPIPE_SZ, (int)CHUNK);
+	fcntl(q->err_fd, F_SETPIPE_SZ, (int)CHUNK);
+	if (q->in_fd >= 0)
+		fcntl(q->in_fd, F_SETFL, O_NONBLOCK);
+	if (timeout > 0)
+		q->deadline = clock_ms(CLOCK_MONOTONIC) + timeout;
+	msg_begin(m->id, M_STARTED);
+	f_int(T_PID, pid);
+	msg_end();
+out:
+	for (int i = 0; i < 2; i++) {
+		close_fd(&pin[i]);
+		close_fd(&pout[i]);
+		close_fd(&perr_[i]);
+		close_fd(&prep[i]);
+	}
+	free_strv(argv);
+	free_strv(envp);
+	free(cwd);
+	free(user);
+}
+
+static void stdin_flush(struct req *r)
+{
+	while (r->in_fd >= 0 && r->inq_off < r->inq_len) {
+		ssize_t n = write(r->in_fd, r->inq + r->inq_off, r->inq_len - r->inq_off);
+		if (n > 0) {
+			r->inq_off += (size_t)n;
+		} else if (n < 0 && errno == EINTR) {
+			continue;
+		} else if (n < 0 && errno == EAGAIN) {
+			return;
+		} else { /* EPIPE: the child closed its stdin; drop the rest */
+			close_fd(&r->in_fd);
+		}
+	}
+	r->inq_off = r->inq_len = 0;
+	if (r->in_eof)
+		close_fd(&r->in_fd);
+}
+
+static void h_stdin(const struct msg *m, struct req *r)
+{
+	const uint8_t *p;
+	uint32_t n;
+	if (!r || r->kind != R_EXEC || r->in_fd < 0 || r->in_eof)
+		return; /* after exit, closed, or not a pipe: ignored by design */
+	if (!get_field(m, T_DATA, &p, &n)) {
+		logmsg("STDIN for id %u without DATA ignored", m->id);
+		return;
+	}
+	if (n == 0) {
+		r->in_eof = true;
+	} else {
+		if (r->inq_off > 0) {
+			memmove(r->inq, r->inq + r->inq_off, r->inq_len - r->inq_off);
+			r->inq_len -= r->inq_off;
+			r->inq_off = 0;
+		}
+		if (r->inq_len + n > r->inq_cap) {
+			size_t cap = r->inq_len + n + 65536;
+			uint8_t *b = realloc(r->inq, cap);
+			if (!b)
+				die("out of memory (stdin buffer)");
+			r->inq = b;
+			r->inq_cap = cap;
+		}
+		memcpy(r->inq + r->inq_len, p, n);
+		r->inq_len += n;
+	}
+	stdin_flush(r);
+}
+
+static void h_signal(const struct msg *m, struct req *r)
+{
+	int64_t sig;
+	if (!r || r->kind != R_EXEC || r->reaped)
+		return;
+	if (!get_int(m, T_SIGNAL, &sig) || sig <= 0 || sig >= NSIG) {
+		logmsg("SIGNAL for id %u without a valid signal number ignored", m->id);
+		return;
+	}
+	kill(-r->pid, (int)sig);
+}
+
+/* Called once the exec's child is reaped: forward what is left in the
+ * pipes, then report the exit.  Bounded, since orphaned grandchildren may
+ * hold the pipes open and keep writing. */
+static void exec_finish(struct req *r)
+{
+	for (int i = 0; i < DRAIN_READS && r->out_fd >= 0; i++)
+		if (msg_read_data(r->id, M_STDOUT, r->out_fd) <= 0)
+			break;
+	for (int i = 0; i < DRAIN_READS && r->err_fd >= 0; i++)
+		if (msg_read_data(r->id, M_STDERR, r->err_fd) <= 0)
+			break;
+	msg_begin(r->id, M_EXITED);
+	if (WIFEXITED(r->status))
+		f_int(T_EXIT_CODE, WEXITSTATUS(r->status));
+	else
+		f_int(T_TERM_SIGNAL, WTERMSIG(r->status));
+	f_int(T_TIMED_OUT, r->timed_out);
+	msg_end();
+	release(r);
+}
+
+static void reap_children(int sig_fd)
+{
+	struct signalfd_siginfo si;
+	while (read(sig_fd, &si, sizeof si) == (ssize_t)sizeof si) {
+		/* only a wakeup; waitpid() below finds every exited child */
+	}
+	for (;;) {
+		int st;
+		pid_t pid = waitpid(-1, &st, WNOHANG);
+		if (pid <= 0)
+			break;
+		for (int i = 0; i < nreqs; i++) {
+			struct req *r = reqs[i];
+			if (!r->dead && r->kind == R_EXEC && r->pid == pid) {
+				r->reaped = true;
+				r->status = st;
+				exec_finish(r);
+				break;
+			}
+		}
+		/* anything else is an orphan PID 1 inherited: reaped, nothing to report */
+	}
+}
+
+static void kill_all_execs(void)
+{
+	for (int i = 0; i < nreqs; i++)
+		if (!reqs[i]->dead && reqs[i]->kind == R_EXEC && !reqs[i]->reaped)
+			kill(-reqs[i]->pid, SIGKILL);
+}
+
+/* --------------------------------------------------------------- fs */
+
+static int kind_of(mode_t mode)
+{
+	return S_ISREG(mode) ? 1 : S_ISDIR(mode) ? 2 : S_ISLNK(mode) ? 3 : 4;
+}
+
+static int64_t mtime_ns(const struct stat *st)
+{
+	return (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec;
+}
+
+/* mkdir -p.  Returns 1 if the final directory was created, 0 if it existed. */
+static int mkdir_p(const char *path, mode_t mode)
+{
+	char buf[PATH_MAX];
+	snprintf(buf, sizeof buf, "%s", path);
+	int created = 0;
+	for (char *p = buf + 1;; p++) {
+		if (*p != '/' && *p != 0)
+			continue;
+		char c = *p;
+		*p = 0;
+		if (mkdir(buf, c ? 0755 : mode) == 0)
+			created = !c;
+		else if (errno != EEXIST)
+			return -1;
+		*p = c;
+		if (!c)
+			break;
+	}
+	struct stat st;
+	if (stat(path, &st) < 0)
+		return -1;
+	if (!S_ISDIR(st.st_mode)) {
+		errno = EEXIST;
+		return -1;
+	}
+	return created;
+}
+
+static int mkdir_parents(const char *path)
+{
+	char buf[PATH_MAX];
+	snprintf(buf, sizeof buf, "%s", path);
+	char *slash = strrchr(buf, '/');
+	if (!slash || slash == buf)
+		return 0;
+	*slash = 0;
+	return mkdir_p(buf, 0755) < 0 ? -1 : 0;
+}
+
+static void h_fs_read(const struct msg *m)
+{
+	char path[PATH_MAX];
+	if (!need_path(m, T_PATH, path))
+		return;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	if (fd < 0 || fstat(fd, &st) < 0) {
+		int e = errno;
+		if (fd >= 0)
+			close(fd);
+		reply_error(m->id, e, "%s: %s", path, strerror(e));
+		return;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		close(fd);
+		reply_error(m->id, EISDIR, "%s: %s", path, strerror(EISDIR));
+		return;
+	}
+	struct req *r = new_req(m->id, R_READ);
+	if (!r) {
+		close(fd);
+		reply_error(m->id, EAGAIN, "too many live requests");
+		return;
+	}
+	r->fd = fd; /* streamed by fs_read_step() from the loop */
+}
+
+static void fs_read_step(struct req *r)
+{
+	for (int i = 0; i < FS_READ_BURST && ob_pending() < OUTQ_HIGH; i++) {
+		ssize_t n = msg_read_data(r->id, M_FS_CHUNK, r->fd);
+		if (n > 0) {
+			r->size += n;
+			continue;
+		}
+		if (n < 0) {
+			reply_error(r->id, errno, "read: %s", strerror(errno));
+		} else {
+			msg_begin(r->id, M_OK);
+			f_int(T_SIZE, r->size);
+			msg_end();
+		}
+		release(r);
+		return;
+	}
+}
+
+static void h_fs_write(const struct msg *m)
+{
+	char path[PATH_MAX];
+	if (!need_path(m, T_PATH, path))
+		return;
+	int64_t flags = get_int_or(m, T_FLAGS, 0), mode;
+	bool has_mode = get_int(m, T_MODE, &mode);
+	if (nreqs == MAX_REQS) {
+		reply_error(m->id, EAGAIN, "too many live requests");
+		return;
+	}
+	if ((flags & 1) && mkdir_parents(path) < 0) {
+		reply_error(m->id, errno, "cannot create parents of %s: %s", path, strerror(errno));
+		return;
+	}
+	int oflags = O_WRONLY | O_CREAT | O_CLOEXEC | ((flags & 2) ? O_APPEND : O_TRUNC);
+	int fd = open(path, oflags, has_mode ? (mode_t)(mode & 07777) : 0644);
+	if (fd < 0) {
+		reply_error(m->id, errno, "%s: %s", path, strerror(errno));
+		return;
+	}
+	/* An explicit MODE is exact: not reduced by the umask, applied to existing files too. */
+	if (has_mode && fchmod(fd, (mode_t)(mode & 07777)) < 0) {
+		int e = errno;
+		close(fd);
+		reply_error(m->id, e, "chmod %s: %s", path, strerror(e));
+		return;
+	}
+	struct req *r = new_req(m->id, R_WRITE);
+	r->fd = fd;
+	reply_ok(m->id);
+}
+
+static void fail_write(struct req *r, int err, const char *what)
+{
+	reply_error(r->id, err, "%s: %s", what, err == EPROTO ? "protocol error" : strerror(err));
+	close_fd(&r->fd);
+	r->kind = R_WRITE_FAILED; /* swallow the rest of this transfer */
+}
+
+static void h_fs_chunk(const struct msg *m, struct req *r)
+{
+	const uint8_t *p;
+	uint32_t n;
+	if (!r || r->kind == R_WRITE_FAILED)
+		return;
+	if (r->kind != R_WRITE) {
+		logmsg("FS_CHUNK for id %u, which is not an FS_WRITE, ignored", m->id);
+		return;
+	}
+	if (!get_field(m, T_DATA, &p, &n)) {
+		fail_write(r, EPROTO, "FS_CHUNK without DATA");
+		return;
+	}
+	while (n > 0) {
+		ssize_t w = write(r->fd, p, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0) {
+			fail_write(r, errno, "write");
+			return;
+		}
+		p += w;
+		n -= (uint32_t)w;
+		r->size += w;
+	}
+}
+
+static void h_fs_end(const struct msg *m, struct req *r)
+{
+	if (!r)
+		return;
+	if (r->kind == R_WRITE_FAILED) {
+		release(r);
+		return;
+	}
+	if (r->kind != R_WRITE) {
+		logmsg("FS_END for id %u, which is not an FS_WRITE, ignored", m->id);
+		return;
+	}
+	int fd = r->fd;
+	r->fd = -1;
+	if (close(fd) < 0) {
+		reply_error(r->id, errno, "close: %s", strerror(errno));
+	} else {
+		msg_begin(r->id, M_OK);
+		f_int(T_SIZE, r->size);
+		msg_end();
+	}
+	release(r);
+}
+
+static void h_fs_list(const struct msg *m)
+{
+	char path[PATH_MAX];
+	if (!need_path(m, T_PATH, path))
+		return;
+	DIR *d = opendir(path);
+	if (!d) {
+		reply_error(m->id, errno, "%s: %s", path, strerror(errno));
+		return;
+	}
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		struct stat st;
+		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+			continue;
+		if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+			continue; /* removed meanwhile */
+		msg_begin(m->id, M_DIRENT);
+		f_str(T_NAME, e->d_name);
+		f_int(T_KIND, kind_of(st.st_mode));
+		f_int(T_SIZE, st.st_size);
+		f_int(T_MODE, st.st_mode);
+		f_int(T_MTIME_NS, mtime_ns(&st));
+		msg_end();
+	}
+	closedir(d);
+	reply_ok(m->id);
+}
+
+static void h_fs_stat(const struct msg *m)
+{
+	char path[PATH_MAX];
+	struct stat st;
+	if (!need_path(m, T_PATH, path))
+		return;
+	int r = (get_int_or(m, T_FLAGS, 0) & 1) ? lstat(path, &st) : stat(path, &st);
+	if (r < 0) {
+		reply_error(m->id, errno, "%s: %s", path, strerror(errno));
+		return;
+	}
+	msg_begin(m->id, M_OK);
+	f_int(T_KIND, kind_of(st.st_mode));
+	f_int(T_SIZE, st.st_size);
+	f_int(T_MODE, st.st_mode);
+	f_int(T_MTIME_NS, mtime_ns(&st));
+	f_int(T_UID, st.st_uid);
+	f_int(T_GID, st.st_gid);
+	msg_end();
+}
+
+static void h_fs_mkdir(const struct msg *m)
+{
+	char path[PATH_MAX];
+	int64_t mode;
+	if (!need_path(m, T_PATH, path))
+		return;
+	bool has_mode = get_int(m, T_MODE, &mode);
+	mode_t md = has_mode ? (mode_t)(mode & 07777) : 0755;
+	int created;
+	if (get_int_or(m, T_FLAGS, 0) & 1)
+		created = mkdir_p(path, md);
+	else
+		created = mkdir(path, md) < 0 ? -1 : 1;
+	if (created < 0 || (created == 1 && has_mode && chmod(path, md) < 0)) {
+		reply_error(m->id, errno, "%s: %s", path, strerror(errno));
+		return;
+	}
+	reply_ok(m->id);
+}
+
+static int rm_cb(const char *path, const struct stat *sb, int type, struct FTW *ftw)
+{
+	(void)sb;
+	(void)ftw;
+	return (type == FTW_DP || type == FTW_D || type == FTW_DNR) ? rmdir(path) : unlink(path);
+}
+
+static void h_fs_remove(const struct msg *m)
+{
+	char path[PATH_MAX];
+	struct stat st;
+	if (!need_path(m, T_PATH, path))
+		return;
+	int r;
+	if (get_int_or(m, T_FLAGS, 0) & 1)
+		r = nftw(path, rm_cb, 32, FTW_DEPTH | FTW_PHYS); /* never follows symlinks */
+	else if ((r = lstat(path, &st)) == 0)
+		r = S_ISDIR(st.st_mode) ? rmdir(path) : unlink(path);
+	if (r != 0) {
+		int e = errno ? errno : EIO;
+		reply_error(m->id, e, "%s: %s", path, strerror(e));
+		return;
+	}
+	reply_ok(m->id);
+}
+
+static void h_fs_rename(const struct msg *m)
+{
+	char from[PATH_MAX], to[PATH_MAX];
+	if (!need_path(m, T_PATH, from) || !need_path(m, T_PATH2, to))
+		return;
+	if (rename(from, to) < 0) {
+		reply_error(m->id, errno, "rename %s to %s: %s", from, to, strerror(errno));
+		return;
+	}
+	reply_ok(m->id);
+}
+
+static void h_fs_chmod(const struct msg *m)
+{
+	char path[PATH_MAX];
+	int64_t mode;
+	if (!need_path(m, T_PATH, path))
+		return;
+	if (!get_int(m, T_MODE, &mode)) {
+		reply_error(m->id, EPROTO, "missing MODE");
+		return;
+	}
+	if (chmod(path, (mode_t)(mode & 07777)) < 0) {
+		reply_error(m->id, errno, "%s: %s", path, strerror(errno));
+		return;
+	}
+	reply_ok(m->id);
+}
+
+/* ----------------------------------------------------- system requests */
+
+static void h_hello(const struct msg *m)
+{
+	int64_t v;
+	if (!get_int(m, T_VERSION, &v)) {
+		reply_error(m->id, EPROTO, "missing VERSION");
+		return;
+	}
+	if (v != PROTO_VERSION) {
+		reply_error(m->id, EPROTONOSUPPORT, "host speaks protocol %lld, agent %s speaks %d",
+			    (long long)v, AGENT_VERSION, PROTO_VERSION);
+		return;
+	}
+	msg_begin(m->id, M_OK);
+	f_int(T_VERSION, PROTO_VERSION);
+	f_str(T_AGENT_VERSION, AGENT_VERSION);
+	f_int(T_UPTIME_MS, clock_ms(CLOCK_BOOTTIME));
+	msg_end();
+}
+
+static void h_configure(const struct msg *m)
+{
+	const uint8_t *p;
+	uint32_t n;
+	int64_t t;
+	if (get_field(m, T_SEED, &p, &n) && n > 512) {
+		reply_error(m->id, EINVAL, "SEED longer than 512 bytes");
+		return;
+	}
+	if (get_field(m, T_HOSTNAME, &p, &n) && (n == 0 || n > 64 || memchr(p, 0, n))) {
+		reply_error(m->id, EINVAL, "invalid HOSTNAME");
+		return;
+	}
+	if (!pid1) { /* host mode: never touch the host's clock, RNG or name */
+		reply_ok(m->id);
+		return;
+	}
+	if (get_int(m, T_TIME_NS, &t)) {
+		struct timespec ts = {.tv_sec = t / 1000000000, .tv_nsec = t % 1000000000};
+		if (t < 0 || clock_settime(CLOCK_REALTIME, &ts) < 0) {
+			reply_error(m->id, t < 0 ? EINVAL : errno, "cannot set the clock");
+			return;
+		}
+	}
+	if (get_field(m, T_SEED, &p, &n) && n > 0) {
+		struct {
+			int entropy_count, buf_size;
+			uint8_t buf[512];
+		} pool = {.entropy_count = (int)n * 8, .buf_size = (int)n};
+		memcpy(pool.buf, p, n);
+		int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+		int r = fd < 0 ? -1 : ioctl(fd, MSB_RNDADDENTROPY, &pool);
+		int e = errno;
+		if (fd >= 0)
+			close(fd);
+		if (r < 0) {
+			reply_error(m->id, e, "RNDADDENTROPY: %s", strerror(e));
+			return;
+		}
+	}
+	if (get_field(m, T_HOSTNAME, &p, &n) && sethostname((const char *)p, n) < 0) {
+		reply_error(m->id, errno, "sethostname: %s", strerror(errno));
+		return;
+	}
+	reply_ok(m->id);
+}
+
+static void h_metrics(const struct msg *m)
+{
+	char buf[4096];
+	int64_t mem_total = 0, mem_avail = 0, busy = 0, idle = 0, load = 0, nprocs = 0;
+	if (read_small("/proc/meminfo", buf, sizeof buf) > 0) {
+		char *p;
+		if ((p = strstr(buf, "MemTotal:")))
+			mem_total = strtoll(p + 9, NULL, 10) * 1024;
+		if ((p = strstr(buf, "MemAvailable:")))
+			mem_avail = strtoll(p + 13, NULL, 10) * 1024;
+	}
+	if (read_small("/proc/stat", buf, sizeof buf) > 0 && strncmp(buf, "cpu ", 4) == 0) {
+		/* user nice system idle iowait irq softirq steal, in clock ticks */
+		long long v[8] = {0};
+		char *p = buf + 4;
+		for (int i = 0; i < 8; i++)
+			v[i] = strtoll(p, &p, 10);
+		long hz = sysconf(_SC_CLK_TCK);
+		if (hz <= 0)
+			hz = 100;
+		busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) * 1000 / hz;
+		idle = (v[3] + v[4]) * 1000 / hz;
+	}
+	if (read_small("/proc/loadavg", buf, sizeof buf) > 0)
+		load = (int64_t)(strtod(buf, NULL) * 1000);
+	DIR *d = opendir("/proc");
+	if (d) {
+		struct dirent *e;
+		while ((e = readdir(d)))
+			nprocs += e->d_name[0] >= '1' && e->d_name[0] <= '9';
+		closedir(d);
+	}
+	msg_begin(m->id, M_OK);
+	f_int(T_UPTIME_MS, clock_ms(CLOCK_BOOTTIME));
+	f_int(T_MEM_TOTAL, mem_total);
+	f_int(T_MEM_AVAILABLE, mem_avail);
+	f_int(T_CPU_BUSY_MS, busy);
+	f_int(T_CPU_IDLE_MS, idle);
+	f_int(T_NPROCS, nprocs);
+	f_int(T_LOAD1_MILLI, load);
+	msg_end();
+}
+
+static void h_mount(const struct msg *m)
+{
+	char target[PATH_MAX];
+	const uint8_t *p;
+	uint32_t n;
+	char *source = NULL, *fstype = NULL, *options = NULL;
+	if (!need_path(m, T_PATH, target))
+		return;
+	if (!get_field(m, T_SOURCE, &p, &n) || !(source = dup_cstr(p, n)) ||
+	    !get_field(m, T_FSTYPE, &p, &n) || !(fstype = dup_cstr(p, n)) ||
+	    (get_field(m, T_OPTIONS, &p, &n) && !(options = dup_cstr(p, n)))) {
+		reply_error(m->id, EPROTO, "MOUNT needs SOURCE and FSTYPE (and no NUL bytes)");
+	} else if (mkdir_p(target, 0755) < 0) {
+		reply_error(m->id, errno, "mkdir %s: %s", target, strerror(errno));
+	} else if (mount(source, target, fstype, (get_int_or(m, T_FLAGS, 0) & 1) ? MS_RDONLY : 0,
+			 options) < 0) {
+		reply_error(m->id, errno, "mount %s on %s (%s): %s", source, target, fstype, strerror(errno));
+	} else {
+		reply_ok(m->id);
+	}
+	free(source);
+	free(fstype);
+	free(options);
+}
+
+static void h_umount(const struct msg *m)
+{
+	char target[PATH_MAX];
+	if (!need_path(m, T_PATH, target))
+		return;
+	if (umount2(target, (get_int_or(m, T_FLAGS, 0) & 1) ? MNT_DETACH : 0) < 0) {
+		reply_error(m->id, errno, "umount %s: %s", target, strerror(errno));
+		return;
+	}
+	reply_ok(m->id);
+}
+
+static void h_shutdown(const struct msg *m)
+{
+	reply_ok(m->id);
+	/* Give the OK a chance to reach the host before the VM disappears. */
+	int64_t until = clock_ms(CLOCK_MONOTONIC) + 2000;
+	for (;;) {
+		ob_flush();
+		if (!ob_pending() || clock_ms(CLOCK_MONOTONIC) > until)
+			break;
+		struct pollfd pfd = {.fd = port_fd, .events = POLLOUT};
+		poll(&pfd, 1, 50);
+	}
+	if (!pid1) {
+		kill_all_execs();
+		exit(0);
+	}
+	poweroff();
+}
+
+/* ---------------------------------------------------------- dispatch */
+
+static bool no_reply_type(uint8_t t)
+{
+	return t == M_STDIN || t == M_SIGNAL || t == M_FS_CHUNK || t == M_FS_END;
+}
+
+static void protocol_error(const struct msg *m, const char *why)
+{
+	logmsg("protocol error in frame id=%u type=0x%02x: %s", m->id, m->type, why);
+	if (m->id == 0)
+		return;
+	struct req *r = find_req(m->id);
+	if (r && r->kind == R_WRITE && (m->type == M_FS_CHUNK || m->type == M_FS_END)) {
+		fail_write(r, EPROTO, why);
+		return;
+	}
+	/* Answering a message that expects no reply, or an id whose request is
+	 * still running, would end that request early in the host's eyes. */
+	if (!r && !no_reply_type(m->type))
+		reply_error(m->id, EPROTO, "protocol error: %s", why);
+}
+
+static void handle_frame(const uint8_t *f, uint32_t len)
+{
+	struct msg m = {.id = be32(f), .type = f[4], .pl = f + 5, .pl_len = len - 5};
+	const char *why = validate(&m);
+	bool known = (m.type >= M_HELLO && m.type <= M_UMOUNT) || m.type == M_EXEC || m.type == M_STDIN ||
+		     m.type == M_SIGNAL || (m.type >= M_FS_READ && m.type <= M_FS_CHMOD);
+	if (!why && !known)
+		why = "unknown message type";
+	if (!why && m.id == 0)
+		why = "request with id 0";
+	if (why) {
+		protocol_error(&m, why);
+		return;
+	}
+	struct req *r = find_req(m.id);
+	/* A failed FS_WRITE waits for its FS_END; anything else on that id means the host moved on. */
+	if (r && r->kind == R_WRITE_FAILED && m.type != M_FS_CHUNK && m.type != M_FS_END) {
+		release(r);
+		r = NULL;
+	}
+	switch (m.type) {
+	case M_STDIN: h_stdin(&m, r); return;
+	case M_SIGNAL: h_signal(&m, r); return;
+	case M_FS_CHUNK: h_fs_chunk(&m, r); return;
+	case M_FS_END: h_fs_end(&m, r); return;
+	default: break;
+	}
+	if (r) {
+		logmsg("request type 0x%02x reuses live id %u; ignored", m.type, m.id);
+		return;
+	}
+	switch (m.type) {
+	case M_HELLO: h_hello(&m); break;
+	case M_PING: reply_ok(m.id); break;
+	case M_SHUTDOWN: h_shutdown(&m); break;
+	case M_CONFIGURE: h_configure(&m); break;
+	case M_METRICS: h_metrics(&m); break;
+	case M_MOUNT: h_mount(&m); break;
+	case M_UMOUNT: h_umount(&m); break;
+	case M_EXEC: h_exec(&m); break;
+	case M_FS_READ: h_fs_read(&m); break;
+	case M_FS_WRITE: h_fs_write(&m); break;
+	case M_FS_LIST: h_fs_list(&m); break;
+	case M_FS_STAT: h_fs_stat(&m); break;
+	case M_FS_MKDIR: h_fs_mkdir(&m); break;
+	case M_FS_REMOVE: h_fs_remove(&m); break;
+	case M_FS_RENAME: h_fs_rename(&m); break;
+	case M_FS_CHMOD: h_fs_chmod(&m); break;
+	default: break;
+	}
+}
+
+/* Input from the host: a buffer big enough for one maximal frame plus a read. */
+static uint8_t *ib;
+static size_t ib_len;
+#define IB_CAP (2 * ((size_t)MAX_FRAME + 4))
+
+static void port_read(void)
+{
+	ssize_t n = read(port_fd, ib + ib_len, IB_CAP - ib_len);
+	if (n < 0) {
+		if (errno == EINTR || errno == EAGAIN)
+			return;
+		if (!pid1)
+			die("read from host: %s", strerror(errno));
+		n = 0;
+	}
+	if (n == 0) {
+		if (!pid1) {
+			kill_all_execs();
+			exit(0); /* host mode: the host closed the connection */
+		}
+		/* virtio port without a host on the other side: poll() would
+		 * report POLLHUP forever, so look again a little later. */
+		port_backoff_until = clock_ms(CLOCK_MONOTONIC) + 20;
+		return;
+	}
+	ib_len += (size_t)n;
+	size_t p = 0;
+	while (ib_len - p >= 4) {
+		uint32_t len = be32(ib + p);
+		if (len < 5 || len > MAX_FRAME) {
+			/* No way to find the next frame boundary: drop what we have. */
+			logmsg("invalid frame length %u: stream desynchronized, discarding %zu bytes",
+			       len, ib_len - p);
+			p = ib_len;
+			break;
+		}
+		if (ib_len - p - 4 < len)
+			break;
+		handle_frame(ib + p + 4, len);
+		p += 4 + (size_t)len;
+	}
+	memmove(ib, ib + p, ib_len - p);
+	ib_len -= p;
+}
+
+/* ------------------------------------------------------------- loop */
+
+enum { W_PORT, W_SIG, W_OUT, W_ERR, W_IN };
+
+static void serve(int sig_fd)
+{
+	static struct pollfd pfds[2 + 3 * MAX_REQS];
+	static struct { struct req *r; int what; } pmap[2 + 3 * MAX_REQS];
+	ib = malloc(IB_CAP);
+	if (!ib)
+		die("out of memory");
+	for (;;) {
+		ob_flush();
+		int64_t now = clock_ms(CLOCK_MONOTONIC);
+		bool congested = ob_pending() >= OUTQ_HIGH;
+		int timeout = -1;
+		for (int i = 0; i < nreqs; i++) {
+			struct req *r = reqs[i];
+			if (r->dead)
+				continue;
+			if (r->kind == R_EXEC && r->deadline) {
+				if (now >= r->deadline) {
+					kill(-r->pid, SIGKILL);
+					r->timed_out = true;
+					r->deadline = 0;
+				} else if (timeout < 0 || r->deadline - now < timeout) {
+					timeout = (int)(r->deadline - now);
+				}
+			}
+			if (r->kind == R_READ && !congested) {
+				fs_read_step(r);
+				if (!r->dead)
+					timeout = 0; /* more to send: come right back */
+			}
+		}
+		if (ob_pending())
+			ob_flush();
+		congested = ob_pending() >= OUTQ_HIGH;
+
+		int n = 0;
+		bool port_on = now >= port_backoff_until;
+		if (port_on) {
+			pfds[n] = (struct pollfd){.fd = port_fd, .events = POLLIN | (ob_pending() ? POLLOUT : 0)};
+			pmap[n++].what = W_PORT;
+		} else if (timeout < 0 || port_backoff_until - now < timeout) {
+			timeout = (int)(port_backoff_until - now);
+		}
+		pfds[n] = (struct pollfd){.fd = sig_fd, .events = POLLIN};
+		pmap[n++].what = W_SIG;
+		for (int i = 0; i < nreqs; i++) {
+			struct req *r = reqs[i];
+			if (r->dead || r->kind != R_EXEC)
+				continue;
+			if (!congested && r->out_fd >= 0) {
+				pfds[n] = (struct pollfd){.fd = r->out_fd, .events = POLLIN};
+				pmap[n].r = r;
+				pmap[n++].what = W_OUT;
+			}
+			if (!congested && r->err_fd >= 0) {
+				pfds[n] = (struct pollfd){.fd = r->err_fd, .events = POLLIN};
+				pmap[n].r = r;
+				pmap[n++].what = W_ERR;
+			}
+			if (r->in_fd >= 0 && r->inq_off < r->inq_len) {
+				pfds[n] = (struct pollfd){.fd = r->in_fd, .events = POLLOUT};
+				pmap[n].r = r;
+				pmap[n++].what = W_IN;
+			}
+		}
+		if (poll(pfds, (nfds_t)n, timeout) < 0) {
+			if (errno == EINTR)
+				continue;
+			die("poll: %s", strerror(errno));
+		}
+		bool port_readable = false;
+		for (int i = 0; i < n; i++) {
+			short ev = pfds[i].revents;
+			if (!ev)
+				continue;
+			struct req *r = pmap[i].r;
+			switch (pmap[i].what) {
+			case W_PORT:
+				port_readable = true;
+				break;
+			case W_SIG:
+				reap_children(sig_fd);
+				break;
+			case W_OUT:
+			case W_ERR: {
+				int *fd = pmap[i].what == W_OUT ? &r->out_fd : &r->err_fd;
+				if (r->dead || *fd != pfds[i].fd)
+					break; /* finished earlier in this iteration */
+				ssize_t got = msg_read_data(r->id, pmap[i].what == W_OUT ? M_STDOUT : M_STDERR, *fd);
+				if (got == 0 || (got < 0 && errno != EAGAIN))
+					close_fd(fd); /* EOF: the child (and its children) closed it */
+				break;
+			}
+			case W_IN:
+				if (!r->dead && r->in_fd == pfds[i].fd)
+					stdin_flush(r);
+				break;
+			}
+		}
+		/* Input last: new requests must not disturb this iteration's pmap. */
+		if (port_readable)
+			port_read();
+		sweep_reqs();
+	}
+}
+
+/* ------------------------------------------------------------- boot */
+
+static void mount_or_die(const char *src, const char *dst, const char *type, unsigned long flags,
+			 const char *data)
+{
+	mkdir(dst, 0755);
+	if (mount(src, dst, type, flags, data) < 0 && !(errno == EBUSY && !(flags & MS_MOVE)))
+		die("mount %s on %s (%s): %s", src, dst, type ? type : "move", strerror(errno));
+}
+
+static void load_modules(void)
+{
+	FILE *f = fopen("/modules/order", "re");
+	if (!f)
+		return; /* everything built in */
+	char line[PATH_MAX], path[PATH_MAX + 16];
+	while (fgets(line, sizeof line, f)) {
+		line[strcspn(line, "\r\n")] = 0;
+		if (!line[0] || line[0] == '#')
+			continue;
+		snprintf(path, sizeof path, "%s%s", line[0] == '/' ? "" : "/modules/", line);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0) {
+			logmsg("warning: module %s: %s", path, strerror(errno));
+			continue;
+		}
+		size_t l = strlen(path);
+		bool compressed = (l > 3 && !strcmp(path + l - 3, ".xz")) ||
+				  (l > 4 && !strcmp(path + l - 4, ".zst")) ||
+				  (l > 3 && !strcmp(path + l - 3, ".gz"));
+		if (syscall(SYS_finit_module, fd, "", compressed ? MODULE_INIT_COMPRESSED_FILE : 0) < 0 &&
+		    errno != EEXIST)
+			logmsg("warning: cannot load module %s: %s", path, strerror(errno));
+		close(fd);
+	}
+	fclose(f);
+}
+
+static bool find_disk(const char *serial, char *dev, size_t cap)
+{
+	DIR *d = opendir("/sys/block");
+	if (!d)
+		return false;
+	struct dirent *e;
+	bool found = false;
+	while (!found && (e = readdir(d))) {
+		char p[300], s[128];
+		if (strncmp(e->d_name, "vd", 2) != 0)
+			continue;
+		snprintf(p, sizeof p, "/sys/block/%s/serial", e->d_name);
+		if (read_small(p, s, sizeof s) >= 0 && !strcmp(s, serial)) {
+			snprintf(dev, cap, "/dev/%s", e->d_name);
+			found = access(dev, F_OK) == 0; /* devtmpfs may lag the sysfs entry */
+		}
+	}
+	closedir(d);
+	return found;
+}
+
+/* Builds the overlay root from the erofs layers and switches into it. */
+static void build_root(char *layers, const char *tmpfs_size)
+{
+	char lower[3072] = "", opts[4096], dev[300], dir[PATH_MAX];
+	int64_t deadline = clock_ms(CLOCK_MONOTONIC) + 5000;
+	mkdir("/layers", 0755);
+	for (char *save = NULL, *serial = strtok_r(layers, ",", &save); serial;
+	     serial = strtok_r(NULL, ",", &save)) {
+		/* Serials end up in overlay's option string: keep them boring. */
+		for (const char *c = serial; *c; c++)
+			if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+			      (*c >= '0' && *c <= '9') || *c == '-' || *c == '_' || *c == '.'))
+				die("invalid layer serial '%s'", serial);
+		/* virtio-blk probes asynchronously after its module loads. */
+		while (!find_disk(serial, dev, sizeof dev)) {
+			if (clock_ms(CLOCK_MONOTONIC) > deadline)
+				die("no virtio-blk disk with serial '%s' after 5 s", serial);
+			usleep(5000);
+		}
+		snprintf(dir, sizeof dir, "/layers/%s", serial);
+		mount_or_die(dev, dir, "erofs", MS_RDONLY, NULL);
+		size_t l = strlen(lower);
+		if (snprintf(lower + l, sizeof lower - l, "%s%s", l ? ":" : "", dir) >= (int)(sizeof lower - l))
+			die("too many layers");
+	}
+	if (!lower[0])
+		die("msb.layers is empty");
+	snprintf(opts, sizeof opts, "size=%s,mode=0755", tmpfs_size);
+	mount_or_die("tmpfs", "/rw", "tmpfs", 0, opts);
+	mkdir("/rw/upper", 0755);
+	mkdir("/rw/work", 0755);
+	snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=/rw/upper,workdir=/rw/work", lower);
+	mount_or_die("overlay", "/newroot", "overlay", 0, opts);
+	mount_or_die("/dev", "/newroot/dev", NULL, MS_MOVE, NULL);
+	mount_or_die("/proc", "/newroot/proc", NULL, MS_MOVE, NULL);
+	mount_or_die("/sys", "/newroot/sys", NULL, MS_MOVE, NULL);
+	/* switch_root: rootfs cannot be pivot_root'ed, so move the new root over / and chroot. */
+	if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 ||
+	    chdir("/") < 0)
+		die("switching to the new root: %s", strerror(errno));
+}
+
+static void init_system(void)
+{
+	char cmdline[4096], layers[2048] = "", tmpfs_size[64] = "50%";
+	umask(022);
+	mount_or_die("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	int c = open("/dev/console", O_RDWR | O_NOCTTY);
+	if (c >= 0) { /* the kernel gives PID 1 the console only if /dev/console existed */
+		dup2(c, 1);
+		dup2(c, 2);
+		if (c > 2)
+			close(c);
+	}
+	mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount_or_die("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	load_modules();
+	if (read_small("/proc/cmdline", cmdline, sizeof cmdline) < 0)
+		die("cannot read /proc/cmdline: %s", strerror(errno));
+	for (char *save = NULL, *tok = strtok_r(cmdline, " \t\n", &save); tok;
+	     tok = strtok_r(NULL, " \t\n", &save)) {
+		if (!strncmp(tok, "msb.layers=", 11))
+			snprintf(layers, sizeof layers, "%s", tok + 11);
+		else if (!strncmp(tok, "msb.tmpfs=", 10) && strlen(tok + 10) < sizeof tmpfs_size &&
+			 !strpbrk(tok + 10, ","))
+			snprintf(tmpfs_size, sizeof tmpfs_size, "%s", tok + 10);
+	}
+	if (layers[0])
+		build_root(layers, tmpfs_size);
+	mount_or_die("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	mount_or_die("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+	/* Conveniences for test code (multiprocessing needs /dev/shm); not fatal. */
+	mkdir("/dev/shm", 01777);
+	if (mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+		logmsg("warning: /dev/shm: %s", strerror(errno));
+	mkdir("/dev/pts", 0755);
+	if (mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") < 0)
+		logmsg("warning: /dev/pts: %s", strerror(errno));
+	if (sethostname("sandbox", 7) < 0)
+		logmsg("warning: sethostname: %s", strerror(errno));
+	setenv("PATH", DEFAULT_PATH, 1);
+}
+
+/* Finds the virtio-serial port named msb.agent; it may be probed late. */
+static int open_port(void)
+{
+	int64_t deadline = clock_ms(CLOCK_MONOTONIC) + 10000;
+	for (;;) {
+		DIR *d = opendir("/sys/class/virtio-ports");
+		struct dirent *e;
+		while (d && (e = readdir(d))) {
+			char p[300], name[64];
+			if (e->d_name[0] == '.')
+				continue;
+			snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
+			if (read_small(p, name, sizeof name) < 0 || strcmp(name, PORT_NAME) != 0)
+				continue;
+			snprintf(p, sizeof p, "/dev/%s", e->d_name);
+			int fd = open(p, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+			if (fd >= 0) {
+				closedir(d);
+				return fd;
+			}
+		}
+		if (d)
+			closedir(d);
+		if (clock_ms(CLOCK_MONOTONIC) > deadline)
+			die("no virtio-serial port named %s after 10 s", PORT_NAME);
+		usleep(5000);
+	}
+}
+
+static int connect_unix(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	if (strlen(path) >= sizeof sa.sun_path)
+		die("socket path too long: %s", path);
+	strcpy(sa.sun_path, path);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+		die("connect %s: %s", path, strerror(errno));
+	return fd;
+}
+
+int main(int argc, char **argv)
+{
+	signal(SIGPIPE, SIG_IGN);
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--serve-fd") && i + 1 < argc) {
+			port_fd = atoi(argv[++i]);
+		} else if (!strcmp(argv[i], "--serve-unix") && i + 1 < argc) {
+			port_fd = connect_unix(argv[++i]);
+		} else if (!strcmp(argv[i], "--version")) {
+			printf("msb-agent %s (protocol %d)\n", AGENT_VERSION, PROTO_VERSION);
+			return 0;
+		} else {
+			fprintf(stderr, "usage: %s [--serve-fd N | --serve-unix PATH | --version]\n", argv[0]);
+			return 2;
+		}
+	}
+	if (port_fd < 0) {
+		if (getpid() != 1) {
+			fprintf(stderr, "msb-agent: not PID 1; use --serve-fd N or --serve-unix PATH\n");
+			return 2;
+		}
+		pid1 = true;
+		init_system();
+		port_fd = open_port();
+	}
+	/* Keep fds 0-2 taken so pipes never land there (children dup2 onto them). */
+	for (;;) {
+		int fd = open("/dev/null", O_RDWR);
+		if (fd > 2)
+			close(fd);
+		if (fd < 0 || fd > 2)
+			break;
+	}
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+	if (fcntl(port_fd, F_SETFL, fcntl(port_fd, F_GETFL) | O_NONBLOCK) < 0 ||
+	    fcntl(port_fd, F_SETFD, FD_CLOEXEC) < 0)
+		die("bad port fd %d: %s", port_fd, strerror(errno));
+	sigset_t chld;
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &chld, NULL);
+	int sig_fd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (sig_fd < 0)
+		die("signalfd: %s", strerror(errno));
+	msg_begin(0, M_READY);
+	f_int(T_VERSION, PROTO_VERSION);
+	f_str(T_AGENT_VERSION, AGENT_VERSION);
+	f_int(T_UPTIME_MS, clock_ms(CLOCK_BOOTTIME));
+	msg_end();
+	serve(sig_fd);
+	return 0;
+}
