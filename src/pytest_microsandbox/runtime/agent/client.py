@@ -1,0 +1,765 @@
+"""Host side of the guest-agent protocol: :class:`AgentClient`.
+
+One client owns one connected byte stream to the agent. A background reader
+task decodes frames and routes them by request id to per-request channels;
+requests run concurrently, and their frames are written under one lock, one
+frame at a time, so a large file write never blocks other requests for long.
+
+The first protocol violation or the end of the stream fails every pending
+request and every later call with the same error (ProtocolError or
+SandboxNotRunningError): the stream cannot be trusted or used any more.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import inspect
+import math
+import os
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._exceptions import (
+    CommandNotFoundError,
+    ExecError,
+    FilesystemError,
+    GuestTimeoutError,
+    PathNotFoundError,
+    ProtocolError,
+    SandboxError,
+    SandboxNotRunningError,
+)
+from .process import ExecProcess
+from .protocol import (
+    CHUNK,
+    PROTOCOL_VERSION,
+    Field,
+    Frame,
+    FrameDecoder,
+    MsgType,
+    Tag,
+    bytes_field,
+    encode_frame,
+    int_field,
+)
+from .results import DirEntry, ExecResult, FileKind, FileStat, GuestMetrics, HelloInfo
+
+__all__ = ["AgentClient", "BinarySink"]
+
+_READ_SIZE = 256 * 1024
+_MAX_ID = 0xFFFF_FFFF
+
+
+class BinarySink(Protocol):
+    """Anything with ``write(bytes)``, e.g. a file opened ``"wb"``."""
+
+    def write(self, data: bytes, /) -> object:
+        """Consume one chunk."""
+        ...
+
+
+@dataclass(eq=False)
+class _Request:
+    """One live request id: the reader sends its frames into ``inbox``."""
+
+    client: AgentClient
+    id: int
+    inbox: MemoryObjectSendStream[Frame]
+    outbox: MemoryObjectReceiveStream[Frame]
+    closed: bool = field(default=False)
+
+    async def send(self, type: MsgType, fields: Sequence[Field] = ()) -> None:
+        await self.client._send(encode_frame(self.id, type, fields))
+
+    async def receive(self) -> Frame:
+        if self.closed:
+            raise RuntimeError(f"request {self.id} is closed")
+        try:
+            return await self.outbox.receive()
+        except anyio.EndOfStream:
+            # The reader closed our inbox because the connection failed.
+            raise self.client._dead_error() from None
+
+    def violation(self, message: str) -> ProtocolError:
+        return self.client._violation(message)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.client._pending.pop(self.id, None)
+            self.inbox.close()
+            self.outbox.close()
+
+
+class AgentClient:
+    """Client of the guest agent over a connected byte stream.
+
+    Use as ``async with AgentClient(stream) as client:``; entering starts the
+    reader task, leaving stops it, closes the stream and fails what is still
+    pending with SandboxNotRunningError.
+
+    ``on_log`` is called with each LOG message (the last ``log_lines`` are also
+    kept in :attr:`logs`). ``exec_grace`` is added to an exec's timeout for
+    the host-side backstop; ``write_timeout`` bounds the write of one frame
+    (a guest that stops reading for that long is declared dead).
+
+    Every request method takes ``timeout`` (seconds, None = wait forever) and
+    raises GuestTimeoutError when it passes. All methods raise the
+    connection's error — ProtocolError if the guest broke the protocol,
+    SandboxNotRunningError if the connection closed — once it has failed.
+    """
+
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream,
+        *,
+        on_log: Callable[[str], None] | None = None,
+        log_lines: int = 1000,
+        exec_grace: float = 10.0,
+        write_timeout: float = 60.0,
+    ) -> None:
+        self._stream = stream
+        self._on_log = on_log
+        self.logs: deque[str] = deque(maxlen=log_lines)
+        self.exec_grace = exec_grace
+        self._write_timeout = write_timeout
+        self._decoder = FrameDecoder()
+        self._pending: dict[int, _Request] = {}
+        self._next_id = 1
+        self._write_lock = anyio.Lock()
+        self._error: SandboxError | None = None
+        self._ready: HelloInfo | None = None
+        self._ready_event = anyio.Event()
+        self._shutdown_sent = False
+        self._exit_stack: AsyncExitStack | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AgentClient:
+        if self._exit_stack is not None:
+            raise RuntimeError("AgentClient is already running")
+        stack = AsyncExitStack()
+        self._task_group = await stack.enter_async_context(anyio.create_task_group())
+        self._task_group.start_soon(self._read_loop)
+        self._exit_stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._exit_stack is not None and self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        try:
+            return await self._exit_stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._fail(SandboxNotRunningError("agent client closed"))
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    @property
+    def error(self) -> SandboxError | None:
+        """The error that ended the connection, or None while it is usable."""
+        return self._error
+
+    @property
+    def ready_info(self) -> HelloInfo | None:
+        """The last READY the agent sent, if any."""
+        return self._ready
+
+    async def wait_ready(self, timeout: float | None = None) -> HelloInfo:
+        """Wait for the agent's READY (returns at once if it already came).
+
+        Raises GuestTimeoutError after ``timeout`` seconds, or the connection's
+        error if it fails first.
+        """
+        with self._deadline(timeout, "READY"):
+            await self._ready_event.wait()
+        if self._ready is None:
+            raise self._dead_error()
+        return self._ready
+
+    # -- connection level -------------------------------------------------------------------
+
+    async def hello(self, timeout: float | None = None) -> HelloInfo:
+        """Negotiate the protocol version.
+
+        Raises ProtocolError if the agent speaks another version (it answers
+        ERROR, or OK with another VERSION).
+        """
+        reply = await self._call(
+            MsgType.HELLO, [int_field(Tag.VERSION, PROTOCOL_VERSION)], timeout, "HELLO"
+        )
+        if reply.type == MsgType.ERROR:
+            raise ProtocolError(
+                f"agent refused protocol version {PROTOCOL_VERSION}: {_error_text(reply)}"
+            )
+        info = _agent_info(reply)
+        if info.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"agent speaks protocol version {info.version}, host speaks {PROTOCOL_VERSION}"
+            )
+        return info
+
+    async def ping(self, timeout: float | None = None) -> None:
+        """Round trip to the agent; raises SandboxError if it answers ERROR."""
+        _check_ok(await self._call(MsgType.PING, [], timeout, "PING"), "PING")
+
+    async def configure(
+        self,
+        time_ns: int | None = None,
+        seed: bytes | None = None,
+        hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Set the guest clock, credit ``seed`` (32..256 bytes) to its RNG, set its hostname.
+
+        Raises ValueError for a bad seed length, SandboxError if the agent
+        answers ERROR.
+        """
+        fields: list[Field] = []
+        if time_ns is not None:
+            fields.append(int_field(Tag.TIME_NS, time_ns))
+        if seed is not None:
+            if not 32 <= len(seed) <= 256:
+                raise ValueError(f"seed must be 32..256 bytes, got {len(seed)}")
+            fields.append(bytes_field(Tag.SEED, seed))
+        if hostname is not None:
+            fields.append(bytes_field(Tag.HOSTNAME, _text(hostname, "hostname")))
+        _check_ok(await self._call(MsgType.CONFIGURE, fields, timeout, "CONFIGURE"), "CONFIGURE")
+
+    async def metrics(self, timeout: float | None = None) -> GuestMetrics:
+        """Return a snapshot of the guest's load; raises SandboxError on ERROR."""
+        reply = _check_ok(await self._call(MsgType.METRICS, [], timeout, "METRICS"), "METRICS")
+        return GuestMetrics(
+            uptime_ms=reply.require_int(Tag.UPTIME_MS),
+            mem_total=reply.require_int(Tag.MEM_TOTAL),
+            mem_available=reply.require_int(Tag.MEM_AVAILABLE),
+            cpu_busy_ms=reply.require_int(Tag.CPU_BUSY_MS),
+            cpu_idle_ms=reply.require_int(Tag.CPU_IDLE_MS),
+            nprocs=reply.require_int(Tag.NPROCS),
+            load1_milli=reply.require_int(Tag.LOAD1_MILLI),
+        )
+
+    async def mount(
+        self,
+        source: str,
+        target: str,
+        fstype: str,
+        options: str = "",
+        readonly: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Mount ``source`` at ``target`` (created) in the guest.
+
+        Raises FilesystemError (PathNotFoundError for ENOENT) if the mount fails.
+        """
+        fields = [
+            bytes_field(Tag.SOURCE, _text(source, "source")),
+            bytes_field(Tag.PATH, _guest_path(target)),
+            bytes_field(Tag.FSTYPE, _text(fstype, "fstype")),
+        ]
+        if options:
+            fields.append(bytes_field(Tag.OPTIONS, _text(options, "options")))
+        if readonly:
+            fields.append(int_field(Tag.FLAGS, 1))
+        reply = await self._call(MsgType.MOUNT, fields, timeout, f"MOUNT {target}")
+        _check_fs(reply, "mount", target)
+
+    async def umount(self, path: str, lazy: bool = False, timeout: float | None = None) -> None:
+        """Unmount ``path``; raises FilesystemError if that fails."""
+        fields = [bytes_field(Tag.PATH, _guest_path(path))]
+        if lazy:
+            fields.append(int_field(Tag.FLAGS, 1))
+        _check_fs(
+            await self._call(MsgType.UMOUNT, fields, timeout, f"UMOUNT {path}"), "umount", path
+        )
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Ask the guest to sync and power off; returns once the agent acknowledged.
+
+        Raises SandboxError if the agent answers ERROR. The connection then
+        closes, and later calls raise SandboxNotRunningError.
+        """
+        self._shutdown_sent = True
+        _check_ok(await self._call(MsgType.SHUTDOWN, [], timeout, "SHUTDOWN"), "SHUTDOWN")
+
+    # -- exec -------------------------------------------------------------------------------
+
+    async def exec_stream(
+        self,
+        argv: Sequence[str | bytes],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> ExecProcess:
+        """Start ``argv`` in the guest and return once it runs.
+
+        ``env`` is the whole environment (none if None); ``user`` a name, uid
+        or ``"uid:gid"``; ``timeout`` (seconds) makes the agent kill the
+        process group; ``stdin=True`` gives the command a pipe for
+        :meth:`ExecProcess.write_stdin`. Raises ValueError for an empty argv
+        or NUL bytes, CommandNotFoundError if the program does not exist,
+        ExecError if the agent cannot start it otherwise, GuestTimeoutError if
+        the agent does not answer within ``timeout`` + :attr:`exec_grace`.
+        """
+        if not argv:
+            raise ValueError("argv must not be empty")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        program = os.fsdecode(argv[0])
+        fields: list[Field] = [bytes_field(Tag.ARG, _text(a, "argv")) for a in argv]
+        for key, value in (env or {}).items():
+            if not key or "=" in key:
+                raise ValueError(f"invalid environment variable name {key!r}")
+            fields.append(bytes_field(Tag.ENV, _text(f"{key}={value}", "env")))
+        if cwd is not None:
+            fields.append(bytes_field(Tag.CWD, _guest_path(cwd)))
+        if user is not None:
+            fields.append(bytes_field(Tag.USER, _text(str(user), "user")))
+        if timeout is not None:
+            fields.append(int_field(Tag.TIMEOUT_MS, max(1, math.ceil(timeout * 1000))))
+        if stdin:
+            fields.append(int_field(Tag.STDIN_MODE, 1))
+        deadline = None if timeout is None else anyio.current_time() + timeout + self.exec_grace
+        req = self._open()
+        try:
+            await req.send(MsgType.EXEC, fields)
+            if deadline is None:
+                reply = await req.receive()
+            else:
+                with self._deadline(deadline - anyio.current_time(), f"EXEC {program!r}"):
+                    reply = await req.receive()
+            if reply.type == MsgType.STARTED:
+                return ExecProcess(
+                    req,
+                    program=program,
+                    pid=reply.require_int(Tag.PID),
+                    stdin_pipe=stdin,
+                    deadline=deadline,
+                )
+            if reply.type == MsgType.ERROR:
+                err = reply.require_int(Tag.ERRNO)
+                text = f"{_error_text(reply)} (errno {err})"
+                if err == _errno.ENOENT:
+                    raise CommandNotFoundError(f"command not found in the guest: {program!r}")
+                raise ExecError(f"cannot run {program!r} in the guest: {text}")
+            raise self._violation(f"unexpected {reply.type_name} (id {reply.id}) before STARTED")
+        except BaseException:
+            req.close()
+            raise
+
+    async def exec(
+        self,
+        argv: Sequence[str | bytes],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` to completion and return its exit status and output.
+
+        ``stdin`` bytes are fed to the command, then its stdin is closed
+        (without it stdin is ``/dev/null``). A command killed for its timeout
+        is reported with ``timed_out=True`` rather than raised. Raises like
+        :meth:`exec_stream`, plus GuestTimeoutError if the exit is not
+        reported within ``timeout`` + :attr:`exec_grace`.
+        """
+        proc = await self.exec_stream(
+            argv, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin is not None
+        )
+        async with proc:
+            if stdin is not None:
+                await proc.write_stdin(stdin)
+                await proc.close_stdin()
+            return await proc.wait()
+
+    # -- files ------------------------------------------------------------------------------
+
+    async def read_file_to(
+        self,
+        path: str,
+        sink: Callable[[bytes], object] | BinarySink,
+        timeout: float | None = None,
+    ) -> int:
+        """Stream the guest file ``path`` into ``sink`` chunk by chunk; return its size.
+
+        ``sink`` is a callable (whose result is awaited if awaitable) or has
+        ``write``. Raises PathNotFoundError / FilesystemError if the guest
+        cannot read the file, ProtocolError if the chunks do not add up to the
+        size the agent reports.
+        """
+        write = sink.write if not callable(sink) else sink
+        total = 0
+        with self._deadline(timeout, f"FS_READ {path}"), self._request() as req:
+            await req.send(MsgType.FS_READ, [bytes_field(Tag.PATH, _guest_path(path))])
+            while True:
+                frame = await req.receive()
+                if frame.type == MsgType.FS_CHUNK:
+                    data = frame.require_bytes(Tag.DATA)
+                    total += len(data)
+                    result = write(data)
+                    if inspect.isawaitable(result):
+                        await result
+                    continue
+                _check_fs(self._expect_end(frame, "FS_READ"), "read", path)
+                size = frame.require_int(Tag.SIZE)
+                if size != total:
+                    raise self._violation(
+                        f"FS_READ of {path}: agent sent {total} bytes, said {size}"
+                    )
+                return total
+
+    async def read_file(self, path: str, timeout: float | None = None) -> bytes:
+        """Return the content of the guest file ``path``; raises like :meth:`read_file_to`."""
+        parts: list[bytes] = []
+        await self.read_file_to(path, parts.append, timeout=timeout)
+        return b"".join(parts)
+
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | AsyncIterable[bytes] | os.PathLike[str],
+        mode: int = 0o644,
+        parents: bool = True,
+        append: bool = False,
+        timeout: float | None = None,
+    ) -> int:
+        """Write ``data`` to the guest file ``path``; return the bytes written.
+
+        ``data`` is bytes, an async iterable of bytes, or the path of a host
+        file (an ``os.PathLike`` such as ``pathlib.Path``; a plain ``str`` is
+        refused as ambiguous). Data goes out in CHUNK-sized frames, each taking
+        the write lock on its own. Raises TypeError for a ``str``,
+        PathNotFoundError / FilesystemError if the guest write fails, OSError
+        if the host file cannot be read.
+        """
+        if isinstance(data, str):
+            raise TypeError("write_file data must be bytes, an async iterable or a host Path")
+        flags = (1 if parents else 0) | (2 if append else 0)
+        fields = [
+            bytes_field(Tag.PATH, _guest_path(path)),
+            int_field(Tag.MODE, mode),
+            int_field(Tag.FLAGS, flags),
+        ]
+        total = 0
+        with self._deadline(timeout, f"FS_WRITE {path}"), self._request() as req:
+            await req.send(MsgType.FS_WRITE, fields)
+            _check_fs(self._expect_end(await req.receive(), "FS_WRITE"), "write", path)
+            async for chunk in _chunks(data):
+                # The agent answers ERROR at once when a write fails; stop sending then.
+                early = _poll(req)
+                if early is not None:
+                    _check_fs(self._expect_end(early, "FS_WRITE"), "write", path)
+                    raise self._violation(f"FS_WRITE of {path}: OK before FS_END")
+                await req.send(MsgType.FS_CHUNK, [bytes_field(Tag.DATA, chunk)])
+                total += len(chunk)
+            await req.send(MsgType.FS_END)
+            reply = _check_fs(self._expect_end(await req.receive(), "FS_WRITE"), "write", path)
+            size = reply.get_int(Tag.SIZE)
+            if size is not None and size != total:
+                raise self._violation(f"FS_WRITE of {path}: sent {total} bytes, agent wrote {size}")
+            return total
+
+    async def list_dir(self, path: str, timeout: float | None = None) -> list[DirEntry]:
+        """List the guest directory ``path`` (without ``.`` and ``..``).
+
+        Raises PathNotFoundError / FilesystemError if it cannot be listed.
+        """
+        entries: list[DirEntry] = []
+        with self._deadline(timeout, f"FS_LIST {path}"), self._request() as req:
+            await req.send(MsgType.FS_LIST, [bytes_field(Tag.PATH, _guest_path(path))])
+            while True:
+                frame = await req.receive()
+                if frame.type != MsgType.DIRENT:
+                    _check_fs(self._expect_end(frame, "FS_LIST"), "list", path)
+                    return entries
+                entries.append(
+                    DirEntry(
+                        name=os.fsdecode(frame.require_bytes(Tag.NAME)),
+                        kind=self._kind(frame),
+                        size=frame.require_int(Tag.SIZE),
+                        mode=frame.require_int(Tag.MODE),
+                        mtime_ns=frame.require_int(Tag.MTIME_NS),
+                    )
+                )
+
+    async def stat(
+        self, path: str, follow_symlinks: bool = True, timeout: float | None = None
+    ) -> FileStat:
+        """Stat the guest ``path`` (lstat if not ``follow_symlinks``).
+
+        Raises PathNotFoundError / FilesystemError if that fails.
+        """
+        fields = [bytes_field(Tag.PATH, _guest_path(path))]
+        if not follow_symlinks:
+            fields.append(int_field(Tag.FLAGS, 1))
+        reply = _check_fs(
+            await self._call(MsgType.FS_STAT, fields, timeout, "FS_STAT"), "stat", path
+        )
+        return FileStat(
+            kind=self._kind(reply),
+            size=reply.require_int(Tag.SIZE),
+            mode=reply.require_int(Tag.MODE),
+            mtime_ns=reply.require_int(Tag.MTIME_NS),
+            uid=reply.require_int(Tag.UID),
+            gid=reply.require_int(Tag.GID),
+        )
+
+    async def mkdir(
+        self, path: str, mode: int = 0o755, parents: bool = False, timeout: float | None = None
+    ) -> None:
+        """Create a guest directory (``parents``: like ``mkdir -p``).
+
+        Raises FilesystemError (e.g. EEXIST without ``parents``).
+        """
+        fields = [
+            bytes_field(Tag.PATH, _guest_path(path)),
+            int_field(Tag.MODE, mode),
+            int_field(Tag.FLAGS, 1 if parents else 0),
+        ]
+        _check_fs(await self._call(MsgType.FS_MKDIR, fields, timeout, "FS_MKDIR"), "mkdir", path)
+
+    async def remove(
+        self, path: str, recursive: bool = False, timeout: float | None = None
+    ) -> None:
+        """Remove a guest file, or directory (recursively if asked).
+
+        Raises PathNotFoundError / FilesystemError if that fails.
+        """
+        fields = [
+            bytes_field(Tag.PATH, _guest_path(path)),
+            int_field(Tag.FLAGS, 1 if recursive else 0),
+        ]
+        _check_fs(await self._call(MsgType.FS_REMOVE, fields, timeout, "FS_REMOVE"), "remove", path)
+
+    async def rename(self, src: str, dst: str, timeout: float | None = None) -> None:
+        """Rename a guest path; raises PathNotFoundError / FilesystemError on failure."""
+        fields = [bytes_field(Tag.PATH, _guest_path(src)), bytes_field(Tag.PATH2, _guest_path(dst))]
+        _check_fs(await self._call(MsgType.FS_RENAME, fields, timeout, "FS_RENAME"), "rename", src)
+
+    async def chmod(self, path: str, mode: int, timeout: float | None = None) -> None:
+        """Change a guest path's permission bits; raises FilesystemError on failure."""
+        fields = [bytes_field(Tag.PATH, _guest_path(path)), int_field(Tag.MODE, mode)]
+        _check_fs(await self._call(MsgType.FS_CHMOD, fields, timeout, "FS_CHMOD"), "chmod", path)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _call(
+        self, type: MsgType, fields: Sequence[Field], timeout: float | None, what: str
+    ) -> Frame:
+        """Send a one-reply request; return its OK or ERROR frame."""
+        with self._deadline(timeout, what), self._request() as req:
+            await req.send(type, fields)
+            return self._expect_end(await req.receive(), what)
+
+    def _expect_end(self, frame: Frame, what: str) -> Frame:
+        if frame.type in (MsgType.OK, MsgType.ERROR):
+            return frame
+        raise self._violation(f"unexpected {frame.type_name} (id {frame.id}) in reply to {what}")
+
+    def _kind(self, frame: Frame) -> FileKind:
+        raw = frame.require_int(Tag.KIND)
+        try:
+            return FileKind(raw)
+        except ValueError:
+            raise self._violation(f"{frame.type_name} (id {frame.id}) has KIND {raw}") from None
+
+    def _open(self) -> _Request:
+        self._check_alive()
+        # Ids grow monotonically and wrap, skipping live ones, so a late frame for an
+        # abandoned (timed out) request is not mistaken for a reply to a new one.
+        while self._next_id in self._pending or self._next_id == 0:
+            self._next_id = self._next_id % _MAX_ID + 1
+        req_id = self._next_id
+        self._next_id = self._next_id % _MAX_ID + 1
+        inbox, outbox = anyio.create_memory_object_stream[Frame](math.inf)
+        req = _Request(self, req_id, inbox, outbox)
+        self._pending[req_id] = req
+        return req
+
+    @contextmanager
+    def _request(self) -> Iterator[_Request]:
+        req = self._open()
+        try:
+            yield req
+        finally:
+            req.close()
+
+    @contextmanager
+    def _deadline(self, timeout: float | None, what: str) -> Iterator[None]:
+        if timeout is None:
+            yield
+            return
+        try:
+            with anyio.fail_after(timeout):
+                yield
+        except TimeoutError:
+            raise GuestTimeoutError(f"agent did not answer {what} within {timeout:g} s") from None
+
+    async def _send(self, data: bytes) -> None:
+        async with self._write_lock:
+            self._check_alive()
+            try:
+                # Shielded: a frame cut short by cancellation would desynchronize the
+                # stream for every request; write_timeout still bounds a stuck guest.
+                with anyio.CancelScope(shield=True), anyio.fail_after(self._write_timeout):
+                    await self._stream.send(data)
+            except TimeoutError:
+                exc: SandboxError = GuestTimeoutError(
+                    f"guest did not read a frame within {self._write_timeout:g} s"
+                )
+                self._fail(exc)
+                raise self._dead_error() from None
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as err:
+                self._fail(SandboxNotRunningError(f"guest connection closed: {err!r}"))
+                raise self._dead_error() from err
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    data = await self._stream.receive(_READ_SIZE)
+                except anyio.EndOfStream:
+                    break
+                for frame in self._decoder.feed(data):
+                    self._route(frame)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._fail(SandboxNotRunningError(f"guest connection closed: {exc!r}"))
+            return
+        except Exception as exc:
+            # A bug here must not leave callers hanging; report it to all of them.
+            self._fail(SandboxError(f"agent reader failed: {exc!r}"))
+            raise
+        how = " mid-frame" if self._decoder.buffered else ""
+        after = " after SHUTDOWN" if self._shutdown_sent else ""
+        self._fail(SandboxNotRunningError(f"guest connection closed{how}{after}"))
+
+    def _route(self, frame: Frame) -> None:
+        if frame.type == MsgType.READY:
+            self._ready = _agent_info(frame)
+            self._ready_event.set()
+        elif frame.type == MsgType.LOG:
+            text = frame.require_str(Tag.MESSAGE)
+            self.logs.append(text)
+            if self._on_log is not None:
+                try:
+                    self._on_log(text)
+                except Exception as exc:  # a faulty callback must not kill the connection
+                    self.logs.append(f"(log callback failed: {exc!r})")
+        else:
+            req = self._pending.get(frame.id)
+            # Frames for ids we gave up on (timeouts, abandoned execs) are dropped.
+            if req is not None and not req.closed:
+                req.inbox.send_nowait(frame)
+
+    def _violation(self, message: str) -> ProtocolError:
+        exc = ProtocolError(message)
+        self._fail(exc)
+        return exc
+
+    def _fail(self, exc: SandboxError) -> None:
+        if self._error is not None:
+            return
+        self._error = exc
+        for req in list(self._pending.values()):
+            # Closing the inbox wakes the request's receiver, which raises _dead_error().
+            req.inbox.close()
+        self._ready_event.set()
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise self._dead_error()
+
+    def _dead_error(self) -> SandboxError:
+        assert self._error is not None
+        # A fresh instance per raise: sharing one would pile up tracebacks.
+        exc = type(self._error)(self._error.message)
+        exc.__cause__ = self._error
+        return exc
+
+
+def _agent_info(frame: Frame) -> HelloInfo:
+    return HelloInfo(
+        version=frame.require_int(Tag.VERSION),
+        agent_version=frame.require_str(Tag.AGENT_VERSION),
+        uptime_ms=frame.require_int(Tag.UPTIME_MS),
+    )
+
+
+def _error_text(frame: Frame) -> str:
+    return frame.get_str(Tag.MESSAGE) or "(no message)"
+
+
+def _check_ok(frame: Frame, what: str) -> Frame:
+    if frame.type == MsgType.ERROR:
+        raise SandboxError(
+            f"agent failed {what}: {_error_text(frame)} (errno {frame.require_int(Tag.ERRNO)})"
+        )
+    return frame
+
+
+def _check_fs(frame: Frame, op: str, path: str) -> Frame:
+    if frame.type != MsgType.ERROR:
+        return frame
+    err = frame.require_int(Tag.ERRNO)
+    message = f"guest {op} {path!r} failed: {_error_text(frame)} (errno {err})"
+    cls = PathNotFoundError if err == _errno.ENOENT else FilesystemError
+    raise cls(message, errno=err, path=path)
+
+
+def _poll(req: _Request) -> Frame | None:
+    try:
+        return req.outbox.receive_nowait()
+    except anyio.WouldBlock:
+        return None
+    except (anyio.EndOfStream, anyio.ClosedResourceError):
+        raise req.client._dead_error() from None
+
+
+async def _chunks(data: bytes | AsyncIterable[bytes] | os.PathLike[str]) -> AsyncIterator[bytes]:
+    """Yield non-empty pieces of at most CHUNK bytes."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data)
+        for offset in range(0, len(view), CHUNK):
+            yield bytes(view[offset : offset + CHUNK])
+    elif isinstance(data, os.PathLike):
+        async with await anyio.open_file(data, "rb") as f:
+            while chunk := await f.read(CHUNK):
+                yield chunk
+    else:
+        async for piece in data:
+            view = memoryview(piece)
+            for offset in range(0, len(view), CHUNK):
+                yield bytes(view[offset : offset + CHUNK])
+
+
+def _text(value: str | bytes, what: str) -> bytes:
+    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else bytes(value)
+    if b"\0" in raw:
+        raise ValueError(f"{what} must not contain NUL bytes: {value!r}")
+    return raw
+
+
+def _guest_path(path: str | os.PathLike[str]) -> bytes:
+    raw = _text(os.fspath(path), "guest path")
+    if not raw.startswith(b"/"):
+        raise ValueError(f"guest paths must be absolute: {os.fspath(path)!r}")
+    return raw
