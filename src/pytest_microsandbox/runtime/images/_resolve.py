@@ -1,0 +1,115 @@
+"""``resolve_root_layers``: an image name to the stack of layers the guest mounts."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .._exceptions import ImageError
+from ..paths import cache_dir as default_cache_dir
+from ._fingerprint import content_fingerprint, tree_fingerprint
+from ._host import DEFAULT_USR_EXCLUDES, plan_host_trees, plan_usr
+from ._layers import LayerSpec, build_layer
+from ._model import Layer
+from ._staging import MOUNT_POINTS, stage_base, stage_mount_points
+
+__all__ = ["images_dir", "resolve_root_layers"]
+
+
+def images_dir(cache_dir: Path | None = None) -> Path:
+    """The directory that holds the erofs images (``<cache>/images``)."""
+    path = default_cache_dir(cache_dir) / "images"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _staged_layer(
+    images: Path, serial: str, label: str, description: str, stage: Callable[[Path], None]
+) -> Layer:
+    # Staged in the images dir: same filesystem as the image, cleaned up even
+    # when the build fails; its random name stays out of the digest (identity).
+    with tempfile.TemporaryDirectory(dir=images, prefix=".staging-") as tmp:
+        root = Path(tmp)
+        stage(root)
+        spec = LayerSpec(
+            serial=serial,
+            label=label,
+            description=description,
+            source=root,
+            fingerprint=lambda: content_fingerprint(root),
+            all_root=True,
+            identity=(label,),
+        )
+        return build_layer(spec, images)
+
+
+def _host_layers(
+    images: Path, project_root: Path | None, cache: Path, usr_excludes: Sequence[str]
+) -> list[Layer]:
+    trees = [
+        build_layer(spec, images)
+        for spec in plan_host_trees(project_root=project_root, cache_dir=cache)
+    ]
+    base = _staged_layer(images, "l-base", "base", "/etc and skeleton (generated)", stage_base)
+    usr = build_layer(plan_usr(usr_excludes=usr_excludes), images)
+    return [*trees, base, usr]
+
+
+def _directory_layers(images: Path, directory: Path) -> list[Layer]:
+    spec = LayerSpec(
+        serial="l-root",
+        label="dir",
+        description=f"{directory} (directory)",
+        source=directory,
+        fingerprint=lambda: tree_fingerprint(directory),
+    )
+    layers = [build_layer(spec, images)]
+    missing = [rel for rel, _ in MOUNT_POINTS if not (directory / rel).exists()]
+    if missing:
+        # Below the directory's own layer: it only adds what is missing.
+        layers.append(
+            _staged_layer(images, "l-skel", "skel", "mount points (generated)", stage_mount_points)
+        )
+    return layers
+
+
+def resolve_root_layers(
+    image: str,
+    *,
+    project_root: Path | None = None,
+    cache_dir: Path | None = None,
+    usr_excludes: Sequence[str] | None = None,
+) -> list[Layer]:
+    """Return the read-only layers of a guest root, top layer first, building what is stale.
+
+    ``image`` is ``"host"`` (the host's own userspace: project, venv, Python
+    prefix, generated /etc + skeleton, /usr) or the path of a local directory
+    whose contents become the root. ``usr_excludes`` (absolute globs) replaces
+    :data:`DEFAULT_USR_EXCLUDES` for the host's /usr layer.
+    """
+    images = images_dir(cache_dir)
+    if image == "host":
+        excludes = DEFAULT_USR_EXCLUDES if usr_excludes is None else tuple(usr_excludes)
+        return _host_layers(images, project_root, images.parent, excludes)
+    candidate = Path(image).expanduser()
+    # Path-like names get path errors; anything else that does not exist is
+    # an unsupported image name (registry refs contain "/" too).
+    if image.startswith(("/", ".", "~")) or candidate.exists():
+        if not candidate.exists():
+            raise ImageError(
+                f"image directory {candidate} does not exist; create it or fix the path"
+            )
+        if not candidate.is_dir():
+            raise ImageError(
+                f"image {candidate} is not a directory; pass a directory whose contents "
+                "become the guest's root (disk images are not supported yet)"
+            )
+        resolved = candidate.resolve()
+        if resolved == Path("/"):
+            raise ImageError('refusing to image / as a directory; use image="host" instead')
+        return _directory_layers(images, resolved)
+    raise ImageError(
+        f'unsupported image {image!r}: use "host" or the path of a local directory '
+        f"(no directory {image!r} exists here; OCI images come later)"
+    )
