@@ -1,0 +1,123 @@
+"""Choose the accelerator: KVM only when a probe boot really reaches the agent.
+
+``/dev/kvm`` existing proves nothing: on PVM hosts standard guest kernels hang
+or die under KVM (measured, DESIGN.md). So the first sandbox on a host boots a
+probe VM under KVM with a short timeout; if its agent answers, KVM is used,
+otherwise TCG. The verdict is cached per host boot
+(``/proc/sys/kernel/random/boot_id``) in the cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import filelock
+
+from ._exceptions import SandboxError
+from .backend import Accel
+from .config import AccelChoice
+
+__all__ = ["AccelDecision", "choose_accel", "host_boot_id", "kvm_usable"]
+
+#: Seconds a KVM probe boot may take to reach the agent. Real KVM gets there
+#: in well under a second; a broken one hangs.
+PROBE_TIMEOUT = 8.0
+
+
+@dataclass(frozen=True)
+class AccelDecision:
+    """Which accelerator is used and why (shown by ``doctor`` and the pytest header)."""
+
+    accel: Accel
+    reason: str
+
+
+def host_boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def kvm_usable() -> tuple[bool, str]:
+    """Whether ``/dev/kvm`` can be opened read-write, with the reason if not."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False, "/dev/kvm does not exist (no hardware virtualization exposed)"
+    except PermissionError:
+        return False, "/dev/kvm is not writable (add the user to the kvm group)"
+    except OSError as exc:
+        return False, f"/dev/kvm cannot be opened: {exc.strerror}"
+    os.close(fd)
+    return True, "/dev/kvm opens read-write"
+
+
+ProbeBoot = Callable[[float], Awaitable[None]]
+
+
+async def choose_accel(
+    choice: AccelChoice, cache: Path, probe: ProbeBoot | None
+) -> AccelDecision:
+    """Resolve ``choice`` to a concrete accelerator.
+
+    ``probe(timeout)`` boots a minimal VM under KVM and returns once its agent
+    answers, raising :class:`SandboxError` (or timing out) otherwise.
+    """
+    if choice == "kvm":
+        return AccelDecision("kvm", "forced (accel=kvm)")
+    if choice == "tcg":
+        return AccelDecision("tcg", "forced (accel=tcg)")
+    usable, why = kvm_usable()
+    if not usable:
+        return AccelDecision("tcg", f"{why}; using TCG emulation")
+    boot_id = host_boot_id()
+    record = cache / "accel-probe.json"
+    cached = _read_record(record, boot_id)
+    if cached is not None:
+        return cached
+    if probe is None:
+        return AccelDecision("tcg", "KVM not probed; using TCG emulation")
+    with filelock.FileLock(str(record) + ".lock", timeout=120):
+        cached = _read_record(record, boot_id)
+        if cached is not None:
+            return cached
+        start = time.monotonic()
+        try:
+            with anyio.fail_after(PROBE_TIMEOUT + 2):
+                await probe(PROBE_TIMEOUT)
+        except (SandboxError, TimeoutError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            decision = AccelDecision(
+                "tcg", f"KVM probe boot failed ({first}); using TCG emulation"
+            )
+        else:
+            took = time.monotonic() - start
+            decision = AccelDecision("kvm", f"KVM probe boot reached the agent in {took:.2f} s")
+        _write_record(record, boot_id, decision)
+        return decision
+
+
+def _read_record(path: Path, boot_id: str) -> AccelDecision | None:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("boot_id") != boot_id or data.get("accel") not in ("kvm", "tcg"):
+            return None
+        return AccelDecision(data["accel"], f"{data['reason']} (cached for this host boot)")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def _write_record(path: Path, boot_id: str, decision: AccelDecision) -> None:
+    data = {"boot_id": boot_id, "accel": decision.accel, "reason": decision.reason}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".accel-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)

@@ -1,0 +1,110 @@
+"""The VM engine interface: what the sandbox layer needs from a hypervisor.
+
+:class:`QemuBackend` (``qemu.py``) is the real implementation; a libkrun one can
+sit beside it later. :class:`HostProcessBackend` (``hostproc.py``) is the test
+double: it runs the agent as an ordinary host process, so sandbox logic can be
+tested without a VM.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import anyio.abc
+
+__all__ = ["Accel", "Backend", "DiskSpec", "VMHandle", "VMSpec", "read_console_tail"]
+
+Accel = Literal["kvm", "tcg"]
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A virtio-blk disk; the guest finds it by ``serial``."""
+
+    serial: str
+    path: Path
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything a backend needs to start one VM."""
+
+    name: str
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    cpus: int
+    memory_mib: int
+    accel: Accel
+    run_dir: Path  # private directory for sockets and the console log
+    disks: tuple[DiskSpec, ...] = ()
+    extra_args: tuple[str, ...] = field(default=())
+
+    @property
+    def console_path(self) -> Path:
+        return self.run_dir / "console.log"
+
+
+class VMHandle(abc.ABC):
+    """A started VM: its agent stream, its console and its process."""
+
+    spec: VMSpec
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int | None:
+        """The host process id of the VM, if it has one."""
+
+    @property
+    @abc.abstractmethod
+    def returncode(self) -> int | None:
+        """The exit status once the VM process has exited, else None."""
+
+    @abc.abstractmethod
+    async def connect_agent(self, timeout: float) -> anyio.abc.ByteStream:
+        """Return the byte stream to the guest agent's port.
+
+        :raises BootError: the VM did not connect within ``timeout``.
+        :raises GuestCrashedError: the VM process exited first.
+        """
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Wait for the VM process to exit; return its status."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Kill the VM at once and reap it. Idempotent."""
+
+    def console_tail(self, lines: int = 40) -> str:
+        return read_console_tail(self.spec.console_path, lines)
+
+
+class Backend(abc.ABC):
+    """Starts VMs."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def start(self, spec: VMSpec) -> VMHandle:
+        """Start a VM for ``spec``; the caller must eventually ``kill`` it."""
+
+
+def read_console_tail(path: Path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
+    """Return the last ``lines`` lines of a console log, printable characters only."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    cleaned = "".join(ch for ch in text if ch.isprintable() or ch in "\n\t")
+    return "\n".join(cleaned.splitlines()[-lines:])

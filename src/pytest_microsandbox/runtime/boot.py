@@ -1,0 +1,125 @@
+"""Turn a :class:`SandboxConfig` into what a backend boots: kernel, initramfs,
+root layers, kernel command line, accelerator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from .accel import AccelDecision, choose_accel
+from .agent.build import build_agent
+from .agent.client import AgentClient
+from .backend import Accel, Backend, DiskSpec, VMSpec
+from .config import SandboxConfig
+from .images import Layer, resolve_root_layers
+from .initramfs import InitramfsSpec, build_initramfs
+from .kernel import KernelInfo, find_kernel
+from .paths import cache_dir
+
+__all__ = ["BootPlan", "prepare_boot", "resolve_accel"]
+
+#: Kernel arguments for every guest. ``quiet`` because each console byte is an
+#: emulated UART write under TCG; ``pci=off`` as microvm has no PCI bus;
+#: ``reboot=t`` plus QEMU's -no-reboot turns any reboot into a QEMU exit.
+BASE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pci=off nomodeset tsc=reliable"
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """Files and settings for booting one configuration."""
+
+    kernel: KernelInfo
+    initrd: Path
+    layers: tuple[Layer, ...]
+    accel: Accel
+    agent: Path
+
+    @property
+    def cmdline(self) -> str:
+        parts = [BASE_CMDLINE]
+        if self.layers:
+            parts.append("msb.layers=" + ",".join(layer.serial for layer in self.layers))
+        return " ".join(parts)
+
+    def identity(self, config: SandboxConfig) -> str:
+        """Digest of everything that shapes guest memory at boot (a template key)."""
+        h = hashlib.sha256()
+        for part in (
+            self.kernel.digest,
+            self.initrd.name,
+            *(layer.digest for layer in self.layers),
+            self.accel,
+            str(config.cpus),
+            str(config.memory),
+            self.cmdline,
+        ):
+            h.update(part.encode() + b"\0")
+        return h.hexdigest()[:24]
+
+    def vm_spec(self, config: SandboxConfig, run_dir: Path) -> VMSpec:
+        return VMSpec(
+            name=config.name,
+            kernel=self.kernel.vmlinux,
+            initrd=self.initrd,
+            cmdline=self.cmdline,
+            cpus=config.cpus,
+            memory_mib=config.memory,
+            accel=self.accel,
+            run_dir=run_dir,
+            disks=tuple(DiskSpec(layer.serial, layer.path) for layer in self.layers),
+        )
+
+
+def _base_files(cache: Path) -> tuple[KernelInfo, Path, Path]:
+    kernel = find_kernel(cache)
+    agent = build_agent(cache)
+    initrd = build_initramfs(
+        InitramfsSpec(agent=agent, modules_dir=kernel.modules_dir), cache / "initramfs"
+    )
+    return kernel, agent, initrd
+
+
+def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None) -> BootPlan:
+    """Build (or find cached) everything needed to boot ``config``. Blocking."""
+    cache = cache_dir(cache)
+    kernel, agent, initrd = _base_files(cache)
+    layers = resolve_root_layers(
+        config.image,
+        project_root=config.resolved_project_root() if config.image == "host" else None,
+        cache_dir=cache,
+    )
+    return BootPlan(kernel=kernel, initrd=initrd, layers=tuple(layers), accel=accel, agent=agent)
+
+
+async def _probe_kvm(backend: Backend, timeout: float) -> None:
+    """Boot the bare initramfs under KVM and wait for the agent's READY."""
+    cache = cache_dir()
+    kernel, agent, initrd = await anyio.to_thread.run_sync(_base_files, cache)
+    plan = BootPlan(kernel=kernel, initrd=initrd, layers=(), accel="kvm", agent=agent)
+    run_dir = Path(tempfile.mkdtemp(prefix="msb-kvm-probe-"))
+    try:
+        probe_config = SandboxConfig(name="kvm-probe", memory=256)
+        vm = await backend.start(plan.vm_spec(probe_config, run_dir))
+        try:
+            stream = await vm.connect_agent(timeout)
+            async with AgentClient(stream) as client:
+                await client.wait_ready(timeout=timeout)
+        finally:
+            await vm.kill()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def resolve_accel(config: SandboxConfig, backend: Backend) -> AccelDecision:
+    """The accelerator for ``config``: forced by config/env, or probed once per host boot."""
+
+    async def probe(timeout: float) -> None:
+        await _probe_kvm(backend, timeout)
+
+    return await choose_accel(config.resolved_accel(), cache_dir(), probe)

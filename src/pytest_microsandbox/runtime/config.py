@@ -1,0 +1,157 @@
+"""Sandbox configuration: pydantic models that validate, inspect and round-trip
+through JSON without booting anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ._exceptions import ConfigError
+
+__all__ = ["ACCEL_ENV", "AccelChoice", "SandboxConfig", "find_project_root"]
+
+#: Environment variable forcing the accelerator: ``kvm``, ``tcg`` or ``auto``.
+ACCEL_ENV = "MICROSANDBOX_ACCEL"
+
+AccelChoice = Literal["auto", "kvm", "tcg"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PROJECT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
+
+
+def _format_validation_error(model: str, exc: ValidationError) -> str:
+    lines = [f"invalid {model}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def find_project_root(start: Path | None = None) -> Path | None:
+    """Return the nearest ancestor of ``start`` (default: cwd) that looks like a
+    project (has pyproject.toml, setup.py, setup.cfg or .git), else None.
+    The home directory and ``/`` never count: they are not imaged wholesale.
+    """
+    here = (start or Path.cwd()).resolve()
+    home = Path.home().resolve()
+    for candidate in (here, *here.parents):
+        if candidate in (home, Path("/")):
+            return None
+        if any((candidate / m).exists() for m in _PROJECT_MARKERS):
+            return candidate
+    return None
+
+
+class SandboxConfig(BaseModel):
+    """How to build and run one sandbox.
+
+    Construction raises :class:`ConfigError` naming each bad field.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    name: str = Field("sandbox", description="sandbox name; also the guest hostname")
+    image: str = Field(
+        "host",
+        description='root filesystem: "host" (the host userspace, same Python and venv) '
+        "or a path to a local directory",
+    )
+    cpus: int = Field(1, ge=1, le=64, description="virtual CPUs")
+    memory: int = Field(512, ge=128, le=65536, description="guest memory in MiB")
+    env: dict[str, str] = Field(default_factory=dict, description="environment for every exec")
+    workdir: str = Field("/", description="working directory of execs (absolute guest path)")
+    shell: str = Field("/bin/sh", description="shell used by Sandbox.shell()")
+    user: str | None = Field(None, description="default exec user (name, uid or uid:gid)")
+    project_root: Path | None = Field(
+        None,
+        description='project directory imaged into the guest with image="host" '
+        "(default: the nearest ancestor of cwd with pyproject.toml/setup.py/.git)",
+    )
+    accel: AccelChoice | None = Field(
+        None, description=f"accelerator; None reads ${ACCEL_ENV}, else auto"
+    )
+    boot_timeout: float = Field(120.0, gt=0, description="seconds to reach the agent")
+    exec_timeout: float | None = Field(
+        None, gt=0, description="default timeout of each exec in seconds (None: none)"
+    )
+    stop_timeout: float = Field(10.0, gt=0, description="graceful stop before a forced kill")
+    request_timeout: float = Field(
+        60.0, gt=0, description="seconds the agent may take to answer a non-exec request"
+    )
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("SandboxConfig", exc)) from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SandboxConfig:
+        """Parse a JSON document produced by :meth:`to_json`.
+
+        :raises ConfigError: the JSON is malformed or a field is invalid.
+        """
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("SandboxConfig", exc)) from None
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                "must be 1-63 characters of letters, digits, '_', '.', '-', starting "
+                "with a letter or digit"
+            )
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str) -> str:
+        if not value:
+            raise ValueError('must be "host" or a directory path')
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, val in value.items():
+            if not _ENV_KEY_RE.match(key):
+                raise ValueError(f"environment variable name {key!r} is not valid")
+            if "\0" in val:
+                raise ValueError(f"environment variable {key} contains a NUL byte")
+        return value
+
+    @field_validator("workdir", "shell")
+    @classmethod
+    def _check_abs(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute guest path")
+        return value
+
+    def resolved_accel(self) -> AccelChoice:
+        """The accelerator choice after applying ``$MICROSANDBOX_ACCEL``.
+
+        :raises ConfigError: the environment variable holds an unknown value.
+        """
+        if self.accel is not None:
+            return self.accel
+        raw = os.environ.get(ACCEL_ENV, "auto").strip().lower() or "auto"
+        if raw not in ("auto", "kvm", "tcg"):
+            raise ConfigError(f"${ACCEL_ENV}={raw!r} is not one of auto, kvm, tcg")
+        return raw  # type: ignore[return-value]
+
+    def resolved_project_root(self) -> Path | None:
+        if self.project_root is not None:
+            return self.project_root.resolve()
+        return find_project_root()

@@ -1,0 +1,97 @@
+"""``microsandbox-doctor``: say what was found on this host and why.
+
+Reports the QEMU version, the guest kernel, the agent build, the accelerator
+decision (with its reason) and the cache directory; exits non-zero when a
+sandbox could not boot here, with the fix for each missing piece.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+import anyio
+
+from ._exceptions import SandboxError
+from .accel import host_boot_id, kvm_usable
+from .config import SandboxConfig
+from .paths import cache_dir
+
+__all__ = ["DoctorReport", "diagnose", "main"]
+
+
+@dataclass
+class DoctorReport:
+    """What :func:`diagnose` found: ``(name, value)`` facts and blocking problems."""
+
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def render(self) -> str:
+        width = max((len(k) for k, _ in self.facts), default=0)
+        lines = [f"{k.ljust(width)}  {v}" for k, v in self.facts]
+        for problem in self.problems:
+            lines.append(f"PROBLEM: {problem}")
+        lines.append("status: " + ("ready" if self.ok else "NOT READY"))
+        return "\n".join(lines)
+
+
+def diagnose(*, probe: bool = True) -> DoctorReport:
+    """Inspect this host. ``probe=False`` skips booting the KVM probe VM."""
+    from .agent.build import build_agent
+    from .kernel import find_kernel
+    from .qemu import find_qemu, qemu_version
+
+    report = DoctorReport()
+    cache = cache_dir()
+    report.facts.append(("cache directory", str(cache)))
+    try:
+        qemu = find_qemu()
+        report.facts.append(("qemu", f"{qemu} ({qemu_version(qemu)})"))
+    except SandboxError as exc:
+        report.problems.append(exc.message)
+    try:
+        kernel = find_kernel(cache)
+        report.facts.append(("guest kernel", f"{kernel.version} ({kernel.vmlinux})"))
+    except SandboxError as exc:
+        report.problems.append(exc.message)
+    try:
+        report.facts.append(("guest agent", str(build_agent(cache))))
+    except SandboxError as exc:
+        report.problems.append(exc.message)
+    usable, why = kvm_usable()
+    report.facts.append(("/dev/kvm", why))
+    report.facts.append(("host boot id", host_boot_id()))
+    config = SandboxConfig()
+    try:
+        choice = config.resolved_accel()
+    except SandboxError as exc:
+        report.problems.append(exc.message)
+        return report
+    if report.ok and (probe or choice != "auto" or not usable):
+        from .boot import resolve_accel
+        from .qemu import QemuBackend
+
+        decision = anyio.run(resolve_accel, config, QemuBackend())
+        report.facts.append(("accelerator", f"{decision.accel}: {decision.reason}"))
+    else:
+        report.facts.append(("accelerator", f"{choice} (not probed)"))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="microsandbox-doctor", description=__doc__)
+    parser.add_argument("--no-probe", action="store_true", help="do not boot the KVM probe VM")
+    args = parser.parse_args(argv)
+    report = diagnose(probe=not args.no_probe)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

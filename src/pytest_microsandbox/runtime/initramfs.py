@@ -1,0 +1,204 @@
+"""Build the guest initramfs: a pure-Python newc cpio writer plus module selection.
+
+The initramfs holds the static agent as ``/init`` (PID 1), the kernel modules
+it loads (``/modules/*.ko``) and ``/modules/order``, their load order with
+dependencies first, read from the kernel's ``modules.dep``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import filelock
+
+from ._exceptions import KernelNotFoundError
+
+__all__ = [
+    "GUEST_MODULES",
+    "CpioWriter",
+    "InitramfsSpec",
+    "build_initramfs",
+    "parse_modules_dep",
+    "resolve_modules",
+]
+
+#: Modules the guest needs, by name. ``crc32c_generic`` is a soft dependency
+#: of ``libcrc32c`` (needed by erofs) that modules.dep does not list.
+GUEST_MODULES: tuple[str, ...] = (
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_rng",
+    "virtio_net",
+    "crc32c_generic",
+    "erofs",
+    "overlay",
+    "9pnet_virtio",
+    "9p",
+    "ext4",
+)
+
+_TRAILER = "TRAILER!!!"
+
+
+class CpioWriter:
+    """Writes a newc ("070701") cpio archive, the format the kernel unpacks."""
+
+    def __init__(self, out: io.BufferedIOBase | io.BytesIO) -> None:
+        self._out = out
+        self._ino = 1
+        self._dirs: set[str] = set()
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1) -> None:
+        name_bytes = name.encode() + b"\0"
+        fields = (
+            self._ino,  # ino
+            mode,
+            0,  # uid
+            0,  # gid
+            nlink,
+            0,  # mtime: fixed, so the archive is reproducible
+            len(data),
+            0,  # devmajor
+            0,  # devminor
+            0,  # rdevmajor
+            0,  # rdevminor
+            len(name_bytes),
+            0,  # check
+        )
+        self._ino += 1
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self._out.write(header)
+        self._out.write(name_bytes)
+        self._out.write(b"\0" * (-(len(header) + len(name_bytes)) % 4))
+        self._out.write(data)
+        self._out.write(b"\0" * (-len(data) % 4))
+
+    def add_dir(self, name: str, mode: int = 0o755) -> None:
+        """Add a directory and any missing parents."""
+        parts = name.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            path = "/".join(parts[:i])
+            if path and path not in self._dirs:
+                self._dirs.add(path)
+                self._entry(path, stat.S_IFDIR | mode, nlink=2)
+
+    def add_file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        name = name.strip("/")
+        parent = name.rpartition("/")[0]
+        if parent:
+            self.add_dir(parent)
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def add_symlink(self, name: str, target: str) -> None:
+        name = name.strip("/")
+        parent = name.rpartition("/")[0]
+        if parent:
+            self.add_dir(parent)
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def finish(self) -> None:
+        self._entry(_TRAILER, 0, nlink=1)
+        # The kernel reads the archive in 512-byte blocks.
+        pad = -self._out.tell() % 512 if hasattr(self._out, "tell") else 0
+        self._out.write(b"\0" * pad)
+
+
+def parse_modules_dep(text: str) -> dict[str, list[str]]:
+    """Parse modules.dep into ``{module path: [dependency paths]}``."""
+    deps: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        path, _, rest = line.partition(":")
+        deps[path.strip()] = rest.split()
+    return deps
+
+
+def _module_name(path: str) -> str:
+    base = os.path.basename(path)
+    for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+def resolve_modules(deps: Mapping[str, list[str]], wanted: Iterable[str]) -> list[str]:
+    """Return module paths for ``wanted`` names plus dependencies, dependencies first.
+
+    :raises KernelNotFoundError: a wanted module is not in modules.dep.
+    """
+    by_name = {_module_name(p): p for p in deps}
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(path: str) -> None:
+        if path in seen:
+            return
+        seen.add(path)
+        for dep in deps.get(path, []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        path = by_name.get(name.replace("-", "_"))
+        if path is None:
+            raise KernelNotFoundError(
+                f"kernel module {name!r} is not in modules.dep: the kernel build lacks it "
+                "(use Debian's generic linux-image-amd64, not the cloud flavour)"
+            )
+        visit(path)
+    return order
+
+
+@dataclass(frozen=True)
+class InitramfsSpec:
+    """What goes into an initramfs; its digest names the cached archive."""
+
+    agent: Path
+    modules_dir: Path
+    modules: tuple[str, ...] = GUEST_MODULES
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(hashlib.sha256(self.agent.read_bytes()).digest())
+        h.update(str(self.modules_dir.resolve()).encode())
+        h.update((self.modules_dir / "modules.dep").read_bytes())
+        h.update(",".join(self.modules).encode())
+        return h.hexdigest()[:16]
+
+
+def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
+    """Write the initramfs for ``spec`` into ``out_dir`` (cached by digest); return its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"initramfs-{spec.digest()}.cpio"
+    if target.is_file():
+        return target
+    with filelock.FileLock(str(target) + ".lock", timeout=300):
+        if target.is_file():
+            return target
+        deps = parse_modules_dep((spec.modules_dir / "modules.dep").read_text())
+        order = resolve_modules(deps, spec.modules)
+        buf = io.BytesIO()
+        cpio = CpioWriter(buf)
+        for d in ("dev", "proc", "sys", "newroot", "layers", "rw", "modules"):
+            cpio.add_dir(d)
+        cpio.add_file("init", spec.agent.read_bytes(), mode=0o755)
+        names = []
+        for path in order:
+            name = f"modules/{os.path.basename(path)}"
+            cpio.add_file(name, (spec.modules_dir / path).read_bytes())
+            names.append("/" + name)
+        cpio.add_file("modules/order", ("\n".join(names) + "\n").encode())
+        cpio.finish()
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, target)
+    return target

@@ -1,0 +1,556 @@
+"""Sandbox: one microVM's lifecycle, commands, files and metrics (async API).
+
+``Sandbox.create`` boots a VM whose PID 1 is our agent, waits for the agent's
+READY, sends the host clock, a fresh RNG seed and the hostname, and returns a
+handle. Every guest-facing call maps transport failures to errors that carry
+the tail of the guest console, since that usually says why the guest died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from ._exceptions import (
+    ExecTimeoutError,
+    GuestCrashedError,
+    GuestTimeoutError,
+    PathNotFoundError,
+    ProtocolError,
+    SandboxError,
+    SandboxNotRunningError,
+)
+from .agent.client import AgentClient
+from .agent.process import ExecProcess
+from .agent.results import DirEntry, ExecEvent, ExecResult, FileStat
+from .backend import Backend, VMHandle, VMSpec
+from .boot import BootPlan, prepare_boot, resolve_accel
+from .config import SandboxConfig
+
+__all__ = ["ExecHandle", "ExecOutput", "Sandbox", "SandboxFs", "SandboxMetrics"]
+
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class ExecOutput:
+    """The result of a finished command (names follow microsandbox's SDK)."""
+
+    exit_code: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    term_signal: int | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    # Aliases for people coming from subprocess.
+    @property
+    def stdout(self) -> bytes:
+        return self.stdout_bytes
+
+    @property
+    def stderr(self) -> bytes:
+        return self.stderr_bytes
+
+    @classmethod
+    def _from_result(cls, result: ExecResult) -> ExecOutput:
+        return cls(
+            exit_code=result.returncode,
+            stdout_bytes=result.stdout,
+            stderr_bytes=result.stderr,
+            term_signal=result.term_signal,
+        )
+
+
+@dataclass(frozen=True)
+class SandboxMetrics:
+    """A sample of the guest's resource use."""
+
+    cpu_percent: float  # guest CPU busy share since boot or since the last sample
+    memory_bytes: int  # guest memory in use (MemTotal - MemAvailable)
+    memory_total_bytes: int
+    memory_host_resident_bytes: int | None  # VM process RSS on the host
+    uptime_ms: int
+    processes: int
+    load1: float
+
+
+class ExecHandle:
+    """A running command: iterate its events, feed stdin, signal it, wait for it."""
+
+    def __init__(self, sandbox: Sandbox, process: ExecProcess, timeout: float | None) -> None:
+        self._sandbox = sandbox
+        self._process = process
+        self._timeout = timeout
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def __aiter__(self) -> AsyncIterator[ExecEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[ExecEvent]:
+        with self._sandbox._guest_errors():
+            async for event in self._process:
+                yield event
+
+    async def write_stdin(self, data: bytes) -> None:
+        with self._sandbox._guest_errors():
+            await self._process.write_stdin(data)
+
+    async def close_stdin(self) -> None:
+        with self._sandbox._guest_errors():
+            await self._process.close_stdin()
+
+    async def signal(self, sig: int) -> None:
+        with self._sandbox._guest_errors():
+            await self._process.signal(sig)
+
+    async def kill(self) -> None:
+        with self._sandbox._guest_errors():
+            await self._process.kill()
+
+    async def wait(self) -> ExecOutput:
+        """Wait for the exit; output not consumed by iteration is in the result.
+
+        :raises ExecTimeoutError: the command ran past its timeout and was killed.
+        """
+        with self._sandbox._guest_errors():
+            result = await self._process.wait()
+        return _finish(result, self._process.program, self._timeout)
+
+    async def __aenter__(self) -> ExecHandle:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._process.aclose()
+
+
+def _finish(result: ExecResult, program: str, timeout: float | None) -> ExecOutput:
+    if result.timed_out:
+        raise ExecTimeoutError(
+            f"{program!r} ran past its {timeout:g} s timeout and was killed in the guest",
+            stdout=result.stdout,
+            stderr=result.stderr,
+            timeout=timeout or 0.0,
+        )
+    return ExecOutput._from_result(result)
+
+
+class SandboxFs:
+    """Guest files (names follow microsandbox's ``sandbox.fs``)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    async def read(self, path: str) -> bytes:
+        with self._sb._guest_errors():
+            return await self._sb._agent.read_file(path, timeout=self._sb._transfer_timeout())
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return (await self.read(path)).decode(encoding)
+
+    async def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
+        """Write a whole file, creating parent directories; returns the size."""
+        payload = data.encode() if isinstance(data, str) else data
+        with self._sb._guest_errors():
+            return await self._sb._agent.write_file(
+                path, payload, mode=mode, timeout=self._sb._transfer_timeout()
+            )
+
+    async def list(self, path: str) -> list[DirEntry]:
+        with self._sb._guest_errors():
+            return await self._sb._agent.list_dir(path, timeout=self._sb._request_timeout)
+
+    async def stat(self, path: str, *, follow_symlinks: bool = True) -> FileStat:
+        with self._sb._guest_errors():
+            return await self._sb._agent.stat(
+                path, follow_symlinks=follow_symlinks, timeout=self._sb._request_timeout
+            )
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path, follow_symlinks=False)
+        except PathNotFoundError:
+            return False
+        return True
+
+    async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        with self._sb._guest_errors():
+            await self._sb._agent.mkdir(
+                path, mode=mode, parents=parents, timeout=self._sb._request_timeout
+            )
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        with self._sb._guest_errors():
+            await self._sb._agent.remove(
+                path, recursive=recursive, timeout=self._sb._request_timeout
+            )
+
+    async def rename(self, src: str, dst: str) -> None:
+        with self._sb._guest_errors():
+            await self._sb._agent.rename(src, dst, timeout=self._sb._request_timeout)
+
+    async def chmod(self, path: str, mode: int) -> None:
+        with self._sb._guest_errors():
+            await self._sb._agent.chmod(path, mode, timeout=self._sb._request_timeout)
+
+    async def copy_from_host(self, host_path: str | os.PathLike[str], guest_path: str) -> int:
+        """Copy a host file or directory tree into the guest; returns bytes copied."""
+        src = Path(host_path)
+        if src.is_dir():
+            total = 0
+            await self.mkdir(guest_path)
+            for entry in sorted(src.iterdir()):
+                total += await self.copy_from_host(entry, f"{guest_path.rstrip('/')}/{entry.name}")
+            return total
+        mode = src.stat().st_mode & 0o7777
+        with self._sb._guest_errors():
+            return await self._sb._agent.write_file(
+                guest_path, src, mode=mode, timeout=self._sb._transfer_timeout()
+            )
+
+    async def copy_to_host(self, guest_path: str, host_path: str | os.PathLike[str]) -> int:
+        """Copy a guest file (streamed, any size) or directory tree to the host."""
+        dst = Path(host_path)
+        st = await self.stat(guest_path)
+        if st.is_dir:
+            dst.mkdir(parents=True, exist_ok=True)
+            total = 0
+            for entry in await self.list(guest_path):
+                total += await self.copy_to_host(
+                    f"{guest_path.rstrip('/')}/{entry.name}", dst / entry.name
+                )
+            return total
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.msb-partial")
+        try:
+            with open(tmp, "wb") as f, self._sb._guest_errors():
+                size = await self._sb._agent.read_file_to(
+                    guest_path, f, timeout=self._sb._transfer_timeout()
+                )
+            os.chmod(tmp, st.permissions)
+            os.replace(tmp, dst)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return size
+
+
+class Sandbox:
+    """A running microVM. Create with :meth:`create`; use as an async context manager."""
+
+    def __init__(
+        self,
+        config: SandboxConfig,
+        vm: VMHandle,
+        agent: AgentClient,
+        stack: AsyncExitStack,
+        plan: BootPlan,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.plan = plan
+        self._vm = vm
+        self._agent = agent
+        self._stack = stack
+        self._stopped = False
+        self._request_timeout = config.request_timeout
+        self._last_cpu: tuple[int, int] | None = None
+        self.boot_seconds = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        config: SandboxConfig | None = None,
+        /,
+        *,
+        backend: Backend | None = None,
+        **overrides: Any,
+    ) -> Sandbox:
+        """Boot a sandbox and return once its agent is serving.
+
+        ``overrides`` are :class:`SandboxConfig` fields applied on top of ``config``.
+
+        :raises ConfigError: a field is invalid.
+        :raises BackendUnavailableError: QEMU, the kernel or a usable accelerator is missing.
+        :raises BootError: the guest did not reach its agent in ``boot_timeout``.
+        """
+        if config is None:
+            config = SandboxConfig(**overrides)
+        elif overrides:
+            config = SandboxConfig(**{**config.model_dump(), **overrides})
+        if backend is None:
+            from .qemu import QemuBackend
+
+            backend = QemuBackend()
+        start = time.monotonic()
+        accel = await resolve_accel(config, backend)
+        plan = await anyio.to_thread.run_sync(prepare_boot, config, accel.accel)
+        sandbox = await cls._boot(config, backend, plan)
+        sandbox.boot_seconds = time.monotonic() - start
+        return sandbox
+
+    @classmethod
+    async def _boot(cls, config: SandboxConfig, backend: Backend, plan: BootPlan) -> Sandbox:
+        stack = AsyncExitStack()
+        run_dir = Path(tempfile.mkdtemp(prefix=f"msb-{config.name[:40]}-"))
+        stack.callback(shutil.rmtree, run_dir, True)
+        try:
+            spec = plan.vm_spec(config, run_dir)
+            vm = await backend.start(spec)
+            stack.push_async_callback(vm.kill)
+            boot_deadline = anyio.current_time() + config.boot_timeout
+            stream = await vm.connect_agent(config.boot_timeout)
+            agent = await stack.enter_async_context(AgentClient(stream))
+            try:
+                await agent.wait_ready(timeout=max(0.1, boot_deadline - anyio.current_time()))
+            except (GuestTimeoutError, SandboxNotRunningError, ProtocolError) as exc:
+                raise _boot_failure(vm, config, exc) from exc
+            sandbox = cls(config, vm, agent, stack, plan)
+            await sandbox._configure_guest()
+            return sandbox
+        except BaseException:
+            # Not shielded: the stack holds the agent client's task group, which
+            # must be exited from its own cancel scope; vm.kill shields itself.
+            await stack.aclose()
+            raise
+
+    async def _configure_guest(self) -> None:
+        with self._guest_errors():
+            await self._agent.configure(
+                time_ns=time.time_ns(),
+                seed=os.urandom(64),
+                hostname=self.name,
+                timeout=self._request_timeout,
+            )
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped and self._vm.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        """Host process id of the VM."""
+        return self._vm.pid
+
+    @property
+    def console_path(self) -> Path:
+        return self._vm.spec.console_path
+
+    def console_tail(self, lines: int = 40) -> str:
+        """The last lines the guest printed on its console."""
+        return self._vm.console_tail(lines)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Shut the guest down gracefully, bounded by ``timeout`` (default
+        ``config.stop_timeout``), then kill it. Idempotent; never raises for a
+        guest that is already gone.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        limit = self.config.stop_timeout if timeout is None else timeout
+        if self._vm.returncode is None and self._agent.error is None:
+            with anyio.move_on_after(limit, shield=True), contextlib.suppress(SandboxError):
+                await self._agent.shutdown(timeout=limit)
+                await self._vm.wait()
+        await self._stack.aclose()
+
+    async def kill(self) -> None:
+        """Kill the VM at once (no guest shutdown). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._vm.kill()
+        await self._stack.aclose()
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def _exec_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
+        merged = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
+        merged.update(self.config.env)
+        if env:
+            merged.update(env)
+        return merged
+
+    async def exec_stream(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> ExecHandle:
+        """Start a command and return a handle streaming its events.
+
+        :raises CommandNotFoundError: ``cmd`` does not exist in the guest.
+        """
+        self._check_running()
+        timeout = self.config.exec_timeout if timeout is None else timeout
+        with self._guest_errors():
+            process = await self._agent.exec_stream(
+                [cmd, *args],
+                env=self._exec_env(env),
+                cwd=cwd or self.config.workdir,
+                user=user or self.config.user,
+                timeout=timeout,
+                stdin=stdin,
+            )
+        return ExecHandle(self, process, timeout)
+
+    async def exec(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+    ) -> ExecOutput:
+        """Run a command to completion.
+
+        :raises CommandNotFoundError: ``cmd`` does not exist in the guest.
+        :raises ExecTimeoutError: it ran past ``timeout`` seconds (it was killed).
+        """
+        self._check_running()
+        timeout = self.config.exec_timeout if timeout is None else timeout
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        with self._guest_errors():
+            result = await self._agent.exec(
+                [cmd, *args],
+                env=self._exec_env(env),
+                cwd=cwd or self.config.workdir,
+                user=user or self.config.user,
+                timeout=timeout,
+                stdin=data,
+            )
+        return _finish(result, cmd, timeout)
+
+    async def shell(self, script: str, **kwargs: Any) -> ExecOutput:
+        """Run ``script`` with the configured shell (``sh -c``)."""
+        return await self.exec(self.config.shell, ["-c", script], **kwargs)
+
+    def fs(self) -> SandboxFs:
+        """Guest file operations."""
+        return SandboxFs(self)
+
+    async def metrics(self) -> SandboxMetrics:
+        """Sample guest CPU, memory and uptime."""
+        self._check_running()
+        with self._guest_errors():
+            m = await self._agent.metrics(timeout=self._request_timeout)
+        busy, idle = m.cpu_busy_ms, m.cpu_idle_ms
+        if self._last_cpu is not None:
+            d_busy, d_idle = busy - self._last_cpu[0], idle - self._last_cpu[1]
+        else:
+            d_busy, d_idle = busy, idle
+        self._last_cpu = (busy, idle)
+        total = d_busy + d_idle
+        return SandboxMetrics(
+            cpu_percent=100.0 * d_busy / total if total > 0 else 0.0,
+            memory_bytes=m.mem_total - m.mem_available,
+            memory_total_bytes=m.mem_total,
+            memory_host_resident_bytes=_rss(self._vm.pid),
+            uptime_ms=m.uptime_ms,
+            processes=m.nprocs,
+            load1=m.load1,
+        )
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _transfer_timeout(self) -> float | None:
+        return None  # transfers are bounded by the agent's liveness, not a fixed time
+
+    def _check_running(self) -> None:
+        if self._stopped:
+            raise SandboxNotRunningError(f"sandbox {self.name!r} is stopped")
+
+    @contextlib.contextmanager
+    def _guest_errors(self) -> Iterator[None]:
+        """Turn a lost connection into GuestCrashedError with the console tail."""
+        try:
+            yield
+        except (SandboxNotRunningError, ProtocolError, GuestTimeoutError) as exc:
+            if exc.console_tail is None:
+                exc.console_tail = self.console_tail()
+            if isinstance(exc, SandboxNotRunningError) and not self._stopped:
+                raise GuestCrashedError(
+                    f"sandbox {self.name!r}: the guest went away ({exc.message})",
+                    console_tail=exc.console_tail,
+                ) from exc
+            raise
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Sandbox {self.name!r} {state} pid={self.pid}>"
+
+
+def _boot_failure(vm: VMHandle, config: SandboxConfig, exc: SandboxError) -> SandboxError:
+    tail = vm.console_tail()
+    if vm.returncode is not None or isinstance(exc, SandboxNotRunningError):
+        return GuestCrashedError(
+            f"sandbox {config.name!r}: the guest died while booting "
+            f"(QEMU status {vm.returncode})",
+            console_tail=tail,
+        )
+    if isinstance(exc, GuestTimeoutError):
+        return GuestTimeoutError(
+            f"sandbox {config.name!r}: the agent did not become ready within "
+            f"{config.boot_timeout:g} s (raise boot_timeout, or check the console below)",
+            console_tail=tail,
+        )
+    exc.console_tail = tail
+    return exc
+
+
+def _rss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -1,0 +1,291 @@
+"""Synchronous facade over the async :class:`Sandbox` for ordinary tests.
+
+All sandboxes of a process share one event-loop thread (an anyio blocking
+portal started on first use). Each sandbox's create and stop run in one task
+of that loop, as anyio's structured concurrency requires; the other calls are
+forwarded one by one. The loop thread lives until interpreter exit, which
+matters: QEMU is started with PR_SET_PDEATHSIG tied to the thread that
+spawned it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from .agent.results import DirEntry, ExecEvent, FileStat
+from .backend import Backend
+from .config import SandboxConfig
+from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
+
+__all__ = ["SyncExecHandle", "SyncSandbox", "SyncSandboxFs"]
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_portal_cm: AbstractContextManager[BlockingPortal] | None = None
+_portal: BlockingPortal | None = None
+
+
+def _get_portal() -> BlockingPortal:
+    global _portal, _portal_cm
+    with _lock:
+        if _portal is None or _portal_pid != os.getpid():
+            _reset_after_fork()
+            _portal_cm = start_blocking_portal()
+            _portal = _portal_cm.__enter__()
+            atexit.register(_close_portal)
+        return _portal
+
+
+_portal_pid = os.getpid()
+
+
+def _reset_after_fork() -> None:
+    global _portal, _portal_cm, _portal_pid
+    # A forked child inherits the portal object but not its thread.
+    _portal, _portal_cm, _portal_pid = None, None, os.getpid()
+
+
+def _close_portal() -> None:
+    global _portal, _portal_cm
+    with _lock:
+        if _portal_cm is not None and _portal_pid == os.getpid():
+            try:
+                _portal_cm.__exit__(None, None, None)
+            except Exception:  # noqa: BLE001 - best effort at interpreter exit
+                pass
+        _portal, _portal_cm = None, None
+
+
+class _Lifetime:
+    """Creates and stops one sandbox inside a single portal task."""
+
+    def __init__(self, config: SandboxConfig | None, backend: Backend | None, kw: Any) -> None:
+        self._args = (config, backend, kw)
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Sandbox:
+        config, backend, kw = self._args
+        sandbox = await Sandbox.create(config, backend=backend, **kw)
+        return await self._stack.enter_async_context(sandbox)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+
+class SyncSandbox:
+    """Blocking twin of :class:`Sandbox`; same methods, no ``await``."""
+
+    def __init__(self, portal: BlockingPortal, cm: AbstractContextManager[Sandbox]) -> None:
+        self._portal = portal
+        self._cm: AbstractContextManager[Sandbox] | None = cm
+        self._sandbox = cm.__enter__()
+
+    @classmethod
+    def create(
+        cls, config: SandboxConfig | None = None, /, *, backend: Backend | None = None, **kw: Any
+    ) -> SyncSandbox:
+        """Boot a sandbox (see :meth:`Sandbox.create`)."""
+        portal = _get_portal()
+        return cls(portal, portal.wrap_async_context_manager(_Lifetime(config, backend, kw)))
+
+    @property
+    def async_sandbox(self) -> Sandbox:
+        return self._sandbox
+
+    @property
+    def name(self) -> str:
+        return self._sandbox.name
+
+    @property
+    def config(self) -> SandboxConfig:
+        return self._sandbox.config
+
+    @property
+    def running(self) -> bool:
+        return self._sandbox.running
+
+    @property
+    def pid(self) -> int | None:
+        return self._sandbox.pid
+
+    def console_tail(self, lines: int = 40) -> str:
+        return self._sandbox.console_tail(lines)
+
+    def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return self._portal.call(fn, *args)
+
+    def exec(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+    ) -> ExecOutput:
+        async def run() -> ExecOutput:
+            return await self._sandbox.exec(
+                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
+            )
+
+        return self._call(run)
+
+    def shell(self, script: str, **kwargs: Any) -> ExecOutput:
+        return self.exec(self.config.shell, ["-c", script], **kwargs)
+
+    def exec_stream(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> SyncExecHandle:
+        async def run() -> ExecHandle:
+            return await self._sandbox.exec_stream(
+                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
+            )
+
+        return SyncExecHandle(self._portal, self._call(run))
+
+    def fs(self) -> SyncSandboxFs:
+        return SyncSandboxFs(self._portal, self._sandbox.fs())
+
+    def metrics(self) -> SandboxMetrics:
+        return self._call(self._sandbox.metrics)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop gracefully, then force (see :meth:`Sandbox.stop`). Idempotent."""
+        cm, self._cm = self._cm, None
+        if cm is None:
+            return
+        if timeout is not None:
+            self._call(self._sandbox.stop, timeout)
+        cm.__exit__(None, None, None)
+
+    def kill(self) -> None:
+        cm, self._cm = self._cm, None
+        if cm is None:
+            return
+        self._call(self._sandbox.kill)
+        cm.__exit__(None, None, None)
+
+    def __enter__(self) -> SyncSandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return repr(self._sandbox).replace("<Sandbox", "<SyncSandbox", 1)
+
+
+class SyncExecHandle:
+    """Blocking twin of :class:`ExecHandle`: iterate events, feed stdin, signal, wait."""
+
+    def __init__(self, portal: BlockingPortal, handle: ExecHandle) -> None:
+        self._portal = portal
+        self._handle = handle
+        self._events = handle.__aiter__()
+
+    @property
+    def pid(self) -> int:
+        return self._handle.pid
+
+    def __iter__(self) -> Iterator[ExecEvent]:
+        while True:
+            try:
+                yield self._portal.call(self._events.__anext__)
+            except StopAsyncIteration:
+                return
+
+    def write_stdin(self, data: bytes) -> None:
+        self._portal.call(self._handle.write_stdin, data)
+
+    def close_stdin(self) -> None:
+        self._portal.call(self._handle.close_stdin)
+
+    def signal(self, sig: int) -> None:
+        self._portal.call(self._handle.signal, sig)
+
+    def kill(self) -> None:
+        self._portal.call(self._handle.kill)
+
+    def wait(self) -> ExecOutput:
+        return self._portal.call(self._handle.wait)
+
+
+class SyncSandboxFs:
+    """Blocking twin of :class:`SandboxFs`."""
+
+    def __init__(self, portal: BlockingPortal, fs: SandboxFs) -> None:
+        self._portal = portal
+        self._fs = fs
+
+    def read(self, path: str) -> bytes:
+        return self._portal.call(self._fs.read, path)
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return self._portal.call(self._fs.read_text, path, encoding)
+
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
+        async def run() -> int:
+            return await self._fs.write(path, data, mode=mode)
+
+        return self._portal.call(run)
+
+    def list(self, path: str) -> list[DirEntry]:
+        return self._portal.call(self._fs.list, path)
+
+    def stat(self, path: str, *, follow_symlinks: bool = True) -> FileStat:
+        async def run() -> FileStat:
+            return await self._fs.stat(path, follow_symlinks=follow_symlinks)
+
+        return self._portal.call(run)
+
+    def exists(self, path: str) -> bool:
+        return self._portal.call(self._fs.exists, path)
+
+    def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        async def run() -> None:
+            await self._fs.mkdir(path, parents=parents, mode=mode)
+
+        self._portal.call(run)
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        async def run() -> None:
+            await self._fs.remove(path, recursive=recursive)
+
+        self._portal.call(run)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._portal.call(self._fs.rename, src, dst)
+
+    def chmod(self, path: str, mode: int) -> None:
+        self._portal.call(self._fs.chmod, path, mode)
+
+    def copy_from_host(self, host_path: str | os.PathLike[str], guest_path: str) -> int:
+        return self._portal.call(self._fs.copy_from_host, host_path, guest_path)
+
+    def copy_to_host(self, guest_path: str, host_path: str | os.PathLike[str] | Path) -> int:
+        return self._portal.call(self._fs.copy_to_host, guest_path, host_path)
