@@ -208,6 +208,10 @@ class FakeAgent:
         if program == "missing":
             await self.send(i, MsgType.ERROR, err(errno.ENOENT, "No such file or directory"))
             return
+        if program == "nocwd":
+            message = "cannot change directory to /nope: No such file or directory"
+            await self.send(i, MsgType.ERROR, err(errno.ENOENT, message))
+            return
         if program == "denied":
             await self.send(i, MsgType.ERROR, err(errno.EACCES, "Permission denied"))
             return

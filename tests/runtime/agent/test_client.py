@@ -187,6 +187,10 @@ async def test_exec_command_not_found_and_other_errors() -> None:
         with pytest.raises(ExecError, match="Permission denied") as info:
             await client.exec(["denied"])
         assert not isinstance(info.value, CommandNotFoundError)
+        # ENOENT about the working directory is not "command not found".
+        with pytest.raises(ExecError, match="cannot change directory") as info:
+            await client.exec(["nocwd"], cwd="/nope")
+        assert not isinstance(info.value, CommandNotFoundError)
         assert (await client.exec(["echo"])).ok  # the connection is still fine
 
 

@@ -55,6 +55,8 @@ from .results import DirEntry, ExecResult, FileKind, FileStat, GuestMetrics, Hel
 __all__ = ["AgentClient", "BinarySink"]
 
 _READ_SIZE = 256 * 1024
+#: Prefixes of the agent's ENOENT messages that are not about the program itself.
+_NOT_THE_PROGRAM = ("cannot change directory", "cannot switch to user")
 _MAX_ID = 0xFFFF_FFFF
 
 
@@ -353,10 +355,14 @@ class AgentClient:
                 )
             if reply.type == MsgType.ERROR:
                 err = reply.require_int(Tag.ERRNO)
-                text = f"{_error_text(reply)} (errno {err})"
-                if err == _errno.ENOENT:
-                    raise CommandNotFoundError(f"command not found in the guest: {program!r}")
-                raise ExecError(f"cannot run {program!r} in the guest: {text}")
+                message = _error_text(reply)
+                # The agent also reports a missing CWD (or a user's missing home) with
+                # ENOENT; only its message tells them apart from a missing program.
+                if err == _errno.ENOENT and not message.startswith(_NOT_THE_PROGRAM):
+                    raise CommandNotFoundError(
+                        f"command not found in the guest: {program!r} ({message})"
+                    )
+                raise ExecError(f"cannot run {program!r} in the guest: {message} (errno {err})")
             raise self._violation(f"unexpected {reply.type_name} (id {reply.id}) before STARTED")
         except BaseException:
             req.close()
@@ -434,7 +440,7 @@ class AgentClient:
         self,
         path: str,
         data: bytes | AsyncIterable[bytes] | os.PathLike[str],
-        mode: int = 0o644,
+        mode: int | None = None,
         parents: bool = True,
         append: bool = False,
         timeout: float | None = None,
@@ -443,7 +449,9 @@ class AgentClient:
 
         ``data`` is bytes, an async iterable of bytes, or the path of a host
         file (an ``os.PathLike`` such as ``pathlib.Path``; a plain ``str`` is
-        refused as ambiguous). Data goes out in CHUNK-sized frames, each taking
+        refused as ambiguous). ``mode`` is applied exactly (no umask), to an
+        existing file too; None keeps an existing file's mode and creates new
+        files 0644. Data goes out in CHUNK-sized frames, each taking
         the write lock on its own. Raises TypeError for a ``str``,
         PathNotFoundError / FilesystemError if the guest write fails, OSError
         if the host file cannot be read.
@@ -451,11 +459,9 @@ class AgentClient:
         if isinstance(data, str):
             raise TypeError("write_file data must be bytes, an async iterable or a host Path")
         flags = (1 if parents else 0) | (2 if append else 0)
-        fields = [
-            bytes_field(Tag.PATH, _guest_path(path)),
-            int_field(Tag.MODE, mode),
-            int_field(Tag.FLAGS, flags),
-        ]
+        fields = [bytes_field(Tag.PATH, _guest_path(path)), int_field(Tag.FLAGS, flags)]
+        if mode is not None:
+            fields.append(int_field(Tag.MODE, mode))
         total = 0
         with self._deadline(timeout, f"FS_WRITE {path}"), self._request() as req:
             await req.send(MsgType.FS_WRITE, fields)

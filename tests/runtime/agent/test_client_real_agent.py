@@ -1,0 +1,220 @@
+"""AgentClient driving the real C agent in host mode (``--serve-fd``) over a socketpair."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+
+from pytest_microsandbox.runtime._exceptions import (
+    CommandNotFoundError,
+    ExecError,
+    FilesystemError,
+    PathNotFoundError,
+    SandboxNotRunningError,
+)
+from pytest_microsandbox.runtime.agent.client import AgentClient
+from pytest_microsandbox.runtime.agent.protocol import CHUNK, PROTOCOL_VERSION
+from pytest_microsandbox.runtime.agent.results import Exited, FileKind, Started, Stdout
+
+try:
+    from pytest_microsandbox.runtime.agent.build import build_agent
+except ImportError:  # pragma: no cover - only while the agent is being written
+    build_agent = None  # type: ignore[assignment]
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(build_agent is None, reason="agent build helper not available yet"),
+]
+
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C"}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def agent_binary() -> Path:
+    from pytest_microsandbox.runtime._exceptions import AgentBuildError
+
+    try:
+        return build_agent()
+    except AgentBuildError as exc:
+        pytest.skip(f"cannot build the agent here: {exc}")
+
+
+@asynccontextmanager
+async def real_agent(binary: Path) -> AsyncIterator[AgentClient]:
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [str(binary), "--serve-fd", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),),
+        stderr=subprocess.DEVNULL,
+    )
+    theirs.close()
+    stream = await anyio.abc.UNIXSocketStream.from_socket(ours)
+    try:
+        with anyio.fail_after(60):
+            async with AgentClient(stream) as client:
+                yield client
+    finally:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+async def client(agent_binary: Path) -> AsyncIterator[AgentClient]:
+    async with real_agent(agent_binary) as c:
+        await c.wait_ready(timeout=10)
+        yield c
+
+
+async def test_handshake_and_connection_requests(client: AgentClient) -> None:
+    assert client.ready_info is not None and client.ready_info.version == PROTOCOL_VERSION
+    info = await client.hello(timeout=5)
+    assert info.version == PROTOCOL_VERSION and info.agent_version
+    await client.ping(timeout=5)
+    await client.configure(time_ns=1, seed=os.urandom(32), hostname="box", timeout=5)
+    metrics = await client.metrics(timeout=5)
+    assert metrics.mem_total > 0 and metrics.nprocs > 0
+
+
+async def test_exec_output_exit_codes_env_cwd(client: AgentClient, tmp_path: Path) -> None:
+    result = await client.exec(["sh", "-c", "echo out; echo err >&2; exit 7"], env=ENV)
+    assert (result.stdout, result.stderr, result.exit_code) == (b"out\n", b"err\n", 7)
+    result = await client.exec(
+        ["sh", "-c", 'printf "%s|%s|" "$FOO" "$(pwd)"; cat'],
+        env={**ENV, "FOO": "bar"},
+        cwd=str(tmp_path),
+    )
+    assert result.stdout == f"bar|{tmp_path}|".encode()  # stdin defaults to /dev/null
+    assert result.ok
+
+
+async def test_exec_stdin_round_trip(client: AgentClient) -> None:
+    data = os.urandom(3 * CHUNK + 12345)
+    result = await client.exec(["cat"], env=ENV, stdin=data, timeout=30)
+    assert result.stdout == data
+
+
+async def test_exec_errors(client: AgentClient, tmp_path: Path) -> None:
+    with pytest.raises(CommandNotFoundError, match="no-such-program"):
+        await client.exec(["no-such-program"], env=ENV)
+    with pytest.raises(ExecError, match="directory") as info:
+        await client.exec(["true"], env=ENV, cwd=str(tmp_path / "missing"))
+    assert not isinstance(info.value, CommandNotFoundError)
+
+
+async def test_exec_timeout_and_signals(client: AgentClient) -> None:
+    result = await client.exec(["sleep", "30"], env=ENV, timeout=0.3)
+    assert result.timed_out and result.term_signal == signal.SIGKILL
+
+    async with await client.exec_stream(["sh", "-c", "echo hi; exec sleep 30"], env=ENV) as proc:
+        events = [await proc.__anext__(), await proc.__anext__()]
+        assert isinstance(events[0], Started) and events[1] == Stdout(b"hi\n")
+        await proc.signal(signal.SIGTERM)
+        result = await proc.wait()
+    assert result.term_signal == signal.SIGTERM and not result.timed_out
+
+    proc = await client.exec_stream(["cat"], env=ENV, stdin=True)
+    await proc.write_stdin(b"abc")
+    await proc.close_stdin()
+    events = [event async for event in proc]
+    assert events[-1] == Exited(exit_code=0, term_signal=None, timed_out=False)
+    assert b"".join(e.data for e in events if isinstance(e, Stdout)) == b"abc"
+
+
+async def test_eight_concurrent_execs(client: AgentClient) -> None:
+    results = {}
+
+    async def run(k: int) -> None:
+        script = f"i=0; while [ $i -lt 200 ]; do echo {k}-$i; i=$((i+1)); done; exit {k}"
+        results[k] = await client.exec(["sh", "-c", script], env=ENV, timeout=30)
+
+    async with anyio.create_task_group() as tg:
+        for k in range(8):
+            tg.start_soon(run, k)
+    for k, result in results.items():
+        assert result.exit_code == k
+        assert result.stdout == "".join(f"{k}-{i}\n" for i in range(200)).encode()
+
+
+async def test_file_round_trip_and_metadata(client: AgentClient, tmp_path: Path) -> None:
+    base = str(tmp_path)
+    data = os.urandom(5 * CHUNK + 7)
+    assert await client.write_file(f"{base}/a/b/big", data) == len(data)
+    assert await client.read_file(f"{base}/a/b/big") == data
+    assert (tmp_path / "a/b/big").read_bytes() == data
+
+    host_file = tmp_path / "host.txt"
+    host_file.write_bytes(b"host data")
+    await client.write_file(f"{base}/copy", host_file, mode=0o600)
+    await client.write_file(f"{base}/copy", b"+", append=True)
+    chunks: list[bytes] = []
+    assert await client.read_file_to(f"{base}/copy", chunks.append) == 10
+    assert b"".join(chunks) == b"host data+"
+
+    st = await client.stat(f"{base}/copy")
+    assert st.is_file and st.size == 10 and st.permissions == 0o600
+    assert st.uid == os.getuid()
+    await client.chmod(f"{base}/copy", 0o644)
+    assert (await client.stat(f"{base}/copy")).permissions == 0o644
+
+    await client.mkdir(f"{base}/x/y", parents=True)
+    await client.rename(f"{base}/copy", f"{base}/x/moved")
+    names = {e.name: e for e in await client.list_dir(f"{base}/x")}
+    assert names["y"].kind is FileKind.DIRECTORY and names["moved"].size == 10
+    os.symlink("moved", tmp_path / "x/link")
+    assert (await client.stat(f"{base}/x/link", follow_symlinks=False)).kind is FileKind.SYMLINK
+
+    await client.remove(f"{base}/x", recursive=True)
+    with pytest.raises(PathNotFoundError):
+        await client.stat(f"{base}/x")
+    with pytest.raises(PathNotFoundError):
+        await client.read_file(f"{base}/nope")
+    with pytest.raises(FilesystemError) as info:
+        await client.mkdir(f"{base}/a")  # exists, no parents=True
+    assert info.value.errno != 0
+
+
+async def test_concurrent_file_transfers_and_execs(client: AgentClient, tmp_path: Path) -> None:
+    blobs = {k: os.urandom(CHUNK * 2 + k) for k in range(4)}
+
+    async def transfer(k: int) -> None:
+        path = f"{tmp_path}/f{k}"
+        await client.write_file(path, blobs[k])
+        assert await client.read_file(path) == blobs[k]
+
+    async def pings() -> None:
+        for _ in range(20):
+            await client.ping(timeout=10)
+
+    async with anyio.create_task_group() as tg:
+        for k in blobs:
+            tg.start_soon(transfer, k)
+        tg.start_soon(pings)
+        tg.start_soon(client.exec, ["sh", "-c", "head -c 3000000 /dev/zero"], ENV)
+
+
+async def test_shutdown_closes_connection(agent_binary: Path) -> None:
+    async with real_agent(agent_binary) as client:
+        await client.wait_ready(timeout=10)
+        await client.shutdown(timeout=10)
+        with anyio.fail_after(10):
+            while client.error is None:
+                await anyio.sleep(0.01)
+        with pytest.raises(SandboxNotRunningError, match="after SHUTDOWN"):
+            await client.ping()
