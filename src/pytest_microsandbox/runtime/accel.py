@@ -63,9 +63,7 @@ def kvm_usable() -> tuple[bool, str]:
 ProbeBoot = Callable[[float], Awaitable[None]]
 
 
-async def choose_accel(
-    choice: AccelChoice, cache: Path, probe: ProbeBoot | None
-) -> AccelDecision:
+async def choose_accel(choice: AccelChoice, cache: Path, probe: ProbeBoot | None) -> AccelDecision:
     """Resolve ``choice`` to a concrete accelerator.
 
     ``probe(timeout)`` boots a minimal VM under KVM and returns once its agent
@@ -95,9 +93,7 @@ async def choose_accel(
                 await probe(PROBE_TIMEOUT)
         except (SandboxError, TimeoutError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            decision = AccelDecision(
-                "tcg", f"KVM probe boot failed ({first}); using TCG emulation"
-            )
+            decision = AccelDecision("tcg", f"KVM probe boot failed ({first}); using TCG emulation")
         else:
             took = time.monotonic() - start
             decision = AccelDecision("kvm", f"KVM probe boot reached the agent in {took:.2f} s")

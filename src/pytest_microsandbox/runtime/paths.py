@@ -20,6 +20,9 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     cache dir (``~/.cache/pytest-microsandbox`` on Linux).
     """
     raw = override or os.environ.get(CACHE_DIR_ENV)
-    path = Path(raw).expanduser() if raw else Path(platformdirs.user_cache_dir("pytest-microsandbox"))
+    if raw:
+        path = Path(raw).expanduser()
+    else:
+        path = Path(platformdirs.user_cache_dir("pytest-microsandbox"))
     path.mkdir(parents=True, exist_ok=True)
     return path

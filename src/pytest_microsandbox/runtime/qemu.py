@@ -9,6 +9,7 @@ dies with the thread that started it: a SIGKILLed owner leaves no VM.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -142,10 +143,8 @@ class QemuVM(VMHandle):
 
     async def kill(self) -> None:
         if self._process.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self._process.send_signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         with anyio.CancelScope(shield=True):
             await self._process.wait()
             await self._process.aclose()

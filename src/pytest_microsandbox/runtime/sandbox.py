@@ -34,7 +34,7 @@ from ._exceptions import (
 from .agent.client import AgentClient
 from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileStat
-from .backend import Backend, VMHandle, VMSpec
+from .backend import Backend, VMHandle
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig
 
@@ -530,8 +530,7 @@ def _boot_failure(vm: VMHandle, config: SandboxConfig, exc: SandboxError) -> San
     tail = vm.console_tail()
     if vm.returncode is not None or isinstance(exc, SandboxNotRunningError):
         return GuestCrashedError(
-            f"sandbox {config.name!r}: the guest died while booting "
-            f"(QEMU status {vm.returncode})",
+            f"sandbox {config.name!r}: the guest died while booting (QEMU status {vm.returncode})",
             console_tail=tail,
         )
     if isinstance(exc, GuestTimeoutError):

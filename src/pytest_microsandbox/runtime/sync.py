@@ -11,6 +11,7 @@ spawned it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -59,10 +60,8 @@ def _close_portal() -> None:
     global _portal, _portal_cm
     with _lock:
         if _portal_cm is not None and _portal_pid == os.getpid():
-            try:
+            with contextlib.suppress(Exception):  # best effort at interpreter exit
                 _portal_cm.__exit__(None, None, None)
-            except Exception:  # noqa: BLE001 - best effort at interpreter exit
-                pass
         _portal, _portal_cm = None, None
 
 

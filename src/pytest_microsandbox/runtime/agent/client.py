@@ -16,6 +16,7 @@ import errno as _errno
 import inspect
 import math
 import os
+import sys
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
@@ -38,6 +39,9 @@ from .._exceptions import (
     SandboxNotRunningError,
 )
 from .process import ExecProcess
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 from .protocol import (
     CHUNK,
     PROTOCOL_VERSION,
@@ -165,6 +169,11 @@ class AgentClient:
         self._task_group.cancel_scope.cancel()
         try:
             return await self._exit_stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The task group wraps the body's own exception; let it through bare.
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                return False
+            raise
         finally:
             self._fail(SandboxNotRunningError("agent client closed"))
             with anyio.CancelScope(shield=True):

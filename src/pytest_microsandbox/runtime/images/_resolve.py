@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,7 +16,27 @@ from ._layers import LayerSpec, build_layer
 from ._model import Layer
 from ._staging import MOUNT_POINTS, stage_base, stage_mount_points
 
-__all__ = ["images_dir", "resolve_root_layers"]
+__all__ = ["STABLE_LAYER_TTL", "images_dir", "resolve_root_layers"]
+
+#: Seconds a process trusts its last check of the slow-changing layers (/usr,
+#: Python prefix, venv, base). Checking them costs ~0.5 s, too much for every
+#: sandbox when a restore costs ~0.1 s; the project layer is checked every time.
+STABLE_LAYER_TTL = 60.0
+
+_memo_lock = threading.Lock()
+_memo: dict[tuple[str, ...], tuple[float, Layer]] = {}
+
+
+def _memoized(key: tuple[str, ...], build: Callable[[], Layer]) -> Layer:
+    now = time.monotonic()
+    with _memo_lock:
+        hit = _memo.get(key)
+    if hit is not None and hit[0] > now and hit[1].path.is_file():
+        return hit[1]
+    layer = build()
+    with _memo_lock:
+        _memo[key] = (now + STABLE_LAYER_TTL, layer)
+    return layer
 
 
 def images_dir(cache_dir: Path | None = None) -> Path:
@@ -47,12 +69,22 @@ def _staged_layer(
 def _host_layers(
     images: Path, project_root: Path | None, cache: Path, usr_excludes: Sequence[str]
 ) -> list[Layer]:
+    def stable(spec: LayerSpec) -> Layer:
+        key = (str(images), spec.serial, spec.family(), *spec.exclude_names)
+        return _memoized(key, lambda: build_layer(spec, images))
+
     trees = [
-        build_layer(spec, images)
+        build_layer(spec, images) if spec.serial == "l-project" else stable(spec)
         for spec in plan_host_trees(project_root=project_root, cache_dir=cache)
     ]
-    base = _staged_layer(images, "l-base", "base", "/etc and skeleton (generated)", stage_base)
-    usr = build_layer(plan_usr(usr_excludes=usr_excludes), images)
+    base = _memoized(
+        (str(images), "l-base"),
+        lambda: _staged_layer(
+            images, "l-base", "base", "/etc and skeleton (generated)", stage_base
+        ),
+    )
+    usr_spec = plan_usr(usr_excludes=usr_excludes)
+    usr = _memoized((str(images), "l-usr", *usr_excludes), lambda: build_layer(usr_spec, images))
     return [*trees, base, usr]
 
 

@@ -1,0 +1,246 @@
+"""Sandbox against real QEMU VMs (TCG here): exec, streams, files, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from pytest_microsandbox.runtime import (
+    CommandNotFoundError,
+    ExecTimeoutError,
+    Exited,
+    GuestCrashedError,
+    PathNotFoundError,
+    Sandbox,
+    SandboxConfig,
+    SandboxNotRunningError,
+    Started,
+    Stdout,
+    SyncSandbox,
+)
+
+pytestmark = pytest.mark.vm
+
+
+def test_exit_codes(shared_sandbox: SyncSandbox) -> None:
+    assert shared_sandbox.exec("true").exit_code == 0
+    out = shared_sandbox.shell("exit 3")
+    assert out.exit_code == 3 and not out.success
+    killed = shared_sandbox.shell("kill -9 $$")
+    assert killed.exit_code == -9 and killed.term_signal == 9
+
+
+def test_python_runs_same_interpreter(shared_sandbox: SyncSandbox) -> None:
+    out = shared_sandbox.exec(sys.executable, ["-c", "print(6 * 7)"])
+    assert out.exit_code == 0 and out.stdout_text == "42\n"
+    # The venv's packages are there: the package under test imports in the guest.
+    out = shared_sandbox.exec(
+        sys.executable, ["-c", "import pytest_microsandbox, sys; print(sys.prefix)"]
+    )
+    assert out.stdout_text.strip() == sys.prefix, out.stderr_text
+
+
+def test_stdout_and_stderr_kept_apart(shared_sandbox: SyncSandbox) -> None:
+    out = shared_sandbox.shell("echo out; echo err >&2; echo out2")
+    assert out.stdout_text == "out\nout2\n"
+    assert out.stderr_text == "err\n"
+
+
+def test_env_cwd_user_stdin(shared_sandbox: SyncSandbox) -> None:
+    out = shared_sandbox.shell("echo $GREETING; pwd; id -u", env={"GREETING": "hi"}, cwd="/tmp")
+    assert out.stdout_text == "hi\n/tmp\n0\n"
+    assert shared_sandbox.exec("id", ["-u"], user="nobody").stdout_text == "65534\n"
+    assert shared_sandbox.exec("id", ["-u"], user="1234:1234").stdout_text == "1234\n"
+    assert shared_sandbox.exec("cat", stdin=b"fed through stdin").stdout == b"fed through stdin"
+
+
+def test_unknown_command(shared_sandbox: SyncSandbox) -> None:
+    with pytest.raises(CommandNotFoundError, match="no-such-program"):
+        shared_sandbox.exec("no-such-program")
+
+
+def test_16mb_of_output_streams_without_loss(shared_sandbox: SyncSandbox) -> None:
+    size = 16 * 1024 * 1024
+    out = shared_sandbox.shell(
+        f"head -c {size} /dev/urandom > /tmp/big; sha256sum /tmp/big >&2; cat /tmp/big"
+    )
+    assert len(out.stdout) == size
+    assert out.stderr_text.split()[0] == hashlib.sha256(out.stdout).hexdigest()
+    shared_sandbox.fs().remove("/tmp/big")
+
+
+def test_eight_concurrent_execs(shared_sandbox: SyncSandbox) -> None:
+    async def run() -> list[str]:
+        sb = shared_sandbox.async_sandbox
+        results: list[str] = [""] * 8
+
+        async def one(i: int) -> None:
+            out = await sb.shell(f"sleep 0.{i}; echo job{i}")
+            results[i] = out.stdout_text
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(one, i)
+        return results
+
+    start = time.monotonic()
+    results = shared_sandbox._portal.call(run)
+    assert results == [f"job{i}\n" for i in range(8)]
+    # They overlapped: far less than the 2.8 s the sleeps add up to.
+    assert time.monotonic() - start < 2.8 + 5
+
+
+def test_64mb_file_round_trips_both_ways(shared_sandbox: SyncSandbox, tmp_path: Path) -> None:
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(64 * 1024 * 1024))
+    fs = shared_sandbox.fs()
+    assert fs.copy_from_host(src, "/tmp/blob.bin") == src.stat().st_size
+    guest_sum = shared_sandbox.exec("sha256sum", ["/tmp/blob.bin"]).stdout_text.split()[0]
+    assert guest_sum == hashlib.sha256(src.read_bytes()).hexdigest()
+    back = tmp_path / "out.bin"
+    assert fs.copy_to_host("/tmp/blob.bin", back) == src.stat().st_size
+    assert back.read_bytes() == src.read_bytes()
+    fs.remove("/tmp/blob.bin")
+
+
+def test_fs_operations(shared_sandbox: SyncSandbox) -> None:
+    fs = shared_sandbox.fs()
+    fs.mkdir("/tmp/fsops/a/b")
+    fs.write("/tmp/fsops/a/b/f.txt", "hello")
+    assert fs.read_text("/tmp/fsops/a/b/f.txt") == "hello"
+    assert fs.exists("/tmp/fsops/a/b/f.txt")
+    st = fs.stat("/tmp/fsops/a/b/f.txt")
+    assert st.size == 5 and st.is_file
+    fs.chmod("/tmp/fsops/a/b/f.txt", 0o600)
+    assert fs.stat("/tmp/fsops/a/b/f.txt").permissions == 0o600
+    fs.rename("/tmp/fsops/a/b/f.txt", "/tmp/fsops/g.txt")
+    assert sorted(e.name for e in fs.list("/tmp/fsops")) == ["a", "g.txt"]
+    fs.remove("/tmp/fsops", recursive=True)
+    assert not fs.exists("/tmp/fsops")
+    with pytest.raises(PathNotFoundError):
+        fs.read("/tmp/fsops/g.txt")
+
+
+def test_guest_writes_never_reach_the_host(shared_sandbox: SyncSandbox) -> None:
+    marker = Path(__file__).parent / "written-by-guest.txt"
+    out = shared_sandbox.shell(f"echo x > {marker} && rm -rf /usr/share/zoneinfo && echo ok")
+    assert out.stdout_text == "ok\n", out.stderr_text
+    assert shared_sandbox.fs().exists(str(marker))
+    assert not marker.exists()
+    assert Path("/usr/share/zoneinfo").exists() or not Path("/usr/share").exists()
+
+
+def test_timed_out_command_is_killed(shared_sandbox: SyncSandbox) -> None:
+    with pytest.raises(ExecTimeoutError) as info:
+        shared_sandbox.shell("echo started; echo $$ > /tmp/victim.pid; sleep 60", timeout=1.5)
+    assert info.value.stdout == b"started\n"
+    pid = shared_sandbox.fs().read_text("/tmp/victim.pid").strip()
+    assert shared_sandbox.shell(f"kill -0 {pid}").exit_code != 0
+
+
+def test_exec_stream_events_stdin_and_signal(shared_sandbox: SyncSandbox) -> None:
+    handle = shared_sandbox.exec_stream("cat", stdin=True)
+    handle.write_stdin(b"ping\n")
+    events = iter(handle)
+    assert isinstance(next(events), Started)
+    first = next(events)
+    assert isinstance(first, Stdout) and first.data == b"ping\n"
+    handle.signal(signal.SIGTERM)
+    rest = list(events)
+    assert isinstance(rest[-1], Exited) and rest[-1].term_signal == signal.SIGTERM
+
+
+def test_metrics(shared_sandbox: SyncSandbox) -> None:
+    m = shared_sandbox.metrics()
+    assert m.uptime_ms > 0 and 0 < m.memory_bytes < m.memory_total_bytes
+    assert m.memory_host_resident_bytes and m.memory_host_resident_bytes > 0
+    assert 0.0 <= m.cpu_percent <= 100.0
+
+
+def test_project_edit_is_visible_in_a_new_sandbox(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "pyproject.toml").write_text("[project]\nname='p'\n")
+    (project / "data.txt").write_text("first")
+    config = SandboxConfig(name="edit-1", project_root=project)
+    with SyncSandbox.create(config) as sb:
+        assert sb.fs().read_text(str(project / "data.txt")) == "first"
+    (project / "data.txt").write_text("second edit")
+    with SyncSandbox.create(config) as sb:
+        assert sb.fs().read_text(str(project / "data.txt")) == "second edit"
+
+
+def test_local_directory_image(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.skip("busybox is not installed on the host (apt-get install busybox-static)")
+    (root / "bin/busybox").write_bytes(busybox.read_bytes())
+    (root / "bin/busybox").chmod(0o755)
+    (root / "hello.txt").write_text("from a directory image")
+    with SyncSandbox.create(SandboxConfig(name="dir-image", image=str(root))) as sb:
+        out = sb.exec("/bin/busybox", ["cat", "/hello.txt"])
+        assert out.stdout_text == "from a directory image"
+
+
+def test_guest_panic_gives_console_tail() -> None:
+    with SyncSandbox.create(SandboxConfig(name="panics")) as sb:
+        with pytest.raises(GuestCrashedError) as info:
+            sb.shell("echo c > /proc/sysrq-trigger; sleep 30", timeout=60)
+        assert "sysrq" in str(info.value).lower() or "panic" in str(info.value).lower()
+        with pytest.raises((GuestCrashedError, SandboxNotRunningError)):
+            sb.exec("true")
+
+
+def test_async_api_and_stop_is_idempotent() -> None:
+    async def main() -> None:
+        async with await Sandbox.create(SandboxConfig(name="async-demo")) as sb:
+            out = await sb.exec("python3", ["-c", "print(6 * 7)"])
+            assert out.exit_code == 0 and out.stdout_text == "42\n"
+            await sb.stop()
+            assert not sb.running
+            with pytest.raises(SandboxNotRunningError):
+                await sb.exec("true")
+
+    anyio.run(main)
+
+
+def test_sigkilled_owner_leaves_no_qemu(tmp_path: Path) -> None:
+    script = tmp_path / "owner.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            from pytest_microsandbox.runtime import SandboxConfig, SyncSandbox
+            sb = SyncSandbox.create(SandboxConfig(name="orphan-test"))
+            print(sb.pid, flush=True)
+            time.sleep(600)
+            """
+        )
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        qemu_pid = int(owner.stdout.readline())
+        assert Path(f"/proc/{qemu_pid}").exists()
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{qemu_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # A zombie would still have a /proc entry; it is reaped by init, so wait for that too.
+    assert (
+        not Path(f"/proc/{qemu_pid}").exists()
+        or "Z" in Path(f"/proc/{qemu_pid}/stat").read_text().split()[2]
+    )
