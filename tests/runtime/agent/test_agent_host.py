@@ -459,6 +459,9 @@ def test_fs_write_read_round_trip(agent: Agent, tmp_path: Path) -> None:
 def test_fs_errors(agent: Agent, tmp_path: Path) -> None:
     assert_error(fs_read(agent, str(tmp_path / "missing"))[1], 2)
     assert_error(fs_read(agent, str(tmp_path))[1], 21)  # EISDIR
+    os.mkfifo(tmp_path / "fifo")  # must neither hang the agent nor be streamed
+    assert_error(fs_read(agent, str(tmp_path / "fifo"))[1], 22)
+    assert_error(fs_write(agent, str(tmp_path / "fifo"), b"x"), 6)  # ENXIO: no reader
     assert_error(fs_write(agent, str(tmp_path / "no" / "parent"), b"x"), 2)
     assert_error(agent.call(FS_STAT, [(PATH, "relative/path")]), 22)
     # chunks after a failed write are discarded; the id is reusable afterwards

@@ -105,6 +105,7 @@ static int tag_kind(uint8_t tag)
 }
 
 static bool pid1;
+static struct rlimit nofile_orig; /* the agent raises its own; children get the original */
 static int port_fd = -1;
 static int64_t port_backoff_until; /* virtio port has no host connected: retry later */
 
@@ -589,6 +590,7 @@ static void child_exec(const struct exec_spec *s)
 	for (int i = 1; i < NSIG; i++)
 		signal(i, SIG_DFL); /* the agent ignores SIGPIPE; ignored dispositions survive exec */
 	sigprocmask(SIG_SETMASK, &none, NULL);
+	setrlimit(RLIMIT_NOFILE, &nofile_orig);
 	setsid();
 	int in = s->in_r >= 0 ? s->in_r : open("/dev/null", O_RDONLY | O_CLOEXEC);
 	if (in < 0 || dup2(in, 0) < 0 || dup2(s->out_w, 1) < 0 || dup2(s->err_w, 2) < 0)
@@ -1017,7 +1019,8 @@ static void h_fs_read(const struct msg *m)
 	char path[PATH_MAX];
 	if (!need_path(m, T_PATH, path))
 		return;
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	/* O_NONBLOCK: opening a FIFO must not hang the agent (it is refused below). */
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 	struct stat st;
 	if (fd < 0 || fstat(fd, &st) < 0) {
 		int e = errno;
@@ -1026,9 +1029,10 @@ static void h_fs_read(const struct msg *m)
 		reply_error(m->id, e, "%s: %s", path, strerror(e));
 		return;
 	}
-	if (S_ISDIR(st.st_mode)) {
+	if (!S_ISREG(st.st_mode)) {
+		int e = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
 		close(fd);
-		reply_error(m->id, EISDIR, "%s: %s", path, strerror(EISDIR));
+		reply_error(m->id, e, "%s: %s", path, e == EISDIR ? strerror(e) : "not a regular file");
 		return;
 	}
 	struct req *r = new_req(m->id, R_READ);
@@ -1075,7 +1079,8 @@ static void h_fs_write(const struct msg *m)
 		reply_error(m->id, errno, "cannot create parents of %s: %s", path, strerror(errno));
 		return;
 	}
-	int oflags = O_WRONLY | O_CREAT | O_CLOEXEC | ((flags & 2) ? O_APPEND : O_TRUNC);
+	/* O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of hanging the agent. */
+	int oflags = O_WRONLY | O_CREAT | O_CLOEXEC | O_NONBLOCK | ((flags & 2) ? O_APPEND : O_TRUNC);
 	int fd = open(path, oflags, has_mode ? (mode_t)(mode & 07777) : 0644);
 	if (fd < 0) {
 		reply_error(m->id, errno, "%s: %s", path, strerror(errno));
@@ -1890,9 +1895,8 @@ int main(int argc, char **argv)
 		if (fd < 0 || fd > 2)
 			break;
 	}
-	struct rlimit rl;
-	if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
-		rl.rlim_cur = rl.rlim_max;
+	if (getrlimit(RLIMIT_NOFILE, &nofile_orig) == 0) {
+		struct rlimit rl = {nofile_orig.rlim_max, nofile_orig.rlim_max};
 		setrlimit(RLIMIT_NOFILE, &rl);
 	}
 	if (fcntl(port_fd, F_SETFL, fcntl(port_fd, F_GETFL) | O_NONBLOCK) < 0 ||
