@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_microsandbox.runtime._exceptions import AgentBuildError
 from pytest_microsandbox.runtime.agent.build import build_agent
 
 # --- a minimal codec -------------------------------------------------------
@@ -100,7 +101,6 @@ class Agent:
         self.proc = subprocess.Popen(
             [str(binary), "--serve-fd", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
-            stderr=subprocess.PIPE,
         )
         theirs.close()
         self.sock = ours
@@ -117,8 +117,6 @@ class Agent:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
 
     def new_id(self) -> int:
         self.next_id += 1
@@ -281,6 +279,39 @@ def test_hello_ping_metrics_configure(agent: Agent) -> None:
 def test_shutdown_replies_then_exits(agent: Agent) -> None:
     assert_ok(agent.call(SHUTDOWN))
     assert agent.proc.wait(timeout=5) == 0
+
+
+def test_build_is_cached_and_failures_explain_the_fix(agent_binary: Path, tmp_path: Path) -> None:
+    assert build_agent(agent_binary.parent.parent) == agent_binary  # cache hit, no rebuild
+    assert agent_binary.name.startswith("agent-") and os.access(agent_binary, os.X_OK)
+    for bad in ("no-such-compiler-xyz", "false"):
+        with pytest.raises(AgentBuildError, match="apt-get install musl-tools"):
+            build_agent(tmp_path, compiler=bad)
+    assert not [p for p in (tmp_path / "agent").iterdir() if p.name.startswith("agent-")]
+
+
+def test_serve_unix_and_version(agent_binary: Path, tmp_path: Path) -> None:
+    out = subprocess.run([agent_binary, "--version"], capture_output=True, check=True)
+    assert out.stdout.startswith(b"msb-agent 1.")
+    path = tmp_path / "agent.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        proc = subprocess.Popen([agent_binary, "--serve-unix", str(path)])
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        conn.sendall(encode(7, PING))
+        data = b""
+        while len(data) < 4 or len(data) < 4 + struct.unpack_from(">I", data)[0] + 9:
+            chunk = conn.recv(4096)  # READY, then the PING's OK
+            assert chunk
+            data += chunk
+        assert data[8] == READY
+        ready_len = 4 + struct.unpack_from(">I", data)[0]
+        assert data[ready_len:] == struct.pack(">IIB", 5, 7, OK)
+        conn.close()
+        assert proc.wait(timeout=5) == 0  # EOF from the host ends host mode
 
 
 # --- exec ---------------------------------------------------------------------

@@ -204,6 +204,8 @@ static void die(const char *fmt, ...)
  * survive reallocation; the queue is only compacted in ob_flush(), never
  * while a frame is being built. */
 
+static void kill_all_execs(void);
+
 static struct {
 	uint8_t *buf;
 	size_t off, len, cap;
@@ -302,8 +304,10 @@ static void ob_flush(void)
 			continue;
 		if (n < 0 && errno == EAGAIN)
 			break;
-		if (!pid1)
-			exit(0); /* host mode: the peer went away */
+		if (!pid1) { /* host mode: the peer went away */
+			kill_all_execs();
+			exit(0);
+		}
 		/* Guest: nothing sensible to do with the queue but drop it. */
 		dprintf(2, "msb-agent: port write failed (%s); dropping %zu bytes\n",
 			n < 0 ? strerror(errno) : "EOF", ob.len - ob.off);
