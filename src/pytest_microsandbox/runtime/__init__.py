@@ -22,6 +22,9 @@ from ._exceptions import (
     ProtocolError,
     SandboxError,
     SandboxNotRunningError,
+    SnapshotError,
+    SnapshotLockTimeoutError,
+    SnapshotNotFoundError,
 )
 from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
 from .config import SandboxConfig
@@ -55,6 +58,9 @@ __all__ = [
     "SandboxFs",
     "SandboxMetrics",
     "SandboxNotRunningError",
+    "SnapshotError",
+    "SnapshotLockTimeoutError",
+    "SnapshotNotFoundError",
     "Started",
     "Stderr",
     "Stdout",

@@ -16,6 +16,9 @@ Every error the runtime raises on purpose derives from :class:`SandboxError`::
     │   └── CommandNotFoundError     the program does not exist in the guest
     ├── ExecTimeoutError             a command ran past its timeout and was killed
     ├── GuestTimeoutError            the guest stopped answering
+    ├── SnapshotError                a template or snapshot cannot be built, used or restored
+    │   ├── SnapshotNotFoundError    no snapshot has that name or path
+    │   └── SnapshotLockTimeoutError another process held a template's build lock too long
     └── FilesystemError              a guest file operation failed
         └── PathNotFoundError        the guest path does not exist
 
@@ -42,6 +45,9 @@ __all__ = [
     "ProtocolError",
     "SandboxError",
     "SandboxNotRunningError",
+    "SnapshotError",
+    "SnapshotLockTimeoutError",
+    "SnapshotNotFoundError",
 ]
 
 
@@ -135,3 +141,17 @@ class FilesystemError(SandboxError, OSError):
 
 class PathNotFoundError(FilesystemError, FileNotFoundError):
     """Raised when a guest path does not exist (ENOENT)."""
+
+
+class SnapshotError(SandboxError):
+    """Raised when a template or snapshot cannot be built (e.g. the disk is full),
+    is unusable (corrupt, from another QEMU), or a restore, snapshot or fork fails.
+    """
+
+
+class SnapshotNotFoundError(SnapshotError):
+    """Raised when no snapshot exists under the given name or path."""
+
+
+class SnapshotLockTimeoutError(SnapshotError):
+    """Raised when another process held a template's build lock past the timeout."""

@@ -44,6 +44,13 @@ class VMSpec:
     run_dir: Path  # private directory for sockets and the console log
     disks: tuple[DiskSpec, ...] = ()
     extra_args: tuple[str, ...] = field(default=())
+    # Snapshot hooks (see snapshots/): guest RAM in a file (shared: the file is
+    # the RAM, a template; private: a copy-on-write clone of it), a QMP monitor
+    # the host accepts on ``qmp.sock``, and ``-incoming defer`` for restores.
+    memory_file: Path | None = None
+    memory_shared: bool = True
+    qmp: bool = False
+    incoming: bool = False
 
     @property
     def console_path(self) -> Path:

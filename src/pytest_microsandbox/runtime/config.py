@@ -84,6 +84,14 @@ class SandboxConfig(BaseModel):
     request_timeout: float = Field(
         60.0, gt=0, description="seconds the agent may take to answer a non-exec request"
     )
+    cold_boot: bool = Field(
+        False, description="boot from scratch instead of restoring a clone of a template"
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="cache for images and templates (None: $MICROSANDBOX_CACHE_DIR, "
+        "else the user cache directory)",
+    )
 
     def __init__(self, **data: Any) -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 
 import anyio
@@ -50,9 +51,12 @@ def build_command(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
     accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
     cpu = "host" if spec.accel == "kvm" else "max"
     agent_sock = spec.run_dir / "agent.sock"
+    machine = "microvm,acpi=on,rtc=on,x-option-roms=off"
+    if spec.memory_file is not None:
+        machine += ",memory-backend=mem"
     argv = [
         qemu,
-        "-M", "microvm,acpi=on,rtc=on,x-option-roms=off",
+        "-M", machine,
         "-accel", accel,
         "-cpu", cpu,
         "-smp", str(spec.cpus),
@@ -79,6 +83,19 @@ def build_command(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
             "-device",
             f"virtio-blk-device,drive=disk{i},serial={disk.serial}",
         ]
+    if spec.memory_file is not None:
+        share = "on" if spec.memory_shared else "off"
+        argv += [
+            "-object",
+            f"memory-backend-file,id=mem,size={spec.memory_mib}M,"
+            f"mem-path={spec.memory_file},share={share}",
+        ]
+    if spec.qmp:
+        # QEMU connects to a socket the host already listens on: no start-up race.
+        argv += ["-chardev", f"socket,id=qmp,path={spec.run_dir / 'qmp.sock'},server=off"]
+        argv += ["-mon", "chardev=qmp,mode=control"]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     argv += list(spec.extra_args)
     return argv
 
@@ -87,11 +104,16 @@ class QemuVM(VMHandle):
     """A running QEMU process."""
 
     def __init__(
-        self, spec: VMSpec, process: anyio.abc.Process, listener: anyio.abc.SocketListener
+        self,
+        spec: VMSpec,
+        process: anyio.abc.Process,
+        listener: anyio.abc.SocketListener,
+        qmp_listener: socket.socket | None = None,
     ) -> None:
         self.spec = spec
         self._process = process
         self._listener = listener
+        self._qmp_listener = qmp_listener
 
     @property
     def pid(self) -> int | None:
@@ -131,6 +153,31 @@ class QemuVM(VMHandle):
             console_tail=self.console_tail(),
         )
 
+    async def accept_qmp(self, timeout: float) -> socket.socket:
+        """Return the connected QMP socket (``spec.qmp``); QEMU connects at start.
+
+        :raises BootError: QEMU did not connect within ``timeout``.
+        """
+        if self._qmp_listener is None:
+            raise RuntimeError("this VM was started without a QMP monitor")
+        listener = self._qmp_listener
+        with anyio.move_on_after(timeout):
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    await anyio.wait_readable(listener)
+                    continue
+                listener.close()
+                self._qmp_listener = None
+                conn.setblocking(False)
+                return conn
+        if self._process.returncode is not None:
+            raise GuestCrashedError(
+                f"QEMU exited with status {self._process.returncode}; {self._stderr_tail()}"
+            )
+        raise BootError(f"QEMU did not connect its QMP monitor within {timeout:g} s")
+
     def _stderr_tail(self) -> str:
         try:
             text = (self.spec.run_dir / "qemu.stderr").read_text(errors="replace").strip()
@@ -149,6 +196,9 @@ class QemuVM(VMHandle):
             await self._process.wait()
             await self._process.aclose()
             await self._listener.aclose()
+            if self._qmp_listener is not None:
+                self._qmp_listener.close()
+                self._qmp_listener = None
 
 
 class QemuBackend(Backend):
@@ -163,6 +213,12 @@ class QemuBackend(Backend):
         qemu = self._qemu or find_qemu()
         setpriv = shutil.which("setpriv")
         listener = await anyio.create_unix_listener(spec.run_dir / "agent.sock")
+        qmp_listener: socket.socket | None = None
+        if spec.qmp:
+            qmp_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            qmp_listener.setblocking(False)
+            qmp_listener.bind(str(spec.run_dir / "qmp.sock"))
+            qmp_listener.listen(1)
         argv = build_command(spec, qemu)
         # setpriv (util-linux) sets PR_SET_PDEATHSIG before exec'ing QEMU.
         if setpriv:
@@ -178,10 +234,12 @@ class QemuBackend(Backend):
             )
         except OSError as exc:
             await listener.aclose()
+            if qmp_listener is not None:
+                qmp_listener.close()
             raise BackendUnavailableError(f"cannot start QEMU ({argv[0]}): {exc}") from exc
         finally:
             stderr.close()
-        return QemuVM(spec, process, listener)
+        return QemuVM(spec, process, listener, qmp_listener)
 
 
 def qemu_version(qemu: str | None = None) -> str:

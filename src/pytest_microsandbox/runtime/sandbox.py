@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -37,6 +37,10 @@ from .agent.results import DirEntry, ExecEvent, ExecResult, FileStat
 from .backend import Backend, VMHandle
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig
+
+if TYPE_CHECKING:
+    from ..snapshots._qmp import Monitor
+    from ..snapshots._store import Entry
 
 __all__ = ["ExecHandle", "ExecOutput", "Sandbox", "SandboxFs", "SandboxMetrics"]
 
@@ -268,11 +272,14 @@ class Sandbox:
         vm: VMHandle,
         agent: AgentClient,
         stack: AsyncExitStack,
-        plan: BootPlan,
+        plan: BootPlan | None,
     ) -> None:
         self.config = config
         self.name = config.name
-        self.plan = plan
+        self.plan = plan  # None for a sandbox restored from a named snapshot
+        # Set by snapshots/ on a restored clone: its QMP monitor and the entry it came from.
+        self._monitor: Monitor | None = None
+        self._origin: Entry | None = None
         self._vm = vm
         self._agent = agent
         self._stack = stack
@@ -310,8 +317,16 @@ class Sandbox:
             backend = QemuBackend()
         start = time.monotonic()
         accel = await resolve_accel(config, backend)
-        plan = await anyio.to_thread.run_sync(prepare_boot, config, accel.accel)
-        sandbox = await cls._boot(config, backend, plan)
+        plan = await anyio.to_thread.run_sync(prepare_boot, config, accel.accel, config.cache_dir)
+        from .qemu import QemuBackend
+
+        if not config.cold_boot and isinstance(backend, QemuBackend):
+            # Restore a copy-on-write clone of this configuration's template (built once).
+            from ..snapshots._engine import create_from_template
+
+            sandbox = await create_from_template(config, backend, plan)
+        else:
+            sandbox = await cls._boot(config, backend, plan)
         sandbox.boot_seconds = time.monotonic() - start
         return sandbox
 
@@ -348,6 +363,41 @@ class Sandbox:
                 hostname=self.name,
                 timeout=self._request_timeout,
             )
+
+    # -- snapshots (logic in pytest_microsandbox.snapshots) ------------------------------------
+
+    @classmethod
+    async def restore(
+        cls, name_or_path: str | os.PathLike[str], *, name: str | None = None
+    ) -> Sandbox:
+        """Start a sandbox from a named snapshot (or a snapshot directory's path).
+
+        :raises SnapshotNotFoundError: there is no such snapshot.
+        :raises SnapshotError: it is broken or the restore failed.
+        """
+        from ..snapshots._engine import restore_snapshot
+
+        return await restore_snapshot(name_or_path, name=name)
+
+    async def snapshot(self, name: str) -> Path:
+        """Capture this running sandbox (memory, devices, in-RAM overlay) as snapshot
+        ``name``; it pauses for the capture and runs on. Returns the snapshot's path.
+
+        :raises SnapshotError: cold-booted sandbox, mounted 9p volume, full disk, QEMU error.
+        """
+        from ..snapshots._engine import snapshot_sandbox
+
+        return (await snapshot_sandbox(self, name)).path
+
+    async def fork(self, name: str | None = None) -> Sandbox:
+        """A child sandbox carrying this one's state; later writes diverge. With a
+        ``name`` the capture is kept for more children (``Sandbox.restore(name)``).
+
+        :raises SnapshotError: like :meth:`snapshot`.
+        """
+        from ..snapshots._engine import fork_sandbox
+
+        return (await fork_sandbox(self, name))[0]
 
     async def __aenter__(self) -> Sandbox:
         return self

@@ -1,0 +1,668 @@
+"""Templates, restores, snapshots and forks of QEMU microVMs.
+
+A template is a booted guest paused with its RAM in a file (``memory``,
+mapped ``share=on``) and its device state in ``state`` (migrated with
+``x-ignore-shared``, so RAM is not copied). A clone maps the same file
+``share=off`` (MAP_PRIVATE: copy-on-write, the template is never written),
+starts with ``-incoming defer`` and loads ``state``. Clones must use the
+exact command line of the template, spare devices included, or the load fails.
+
+A snapshot of a running clone cannot use x-ignore-shared (its RAM is a
+private mapping), so the whole RAM is migrated to a temporary stream once,
+loaded into a helper QEMU whose RAM is a new shared file, and saved from
+there as an ordinary template-shaped entry: forks of it are then as cheap
+as clones of a template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from collections.abc import Awaitable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+import anyio.abc
+from filelock import FileLock, Timeout
+
+from ..runtime._exceptions import (
+    CommandNotFoundError,
+    SandboxError,
+    SnapshotError,
+    SnapshotLockTimeoutError,
+)
+from ..runtime.agent.client import AgentClient
+from ..runtime.backend import Backend, VMSpec
+from ..runtime.boot import BootPlan
+from ..runtime.config import SandboxConfig
+from ..runtime.qemu import QemuVM
+from . import _store
+from ._model import FORMAT_VERSION, DiskMeta, SnapshotMeta
+from ._qmp import Monitor
+
+if TYPE_CHECKING:
+    from ..runtime.sandbox import Sandbox
+
+__all__ = [
+    "LOCK_TIMEOUT_ENV",
+    "POOL_SIZE_ENV",
+    "close_pools",
+    "create_from_template",
+    "ensure_template",
+    "fork_sandbox",
+    "restore_snapshot",
+    "snapshot_sandbox",
+    "template_key",
+]
+
+#: Seconds a process waits for another one building the same template.
+LOCK_TIMEOUT_ENV = "MICROSANDBOX_TEMPLATE_LOCK_TIMEOUT"
+#: QEMU processes kept started in ``-incoming defer`` per template (0: none).
+POOL_SIZE_ENV = "MICROSANDBOX_POOL_SIZE"
+_DEFAULT_LOCK_TIMEOUT = 600.0
+_DEFAULT_POOL_SIZE = 1
+_MAX_POOL_SIZE = 8
+#: Bumped when the clone device set below changes (it is part of the key).
+_DEVICES_VERSION = "spare-blk,9p,net:1"
+_MIGRATE_TIMEOUT = 60.0
+
+T = TypeVar("T")
+
+
+# -- keys, specs, devices ---------------------------------------------------------------------
+
+
+def template_key(plan: BootPlan, config: SandboxConfig) -> str:
+    """Digest of everything that shapes a template's memory (BootPlan.identity plus
+    the agent build, the clone device set, the store format and the QEMU version).
+    """
+    h = hashlib.sha256()
+    for part in (
+        plan.identity(config),
+        plan.agent.name,
+        _DEVICES_VERSION,
+        str(FORMAT_VERSION),
+        _store.current_qemu_version(),
+    ):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:24]
+
+
+def _device_args(run_dir: Path, spare: Path) -> tuple[str, ...]:
+    """Spare devices every template and clone carries, so a clone can be given an
+    image, a volume or a network after restore: the host side is per clone, the
+    guest-visible device (and so the migrated state) is the same.
+    """
+    vol = run_dir / "vol0"
+    vol.mkdir(exist_ok=True)
+    return (
+        "-drive", f"id=spare0,file={spare},format=raw,if=none,readonly=on",
+        "-device", "virtio-blk-device,drive=spare0,serial=msb.spare0",
+        "-fsdev", f"local,id=vol0,path={vol},security_model=none,readonly=on",
+        "-device", "virtio-9p-device,fsdev=vol0,mount_tag=msb.vol0",
+        # A hub port with nothing else on the hub: a NIC that goes nowhere yet.
+        "-netdev", "hubport,id=net0,hubid=0",
+        "-device", "virtio-net-device,netdev=net0",
+    )  # fmt: skip
+
+
+def _spec_from_meta(
+    meta: SnapshotMeta,
+    *,
+    name: str,
+    run_dir: Path,
+    memory_file: Path,
+    shared: bool,
+    cache: Path | None,
+    incoming: bool = True,
+) -> VMSpec:
+    from ..runtime.backend import DiskSpec
+
+    return VMSpec(
+        name=name,
+        kernel=Path(meta.kernel),
+        initrd=Path(meta.initrd),
+        cmdline=meta.cmdline,
+        cpus=meta.cpus,
+        memory_mib=meta.memory_mib,
+        accel=meta.accel,
+        run_dir=run_dir,
+        disks=tuple(DiskSpec(d.serial, Path(d.path)) for d in meta.disks),
+        extra_args=_device_args(run_dir, _store.spare_disk(cache)),
+        memory_file=memory_file,
+        memory_shared=shared,
+        qmp=True,
+        incoming=incoming,
+    )
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SnapshotError(f"${name}={raw!r} is not a number") from None
+
+
+def _pool_size() -> int:
+    return max(0, min(_MAX_POOL_SIZE, int(_env_float(POOL_SIZE_ENV, _DEFAULT_POOL_SIZE))))
+
+
+def _mkrun(name: str) -> Path:
+    # Sockets live here: keep it short (unix socket paths are limited to 108 bytes).
+    return Path(tempfile.mkdtemp(prefix=f"msb-{name[:24]}-"))
+
+
+def _tmp_entry(root: Path, name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{name[:40]}-pid{os.getpid()}-", dir=root))
+
+
+# -- templates --------------------------------------------------------------------------------
+
+
+async def _acquire(lock: FileLock, timeout: float, what: str) -> None:
+    try:
+        await anyio.to_thread.run_sync(lambda: lock.acquire(timeout=timeout))
+    except Timeout:
+        raise SnapshotLockTimeoutError(
+            f"another process has been building {what} for over {timeout:g} s "
+            f"(lock {lock.lock_file}); raise ${LOCK_TIMEOUT_ENV} or check that process"
+        ) from None
+
+
+async def ensure_template(
+    config: SandboxConfig, backend: Backend, plan: BootPlan, cache: Path | None = None
+) -> _store.Entry:
+    """Return the template for ``config``, building it once under a file lock.
+
+    A broken or foreign entry (sizes, metadata, QEMU version) is rebuilt.
+
+    :raises SnapshotLockTimeoutError: another process held the build lock too long.
+    :raises SnapshotError: the build failed (e.g. the disk is full).
+    """
+    key = template_key(plan, config)
+    root = _store.templates_root(cache)
+    final = root / key
+    with contextlib.suppress(SnapshotError):
+        return _store.check_entry(final)
+    lock = FileLock(str(root / f"{key}.lock"), thread_local=False)
+    await _acquire(lock, _env_float(LOCK_TIMEOUT_ENV, _DEFAULT_LOCK_TIMEOUT), f"template {key}")
+    try:
+        with contextlib.suppress(SnapshotError):
+            return _store.check_entry(final)  # another process built it while we waited
+        _store.clean_stale_temps(root)
+        return await _build_template(config, backend, plan, key, final, cache)
+    finally:
+        lock.release()
+
+
+async def _build_template(
+    config: SandboxConfig,
+    backend: Backend,
+    plan: BootPlan,
+    key: str,
+    final: Path,
+    cache: Path | None,
+) -> _store.Entry:
+    root = final.parent
+    _store.check_free_space(root, (config.memory << 20) + (64 << 20))
+    tmp = _tmp_entry(root, key)
+    run_dir = _mkrun("template")
+    try:
+        spec = plan.vm_spec(config.model_copy(update={"name": f"template-{key[:12]}"}), run_dir)
+        spec = VMSpec(
+            **{
+                **spec.__dict__,
+                "extra_args": (*spec.extra_args, *_device_args(run_dir, _store.spare_disk(cache))),
+                "memory_file": tmp / _store.MEMORY,
+                "memory_shared": True,
+                "qmp": True,
+            }
+        )
+        vm = await backend.start(spec)
+        assert isinstance(vm, QemuVM)
+        try:
+            monitor = await Monitor.open(vm, config.boot_timeout)
+            try:
+                stream = await vm.connect_agent(config.boot_timeout)
+                async with AgentClient(stream) as agent:
+                    await agent.wait_ready(timeout=config.boot_timeout)
+                    # Warm the guest page cache (it is in the template's RAM) and make
+                    # sure the agent is idle with no I/O in flight.
+                    for argv in (["/bin/sh", "-c", "true"], ["sync"]):
+                        with contextlib.suppress(CommandNotFoundError):
+                            await agent.exec(argv, timeout=60)
+                    await monitor.execute("stop")
+                    await monitor.set_ignore_shared(True)
+                    await monitor.save(tmp / _store.STATE, _MIGRATE_TIMEOUT)
+            finally:
+                await monitor.close()
+        finally:
+            await vm.kill()
+        meta = SnapshotMeta(
+            kind="template",
+            name=key,
+            template=key,
+            created=time.time(),
+            qemu_version=_store.current_qemu_version(),
+            accel=plan.accel,
+            cpus=config.cpus,
+            memory_mib=config.memory,
+            kernel=str(plan.kernel.vmlinux),
+            kernel_size=plan.kernel.vmlinux.stat().st_size,
+            initrd=str(plan.initrd),
+            initrd_size=plan.initrd.stat().st_size,
+            cmdline=plan.cmdline,
+            disks=tuple(
+                DiskMeta(serial=d.serial, path=str(d.path), size=d.path.stat().st_size)
+                for d in spec.disks
+            ),
+            state_size=(tmp / _store.STATE).stat().st_size,
+            config=config.to_json(),
+        )
+        _check_sizes(tmp, meta)
+        _store.write_meta(tmp, meta)
+        _store.publish(tmp, final)
+        return _store.check_entry(final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = _store.disk_error(exc, root)
+        if full is not None:
+            raise full from exc
+        if isinstance(exc, SandboxError) and not isinstance(exc, SnapshotError):
+            raise SnapshotError(f"building template {key} failed: {exc}") from exc
+        raise
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _check_sizes(tmp: Path, meta: SnapshotMeta) -> None:
+    if meta.state_size == 0:
+        raise SnapshotError("QEMU wrote an empty state file (is the disk full?)")
+    if (tmp / _store.MEMORY).stat().st_size != meta.memory_mib << 20:
+        raise SnapshotError("the memory file has the wrong size (is the disk full?)")
+
+
+# -- restore ----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Incoming:
+    """A QEMU started with ``-incoming defer`` for one entry: monitor negotiated,
+    agent port accepted; only the state load and ``cont`` are left.
+    """
+
+    entry: _store.Entry
+    vm: QemuVM
+    monitor: Monitor
+    stream: anyio.abc.ByteStream
+    stack: AsyncExitStack
+    loop: asyncio.AbstractEventLoop | None = field(default=None)
+
+    async def discard(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.stream.aclose()
+            await self.stack.aclose()
+
+
+async def _start_incoming(
+    entry: _store.Entry, backend: Backend, name: str, timeout: float, cache: Path | None
+) -> _Incoming:
+    stack = AsyncExitStack()
+    run_dir = _mkrun(name)
+    stack.callback(shutil.rmtree, run_dir, True)
+    try:
+        spec = _spec_from_meta(
+            entry.meta, name=name, run_dir=run_dir, memory_file=entry.memory, shared=False,
+            cache=cache,
+        )  # fmt: skip
+        vm = await backend.start(spec)
+        assert isinstance(vm, QemuVM)
+        stack.push_async_callback(vm.kill)
+        _pids.add(vm)
+        stack.callback(_pids.discard, vm)
+        monitor = await Monitor.open(vm, timeout)
+        stack.push_async_callback(monitor.close)
+        await monitor.set_ignore_shared(True)
+        stream = await vm.connect_agent(timeout)
+        return _Incoming(entry, vm, monitor, stream, stack)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stack.aclose()
+        raise
+
+
+async def _finish_restore(inc: _Incoming, config: SandboxConfig, plan: BootPlan | None) -> Sandbox:
+    from ..runtime.sandbox import Sandbox
+
+    stack = inc.stack
+    try:
+        await inc.monitor.load(inc.entry.state, _MIGRATE_TIMEOUT)
+        await inc.monitor.execute("cont")
+        agent = await stack.enter_async_context(AgentClient(inc.stream))
+        # The guest agent is the template's, mid-loop: it sends no READY, so HELLO
+        # confirms it serves (and speaks our protocol version).
+        await agent.hello(timeout=config.boot_timeout)
+        sandbox = Sandbox(config, inc.vm, agent, stack, plan)
+        sandbox._monitor = inc.monitor
+        sandbox._origin = inc.entry
+        await sandbox._configure_guest()  # fresh clock, RNG seed and hostname per clone
+        _store.touch(inc.entry.path)
+        return sandbox
+    except BaseException:
+        await inc.stream.aclose()
+        await stack.aclose()
+        raise
+
+
+async def _restore_entry(
+    entry: _store.Entry,
+    config: SandboxConfig,
+    backend: Backend,
+    plan: BootPlan | None,
+    cache: Path | None,
+    pooled: bool,
+) -> Sandbox:
+    pool = _pool_for(entry, backend, cache) if pooled else None
+    inc = pool.take() if pool is not None else None
+    if inc is None:
+        inc = await _start_incoming(entry, backend, config.name, config.boot_timeout, cache)
+    if pool is not None:
+        pool.refill()
+    return await _finish_restore(inc, config, plan)
+
+
+async def create_from_template(config: SandboxConfig, backend: Backend, plan: BootPlan) -> Sandbox:
+    """``Sandbox.create``'s template path: ensure the template, restore a clone."""
+    cache = config.cache_dir
+    entry = await ensure_template(config, backend, plan, cache)
+    try:
+        return await _restore_entry(entry, config, backend, plan, cache, pooled=True)
+    except SnapshotError:
+        raise
+    except SandboxError as exc:
+        raise SnapshotError(
+            f"restoring a clone of template {entry.meta.name} failed: {exc}"
+        ) from exc
+
+
+async def restore_snapshot(
+    name_or_path: str | os.PathLike[str],
+    backend: Backend | None = None,
+    *,
+    name: str | None = None,
+    cache: Path | None = None,
+) -> Sandbox:
+    """Start a sandbox from a named snapshot (or a snapshot/template directory).
+
+    :raises SnapshotNotFoundError: there is no such snapshot.
+    :raises SnapshotError: it is broken or the restore failed.
+    """
+    raw = os.fspath(name_or_path)
+    if os.sep in raw or isinstance(name_or_path, os.PathLike):
+        entry = _store.check_entry(Path(raw))
+    else:
+        entry = _store.get_snapshot(raw, cache)
+    if backend is None:
+        from ..runtime.qemu import QemuBackend
+
+        backend = QemuBackend()
+    config = SandboxConfig.from_json(entry.meta.config)
+    if name is not None:
+        config = config.model_copy(update={"name": name})
+    return await _restore_entry(entry, config, backend, None, cache, pooled=False)
+
+
+# -- snapshot and fork of a running sandbox ---------------------------------------------------
+
+
+async def _check_no_9p(sandbox: Sandbox) -> None:
+    try:
+        mounts = (await sandbox._agent.read_file("/proc/self/mounts", timeout=10)).decode()
+    except SandboxError:
+        return  # nothing we can check; QEMU itself refuses a migration with a mounted 9p
+    shares = [line.split()[1] for line in mounts.splitlines() if " 9p " in line]
+    if shares:
+        raise SnapshotError(
+            f"sandbox {sandbox.name!r} has 9p volumes mounted at {', '.join(shares)}: QEMU "
+            "cannot snapshot a guest with a mounted 9p share; unmount them first"
+        )
+
+
+async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = None) -> _store.Entry:
+    """Capture a running sandbox (RAM, devices, its in-RAM overlay) as snapshot ``name``.
+
+    The sandbox pauses for the capture and then runs on. An existing snapshot of
+    that name is replaced.
+
+    :raises SnapshotError: the sandbox was cold-booted, has a 9p share mounted,
+        the disk is full, or QEMU failed.
+    """
+    _store.check_name(name)
+    monitor, origin = sandbox._monitor, sandbox._origin
+    if monitor is None or origin is None:
+        raise SnapshotError(
+            f"sandbox {sandbox.name!r} was cold-booted (cold_boot=True) and has no QMP "
+            "monitor: only sandboxes created from a template can be snapshotted"
+        )
+    sandbox._check_running()
+    await _check_no_9p(sandbox)
+    cache = cache if cache is not None else sandbox.config.cache_dir
+    root = _store.named_root(cache)
+    _store.clean_stale_temps(root)
+    meta0 = origin.meta
+    # The full stream and the new memory file: at most the guest's RAM each.
+    _store.check_free_space(root, 2 * (meta0.memory_mib << 20) + (64 << 20))
+    tmp = _tmp_entry(root, name)
+    full = tmp / "full.stream"
+    try:
+        await monitor.execute("stop")
+        try:
+            # A clone's RAM is a private mapping: it is migrated whole.
+            await monitor.set_ignore_shared(False)
+            await monitor.save(full, _MIGRATE_TIMEOUT)
+        finally:
+            with contextlib.suppress(SnapshotError):
+                await monitor.set_ignore_shared(True)
+            await monitor.execute("cont")
+        await _materialize(meta0, full, tmp, cache)
+        full.unlink()
+        meta = meta0.model_copy(
+            update={
+                "kind": "snapshot",
+                "name": name,
+                "created": time.time(),
+                "state_size": (tmp / _store.STATE).stat().st_size,
+                "config": sandbox.config.to_json(),
+            }
+        )
+        _check_sizes(tmp, meta)
+        _store.write_meta(tmp, meta)
+        _store.publish(tmp, root / name)
+        return _store.check_entry(root / name)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full_disk = _store.disk_error(exc, root)
+        if full_disk is not None:
+            raise full_disk from exc
+        raise
+
+
+async def _materialize(meta: SnapshotMeta, stream: Path, out: Path, cache: Path | None) -> None:
+    """Load a full migration stream into a helper QEMU whose RAM is the new shared
+    file ``out/memory``, then save its device state with x-ignore-shared.
+    """
+    from ..runtime.qemu import QemuBackend
+
+    run_dir = _mkrun("materialize")
+    try:
+        spec = _spec_from_meta(
+            meta, name="materialize", run_dir=run_dir, memory_file=out / _store.MEMORY,
+            shared=True, cache=cache,
+        )  # fmt: skip
+        vm = await QemuBackend().start(spec)
+        assert isinstance(vm, QemuVM)
+        try:
+            monitor = await Monitor.open(vm, 30)
+            try:
+                await monitor.load(stream, _MIGRATE_TIMEOUT)
+                await monitor.set_ignore_shared(True)
+                await monitor.save(out / _store.STATE, _MIGRATE_TIMEOUT)
+            finally:
+                await monitor.close()
+        finally:
+            await vm.kill()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def fork_sandbox(
+    sandbox: Sandbox, name: str | None = None, *, count: int = 1
+) -> list[Sandbox]:
+    """Capture ``sandbox`` and start ``count`` children from the capture.
+
+    With a ``name`` the capture is kept as a named snapshot (restore more children
+    later with ``Sandbox.restore(name)``); without one it is deleted once the
+    children run (they keep their copy-on-write mapping of it).
+    """
+    from ..runtime.qemu import QemuBackend
+
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    keep = name is not None
+    snap = name or f"fork-{sandbox.name[:40]}-{os.getpid()}-{time.monotonic_ns()}"
+    entry = await snapshot_sandbox(sandbox, snap)
+    children: list[Sandbox] = []
+    try:
+        for i in range(count):
+            child_name = (
+                f"{sandbox.name[:50]}-fork{i}" if count > 1 else f"{sandbox.name[:56]}-fork"
+            )
+            config = sandbox.config.model_copy(update={"name": child_name})
+            children.append(
+                await _restore_entry(entry, config, QemuBackend(), None,
+                                     sandbox.config.cache_dir, pooled=False)
+            )  # fmt: skip
+    except BaseException:
+        for child in children:
+            await child.kill()
+        raise
+    finally:
+        if not keep:
+            _store.remove_snapshot(snap, sandbox.config.cache_dir)
+    return children
+
+
+# -- pre-started pool -------------------------------------------------------------------------
+
+_pids: set[QemuVM] = set()
+
+
+def _kill_all_at_exit() -> None:
+    # Last resort at interpreter exit (pdeathsig covers a killed owner).
+    for vm in list(_pids):
+        if vm.pid is not None and vm.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(vm.pid, signal.SIGKILL)
+
+
+atexit.register(_kill_all_at_exit)
+
+
+class _Pool:
+    """Up to ``size`` QEMUs waiting in ``-incoming defer`` for one entry, on one loop."""
+
+    def __init__(
+        self, entry: _store.Entry, backend: Backend, cache: Path | None, size: int
+    ) -> None:
+        self.entry = entry
+        self._backend = backend
+        self._cache = cache
+        self._size = size
+        self._ready: deque[_Incoming] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def take(self) -> _Incoming | None:
+        while self._ready:
+            inc = self._ready.popleft()
+            if inc.vm.returncode is None:
+                return inc
+            _spawn(inc.discard())
+        return None
+
+    def refill(self) -> None:
+        missing = self._size - len(self._ready) - len(self._tasks)
+        for _ in range(max(0, missing)):
+            task = asyncio.get_running_loop().create_task(self._start_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _start_one(self) -> None:
+        try:
+            inc = await _start_incoming(self.entry, self._backend, "pooled", 60, self._cache)
+        except Exception:
+            return
+        if self._closed:
+            await inc.discard()
+        else:
+            self._ready.append(inc)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        while self._ready:
+            await self._ready.popleft().discard()
+
+
+_pools: dict[tuple[int, str], _Pool] = {}
+_background: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coro: Awaitable[None]) -> None:
+    async def run() -> None:
+        await coro
+
+    task = asyncio.get_running_loop().create_task(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def _pool_for(entry: _store.Entry, backend: Backend, cache: Path | None) -> _Pool | None:
+    size = _pool_size()
+    if size == 0:
+        return None
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None  # not on asyncio (qemu.qmp needs it anyway)
+    key = (id(loop), str(entry.path))
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools[key] = _Pool(entry, backend, cache, size)
+    return pool
+
+
+async def close_pools() -> None:
+    """Kill every pre-started QEMU of this event loop (call before the loop ends)."""
+    loop = asyncio.get_running_loop()
+    for key in [k for k in _pools if k[0] == id(loop)]:
+        await _pools.pop(key).aclose()
+    for task in list(_background):
+        with contextlib.suppress(BaseException):
+            await task

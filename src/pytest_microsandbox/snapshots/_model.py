@@ -1,0 +1,47 @@
+"""Snapshot metadata (``meta.json``): what a restore needs and what is checked on use."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["FORMAT_VERSION", "DiskMeta", "SnapshotMeta"]
+
+#: Bumped whenever the on-disk layout or the clone's device set changes: a
+#: template of another format is rebuilt, a named snapshot refused.
+FORMAT_VERSION = 1
+
+
+class DiskMeta(BaseModel):
+    """A read-only root layer attached by serial; the same file in every clone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    serial: str
+    path: str
+    size: int
+
+
+class SnapshotMeta(BaseModel):
+    """Everything needed to start a clone with the exact device set of the capture."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: int = FORMAT_VERSION
+    kind: Literal["template", "snapshot"]
+    name: str  # the template key, or the snapshot's name
+    template: str  # the template this memory descends from
+    created: float
+    qemu_version: str
+    accel: Literal["kvm", "tcg"]
+    cpus: int
+    memory_mib: int
+    kernel: str
+    kernel_size: int
+    initrd: str
+    initrd_size: int
+    cmdline: str
+    disks: tuple[DiskMeta, ...]
+    state_size: int
+    config: str  # SandboxConfig JSON of the captured sandbox

@@ -1,0 +1,355 @@
+"""The on-disk snapshot store: one directory per template key or snapshot name.
+
+Layout under ``<cache>/snapshots/``::
+
+    templates/<key>/{memory,state,meta.json}   built once per key, under <key>.lock
+    named/<name>/{memory,state,meta.json}      sandbox.snapshot(name)
+    spare.img                                  backing of the spare virtio-blk device
+
+Every entry is built in a ``.tmp-*`` sibling and renamed into place, so a
+build killed halfway is never seen under its final name. Entries are checked
+on use (:func:`check_entry`); ``last used`` is the directory's mtime, touched
+on every restore, which is what :func:`prune` orders by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..runtime._exceptions import SnapshotError, SnapshotNotFoundError
+from ..runtime.paths import cache_dir
+from ..runtime.qemu import qemu_version
+from ._model import FORMAT_VERSION, SnapshotMeta
+
+__all__ = [
+    "MEMORY",
+    "META",
+    "STATE",
+    "Entry",
+    "SnapshotInfo",
+    "check_entry",
+    "check_free_space",
+    "check_name",
+    "clean_stale_temps",
+    "current_qemu_version",
+    "disk_error",
+    "get_snapshot",
+    "list_snapshots",
+    "named_root",
+    "prune",
+    "publish",
+    "remove_snapshot",
+    "spare_disk",
+    "store_root",
+    "templates_root",
+    "touch",
+    "write_meta",
+]
+
+MEMORY = "memory"
+STATE = "state"
+META = "meta.json"
+SPARE_DISK_MIB = 64
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A published snapshot directory and its metadata."""
+
+    path: Path
+    meta: SnapshotMeta
+
+    @property
+    def memory(self) -> Path:
+        return self.path / MEMORY
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What :func:`list_snapshots` reports about one entry."""
+
+    name: str
+    kind: str
+    path: Path
+    created: float
+    last_used: float
+    disk_bytes: int  # blocks actually allocated (memory files are sparse)
+    memory_mib: int
+
+
+def store_root(cache: Path | None = None) -> Path:
+    root = cache_dir(cache) / "snapshots"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def templates_root(cache: Path | None = None) -> Path:
+    path = store_root(cache) / "templates"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def named_root(cache: Path | None = None) -> Path:
+    path = store_root(cache) / "named"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def current_qemu_version() -> str:
+    return qemu_version()
+
+
+def check_name(name: str) -> str:
+    """:raises SnapshotError: ``name`` is not a valid snapshot name."""
+    if not _NAME_RE.match(name):
+        raise SnapshotError(
+            f"invalid snapshot name {name!r}: use 1-100 letters, digits, '_', '.', '-'"
+        )
+    return name
+
+
+def spare_disk(cache: Path | None = None) -> Path:
+    """A sparse, all-zero image backing the spare virtio-blk device (made once)."""
+    path = store_root(cache) / "spare.img"
+    if path.exists() and path.stat().st_size == SPARE_DISK_MIB << 20:
+        return path
+    tmp = path.with_name(f".tmp-spare-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.truncate(SPARE_DISK_MIB << 20)
+    os.replace(tmp, path)
+    return path
+
+
+def check_entry(path: Path) -> Entry:
+    """Read and verify an entry: metadata, format, QEMU version, file sizes.
+
+    :raises SnapshotNotFoundError: there is no entry at ``path``.
+    :raises SnapshotError: the entry is broken or was made by another QEMU.
+    """
+    meta_path = path / META
+    try:
+        raw = meta_path.read_bytes()
+    except FileNotFoundError:
+        raise SnapshotNotFoundError(f"no snapshot at {path}") from None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {meta_path}: {exc}") from exc
+    try:
+        meta = SnapshotMeta.model_validate_json(raw)
+    except ValidationError as exc:
+        raise SnapshotError(f"{meta_path} is corrupt: {exc.errors()[0]['msg']}") from None
+    if meta.format != FORMAT_VERSION:
+        raise SnapshotError(f"{path} has format {meta.format}, this version reads {FORMAT_VERSION}")
+    qemu = current_qemu_version()
+    if meta.qemu_version != qemu:
+        raise SnapshotError(f"{path} was made by {meta.qemu_version!r}, this host has {qemu!r}")
+    expect = [
+        (path / MEMORY, meta.memory_mib << 20),
+        (path / STATE, meta.state_size),
+        (Path(meta.kernel), meta.kernel_size),
+        (Path(meta.initrd), meta.initrd_size),
+        *((Path(d.path), d.size) for d in meta.disks),
+    ]
+    for file, size in expect:
+        try:
+            actual = file.stat().st_size
+        except OSError:
+            raise SnapshotError(f"{path}: {file} is missing") from None
+        if actual != size:
+            raise SnapshotError(f"{path}: {file} has {actual} bytes, expected {size}")
+    return Entry(path, meta)
+
+
+def write_meta(directory: Path, meta: SnapshotMeta) -> None:
+    target = directory / META
+    with open(target, "w") as f:
+        f.write(meta.model_dump_json(indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a fully written ``tmp`` entry to ``final`` (replacing a broken one)."""
+    for name in (MEMORY, STATE):
+        fd = os.open(tmp / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if final.exists():
+        # Only reached under the entry's lock, after check_entry found it broken.
+        graveyard = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.replace(final, graveyard)
+        shutil.rmtree(graveyard, ignore_errors=True)
+    os.replace(tmp, final)
+    dfd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def clean_stale_temps(root: Path) -> None:
+    """Remove ``.tmp-*`` directories left by builds whose process is gone."""
+    for tmp in root.glob(".tmp-*"):
+        match = re.search(r"-pid(\d+)-", tmp.name)
+        if match is not None and _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def disk_error(exc: BaseException, where: Path) -> SnapshotError | None:
+    """A clear SnapshotError if ``exc`` (or its cause) is a full disk, else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return SnapshotError(
+                f"the disk holding {where} is full; nothing was kept (free space, or move "
+                "the cache with $MICROSANDBOX_CACHE_DIR)"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def check_free_space(where: Path, needed: int) -> None:
+    """:raises SnapshotError: ``where``'s filesystem has less than ``needed`` bytes free."""
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise SnapshotError(
+            f"not enough disk space for a snapshot in {where}: {free >> 20} MiB free, "
+            f"{needed >> 20} MiB needed (free space, prune the cache, or move it with "
+            "$MICROSANDBOX_CACHE_DIR)"
+        )
+
+
+def touch(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def _entries(cache: Path | None) -> list[tuple[str, Path]]:
+    out: list[tuple[str, Path]] = []
+    for kind, root in (("template", templates_root(cache)), ("snapshot", named_root(cache))):
+        out += [(kind, p) for p in sorted(root.iterdir()) if p.is_dir() and "tmp-" not in p.name]
+    return out
+
+
+def _disk_bytes(path: Path) -> int:
+    total = 0
+    for file in path.iterdir():
+        with contextlib.suppress(OSError):
+            total += file.stat().st_blocks * 512
+    return total
+
+
+def _info(kind: str, path: Path) -> SnapshotInfo | None:
+    try:
+        meta = SnapshotMeta.model_validate_json((path / META).read_bytes())
+        used = path.stat().st_mtime
+    except (OSError, ValidationError):
+        return None
+    return SnapshotInfo(
+        name=path.name,
+        kind=kind,
+        path=path,
+        created=meta.created,
+        last_used=used,
+        disk_bytes=_disk_bytes(path),
+        memory_mib=meta.memory_mib,
+    )
+
+
+def list_snapshots(cache: Path | None = None, kind: str | None = None) -> list[SnapshotInfo]:
+    """Templates and named snapshots in the store (``kind``: ``template``/``snapshot``)."""
+    infos = [_info(k, p) for k, p in _entries(cache) if kind is None or k == kind]
+    return [i for i in infos if i is not None]
+
+
+def get_snapshot(name: str, cache: Path | None = None) -> Entry:
+    """A named snapshot, checked.
+
+    :raises SnapshotNotFoundError: there is none called ``name``.
+    :raises SnapshotError: it is broken.
+    """
+    return check_entry(named_root(cache) / check_name(name))
+
+
+def remove_snapshot(name: str, cache: Path | None = None) -> None:
+    """Delete a named snapshot.
+
+    :raises SnapshotNotFoundError: there is none called ``name``.
+    """
+    path = named_root(cache) / check_name(name)
+    if not path.is_dir():
+        raise SnapshotNotFoundError(f"no snapshot named {name!r} in {path.parent}")
+    _remove(path)
+
+
+def _remove(path: Path) -> None:
+    # Rename first so a concurrent restore sees either the whole entry or nothing.
+    doomed = path.with_name(f".tmp-rm-{path.name}-pid{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prune(
+    cache: Path | None = None,
+    *,
+    max_age: float | None = None,
+    max_bytes: int | None = None,
+    kind: str | None = None,
+) -> list[str]:
+    """Delete entries unused for ``max_age`` seconds, then the least recently
+    used until the store holds at most ``max_bytes``. Returns the names removed.
+
+    A clone maps its template's memory file; deleting the entry unlinks the
+    file but running clones keep their mapping, so pruning is safe while they run.
+    """
+    now = time.time()
+    infos = sorted(list_snapshots(cache, kind), key=lambda i: i.last_used)
+    removed: list[str] = []
+    kept: list[SnapshotInfo] = []
+    for info in infos:
+        if max_age is not None and now - info.last_used > max_age:
+            _remove(info.path)
+            removed.append(info.name)
+        else:
+            kept.append(info)
+    if max_bytes is not None:
+        total = sum(i.disk_bytes for i in kept)
+        for info in kept:
+            if total <= max_bytes:
+                break
+            _remove(info.path)
+            removed.append(info.name)
+            total -= info.disk_bytes
+    return removed
