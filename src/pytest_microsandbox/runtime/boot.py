@@ -23,6 +23,7 @@ from .images import Layer, resolve_root_layers
 from .initramfs import InitramfsSpec, build_initramfs
 from .kernel import KernelInfo, find_kernel
 from .paths import cache_dir
+from .qemu import DEVICE_SET
 
 __all__ = ["BootPlan", "prepare_boot", "resolve_accel"]
 
@@ -60,6 +61,7 @@ class BootPlan:
             self.initrd.name,
             *(layer.digest for layer in self.layers),
             self.accel,
+            DEVICE_SET,
             str(config.cpus),
             str(config.memory),
             self.cmdline,

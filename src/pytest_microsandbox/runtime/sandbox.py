@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -37,6 +38,7 @@ from .agent.results import DirEntry, ExecEvent, ExecResult, FileStat
 from .backend import Backend, VMHandle
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig
+from .qemu import XFER_TAG
 
 if TYPE_CHECKING:
     from ..snapshots._qmp import Monitor
@@ -45,6 +47,13 @@ if TYPE_CHECKING:
 __all__ = ["ExecHandle", "ExecOutput", "Sandbox", "SandboxFs", "SandboxMetrics"]
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: Host->guest payloads at least this big go through the 9p transfer share
+#: (~100 MB/s under TCG) instead of the agent port (~3 MB/s that way).
+XFER_THRESHOLD = 1024 * 1024
+#: Where the guest mounts the transfer share while a transfer runs.
+_XFER_MOUNT = "/run/.msb-xfer"
+_XFER_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=none"
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,8 @@ class SandboxFs:
     async def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
         """Write a whole file, creating parent directories; returns the size."""
         payload = data.encode() if isinstance(data, str) else data
+        if len(payload) >= XFER_THRESHOLD:
+            return await self._sb._import(payload, path, mode)
         with self._sb._guest_errors():
             return await self._sb._agent.write_file(
                 path, payload, mode=mode, timeout=self._sb._transfer_timeout()
@@ -230,7 +241,10 @@ class SandboxFs:
             for entry in sorted(src.iterdir()):
                 total += await self.copy_from_host(entry, f"{guest_path.rstrip('/')}/{entry.name}")
             return total
-        mode = src.stat().st_mode & 0o7777
+        st = src.stat()
+        mode = st.st_mode & 0o7777
+        if st.st_size >= XFER_THRESHOLD:
+            return await self._sb._import(src, guest_path, mode)
         with self._sb._guest_errors():
             return await self._sb._agent.write_file(
                 guest_path, src, mode=mode, timeout=self._sb._transfer_timeout()
@@ -286,6 +300,8 @@ class Sandbox:
         self._stopped = False
         self._request_timeout = config.request_timeout
         self._last_cpu: tuple[int, int] | None = None
+        self._xfer_users = 0
+        self._xfer_lock = anyio.Lock()
         self.boot_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -548,6 +564,48 @@ class Sandbox:
         )
 
     # -- internals ---------------------------------------------------------------------------
+
+    async def _import(self, source: bytes | Path, guest_path: str, mode: int) -> int:
+        """Copy host bytes or a host file into the guest through the 9p share."""
+        self._check_running()
+        staged = self._vm.spec.run_dir / "xfer" / f"{secrets.token_hex(8)}.bin"
+        try:
+            if isinstance(source, bytes):
+                await anyio.to_thread.run_sync(staged.write_bytes, source)
+            else:
+                try:
+                    os.link(source, staged)  # free when on the same filesystem
+                except OSError:
+                    await anyio.to_thread.run_sync(shutil.copyfile, source, staged)
+            async with self._xfer_share():
+                with self._guest_errors():
+                    return await self._agent.copy_file(
+                        f"{_XFER_MOUNT}/{staged.name}", guest_path, mode=mode
+                    )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+
+    @contextlib.asynccontextmanager
+    async def _xfer_share(self) -> AsyncIterator[None]:
+        """Keep the transfer share mounted while at least one transfer runs."""
+        async with self._xfer_lock:
+            if self._xfer_users == 0:
+                with self._guest_errors():
+                    await self._agent.mount(
+                        XFER_TAG, _XFER_MOUNT, "9p", _XFER_OPTIONS, readonly=True,
+                        timeout=self._request_timeout,
+                    )  # fmt: skip
+            self._xfer_users += 1
+        try:
+            yield
+        finally:
+            async with self._xfer_lock:
+                self._xfer_users -= 1
+                if self._xfer_users == 0 and self.running:
+                    # Unmounted again: a mounted 9p share would block snapshots.
+                    with anyio.CancelScope(shield=True), self._guest_errors():
+                        await self._agent.umount(_XFER_MOUNT, timeout=self._request_timeout)
 
     def _transfer_timeout(self) -> float | None:
         return None  # transfers are bounded by the agent's liveness, not a fixed time

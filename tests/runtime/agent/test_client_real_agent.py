@@ -190,6 +190,19 @@ async def test_file_round_trip_and_metadata(client: AgentClient, tmp_path: Path)
     assert info.value.errno != 0
 
 
+async def test_copy_file_within_the_guest(client: AgentClient, tmp_path: Path) -> None:
+    data = os.urandom(9 * 1024 * 1024 + 3)  # several loop steps of the agent's copy
+    (tmp_path / "src.bin").write_bytes(data)
+    size = await client.copy_file(str(tmp_path / "src.bin"), str(tmp_path / "d/e/dst.bin"), 0o640)
+    assert size == len(data)
+    assert (tmp_path / "d/e/dst.bin").read_bytes() == data
+    assert (tmp_path / "d/e/dst.bin").stat().st_mode & 0o777 == 0o640
+    with pytest.raises(PathNotFoundError):
+        await client.copy_file(str(tmp_path / "missing"), str(tmp_path / "x"))
+    with pytest.raises(FilesystemError):
+        await client.copy_file(str(tmp_path), str(tmp_path / "y"))  # a directory
+
+
 async def test_concurrent_file_transfers_and_execs(client: AgentClient, tmp_path: Path) -> None:
     blobs = {k: os.urandom(CHUNK * 2 + k) for k in range(4)}
 

@@ -572,6 +572,27 @@ class AgentClient:
         fields = [bytes_field(Tag.PATH, _guest_path(path)), int_field(Tag.MODE, mode)]
         _check_fs(await self._call(MsgType.FS_CHMOD, fields, timeout, "FS_CHMOD"), "chmod", path)
 
+    async def copy_file(
+        self,
+        src: str,
+        dst: str,
+        mode: int | None = None,
+        parents: bool = True,
+        timeout: float | None = None,
+    ) -> int:
+        """Copy the guest file ``src`` to ``dst`` inside the guest; return its size.
+
+        Raises PathNotFoundError / FilesystemError if either side fails.
+        """
+        fields = [bytes_field(Tag.PATH, _guest_path(src)), bytes_field(Tag.PATH2, _guest_path(dst))]
+        if mode is not None:
+            fields.append(int_field(Tag.MODE, mode))
+        fields.append(int_field(Tag.FLAGS, 1 if parents else 0))
+        reply = _check_fs(
+            await self._call(MsgType.FS_COPY, fields, timeout, "FS_COPY"), "copy", dst
+        )
+        return reply.require_int(Tag.SIZE)
+
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _call(

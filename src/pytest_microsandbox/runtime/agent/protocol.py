@@ -83,6 +83,7 @@ class MsgType(enum.IntEnum):
     FS_REMOVE = 0x27
     FS_RENAME = 0x28
     FS_CHMOD = 0x29
+    FS_COPY = 0x2A
     STARTED = 0x90
     STDOUT = 0x91
     STDERR = 0x92
@@ -286,6 +287,7 @@ HOST_TO_GUEST: Mapping[MsgType, Schema] = {
     MsgType.FS_REMOVE: _s(Tag.PATH),
     MsgType.FS_RENAME: _s(Tag.PATH, Tag.PATH2),
     MsgType.FS_CHMOD: _s(Tag.PATH, Tag.MODE),
+    MsgType.FS_COPY: _s(Tag.PATH, Tag.PATH2),
 }
 
 

@@ -1,0 +1,136 @@
+"""Runtime core benchmark: cold create, exec round trip, file transfer.
+
+    .venv/bin/python benchmarks/bench_runtime.py [--runs 10] [--execs 200] [--mb 64]
+
+Prints p50/p95 and, because absolute times drift on these noisy machines, a
+ratio against a baseline measured in the same run:
+
+- cold create to the first ``true`` vs. a bare boot of the same kernel and
+  agent with no root filesystem (the floor our layers and set-up add to);
+- exec round trip of ``true`` on a live sandbox vs. ``true`` spawned on the host;
+- file transfer host->guest and guest->host vs. a host-side copy of the same bytes.
+
+Targets under TCG (issue #2): cold create <= 2.5 s p50, exec <= 5 ms p50,
+>= 100 MB/s each way. Benchmarks report; they never fail on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from pytest_microsandbox.runtime import Sandbox, SandboxConfig
+from pytest_microsandbox.runtime.agent.client import AgentClient
+from pytest_microsandbox.runtime.boot import BootPlan, prepare_boot, resolve_accel
+from pytest_microsandbox.runtime.qemu import QemuBackend
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def row(name: str, values: list[float], unit: str, scale: float = 1.0) -> tuple[float, float]:
+    p50, p95 = pct(values, 0.5) * scale, pct(values, 0.95) * scale
+    print(f"  {name:44} p50 {p50:9.2f} {unit:5} p95 {p95:9.2f} {unit:5} (n={len(values)})")
+    return p50, p95
+
+
+async def bare_boot(plan: BootPlan) -> float:
+    """Kernel + initramfs + agent READY, no root layers: the boot floor."""
+    bare = BootPlan(
+        kernel=plan.kernel, initrd=plan.initrd, layers=(), accel=plan.accel, agent=plan.agent
+    )
+    run_dir = Path(tempfile.mkdtemp(prefix="msb-bench-"))
+    try:
+        start = time.monotonic()
+        vm = await QemuBackend().start(bare.vm_spec(SandboxConfig(name="bare"), run_dir))
+        try:
+            async with AgentClient(await vm.connect_agent(60)) as client:
+                await client.wait_ready(60)
+                took = time.monotonic() - start
+        finally:
+            await vm.kill()
+        return took
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def main(runs: int, execs: int, mb: int) -> None:
+    # Cold boots on purpose: this measures the boot path, not snapshot restores.
+    extra = {"cold_boot": True} if "cold_boot" in SandboxConfig.model_fields else {}
+    config = SandboxConfig(name="bench", **extra)
+    decision = await resolve_accel(config, QemuBackend())
+    plan = await anyio.to_thread.run_sync(prepare_boot, config, decision.accel)
+    print(f"accelerator: {plan.accel}; {runs} cold creates, {execs} execs, {mb} MB transfers\n")
+
+    print("cold create -> first exec of `true`")
+    cold: list[float] = []
+    floor: list[float] = []
+    for _ in range(runs):
+        floor.append(await bare_boot(plan))
+        start = time.monotonic()
+        async with await Sandbox.create(config) as sb:
+            await sb.exec("true")
+            cold.append(time.monotonic() - start)
+    c50, _ = row("sandbox create + first exec", cold, "s")
+    f50, _ = row("baseline: bare kernel+agent boot", floor, "s")
+    print(f"  ratio (p50 / baseline p50): {c50 / f50:.2f}x\n")
+
+    async with await Sandbox.create(config) as sb:
+        print("exec round trip of `true` on a live sandbox")
+        for _ in range(20):  # warm the guest's translation cache
+            await sb.exec("true")
+        rtt = []
+        for _ in range(execs):
+            start = time.perf_counter()
+            await sb.exec("true")
+            rtt.append(time.perf_counter() - start)
+        host = []
+        for _ in range(execs):
+            start = time.perf_counter()
+            subprocess.run(["true"], check=True)
+            host.append(time.perf_counter() - start)
+        e50, _ = row("sandbox.exec('true')", rtt, "ms", 1000)
+        h50, _ = row("baseline: subprocess.run(['true']) on host", host, "ms", 1000)
+        print(f"  ratio (p50 / baseline p50): {e50 / h50:.2f}x\n")
+
+        print(f"file transfer, {mb} MB of random bytes")
+        with tempfile.TemporaryDirectory(prefix="msb-bench-") as tmp:
+            src = Path(tmp) / "src.bin"
+            src.write_bytes(os.urandom(mb * 1024 * 1024))
+            into, out, local = [], [], []
+            for i in range(5):
+                start = time.monotonic()
+                await sb.fs().copy_from_host(src, "/root/blob.bin")
+                into.append(mb / (time.monotonic() - start))
+                start = time.monotonic()
+                await sb.fs().copy_to_host("/root/blob.bin", Path(tmp) / "back.bin")
+                out.append(mb / (time.monotonic() - start))
+                start = time.monotonic()
+                shutil.copyfile(src, Path(tmp) / f"local{i}.bin")
+                local.append(mb / (time.monotonic() - start))
+                (Path(tmp) / f"local{i}.bin").unlink()
+            assert (Path(tmp) / "back.bin").read_bytes() == src.read_bytes()
+            i50, _ = row("host -> guest (copy_from_host)", into, "MB/s")
+            o50, _ = row("guest -> host (copy_to_host)", out, "MB/s")
+            l50, _ = row("baseline: host shutil.copyfile", local, "MB/s")
+            print(f"  ratio in / baseline: {i50 / l50:.3f}; out / baseline: {o50 / l50:.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--execs", type=int, default=200)
+    parser.add_argument("--mb", type=int, default=64)
+    args = parser.parse_args()
+    anyio.run(main, args.runs, args.execs, args.mb)
