@@ -555,7 +555,8 @@ async def fork_sandbox(
                                      sandbox.config.cache_dir, pooled=False)
             )  # fmt: skip
     except BaseException:
-        for child in children:
+        # Each child holds an agent task group: unwind them in reverse (LIFO) order.
+        for child in reversed(children):
             await child.kill()
         raise
     finally:
@@ -570,11 +571,14 @@ _pids: set[QemuVM] = set()
 
 
 def _kill_all_at_exit() -> None:
-    # Last resort at interpreter exit (pdeathsig covers a killed owner).
+    # Last resort at interpreter exit for pooled QEMUs of a loop nobody closed (e.g.
+    # SyncSandbox's portal) and clones never stopped: kill them and remove their run
+    # directories. A SIGKILLed owner is covered by pdeathsig (run dirs then remain).
     for vm in list(_pids):
         if vm.pid is not None and vm.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(vm.pid, signal.SIGKILL)
+        shutil.rmtree(vm.spec.run_dir, ignore_errors=True)
 
 
 atexit.register(_kill_all_at_exit)
@@ -621,8 +625,8 @@ class _Pool:
 
     async def aclose(self) -> None:
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
+        # In-flight pre-starts are awaited, not cancelled (they take tens of ms, and
+        # cancelling qemu.qmp mid-handshake logs errors); they discard themselves.
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task

@@ -1,0 +1,133 @@
+"""Snapshot benchmark: restore to first exec vs cold boot, PSS per idle clone, clones/s.
+
+Plain script (``python benchmarks/bench_snapshots.py [--clones 30]``); prints a table.
+Every number is measured in this run; the ratio uses the cold boots measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import anyio
+
+from pytest_microsandbox.runtime import Sandbox, SandboxConfig
+from pytest_microsandbox.runtime.boot import prepare_boot, resolve_accel
+from pytest_microsandbox.runtime.qemu import QemuBackend
+from pytest_microsandbox.snapshots import close_pools, ensure_template
+from pytest_microsandbox.snapshots._engine import _restore_entry
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def main(args: argparse.Namespace) -> None:
+    config = SandboxConfig(name="bench", memory=args.memory)
+    backend = QemuBackend()
+    accel = await resolve_accel(config, backend)
+    plan = await anyio.to_thread.run_sync(prepare_boot, config, accel.accel)
+    t = time.monotonic()
+    entry = await ensure_template(config, backend, plan)
+    build_s = time.monotonic() - t
+    rows: list[tuple[str, str]] = [("template ready (build or check)", f"{build_s * 1000:.0f} ms")]
+
+    async def restore_first_exec(pooled: bool) -> float:
+        t0 = time.monotonic()
+        sb = await _restore_entry(entry, config, backend, plan, None, pooled=pooled)
+        await sb.exec("true")
+        dt = time.monotonic() - t0
+        await sb.kill()
+        return dt
+
+    try:
+        for pooled in (False, True):
+            await restore_first_exec(pooled)  # warm the pool / page cache
+            times = []
+            for _ in range(args.clones):
+                times.append(await restore_first_exec(pooled))
+                await anyio.sleep(0.05)  # let the pool refill, as between tests
+            label = "pre-started pool" if pooled else "no pool (QEMU start included)"
+            rows.append(
+                (
+                    f"restore->first exec, {label} (n={len(times)})",
+                    f"p50 {pct(times, 0.5) * 1000:.0f} ms, p95 {pct(times, 0.95) * 1000:.0f} ms",
+                )
+            )
+            if pooled:
+                restore_p50 = pct(times, 0.5)
+
+        cold = []
+        for _ in range(args.cold):
+            t0 = time.monotonic()
+            async with await Sandbox.create(config, cold_boot=True) as sb:
+                await sb.exec("true")
+                cold.append(time.monotonic() - t0)
+        cold_p50 = statistics.median(cold)
+        rows.append((f"cold boot->first exec (n={len(cold)})", f"p50 {cold_p50 * 1000:.0f} ms"))
+        rows.append(("ratio cold/restore (p50)", f"{cold_p50 / restore_p50:.1f}x"))
+
+        idle = [
+            await _restore_entry(entry, config, backend, plan, None, pooled=False)
+            for _ in range(args.idle)
+        ]
+        for sb in idle:
+            await sb.exec("true")
+        await anyio.sleep(2.0)
+        pss = [pss_kib(sb.pid) for sb in idle if sb.pid is not None]
+        for sb in reversed(idle):  # sandboxes of one task unwind in LIFO order
+            await sb.kill()
+        rows.append(
+            (f"host PSS per idle clone (n={len(pss)})", f"{statistics.mean(pss) / 1024:.1f} MiB")
+        )
+
+        done = 0
+        stop_at = time.monotonic() + args.seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.monotonic() < stop_at:
+                sb = await _restore_entry(entry, config, backend, plan, None, pooled=True)
+                await sb.exec("true")
+                await sb.kill()
+                done += 1
+
+        t0 = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            for _ in range(args.workers):
+                tg.start_soon(worker)
+        rate = done / (time.monotonic() - t0)
+        what = f"restore+exec+kill, {args.workers} workers, {os.cpu_count()} cores"
+        rows.append((f"sustained clones/s ({what})", f"{rate:.1f}/s"))
+    finally:
+        await close_pools()
+
+    width = max(len(k) for k, _ in rows)
+    print(f"\nbench_snapshots (accel {accel.accel}, memory {args.memory} MiB)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    print(
+        "  targets (TCG): restore p50 <= 100 ms, >= 20x cold, <= 30 MiB PSS/clone, >= 10 clones/s"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clones", type=int, default=30)
+    parser.add_argument("--cold", type=int, default=3)
+    parser.add_argument("--idle", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory", type=int, default=512)
+    anyio.run(main, parser.parse_args())

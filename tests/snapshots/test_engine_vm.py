@@ -1,0 +1,232 @@
+"""Templates, clones and forks against real QEMU (TCG here).
+
+Every test runs its own event loop (anyio.run) and closes that loop's pool of
+pre-started QEMUs before returning, so nothing outlives a test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SnapshotError
+from pytest_microsandbox.snapshots import _store, close_pools
+
+pytestmark = pytest.mark.vm
+
+CONFIG = SandboxConfig(name="snaptest", memory=512)
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    async def main() -> None:
+        try:
+            await body()
+        finally:
+            await close_pools()
+
+    anyio.run(main)
+
+
+def _my_qemus() -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            comm = stat.read_text().split("(", 1)[1].split(")", 1)[0]
+        except (OSError, IndexError):
+            continue
+        if comm.startswith("qemu-system") and int(fields[1]) == os.getpid():
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_clones_are_independent() -> None:
+    async def body() -> None:
+        async with (
+            await Sandbox.create(CONFIG, name="clone-a") as a,
+            await Sandbox.create(CONFIG, name="clone-b") as b,
+        ):
+            await a.fs().write("/root/only-in-a", "a")
+            assert await a.fs().exists("/root/only-in-a")
+            assert not await b.fs().exists("/root/only-in-a")
+            for sb, name in ((a, "clone-a"), (b, "clone-b")):
+                assert (await sb.exec("hostname")).stdout_text.strip() == name
+                guest = float((await sb.shell("date +%s.%N")).stdout_text)
+                assert abs(guest - time.time()) < 1.0
+                assert sb._origin is not None and sb._origin.meta.kind == "template"
+
+    run(body)
+
+
+@pytest.mark.xfail(
+    reason="agent CONFIGURE credits the seed with RNDADDENTROPY but does not call "
+    "RNDRESEEDCRNG, so Linux 6.1's CRNG keeps the template's state until its next "
+    "timed reseed: clones may read the same /dev/urandom bytes (agent fix pending; "
+    "whether the timed reseed has fired depends on the template's age, hence not strict)",
+    strict=False,
+)
+def test_clones_urandom_differs() -> None:
+    async def body() -> None:
+        async with (
+            await Sandbox.create(CONFIG, name="rng-a") as a,
+            await Sandbox.create(CONFIG, name="rng-b") as b,
+        ):
+            ra = (await a.shell("head -c 32 /dev/urandom | od -An -tx1")).stdout_text
+            rb = (await b.shell("head -c 32 /dev/urandom | od -An -tx1")).stdout_text
+            assert ra and ra != rb
+
+    run(body)
+
+
+def test_cold_boot_flag_skips_templates() -> None:
+    async def body() -> None:
+        async with await Sandbox.create(CONFIG, name="cold", cold_boot=True) as sb:
+            assert sb._monitor is None
+            assert (await sb.exec("true")).success
+            with pytest.raises(SnapshotError, match="cold-booted"):
+                await sb.snapshot("never")
+
+    run(body)
+
+
+def test_fork_carries_state_then_diverges() -> None:
+    async def body() -> None:
+        async with await Sandbox.create(CONFIG, name="parent") as parent:
+            await parent.fs().write("/root/before", "from parent")
+            async with await parent.fork() as child:
+                assert await child.fs().read_text("/root/before") == "from parent"
+                await child.fs().write("/root/after", "child")
+                await parent.fs().write("/root/after", "parent")
+                assert await child.fs().read_text("/root/after") == "child"
+                assert await parent.fs().read_text("/root/after") == "parent"
+                assert (await child.exec("hostname")).stdout_text.strip() == "parent-fork"
+            # A named capture restores many children.
+            await parent.snapshot("snaptest-named")
+            try:
+                async with await Sandbox.restore("snaptest-named", name="kid1") as k1, \
+                        await Sandbox.restore("snaptest-named", name="kid2") as k2:  # fmt: skip
+                    for kid in (k1, k2):
+                        assert await kid.fs().read_text("/root/after") == "parent"
+                    await k1.fs().write("/root/k", "1")
+                    assert not await k2.fs().exists("/root/k")
+            finally:
+                _store.remove_snapshot("snaptest-named")
+
+    run(body)
+
+
+_BUILDER = textwrap.dedent(
+    """
+    import sys, anyio
+    from pytest_microsandbox.runtime import SandboxConfig
+    from pytest_microsandbox.runtime.boot import prepare_boot
+    from pytest_microsandbox.runtime.qemu import QemuBackend
+    from pytest_microsandbox.snapshots import ensure_template
+
+    async def main():
+        config = SandboxConfig(name="builder", memory=int(sys.argv[1]))
+        plan = prepare_boot(config, "tcg")
+        entry = await ensure_template(config, QemuBackend(), plan)
+        print(entry.meta.created, entry.path, flush=True)
+
+    anyio.run(main)
+    """
+)
+
+
+def _unique_memory() -> int:
+    # Memory is part of the template key: an odd size gives this test its own template.
+    return 300 + (os.getpid() % 97) * 2 + 1
+
+
+def _remove_template(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_concurrent_processes_build_once() -> None:
+    mem = _unique_memory()
+    env = {**os.environ, "MICROSANDBOX_ACCEL": "tcg"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILDER, str(mem)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=600)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    created = {o[0] for o in outs}
+    paths = {o[1] for o in outs}
+    try:
+        assert len(paths) == 1
+        assert len(created) == 1, "the template was built more than once"
+    finally:
+        _remove_template(Path(paths.pop()))
+
+
+def test_build_killed_halfway_is_never_used() -> None:
+    mem = _unique_memory() + 2
+    root = _store.templates_root()
+    env = {**os.environ, "MICROSANDBOX_ACCEL": "tcg"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BUILDER, str(mem)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    mine = f"-pid{proc.pid}-"
+    deadline = time.monotonic() + 120
+    while not any(mine in p.name for p in root.glob(".tmp-*")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # mid-boot of the template VM
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftovers = [p for p in root.glob(".tmp-*") if mine in p.name]
+    assert leftovers, "the killed build should have left its temporary directory"
+    # Nothing was published; a new build ignores and cleans the leftovers.
+    out = subprocess.run(
+        [sys.executable, "-c", _BUILDER, str(mem)], capture_output=True, text=True, env=env,
+        timeout=600, check=True,
+    )  # fmt: skip
+    path = Path(out.stdout.split()[1])
+    try:
+        assert _store.check_entry(path).meta.kind == "template"
+        assert not [p for p in root.glob(".tmp-*") if mine in p.name]
+    finally:
+        _remove_template(path)
+
+
+def test_create_stop_cycles_leak_nothing() -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def run_dirs() -> set[str]:
+        # Only ours: other sandboxes may run on this host meanwhile.
+        mine = ("msb-cycle", "msb-pooled", "msb-warm")
+        return {p.name for p in Path("/tmp").glob("msb-*") if p.name.startswith(mine)}
+
+    async def body() -> None:
+        async with await Sandbox.create(CONFIG, name="warm"):
+            pass  # the template exists and the pool is warm before counting
+        await close_pools()
+        before_fds, before_dirs = fds(), run_dirs()
+        for i in range(30):
+            sb = await Sandbox.create(CONFIG, name=f"cycle{i}")
+            if i % 10 == 0:
+                assert (await sb.exec("true")).success
+            await sb.stop() if i % 2 else await sb.kill()
+        await close_pools()
+        await anyio.sleep(0.1)
+        assert _my_qemus() == []
+        assert fds() == before_fds
+        assert run_dirs() - before_dirs == set()
+
+    run(body)

@@ -1,0 +1,99 @@
+"""The snapshot store without a VM: checks on use, atomic publish, list/remove/prune."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_microsandbox.runtime import SnapshotError, SnapshotNotFoundError
+from pytest_microsandbox.snapshots import Snapshot, SnapshotMeta, _store
+
+
+def _fake_entry(root: Path, name: str, kind: str = "snapshot", mib: int = 1) -> Path:
+    tmp = root / f".tmp-{name}-pid{os.getpid()}-x"
+    tmp.mkdir(parents=True)
+    kernel = root / "kernel"
+    kernel.write_bytes(b"k")
+    (tmp / _store.MEMORY).write_bytes(b"\1" * (mib << 20))
+    (tmp / _store.STATE).write_bytes(b"state")
+    meta = SnapshotMeta(
+        kind=kind,  # type: ignore[arg-type]
+        name=name,
+        template="t",
+        created=time.time(),
+        qemu_version=_store.current_qemu_version(),
+        accel="tcg",
+        cpus=1,
+        memory_mib=mib,
+        kernel=str(kernel),
+        kernel_size=1,
+        initrd=str(kernel),
+        initrd_size=1,
+        cmdline="",
+        disks=(),
+        state_size=5,
+        config="{}",
+    )
+    _store.write_meta(tmp, meta)
+    final = (_store.named_root(root) if kind == "snapshot" else _store.templates_root(root)) / name
+    _store.publish(tmp, final)
+    return final
+
+
+def test_publish_check_list_remove(tmp_path: Path) -> None:
+    path = _fake_entry(tmp_path, "one")
+    entry = _store.check_entry(path)
+    assert entry.meta.name == "one" and entry.state == path / "state"
+    assert [i.name for i in Snapshot.list(tmp_path)] == ["one"]
+    assert Snapshot.get("one", tmp_path).path == path
+    Snapshot.remove("one", tmp_path)
+    assert Snapshot.list(tmp_path) == []
+    with pytest.raises(SnapshotNotFoundError):
+        Snapshot.get("one", tmp_path)
+    with pytest.raises(SnapshotNotFoundError):
+        Snapshot.remove("one", tmp_path)
+
+
+def test_broken_entries_are_refused(tmp_path: Path) -> None:
+    path = _fake_entry(tmp_path, "trunc")
+    with open(path / _store.MEMORY, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(SnapshotError, match="has 100 bytes"):
+        _store.check_entry(path)
+    path = _fake_entry(tmp_path, "garbled")
+    (path / _store.META).write_text("{not json")
+    with pytest.raises(SnapshotError, match="corrupt"):
+        _store.check_entry(path)
+    with pytest.raises(SnapshotError, match="invalid snapshot name"):
+        Snapshot.get("../etc", tmp_path)
+
+
+def test_prune_by_age_then_size(tmp_path: Path) -> None:
+    old = _fake_entry(tmp_path, "old")
+    _fake_entry(tmp_path, "mid")
+    _fake_entry(tmp_path, "new")
+    now = time.time()
+    os.utime(old, (now - 3600, now - 3600))
+    os.utime(tmp_path / "snapshots/named/mid", (now - 60, now - 60))
+    assert Snapshot.prune(tmp_path, max_age=600) == ["old"]
+    # Each entry holds ~1 MiB: keeping 1.5 MiB drops the least recently used.
+    assert Snapshot.prune(tmp_path, max_bytes=(3 << 20) // 2) == ["mid"]
+    assert [i.name for i in Snapshot.list(tmp_path)] == ["new"]
+
+
+def test_stale_temps_of_dead_builders_are_removed(tmp_path: Path) -> None:
+    root = _store.templates_root(tmp_path)
+    dead = root / ".tmp-key-pid999999999-abc"
+    live = root / f".tmp-key-pid{os.getpid()}-abc"
+    dead.mkdir()
+    live.mkdir()
+    _store.clean_stale_temps(root)
+    assert not dead.exists() and live.exists()
+
+
+def test_free_space_check_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotError, match="not enough disk space"):
+        _store.check_free_space(tmp_path, 1 << 60)
