@@ -30,7 +30,12 @@ __all__ = ["BootPlan", "prepare_boot", "resolve_accel"]
 #: Kernel arguments for every guest. ``quiet`` because each console byte is an
 #: emulated UART write under TCG; ``pci=off`` as microvm has no PCI bus;
 #: ``reboot=t`` plus QEMU's -no-reboot turns any reboot into a QEMU exit.
-BASE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pci=off nomodeset tsc=reliable"
+#: ``norandmaps``: TCG keys its translated code by virtual address too, so with
+#: ASLR every process re-translates ld.so and libc; without it a dynamically
+#: linked ``true`` costs 4.8 ms instead of 23 ms and ``import pytest`` 0.11 s
+#: instead of 0.45 s (measured here). ASLR inside a throwaway test VM protects
+#: nothing on the host.
+BASE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pci=off nomodeset tsc=reliable norandmaps"
 
 
 @dataclass(frozen=True)
