@@ -29,6 +29,7 @@ import anyio
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig
 from pytest_microsandbox.runtime.agent.client import AgentClient
 from pytest_microsandbox.runtime.boot import BootPlan, prepare_boot, resolve_accel
+from pytest_microsandbox.runtime.paths import make_run_dir
 from pytest_microsandbox.runtime.qemu import QemuBackend
 
 
@@ -50,7 +51,7 @@ async def bare_boot(plan: BootPlan) -> float:
     bare = BootPlan(
         kernel=plan.kernel, initrd=plan.initrd, layers=(), accel=plan.accel, agent=plan.agent
     )
-    run_dir = Path(tempfile.mkdtemp(prefix="msb-bench-"))
+    run_dir = make_run_dir("bench-bare")
     try:
         start = time.monotonic()
         vm = await QemuBackend().start(bare.vm_spec(SandboxConfig(name="bare"), run_dir))

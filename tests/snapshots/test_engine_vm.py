@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SnapshotError
+from pytest_microsandbox.runtime.paths import run_root
 from pytest_microsandbox.snapshots import _store, close_pools
 
 pytestmark = pytest.mark.vm
@@ -67,14 +68,8 @@ def test_clones_are_independent() -> None:
     run(body)
 
 
-@pytest.mark.xfail(
-    reason="agent CONFIGURE credits the seed with RNDADDENTROPY but does not call "
-    "RNDRESEEDCRNG, so Linux 6.1's CRNG keeps the template's state until its next "
-    "timed reseed: clones may read the same /dev/urandom bytes (agent fix pending; "
-    "whether the timed reseed has fired depends on the template's age, hence not strict)",
-    strict=False,
-)
 def test_clones_urandom_differs() -> None:
+    # CONFIGURE credits the host's seed and forces a CRNG reseed (RNDRESEEDCRNG).
     async def body() -> None:
         async with (
             await Sandbox.create(CONFIG, name="rng-a") as a,
@@ -209,9 +204,8 @@ def test_create_stop_cycles_leak_nothing() -> None:
         return len(os.listdir("/proc/self/fd"))
 
     def run_dirs() -> set[str]:
-        # Only ours: other sandboxes may run on this host meanwhile.
-        mine = ("msb-cycle", "msb-pooled", "msb-warm")
-        return {p.name for p in Path("/tmp").glob("msb-*") if p.name.startswith(mine)}
+        # This process's run dirs only: other sandboxes may run on this host meanwhile.
+        return {p.name for p in run_root().iterdir()}
 
     async def body() -> None:
         async with await Sandbox.create(CONFIG, name="warm"):

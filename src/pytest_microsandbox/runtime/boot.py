@@ -8,7 +8,6 @@ import functools
 import hashlib
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from .config import SandboxConfig
 from .images import Layer, resolve_root_layers
 from .initramfs import InitramfsSpec, build_initramfs
 from .kernel import KernelInfo, find_kernel
-from .paths import cache_dir
+from .paths import cache_dir, make_run_dir
 from .qemu import DEVICE_SET
 
 __all__ = ["BootPlan", "prepare_boot", "resolve_accel"]
@@ -133,7 +132,7 @@ async def _probe_kvm(backend: Backend, timeout: float) -> None:
     cache = cache_dir()
     kernel, agent, initrd = await anyio.to_thread.run_sync(_base_files, cache)
     plan = BootPlan(kernel=kernel, initrd=initrd, layers=(), accel="kvm", agent=agent)
-    run_dir = Path(tempfile.mkdtemp(prefix="msb-kvm-probe-"))
+    run_dir = make_run_dir("kvm-probe")
     try:
         probe_config = SandboxConfig(name="kvm-probe", memory=256)
         vm = await backend.start(plan.vm_spec(probe_config, run_dir))

@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -38,6 +37,7 @@ from .agent.results import DirEntry, ExecEvent, ExecResult, FileStat
 from .backend import Backend, VMHandle
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig
+from .paths import make_run_dir
 from .qemu import XFER_TAG
 
 if TYPE_CHECKING:
@@ -349,7 +349,7 @@ class Sandbox:
     @classmethod
     async def _boot(cls, config: SandboxConfig, backend: Backend, plan: BootPlan) -> Sandbox:
         stack = AsyncExitStack()
-        run_dir = Path(tempfile.mkdtemp(prefix=f"msb-{config.name[:40]}-"))
+        run_dir = make_run_dir(config.name)
         stack.callback(shutil.rmtree, run_dir, True)
         try:
             spec = plan.vm_spec(config, run_dir)

@@ -46,6 +46,7 @@ from ..runtime.agent.client import AgentClient
 from ..runtime.backend import Backend, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig
+from ..runtime.paths import make_run_dir
 from ..runtime.qemu import QemuVM
 from . import _store
 from ._model import FORMAT_VERSION, DiskMeta, SnapshotMeta
@@ -160,8 +161,7 @@ def _pool_size() -> int:
 
 
 def _mkrun(name: str) -> Path:
-    # Sockets live here: keep it short (unix socket paths are limited to 108 bytes).
-    return Path(tempfile.mkdtemp(prefix=f"msb-{name[:24]}-"))
+    return make_run_dir(name)
 
 
 def _tmp_entry(root: Path, name: str) -> Path:

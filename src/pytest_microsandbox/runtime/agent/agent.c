@@ -59,6 +59,9 @@
 #define MODULE_INIT_COMPRESSED_FILE 4
 /* <linux/random.h> is not available to musl-gcc: _IOW('R', 0x03, int[2]). */
 #define MSB_RNDADDENTROPY _IOW('R', 0x03, int[2])
+/* _IO('R', 0x07): make the CRNG use the new entropy now, not at its next timed
+ * reseed; otherwise clones of one template can read the same urandom bytes. */
+#define MSB_RNDRESEEDCRNG _IO('R', 0x07)
 
 enum tag {
 	T_VERSION = 1, T_ARG = 2, T_ENV = 3, T_CWD = 4, T_USER = 5, T_TIMEOUT_MS = 7,
@@ -1429,11 +1432,13 @@ static void h_configure(const struct msg *m)
 		memcpy(pool.buf, p, n);
 		int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
 		int r = fd < 0 ? -1 : ioctl(fd, MSB_RNDADDENTROPY, &pool);
+		if (r == 0)
+			r = ioctl(fd, MSB_RNDRESEEDCRNG);
 		int e = errno;
 		if (fd >= 0)
 			close(fd);
 		if (r < 0) {
-			reply_error(m->id, e, "RNDADDENTROPY: %s", strerror(e));
+			reply_error(m->id, e, "reseeding the RNG: %s", strerror(e));
 			return;
 		}
 	}
@@ -1641,7 +1646,7 @@ static void port_read(void)
 		}
 		/* virtio port without a host on the other side: poll() would
 		 * report POLLHUP forever, so look again a little later. */
-		port_backoff_until = clock_ms(CLOCK_MONOTONIC) + 20;
+		port_backoff_until = clock_ms(CLOCK_MONOTONIC) + 2; /* short: a restored clone's host is about to appear */
 		return;
 	}
 	ib_len += (size_t)n;
