@@ -43,6 +43,15 @@ from ..runtime._exceptions import (
     SnapshotLockTimeoutError,
 )
 from ..runtime.agent.client import AgentClient
+from ..runtime.agent.protocol import (
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    MsgType,
+    Tag,
+    bytes_field,
+    encode_frame,
+    int_field,
+)
 from ..runtime.backend import Backend, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig
@@ -309,6 +318,8 @@ class _Incoming:
     stream: anyio.abc.ByteStream
     stack: AsyncExitStack
     loop: asyncio.AbstractEventLoop | None = field(default=None)
+    #: Already restored, running, and warmed up by :func:`_warm_up`.
+    warmed: bool = False
 
     async def discard(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -348,8 +359,9 @@ async def _finish_restore(inc: _Incoming, config: SandboxConfig, plan: BootPlan 
 
     stack = inc.stack
     try:
-        await inc.monitor.load(inc.entry.state, _MIGRATE_TIMEOUT)
-        await inc.monitor.execute("cont")
+        if not inc.warmed:
+            await inc.monitor.load(inc.entry.state, _MIGRATE_TIMEOUT)
+            await inc.monitor.execute("cont")
         agent = await stack.enter_async_context(AgentClient(inc.stream))
         # The guest agent is the template's, mid-loop: it sends no READY, so HELLO
         # confirms it serves (and speaks our protocol version).
@@ -364,6 +376,34 @@ async def _finish_restore(inc: _Incoming, config: SandboxConfig, plan: BootPlan 
         await inc.stream.aclose()
         await stack.aclose()
         raise
+
+
+async def _warm_up(inc: _Incoming, timeout: float = 30.0) -> None:
+    """Restore a pooled clone ahead of use and run one command in it.
+
+    A restored TCG clone starts with an empty translation cache, so its first
+    command costs ~100 ms of code translation (agent, kernel exec path, ld.so,
+    libc). Paying that while the clone waits in the pool leaves a create with
+    only the per-clone set-up (clock, RNG seed, hostname) and the user's own
+    command. Plain frames, not AgentClient: the client's task group must live
+    in the task that will own the sandbox.
+    """
+    await inc.monitor.load(inc.entry.state, _MIGRATE_TIMEOUT)
+    await inc.monitor.execute("cont")
+    decoder = FrameDecoder()
+    requests = [
+        (MsgType.HELLO, [int_field(Tag.VERSION, PROTOCOL_VERSION)], {MsgType.OK}),
+        (MsgType.EXEC, [bytes_field(Tag.ARG, "true")], {MsgType.EXITED, MsgType.ERROR}),
+    ]
+    with anyio.fail_after(timeout):
+        for request_id, (type_, fields, final) in enumerate(requests, start=1):
+            await inc.stream.send(encode_frame(request_id, type_, fields))
+            done = False
+            while not done:
+                for frame in decoder.feed(await inc.stream.receive()):
+                    if frame.id == request_id and frame.type in final | {MsgType.ERROR}:
+                        done = True
+    inc.warmed = True
 
 
 async def _restore_entry(
@@ -617,6 +657,11 @@ class _Pool:
         try:
             inc = await _start_incoming(self.entry, self._backend, "pooled", 60, self._cache)
         except Exception:
+            return
+        try:
+            await _warm_up(inc)
+        except Exception:
+            await inc.discard()
             return
         if self._closed:
             await inc.discard()
