@@ -8,6 +8,7 @@ the tail of the guest console, since that usually says why the guest died.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -21,6 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 
 from ._exceptions import (
     ExecTimeoutError,
@@ -277,6 +279,45 @@ class SandboxFs:
         return size
 
 
+async def start_agent_client(stack: AsyncExitStack, stream: anyio.abc.ByteStream) -> AgentClient:
+    """Run an AgentClient in a task of its own; ``stack`` closes it.
+
+    The client's reader lives in a task group, and anyio requires a task group
+    to be left by the task that entered it, in LIFO order. Sandboxes are
+    created and stopped in any order (``sandbox_factory``, pytest fixtures), so
+    each client gets a dedicated owner task instead of borrowing the caller's.
+    """
+    client = AgentClient(stream)
+    entered = anyio.Event()
+    release = anyio.Event()
+    failure: list[BaseException] = []
+
+    async def own() -> None:
+        try:
+            async with client:
+                entered.set()
+                await release.wait()
+        except BaseException as exc:  # reported to whoever waits in close()
+            failure.append(exc)
+        finally:
+            entered.set()
+
+    # asyncio only (the snapshot layer's QMP client needs it too): anyio has no
+    # detached tasks, and no caller-owned task group fits this lifetime.
+    task = asyncio.get_running_loop().create_task(own())
+
+    async def close() -> None:
+        release.set()
+        with anyio.CancelScope(shield=True):
+            await task
+
+    stack.push_async_callback(close)
+    await entered.wait()
+    if failure:
+        raise failure[0]
+    return client
+
+
 class Sandbox:
     """A running microVM. Create with :meth:`create`; use as an async context manager."""
 
@@ -357,7 +398,7 @@ class Sandbox:
             stack.push_async_callback(vm.kill)
             boot_deadline = anyio.current_time() + config.boot_timeout
             stream = await vm.connect_agent(config.boot_timeout)
-            agent = await stack.enter_async_context(AgentClient(stream))
+            agent = await start_agent_client(stack, stream)
             try:
                 await agent.wait_ready(timeout=max(0.1, boot_deadline - anyio.current_time()))
             except (GuestTimeoutError, SandboxNotRunningError, ProtocolError) as exc:

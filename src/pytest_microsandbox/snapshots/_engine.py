@@ -355,14 +355,14 @@ async def _start_incoming(
 
 
 async def _finish_restore(inc: _Incoming, config: SandboxConfig, plan: BootPlan | None) -> Sandbox:
-    from ..runtime.sandbox import Sandbox
+    from ..runtime.sandbox import Sandbox, start_agent_client
 
     stack = inc.stack
     try:
         if not inc.warmed:
             await inc.monitor.load(inc.entry.state, _MIGRATE_TIMEOUT)
             await inc.monitor.execute("cont")
-        agent = await stack.enter_async_context(AgentClient(inc.stream))
+        agent = await start_agent_client(stack, inc.stream)
         # The guest agent is the template's, mid-loop: it sends no READY, so HELLO
         # confirms it serves (and speaks our protocol version).
         await agent.hello(timeout=config.boot_timeout)
