@@ -244,3 +244,15 @@ def test_sigkilled_owner_leaves_no_qemu(tmp_path: Path) -> None:
         not Path(f"/proc/{qemu_pid}").exists()
         or "Z" in Path(f"/proc/{qemu_pid}/stat").read_text().split()[2]
     )
+
+
+def test_sandboxes_stop_in_any_order() -> None:
+    async def main() -> None:
+        first = await Sandbox.create(SandboxConfig(name="order-a"))
+        second = await Sandbox.create(SandboxConfig(name="order-b"))
+        await first.stop()  # not LIFO: must not trip anyio's cancel-scope nesting
+        assert (await second.exec("true")).success
+        await second.stop()
+        assert not first.running and not second.running
+
+    anyio.run(main)
