@@ -91,11 +91,20 @@ class VMHandle(abc.ABC):
     def console_tail(self, lines: int = 40) -> str:
         return read_console_tail(self.spec.console_path, lines)
 
+    @property
+    def xfer_guest_dir(self) -> str | None:
+        """Where the guest sees ``run_dir/xfer`` without mounting anything, if it
+        does; None when the 9p transfer share must be mounted for a transfer.
+        """
+        return None
+
 
 class Backend(abc.ABC):
     """Starts VMs."""
 
     name: str
+    #: False for test doubles that need no kernel, initramfs or root image.
+    boots_guest: bool = True
 
     @abc.abstractmethod
     async def start(self, spec: VMSpec) -> VMHandle:

@@ -36,7 +36,7 @@ from ._exceptions import (
 from .agent.client import AgentClient
 from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileStat
-from .backend import Backend, VMHandle
+from .backend import Backend, VMHandle, VMSpec
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig
 from .paths import make_run_dir
@@ -373,6 +373,10 @@ class Sandbox:
 
             backend = QemuBackend()
         start = time.monotonic()
+        if not backend.boots_guest:  # a test double (hostproc.py): nothing to boot
+            sandbox = await cls._boot(config, backend, None)
+            sandbox.boot_seconds = time.monotonic() - start
+            return sandbox
         accel = await resolve_accel(config, backend)
         plan = await anyio.to_thread.run_sync(prepare_boot, config, accel.accel, config.cache_dir)
         from .qemu import QemuBackend
@@ -388,12 +392,14 @@ class Sandbox:
         return sandbox
 
     @classmethod
-    async def _boot(cls, config: SandboxConfig, backend: Backend, plan: BootPlan) -> Sandbox:
+    async def _boot(cls, config: SandboxConfig, backend: Backend, plan: BootPlan | None) -> Sandbox:
         stack = AsyncExitStack()
         run_dir = make_run_dir(config.name)
         stack.callback(shutil.rmtree, run_dir, True)
         try:
-            spec = plan.vm_spec(config, run_dir)
+            spec = (
+                plan.vm_spec(config, run_dir) if plan is not None else _bare_spec(config, run_dir)
+            )
             vm = await backend.start(spec)
             stack.push_async_callback(vm.kill)
             boot_deadline = anyio.current_time() + config.boot_timeout
@@ -618,18 +624,22 @@ class Sandbox:
                     os.link(source, staged)  # free when on the same filesystem
                 except OSError:
                     await anyio.to_thread.run_sync(shutil.copyfile, source, staged)
-            async with self._xfer_share():
+            direct = self._vm.xfer_guest_dir
+            async with self._xfer_share(needed=direct is None):
                 with self._guest_errors():
                     return await self._agent.copy_file(
-                        f"{_XFER_MOUNT}/{staged.name}", guest_path, mode=mode
+                        f"{direct or _XFER_MOUNT}/{staged.name}", guest_path, mode=mode
                     )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 staged.unlink()
 
     @contextlib.asynccontextmanager
-    async def _xfer_share(self) -> AsyncIterator[None]:
+    async def _xfer_share(self, needed: bool = True) -> AsyncIterator[None]:
         """Keep the transfer share mounted while at least one transfer runs."""
+        if not needed:
+            yield
+            return
         async with self._xfer_lock:
             if self._xfer_users == 0:
                 with self._guest_errors():
@@ -673,6 +683,20 @@ class Sandbox:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<Sandbox {self.name!r} {state} pid={self.pid}>"
+
+
+def _bare_spec(config: SandboxConfig, run_dir: Path) -> VMSpec:
+    """A spec for backends that boot no guest (test doubles): no kernel, no disks."""
+    return VMSpec(
+        name=config.name,
+        kernel=Path("/nonexistent"),
+        initrd=Path("/nonexistent"),
+        cmdline="",
+        cpus=config.cpus,
+        memory_mib=config.memory,
+        accel="tcg",
+        run_dir=run_dir,
+    )
 
 
 def _boot_failure(vm: VMHandle, config: SandboxConfig, exc: SandboxError) -> SandboxError:
