@@ -341,8 +341,8 @@ async def _start_incoming(
         vm = await backend.start(spec)
         assert isinstance(vm, QemuVM)
         stack.push_async_callback(vm.kill)
-        _pids.add(vm)
-        stack.callback(_pids.discard, vm)
+        _pids[vm] = asyncio.get_running_loop()
+        stack.callback(_pids.pop, vm, None)
         monitor = await Monitor.open(vm, timeout)
         stack.push_async_callback(monitor.close)
         await monitor.set_ignore_shared(True)
@@ -607,7 +607,30 @@ async def fork_sandbox(
 
 # -- pre-started pool -------------------------------------------------------------------------
 
-_pids: set[QemuVM] = set()
+#: Every clone QEMU of this process, with the event loop that owns it.
+_pids: dict[QemuVM, asyncio.AbstractEventLoop] = {}
+
+
+def _kill_vm_now(vm: QemuVM) -> None:
+    if vm.pid is not None and vm.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(vm.pid, signal.SIGKILL)
+    shutil.rmtree(vm.spec.run_dir, ignore_errors=True)
+
+
+def _reap_closed_loops() -> None:
+    """Kill clones whose event loop has ended (e.g. one ``anyio.run`` per test
+    without close_pools()): nothing can use or stop them any more, and idle
+    pooled QEMUs would otherwise pile up until the process exits.
+    """
+    for key, pool in list(_pools.items()):
+        if pool.loop.is_closed():
+            del _pools[key]
+            pool.close_now()
+    for vm, loop in list(_pids.items()):
+        if loop.is_closed():
+            _pids.pop(vm, None)
+            _kill_vm_now(vm)
 
 
 def _kill_all_at_exit() -> None:
@@ -615,10 +638,7 @@ def _kill_all_at_exit() -> None:
     # SyncSandbox's portal) and clones never stopped: kill them and remove their run
     # directories. A SIGKILLed owner is covered by pdeathsig (run dirs then remain).
     for vm in list(_pids):
-        if vm.pid is not None and vm.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(vm.pid, signal.SIGKILL)
-        shutil.rmtree(vm.spec.run_dir, ignore_errors=True)
+        _kill_vm_now(vm)
 
 
 atexit.register(_kill_all_at_exit)
@@ -637,6 +657,15 @@ class _Pool:
         self._ready: deque[_Incoming] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.loop = asyncio.get_running_loop()
+
+    def close_now(self) -> None:
+        """Synchronously kill the pooled QEMUs of a pool whose event loop is gone."""
+        self._closed = True
+        while self._ready:
+            vm = self._ready.popleft().vm
+            _pids.pop(vm, None)
+            _kill_vm_now(vm)
 
     def take(self) -> _Incoming | None:
         while self._ready:
@@ -700,6 +729,7 @@ def _pool_for(entry: _store.Entry, backend: Backend, cache: Path | None) -> _Poo
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return None  # not on asyncio (qemu.qmp needs it anyway)
+    _reap_closed_loops()
     key = (id(loop), str(entry.path))
     pool = _pools.get(key)
     if pool is None:
