@@ -1,0 +1,265 @@
+"""The pytest plugin without VMs: options, marker validation, skip logic, header,
+the guest protocol's pure parts. (Real-VM runs live in tests/fixtures/.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+
+from pytest_microsandbox.fixtures import _guest, _zygote
+from pytest_microsandbox.fixtures._remote import guest_args, safe_name, watched_files
+from pytest_microsandbox.fixtures._settings import Settings, marker_spec, resolve_settings
+from pytest_microsandbox.fixtures._stats import Stats
+
+pytest_plugins = ["pytester"]
+
+NO_KERNEL = {"MICROSANDBOX_KERNEL_DIR": "/nonexistent-msb-kernel"}
+
+
+@pytest.fixture(autouse=True)
+def _real_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pytester moves $HOME: keep the real cache (kernel, images) visible to inner runs.
+    from pytest_microsandbox.runtime.paths import cache_dir
+
+    monkeypatch.setenv("MICROSANDBOX_CACHE_DIR", str(cache_dir()))
+
+
+def test_public_facade_exports():
+    import pytest_microsandbox as msb
+
+    assert sorted(msb.__all__) == msb.__all__
+    for name in msb.__all__:
+        assert getattr(msb, name) is not None
+    with pytest.raises(AttributeError):
+        _ = msb.nope  # type: ignore[attr-defined]
+
+
+def test_settings_precedence_cmdline_over_ini_over_default(pytester: pytest.Pytester):
+    pytester.makeini("[pytest]\nsandbox_memory = 1024\nsandbox_cpus = 2\n")
+    config = pytester.parseconfig("--sandbox-memory=768")
+    s = resolve_settings(config)
+    assert (s.memory, s.cpus, s.image, s.network, s.isolation) == (768, 2, "host", "none", "auto")
+    assert not s.keep_failed and not s.no_sandbox and not s.require
+
+
+def test_settings_bool_flags_and_ini(pytester: pytest.Pytester):
+    pytester.makeini("[pytest]\nsandbox_require = true\n")
+    s = resolve_settings(pytester.parseconfig("--no-sandbox", "--sandbox-keep-failed"))
+    assert s.require and s.no_sandbox and s.keep_failed
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--sandbox-network=public"], "only policy is 'none'"),
+        (["--sandbox-memory=lots"], "--sandbox-memory must be an integer"),
+        (["--sandbox-cpus=0"], "--sandbox-cpus must be between 1 and 64"),
+        (["--sandbox-accel=hvf"], "--sandbox-accel must be one of auto, kvm, tcg"),
+        (["--sandbox-isolation=thread"], "--sandbox-isolation must be one of"),
+    ],
+)
+def test_bad_options_are_usage_errors(pytester: pytest.Pytester, args, needle):
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert needle in result.stderr.str()
+
+
+def _mark(**kw):
+    return pytest.mark.sandbox(**kw).mark
+
+
+def test_marker_spec_precedence_marker_over_settings():
+    settings = Settings(memory=768, cpus=2)
+    spec = marker_spec(_mark(memory=1024, env={"A": "1"}, timeout=5), settings, "t")
+    assert (spec.memory, spec.cpus, spec.env, spec.timeout) == (1024, 2, (("A", "1"),), 5.0)
+    assert marker_spec(_mark(), settings, "t").memory == 768
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"network": "public"}, "network='public' is not supported yet"),
+        ({"memroy": 5}, "unknown @pytest.mark.sandbox argument(s) memroy"),
+        ({"timeout": -1}, "timeout=...) must be a positive number"),
+        ({"env": {"A": 1}}, "env=...) must be a dict of str to str"),
+        ({"isolation": "thread"}, "isolation=...) must be one of"),
+        ({"memory": 64}, "memory=...) must be between 128"),
+    ],
+)
+def test_marker_rejects_bad_arguments(kw, needle):
+    with pytest.raises(pytest.UsageError) as info:
+        marker_spec(_mark(**kw), Settings(), "test_x.py::test_y")
+    assert needle in str(info.value)
+    assert "test_x.py::test_y" in str(info.value)
+
+
+def test_marker_rejects_positional_arguments():
+    with pytest.raises(pytest.UsageError, match="keyword arguments only"):
+        marker_spec(pytest.mark.sandbox("big").mark, Settings(), "t")
+
+
+def test_bad_marker_fails_the_run_with_a_clear_error(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.sandbox(network="public")
+        def test_x():
+            pass
+        """
+    )
+    result = pytester.runpytest("--no-sandbox")
+    assert result.ret != 0
+    result.stderr.re_match_lines([r".*test_x: network='public' is not supported yet.*"])
+
+
+def test_marker_is_registered(pytester: pytest.Pytester):
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.sandbox(image=None, memory=None*"])
+
+
+def test_no_sandbox_runs_marked_tests_locally(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        """
+        import os, pytest
+        @pytest.mark.sandbox(memory=256)
+        def test_here():
+            assert "MICROSANDBOX_GUEST" not in os.environ
+        """
+    )
+    result = pytester.runpytest("--no-sandbox", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_without_backend_marked_tests_and_fixtures_skip_with_the_fix(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    for key, value in NO_KERNEL.items():
+        monkeypatch.setenv(key, value)
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.sandbox
+        def test_marked():
+            pass
+        def test_fixture(sandbox):
+            pass
+        def test_plain():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=2)
+    result.stdout.fnmatch_lines(["*no microVM backend: no guest kernel in /nonexistent*"])
+    result.stdout.fnmatch_lines(["microsandbox: unavailable: *"])
+
+
+def test_sandbox_require_turns_the_skip_into_a_failure(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    for key, value in NO_KERNEL.items():
+        monkeypatch.setenv(key, value)
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.sandbox
+        def test_marked():
+            pass
+        def test_fixture(sandbox):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox-require", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*--sandbox-require is set*"])
+
+
+def test_header_names_accelerator_kernel_cache_and_templates(pytester: pytest.Pytester):
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.stdout.re_match_lines(
+        [r"microsandbox: (accel (kvm|tcg) .*kernel .*cache .*|unavailable: .*)"]
+    )
+
+
+def test_guest_args_forward_report_shaping_options(pytester: pytest.Pytester):
+    pytester.makeini("[pytest]\naddopts = -n 2\n")
+    config = pytester.parseconfig(
+        "-p", "no:xdist", "-vv", "--tb=short", "-l", "-W", "error::UserWarning",
+        "-o", "xfail_strict=true", "--strict-markers", "-o", "addopts=",
+    )  # fmt: skip
+    args = guest_args(config, ["/x/test_a.py"])
+    assert args[:2] == ["-o", "addopts="]  # no -n, --junitxml, ... from addopts in the guest
+    for expected in ("-vv", "--tb=short", "-l", "--strict-markers", "--color=no"):
+        assert expected in args
+    assert args[args.index("-W") + 1] == "error::UserWarning"
+    assert "xfail_strict=true" in args
+    assert args[-1] == "/x/test_a.py"
+    assert args[args.index("--rootdir") + 1] == str(config.rootpath)
+
+
+def test_watched_files_are_tests_conftests_and_ini(pytester: pytest.Pytester):
+    pytester.makeini("[pytest]\n")
+    pytester.makeconftest("")
+    sub = pytester.mkpydir("sub")
+    (sub / "conftest.py").write_text("")
+    test = sub / "test_a.py"
+    test.write_text("def test(): pass\n")
+    config = pytester.parseconfig()
+    watched = {p.name for p in watched_files(config, [str(test)])}
+    assert watched == {"test_a.py", "conftest.py", "tox.ini"}
+    assert len(watched_files(config, [str(test)])) == 4  # two conftests
+
+
+def test_guest_env_drops_volatile_and_worker_variables():
+    env = _zygote.guest_env(
+        {"PATH": "/bin", "PYTEST_XDIST_WORKER": "gw1", "OLDPWD": "/", "KEEP": "1"}, {"X": "2"}
+    )
+    assert env == {"PATH": "/bin", "KEEP": "1", "X": "2", _guest.GUEST_ENV: "1"}
+
+
+def test_protocol_lines_ignore_stray_output():
+    line = _guest.PREFIX + json.dumps({"kind": "done", "data": {"status": 0}})
+    text = f"hello\n{line}\n{_guest.PREFIX}not json\nbye"
+    assert _zygote.parse_lines(text) == [{"kind": "done", "data": {"status": 0}}]
+
+
+def test_client_command_passes_the_request_as_an_argument():
+    cmd, args = _zygote.client_command("t.py::test[a b'\"]", True)
+    assert cmd == "/bin/sh"
+    assert json.loads(args[-1]) == {"nodeid": "t.py::test[a b'\"]", "fork": True}
+    assert "$1" in args[1]
+
+
+def test_serialize_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn(DeprecationWarning("old"), stacklevel=1)
+    data = _guest.serialize_warning(caught[0])
+    assert data["message"] == "old"
+    assert (data["category_module"], data["category_name"]) == ("builtins", "DeprecationWarning")
+
+
+def test_safe_names_are_valid_sandbox_names():
+    from pytest_microsandbox.runtime import SandboxConfig
+
+    for raw in ("test_x[a/b c]", "-weird", "[", "x" * 200):
+        SandboxConfig(name=safe_name(raw))
+
+
+def test_stats_merge_and_p50():
+    a, b = Stats(), Stats()
+    a.record_start(0.1)
+    b.record_start(0.3)
+    b.template_seconds, b.templates_built = 2.0, 1
+    a.merge(b.to_dict())
+    assert a.created == 2 and a.templates_built == 1
+    assert a.restore_p50() == pytest.approx(0.2)
+
+
+def test_plugin_is_loaded_through_the_entry_point(pytester: pytest.Pytester):
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(["run tests in microVMs*", "*--sandbox-keep-failed*"])
+    assert os.environ.get(_guest.GUEST_ENV) is None
