@@ -256,3 +256,28 @@ def test_sandboxes_stop_in_any_order() -> None:
         assert not first.running and not second.running
 
     anyio.run(main)
+
+
+def test_hung_guest_is_reported_not_waited_on_forever() -> None:
+    from pytest_microsandbox.runtime import GuestTimeoutError
+    from pytest_microsandbox.runtime import sandbox as sandbox_mod
+
+    async def main() -> None:
+        config = SandboxConfig(name="hangs", request_timeout=1.0)
+        async with await Sandbox.create(config) as sb:
+            assert sb.pid is not None
+            os.kill(sb.pid, signal.SIGSTOP)  # the whole VM freezes
+            try:
+                with pytest.raises(GuestTimeoutError, match="stopped answering"):
+                    await sb.shell("sleep 1000")  # no exec timeout: the heartbeat catches it
+                with pytest.raises(GuestTimeoutError):
+                    await sb.fs().stat("/")
+            finally:
+                os.kill(sb.pid, signal.SIGCONT)
+
+    original = sandbox_mod.HEARTBEAT_INTERVAL
+    sandbox_mod.HEARTBEAT_INTERVAL = 0.5
+    try:
+        anyio.run(main)
+    finally:
+        sandbox_mod.HEARTBEAT_INTERVAL = original

@@ -13,6 +13,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -46,9 +47,16 @@ if TYPE_CHECKING:
     from ..snapshots._qmp import Monitor
     from ..snapshots._store import Entry
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
 __all__ = ["ExecHandle", "ExecOutput", "Sandbox", "SandboxFs", "SandboxMetrics"]
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: Seconds between liveness pings while a command runs (a hung guest is
+#: reported after this plus ``request_timeout``, not never).
+HEARTBEAT_INTERVAL = 5.0
 
 #: Host->guest payloads at least this big go through the 9p transfer share
 #: (~100 MB/s under TCG) instead of the agent port (~3 MB/s that way).
@@ -565,19 +573,50 @@ class Sandbox:
 
         :raises CommandNotFoundError: ``cmd`` does not exist in the guest.
         :raises ExecTimeoutError: it ran past ``timeout`` seconds (it was killed).
+        :raises GuestTimeoutError: the guest stopped answering meanwhile (checked
+            every ``HEARTBEAT_INTERVAL`` seconds, so a hung guest never hangs the caller).
         """
         self._check_running()
         timeout = self.config.exec_timeout if timeout is None else timeout
         data = stdin.encode() if isinstance(stdin, str) else stdin
+        result: ExecResult | None = None
+        hung: list[GuestTimeoutError] = []
+
+        async def heartbeat(scope: anyio.CancelScope) -> None:
+            while True:
+                await anyio.sleep(HEARTBEAT_INTERVAL)
+                try:
+                    await self._agent.ping(timeout=self._request_timeout)
+                except GuestTimeoutError as exc:
+                    hung.append(exc)
+                    scope.cancel()
+                    return
+                except SandboxError:
+                    return  # a dead connection fails the exec itself, with its own error
+
         with self._guest_errors():
-            result = await self._agent.exec(
-                [cmd, *args],
-                env=self._exec_env(env),
-                cwd=cwd or self.config.workdir,
-                user=user or self.config.user,
-                timeout=timeout,
-                stdin=data,
-            )
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(heartbeat, tg.cancel_scope)
+                    result = await self._agent.exec(
+                        [cmd, *args],
+                        env=self._exec_env(env),
+                        cwd=cwd or self.config.workdir,
+                        user=user or self.config.user,
+                        timeout=timeout,
+                        stdin=data,
+                    )
+                    tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The heartbeat never raises: the group only wraps the exec's own error.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
+            if hung or result is None:
+                raise GuestTimeoutError(
+                    f"sandbox {self.name!r}: the guest stopped answering while {cmd!r} ran "
+                    f"(no reply to a ping within {self._request_timeout:g} s)"
+                )
         return _finish(result, cmd, timeout)
 
     async def shell(self, script: str, **kwargs: Any) -> ExecOutput:
