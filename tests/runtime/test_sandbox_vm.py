@@ -281,3 +281,21 @@ def test_hung_guest_is_reported_not_waited_on_forever() -> None:
         anyio.run(main)
     finally:
         sandbox_mod.HEARTBEAT_INTERVAL = original
+
+
+def test_sync_snapshot_fork_and_restore(tmp_path: Path) -> None:
+    from pytest_microsandbox.snapshots import Snapshot
+
+    with SyncSandbox.create(SandboxConfig(name="sync-parent")) as parent:
+        parent.fs().write("/root/state.txt", "before")
+        with parent.fork() as child:
+            assert child.fs().read_text("/root/state.txt") == "before"
+            child.fs().write("/root/state.txt", "child")
+        assert parent.fs().read_text("/root/state.txt") == "before"
+        path = parent.snapshot("sync-snap")
+        try:
+            with SyncSandbox.restore("sync-snap", name="sync-restored") as restored:
+                assert restored.fs().read_text("/root/state.txt") == "before"
+        finally:
+            Snapshot.remove("sync-snap")
+        assert not path.exists()

@@ -66,15 +66,14 @@ def _close_portal() -> None:
 
 
 class _Lifetime:
-    """Creates and stops one sandbox inside a single portal task."""
+    """Creates (with ``factory``) and stops one sandbox inside a single portal task."""
 
-    def __init__(self, config: SandboxConfig | None, backend: Backend | None, kw: Any) -> None:
-        self._args = (config, backend, kw)
+    def __init__(self, factory: Callable[[], Awaitable[Sandbox]]) -> None:
+        self._factory = factory
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Sandbox:
-        config, backend, kw = self._args
-        sandbox = await Sandbox.create(config, backend=backend, **kw)
+        sandbox = await self._factory()
         return await self._stack.enter_async_context(sandbox)
 
     async def __aexit__(self, *exc: object) -> None:
@@ -94,8 +93,40 @@ class SyncSandbox:
         cls, config: SandboxConfig | None = None, /, *, backend: Backend | None = None, **kw: Any
     ) -> SyncSandbox:
         """Boot a sandbox (see :meth:`Sandbox.create`)."""
+
+        async def factory() -> Sandbox:
+            return await Sandbox.create(config, backend=backend, **kw)
+
+        return cls._start(factory)
+
+    @classmethod
+    def _start(cls, factory: Callable[[], Awaitable[Sandbox]]) -> SyncSandbox:
         portal = _get_portal()
-        return cls(portal, portal.wrap_async_context_manager(_Lifetime(config, backend, kw)))
+        return cls(portal, portal.wrap_async_context_manager(_Lifetime(factory)))
+
+    @classmethod
+    def restore(
+        cls, name_or_path: str | os.PathLike[str], *, name: str | None = None
+    ) -> SyncSandbox:
+        """Start a sandbox from a named snapshot (see :meth:`Sandbox.restore`)."""
+
+        async def factory() -> Sandbox:
+            return await Sandbox.restore(name_or_path, name=name)
+
+        return cls._start(factory)
+
+    def snapshot(self, name: str) -> Path:
+        """Capture this sandbox as snapshot ``name`` (see :meth:`Sandbox.snapshot`)."""
+        return self._call(self._sandbox.snapshot, name)
+
+    def fork(self, name: str | None = None) -> SyncSandbox:
+        """A child carrying this sandbox's state (see :meth:`Sandbox.fork`)."""
+        parent = self._sandbox
+
+        async def factory() -> Sandbox:
+            return await parent.fork(name)
+
+        return self._start(factory)
 
     @property
     def async_sandbox(self) -> Sandbox:
