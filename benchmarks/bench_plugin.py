@@ -1,0 +1,163 @@
+"""The plugin's per-test cost, against baselines measured in the same run.
+
+* 50 trivial tests unmarked (host pytest): the floor.
+* the same 50 marked, under each isolation level ("process", "vm"), zygote prebuilt.
+* the same 50 as 50 fresh ``python -m pytest file::test`` host processes: what
+  "isolation by a new process" costs without a VM.
+* a 40-test marked suite with ``-n 2`` vs ``-n 0``.
+
+Per-test wall time is taken on the host between consecutive
+``pytest_runtest_logfinish`` calls (timing plugin below), so it includes the
+restore/fork and report round trip, not just the guest's own durations.
+
+    .venv/bin/python benchmarks/bench_plugin.py [--baseline-runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SUITE = """
+import pytest
+
+pytestmark = pytest.mark.sandbox if MARKED else []
+
+
+@pytest.mark.parametrize("i", range(40))
+def test_a(i):
+    assert i >= 0
+
+
+@pytest.mark.parametrize("i", range(10))
+def test_b(i):
+    assert i >= 0
+"""
+
+TIMING_PLUGIN = """
+import os, time
+
+_last = [None]
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _last[0] is None:
+        _last[0] = time.monotonic()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if os.environ.get("MICROSANDBOX_GUEST") or not os.environ.get("MSB_BENCH_OUT"):
+        return
+    now = time.monotonic()
+    with open(os.environ["MSB_BENCH_OUT"], "a") as f:
+        f.write(f"{now - _last[0]}\\n")
+    _last[0] = now
+"""
+
+
+def _write(root: Path, marked: bool) -> Path:
+    d = root / ("marked" if marked else "plain")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "pytest.ini").write_text("[pytest]\n")
+    (d / "msb_bench_timing.py").write_text(TIMING_PLUGIN)
+    (d / "test_bench.py").write_text(f"MARKED = {marked}\n" + SUITE)
+    return d
+
+
+def _run(d: Path, *args: str, out: Path | None = None) -> float:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = str(d)
+    if out is not None:
+        out.unlink(missing_ok=True)
+        env["MSB_BENCH_OUT"] = str(out)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+         "msb_bench_timing", *args],
+        cwd=d, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    took = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({args}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return took
+
+
+def _per_test(out: Path) -> list[float]:
+    return [float(x) for x in out.read_text().split()]
+
+
+def _p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline-runs", type=int, default=50)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="msb-bench-plugin-") as tmp:
+        root = Path(tmp)
+        plain, marked = _write(root, False), _write(root, True)
+        out = root / "times.txt"
+
+        _run(plain, out=out)
+        unmarked = _per_test(out)
+        results["unmarked_p50_ms"] = statistics.median(unmarked) * 1000
+
+        # Same environment as the measured runs: the environment is part of the zygote key.
+        build = _run(marked, "--sandbox-isolation=process", "test_bench.py::test_b[0]", out=out)
+        results["zygote_build_run_s"] = build
+        for level in ("process", "vm"):
+            total = _run(marked, f"--sandbox-isolation={level}", out=out)
+            times = _per_test(out)
+            results[f"{level}_p50_ms"] = statistics.median(times) * 1000
+            results[f"{level}_p95_ms"] = _p(times, 0.95) * 1000
+            results[f"{level}_total_s"] = total
+            results[f"{level}_overhead_p50_ms"] = (
+                statistics.median(times) - statistics.median(unmarked)
+            ) * 1000
+
+        fresh = []
+        for i in range(args.baseline_runs):
+            case = f"test_bench.py::test_a[{i}]" if i < 40 else f"test_bench.py::test_b[{i - 40}]"
+            fresh.append(_run(plain, case))
+        results["fresh_process_p50_ms"] = statistics.median(fresh) * 1000
+
+        n0 = _run(marked, "-k", "test_a", "-n", "0")
+        n2 = _run(marked, "-k", "test_a", "-n", "2")
+        results["n0_40_tests_s"] = n0
+        results["n2_40_tests_s"] = n2
+        results["n2_over_n0"] = n2 / n0
+
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print("pytest-microsandbox plugin benchmark (host wall time per test, p50)")
+    print(f"  unmarked (host pytest)           {results['unmarked_p50_ms']:8.1f} ms")
+    for level in ("process", "vm"):
+        print(
+            f"  marked, isolation={level:<8}      {results[f'{level}_p50_ms']:8.1f} ms"
+            f"  (p95 {results[f'{level}_p95_ms']:.1f} ms; overhead over unmarked "
+            f"{results[f'{level}_overhead_p50_ms']:.1f} ms; 50 tests in "
+            f"{results[f'{level}_total_s']:.1f} s)"
+        )
+    print(f"  fresh host `python -m pytest`    {results['fresh_process_p50_ms']:8.1f} ms")
+    print(
+        f"  40 marked tests: -n 0 {results['n0_40_tests_s']:.1f} s, -n 2 "
+        f"{results['n2_40_tests_s']:.1f} s (ratio {results['n2_over_n0']:.2f})"
+    )
+    print(f"  (first run incl. zygote build: {results['zygote_build_run_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
