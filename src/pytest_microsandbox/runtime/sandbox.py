@@ -15,12 +15,12 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -51,6 +51,8 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["ExecHandle", "ExecOutput", "Sandbox", "SandboxFs", "SandboxMetrics"]
+
+T = TypeVar("T")
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -189,8 +191,7 @@ class SandboxFs:
         self._sb = sandbox
 
     async def read(self, path: str) -> bytes:
-        with self._sb._guest_errors():
-            return await self._sb._agent.read_file(path, timeout=self._sb._transfer_timeout())
+        return await self._sb._watched(f"reading {path}", lambda: self._sb._agent.read_file(path))
 
     async def read_text(self, path: str, encoding: str = "utf-8") -> str:
         return (await self.read(path)).decode(encoding)
@@ -200,10 +201,9 @@ class SandboxFs:
         payload = data.encode() if isinstance(data, str) else data
         if len(payload) >= XFER_THRESHOLD:
             return await self._sb._import(payload, path, mode)
-        with self._sb._guest_errors():
-            return await self._sb._agent.write_file(
-                path, payload, mode=mode, timeout=self._sb._transfer_timeout()
-            )
+        return await self._sb._watched(
+            f"writing {path}", lambda: self._sb._agent.write_file(path, payload, mode=mode)
+        )
 
     async def list(self, path: str) -> list[DirEntry]:
         with self._sb._guest_errors():
@@ -255,10 +255,10 @@ class SandboxFs:
         mode = st.st_mode & 0o7777
         if st.st_size >= XFER_THRESHOLD:
             return await self._sb._import(src, guest_path, mode)
-        with self._sb._guest_errors():
-            return await self._sb._agent.write_file(
-                guest_path, src, mode=mode, timeout=self._sb._transfer_timeout()
-            )
+        return await self._sb._watched(
+            f"writing {guest_path}",
+            lambda: self._sb._agent.write_file(guest_path, src, mode=mode),
+        )
 
     async def copy_to_host(self, guest_path: str, host_path: str | os.PathLike[str]) -> int:
         """Copy a guest file (streamed, any size) or directory tree to the host."""
@@ -275,9 +275,9 @@ class SandboxFs:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.msb-partial")
         try:
-            with open(tmp, "wb") as f, self._sb._guest_errors():
-                size = await self._sb._agent.read_file_to(
-                    guest_path, f, timeout=self._sb._transfer_timeout()
+            with open(tmp, "wb") as f:
+                size = await self._sb._watched(
+                    f"reading {guest_path}", lambda: self._sb._agent.read_file_to(guest_path, f)
                 )
             os.chmod(tmp, st.permissions)
             os.replace(tmp, dst)
@@ -579,44 +579,17 @@ class Sandbox:
         self._check_running()
         timeout = self.config.exec_timeout if timeout is None else timeout
         data = stdin.encode() if isinstance(stdin, str) else stdin
-        result: ExecResult | None = None
-        hung: list[GuestTimeoutError] = []
-
-        async def heartbeat(scope: anyio.CancelScope) -> None:
-            while True:
-                await anyio.sleep(HEARTBEAT_INTERVAL)
-                try:
-                    await self._agent.ping(timeout=self._request_timeout)
-                except GuestTimeoutError as exc:
-                    hung.append(exc)
-                    scope.cancel()
-                    return
-                except SandboxError:
-                    return  # a dead connection fails the exec itself, with its own error
-
-        with self._guest_errors():
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(heartbeat, tg.cancel_scope)
-                    result = await self._agent.exec(
-                        [cmd, *args],
-                        env=self._exec_env(env),
-                        cwd=cwd or self.config.workdir,
-                        user=user or self.config.user,
-                        timeout=timeout,
-                        stdin=data,
-                    )
-                    tg.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # The heartbeat never raises: the group only wraps the exec's own error.
-                if len(group.exceptions) == 1:
-                    raise group.exceptions[0] from None
-                raise
-            if hung or result is None:
-                raise GuestTimeoutError(
-                    f"sandbox {self.name!r}: the guest stopped answering while {cmd!r} ran "
-                    f"(no reply to a ping within {self._request_timeout:g} s)"
-                )
+        result = await self._watched(
+            f"{cmd!r} ran",
+            lambda: self._agent.exec(
+                [cmd, *args],
+                env=self._exec_env(env),
+                cwd=cwd or self.config.workdir,
+                user=user or self.config.user,
+                timeout=timeout,
+                stdin=data,
+            ),
+        )
         return _finish(result, cmd, timeout)
 
     async def shell(self, script: str, **kwargs: Any) -> ExecOutput:
@@ -665,10 +638,12 @@ class Sandbox:
                     await anyio.to_thread.run_sync(shutil.copyfile, source, staged)
             direct = self._vm.xfer_guest_dir
             async with self._xfer_share(needed=direct is None):
-                with self._guest_errors():
-                    return await self._agent.copy_file(
+                return await self._watched(
+                    f"copying into {guest_path}",
+                    lambda: self._agent.copy_file(
                         f"{direct or _XFER_MOUNT}/{staged.name}", guest_path, mode=mode
-                    )
+                    ),
+                )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 staged.unlink()
@@ -697,8 +672,43 @@ class Sandbox:
                     with anyio.CancelScope(shield=True), self._guest_errors():
                         await self._agent.umount(_XFER_MOUNT, timeout=self._request_timeout)
 
-    def _transfer_timeout(self) -> float | None:
-        return None  # transfers are bounded by the agent's liveness, not a fixed time
+    async def _watched(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Await ``call()`` (an open-ended guest operation: a command, a transfer)
+        while pinging the agent every ``HEARTBEAT_INTERVAL`` seconds, so a hung
+        guest raises GuestTimeoutError instead of blocking the caller forever.
+        """
+        results: list[T] = []
+        hung: list[GuestTimeoutError] = []
+
+        async def heartbeat(scope: anyio.CancelScope) -> None:
+            while True:
+                await anyio.sleep(HEARTBEAT_INTERVAL)
+                try:
+                    await self._agent.ping(timeout=self._request_timeout)
+                except GuestTimeoutError as exc:
+                    hung.append(exc)
+                    scope.cancel()
+                    return
+                except SandboxError:
+                    return  # a dead connection fails the call itself, with its own error
+
+        with self._guest_errors():
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(heartbeat, tg.cancel_scope)
+                    results.append(await call())
+                    tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The heartbeat never raises: the group only wraps the call's own error.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
+            if hung or not results:
+                raise GuestTimeoutError(
+                    f"sandbox {self.name!r}: the guest stopped answering while {what} "
+                    f"(no reply to a ping within {self._request_timeout:g} s)"
+                )
+        return results[0]
 
     def _check_running(self) -> None:
         if self._stopped:
