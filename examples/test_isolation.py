@@ -30,7 +30,7 @@ def test_same_python_and_venv_as_the_host(sandbox):
 
 
 def test_has_no_network(sandbox):
-    # No network device is attached to the guest: nothing can leave it.
+    # The guest has no route out: its only NIC is unconfigured and plugged into nothing.
     code = "import socket; socket.create_connection(('1.1.1.1', 53), timeout=2)"
     out = sandbox.exec(sys.executable, ["-c", code])
     assert out.exit_code != 0
