@@ -461,7 +461,7 @@ async def restore_snapshot(
     config = SandboxConfig.from_json(entry.meta.config)
     if name is not None:
         config = config.model_copy(update={"name": name})
-    return await _restore_entry(entry, config, backend, None, cache, pooled=False)
+    return await _restore_entry(entry, config, backend, None, cache, pooled=True)
 
 
 # -- snapshot and fork of a running sandbox ---------------------------------------------------
