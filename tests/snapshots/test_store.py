@@ -84,6 +84,18 @@ def test_prune_by_age_then_size(tmp_path: Path) -> None:
     assert [i.name for i in Snapshot.list(tmp_path)] == ["new"]
 
 
+def test_auto_prune_spares_user_snapshots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_microsandbox.snapshots._engine import CACHE_BUDGET_ENV, auto_prune
+
+    now = time.time()
+    for age, name in enumerate(["zygote-new", "zygote-old", "mine"]):
+        path = _fake_entry(tmp_path, name)
+        os.utime(path, (now - 60 * age, now - 60 * age))
+    monkeypatch.setenv(CACHE_BUDGET_ENV, "1.5")  # MiB: room for one ~1 MiB entry
+    assert auto_prune(tmp_path, kind="snapshot", prefix="zygote-") == ["zygote-old"]
+    assert sorted(i.name for i in Snapshot.list(tmp_path)) == ["mine", "zygote-new"]
+
+
 def test_stale_temps_of_dead_builders_are_removed(tmp_path: Path) -> None:
     root = _store.templates_root(tmp_path)
     dead = root / ".tmp-key-pid999999999-abc"

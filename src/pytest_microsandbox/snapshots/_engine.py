@@ -65,8 +65,10 @@ if TYPE_CHECKING:
     from ..runtime.sandbox import Sandbox
 
 __all__ = [
+    "CACHE_BUDGET_ENV",
     "LOCK_TIMEOUT_ENV",
     "POOL_SIZE_ENV",
+    "auto_prune",
     "close_pools",
     "create_from_template",
     "ensure_template",
@@ -211,9 +213,28 @@ async def ensure_template(
         with contextlib.suppress(SnapshotError):
             return _store.check_entry(final)  # another process built it while we waited
         _store.clean_stale_temps(root)
-        return await _build_template(config, backend, plan, key, final, cache)
+        entry = await _build_template(config, backend, plan, key, final, cache)
     finally:
         lock.release()
+    auto_prune(cache, kind="template")
+    return entry
+
+
+#: Disk budget, in MiB, for automatically built entries (templates; the
+#: plugin's zygotes have their own): every project edit makes a new template,
+#: so the least recently used go beyond this. Named snapshots are never
+#: pruned automatically.
+CACHE_BUDGET_ENV = "MICROSANDBOX_AUTO_SNAPSHOT_BUDGET_MB"
+_DEFAULT_BUDGET_MB = 4096
+
+
+def auto_prune(cache: Path | None, *, kind: str, prefix: str | None = None) -> list[str]:
+    """Evict the least recently used automatic entries beyond the disk budget."""
+    budget = int(_env_float(CACHE_BUDGET_ENV, _DEFAULT_BUDGET_MB) * 1024 * 1024)
+    try:
+        return _store.prune(cache, max_bytes=budget, kind=kind, prefix=prefix)
+    except OSError:
+        return []  # a concurrent prune got there first
 
 
 async def _build_template(

@@ -327,6 +327,7 @@ def prune(
     max_age: float | None = None,
     max_bytes: int | None = None,
     kind: str | None = None,
+    prefix: str | None = None,
 ) -> list[str]:
     """Delete entries unused for ``max_age`` seconds, then the least recently
     used until the store holds at most ``max_bytes``. Returns the names removed.
@@ -336,6 +337,8 @@ def prune(
     """
     now = time.time()
     infos = sorted(list_snapshots(cache, kind), key=lambda i: i.last_used)
+    if prefix is not None:
+        infos = [i for i in infos if i.name.startswith(prefix)]
     removed: list[str] = []
     kept: list[SnapshotInfo] = []
     for info in infos:
