@@ -9,14 +9,25 @@ tested without a VM.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import anyio
 import anyio.abc
 
-__all__ = ["Accel", "Backend", "DiskSpec", "VMHandle", "VMSpec", "read_console_tail"]
+__all__ = [
+    "Accel",
+    "Backend",
+    "DiskSpec",
+    "ProcessVMHandle",
+    "VMHandle",
+    "VMSpec",
+    "read_console_tail",
+]
 
 Accel = Literal["kvm", "tcg"]
 
@@ -97,6 +108,41 @@ class VMHandle(abc.ABC):
         does; None when the 9p transfer share must be mounted for a transfer.
         """
         return None
+
+
+class ProcessVMHandle(VMHandle):
+    """A VM that is one host process plus the listener its agent connects to."""
+
+    def __init__(
+        self, spec: VMSpec, process: anyio.abc.Process, listener: anyio.abc.SocketListener
+    ) -> None:
+        self.spec = spec
+        self._process = process
+        self._listener = listener
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    async def kill(self) -> None:
+        if self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(signal.SIGKILL)
+        with anyio.CancelScope(shield=True):
+            await self._process.wait()
+            await self._process.aclose()
+            await self._listener.aclose()
+            self._release()
+
+    def _release(self) -> None:
+        """Free per-VM host resources once the process is gone (subclass hook)."""
 
 
 class Backend(abc.ABC):

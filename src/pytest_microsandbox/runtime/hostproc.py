@@ -9,8 +9,6 @@ untrusted code; it exists for tests, like httpx's MockTransport.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import subprocess
 from pathlib import Path
 
@@ -18,28 +16,13 @@ import anyio
 import anyio.abc
 
 from ._exceptions import BootError, GuestCrashedError
-from .backend import Backend, VMHandle, VMSpec
+from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec
 
 __all__ = ["HostProcessBackend", "HostProcessVM"]
 
 
-class HostProcessVM(VMHandle):
+class HostProcessVM(ProcessVMHandle):
     """The agent running on the host in place of a VM."""
-
-    def __init__(
-        self, spec: VMSpec, process: anyio.abc.Process, listener: anyio.abc.SocketListener
-    ) -> None:
-        self.spec = spec
-        self._process = process
-        self._listener = listener
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._process.returncode
 
     @property
     def xfer_guest_dir(self) -> str | None:
@@ -57,18 +40,6 @@ class HostProcessVM(VMHandle):
                 console_tail=self.console_tail(),
             )
         raise BootError(f"the host-mode agent did not connect within {timeout:g} s")
-
-    async def wait(self) -> int:
-        return await self._process.wait()
-
-    async def kill(self) -> None:
-        if self._process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._process.send_signal(signal.SIGKILL)
-        with anyio.CancelScope(shield=True):
-            await self._process.wait()
-            await self._process.aclose()
-            await self._listener.aclose()
 
 
 class HostProcessBackend(Backend):

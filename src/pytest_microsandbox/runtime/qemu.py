@@ -9,9 +9,7 @@ dies with the thread that started it: a SIGKILLed owner leaves no VM.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
 import socket
 import subprocess
 
@@ -19,7 +17,7 @@ import anyio
 import anyio.abc
 
 from ._exceptions import BackendUnavailableError, BootError, GuestCrashedError
-from .backend import Backend, VMHandle, VMSpec
+from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec
 
 __all__ = ["QEMU_BINARY", "QemuBackend", "QemuVM", "build_command", "find_qemu"]
 
@@ -113,7 +111,7 @@ def build_command(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
     return argv
 
 
-class QemuVM(VMHandle):
+class QemuVM(ProcessVMHandle):
     """A running QEMU process."""
 
     def __init__(
@@ -123,18 +121,8 @@ class QemuVM(VMHandle):
         listener: anyio.abc.SocketListener,
         qmp_listener: socket.socket | None = None,
     ) -> None:
-        self.spec = spec
-        self._process = process
-        self._listener = listener
+        super().__init__(spec, process, listener)
         self._qmp_listener = qmp_listener
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._process.returncode
 
     async def connect_agent(self, timeout: float) -> anyio.abc.ByteStream:
         stream: anyio.abc.ByteStream | None = None
@@ -198,20 +186,10 @@ class QemuVM(VMHandle):
             text = ""
         return f"QEMU said: {text[-1500:]}" if text else "QEMU printed nothing"
 
-    async def wait(self) -> int:
-        return await self._process.wait()
-
-    async def kill(self) -> None:
-        if self._process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._process.send_signal(signal.SIGKILL)
-        with anyio.CancelScope(shield=True):
-            await self._process.wait()
-            await self._process.aclose()
-            await self._listener.aclose()
-            if self._qmp_listener is not None:
-                self._qmp_listener.close()
-                self._qmp_listener = None
+    def _release(self) -> None:
+        if self._qmp_listener is not None:
+            self._qmp_listener.close()
+            self._qmp_listener = None
 
 
 class QemuBackend(Backend):
