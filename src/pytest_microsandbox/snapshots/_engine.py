@@ -26,7 +26,7 @@ import signal
 import tempfile
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -679,6 +679,7 @@ class _Pool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.loop = asyncio.get_running_loop()
+        self.guard: AsyncGenerator[None, None] | None = None  # keeps the shutdown hook alive
 
     def close_now(self) -> None:
         """Synchronously kill the pooled QEMUs of a pool whose event loop is gone."""
@@ -755,7 +756,32 @@ def _pool_for(entry: _store.Entry, backend: Backend, cache: Path | None) -> _Poo
     pool = _pools.get(key)
     if pool is None:
         pool = _pools[key] = _Pool(entry, backend, cache, size)
+        pool.guard = _close_at_loop_shutdown(key, pool)
     return pool
+
+
+def _close_at_loop_shutdown(key: tuple[int, str], pool: _Pool) -> AsyncGenerator[None, None]:
+    """Close ``pool`` while its event loop shuts down.
+
+    asyncio.run and anyio.run finalise every live async generator before they
+    close the loop (``shutdown_asyncgens``), so a suspended one is the loop's
+    only shutdown hook. Without it, pooled QEMUs outlived their loop until
+    another create or interpreter exit reaped them.
+    """
+
+    async def guard() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            if _pools.get(key) is pool:
+                del _pools[key]
+            await pool.aclose()
+
+    agen = guard()
+    # Run it to its yield now (no await happens before it): the loop registers it.
+    with contextlib.suppress(StopIteration):
+        agen.__anext__().send(None)
+    return agen
 
 
 async def close_pools() -> None:
