@@ -1032,11 +1032,9 @@ static int mkdir_parents(const char *path)
 	return mkdir_p(buf, 0755) < 0 ? -1 : 0;
 }
 
-static void h_fs_read(const struct msg *m)
+/* Opens a regular file for reading, or replies ERROR for request ``id`` and returns -1. */
+static int open_regular(uint32_t id, const char *path)
 {
-	char path[PATH_MAX];
-	if (!need_path(m, T_PATH, path))
-		return;
 	/* O_NONBLOCK: opening a FIFO must not hang the agent (it is refused below). */
 	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 	struct stat st;
@@ -1044,15 +1042,26 @@ static void h_fs_read(const struct msg *m)
 		int e = errno;
 		if (fd >= 0)
 			close(fd);
-		reply_error(m->id, e, "%s: %s", path, strerror(e));
-		return;
+		reply_error(id, e, "%s: %s", path, strerror(e));
+		return -1;
 	}
 	if (!S_ISREG(st.st_mode)) {
 		int e = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
 		close(fd);
-		reply_error(m->id, e, "%s: %s", path, e == EISDIR ? strerror(e) : "not a regular file");
-		return;
+		reply_error(id, e, "%s: %s", path, e == EISDIR ? strerror(e) : "not a regular file");
+		return -1;
 	}
+	return fd;
+}
+
+static void h_fs_read(const struct msg *m)
+{
+	char path[PATH_MAX];
+	if (!need_path(m, T_PATH, path))
+		return;
+	int fd = open_regular(m->id, path);
+	if (fd < 0)
+		return;
 	struct req *r = new_req(m->id, R_READ);
 	if (!r) {
 		close(fd);
@@ -1315,20 +1324,9 @@ static void h_fs_copy(const struct msg *m)
 		reply_error(m->id, EAGAIN, "too many live requests");
 		return;
 	}
-	int in = open(src, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-	struct stat st;
-	if (in < 0 || fstat(in, &st) < 0) {
-		int e = errno;
-		if (in >= 0)
-			close(in);
-		reply_error(m->id, e, "%s: %s", src, strerror(e));
+	int in = open_regular(m->id, src);
+	if (in < 0)
 		return;
-	}
-	if (!S_ISREG(st.st_mode)) {
-		close(in);
-		reply_error(m->id, EINVAL, "%s: not a regular file", src);
-		return;
-	}
 	if ((flags & 1) && mkdir_parents(dst) < 0) {
 		int e = errno;
 		close(in);
