@@ -598,3 +598,19 @@ def test_layer_model() -> None:
         Layer(serial="Bad_Serial", path=Path("/x"), digest="", description="")
     with pytest.raises(ValueError):
         Layer(serial="x" * 21, path=Path("/x"), digest="", description="")
+
+
+def test_editable_install_sources_get_their_own_layers(tmp_path: Path) -> None:
+    base, venv, project = _fake_prefixes(tmp_path)
+    outside = tmp_path / "elsewhere" / "src"
+    outside.mkdir(parents=True)
+    site = venv / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "_outside.pth").write_text(f"{outside}\n")
+    (site / "_inside.pth").write_text(f"{project}\n")  # already in the project layer
+    (site / "hooks.pth").write_text("import sys\n# comment\nrelative/path\n")
+    specs = plan_host_trees(
+        project_root=project, cache_dir=tmp_path / "cache", base_prefix=base, prefix=venv
+    )
+    assert [s.serial for s in specs] == ["l-edit0", "l-project", "l-venv", "l-python"]
+    assert specs[0].keep == (outside.resolve(),)

@@ -177,6 +177,38 @@ def _tree_spec(
     )
 
 
+#: At most this many editable-install source trees get layers of their own.
+MAX_EDITABLE_LAYERS = 4
+
+
+def editable_source_dirs(prefix: Path, covered: list[Path]) -> list[Path]:
+    """Directories that ``.pth`` files of the environment at ``prefix`` put on
+    ``sys.path`` (how editable installs point at their sources), minus those
+    inside ``covered`` trees, the home directory itself and ``/``.
+    """
+    found: list[Path] = []
+    home = Path.home().resolve()
+    for pth in sorted(prefix.glob("lib/python3*/site-packages/*.pth")):
+        try:
+            lines = pth.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith(("#", "import ", "import\t")):
+                continue
+            path = Path(line)
+            if not path.is_absolute() or not path.is_dir():
+                continue
+            path = path.resolve()
+            if path == Path("/") or _under(home, path) or path in found:
+                continue
+            if any(_under(path, tree) for tree in covered):
+                continue
+            found.append(path)
+    return found[:MAX_EDITABLE_LAYERS]
+
+
 def plan_host_trees(
     *,
     project_root: Path | None,
@@ -218,6 +250,22 @@ def plan_host_trees(
                 root,
                 f"{root} (project)",
                 exclude_paths=tuple(sorted(set(inside))),
+                exclude_names=PROJECT_EXCLUDE_NAMES,
+            ),
+        )
+    # Editable installs whose sources live outside every tree imaged so far
+    # (e.g. a package under development used by another project's tests).
+    covered = [*(t for _, _, t, _ in trees), usr]
+    if project_root is not None:
+        covered.append(Path(project_root).resolve())
+    for n, source in enumerate(editable_source_dirs(venv, covered)):
+        specs.insert(
+            0,
+            _tree_spec(
+                f"l-edit{n}",
+                f"edit{n}",
+                source,
+                f"{source} (editable install)",
                 exclude_names=PROJECT_EXCLUDE_NAMES,
             ),
         )

@@ -74,7 +74,10 @@ def _host_layers(
         return _memoized(key, lambda: build_layer(spec, images))
 
     trees = [
-        build_layer(spec, images) if spec.serial == "l-project" else stable(spec)
+        # Source trees that change with every edit are checked on every resolve.
+        build_layer(spec, images)
+        if spec.serial.startswith(("l-project", "l-edit"))
+        else stable(spec)
         for spec in plan_host_trees(project_root=project_root, cache_dir=cache)
     ]
     base = _memoized(
