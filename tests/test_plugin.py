@@ -263,3 +263,65 @@ def test_plugin_is_loaded_through_the_entry_point(pytester: pytest.Pytester):
     result = pytester.runpytest_subprocess("--help")
     result.stdout.fnmatch_lines(["run tests in microVMs*", "*--sandbox-keep-failed*"])
     assert os.environ.get(_guest.GUEST_ENV) is None
+
+
+def _zygote_plan(pytester: pytest.Pytester) -> _zygote.GuestPlan:
+    from pytest_microsandbox.fixtures._remote import RemoteRunner
+
+    config = pytester.parseconfigure()
+    runner = RemoteRunner(config, resolve_settings(config), Stats())
+    runner.set_files([str(pytester.path / "test_a.py")])
+    return runner.plan_for(marker_spec(_mark(), runner.settings, "t"))
+
+
+def test_zygote_key_hook_reaches_the_plan_and_renames_the_zygote(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    import anyio
+
+    async def fixed_identity(config: object) -> str:
+        return "boot"  # no kernel, image or accelerator probe needed
+
+    monkeypatch.setattr(_zygote, "_boot_identity", fixed_identity)
+    pytester.makepyfile(test_a="import pytest\n@pytest.mark.sandbox\ndef test_x(): pass\n")
+    plain = _zygote_plan(pytester)
+    assert plain.extra_key == ""  # no implementation: the key is what it always was
+
+    pytester.makeconftest(
+        """
+        def pytest_microsandbox_zygote_key(config):
+            return (config.rootpath / "data.txt").read_text()
+        """
+    )
+    pytester.makepyfile(
+        other_plugin="def pytest_microsandbox_zygote_key(config):\n    return None\n"
+    )
+    pytester.syspathinsert()
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p other_plugin")
+    (pytester.path / "data.txt").write_text("v1")
+    v1 = _zygote_plan(pytester)
+    assert json.loads(v1.extra_key) == ["v1"]  # None adds nothing
+    (pytester.path / "data.txt").write_text("v2")
+    v2 = _zygote_plan(pytester)
+    assert json.loads(v2.extra_key) == ["v2"]
+    # The conftest is a watched file, so compare v1/v2, which differ only by the hook.
+    assert v1.watched == v2.watched
+    names = [anyio.run(_zygote.zygote_name, plan) for plan in (v1, v2, v2)]
+    assert names[0] != names[1] == names[2]
+
+
+def test_zygote_key_hook_must_return_a_string(pytester: pytest.Pytester):
+    pytester.makeconftest("def pytest_microsandbox_zygote_key(config):\n    return 42\n")
+    pytester.makepyfile(test_a="import pytest\n@pytest.mark.sandbox\ndef test_x(): pass\n")
+    with pytest.raises(pytest.UsageError, match="must return a str or None, got int: 42"):
+        _zygote_plan(pytester)
+
+
+def test_misspelt_microsandbox_hook_is_rejected(pytester: pytest.Pytester):
+    # The hookspec is registered, so pytest validates implementations against it.
+    pytester.makeconftest("def pytest_microsandbox_zygote_kye(config):\n    return 'x'\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret != 0
+    assert "unknown hook 'pytest_microsandbox_zygote_kye'" in str(result.stderr) + str(
+        result.stdout
+    )

@@ -27,6 +27,7 @@ from .fixtures._settings import MARKER_DOC, MarkerSpec, add_options, marker_spec
 from .fixtures._state import STATE_KEY, PluginState, accel_decision, get_state, in_guest
 
 __all__ = [
+    "pytest_addhooks",
     "pytest_addoption",
     "pytest_configure",
     "sandbox",
@@ -37,6 +38,13 @@ __all__ = [
 
 _SPEC_KEY = pytest.StashKey[MarkerSpec]()
 _ = _worker_sandbox_snapshot  # a fixture: pytest finds it in this module's namespace
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Register this plugin's hooks (see :mod:`pytest_microsandbox.hookspec`)."""
+    from . import hookspec
+
+    pluginmanager.add_hookspecs(hookspec)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

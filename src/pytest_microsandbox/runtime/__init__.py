@@ -27,6 +27,7 @@ from ._exceptions import (
     SnapshotNotFoundError,
 )
 from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
+from .boot import boot_identity
 from .config import SandboxConfig
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
@@ -67,4 +68,5 @@ __all__ = [
     "SyncExecHandle",
     "SyncSandbox",
     "SyncSandboxFs",
+    "boot_identity",
 ]

@@ -22,9 +22,9 @@ from .images import Layer, resolve_root_layers
 from .initramfs import InitramfsSpec, build_initramfs
 from .kernel import KernelInfo, find_kernel
 from .paths import cache_dir, make_run_dir
-from .qemu import DEVICE_SET
+from .qemu import DEVICE_SET, QemuBackend
 
-__all__ = ["BootPlan", "prepare_boot", "resolve_accel"]
+__all__ = ["BootPlan", "boot_identity", "prepare_boot", "resolve_accel"]
 
 #: Kernel arguments for every guest. ``quiet`` because each console byte is an
 #: emulated UART write under TCG; ``pci=off`` as microvm has no PCI bus;
@@ -157,3 +157,24 @@ async def resolve_accel(config: SandboxConfig, backend: Backend) -> AccelDecisio
         await _probe_kvm(backend, timeout)
 
     return await choose_accel(config.resolved_accel(), cache_dir(), probe)
+
+
+async def boot_identity(config: SandboxConfig) -> str:
+    """A digest of what a VM of ``config`` boots from, as QEMU would run it here.
+
+    It covers the kernel, the initramfs (hence the guest agent), the root layers
+    (for ``image="host"`` the project's files and the host prefixes), the
+    accelerator, the device set, cpus, memory and the kernel command line: equal
+    digests mean equal guest memory at boot. Use it to key caches of things
+    derived from a booted guest. Builds (or finds cached) the initramfs and
+    images and resolves the accelerator like :meth:`Sandbox.create` does (a KVM
+    probe boot once per host boot, TCG if it fails), so the first call can take
+    seconds; later ones read the caches.
+
+    :raises KernelNotFoundError: the guest kernel has not been provisioned.
+    :raises AgentBuildError: the guest agent cannot be compiled.
+    :raises ImageError: a root filesystem layer cannot be built.
+    """
+    decision = await resolve_accel(config, QemuBackend())
+    plan = await anyio.to_thread.run_sync(prepare_boot, config, decision.accel, config.cache_dir)
+    return plan.identity(config)
