@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_microsandbox.runtime import ConfigError, SandboxConfig
-from pytest_microsandbox.runtime.config import ACCEL_ENV, find_project_root
+from pytest_microsandbox.runtime import ConfigError, SandboxConfig, Volume
+from pytest_microsandbox.runtime.config import ACCEL_ENV, MAX_VOLUMES, find_project_root
 
 
 def test_defaults_and_round_trip() -> None:
@@ -59,3 +59,68 @@ def test_project_root_discovery(tmp_path: Path) -> None:
     (tmp_path / "proj" / "pkg" / "sub").mkdir(parents=True)
     (tmp_path / "proj" / "pyproject.toml").write_text("")
     assert find_project_root(tmp_path / "proj" / "pkg" / "sub") == tmp_path / "proj"
+
+
+# -- volumes ----------------------------------------------------------------------------------
+
+
+def test_volumes_round_trip_and_shapes(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "b")
+    config = SandboxConfig(
+        volumes={
+            "/data/": Volume.bind(tmp_path / "a", readonly=True),
+            "/scratch": str(tmp_path / "link"),  # a bare path: read-write bind
+        }
+    )
+    assert list(config.volumes) == ["/data", "/scratch"]  # guest paths normalized
+    assert config.volumes["/data"] == Volume(host_path=tmp_path / "a", readonly=True)
+    assert config.volumes["/scratch"].host_path == tmp_path / "b"  # symlink resolved
+    assert not config.volumes["/scratch"].readonly
+    again = SandboxConfig.from_json(config.to_json())
+    assert again == config
+    assert list(again.volumes) == ["/data", "/scratch"]  # order = device slot order
+    # Sandbox.create(config, **overrides) goes through model_dump.
+    assert SandboxConfig(**config.model_dump()) == config
+
+
+@pytest.mark.parametrize(
+    ("guest", "needle"),
+    [
+        ("data", "must be absolute"),
+        ("/", "is the root"),
+        ("/..", "is the root"),
+        ("/proc/x", "under /proc"),
+        ("/dev", "under /dev"),
+    ],
+)
+def test_volume_guest_path_errors(tmp_path: Path, guest: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        SandboxConfig(volumes={guest: Volume.bind(tmp_path)})
+    assert "volumes" in str(info.value) and needle in str(info.value)
+
+
+def test_volume_duplicates_nesting_and_count(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"volumes.*'/data/' is given twice"):
+        SandboxConfig(volumes={"/data": str(tmp_path), "/data/": str(tmp_path)})
+    with pytest.raises(ConfigError, match="/data/sub is nested inside volume /data"):
+        SandboxConfig(volumes={"/data/sub": str(tmp_path), "/data-x": str(tmp_path),
+                               "/data": str(tmp_path)})  # fmt: skip
+    four = {f"/v{i}": str(tmp_path) for i in range(MAX_VOLUMES)}
+    assert len(SandboxConfig(volumes=four).volumes) == MAX_VOLUMES
+    with pytest.raises(ConfigError, match=f"at most {MAX_VOLUMES}"):
+        SandboxConfig(volumes={**four, "/one-more": str(tmp_path)})
+
+
+def test_volume_host_path_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"host_path.*does not exist: create it first"):
+        Volume.bind(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"host_path.*is not a directory"):
+        Volume.bind(tmp_path / "file")
+    # Nested in a config, the error names the volume's field path too.
+    with pytest.raises(ConfigError, match=r"volumes\./data\.host_path.*does not exist"):
+        SandboxConfig(volumes={"/data": {"host_path": str(tmp_path / "missing")}})
+    with pytest.raises(ConfigError, match="readonly"):
+        SandboxConfig(volumes={"/data": {"host_path": str(tmp_path), "readonly": "perhaps"}})

@@ -28,7 +28,7 @@ from ._exceptions import (
 )
 from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
 from .boot import boot_identity
-from .config import SandboxConfig
+from .config import SandboxConfig, Volume
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
 
@@ -68,5 +68,6 @@ __all__ = [
     "SyncExecHandle",
     "SyncSandbox",
     "SyncSandboxFs",
+    "Volume",
     "boot_identity",
 ]

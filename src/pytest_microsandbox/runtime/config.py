@@ -5,15 +5,30 @@ through JSON without booting anything.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ._exceptions import ConfigError
 
-__all__ = ["ACCEL_ENV", "AccelChoice", "SandboxConfig", "find_project_root"]
+__all__ = [
+    "ACCEL_ENV",
+    "MAX_VOLUMES",
+    "AccelChoice",
+    "SandboxConfig",
+    "Volume",
+    "find_project_root",
+]
 
 #: Environment variable forcing the accelerator: ``kvm``, ``tcg`` or ``auto``.
 ACCEL_ENV = "MICROSANDBOX_ACCEL"
@@ -23,6 +38,12 @@ AccelChoice = Literal["auto", "kvm", "tcg"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PROJECT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
+
+#: Volumes per sandbox: every template and clone carries this many spare 9p
+#: devices (tags ``msb.vol0`` ...), so a clone can bind its volumes after restore.
+MAX_VOLUMES = 4
+#: Guest paths a volume may not cover: the agent and every exec rely on them.
+_RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev", "/run/.msb-xfer")
 
 
 def _format_validation_error(model: str, exc: ValidationError) -> str:
@@ -46,6 +67,91 @@ def find_project_root(start: Path | None = None) -> Path | None:
         if any((candidate / m).exists() for m in _PROJECT_MARKERS):
             return candidate
     return None
+
+
+class Volume(BaseModel):
+    """A host directory mounted in the guest (microsandbox's ``Volume.bind``).
+
+    Used as the values of :attr:`SandboxConfig.volumes`, keyed by guest path::
+
+        SandboxConfig(volumes={"/data": Volume.bind("/srv/data", readonly=True)})
+
+    A bare path string is accepted as a read-write bind. The guest sees the
+    directory through virtio-9p: ``readonly`` is enforced by QEMU (the share is
+    exported read-only) and by the guest mount (``ro``).
+
+    :meth:`bind` (and :class:`SandboxConfig`) raise :class:`ConfigError` naming
+    the bad field.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Only "bind" so far (named and tmpfs volumes may follow).
+    kind: Literal["bind"] = "bind"
+    host_path: Path = Field(
+        description="existing host directory (stored absolute, symlinks resolved)"
+    )
+    readonly: bool = Field(False, description="refuse guest writes (host and guest side)")
+
+    # No __init__ override (unlike SandboxConfig): pydantic would call it for
+    # nested values too, and the error would lose its field path
+    # (volumes./data.host_path). Construct through bind() to get ConfigError.
+
+    @classmethod
+    def bind(cls, path: str | os.PathLike[str], *, readonly: bool = False) -> Volume:
+        """Mount the host directory ``path`` (read-write unless ``readonly``).
+
+        :raises ConfigError: ``path`` does not exist or is not a directory.
+        """
+        try:
+            return cls(host_path=Path(path), readonly=readonly)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("Volume", exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, data: Any) -> Any:
+        if isinstance(data, (str, os.PathLike)):
+            return {"host_path": data}
+        return data
+
+    @field_validator("host_path")
+    @classmethod
+    def _check_host_path(cls, value: Path) -> Path:
+        if "\0" in str(value):
+            raise ValueError("contains a NUL byte")
+        try:
+            resolved = value.expanduser().resolve(strict=True)
+        except FileNotFoundError:
+            raise ValueError(
+                f"host directory {str(value)!r} does not exist: create it first "
+                "(volumes bind existing directories)"
+            ) from None
+        except OSError as exc:
+            raise ValueError(f"cannot resolve host directory {str(value)!r}: {exc}") from None
+        if not resolved.is_dir():
+            raise ValueError(
+                f"{str(value)!r} is not a directory: a volume binds a host directory "
+                "(copy single files in with sandbox.fs().copy_from_host)"
+            )
+        return resolved
+
+
+def _normalize_guest_path(raw: str) -> str:
+    if "\0" in raw:
+        raise ValueError(f"guest path {raw!r} contains a NUL byte")
+    if not raw.startswith("/"):
+        raise ValueError(f"guest path {raw!r} must be absolute (start with '/')")
+    path = "/" + posixpath.normpath(raw).lstrip("/")
+    if path == "/":
+        raise ValueError(f"guest path {raw!r} is the root: mount a volume on a subdirectory")
+    for reserved in _RESERVED_GUEST_PATHS:
+        if path == reserved or path.startswith(reserved + "/"):
+            raise ValueError(
+                f"guest path {raw!r} is under {reserved}, which the guest agent needs: "
+                "choose another directory"
+            )
+    return path
 
 
 class SandboxConfig(BaseModel):
@@ -83,6 +189,11 @@ class SandboxConfig(BaseModel):
     stop_timeout: float = Field(10.0, gt=0, description="graceful stop before a forced kill")
     request_timeout: float = Field(
         60.0, gt=0, description="seconds the agent may take to answer a non-exec request"
+    )
+    volumes: dict[str, Volume] = Field(
+        default_factory=dict,
+        description="host directories mounted in the guest, keyed by absolute guest path: "
+        f"{{'/data': Volume.bind('/host/dir', readonly=True)}}; at most {MAX_VOLUMES}",
     )
     cold_boot: bool = Field(
         False, description="boot from scratch instead of restoring a clone of a template"
@@ -139,6 +250,30 @@ class SandboxConfig(BaseModel):
             if "\0" in val:
                 raise ValueError(f"environment variable {key} contains a NUL byte")
         return value
+
+    @field_validator("volumes")
+    @classmethod
+    def _check_volumes(cls, value: dict[str, Volume]) -> dict[str, Volume]:
+        if len(value) > MAX_VOLUMES:
+            raise ValueError(
+                f"{len(value)} volumes given, at most {MAX_VOLUMES} are supported "
+                "(one spare 9p device each): bind a common parent directory instead"
+            )
+        out: dict[str, Volume] = {}
+        for raw, volume in value.items():
+            path = _normalize_guest_path(raw)
+            if path in out:
+                raise ValueError(f"guest path {raw!r} is given twice (as {path}): merge them")
+            out[path] = volume
+        for outer in out:
+            for inner in out:
+                if not inner.startswith(outer + "/"):
+                    continue
+                raise ValueError(
+                    f"volume {inner} is nested inside volume {outer}: nested volumes "
+                    "are not supported; use sibling guest paths"
+                )
+        return out
 
     @field_validator("workdir", "shell")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -26,6 +27,7 @@ import anyio
 import anyio.abc
 
 from ._exceptions import (
+    ConfigError,
     ExecTimeoutError,
     GuestCrashedError,
     GuestTimeoutError,
@@ -39,9 +41,10 @@ from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileStat
 from .backend import Backend, VMHandle, VMSpec
 from .boot import BootPlan, prepare_boot, resolve_accel
-from .config import SandboxConfig
+from .config import SandboxConfig, Volume
 from .paths import make_run_dir
 from .qemu import XFER_TAG
+from .volumes import mount_volumes, volume_device_args
 
 if TYPE_CHECKING:
     from ..snapshots._qmp import Monitor
@@ -408,6 +411,16 @@ class Sandbox:
             spec = (
                 plan.vm_spec(config, run_dir) if plan is not None else _bare_spec(config, run_dir)
             )
+            if config.volumes:
+                if plan is None:
+                    raise ConfigError(
+                        f"volumes: the {backend.name} backend boots no guest to mount them "
+                        "in; use the QEMU backend"
+                    )
+                # A cold boot needs one 9p device per volume (same tags as a clone's).
+                volumes = tuple(config.volumes.values())
+                vol_args = volume_device_args(volumes, run_dir, len(volumes))
+                spec = dataclasses.replace(spec, extra_args=(*spec.extra_args, *vol_args))
             vm = await backend.start(spec)
             stack.push_async_callback(vm.kill)
             boot_deadline = anyio.current_time() + config.boot_timeout
@@ -434,27 +447,37 @@ class Sandbox:
                 hostname=self.name,
                 timeout=self._request_timeout,
             )
+            if self.config.volumes:
+                await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
 
     # -- snapshots (logic in pytest_microsandbox.snapshots) ------------------------------------
 
     @classmethod
     async def restore(
-        cls, name_or_path: str | os.PathLike[str], *, name: str | None = None
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
     ) -> Sandbox:
         """Start a sandbox from a named snapshot (or a snapshot directory's path).
 
+        ``volumes`` (guest path -> :meth:`Volume.bind`) are mounted in the restored
+        sandbox; a snapshot itself never carries any.
+
         :raises SnapshotNotFoundError: there is no such snapshot.
         :raises SnapshotError: it is broken or the restore failed.
+        :raises ConfigError: a volume is invalid.
         """
         from ..snapshots._engine import restore_snapshot
 
-        return await restore_snapshot(name_or_path, name=name)
+        return await restore_snapshot(name_or_path, name=name, volumes=volumes)
 
     async def snapshot(self, name: str) -> Path:
         """Capture this running sandbox (memory, devices, in-RAM overlay) as snapshot
         ``name``; it pauses for the capture and runs on. Returns the snapshot's path.
 
-        :raises SnapshotError: cold-booted sandbox, mounted 9p volume, full disk, QEMU error.
+        :raises SnapshotError: cold-booted sandbox, mounted volume, full disk, QEMU error.
         """
         from ..snapshots._engine import snapshot_sandbox
 

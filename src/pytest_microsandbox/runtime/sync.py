@@ -24,7 +24,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
-from .config import SandboxConfig
+from .config import SandboxConfig, Volume
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
 __all__ = ["SyncExecHandle", "SyncSandbox", "SyncSandboxFs"]
@@ -106,12 +106,16 @@ class SyncSandbox:
 
     @classmethod
     def restore(
-        cls, name_or_path: str | os.PathLike[str], *, name: str | None = None
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
     ) -> SyncSandbox:
         """Start a sandbox from a named snapshot (see :meth:`Sandbox.restore`)."""
 
         async def factory() -> Sandbox:
-            return await Sandbox.restore(name_or_path, name=name)
+            return await Sandbox.restore(name_or_path, name=name, volumes=volumes)
 
         return cls._start(factory)
 

@@ -26,7 +26,7 @@ import signal
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +54,10 @@ from ..runtime.agent.protocol import (
 )
 from ..runtime.backend import Backend, VMSpec
 from ..runtime.boot import BootPlan
-from ..runtime.config import SandboxConfig
+from ..runtime.config import MAX_VOLUMES, SandboxConfig, Volume
 from ..runtime.paths import make_run_dir
 from ..runtime.qemu import QemuVM
+from ..runtime.volumes import describe_mounted_volumes, volume_device_args
 from . import _store
 from ._model import FORMAT_VERSION, DiskMeta, SnapshotMeta
 from ._qmp import Monitor
@@ -86,7 +87,7 @@ _DEFAULT_LOCK_TIMEOUT = 600.0
 _DEFAULT_POOL_SIZE = 1
 _MAX_POOL_SIZE = 8
 #: Bumped when the clone device set below changes (it is part of the key).
-_DEVICES_VERSION = "spare-blk,9p,net:1"
+_DEVICES_VERSION = f"spare-blk,9p*{MAX_VOLUMES},net:2"
 _MIGRATE_TIMEOUT = 60.0
 
 T = TypeVar("T")
@@ -111,18 +112,16 @@ def template_key(plan: BootPlan, config: SandboxConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def _device_args(run_dir: Path, spare: Path) -> tuple[str, ...]:
+def _device_args(run_dir: Path, spare: Path, volumes: tuple[Volume, ...] = ()) -> tuple[str, ...]:
     """Spare devices every template and clone carries, so a clone can be given an
-    image, a volume or a network after restore: the host side is per clone, the
-    guest-visible device (and so the migrated state) is the same.
+    image, volumes or a network after restore: the host side is per clone, the
+    guest-visible device (and so the migrated state) is the same. ``volumes``
+    back the first 9p spares (msb.vol0...); the guest mounts them after restore.
     """
-    vol = run_dir / "vol0"
-    vol.mkdir(exist_ok=True)
     return (
         "-drive", f"id=spare0,file={spare},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=spare0,serial=msb.spare0",
-        "-fsdev", f"local,id=vol0,path={vol},security_model=none,readonly=on",
-        "-device", "virtio-9p-device,fsdev=vol0,mount_tag=msb.vol0",
+        *volume_device_args(volumes, run_dir, MAX_VOLUMES),
         # A hub port with nothing else on the hub: a NIC that goes nowhere yet.
         "-netdev", "hubport,id=net0,hubid=0",
         "-device", "virtio-net-device,netdev=net0",
@@ -138,6 +137,7 @@ def _spec_from_meta(
     shared: bool,
     cache: Path | None,
     incoming: bool = True,
+    volumes: tuple[Volume, ...] = (),
 ) -> VMSpec:
     from ..runtime.backend import DiskSpec
 
@@ -151,7 +151,7 @@ def _spec_from_meta(
         accel=meta.accel,
         run_dir=run_dir,
         disks=tuple(DiskSpec(d.serial, Path(d.path)) for d in meta.disks),
-        extra_args=_device_args(run_dir, _store.spare_disk(cache)),
+        extra_args=_device_args(run_dir, _store.spare_disk(cache), volumes),
         memory_file=memory_file,
         memory_shared=shared,
         qmp=True,
@@ -299,7 +299,8 @@ async def _build_template(
                 for d in spec.disks
             ),
             state_size=(tmp / _store.STATE).stat().st_size,
-            config=config.to_json(),
+            # Volumes are per clone: the template never mounts any.
+            config=config.model_copy(update={"volumes": {}}).to_json(),
         )
         _check_sizes(tmp, meta)
         _store.write_meta(tmp, meta)
@@ -349,7 +350,12 @@ class _Incoming:
 
 
 async def _start_incoming(
-    entry: _store.Entry, backend: Backend, name: str, timeout: float, cache: Path | None
+    entry: _store.Entry,
+    backend: Backend,
+    name: str,
+    timeout: float,
+    cache: Path | None,
+    volumes: tuple[Volume, ...] = (),
 ) -> _Incoming:
     stack = AsyncExitStack()
     run_dir = _mkrun(name)
@@ -357,7 +363,7 @@ async def _start_incoming(
     try:
         spec = _spec_from_meta(
             entry.meta, name=name, run_dir=run_dir, memory_file=entry.memory, shared=False,
-            cache=cache,
+            cache=cache, volumes=volumes,
         )  # fmt: skip
         vm = await backend.start(spec)
         assert isinstance(vm, QemuVM)
@@ -435,10 +441,15 @@ async def _restore_entry(
     cache: Path | None,
     pooled: bool,
 ) -> Sandbox:
-    pool = _pool_for(entry, backend, cache) if pooled else None
+    volumes = tuple(config.volumes.values())
+    # A pooled QEMU was started with empty spare 9p devices and a 9p device's host
+    # directory is fixed at QEMU start: a clone with volumes starts its own QEMU.
+    pool = _pool_for(entry, backend, cache) if pooled and not volumes else None
     inc = pool.take() if pool is not None else None
     if inc is None:
-        inc = await _start_incoming(entry, backend, config.name, config.boot_timeout, cache)
+        inc = await _start_incoming(
+            entry, backend, config.name, config.boot_timeout, cache, volumes
+        )
     if pool is not None:
         pool.refill()
     return await _finish_restore(inc, config, plan)
@@ -464,11 +475,17 @@ async def restore_snapshot(
     *,
     name: str | None = None,
     cache: Path | None = None,
+    volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
 ) -> Sandbox:
     """Start a sandbox from a named snapshot (or a snapshot/template directory).
 
+    A snapshot carries no volumes (it cannot be taken while one is mounted);
+    ``volumes`` binds host directories in the restored sandbox, mounted after
+    the restore as with :attr:`SandboxConfig.volumes`.
+
     :raises SnapshotNotFoundError: there is no such snapshot.
     :raises SnapshotError: it is broken or the restore failed.
+    :raises ConfigError: a volume is invalid.
     """
     raw = os.fspath(name_or_path)
     if os.sep in raw or isinstance(name_or_path, os.PathLike):
@@ -482,6 +499,8 @@ async def restore_snapshot(
     config = SandboxConfig.from_json(entry.meta.config)
     if name is not None:
         config = config.model_copy(update={"name": name})
+    if volumes:
+        config = SandboxConfig(**{**config.model_dump(), "volumes": dict(volumes)})
     return await _restore_entry(entry, config, backend, None, cache, pooled=True)
 
 
@@ -493,11 +512,17 @@ async def _check_no_9p(sandbox: Sandbox) -> None:
         mounts = (await sandbox._agent.read_file("/proc/self/mounts", timeout=10)).decode()
     except SandboxError:
         return  # nothing we can check; QEMU itself refuses a migration with a mounted 9p
-    shares = [line.split()[1] for line in mounts.splitlines() if " 9p " in line]
+    shares = describe_mounted_volumes(mounts, sandbox.config.volumes)
     if shares:
+        where = " ".join(
+            line.split()[1] for line in mounts.splitlines() if line.split()[2:3] == ["9p"]
+        )
         raise SnapshotError(
-            f"sandbox {sandbox.name!r} has 9p volumes mounted at {', '.join(shares)}: QEMU "
-            "cannot snapshot a guest with a mounted 9p share; unmount them first"
+            f"cannot snapshot or fork sandbox {sandbox.name!r}: {'; '.join(shares)} "
+            f"{'is' if len(shares) == 1 else 'are'} mounted, and QEMU cannot migrate a "
+            "guest with a mounted 9p share. Snapshot or fork a sandbox created without "
+            "volumes= (then bind volumes in the restored one: Sandbox.restore(name, "
+            f"volumes=...)), or unmount them in the guest first (umount {where})"
         )
 
 
@@ -545,7 +570,9 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
                 "name": name,
                 "created": time.time(),
                 "state_size": (tmp / _store.STATE).stat().st_size,
-                "config": sandbox.config.to_json(),
+                # No volume is mounted in the capture (checked above): restores bind
+                # their own with Sandbox.restore(name, volumes=...).
+                "config": sandbox.config.model_copy(update={"volumes": {}}).to_json(),
             }
         )
         _check_sizes(tmp, meta)
@@ -610,7 +637,8 @@ async def fork_sandbox(
             child_name = (
                 f"{sandbox.name[:50]}-fork{i}" if count > 1 else f"{sandbox.name[:56]}-fork"
             )
-            config = sandbox.config.model_copy(update={"name": child_name})
+            # Children get no volumes: none was mounted in the capture.
+            config = sandbox.config.model_copy(update={"name": child_name, "volumes": {}})
             children.append(
                 await _restore_entry(entry, config, QemuBackend(), None,
                                      sandbox.config.cache_dir, pooled=False)

@@ -1,0 +1,72 @@
+"""Volumes without a VM: QEMU arguments of the 9p devices, mounted-share reporting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_microsandbox.runtime import ConfigError, SandboxConfig, Volume
+from pytest_microsandbox.runtime.config import MAX_VOLUMES
+from pytest_microsandbox.runtime.volumes import describe_mounted_volumes, volume_device_args
+from pytest_microsandbox.snapshots._engine import _device_args
+
+
+def _fsdevs(argv: tuple[str, ...]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "-fsdev"]
+
+
+def test_volumes_take_the_first_slots_spares_stay_empty_and_readonly(tmp_path: Path) -> None:
+    host = tmp_path / "host,dir"  # a comma must be doubled in QEMU's option syntax
+    host.mkdir()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ro, rw = Volume.bind(host, readonly=True), Volume.bind(host)
+    argv = volume_device_args((ro, rw), run_dir, 4)
+    fsdevs = _fsdevs(argv)
+    assert fsdevs[0] == (f"local,id=vol0,path={tmp_path}/host,,dir,security_model=none,readonly=on")
+    assert fsdevs[1].endswith(",readonly=off") and "id=vol1" in fsdevs[1]
+    assert fsdevs[2] == f"local,id=vol2,path={run_dir}/vol2,security_model=none,readonly=on"
+    assert (run_dir / "vol2").is_dir() and (run_dir / "vol3").is_dir()
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices == [f"virtio-9p-device,fsdev=vol{i},mount_tag=msb.vol{i}" for i in range(4)]
+    with pytest.raises(ConfigError):
+        volume_device_args((ro, rw), run_dir, 1)
+
+
+def test_clone_device_set_is_the_templates_whatever_the_volumes(tmp_path: Path) -> None:
+    """Same devices, ids and tags with or without volumes: only host paths differ,
+    so a clone with volumes loads the template's migrated device state.
+    """
+    (tmp_path / "v").mkdir()
+    spare = tmp_path / "spare.img"
+    template = _device_args(tmp_path, spare)
+    clone = _device_args(tmp_path, spare, (Volume.bind(tmp_path / "v"),))
+    assert len(_fsdevs(template)) == MAX_VOLUMES
+    strip = [a.split(",path=")[0] if a.startswith("local,") else a for a in template]
+    assert strip == [a.split(",path=")[0] if a.startswith("local,") else a for a in clone]
+    assert _fsdevs(clone)[0] == (
+        f"local,id=vol0,path={tmp_path / 'v'},security_model=none,readonly=off"
+    )
+
+
+def test_vanished_host_directory_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "v").mkdir()
+    volume = Volume.bind(tmp_path / "v")
+    (tmp_path / "v").rmdir()
+    with pytest.raises(ConfigError, match="no longer exists"):
+        volume_device_args((volume,), tmp_path, 1)
+
+
+def test_describe_mounted_volumes(tmp_path: Path) -> None:
+    config = SandboxConfig(volumes={"/data": str(tmp_path), "/my dir": str(tmp_path)})
+    mounts = (
+        "overlay / overlay rw 0 0\n"
+        "msb.vol1 /my\\040dir 9p rw,trans=virtio 0 0\n"
+        "msb.xfer /run/.msb-xfer 9p ro 0 0\n"
+    )
+    assert describe_mounted_volumes(mounts, config.volumes) == [
+        f"volume /my dir (host directory {tmp_path})",
+        "9p share msb.xfer at /run/.msb-xfer",
+    ]
+    assert describe_mounted_volumes("overlay / overlay rw 0 0\n", config.volumes) == []
