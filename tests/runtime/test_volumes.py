@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from pytest_microsandbox.runtime import ConfigError, SandboxConfig, Volume
@@ -70,3 +71,16 @@ def test_describe_mounted_volumes(tmp_path: Path) -> None:
         "9p share msb.xfer at /run/.msb-xfer",
     ]
     assert describe_mounted_volumes("overlay / overlay rw 0 0\n", config.volumes) == []
+
+
+def test_host_process_double_refuses_volumes(tmp_path: Path) -> None:
+    from pytest_microsandbox.runtime import Sandbox
+    from pytest_microsandbox.runtime.hostproc import HostProcessBackend
+
+    async def body() -> None:
+        with pytest.raises(ConfigError, match="boots no guest"):
+            await Sandbox.create(
+                SandboxConfig(volumes={"/data": str(tmp_path)}), backend=HostProcessBackend()
+            )
+
+    anyio.run(body)

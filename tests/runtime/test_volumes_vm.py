@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_microsandbox.runtime import SandboxConfig, SnapshotError, SyncSandbox, Volume
+from pytest_microsandbox.runtime import (
+    FilesystemError,
+    SandboxConfig,
+    SnapshotError,
+    SyncSandbox,
+    Volume,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -143,3 +149,25 @@ def test_restore_named_snapshot_with_volumes(host_dirs: dict[str, Path]) -> None
             assert sb.fs().read_text("/in/from-host.txt") == "written by the host\n"
     finally:
         Snapshot.remove("vol-snap")
+
+
+def test_refused_mount_names_the_volume_and_leaks_no_vm(host_dirs: dict[str, Path]) -> None:
+    before = set(_my_qemus())
+    config = SandboxConfig(name="volumes-bad", volumes={"/bin/sh": Volume.bind(host_dirs["ro"])})
+    with pytest.raises(FilesystemError, match=r"mounting volume /bin/sh \(host directory"):
+        SyncSandbox.create(config)
+    assert set(_my_qemus()) <= before
+
+
+def _my_qemus() -> list[int]:
+    me = os.getpid()
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm, rest = text.split("(", 1)[1].rsplit(")", 1)
+        if comm.startswith("qemu-system") and int(rest.split()[1]) == me:
+            out.append(int(stat.parent.name))
+    return out

@@ -38,6 +38,8 @@ from filelock import FileLock, Timeout
 
 from ..runtime._exceptions import (
     CommandNotFoundError,
+    ConfigError,
+    FilesystemError,
     SandboxError,
     SnapshotError,
     SnapshotLockTimeoutError,
@@ -461,8 +463,8 @@ async def create_from_template(config: SandboxConfig, backend: Backend, plan: Bo
     entry = await ensure_template(config, backend, plan, cache)
     try:
         return await _restore_entry(entry, config, backend, plan, cache, pooled=True)
-    except SnapshotError:
-        raise
+    except (SnapshotError, ConfigError, FilesystemError):
+        raise  # a bad volume (gone, or its guest mount refused) is not a restore failure
     except SandboxError as exc:
         raise SnapshotError(
             f"restoring a clone of template {entry.meta.name} failed: {exc}"
