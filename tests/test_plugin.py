@@ -325,3 +325,30 @@ def test_misspelt_microsandbox_hook_is_rejected(pytester: pytest.Pytester):
     assert "unknown hook 'pytest_microsandbox_zygote_kye'" in str(result.stderr) + str(
         result.stdout
     )
+
+
+def test_zygote_build_holds_its_entry_lock(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    import anyio
+
+    from pytest_microsandbox.runtime import SandboxConfig
+    from pytest_microsandbox.runtime._locks import EntryLock
+    from pytest_microsandbox.snapshots import _store
+
+    lock_path = _store.named_root(tmp_path) / "zygote-abc.lock"
+    seen = []
+
+    async def name(plan: object) -> str:
+        return "zygote-abc"
+
+    async def build(*args: object) -> None:
+        seen.append(not EntryLock(lock_path, "probe").try_acquire())  # held by the builder
+
+    monkeypatch.setattr(_zygote, "zygote_name", name)
+    monkeypatch.setattr(_zygote, "_exists", lambda name, cache: False)
+    monkeypatch.setattr(_zygote, "build_zygote", build)
+    config = SandboxConfig(name="zygote", cache_dir=tmp_path)
+    plan = _zygote.GuestPlan(config=config, cwd="/", args=(), env={}, watched=())
+    assert anyio.run(_zygote.ensure_zygote, plan, "b")[0] == "zygote-abc"
+    assert seen == [True]
+    # No entry was published: the prune after the build swept the lock file.
+    assert not lock_path.exists()

@@ -109,3 +109,36 @@ def test_stale_temps_of_dead_builders_are_removed(tmp_path: Path) -> None:
 def test_free_space_check_is_clear(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="not enough disk space"):
         _store.check_free_space(tmp_path, 1 << 60)
+
+
+def test_lock_files_go_with_their_entries(tmp_path: Path) -> None:
+    from pytest_microsandbox.runtime._locks import EntryLock
+
+    kept = _fake_entry(tmp_path, "kept")
+    gone = _fake_entry(tmp_path, "gone")
+    for entry in (kept, gone):
+        _store.entry_lock_path(entry).touch()
+    Snapshot.remove("gone", tmp_path)
+    assert not _store.entry_lock_path(gone).exists()
+    assert _store.entry_lock_path(kept).exists()
+
+    templates, store = _store.templates_root(tmp_path), _store.store_root(tmp_path)
+    orphan = templates / "0123abcd.lock"  # a build that failed, or an old entry's
+    legacy = store / "zygote-0123.lock"  # where zygote locks used to live
+    building = _store.named_root(tmp_path) / "zygote-new.lock"
+    for lock in (orphan, legacy, building):
+        lock.touch()
+    held = EntryLock(building, "zygote zygote-new")  # a build in progress
+    assert held.try_acquire()
+    try:
+        assert Snapshot.prune(tmp_path, max_age=3600) == []
+    finally:
+        held.release()
+    assert not orphan.exists() and not legacy.exists()
+    assert building.exists(), "a held lock file must survive the sweep"
+    assert _store.entry_lock_path(kept).exists(), "its entry still exists"
+
+    old = time.time() - 7200
+    os.utime(kept, (old, old))
+    assert Snapshot.prune(tmp_path, max_age=3600) == ["kept"]
+    assert not _store.entry_lock_path(kept).exists() and not building.exists()

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import anyio.abc
-from filelock import FileLock, Timeout
 
 from ..runtime._exceptions import (
     CommandNotFoundError,
@@ -42,8 +41,8 @@ from ..runtime._exceptions import (
     FilesystemError,
     SandboxError,
     SnapshotError,
-    SnapshotLockTimeoutError,
 )
+from ..runtime._locks import LOCK_TIMEOUT_ENV, hold, lock_timeout
 from ..runtime.agent.client import AgentClient
 from ..runtime.agent.protocol import (
     PROTOCOL_VERSION,
@@ -81,8 +80,6 @@ __all__ = [
     "template_key",
 ]
 
-#: Seconds a process waits for another one building the same template.
-LOCK_TIMEOUT_ENV = "MICROSANDBOX_TEMPLATE_LOCK_TIMEOUT"
 #: QEMU processes kept started in ``-incoming defer`` per template (0: none).
 POOL_SIZE_ENV = "MICROSANDBOX_POOL_SIZE"
 _DEFAULT_LOCK_TIMEOUT = 600.0
@@ -184,16 +181,6 @@ def _tmp_entry(root: Path, name: str) -> Path:
 # -- templates --------------------------------------------------------------------------------
 
 
-async def _acquire(lock: FileLock, timeout: float, what: str) -> None:
-    try:
-        await anyio.to_thread.run_sync(lambda: lock.acquire(timeout=timeout))
-    except Timeout:
-        raise SnapshotLockTimeoutError(
-            f"another process has been building {what} for over {timeout:g} s "
-            f"(lock {lock.lock_file}); raise ${LOCK_TIMEOUT_ENV} or check that process"
-        ) from None
-
-
 async def ensure_template(
     config: SandboxConfig, backend: Backend, plan: BootPlan, cache: Path | None = None
 ) -> _store.Entry:
@@ -209,15 +196,12 @@ async def ensure_template(
     final = root / key
     with contextlib.suppress(SnapshotError):
         return _store.check_entry(final)
-    lock = FileLock(str(root / f"{key}.lock"), thread_local=False)
-    await _acquire(lock, _env_float(LOCK_TIMEOUT_ENV, _DEFAULT_LOCK_TIMEOUT), f"template {key}")
-    try:
+    timeout = lock_timeout(_DEFAULT_LOCK_TIMEOUT)
+    async with hold(_store.entry_lock_path(final), f"template {key}", timeout):
         with contextlib.suppress(SnapshotError):
             return _store.check_entry(final)  # another process built it while we waited
         _store.clean_stale_temps(root)
         entry = await _build_template(config, backend, plan, key, final, cache)
-    finally:
-        lock.release()
     auto_prune(cache, kind="template")
     return entry
 

@@ -3,8 +3,12 @@
 Layout under ``<cache>/snapshots/``::
 
     templates/<key>/{memory,state,meta.json}   built once per key, under <key>.lock
-    named/<name>/{memory,state,meta.json}      sandbox.snapshot(name)
+    named/<name>/{memory,state,meta.json}      sandbox.snapshot(name); zygotes are built
+                                               under <name>.lock
     spare.img                                  backing of the spare virtio-blk device
+
+A ``<entry>.lock`` file (see :mod:`pytest_microsandbox.runtime._locks`) is deleted with its entry,
+and :func:`prune` sweeps those whose entry is gone, unless a build holds them.
 
 Every entry is built in a ``.tmp-*`` sibling and renamed into place, so a
 build killed halfway is never seen under its final name. Entries are checked
@@ -27,6 +31,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..runtime._exceptions import SnapshotError, SnapshotNotFoundError
+from ..runtime._locks import remove_lock_file
 from ..runtime.paths import cache_dir
 from ..runtime.qemu import qemu_version
 from ._model import FORMAT_VERSION, SnapshotMeta
@@ -43,6 +48,7 @@ __all__ = [
     "clean_stale_temps",
     "current_qemu_version",
     "disk_error",
+    "entry_lock_path",
     "get_snapshot",
     "list_snapshots",
     "named_root",
@@ -113,6 +119,11 @@ def named_root(cache: Path | None = None) -> Path:
 @functools.lru_cache(maxsize=1)
 def current_qemu_version() -> str:
     return qemu_version()
+
+
+def entry_lock_path(entry: Path) -> Path:
+    """The build lock of the entry directory ``entry``: ``<entry>.lock`` beside it."""
+    return entry.with_name(entry.name + ".lock")
 
 
 def check_name(name: str) -> str:
@@ -317,8 +328,23 @@ def _remove(path: Path) -> None:
     try:
         os.replace(path, doomed)
     except FileNotFoundError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
+        pass
+    else:
+        shutil.rmtree(doomed, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        remove_lock_file(entry_lock_path(path))  # left alone while a build holds it
+
+
+def _sweep_lock_files(cache: Path | None) -> None:
+    """Delete lock files whose entry does not exist and that nobody holds."""
+    store = store_root(cache)
+    # Zygote locks used to live in the store's root, where no entry ever is.
+    candidates = list(store.glob("*.lock"))
+    for root in (templates_root(cache), named_root(cache)):
+        candidates += [p for p in root.glob("*.lock") if not (root / p.name[:-5]).is_dir()]
+    for lock in candidates:
+        with contextlib.suppress(OSError):
+            remove_lock_file(lock)
 
 
 def prune(
@@ -334,6 +360,8 @@ def prune(
 
     A clone maps its template's memory file; deleting the entry unlinks the
     file but running clones keep their mapping, so pruning is safe while they run.
+    The lock files of removed entries go too, and orphan lock files of entries
+    that no longer exist, except those a build in progress holds.
     """
     now = time.time()
     infos = sorted(list_snapshots(cache, kind), key=lambda i: i.last_used)
@@ -355,4 +383,5 @@ def prune(
             _remove(info.path)
             removed.append(info.name)
             total -= info.disk_bytes
+    _sweep_lock_files(cache)
     return removed
