@@ -226,11 +226,15 @@ def test_protocol_lines_ignore_stray_output():
     assert _zygote.parse_lines(text) == [{"kind": "done", "data": {"status": 0}}]
 
 
-def test_client_command_passes_the_request_as_an_argument():
-    cmd, args = _zygote.client_command("t.py::test[a b'\"]", True)
-    assert cmd == "/bin/sh"
-    assert json.loads(args[-1]) == {"nodeid": "t.py::test[a b'\"]", "fork": True}
-    assert "$1" in args[1]
+def test_the_guest_finds_the_channel_port_by_name(tmp_path):
+    from pytest_microsandbox.runtime.qemu import CHANNEL_PORT_NAME
+
+    assert _guest.CHANNEL_PORT_NAME == CHANNEL_PORT_NAME  # duplicated: keep them equal
+    for entry, name in (("vport0p1", "msb.agent"), ("vport0p2", CHANNEL_PORT_NAME)):
+        (tmp_path / entry).mkdir()
+        (tmp_path / entry / "name").write_text(name + "\n")
+    assert _guest.find_channel(str(tmp_path)) == "/dev/vport0p2"
+    assert _guest.find_channel(str(tmp_path / "missing")) is None
 
 
 def test_serialize_warning():

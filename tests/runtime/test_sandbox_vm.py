@@ -215,6 +215,36 @@ def test_async_api_and_stop_is_idempotent() -> None:
     anyio.run(main)
 
 
+def test_raw_channel_carries_bytes_both_ways() -> None:
+    # The guest finds the port by name, answers one line, and sees EOF once the
+    # host closes its side.
+    script = (
+        "for d in /sys/class/virtio-ports/*; do "
+        '[ "$(cat $d/name)" = msb.chan ] && p=/dev/${d##*/}; done; '
+        'exec 3<>"$p"; read -r line <&3; echo "got $line" >&3; '
+        "cat <&3 >/dev/null; echo eof"
+    )
+
+    async def main() -> None:
+        async with await Sandbox.create(SandboxConfig(name="channel-demo")) as sb:
+            channel = await sb.open_channel()
+            async with await sb.exec_stream("/bin/sh", ["-c", script]) as proc:
+                await channel.send(b"hello\n")
+                received = b""
+                with anyio.fail_after(30):
+                    while not received.endswith(b"\n"):
+                        received += await channel.receive()
+                assert received == b"got hello\n"
+                await channel.aclose()
+                with anyio.fail_after(30):
+                    out = await proc.wait()
+            assert out.stdout_text == "eof\n"
+            with pytest.raises(SandboxNotRunningError, match="already opened"):
+                await sb.open_channel()
+
+    anyio.run(main)
+
+
 def test_sigkilled_owner_leaves_no_qemu(tmp_path: Path) -> None:
     script = tmp_path / "owner.py"
     script.write_text(

@@ -19,6 +19,8 @@ from typing import Literal
 import anyio
 import anyio.abc
 
+from ._exceptions import BackendUnavailableError
+
 __all__ = [
     "Accel",
     "Backend",
@@ -98,6 +100,15 @@ class VMHandle(abc.ABC):
     @abc.abstractmethod
     async def kill(self) -> None:
         """Kill the VM at once and reap it. Idempotent."""
+
+    async def connect_channel(self, timeout: float) -> anyio.abc.ByteStream:
+        """Return the byte stream to the guest's raw channel port (see
+        ``Sandbox.open_channel``). One connection per VM.
+
+        :raises BackendUnavailableError: this backend has no such channel.
+        :raises SandboxNotRunningError: the channel was already taken.
+        """
+        raise BackendUnavailableError(f"{type(self).__name__} has no host-guest channel")
 
     def console_tail(self, lines: int = 40) -> str:
         return read_console_tail(self.spec.console_path, lines)

@@ -9,6 +9,7 @@ dies with the thread that started it: a SIGKILLed owner leaves no VM.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -16,10 +17,22 @@ import subprocess
 import anyio
 import anyio.abc
 
-from ._exceptions import BackendUnavailableError, BootError, GuestCrashedError
+from ._exceptions import (
+    BackendUnavailableError,
+    BootError,
+    GuestCrashedError,
+    SandboxNotRunningError,
+)
 from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec
 
-__all__ = ["QEMU_BINARY", "QemuBackend", "QemuVM", "build_command", "find_qemu"]
+__all__ = [
+    "CHANNEL_PORT_NAME",
+    "QEMU_BINARY",
+    "QemuBackend",
+    "QemuVM",
+    "build_command",
+    "find_qemu",
+]
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -28,13 +41,15 @@ QEMU_BINARY = "qemu-system-x86_64"
 TCG_TB_SIZE_MIB = 64
 
 AGENT_PORT_NAME = "msb.agent"
+#: virtio-serial port of the raw host<->guest channel (``Sandbox.open_channel``).
+CHANNEL_PORT_NAME = "msb.chan"
 
 #: 9p tag of the read-only host->guest transfer share (``run_dir/xfer``).
 XFER_TAG = "msb.xfer"
 
 #: Names the guest-visible device set of build_command; part of every
 #: template key, so bump it whenever a device is added or changed.
-DEVICE_SET = "serial,rng,xfer9p:1"
+DEVICE_SET = "serial+chan,rng,xfer9p:2"
 
 
 def find_qemu() -> str:
@@ -56,6 +71,7 @@ def build_command(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
     accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
     cpu = "host" if spec.accel == "kvm" else "max"
     agent_sock = spec.run_dir / "agent.sock"
+    chan_sock = spec.run_dir / "chan.sock"
     machine = "microvm,acpi=on,rtc=on,x-option-roms=off"
     if spec.memory_file is not None:
         machine += ",memory-backend=mem"
@@ -75,9 +91,13 @@ def build_command(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
         "-append", spec.cmdline,
         "-chardev", f"file,id=console,path={spec.console_path}",
         "-serial", "chardev:console",
-        "-device", "virtio-serial-device,max_ports=2",
+        "-device", "virtio-serial-device,max_ports=4",
         "-chardev", f"socket,id=agent,path={agent_sock},server=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        # QEMU connects at start like the agent's: a guest reading a port whose
+        # host side is closed gets EOF at once instead of blocking.
+        "-chardev", f"socket,id=chan,path={chan_sock},server=off",
+        "-device", f"virtserialport,chardev=chan,name={CHANNEL_PORT_NAME}",
         "-device", "virtio-rng-device",
         # Bulk host->guest data: the serial port moves ~3 MB/s that way under
         # TCG (4 KiB per round trip), this share ~100 MB/s. Read-only, so the
@@ -120,9 +140,26 @@ class QemuVM(ProcessVMHandle):
         process: anyio.abc.Process,
         listener: anyio.abc.SocketListener,
         qmp_listener: socket.socket | None = None,
+        chan_listener: anyio.abc.SocketListener | None = None,
     ) -> None:
         super().__init__(spec, process, listener)
         self._qmp_listener = qmp_listener
+        self._chan_listener = chan_listener
+        self._chan_taken = False
+
+    async def connect_channel(self, timeout: float) -> anyio.abc.ByteStream:
+        if self._chan_listener is None or self._chan_taken:
+            raise SandboxNotRunningError(
+                "the channel of this VM was already opened (one connection per VM)"
+            )
+        self._chan_taken = True
+        listener = self._chan_listener
+        with anyio.move_on_after(timeout):
+            stream = await listener.accept()
+            await listener.aclose()
+            self._chan_listener = None
+            return stream
+        raise BootError(f"QEMU did not connect the channel port within {timeout:g} s")
 
     async def connect_agent(self, timeout: float) -> anyio.abc.ByteStream:
         stream: anyio.abc.ByteStream | None = None
@@ -187,6 +224,11 @@ class QemuVM(ProcessVMHandle):
         return f"QEMU said: {text[-1500:]}" if text else "QEMU printed nothing"
 
     def _release(self) -> None:
+        if self._chan_listener is not None:
+            # Sync close of the listening socket: kill() may run where awaiting is not safe.
+            with contextlib.suppress(Exception):
+                self._chan_listener.extra(anyio.abc.SocketAttribute.raw_socket).close()
+            self._chan_listener = None
         if self._qmp_listener is not None:
             self._qmp_listener.close()
             self._qmp_listener = None
@@ -205,6 +247,7 @@ class QemuBackend(Backend):
         setpriv = shutil.which("setpriv")
         (spec.run_dir / "xfer").mkdir(exist_ok=True)
         listener = await anyio.create_unix_listener(spec.run_dir / "agent.sock")
+        chan_listener = await anyio.create_unix_listener(spec.run_dir / "chan.sock")
         qmp_listener: socket.socket | None = None
         if spec.qmp:
             qmp_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -226,12 +269,13 @@ class QemuBackend(Backend):
             )
         except OSError as exc:
             await listener.aclose()
+            await chan_listener.aclose()
             if qmp_listener is not None:
                 qmp_listener.close()
             raise BackendUnavailableError(f"cannot start QEMU ({argv[0]}): {exc}") from exc
         finally:
             stderr.close()
-        return QemuVM(spec, process, listener, qmp_listener)
+        return QemuVM(spec, process, listener, qmp_listener, chan_listener)
 
 
 def qemu_version(qemu: str | None = None) -> str:

@@ -619,6 +619,22 @@ class Sandbox:
         """Run ``script`` with the configured shell (``sh -c``)."""
         return await self.exec(self.config.shell, ["-c", script], **kwargs)
 
+    async def open_channel(self, timeout: float | None = None) -> anyio.abc.ByteStream:
+        """Open the raw byte channel to the guest: a virtio-serial port named
+        ``msb.chan`` (its ``/dev/vportNpM`` node is the entry of
+        ``/sys/class/virtio-ports`` whose ``name`` reads so). No agent, no
+        framing: whatever one side writes the other reads, with one process in
+        the guest holding the port open. One connection per VM lifetime;
+        closing it ends the channel (the guest then reads EOF).
+
+        :raises SandboxNotRunningError: stopped, or the channel was already opened.
+        :raises BackendUnavailableError: the backend has no channel (test doubles).
+        """
+        self._check_running()
+        return await self._vm.connect_channel(
+            self._request_timeout if timeout is None else timeout
+        )
+
     def fs(self) -> SandboxFs:
         """Guest file operations."""
         return SandboxFs(self)
