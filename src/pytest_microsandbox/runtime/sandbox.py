@@ -529,6 +529,8 @@ class Sandbox:
         if self._stopped:
             return
         self._stopped = True
+        if self._monitor is not None:  # before QEMU exits, so its EOF is no QMP error
+            await self._monitor.close()
         limit = self.config.stop_timeout if timeout is None else timeout
         if self._vm.returncode is None and self._agent.error is None:
             with anyio.move_on_after(limit, shield=True), contextlib.suppress(SandboxError):
@@ -541,6 +543,8 @@ class Sandbox:
         if self._stopped:
             return
         self._stopped = True
+        if self._monitor is not None:  # before QEMU exits, so its EOF is no QMP error
+            await self._monitor.close()
         await self._vm.kill()
         await self._stack.aclose()
 
@@ -631,9 +635,7 @@ class Sandbox:
         :raises BackendUnavailableError: the backend has no channel (test doubles).
         """
         self._check_running()
-        return await self._vm.connect_channel(
-            self._request_timeout if timeout is None else timeout
-        )
+        return await self._vm.connect_channel(self._request_timeout if timeout is None else timeout)
 
     def fs(self) -> SandboxFs:
         """Guest file operations."""
