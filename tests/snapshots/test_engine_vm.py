@@ -6,6 +6,7 @@ pre-started QEMUs before returning, so nothing outlives a test.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -80,6 +81,30 @@ def test_clones_urandom_differs() -> None:
             assert ra and ra != rb
 
     run(body)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_stopping_a_clone_leaves_qemu_qmp_silent(
+    caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    # Everything qemu.qmp says, DEBUG included (the plugin raises its level to ERROR).
+    caplog.set_level(logging.DEBUG, logger="qemu.qmp")
+
+    async def body() -> None:
+        sb = await Sandbox.create(CONFIG, name=f"quiet-{how}")
+        try:
+            assert sb._monitor is not None
+            assert (await sb.exec("true")).success
+        finally:
+            await (sb.stop() if how == "stop" else sb.kill())
+        await anyio.sleep(0.1)  # time for qemu.qmp's reader tasks to notice an EOF
+
+    run(body)
+    records = [r for r in caplog.records if r.name.startswith("qemu.qmp")]
+    assert records, "caplog should see qemu.qmp's debug records"
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    # The monitor was disconnected before QEMU went away: no EOF for it to report.
+    assert [r.getMessage() for r in records if "end-of-file" in r.getMessage()] == []
 
 
 def test_cold_boot_flag_skips_templates() -> None:

@@ -23,6 +23,8 @@ from ..runtime.qemu import QemuVM
 __all__ = ["Monitor"]
 
 # qemu.qmp logs every negotiation step at INFO/WARNING; only errors matter to us.
+# A VM's owner closes its monitor before QEMU exits (stop, kill, discard), so a
+# normal end logs nothing; an EOF or reset logged here means QEMU died on its own.
 logging.getLogger("qemu.qmp").setLevel(logging.ERROR)
 
 _POLL_S = 0.001
@@ -34,6 +36,7 @@ class Monitor:
     def __init__(self, client: QMPClient, what: str) -> None:
         self._client = client
         self._what = what
+        self._closed = False
 
     @classmethod
     async def open(cls, vm: QemuVM, timeout: float) -> Monitor:
@@ -92,6 +95,14 @@ class Monitor:
         raise SnapshotError(f"migration on {self._what} did not finish within {timeout:g} s")
 
     async def close(self) -> None:
+        """Disconnect from QEMU (shielded from cancellation). Idempotent; quiet if QEMU is gone.
+
+        Call it before QEMU exits or is killed: qemu.qmp's reader task then ends
+        quietly instead of reporting the end of the connection as a failure.
+        """
+        if self._closed:
+            return
+        self._closed = True
         with anyio.CancelScope(shield=True):
             # QEMU may be gone already (guest powered off, killed): EOF is expected.
             with contextlib.suppress(QMPError, OSError, EOFError):
