@@ -1,7 +1,8 @@
 """The plugin's per-test cost, against baselines measured in the same run.
 
 * 50 trivial tests unmarked (host pytest): the floor.
-* the same 50 marked, under each isolation level ("process", "vm"), zygote prebuilt.
+* the same 50 marked, under each isolation level ("process", "vm"), zygote
+  prebuilt, with the default two vCPUs and with one.
 * the same 50 as 50 fresh ``python -m pytest file::test`` host processes: what
   "isolation by a new process" costs without a VM.
 * a 40-test marked suite with ``-n 2`` vs ``-n 0``.
@@ -116,13 +117,21 @@ def main() -> int:
         # Same environment as the measured runs: the environment is part of the zygote key.
         build = _run(marked, "--sandbox-isolation=process", "test_bench.py::test_b[0]", out=out)
         results["zygote_build_run_s"] = build
-        for level in ("process", "vm"):
-            total = _run(marked, f"--sandbox-isolation={level}", out=out)
+        # The plugin's defaults (cpus=2), then one vCPU: process isolation forks
+        # the next test's process on the second vCPU while a test runs.
+        for key, level, extra in (
+            ("process", "process", ()),
+            ("vm", "vm", ()),
+            ("process_cpus1", "process", ("--sandbox-cpus=1",)),
+            ("vm_cpus1", "vm", ("--sandbox-cpus=1",)),
+        ):
+            _run(marked, f"--sandbox-isolation={level}", *extra, "test_bench.py::test_b[0]")
+            total = _run(marked, f"--sandbox-isolation={level}", *extra, out=out)
             times = _per_test(out)
-            results[f"{level}_p50_ms"] = statistics.median(times) * 1000
-            results[f"{level}_p95_ms"] = _p(times, 0.95) * 1000
-            results[f"{level}_total_s"] = total
-            results[f"{level}_overhead_p50_ms"] = (
+            results[f"{key}_p50_ms"] = statistics.median(times) * 1000
+            results[f"{key}_p95_ms"] = _p(times, 0.95) * 1000
+            results[f"{key}_total_s"] = total
+            results[f"{key}_overhead_p50_ms"] = (
                 statistics.median(times) - statistics.median(unmarked)
             ) * 1000
 
@@ -143,12 +152,17 @@ def main() -> int:
         return 0
     print("pytest-microsandbox plugin benchmark (host wall time per test, p50)")
     print(f"  unmarked (host pytest)           {results['unmarked_p50_ms']:8.1f} ms")
-    for level in ("process", "vm"):
+    for key, label in (
+        ("process", "process (cpus=2)"),
+        ("vm", "vm (cpus=2)"),
+        ("process_cpus1", "process (cpus=1)"),
+        ("vm_cpus1", "vm (cpus=1)"),
+    ):
         print(
-            f"  marked, isolation={level:<8}      {results[f'{level}_p50_ms']:8.1f} ms"
-            f"  (p95 {results[f'{level}_p95_ms']:.1f} ms; overhead over unmarked "
-            f"{results[f'{level}_overhead_p50_ms']:.1f} ms; 50 tests in "
-            f"{results[f'{level}_total_s']:.1f} s)"
+            f"  marked, {label:<22}   {results[f'{key}_p50_ms']:8.1f} ms"
+            f"  (p95 {results[f'{key}_p95_ms']:.1f} ms; overhead over unmarked "
+            f"{results[f'{key}_overhead_p50_ms']:.1f} ms; 50 tests in "
+            f"{results[f'{key}_total_s']:.1f} s)"
         )
     print(f"  fresh host `python -m pytest`    {results['fresh_process_p50_ms']:8.1f} ms")
     print(
