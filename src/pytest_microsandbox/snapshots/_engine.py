@@ -391,8 +391,8 @@ async def _finish_restore(inc: _Incoming, config: SandboxConfig, plan: BootPlan 
         raise
 
 
-async def _warm_up(inc: _Incoming, timeout: float = 30.0) -> None:
-    """Restore a pooled clone ahead of use and run one command in it.
+async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) -> None:
+    """Restore a pooled clone ahead of use and (``command``) run one command in it.
 
     A restored TCG clone starts with an empty translation cache, so its first
     command costs ~100 ms of code translation (agent, kernel exec path, ld.so,
@@ -408,6 +408,8 @@ async def _warm_up(inc: _Incoming, timeout: float = 30.0) -> None:
         (MsgType.HELLO, [int_field(Tag.VERSION, PROTOCOL_VERSION)], {MsgType.OK}),
         (MsgType.EXEC, [bytes_field(Tag.ARG, "true")], {MsgType.EXITED, MsgType.ERROR}),
     ]
+    if not command:
+        requests = requests[:1]
     with anyio.fail_after(timeout):
         for request_id, (type_, fields, final) in enumerate(requests, start=1):
             await inc.stream.send(encode_frame(request_id, type_, fields))
@@ -426,11 +428,12 @@ async def _restore_entry(
     plan: BootPlan | None,
     cache: Path | None,
     pooled: bool,
+    warm_command: bool = True,
 ) -> Sandbox:
     volumes = tuple(config.volumes.values())
     # A pooled QEMU was started with empty spare 9p devices and a 9p device's host
     # directory is fixed at QEMU start: a clone with volumes starts its own QEMU.
-    pool = _pool_for(entry, backend, cache) if pooled and not volumes else None
+    pool = _pool_for(entry, backend, cache, warm_command) if pooled and not volumes else None
     inc = pool.take() if pool is not None else None
     if inc is None:
         inc = await _start_incoming(
@@ -462,12 +465,18 @@ async def restore_snapshot(
     name: str | None = None,
     cache: Path | None = None,
     volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
+    warm_command: bool = True,
 ) -> Sandbox:
     """Start a sandbox from a named snapshot (or a snapshot/template directory).
 
     A snapshot carries no volumes (it cannot be taken while one is mounted);
     ``volumes`` binds host directories in the restored sandbox, mounted after
     the restore as with :attr:`SandboxConfig.volumes`.
+
+    Pooled clones run one command ahead of use, which pays the code translation
+    of the exec path under TCG; ``warm_command=False`` skips it for callers that
+    talk to a process already running in the snapshot (the plugin's zygotes),
+    where it would only cost CPU.
 
     :raises SnapshotNotFoundError: there is no such snapshot.
     :raises SnapshotError: it is broken or the restore failed.
@@ -487,7 +496,9 @@ async def restore_snapshot(
         config = config.model_copy(update={"name": name})
     if volumes:
         config = SandboxConfig(**{**config.model_dump(), "volumes": dict(volumes)})
-    return await _restore_entry(entry, config, backend, None, cache, pooled=True)
+    return await _restore_entry(
+        entry, config, backend, None, cache, pooled=True, warm_command=warm_command
+    )
 
 
 # -- snapshot and fork of a running sandbox ---------------------------------------------------
@@ -683,12 +694,18 @@ class _Pool:
     """Up to ``size`` QEMUs waiting in ``-incoming defer`` for one entry, on one loop."""
 
     def __init__(
-        self, entry: _store.Entry, backend: Backend, cache: Path | None, size: int
+        self,
+        entry: _store.Entry,
+        backend: Backend,
+        cache: Path | None,
+        size: int,
+        warm_command: bool = True,
     ) -> None:
         self.entry = entry
         self._backend = backend
         self._cache = cache
         self._size = size
+        self._warm_command = warm_command
         self._ready: deque[_Incoming] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -724,7 +741,7 @@ class _Pool:
         except Exception:
             return
         try:
-            await _warm_up(inc)
+            await _warm_up(inc, command=self._warm_command)
         except Exception:
             await inc.discard()
             return
@@ -757,7 +774,9 @@ def _spawn(coro: Awaitable[None]) -> None:
     task.add_done_callback(_background.discard)
 
 
-def _pool_for(entry: _store.Entry, backend: Backend, cache: Path | None) -> _Pool | None:
+def _pool_for(
+    entry: _store.Entry, backend: Backend, cache: Path | None, warm_command: bool = True
+) -> _Pool | None:
     size = _pool_size()
     if size == 0:
         return None
@@ -769,7 +788,7 @@ def _pool_for(entry: _store.Entry, backend: Backend, cache: Path | None) -> _Poo
     key = (id(loop), str(entry.path))
     pool = _pools.get(key)
     if pool is None:
-        pool = _pools[key] = _Pool(entry, backend, cache, size)
+        pool = _pools[key] = _Pool(entry, backend, cache, size, warm_command)
         pool.guard = _close_at_loop_shutdown(key, pool)
     return pool
 
