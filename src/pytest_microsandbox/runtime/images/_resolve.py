@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -46,12 +47,21 @@ def images_dir(cache_dir: Path | None = None) -> Path:
     return path
 
 
+def _staging_parent(images: Path) -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return images
+
+
 def _staged_layer(
     images: Path, serial: str, label: str, description: str, stage: Callable[[Path], None]
 ) -> Layer:
-    # Staged in the images dir: same filesystem as the image, cleaned up even
-    # when the build fails; its random name stays out of the digest (identity).
-    with tempfile.TemporaryDirectory(dir=images, prefix=".staging-") as tmp:
+    # Staged every time a process resolves the layer (the content decides
+    # whether an image is built), so in RAM where there is a tmpfs: its ~700
+    # symlinks took 0.6 s in the cache directory here, 3 ms in /dev/shm. Cleaned
+    # up even when the build fails; the random name stays out of the digest.
+    with tempfile.TemporaryDirectory(dir=_staging_parent(images), prefix=".staging-") as tmp:
         root = Path(tmp)
         stage(root)
         spec = LayerSpec(
