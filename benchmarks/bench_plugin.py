@@ -5,7 +5,8 @@
   prebuilt, with the default two vCPUs and with one.
 * the same 50 as 50 fresh ``python -m pytest file::test`` host processes: what
   "isolation by a new process" costs without a VM.
-* a 40-test marked suite with ``-n 2`` vs ``-n 0``.
+* 40-test marked suites with ``-n 2`` vs ``-n 0``: trivial tests (fixed costs
+  dominate) and tests that do some work.
 
 Per-test wall time is taken on the host between consecutive
 ``pytest_runtest_logfinish`` calls (timing plugin below), so it includes the
@@ -40,6 +41,11 @@ def test_a(i):
 @pytest.mark.parametrize("i", range(10))
 def test_b(i):
     assert i >= 0
+
+
+@pytest.mark.parametrize("i", range(40))
+def test_c(i):  # some work: ~10 ms on the host, ~0.2 s under TCG
+    assert sum(k * k for k in range(200_000)) > i
 """
 
 TIMING_PLUGIN = """
@@ -110,7 +116,7 @@ def main() -> int:
         plain, marked = _write(root, False), _write(root, True)
         out = root / "times.txt"
 
-        _run(plain, out=out)
+        _run(plain, "-k", "not test_c", out=out)
         unmarked = _per_test(out)
         results["unmarked_p50_ms"] = statistics.median(unmarked) * 1000
 
@@ -126,7 +132,9 @@ def main() -> int:
             ("vm_cpus1", "vm", ("--sandbox-cpus=1",)),
         ):
             _run(marked, f"--sandbox-isolation={level}", *extra, "test_bench.py::test_b[0]")
-            total = _run(marked, f"--sandbox-isolation={level}", *extra, out=out)
+            total = _run(
+                marked, f"--sandbox-isolation={level}", *extra, "-k", "not test_c", out=out
+            )
             times = _per_test(out)
             results[f"{key}_p50_ms"] = statistics.median(times) * 1000
             results[f"{key}_p95_ms"] = _p(times, 0.95) * 1000
@@ -141,11 +149,12 @@ def main() -> int:
             fresh.append(_run(plain, case))
         results["fresh_process_p50_ms"] = statistics.median(fresh) * 1000
 
-        n0 = _run(marked, "-k", "test_a", "-n", "0")
-        n2 = _run(marked, "-k", "test_a", "-n", "2")
-        results["n0_40_tests_s"] = n0
-        results["n2_40_tests_s"] = n2
-        results["n2_over_n0"] = n2 / n0
+        for name in ("test_a", "test_c"):
+            n0 = _run(marked, "-k", name, "-n", "0")
+            n2 = _run(marked, "-k", name, "-n", "2")
+            results[f"n0_{name}_s"] = n0
+            results[f"n2_{name}_s"] = n2
+            results[f"n0_over_n2_{name}"] = n0 / n2
 
     if args.json:
         print(json.dumps(results, indent=1))
@@ -165,10 +174,12 @@ def main() -> int:
             f"{results[f'{key}_total_s']:.1f} s)"
         )
     print(f"  fresh host `python -m pytest`    {results['fresh_process_p50_ms']:8.1f} ms")
-    print(
-        f"  40 marked tests: -n 0 {results['n0_40_tests_s']:.1f} s, -n 2 "
-        f"{results['n2_40_tests_s']:.1f} s (ratio {results['n2_over_n0']:.2f})"
-    )
+    for name, what in (("test_a", "trivial"), ("test_c", "with ~0.2 s of guest CPU each")):
+        print(
+            f"  40 marked tests, {what}: -n 0 {results[f'n0_{name}_s']:.1f} s, -n 2 "
+            f"{results[f'n2_{name}_s']:.1f} s (-n 2 is {results[f'n0_over_n2_{name}']:.2f}x "
+            "as fast)"
+        )
     print(f"  (first run incl. zygote build: {results['zygote_build_run_s']:.1f} s)")
     return 0
 
