@@ -44,8 +44,8 @@ def test_b(i):
 
 
 @pytest.mark.parametrize("i", range(40))
-def test_c(i):  # some work: ~10 ms on the host, ~0.2 s under TCG
-    assert sum(k * k for k in range(200_000)) > i
+def test_c(i):  # real work: ~50 ms on the host, ~1 s under TCG
+    assert sum(k * k for k in range(1_000_000)) > i
 """
 
 TIMING_PLUGIN = """
@@ -174,7 +174,7 @@ def main() -> int:
             f"{results[f'{key}_total_s']:.1f} s)"
         )
     print(f"  fresh host `python -m pytest`    {results['fresh_process_p50_ms']:8.1f} ms")
-    for name, what in (("test_a", "trivial"), ("test_c", "with ~0.2 s of guest CPU each")):
+    for name, what in (("test_a", "trivial"), ("test_c", "with ~1 s of guest CPU each")):
         print(
             f"  40 marked tests, {what}: -n 0 {results[f'n0_{name}_s']:.1f} s, -n 2 "
             f"{results[f'n2_{name}_s']:.1f} s (-n 2 is {results[f'n0_over_n2_{name}']:.2f}x "
