@@ -356,3 +356,82 @@ def test_zygote_build_holds_its_entry_lock(tmp_path, monkeypatch: pytest.MonkeyP
     assert seen == [True]
     # No entry was published: the prune after the build swept the lock file.
     assert not lock_path.exists()
+
+
+class _StubSandbox:
+    """What RemoteRunner._exchange uses of a Sandbox, without a VM."""
+
+    name = "stub"
+
+    async def _watched(self, what, call):
+        return await call()
+
+    def console_tail(self, lines=40):
+        return "console tail"
+
+
+def _exchange(pytester: pytest.Pytester, answer, timeout=None):
+    """Run one exchange against a fake runner: ``answer(request, send)`` plays the guest."""
+    import anyio
+    from anyio.streams.stapled import StapledObjectStream
+
+    from pytest_microsandbox.fixtures._remote import RemoteRunner
+
+    config = pytester.parseconfigure()
+    runner = RemoteRunner(config, resolve_settings(config), Stats())
+
+    async def main():
+        to_guest_send, to_guest_recv = anyio.create_memory_object_stream(10)
+        to_host_send, to_host_recv = anyio.create_memory_object_stream(10)
+        host_side = StapledObjectStream(to_guest_send, to_host_recv)  # bytes both ways
+        async with anyio.create_task_group() as tg:
+
+            async def guest():
+                request = json.loads(await to_guest_recv.receive())
+                await answer(request, to_host_send)
+
+            tg.start_soon(guest)
+            outcome = await runner._exchange(_StubSandbox(), host_side, "t.py::x", True, timeout)
+            tg.cancel_scope.cancel()
+        return outcome
+
+    return anyio.run(main)
+
+
+def _line(kind, data):
+    return (_guest.PREFIX + json.dumps({"kind": kind, "data": data}) + "\n").encode()
+
+
+def test_exchange_ignores_a_late_done_of_an_earlier_request(pytester: pytest.Pytester):
+    async def answer(request, send):
+        assert request["nodeid"] == "t.py::x" and request["fork"] is True
+        # A process of an earlier request died after answering: its runner's "done".
+        await send.send(_line("done", {"status": None, "signal": 9, "seq": request["seq"] - 1}))
+        await send.send(_line("report", {"x": 1}) + _line("done", {"status": 0}))
+        await send.send(b"noise\n" + _line("done", {"status": 0, "seq": request["seq"]}))
+
+    outcome = _exchange(pytester, answer)
+    assert outcome.error is None
+    kinds = [m["kind"] for m in outcome.messages]
+    assert kinds == ["report", "done"]  # neither stale "done" counts
+
+
+def test_exchange_reports_a_closed_channel_as_a_crash(pytester: pytest.Pytester):
+    async def answer(request, send):
+        await send.send(_line("report", {"x": 1}))
+        await send.aclose()
+
+    outcome = _exchange(pytester, answer)
+    assert outcome.error is not None and outcome.error.startswith("the guest crashed")
+    assert outcome.console == "console tail"
+    assert [m["kind"] for m in outcome.messages] == ["report"]  # what arrived is kept
+
+
+def test_exchange_times_out(pytester: pytest.Pytester):
+    import anyio
+
+    async def answer(request, send):
+        await anyio.sleep(30)
+
+    outcome = _exchange(pytester, answer, timeout=0.2)
+    assert outcome.error == "the test ran past its 0.2 s timeout in the guest"

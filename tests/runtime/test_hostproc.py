@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from pytest_microsandbox.runtime import (
+    BackendUnavailableError,
     CommandNotFoundError,
     ExecTimeoutError,
     Exited,
@@ -107,5 +108,13 @@ def test_dead_guest_is_a_crash_and_stop_is_idempotent() -> None:
         await sb.stop()
         with pytest.raises(SandboxNotRunningError):
             await sb.exec("true")
+
+    run(body)
+
+
+def test_the_test_double_has_no_channel() -> None:
+    async def body(sb: Sandbox) -> None:
+        with pytest.raises(BackendUnavailableError, match="no host-guest channel"):
+            await sb.open_channel()
 
     run(body)
