@@ -518,6 +518,15 @@ static struct req *find_req(uint32_t id)
 	return NULL;
 }
 
+/* Whether another request can go live; if not, answers request ID EAGAIN. */
+static bool req_slot_free(uint32_t id)
+{
+	if (nreqs < MAX_REQS)
+		return true;
+	reply_error(id, EAGAIN, "too many live requests");
+	return false;
+}
+
 static struct req *new_req(uint32_t id, int kind)
 {
 	if (nreqs == MAX_REQS)
@@ -786,10 +795,8 @@ static void h_exec(const struct msg *m)
 		}
 		s.has_user = true;
 	}
-	if (nreqs == MAX_REQS) {
-		reply_error(m->id, EAGAIN, "too many live requests");
+	if (!req_slot_free(m->id))
 		goto out;
-	}
 	if (pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr_, O_CLOEXEC) < 0 || pipe2(prep, O_CLOEXEC) < 0 ||
 	    (stdin_mode == 1 && pipe2(pin, O_CLOEXEC) < 0)) {
 		reply_error(m->id, errno, "pipe: %s", strerror(errno));
@@ -1098,10 +1105,8 @@ static void h_fs_write(const struct msg *m)
 		return;
 	int64_t flags = get_int_or(m, T_FLAGS, 0), mode;
 	bool has_mode = get_int(m, T_MODE, &mode);
-	if (nreqs == MAX_REQS) {
-		reply_error(m->id, EAGAIN, "too many live requests");
+	if (!req_slot_free(m->id))
 		return;
-	}
 	if ((flags & 1) && mkdir_parents(path) < 0) {
 		reply_error(m->id, errno, "cannot create parents of %s: %s", path, strerror(errno));
 		return;
@@ -1320,10 +1325,8 @@ static void h_fs_copy(const struct msg *m)
 		return;
 	int64_t flags = get_int_or(m, T_FLAGS, 0), mode;
 	bool has_mode = get_int(m, T_MODE, &mode);
-	if (nreqs == MAX_REQS) {
-		reply_error(m->id, EAGAIN, "too many live requests");
+	if (!req_slot_free(m->id))
 		return;
-	}
 	int in = open_regular(m->id, src);
 	if (in < 0)
 		return;
