@@ -134,9 +134,8 @@ def test_no_sandbox_runs_marked_tests_locally(pytester: pytest.Pytester):
     result.assert_outcomes(passed=1)
 
 
-def test_without_backend_marked_tests_and_fixtures_skip_with_the_fix(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
-):
+def _suite_without_backend(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A marked test, a sandbox-fixture test and a plain one, with no guest kernel."""
     for key, value in NO_KERNEL.items():
         monkeypatch.setenv(key, value)
     pytester.makepyfile(
@@ -151,6 +150,12 @@ def test_without_backend_marked_tests_and_fixtures_skip_with_the_fix(
             pass
         """
     )
+
+
+def test_without_backend_marked_tests_and_fixtures_skip_with_the_fix(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    _suite_without_backend(pytester, monkeypatch)
     result = pytester.runpytest_subprocess("-rs", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, skipped=2)
     result.stdout.fnmatch_lines(["*no microVM backend: no guest kernel in /nonexistent*"])
@@ -160,20 +165,9 @@ def test_without_backend_marked_tests_and_fixtures_skip_with_the_fix(
 def test_sandbox_require_turns_the_skip_into_a_failure(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ):
-    for key, value in NO_KERNEL.items():
-        monkeypatch.setenv(key, value)
-    pytester.makepyfile(
-        """
-        import pytest
-        @pytest.mark.sandbox
-        def test_marked():
-            pass
-        def test_fixture(sandbox):
-            pass
-        """
-    )
+    _suite_without_backend(pytester, monkeypatch)
     result = pytester.runpytest_subprocess("--sandbox-require", "-p", "no:cacheprovider")
-    result.assert_outcomes(errors=2)
+    result.assert_outcomes(passed=1, errors=2)
     result.stdout.fnmatch_lines(["*--sandbox-require is set*"])
 
 
