@@ -12,13 +12,16 @@ from ._host import DEFAULT_USR_EXCLUDES, PROJECT_EXCLUDE_NAMES, PROJECT_EXCLUDE_
 from ._model import Layer
 from ._resolve import images_dir, resolve_root_layers
 from ._staging import ETC_COPY
+from ._store import IMAGE_BUDGET_ENV, prune_images
 
 __all__ = [
     "DEFAULT_USR_EXCLUDES",
     "ETC_COPY",
+    "IMAGE_BUDGET_ENV",
     "PROJECT_EXCLUDE_NAMES",
     "PROJECT_EXCLUDE_TOP",
     "Layer",
     "images_dir",
+    "prune_images",
     "resolve_root_layers",
 ]

@@ -1,16 +1,73 @@
-"""``python -m pytest_microsandbox.runtime.images build host|DIR``: build layers ahead of time."""
+"""``python -m pytest_microsandbox.runtime.images build host|DIR | prune [--max-mb N]``.
+
+``build`` builds layers ahead of time; ``prune`` evicts the least recently
+used images beyond a disk budget, as every build does on its own.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
 from .._exceptions import ImageError
 from ..config import find_project_root
-from ._resolve import resolve_root_layers
+from ._resolve import images_dir, resolve_root_layers
+from ._store import (
+    IMAGE_BUDGET_ENV,
+    RECENT_USE_GRACE,
+    cached_images,
+    image_budget_bytes,
+    prune_images,
+)
+
+
+def _mib(value: str) -> float:
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = math.nan
+    if not math.isfinite(mib) or mib < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of MiB >= 0")
+    return mib
+
+
+def _build(image: str, project_root: Path | None) -> int:
+    start = time.monotonic()
+    project = project_root or (find_project_root() if image == "host" else None)
+    layers = resolve_root_layers(image, project_root=project)
+    for layer in layers:
+        size = layer.path.stat().st_size / 1e6
+        print(f"{layer.serial:10} {size:9.1f} MB  {layer.description}")
+    print(f"{len(layers)} layers ready in {time.monotonic() - start:.1f} s")
+    return 0
+
+
+def _prune(max_mib: float | None) -> int:
+    budget = image_budget_bytes() if max_mib is None else int(max_mib * 2**20)
+    images = images_dir()
+    result = prune_images(images, max_bytes=budget)
+    for image in result.removed:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(image.last_used))
+        print(f"removed {image.path.name}  {image.disk_bytes / 2**20:9.1f} MiB  last used {used}")
+    kept = cached_images(images)
+    print(
+        f"{images}: {result.bytes_before / 2**20:.1f} MiB before, "
+        f"{result.bytes_after / 2**20:.1f} MiB after (budget {budget / 2**20:.0f} MiB); "
+        f"{len(result.removed)} removed, {len(kept)} kept"
+    )
+    if result.bytes_after > budget:
+        now = time.time()
+        recent = sum(now - i.last_used < RECENT_USE_GRACE for i in kept)
+        print(
+            f"still over budget: {recent} images were used in the last "
+            f"{RECENT_USE_GRACE / 60:.0f} minutes, {sum(i.pinned for i in kept)} belong to "
+            "named snapshots (remove those with Snapshot.remove(name))"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,20 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build", help="build (or find cached) the layers of an image")
     build.add_argument("image", help='"host" or a directory path')
     build.add_argument("--project-root", type=Path, default=None)
+    prune = sub.add_parser(
+        "prune", help="remove the least recently used images beyond a disk budget"
+    )
+    prune.add_argument(
+        "--max-mb",
+        type=_mib,
+        default=None,
+        help=f"budget in MiB (default: ${IMAGE_BUDGET_ENV}, else 4096)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    start = time.monotonic()
-    project = args.project_root or (find_project_root() if args.image == "host" else None)
     try:
-        layers = resolve_root_layers(args.image, project_root=project)
+        if args.command == "prune":
+            return _prune(args.max_mb)
+        return _build(args.image, args.project_root)
     except ImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for layer in layers:
-        size = layer.path.stat().st_size / 1e6
-        print(f"{layer.serial:10} {size:9.1f} MB  {layer.description}")
-    print(f"{len(layers)} layers ready in {time.monotonic() - start:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

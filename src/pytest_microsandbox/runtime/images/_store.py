@@ -1,17 +1,45 @@
-"""The image cache: one erofs file per (layer source, digest), built once under a lock."""
+"""The image cache: one erofs file per (layer source, digest), built once under a lock.
+
+Two limits keep it bounded: at most :data:`KEEP_PER_SOURCE` images per family
+(one layer source, e.g. one project directory), and a disk budget over all
+families (``$MICROSANDBOX_IMAGE_BUDGET_MB``), because every *different* source
+(every temporary project a test suite images) is a family of its own that the
+first limit never removes. Both run after each build and evict by last use: an
+image's mtime is touched whenever :func:`ensure_image` hands it out, and a
+template, zygote or snapshot restore (which touches its entry directory in
+``<cache>/snapshots``) counts as a use of the images that entry boots from.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
-__all__ = ["KEEP_PER_SOURCE", "ensure_image", "image_path", "logger"]
+from .._exceptions import ImageError
+
+__all__ = [
+    "DEFAULT_IMAGE_BUDGET_MB",
+    "IMAGE_BUDGET_ENV",
+    "KEEP_PER_SOURCE",
+    "RECENT_USE_GRACE",
+    "CachedImage",
+    "ImagePruneResult",
+    "cached_images",
+    "ensure_image",
+    "image_budget_bytes",
+    "image_path",
+    "logger",
+    "prune_images",
+]
 
 logger = logging.getLogger("pytest_microsandbox.images")
 
@@ -20,13 +48,87 @@ logger = logging.getLogger("pytest_microsandbox.images")
 #: image keeps it while the next edit's image is built.
 KEEP_PER_SOURCE = 3
 
+#: Disk budget, in MiB, for all images together; the least recently used go
+#: beyond it (never those in :data:`RECENT_USE_GRACE` or pinned by a named snapshot).
+IMAGE_BUDGET_ENV = "MICROSANDBOX_IMAGE_BUDGET_MB"
+DEFAULT_IMAGE_BUDGET_MB = 4096
+
+#: Seconds after its last use during which an image is never evicted: a VM or
+#: a build in another process may be about to open it (one that already has it
+#: open keeps reading it after an unlink, one about to open it would fail).
+#: Much longer than ``_resolve.STABLE_LAYER_TTL`` (60 s), the time a process
+#: reuses a layer it resolved without calling :func:`ensure_image` again.
+RECENT_USE_GRACE = 600.0
+
 _SUFFIX = ".erofs"
 _TMP_SUFFIX = ".tmp"
+#: Named snapshots built by the plugin (auto-pruned like templates, so not pins).
+_ZYGOTE_PREFIX = "zygote-"
+
+_FileId = tuple[int, int]  # (st_dev, st_ino)
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """One final image in the cache, as :func:`prune_images` weighs it."""
+
+    path: Path
+    #: Blocks actually allocated (``st_blocks * 512``).
+    disk_bytes: int
+    #: Latest of the image's mtime and the last restore of a snapshot entry using it.
+    last_used: float
+    #: Referenced by a named (user) snapshot: never evicted automatically.
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class ImagePruneResult:
+    """What :func:`prune_images` did: the images it removed and the totals around it."""
+
+    removed: tuple[CachedImage, ...]
+    bytes_before: int
+    bytes_after: int
 
 
 def image_path(images_dir: Path, family: str, digest: str) -> Path:
     """Where the image of ``family`` (one layer source) with ``digest`` lives."""
     return images_dir / f"{family}-{digest[:24]}{_SUFFIX}"
+
+
+def image_budget_bytes() -> int:
+    """The image disk budget: ``$MICROSANDBOX_IMAGE_BUDGET_MB`` MiB, default 4096.
+
+    :raises ImageError: the variable is set to something other than a finite
+        number >= 0 (naming the variable, so the user knows what to fix).
+    """
+    raw = os.environ.get(IMAGE_BUDGET_ENV, "").strip()
+    if not raw:
+        return DEFAULT_IMAGE_BUDGET_MB << 20
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = math.nan
+    if not math.isfinite(mib) or mib < 0:
+        raise ImageError(
+            f"${IMAGE_BUDGET_ENV}={raw!r} is not a number of MiB >= 0 (the disk budget "
+            f"of cached images; unset it for the default {DEFAULT_IMAGE_BUDGET_MB})"
+        )
+    return int(mib * 2**20)
+
+
+def _touch(path: Path) -> bool:
+    """Mark ``path`` used (mtime = now); whether it exists.
+
+    One ``utime`` call doubles as the existence check of the fast path. A cache
+    shared read-only with this user cannot be touched: it still counts.
+    """
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return path.exists()
+    return True
 
 
 def ensure_image(
@@ -42,14 +144,18 @@ def ensure_image(
     The build writes a temporary file in the same directory that is renamed
     over the final name only on success, so an interrupted build never looks
     like an image; leftovers are removed by the next build of the family
-    (under the family's lock, so no builder can still own them).
+    (under the family's lock, so no builder can still own them). Returning an
+    existing image touches its mtime: eviction goes by last use, not by build.
+
+    :raises ImageError: the build failed, or ``$MICROSANDBOX_IMAGE_BUDGET_MB`` is invalid.
     """
     final = image_path(images_dir, family, digest)
-    if final.exists():  # fast path: no lock for the common case
+    if _touch(final):  # fast path: no lock for the common case
         return final
+    budget = image_budget_bytes()  # a bad value fails before a build, not after
     images_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(os.fspath(images_dir / f"{family}.lock")):
-        if final.exists():  # another process built it while we waited
+        if _touch(final):  # another process built it while we waited
             return final
         for stale in images_dir.glob(f".{family}-*{_TMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
@@ -68,18 +174,177 @@ def ensure_image(
         logger.info(
             "built image %s (%s): %.2f s, %.1f MiB", final.name, description, elapsed, size / 2**20
         )
-        _prune(images_dir, family, keep=final)
+        # Only this family's lock is held: other families' builds and prunes (in
+        # other processes) run concurrently, hence the tolerance of vanished files.
+        _prune_family(cached_images(images_dir), family, keep=final)
+        prune_images(images_dir, max_bytes=budget, keep=final)
     return final
 
 
-def _prune(images_dir: Path, family: str, *, keep: Path) -> None:
-    images = sorted(
-        (p for p in images_dir.glob(f"{family}-*{_SUFFIX}") if p != keep),
-        key=lambda p: p.stat().st_mtime,
+def _prune_family(images: Iterable[CachedImage], family: str, *, keep: Path) -> None:
+    """Keep the :data:`KEEP_PER_SOURCE` most recently used images of ``family``.
+
+    Images of named snapshots neither go nor count: an old project image is
+    all a snapshot taken before the last few edits has to restore from.
+    """
+    mine = sorted(
+        (
+            i
+            for i in images
+            if i.path != keep and not i.pinned and i.path.name.startswith(f"{family}-")
+        ),
+        key=lambda i: i.last_used,
         reverse=True,
     )
     # A running VM that still has a pruned image open keeps reading it: unlink
     # only drops the name.
-    for old in images[KEEP_PER_SOURCE - 1 :]:
-        logger.debug("pruning old image %s", old.name)
-        old.unlink(missing_ok=True)
+    for old in mine[KEEP_PER_SOURCE - 1 :]:
+        logger.debug("pruning old image %s", old.path.name)
+        _unlink(old.path)
+
+
+def _unlink(path: Path) -> bool:
+    """Delete ``path``; False if it was not deleted (already gone, or not ours)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False  # another process evicted it first
+    except OSError as exc:
+        logger.warning("cannot remove image %s: %s", path, exc)
+        return False
+    return True
+
+
+def _disk_paths(raw: bytes) -> list[str]:
+    """The image paths a snapshot entry's ``meta.json`` boots from.
+
+    Read here rather than with :class:`pytest_microsandbox.snapshots.SnapshotMeta`:
+    the snapshots package imports the runtime (runtime.boot imports this
+    package), so the runtime must not import it back. Only ``disks[].path``
+    is needed, and anything unexpected reads as no disks.
+    """
+    meta = json.loads(raw)
+    disks = meta.get("disks") if isinstance(meta, dict) else None
+    if not isinstance(disks, list):
+        return []
+    return [d["path"] for d in disks if isinstance(d, dict) and isinstance(d.get("path"), str)]
+
+
+def _snapshot_uses(cache: Path) -> tuple[dict[_FileId, float], set[_FileId]]:
+    """For the images that snapshot entries boot from: the latest use of such an
+    entry (its directory's mtime, touched on every restore), and the images
+    pinned by named user snapshots (never auto-pruned, and not restorable
+    without their images). Zygotes are named entries too, but rebuilt when an
+    image is missing (``check_entry`` fails) like templates, so they pin nothing.
+
+    Layout as in ``snapshots/_store.py``: ``<cache>/snapshots/{templates,named}/
+    <entry>/meta.json``; ``.tmp-*`` directories are builds or removals in progress.
+    """
+    used: dict[_FileId, float] = {}
+    pinned: set[_FileId] = set()
+    for kind in ("templates", "named"):
+        try:
+            entries = list(os.scandir(cache / "snapshots" / kind))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name.endswith(".lock"):
+                continue
+            pin = kind == "named" and not entry.name.startswith(_ZYGOTE_PREFIX)
+            try:
+                entry_used = entry.stat().st_mtime
+                paths = _disk_paths((Path(entry.path) / "meta.json").read_bytes())
+            except (OSError, ValueError):
+                continue  # removed meanwhile, or broken (check_entry refuses it anyway)
+            for path in paths:
+                try:
+                    st = os.stat(path)
+                except (OSError, ValueError):
+                    continue
+                key = (st.st_dev, st.st_ino)
+                used[key] = max(used.get(key, entry_used), entry_used)
+                if pin:
+                    pinned.add(key)
+    return used, pinned
+
+
+def cached_images(images_dir: Path) -> list[CachedImage]:
+    """The final images in ``images_dir`` with their size and last use.
+
+    Only ``*.erofs`` names count: the ``.*.tmp`` files of builds in progress
+    (in any process) and lock files are never considered.
+    """
+    uses, pinned = _snapshot_uses(images_dir.parent)
+    out: list[CachedImage] = []
+    try:
+        entries = list(os.scandir(images_dir))
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.name.endswith(_SUFFIX):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # evicted by another process since the listing
+        key = (st.st_dev, st.st_ino)
+        out.append(
+            CachedImage(
+                path=Path(entry.path),
+                disk_bytes=st.st_blocks * 512,
+                last_used=max(st.st_mtime, uses.get(key, st.st_mtime)),
+                pinned=key in pinned,
+            )
+        )
+    return out
+
+
+def prune_images(
+    images_dir: Path,
+    *,
+    max_bytes: int,
+    keep: Path | None = None,
+    now: float | None = None,
+    grace: float = RECENT_USE_GRACE,
+) -> ImagePruneResult:
+    """Evict the least recently used images until all of them fit in ``max_bytes``.
+
+    Never evicted: ``keep`` (the image just built), images used in the last
+    ``grace`` seconds (another process may be about to open them), images
+    pinned by a named snapshot. If those alone exceed the budget, they stay.
+    Safe to run in several processes at once: files that vanish count as gone,
+    and an image touched since the listing is spared.
+    """
+    now = time.time() if now is None else now
+    images = cached_images(images_dir)
+    before = sum(i.disk_bytes for i in images)
+    total = before
+    removed: list[CachedImage] = []
+    candidates = sorted(
+        (i for i in images if i.path != keep and not i.pinned and now - i.last_used >= grace),
+        key=lambda i: (i.last_used, i.path.name),
+    )
+    for image in candidates:
+        if total <= max_bytes:
+            break
+        try:
+            recent = now - image.path.stat().st_mtime < grace
+        except FileNotFoundError:
+            total -= image.disk_bytes  # evicted by another process
+            continue
+        if recent:
+            continue  # handed out since we listed it
+        if _unlink(image.path):
+            logger.debug("evicted image %s (least recently used)", image.path.name)
+            removed.append(image)
+            total -= image.disk_bytes
+        elif not image.path.exists():
+            total -= image.disk_bytes
+    if removed:
+        logger.info(
+            "evicted %d least recently used images (%.1f MiB) to fit the image budget (%.0f MiB)",
+            len(removed),
+            sum(i.disk_bytes for i in removed) / 2**20,
+            max_bytes / 2**20,
+        )
+    return ImagePruneResult(removed=tuple(removed), bytes_before=before, bytes_after=total)
