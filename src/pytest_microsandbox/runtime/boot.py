@@ -127,6 +127,7 @@ def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None)
         config.image,
         project_root=config.resolved_project_root() if config.image == "host" else None,
         cache_dir=cache,
+        include_project=config.image_project,
     )
     return BootPlan(kernel=kernel, initrd=initrd, layers=tuple(layers), accel=accel, agent=agent)
 

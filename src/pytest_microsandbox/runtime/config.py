@@ -179,6 +179,12 @@ class SandboxConfig(BaseModel):
         description='project directory imaged into the guest with image="host" '
         "(default: the nearest ancestor of cwd with pyproject.toml/setup.py/.git)",
     )
+    image_project: bool = Field(
+        True,
+        description='with image="host", image the project\'s own files into the guest '
+        "root; False leaves them out (trees inside the project that have their own layer, "
+        "such as its venv, stay) for callers that copy the project in after a restore",
+    )
     accel: AccelChoice | None = Field(
         None, description=f"accelerator; None reads ${ACCEL_ENV}, else auto"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._host import DEFAULT_USR_EXCLUDES, PROJECT_EXCLUDE_NAMES, PROJECT_EXCLUDE_TOP
 from ._model import Layer
-from ._resolve import images_dir, resolve_root_layers
+from ._resolve import images_dir, project_layer, resolve_root_layers
 from ._staging import ETC_COPY
 from ._store import IMAGE_BUDGET_ENV, prune_images
 
@@ -22,6 +22,7 @@ __all__ = [
     "PROJECT_EXCLUDE_TOP",
     "Layer",
     "images_dir",
+    "project_layer",
     "prune_images",
     "resolve_root_layers",
 ]

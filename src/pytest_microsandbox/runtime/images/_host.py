@@ -19,6 +19,7 @@ __all__ = [
     "PACKAGE_DATABASES",
     "PROJECT_EXCLUDE_NAMES",
     "PROJECT_EXCLUDE_TOP",
+    "PROJECT_SERIAL",
     "UNHASHED_NAMES",
     "USR_WATCHED",
     "plan_host_trees",
@@ -55,6 +56,9 @@ PACKAGE_DATABASES: tuple[str, ...] = (
 #: Parts of /usr that change behind the package manager's back (make install,
 #: pip --break-system-packages): fully stat-walked, they are small.
 USR_WATCHED: tuple[str, ...] = ("usr/local", "usr/lib/python3*")
+
+#: The serial (guest disk name) of the project's layer.
+PROJECT_SERIAL = "l-project"
 
 #: Dropped from the project layer at any depth: VCS data, caches that every
 #: host test run rewrites (they would force a rebuild per run), JS deps.
@@ -245,7 +249,7 @@ def plan_host_trees(
         specs.insert(
             0,
             _tree_spec(
-                "l-project",
+                PROJECT_SERIAL,
                 "project",
                 root,
                 f"{root} (project)",

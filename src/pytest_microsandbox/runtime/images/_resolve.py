@@ -12,12 +12,12 @@ from pathlib import Path
 from .._exceptions import ImageError
 from ..paths import cache_dir as default_cache_dir
 from ._fingerprint import content_fingerprint, tree_fingerprint
-from ._host import DEFAULT_USR_EXCLUDES, plan_host_trees, plan_usr
+from ._host import DEFAULT_USR_EXCLUDES, PROJECT_SERIAL, plan_host_trees, plan_usr
 from ._layers import LayerSpec, build_layer
 from ._model import Layer
 from ._staging import MOUNT_POINTS, stage_base, stage_mount_points
 
-__all__ = ["STABLE_LAYER_TTL", "images_dir", "resolve_root_layers"]
+__all__ = ["STABLE_LAYER_TTL", "images_dir", "project_layer", "resolve_root_layers"]
 
 #: Seconds a process trusts its last check of the slow-changing layers (/usr,
 #: Python prefix, venv, base). Checking them costs ~0.5 s, too much for every
@@ -77,7 +77,11 @@ def _staged_layer(
 
 
 def _host_layers(
-    images: Path, project_root: Path | None, cache: Path, usr_excludes: Sequence[str]
+    images: Path,
+    project_root: Path | None,
+    cache: Path,
+    usr_excludes: Sequence[str],
+    include_project: bool = True,
 ) -> list[Layer]:
     def stable(spec: LayerSpec) -> Layer:
         key = (str(images), spec.serial, spec.family(), *spec.exclude_names)
@@ -86,9 +90,10 @@ def _host_layers(
     trees = [
         # Source trees that change with every edit are checked on every resolve.
         build_layer(spec, images)
-        if spec.serial.startswith(("l-project", "l-edit"))
+        if spec.serial.startswith((PROJECT_SERIAL, "l-edit"))
         else stable(spec)
         for spec in plan_host_trees(project_root=project_root, cache_dir=cache)
+        if include_project or spec.serial != PROJECT_SERIAL
     ]
     base = _memoized(
         (str(images), "l-base"),
@@ -125,18 +130,22 @@ def resolve_root_layers(
     project_root: Path | None = None,
     cache_dir: Path | None = None,
     usr_excludes: Sequence[str] | None = None,
+    include_project: bool = True,
 ) -> list[Layer]:
     """Return the read-only layers of a guest root, top layer first, building what is stale.
 
     ``image`` is ``"host"`` (the host's own userspace: project, venv, Python
     prefix, generated /etc + skeleton, /usr) or the path of a local directory
     whose contents become the root. ``usr_excludes`` (absolute globs) replaces
-    :data:`DEFAULT_USR_EXCLUDES` for the host's /usr layer.
+    :data:`DEFAULT_USR_EXCLUDES` for the host's /usr layer. ``include_project=False``
+    leaves out the project's own layer but still treats the project as imaged
+    (editable installs inside it get no layer of their own): see
+    :func:`project_layer`.
     """
     images = images_dir(cache_dir)
     if image == "host":
         excludes = DEFAULT_USR_EXCLUDES if usr_excludes is None else tuple(usr_excludes)
-        return _host_layers(images, project_root, images.parent, excludes)
+        return _host_layers(images, project_root, images.parent, excludes, include_project)
     candidate = Path(image).expanduser()
     # Path-like names get path errors; anything else that does not exist is
     # an unsupported image name (registry refs contain "/" too).
@@ -158,3 +167,14 @@ def resolve_root_layers(
         f'unsupported image {image!r}: use "host" or the path of a local directory '
         f"(no directory {image!r} exists here; OCI images come later)"
     )
+
+
+def project_layer(project_root: Path, cache_dir: Path | None = None) -> Layer:
+    """The project's own layer (built unless current), as ``resolve_root_layers``
+    would stack it: for callers that left it out of the root and copy it in.
+    """
+    images = images_dir(cache_dir)
+    for spec in plan_host_trees(project_root=project_root, cache_dir=images.parent):
+        if spec.serial == PROJECT_SERIAL:
+            return build_layer(spec, images)
+    raise ImageError(f"{project_root} has no project layer")  # pragma: no cover
