@@ -8,10 +8,10 @@ starts with ``-incoming defer`` and loads ``state``. Clones must use the
 exact command line of the template, spare devices included, or the load fails.
 
 A snapshot of a running clone cannot use x-ignore-shared (its RAM is a
-private mapping), so the whole RAM is migrated to a temporary stream once,
-loaded into a helper QEMU whose RAM is a new shared file, and saved from
-there as an ordinary template-shaped entry: forks of it are then as cheap
-as clones of a template.
+private mapping), so the whole RAM is migrated once, over a socket, into a
+helper QEMU whose RAM is a new shared file, and saved from there as an
+ordinary template-shaped entry: forks of it are then as cheap as clones of a
+template.
 """
 
 from __future__ import annotations
@@ -545,22 +545,28 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
     root = _store.named_root(cache)
     _store.clean_stale_temps(root)
     meta0 = origin.meta
-    # The full stream and the new memory file: at most the guest's RAM each.
-    _store.check_free_space(root, 2 * (meta0.memory_mib << 20) + (64 << 20))
+    # The new memory file: at most the guest's RAM.
+    _store.check_free_space(root, (meta0.memory_mib << 20) + (64 << 20))
     tmp = _tmp_entry(root, name)
-    full = tmp / "full.stream"
     try:
-        await monitor.execute("stop")
-        try:
-            # A clone's RAM is a private mapping: it is migrated whole.
-            await monitor.set_ignore_shared(False)
-            await monitor.save(full, _MIGRATE_TIMEOUT)
-        finally:
-            with contextlib.suppress(SnapshotError):
-                await monitor.set_ignore_shared(True)
-            await monitor.execute("cont")
-        await _materialize(meta0, full, tmp, cache)
-        full.unlink()
+        async with _helper(meta0, tmp, cache) as helper:
+            # Streamed straight into the helper, which loads while this VM sends:
+            # ~1.6 s instead of ~2.5-3.2 s through a file (512 MiB guest, measured).
+            stream = helper.vm.spec.run_dir / "migrate.sock"
+            await helper.monitor.execute("migrate-incoming", {"uri": f"unix:{stream}"})
+            await monitor.execute("stop")
+            try:
+                # A clone's RAM is a private mapping: it is migrated whole.
+                await monitor.set_ignore_shared(False)
+                await monitor.execute("migrate", {"uri": f"unix:{stream}"})
+                await monitor.wait_migration(_MIGRATE_TIMEOUT)
+            finally:
+                with contextlib.suppress(SnapshotError):
+                    await monitor.set_ignore_shared(True)
+                await monitor.execute("cont")
+            await helper.monitor.wait_migration(_MIGRATE_TIMEOUT)
+            await helper.monitor.set_ignore_shared(True)
+            await helper.monitor.save(tmp / _store.STATE, _MIGRATE_TIMEOUT)
         meta = meta0.model_copy(
             update={
                 "kind": "snapshot",
@@ -584,9 +590,18 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
         raise
 
 
-async def _materialize(meta: SnapshotMeta, stream: Path, out: Path, cache: Path | None) -> None:
-    """Load a full migration stream into a helper QEMU whose RAM is the new shared
-    file ``out/memory``, then save its device state with x-ignore-shared.
+@dataclass
+class _Helper:
+    vm: QemuVM
+    monitor: Monitor
+
+
+@contextlib.asynccontextmanager
+async def _helper(
+    meta: SnapshotMeta, out: Path, cache: Path | None
+) -> AsyncGenerator[_Helper, None]:
+    """A paused QEMU with ``meta``'s devices, waiting for a migration, whose RAM is
+    the new shared file ``out/memory``: what a snapshot's state is saved from.
     """
     from ..runtime.qemu import QemuBackend
 
@@ -601,9 +616,7 @@ async def _materialize(meta: SnapshotMeta, stream: Path, out: Path, cache: Path 
         try:
             monitor = await Monitor.open(vm, 30)
             try:
-                await monitor.load(stream, _MIGRATE_TIMEOUT)
-                await monitor.set_ignore_shared(True)
-                await monitor.save(out / _store.STATE, _MIGRATE_TIMEOUT)
+                yield _Helper(vm, monitor)
             finally:
                 await monitor.close()
         finally:
