@@ -96,6 +96,20 @@ def test_auto_prune_spares_user_snapshots(tmp_path: Path, monkeypatch: pytest.Mo
     assert sorted(i.name for i in Snapshot.list(tmp_path)) == ["mine", "zygote-new"]
 
 
+@pytest.mark.parametrize("raw", ["nan", "inf", "-1", "lots"])
+def test_bad_budget_is_a_clear_error_and_removes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    from pytest_microsandbox.runtime import SnapshotError
+    from pytest_microsandbox.snapshots._engine import CACHE_BUDGET_ENV, auto_prune
+
+    _fake_entry(tmp_path, "zygote-a")
+    monkeypatch.setenv(CACHE_BUDGET_ENV, raw)
+    with pytest.raises(SnapshotError, match=rf"\${CACHE_BUDGET_ENV}='{raw}' is not a number >= 0"):
+        auto_prune(tmp_path, kind="snapshot", prefix="zygote-")
+    assert [i.name for i in Snapshot.list(tmp_path)] == ["zygote-a"]
+
+
 def test_stale_temps_of_dead_builders_are_removed(tmp_path: Path) -> None:
     root = _store.templates_root(tmp_path)
     dead = root / ".tmp-key-pid999999999-abc"

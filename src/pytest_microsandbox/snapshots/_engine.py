@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -159,11 +160,19 @@ def _spec_from_meta(
 
 
 def _env_float(name: str, default: float) -> float:
+    """A count or size from the environment; :raises SnapshotError: not a finite number >= 0."""
     raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
     try:
-        return float(raw) if raw else default
+        value = float(raw)
     except ValueError:
-        raise SnapshotError(f"${name}={raw!r} is not a number") from None
+        value = math.nan
+    # nan/inf would escape as ValueError/OverflowError from int(); a negative
+    # budget would empty the store.
+    if not (math.isfinite(value) and value >= 0):
+        raise SnapshotError(f"${name}={raw!r} is not a number >= 0")
+    return value
 
 
 def _pool_size() -> int:
