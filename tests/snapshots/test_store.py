@@ -90,10 +90,33 @@ def test_auto_prune_spares_user_snapshots(tmp_path: Path, monkeypatch: pytest.Mo
     now = time.time()
     for age, name in enumerate(["zygote-new", "zygote-old", "mine"]):
         path = _fake_entry(tmp_path, name)
-        os.utime(path, (now - 60 * age, now - 60 * age))
+        os.utime(path, (now - 3600 * age, now - 3600 * age))
     monkeypatch.setenv(CACHE_BUDGET_ENV, "1.5")  # MiB: room for one ~1 MiB entry
     assert auto_prune(tmp_path, kind="snapshot", prefix="zygote-") == ["zygote-old"]
     assert sorted(i.name for i in Snapshot.list(tmp_path)) == ["mine", "zygote-new"]
+
+
+def test_auto_prune_spares_entries_used_within_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_microsandbox.snapshots._engine import (
+        AUTO_PRUNE_GRACE_S,
+        CACHE_BUDGET_ENV,
+        auto_prune,
+    )
+
+    now = time.time()
+    ages = {
+        "zygote-a": 0.0,
+        "zygote-b": AUTO_PRUNE_GRACE_S - 60,
+        "zygote-c": AUTO_PRUNE_GRACE_S + 60,
+    }
+    for name, age in ages.items():
+        os.utime(_fake_entry(tmp_path, name), (now - age, now - age))
+    monkeypatch.setenv(CACHE_BUDGET_ENV, "0")
+    # Over budget, but a and b were used moments ago (another process may be
+    # restoring them): only c goes.
+    assert auto_prune(tmp_path, kind="snapshot", prefix="zygote-") == ["zygote-c"]
 
 
 @pytest.mark.parametrize("raw", ["nan", "inf", "-1", "lots"])

@@ -223,11 +223,19 @@ CACHE_BUDGET_ENV = "MICROSANDBOX_AUTO_SNAPSHOT_BUDGET_MB"
 _DEFAULT_BUDGET_MB = 4096
 
 
+#: Seconds after its last use during which an entry is never evicted by the
+#: budget: another process may have just checked it exists and be about to
+#: restore it (xdist workers, parallel jobs building one after another).
+AUTO_PRUNE_GRACE_S = 600.0
+
+
 def auto_prune(cache: Path | None, *, kind: str, prefix: str | None = None) -> list[str]:
     """Evict the least recently used automatic entries beyond the disk budget."""
     budget = int(_env_float(CACHE_BUDGET_ENV, _DEFAULT_BUDGET_MB) * 1024 * 1024)
     try:
-        return _store.prune(cache, max_bytes=budget, kind=kind, prefix=prefix)
+        return _store.prune(
+            cache, max_bytes=budget, kind=kind, prefix=prefix, min_idle=AUTO_PRUNE_GRACE_S
+        )
     except OSError:
         return []  # a concurrent prune got there first
 

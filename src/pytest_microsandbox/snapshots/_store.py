@@ -354,9 +354,11 @@ def prune(
     max_bytes: int | None = None,
     kind: str | None = None,
     prefix: str | None = None,
+    min_idle: float = 0.0,
 ) -> list[str]:
     """Delete entries unused for ``max_age`` seconds, then the least recently
     used until the store holds at most ``max_bytes``. Returns the names removed.
+    Entries used in the last ``min_idle`` seconds are kept even over the budget.
 
     A clone maps its template's memory file; deleting the entry unlinks the
     file but running clones keep their mapping, so pruning is safe while they run.
@@ -380,6 +382,8 @@ def prune(
         for info in kept:
             if total <= max_bytes:
                 break
+            if now - info.last_used < min_idle:
+                continue
             _remove(info.path)
             removed.append(info.name)
             total -= info.disk_bytes
