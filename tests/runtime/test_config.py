@@ -124,3 +124,23 @@ def test_volume_host_path_errors(tmp_path: Path) -> None:
         SandboxConfig(volumes={"/data": {"host_path": str(tmp_path / "missing")}})
     with pytest.raises(ConfigError, match="readonly"):
         SandboxConfig(volumes={"/data": {"host_path": str(tmp_path), "readonly": "perhaps"}})
+
+
+def test_image_volume_errors(tmp_path: Path) -> None:
+    image = tmp_path / "fs.erofs"
+    image.write_bytes(b"\0" * 4096)
+    volume = Volume.image(image)
+    assert (volume.kind, volume.readonly, volume.fstype) == ("image", True, "erofs")
+    with pytest.raises(ConfigError, match="does not exist: create it first"):
+        Volume.image(tmp_path / "missing.erofs")
+    with pytest.raises(ConfigError, match="is not a regular file: an image volume needs one"):
+        Volume.image(tmp_path)
+    with pytest.raises(ConfigError, match="fstype 'ext4,rw' is not a file-system name"):
+        Volume.image(image, fstype="ext4,rw")
+    with pytest.raises(ConfigError, match="image volumes are read-only: pass readonly=True"):
+        SandboxConfig(volumes={"/a": {"kind": "image", "host_path": str(image)}})
+    # One spare disk: one image, beside up to MAX_VOLUMES directories.
+    binds = {f"/v{i}": str(tmp_path) for i in range(MAX_VOLUMES)}
+    assert len(SandboxConfig(volumes={**binds, "/img": volume}).volumes) == MAX_VOLUMES + 1
+    with pytest.raises(ConfigError, match="2 image volumes given, at most 1"):
+        SandboxConfig(volumes={"/a": volume, "/b": volume})

@@ -41,14 +41,24 @@ def test_clone_device_set_is_the_templates_whatever_the_volumes(tmp_path: Path) 
     """
     (tmp_path / "v").mkdir()
     spare = tmp_path / "spare.img"
+    spare.touch()
+    image = tmp_path / "fs.erofs"
+    image.write_bytes(b"\0" * 4096)
     template = _device_args(tmp_path, spare)
-    clone = _device_args(tmp_path, spare, (Volume.bind(tmp_path / "v"),))
+    clone = _device_args(tmp_path, spare, (Volume.bind(tmp_path / "v"), Volume.image(image)))
     assert len(_fsdevs(template)) == MAX_VOLUMES
-    strip = [a.split(",path=")[0] if a.startswith("local,") else a for a in template]
-    assert strip == [a.split(",path=")[0] if a.startswith("local,") else a for a in clone]
+
+    def strip(args: tuple[str, ...]) -> list[str]:
+        return [
+            a.split(",path=")[0] if a.startswith("local,") else a.split(",file=")[0] for a in args
+        ]
+
+    assert strip(template) == strip(clone)
     assert _fsdevs(clone)[0] == (
         f"local,id=vol0,path={tmp_path / 'v'},security_model=none,readonly=off"
     )
+    assert f"id=spare0,file={spare},format=raw,if=none,readonly=on" in template
+    assert f"id=spare0,file={image},format=raw,if=none,readonly=on" in clone
 
 
 def test_vanished_host_directory_is_reported(tmp_path: Path) -> None:

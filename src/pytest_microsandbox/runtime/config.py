@@ -23,6 +23,7 @@ from ._exceptions import ConfigError
 
 __all__ = [
     "ACCEL_ENV",
+    "MAX_IMAGE_VOLUMES",
     "MAX_VOLUMES",
     "AccelChoice",
     "SandboxConfig",
@@ -42,6 +43,9 @@ _PROJECT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
 #: Volumes per sandbox: every template and clone carries this many spare 9p
 #: devices (tags ``msb.vol0`` ...), so a clone can bind its volumes after restore.
 MAX_VOLUMES = 4
+#: Image volumes per sandbox: templates carry one spare virtio-blk disk.
+MAX_IMAGE_VOLUMES = 1
+_FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 #: Guest paths a volume may not cover: the agent and every exec rely on them.
 _RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev", "/run/.msb-xfer")
 
@@ -70,28 +74,35 @@ def find_project_root(start: Path | None = None) -> Path | None:
 
 
 class Volume(BaseModel):
-    """A host directory mounted in the guest (microsandbox's ``Volume.bind``).
+    """A host directory (microsandbox's ``Volume.bind``) or a file-system image
+    file (:meth:`image`) mounted in the guest.
 
     Used as the values of :attr:`SandboxConfig.volumes`, keyed by guest path::
 
-        SandboxConfig(volumes={"/data": Volume.bind("/srv/data", readonly=True)})
+        SandboxConfig(volumes={"/data": Volume.bind("/srv/data", readonly=True),
+                               "/assets": Volume.image("assets.erofs")})
 
-    A bare path string is accepted as a read-write bind. The guest sees the
+    A bare path string is accepted as a read-write bind. The guest sees a
     directory through virtio-9p: ``readonly`` is enforced by QEMU (the share is
-    exported read-only) and by the guest mount (``ro``).
+    exported read-only) and by the guest mount (``ro``). An image is the
+    template's spare virtio-blk disk, always read-only (QEMU opens the file
+    read-only), so one per sandbox.
 
-    :meth:`bind` (and :class:`SandboxConfig`) raise :class:`ConfigError` naming
-    the bad field.
+    :meth:`bind`, :meth:`image` (and :class:`SandboxConfig`) raise
+    :class:`ConfigError` naming the bad field.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: Only "bind" so far (named and tmpfs volumes may follow).
-    kind: Literal["bind"] = "bind"
+    kind: Literal["bind", "image"] = "bind"
     host_path: Path = Field(
-        description="existing host directory (stored absolute, symlinks resolved)"
+        description="existing host directory, or image file for kind='image' (stored "
+        "absolute, symlinks resolved)"
     )
     readonly: bool = Field(False, description="refuse guest writes (host and guest side)")
+    fstype: str = Field(
+        "erofs", description="file system of an image (erofs, ext4, ...); unused by binds"
+    )
 
     # No __init__ override (unlike SandboxConfig): pydantic would call it for
     # nested values too, and the error would lose its field path
@@ -104,7 +115,19 @@ class Volume(BaseModel):
         :raises ConfigError: ``path`` does not exist or is not a directory.
         """
         try:
-            return cls(host_path=Path(path), readonly=readonly)
+            return cls(host_path=Path(path), readonly=readonly, fstype="erofs")
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("Volume", exc)) from None
+
+    @classmethod
+    def image(cls, path: str | os.PathLike[str], *, fstype: str = "erofs") -> Volume:
+        """Mount the file-system image file ``path`` read-only (``fstype``: its
+        file system, as the guest kernel names it).
+
+        :raises ConfigError: ``path`` does not exist or is not a regular file.
+        """
+        try:
+            return cls(kind="image", host_path=Path(path), readonly=True, fstype=fstype)
         except ValidationError as exc:
             raise ConfigError(_format_validation_error("Volume", exc)) from None
 
@@ -124,17 +147,30 @@ class Volume(BaseModel):
             resolved = value.expanduser().resolve(strict=True)
         except FileNotFoundError:
             raise ValueError(
-                f"host directory {str(value)!r} does not exist: create it first "
-                "(volumes bind existing directories)"
+                f"host path {str(value)!r} does not exist: create it first "
+                "(volumes bind existing directories or image files)"
             ) from None
         except OSError as exc:
-            raise ValueError(f"cannot resolve host directory {str(value)!r}: {exc}") from None
-        if not resolved.is_dir():
-            raise ValueError(
-                f"{str(value)!r} is not a directory: a volume binds a host directory "
-                "(copy single files in with sandbox.fs().copy_from_host)"
-            )
+            raise ValueError(f"cannot resolve host path {str(value)!r}: {exc}") from None
         return resolved
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Volume:
+        path = str(self.host_path)
+        if self.kind == "bind" and not self.host_path.is_dir():
+            raise ValueError(
+                f"{path!r} is not a directory: a bind volume binds a host directory "
+                "(use Volume.image for a file-system image; copy single files in with "
+                "sandbox.fs().copy_from_host)"
+            )
+        if self.kind == "image":
+            if not self.host_path.is_file():
+                raise ValueError(f"{path!r} is not a regular file: an image volume needs one")
+            if not self.readonly:
+                raise ValueError("image volumes are read-only: pass readonly=True")
+            if not _FSTYPE_RE.match(self.fstype):
+                raise ValueError(f"fstype {self.fstype!r} is not a file-system name")
+        return self
 
 
 def _normalize_guest_path(raw: str) -> str:
@@ -260,10 +296,16 @@ class SandboxConfig(BaseModel):
     @field_validator("volumes")
     @classmethod
     def _check_volumes(cls, value: dict[str, Volume]) -> dict[str, Volume]:
-        if len(value) > MAX_VOLUMES:
+        binds = sum(1 for v in value.values() if v.kind == "bind")
+        if binds > MAX_VOLUMES:
             raise ValueError(
-                f"{len(value)} volumes given, at most {MAX_VOLUMES} are supported "
+                f"{binds} bind volumes given, at most {MAX_VOLUMES} are supported "
                 "(one spare 9p device each): bind a common parent directory instead"
+            )
+        if len(value) - binds > MAX_IMAGE_VOLUMES:
+            raise ValueError(
+                f"{len(value) - binds} image volumes given, at most {MAX_IMAGE_VOLUMES} is "
+                "supported (the one spare disk): put their trees in one image"
             )
         out: dict[str, Volume] = {}
         for raw, volume in value.items():

@@ -44,7 +44,13 @@ from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig, Volume
 from .paths import make_run_dir
 from .qemu import XFER_TAG
-from .volumes import mount_volumes, volume_device_args
+from .volumes import (
+    bind_volumes,
+    image_disk_args,
+    image_volume,
+    mount_volumes,
+    volume_device_args,
+)
 
 if TYPE_CHECKING:
     from ..snapshots._qmp import Monitor
@@ -417,9 +423,13 @@ class Sandbox:
                         f"volumes: the {backend.name} backend boots no guest to mount them "
                         "in; use the QEMU backend"
                     )
-                # A cold boot needs one 9p device per volume (same tags as a clone's).
-                volumes = tuple(config.volumes.values())
-                vol_args = volume_device_args(volumes, run_dir, len(volumes))
+                # A cold boot needs one 9p device per bind volume (same tags as a
+                # clone's) and the image volume's disk (same serial).
+                binds = tuple(bind_volumes(config.volumes).values())
+                vol_args = volume_device_args(binds, run_dir, len(binds))
+                image = image_volume(config.volumes)
+                if image is not None:
+                    vol_args += image_disk_args("image0", image[1].host_path)
                 spec = dataclasses.replace(spec, extra_args=(*spec.extra_args, *vol_args))
             vm = await backend.start(spec)
             stack.push_async_callback(vm.kill)

@@ -1,4 +1,10 @@
-"""Host-directory volumes: QEMU virtio-9p shares the guest mounts once it runs.
+"""Volumes: host directories (QEMU virtio-9p shares) and file-system images (a
+virtio-blk disk), which the guest mounts once it runs.
+
+An image volume is the spare virtio-blk disk every template carries (serial
+:data:`IMAGE_VOLUME_SERIAL`, backed by an empty sparse file there): a clone's
+QEMU opens the image instead, read-only, and the agent mounts the disk found by
+its serial. See :func:`image_disk_args` for why that is safe after a restore.
 
 A QEMU 9p share's host directory is fixed when QEMU starts, and a share
 mounted in the guest blocks migration. So every template and clone carries
@@ -39,12 +45,19 @@ from .agent.client import AgentClient
 from .config import Volume
 
 __all__ = [
+    "IMAGE_VOLUME_SERIAL",
     "VOLUME_MOUNT_OPTIONS",
+    "bind_volumes",
     "describe_mounted_volumes",
+    "image_disk_args",
+    "image_volume",
     "mount_volumes",
     "volume_device_args",
     "volume_tag",
 ]
+
+#: Serial of the virtio-blk disk an image volume is (the templates' spare disk).
+IMAGE_VOLUME_SERIAL = "msb.spare0"
 
 #: 9p mount options of a volume; ``cache=none`` so host-side changes show at once.
 VOLUME_MOUNT_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=none"
@@ -58,6 +71,39 @@ def volume_tag(slot: int) -> str:
 def _qemu_opt(value: str) -> str:
     """Escape a value for QEMU's ``key=value,...`` option syntax."""
     return value.replace(",", ",,")
+
+
+def bind_volumes(volumes: Mapping[str, Volume]) -> dict[str, Volume]:
+    """The directory volumes, in order: bind volume ``i`` is on 9p slot ``i``."""
+    return {g: v for g, v in volumes.items() if v.kind == "bind"}
+
+
+def image_volume(volumes: Mapping[str, Volume]) -> tuple[str, Volume] | None:
+    """The image volume (guest path, volume), if any: at most one is allowed."""
+    return next(((g, v) for g, v in volumes.items() if v.kind == "image"), None)
+
+
+def image_disk_args(drive_id: str, image: Path) -> tuple[str, ...]:
+    """QEMU arguments for the read-only disk :data:`IMAGE_VOLUME_SERIAL` backed by ``image``.
+
+    Templates carry it backed by an empty sparse file far larger than any image:
+    the guest reads a disk's capacity once, at probe, so a clone's image must
+    fit in what the template's guest saw. Nothing in the template opens that
+    disk, so the guest caches none of its blocks (the kernel drops a block
+    device's page cache on its last close), and the image a clone's QEMU opens
+    in its place is read fresh.
+
+    :raises ConfigError: the image file is gone.
+    """
+    if not image.is_file():
+        raise ConfigError(
+            f"volumes: image file {str(image)!r} no longer exists (it did when the "
+            "configuration was made): recreate it or drop the volume"
+        )
+    return (
+        "-drive", f"id={drive_id},file={_qemu_opt(str(image))},format=raw,if=none,readonly=on",
+        "-device", f"virtio-blk-device,drive={drive_id},serial={IMAGE_VOLUME_SERIAL}",
+    )  # fmt: skip
 
 
 def volume_device_args(volumes: Sequence[Volume], run_dir: Path, slots: int) -> tuple[str, ...]:
@@ -94,37 +140,58 @@ def volume_device_args(volumes: Sequence[Volume], run_dir: Path, slots: int) -> 
 async def mount_volumes(
     agent: AgentClient, volumes: Mapping[str, Volume], timeout: float | None
 ) -> None:
-    """Mount each volume at its guest path (slot order = ``volumes`` order).
+    """Mount each volume at its guest path (bind volumes in slot order, then the image).
 
     :raises FilesystemError: the guest refused a mount; the message names the volume.
     """
-    for slot, (guest_path, volume) in enumerate(volumes.items()):
+    mounts = [
+        (guest_path, volume, volume_tag(slot), "9p", VOLUME_MOUNT_OPTIONS)
+        for slot, (guest_path, volume) in enumerate(bind_volumes(volumes).items())
+    ]
+    image = image_volume(volumes)
+    if image is not None:
+        guest_path, volume = image
+        mounts.append((guest_path, volume, f"serial:{IMAGE_VOLUME_SERIAL}", volume.fstype, ""))
+    for guest_path, volume, source, fstype, options in mounts:
         try:
             await agent.mount(
-                volume_tag(slot), guest_path, "9p", VOLUME_MOUNT_OPTIONS,
-                readonly=volume.readonly, timeout=timeout,
-            )  # fmt: skip
+                source, guest_path, fstype, options, readonly=volume.readonly, timeout=timeout
+            )
         except FilesystemError as exc:
             raise FilesystemError(
-                f"mounting volume {guest_path} (host directory {volume.host_path}) in the "
-                f"guest failed: {exc.message}",
+                f"mounting volume {guest_path} ({_describe(volume)}) in the guest failed: "
+                f"{exc.message}",
                 errno=exc.errno or 0,
                 path=guest_path,
             ) from exc
 
 
+def _describe(volume: Volume) -> str:
+    if volume.kind == "image":
+        return f"{volume.fstype} image {volume.host_path}"
+    return f"host directory {volume.host_path}"
+
+
 def describe_mounted_volumes(mounts: str, volumes: Mapping[str, Volume]) -> list[str]:
-    """Describe the 9p shares mounted in the guest, from its ``/proc/self/mounts``."""
-    by_tag = {volume_tag(i): (g, v) for i, (g, v) in enumerate(volumes.items())}
+    """Describe the volumes and other 9p shares mounted in the guest, from its
+    ``/proc/self/mounts`` (what blocks a snapshot: a restore could not reattach them).
+    """
+    by_tag = {volume_tag(i): (g, v) for i, (g, v) in enumerate(bind_volumes(volumes).items())}
+    image = image_volume(volumes)
     found = []
     for line in mounts.splitlines():
         fields = line.split()
-        if len(fields) < 3 or fields[2] != "9p":
+        if len(fields) < 3:
             continue
         tag, where = fields[0], fields[1].replace("\\040", " ")
+        if image is not None and where == image[0] and tag.startswith("/dev/vd"):
+            found.append(f"volume {image[0]} ({_describe(image[1])})")
+            continue
+        if fields[2] != "9p":
+            continue
         if tag in by_tag:
             guest_path, volume = by_tag[tag]
-            found.append(f"volume {guest_path} (host directory {volume.host_path})")
+            found.append(f"volume {guest_path} ({_describe(volume)})")
         elif tag.startswith("msb.vol"):
             found.append(f"volume device {tag} at {where}")
         else:

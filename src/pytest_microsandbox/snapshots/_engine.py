@@ -59,7 +59,12 @@ from ..runtime.boot import BootPlan
 from ..runtime.config import MAX_VOLUMES, SandboxConfig, Volume
 from ..runtime.paths import make_run_dir
 from ..runtime.qemu import QemuVM
-from ..runtime.volumes import describe_mounted_volumes, volume_device_args
+from ..runtime.volumes import (
+    describe_mounted_volumes,
+    image_disk_args,
+    image_volume,
+    volume_device_args,
+)
 from . import _store
 from ._model import FORMAT_VERSION, DiskMeta, SnapshotMeta
 from ._qmp import Monitor
@@ -87,7 +92,7 @@ _DEFAULT_LOCK_TIMEOUT = 600.0
 _DEFAULT_POOL_SIZE = 1
 _MAX_POOL_SIZE = 8
 #: Bumped when the clone device set below changes (it is part of the key).
-_DEVICES_VERSION = f"spare-blk,9p*{MAX_VOLUMES},net:2"
+_DEVICES_VERSION = f"spare-blk:{_store.SPARE_DISK_MIB},9p*{MAX_VOLUMES},net:2"
 _MIGRATE_TIMEOUT = 60.0
 
 T = TypeVar("T")
@@ -115,13 +120,15 @@ def template_key(plan: BootPlan, config: SandboxConfig) -> str:
 def _device_args(run_dir: Path, spare: Path, volumes: tuple[Volume, ...] = ()) -> tuple[str, ...]:
     """Spare devices every template and clone carries, so a clone can be given an
     image, volumes or a network after restore: the host side is per clone, the
-    guest-visible device (and so the migrated state) is the same. ``volumes``
-    back the first 9p spares (msb.vol0...); the guest mounts them after restore.
+    guest-visible device (and so the migrated state) is the same. Bind
+    ``volumes`` back the first 9p spares (msb.vol0...), an image volume the
+    spare disk; the guest mounts them after restore.
     """
+    images = [v.host_path for v in volumes if v.kind == "image"]
+    binds = [v for v in volumes if v.kind == "bind"]
     return (
-        "-drive", f"id=spare0,file={spare},format=raw,if=none,readonly=on",
-        "-device", "virtio-blk-device,drive=spare0,serial=msb.spare0",
-        *volume_device_args(volumes, run_dir, MAX_VOLUMES),
+        *image_disk_args("spare0", images[0] if images else spare),
+        *volume_device_args(binds, run_dir, MAX_VOLUMES),
         # A hub port with nothing else on the hub: a NIC that goes nowhere yet.
         "-netdev", "hubport,id=net0,hubid=0",
         "-device", "virtio-net-device,netdev=net0",
@@ -528,15 +535,20 @@ async def _check_no_9p(sandbox: Sandbox) -> None:
         return  # nothing we can check; QEMU itself refuses a migration with a mounted 9p
     shares = describe_mounted_volumes(mounts, sandbox.config.volumes)
     if shares:
+        image = image_volume(sandbox.config.volumes)
         where = " ".join(
-            line.split()[1] for line in mounts.splitlines() if line.split()[2:3] == ["9p"]
+            line.split()[1]
+            for line in mounts.splitlines()
+            if line.split()[2:3] == ["9p"]
+            or (image is not None and line.split()[1:2] == [image[0]])
         )
         raise SnapshotError(
             f"cannot snapshot or fork sandbox {sandbox.name!r}: {'; '.join(shares)} "
             f"{'is' if len(shares) == 1 else 'are'} mounted, and QEMU cannot migrate a "
-            "guest with a mounted 9p share. Snapshot or fork a sandbox created without "
-            "volumes= (then bind volumes in the restored one: Sandbox.restore(name, "
-            f"volumes=...)), or unmount them in the guest first (umount {where})"
+            "guest with a mounted 9p share (nor could a restore reattach a clone's image "
+            "volume). Snapshot or fork a sandbox created without volumes= (then bind "
+            "volumes in the restored one: Sandbox.restore(name, volumes=...)), or unmount "
+            f"them in the guest first (umount {where})"
         )
 
 

@@ -65,7 +65,10 @@ __all__ = [
 MEMORY = "memory"
 STATE = "state"
 META = "meta.json"
-SPARE_DISK_MIB = 64
+#: Capacity of the spare disk (a sparse file: no blocks used). The guest reads
+#: it once, at boot, so an image volume attached to a clone must fit in it: far
+#: larger than any image, reads past an image's own end are never made.
+SPARE_DISK_MIB = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 

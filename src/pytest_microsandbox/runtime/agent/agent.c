@@ -1503,9 +1503,11 @@ static void h_metrics(const struct msg *m)
 	msg_end();
 }
 
+static bool find_disk(const char *serial, char *dev, size_t cap);
+
 static void h_mount(const struct msg *m)
 {
-	char target[PATH_MAX];
+	char target[PATH_MAX], dev[300];
 	const uint8_t *p;
 	uint32_t n;
 	char *source = NULL, *fstype = NULL, *options = NULL;
@@ -1515,10 +1517,14 @@ static void h_mount(const struct msg *m)
 	    !get_field(m, T_FSTYPE, &p, &n) || !(fstype = dup_cstr(p, n)) ||
 	    (get_field(m, T_OPTIONS, &p, &n) && !(options = dup_cstr(p, n)))) {
 		reply_error(m->id, EPROTO, "MOUNT needs SOURCE and FSTYPE (and no NUL bytes)");
+	} else if (!strncmp(source, "serial:", 7) && !find_disk(source + 7, dev, sizeof dev)) {
+		/* "serial:NAME" is the virtio-blk disk with that serial (the host
+		 * cannot know the /dev name a disk probed as). */
+		reply_error(m->id, ENODEV, "no virtio-blk disk with serial '%s'", source + 7);
 	} else if (mkdir_p(target, 0755) < 0) {
 		reply_error(m->id, errno, "mkdir %s: %s", target, strerror(errno));
-	} else if (mount(source, target, fstype, (get_int_or(m, T_FLAGS, 0) & 1) ? MS_RDONLY : 0,
-			 options) < 0) {
+	} else if (mount(strncmp(source, "serial:", 7) ? source : dev, target, fstype,
+			 (get_int_or(m, T_FLAGS, 0) & 1) ? MS_RDONLY : 0, options) < 0) {
 		reply_error(m->id, errno, "mount %s on %s (%s): %s", source, target, fstype, strerror(errno));
 	} else {
 		reply_ok(m->id);
