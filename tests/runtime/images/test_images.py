@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from pytest_microsandbox.runtime._exceptions import ImageError
-from pytest_microsandbox.runtime.images import Layer, _resolve, resolve_root_layers
+from pytest_microsandbox.runtime.images import Layer, _resolve, project_layer, resolve_root_layers
 from pytest_microsandbox.runtime.images._fingerprint import (
     content_fingerprint,
     file_fingerprint,
@@ -615,3 +615,17 @@ def test_editable_install_sources_get_their_own_layers(tmp_path: Path) -> None:
     )
     assert [s.serial for s in specs] == ["l-edit0", "l-project", "l-venv", "l-python"]
     assert specs[0].keep == (outside.resolve(),)
+
+
+@needs_erofs
+def test_project_layer_alone_is_the_project_layer(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "pkg").mkdir(parents=True)
+    (project / "pkg" / "mod.py").write_text("X = 1\n")
+    (project / ".git").mkdir()
+    cache = tmp_path / "cache"
+    layer = project_layer(project, cache)
+    assert layer.serial == "l-project" and layer.path.parent == cache / "images"
+    assert project_layer(project, cache).path == layer.path  # cached, not rebuilt
+    (project / "pkg" / "mod.py").write_text("X = 2\n")
+    assert project_layer(project, cache).path != layer.path
