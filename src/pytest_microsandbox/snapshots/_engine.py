@@ -528,7 +528,7 @@ async def restore_snapshot(
 # -- snapshot and fork of a running sandbox ---------------------------------------------------
 
 
-async def _check_no_9p(sandbox: Sandbox) -> None:
+async def _check_no_mounted_volumes(sandbox: Sandbox) -> None:
     try:
         mounts = (await sandbox._agent.read_file("/proc/self/mounts", timeout=10)).decode()
     except SandboxError:
@@ -569,7 +569,7 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
             "monitor: only sandboxes created from a template can be snapshotted"
         )
     sandbox._check_running()
-    await _check_no_9p(sandbox)
+    await _check_no_mounted_volumes(sandbox)
     cache = cache if cache is not None else sandbox.config.cache_dir
     root = _store.named_root(cache)
     _store.clean_stale_temps(root)
