@@ -94,6 +94,8 @@ _MAX_POOL_SIZE = 8
 #: Bumped when the clone device set below changes (it is part of the key).
 _DEVICES_VERSION = f"spare-blk:{_store.SPARE_DISK_MIB},9p*{MAX_VOLUMES},net:2"
 _MIGRATE_TIMEOUT = 60.0
+#: max-bandwidth (bytes/s) for a snapshot's local migration: no cap in practice.
+_UNCAPPED = 1 << 40
 
 T = TypeVar("T")
 
@@ -585,8 +587,10 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
             await helper.monitor.execute("migrate-incoming", {"uri": f"unix:{stream}"})
             await monitor.execute("stop")
             try:
-                # A clone's RAM is a private mapping: it is migrated whole.
+                # A clone's RAM is a private mapping: it is migrated whole, and
+                # QEMU caps a migration at 128 MiB/s unless told otherwise.
                 await monitor.set_ignore_shared(False)
+                await monitor.execute("migrate-set-parameters", {"max-bandwidth": _UNCAPPED})
                 await monitor.execute("migrate", {"uri": f"unix:{stream}"})
                 await monitor.wait_migration(_MIGRATE_TIMEOUT)
             finally:
