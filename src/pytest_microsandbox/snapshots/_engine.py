@@ -20,7 +20,6 @@ import asyncio
 import atexit
 import contextlib
 import hashlib
-import math
 import os
 import shutil
 import signal
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 import anyio.abc
 
+from ..runtime._envvars import env_number
 from ..runtime._exceptions import (
     CommandNotFoundError,
     ConfigError,
@@ -170,18 +170,7 @@ def _spec_from_meta(
 
 def _env_float(name: str, default: float) -> float:
     """A count or size from the environment; :raises SnapshotError: not a finite number >= 0."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    # nan/inf would escape as ValueError/OverflowError from int(); a negative
-    # budget would empty the store.
-    if not (math.isfinite(value) and value >= 0):
-        raise SnapshotError(f"${name}={raw!r} is not a number >= 0")
-    return value
+    return env_number(name, default, SnapshotError)
 
 
 def _pool_size() -> int:

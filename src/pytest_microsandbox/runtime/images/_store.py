@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .._envvars import env_number
 from .._exceptions import ImageError
 
 __all__ = [
@@ -101,18 +101,13 @@ def image_budget_bytes() -> int:
     :raises ImageError: the variable is set to something other than a finite
         number >= 0 (naming the variable, so the user knows what to fix).
     """
-    raw = os.environ.get(IMAGE_BUDGET_ENV, "").strip()
-    if not raw:
-        return DEFAULT_IMAGE_BUDGET_MB << 20
-    try:
-        mib = float(raw)
-    except ValueError:
-        mib = math.nan
-    if not math.isfinite(mib) or mib < 0:
-        raise ImageError(
-            f"${IMAGE_BUDGET_ENV}={raw!r} is not a number of MiB >= 0 (the disk budget "
-            f"of cached images; unset it for the default {DEFAULT_IMAGE_BUDGET_MB})"
-        )
+    mib = env_number(
+        IMAGE_BUDGET_ENV,
+        DEFAULT_IMAGE_BUDGET_MB,
+        ImageError,
+        what="a number of MiB >= 0 (the disk budget of cached images; unset it for the "
+        f"default {DEFAULT_IMAGE_BUDGET_MB})",
+    )
     return int(mib * 2**20)
 
 
