@@ -13,6 +13,7 @@ the same path and locks that one, and both believe they hold the lock. So:
 
 The snapshot store keys one such lock per entry (``<entry>.lock`` next to the
 entry's directory) and deletes it with the entry, or as an orphan in a prune.
+The image store keys one per image family and deletes it after every build.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pytest_microsandbox.runtime._exceptions import ImageError
+from pytest_microsandbox.runtime._locks import EntryLock
 from pytest_microsandbox.runtime.images import __main__ as cli
 from pytest_microsandbox.runtime.images._resolve import STABLE_LAYER_TTL
 from pytest_microsandbox.runtime.images._store import (
@@ -214,7 +215,7 @@ def test_restoring_a_snapshot_entry_counts_as_use(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("via_build", [False, True])
 def test_files_vanishing_meanwhile_are_tolerated(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, via_build: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, via_build: bool
 ) -> None:
     images = tmp_path / "cache/images"
     now = time.time()
@@ -225,7 +226,8 @@ def test_files_vanishing_meanwhile_are_tolerated(
     building = images / f".dir-eeeeeeeeeeee-{'e' * 24}.999.abcd.tmp"
     building.write_bytes(b"\xe2" * MiB)
     os.utime(building, (now - 10 * HOUR, now - 10 * HOUR))
-    (images / "dir-eeeeeeeeeeee.lock").touch()
+    other_build = EntryLock(images / "dir-eeeeeeeeeeee.lock", "image dir-eeeeeeeeeeee")
+    other_build.acquire(timeout=1)
     final = image_path(images, "dir-aaaaaaaaaaaa", "a" * 24)
 
     real_unlink = Path.unlink
@@ -243,6 +245,7 @@ def test_files_vanishing_meanwhile_are_tolerated(
         real_unlink(self, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", racing_unlink)
+    request.addfinalizer(other_build.release)
     if via_build:
         monkeypatch.setenv(IMAGE_BUDGET_ENV, "0")
         got = ensure_image(
@@ -322,3 +325,36 @@ def test_prune_command(
     assert IMAGE_BUDGET_ENV in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["prune", "--max-mb", "-1"])
+
+
+def test_builds_leave_no_lock_file(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for family in ("project-a", "project-b"):
+        ensure_image(images, family, digest_of(family), write_bytes_build(1), description="t")
+    assert not list(images.glob("*.lock"))
+
+
+def test_failed_build_leaves_no_lock_file(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+
+    def failing(tmp: Path) -> None:
+        raise ImageError("mkfs.erofs failed")
+
+    with pytest.raises(ImageError):
+        ensure_image(images, "project-a", digest_of("x"), failing, description="t")
+    assert not list(images.glob("*.lock")) and not list(images.iterdir())
+
+
+def test_prune_removes_idle_lock_files_and_spares_held_ones(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    idle = images / "project-old.lock"  # left by a version that kept its lock files
+    idle.touch()
+    held = EntryLock(images / "project-building.lock", "image project-building")
+    held.acquire(timeout=1)
+    try:
+        prune_images(images, max_bytes=1 << 40)
+        assert not idle.exists()
+        assert held.path.exists()
+    finally:
+        held.release()

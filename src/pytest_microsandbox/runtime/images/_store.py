@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -21,10 +22,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
 from .._envvars import env_number
 from .._exceptions import ImageError
+from .._locks import EntryLock, remove_lock_file
 
 __all__ = [
     "DEFAULT_IMAGE_BUDGET_MB",
@@ -149,7 +149,12 @@ def ensure_image(
         return final
     budget = image_budget_bytes()  # a bad value fails before a build, not after
     images_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(os.fspath(images_dir / f"{family}.lock")):
+    # Deleted on release (see _locks): one lock file per family, every
+    # temporary project a family of its own, would otherwise pile up. No
+    # timeout, as before: flock dies with its holder, and a /usr build is slow.
+    lock = EntryLock(images_dir / f"{family}.lock", f"image {family}")
+    lock.acquire(timeout=math.inf)
+    try:
         if _touch(final):  # another process built it while we waited
             return final
         for stale in images_dir.glob(f".{family}-*{_TMP_SUFFIX}"):
@@ -173,6 +178,8 @@ def ensure_image(
         # other processes) run concurrently, hence the tolerance of vanished files.
         _prune_family(cached_images(images_dir), family, keep=final)
         prune_images(images_dir, max_bytes=budget, keep=final)
+    finally:
+        lock.release(delete=True)
     return final
 
 
@@ -294,6 +301,14 @@ def cached_images(images_dir: Path) -> list[CachedImage]:
     return out
 
 
+def _remove_idle_lock_files(images_dir: Path) -> None:
+    for path in images_dir.glob("*.lock"):
+        try:
+            remove_lock_file(path)  # leaves a held one (a build in progress) alone
+        except OSError:
+            continue
+
+
 def prune_images(
     images_dir: Path,
     *,
@@ -308,9 +323,11 @@ def prune_images(
     ``grace`` seconds (another process may be about to open them), images
     pinned by a named snapshot. If those alone exceed the budget, they stay.
     Safe to run in several processes at once: files that vanish count as gone,
-    and an image touched since the listing is spared.
+    and an image touched since the listing is spared. Also removes lock files
+    nobody holds (left by versions that kept them).
     """
     now = time.time() if now is None else now
+    _remove_idle_lock_files(images_dir)
     images = cached_images(images_dir)
     before = sum(i.disk_bytes for i in images)
     total = before
