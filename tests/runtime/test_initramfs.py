@@ -1,15 +1,26 @@
-"""newc writer and module selection, without a VM."""
+"""newc writer, module selection and the archive cache, without a VM."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from pytest_microsandbox.runtime import KernelNotFoundError
-from pytest_microsandbox.runtime.initramfs import CpioWriter, parse_modules_dep, resolve_modules
+from pytest_microsandbox.runtime._locks import EntryLock
+from pytest_microsandbox.runtime.initramfs import (
+    CpioWriter,
+    InitramfsSpec,
+    build_initramfs,
+    parse_modules_dep,
+    prune_initramfs,
+    resolve_modules,
+)
 
 DEP = """\
 kernel/fs/erofs/erofs.ko: kernel/lib/libcrc32c.ko
@@ -56,3 +67,60 @@ def test_cpio_is_readable_by_cpio(tmp_path: Path) -> None:
     subprocess.run(["cpio", "-i", "-d", "--quiet"], input=data, cwd=tmp_path / "x", check=True)
     assert (tmp_path / "x/modules/a/b.ko").read_bytes() == b"\x7fELF" + bytes(1000)
     assert (tmp_path / "x/init").stat().st_mode & 0o777 == 0o755
+
+
+def fake_spec(tmp_path: Path, agent_bytes: bytes) -> InitramfsSpec:
+    modules = tmp_path / "modules"
+    modules.mkdir(exist_ok=True)
+    (modules / "modules.dep").write_text("")
+    agent = tmp_path / f"agent-{agent_bytes.hex()}"
+    agent.write_bytes(agent_bytes)
+    return InitramfsSpec(agent=agent, modules_dir=modules, modules=())
+
+
+def test_build_is_cached_and_leaves_no_lock_file(tmp_path: Path) -> None:
+    out = tmp_path / "cache/initramfs"
+    first = build_initramfs(fake_spec(tmp_path, b"agent-1"), out)
+    old = time.time() - 3600
+    os.utime(first, (old, old))
+    assert build_initramfs(fake_spec(tmp_path, b"agent-1"), out) == first
+    assert first.stat().st_mtime > old + 3000  # handing it out counts as a use
+    assert sorted(p.name for p in out.iterdir()) == [first.name]
+
+
+def make_archive(out: Path, name: str, used: float) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"initramfs-{name}.cpio"
+    path.write_bytes(b"070701")
+    os.utime(path, (used, used))
+    return path
+
+
+def test_prune_keeps_recent_pinned_and_in_grace(tmp_path: Path) -> None:
+    out = tmp_path / "cache/initramfs"
+    now = time.time()
+    hours = [make_archive(out, f"{i:016x}", now - (i + 1) * 3600) for i in range(6)]
+    in_grace = make_archive(out, "g" * 16, now - 60)
+    pinned, zygote_only = hours[4], hours[5]
+    for entry, archive in (("mine", pinned), ("zygote-0123", zygote_only)):
+        d = tmp_path / "cache/snapshots/named" / entry
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"initrd": str(archive)}))
+    (out / f"{hours[3].name}.lock").touch()  # left by an older version
+    held = EntryLock(out / f"{hours[0].name}.lock", "a build")
+    held.acquire(timeout=1)
+    try:
+        removed = prune_initramfs(out, now=now)
+    finally:
+        held.release()
+    # Kept: the three most recently used (in_grace, hours 0-1), the pinned one.
+    assert sorted(removed) == sorted([hours[2], hours[3], zygote_only])
+    assert in_grace.exists() and hours[0].exists() and hours[1].exists() and pinned.exists()
+    assert not (out / f"{hours[3].name}.lock").exists()
+
+
+def test_a_build_prunes_old_archives(tmp_path: Path) -> None:
+    out = tmp_path / "cache/initramfs"
+    old = [make_archive(out, f"{i:016x}", time.time() - (i + 1) * 3600) for i in range(4)]
+    new = build_initramfs(fake_spec(tmp_path, b"agent-2"), out)
+    assert sorted(out.glob("*.cpio")) == sorted([new, old[0], old[1]])

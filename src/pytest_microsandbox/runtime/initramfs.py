@@ -9,24 +9,40 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
 import os
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import filelock
-
+from ._cachefiles import touch_used
 from ._exceptions import KernelNotFoundError
+from ._locks import EntryLock, remove_lock_file
 
 __all__ = [
     "GUEST_MODULES",
+    "INITRAMFS_GRACE_S",
+    "KEEP_INITRAMFS",
     "CpioWriter",
     "InitramfsSpec",
     "build_initramfs",
     "parse_modules_dep",
+    "prune_initramfs",
     "resolve_modules",
 ]
+
+logger = logging.getLogger("pytest_microsandbox.initramfs")
+
+#: Archives kept, the most recently used; every agent or kernel change builds
+#: a new one, and older ones are pruned after each build.
+KEEP_INITRAMFS = 3
+
+#: Seconds after its last use during which an archive is never pruned: a
+#: process may be about to boot, or start a clone, from it.
+INITRAMFS_GRACE_S = 600.0
 
 #: Modules the guest needs, by name. ``crc32c_generic`` is a soft dependency
 #: of ``libcrc32c`` (needed by erofs) that modules.dep does not list.
@@ -176,12 +192,20 @@ class InitramfsSpec:
 
 
 def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
-    """Write the initramfs for ``spec`` into ``out_dir`` (cached by digest); return its path."""
+    """Write the initramfs for ``spec`` into ``out_dir`` (cached by digest); return its path.
+
+    Handing out a cached archive marks it used; a build prunes old ones
+    (:func:`prune_initramfs`) and leaves no lock file behind.
+
+    :raises SnapshotLockTimeoutError: another process has been building it for 300 s.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"initramfs-{spec.digest()}.cpio"
-    if target.is_file():
+    if touch_used(target):
         return target
-    with filelock.FileLock(str(target) + ".lock", timeout=300):
+    lock = EntryLock(Path(f"{target}.lock"), f"the initramfs {target.name}")
+    lock.acquire(timeout=300)
+    try:
         if target.is_file():
             return target
         deps = parse_modules_dep((spec.modules_dir / "modules.dep").read_text())
@@ -201,4 +225,69 @@ def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
         tmp = target.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, target)
+    finally:
+        lock.release(delete=True)
+    prune_initramfs(out_dir, keep=target)
     return target
+
+
+def _pinned_by_named_snapshots(cache: Path) -> set[str]:
+    """Archive paths that named user snapshots boot from (they cannot be rebuilt).
+
+    Zygotes are named entries too, but rebuilt when their initramfs is gone,
+    like templates. Raw JSON: the snapshots package imports the runtime.
+    """
+    pinned: set[str] = set()
+    for meta in (cache / "snapshots" / "named").glob("*/meta.json"):
+        if meta.parent.name.startswith("zygote-"):
+            continue
+        try:
+            initrd = json.loads(meta.read_bytes()).get("initrd")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(initrd, str):
+            pinned.add(initrd)
+    return pinned
+
+
+def prune_initramfs(
+    out_dir: Path, *, keep: Path | None = None, now: float | None = None
+) -> list[Path]:
+    """Delete archives beyond the :data:`KEEP_INITRAMFS` most recently used; return them.
+
+    Never deleted: ``keep``, archives used in the last :data:`INITRAMFS_GRACE_S`
+    seconds, and those named user snapshots boot from (``<cache>`` is
+    ``out_dir``'s parent). Stale temporary files and idle lock files go too.
+    """
+    now = time.time() if now is None else now
+    archives: list[tuple[float, Path]] = []
+    for path in out_dir.glob("initramfs-*.cpio"):
+        try:
+            archives.append((path.stat().st_mtime, path))
+        except FileNotFoundError:
+            continue
+    archives.sort(reverse=True)
+    pinned = _pinned_by_named_snapshots(out_dir.parent)
+    removed: list[Path] = []
+    for used, path in archives[KEEP_INITRAMFS:]:
+        if path == keep or now - used < INITRAMFS_GRACE_S or str(path) in pinned:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    for lock_file in out_dir.glob("initramfs-*.cpio.lock"):
+        try:
+            remove_lock_file(lock_file)  # a held one (a build in progress) stays
+        except OSError:
+            continue
+    for tmp in out_dir.glob("initramfs-*.tmp*"):
+        try:
+            if now - tmp.stat().st_mtime > INITRAMFS_GRACE_S:
+                tmp.unlink()
+        except OSError:
+            continue
+    if removed:
+        logger.info("pruned %d old initramfs archives", len(removed))
+    return removed

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._cachefiles import touch_used
 from .._envvars import env_number
 from .._exceptions import ImageError
 from .._locks import EntryLock, remove_lock_file
@@ -111,21 +112,6 @@ def image_budget_bytes() -> int:
     return int(mib * 2**20)
 
 
-def _touch(path: Path) -> bool:
-    """Mark ``path`` used (mtime = now); whether it exists.
-
-    One ``utime`` call doubles as the existence check of the fast path. A cache
-    shared read-only with this user cannot be touched: it still counts.
-    """
-    try:
-        os.utime(path)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return path.exists()
-    return True
-
-
 def ensure_image(
     images_dir: Path,
     family: str,
@@ -145,7 +131,7 @@ def ensure_image(
     :raises ImageError: the build failed, or ``$MICROSANDBOX_IMAGE_BUDGET_MB`` is invalid.
     """
     final = image_path(images_dir, family, digest)
-    if _touch(final):  # fast path: no lock for the common case
+    if touch_used(final):  # fast path: no lock for the common case
         return final
     budget = image_budget_bytes()  # a bad value fails before a build, not after
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +141,7 @@ def ensure_image(
     lock = EntryLock(images_dir / f"{family}.lock", f"image {family}")
     lock.acquire(timeout=math.inf)
     try:
-        if _touch(final):  # another process built it while we waited
+        if touch_used(final):  # another process built it while we waited
             return final
         for stale in images_dir.glob(f".{family}-*{_TMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
