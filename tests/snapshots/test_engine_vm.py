@@ -65,10 +65,6 @@ def test_clones_are_independent() -> None:
                 guest = float((await sb.shell("date +%s.%N")).stdout_text)
                 assert abs(guest - time.time()) < 1.0
                 assert sb._origin is not None and sb._origin.meta.kind == "template"
-                assert sb.pid is not None
-                status = Path(f"/proc/{sb.pid}/status").read_text()
-                if "THP_enabled" in status:  # QEMU runs without huge pages (runtime/_thp)
-                    assert "THP_enabled:\t0" in status
 
     run(body)
 

@@ -4,8 +4,7 @@ Machine ``microvm`` (virtio-mmio, ACPI so the guest can power off), the agent
 on a ``virtio-serial`` port backed by a unix socket the host listens on (so no
 byte the guest sends before the host looks is lost), the serial console in a
 file for error reports. QEMU runs under ``setpriv --pdeathsig KILL``, so it
-dies with the thread that started it: a SIGKILLed owner leaves no VM. It
-starts with transparent huge pages off (see ``_thp``).
+dies with the thread that started it: a SIGKILLed owner leaves no VM.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from ._exceptions import (
     GuestCrashedError,
     SandboxNotRunningError,
 )
-from ._thp import thp_disabled_for_children
 from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec
 
 __all__ = [
@@ -262,14 +260,13 @@ class QemuBackend(Backend):
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         stderr = open(spec.run_dir / "qemu.stderr", "wb")  # noqa: SIM115 - handed to the child
         try:
-            with thp_disabled_for_children():  # less memory per clone: see _thp
-                process = await anyio.open_process(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=stderr,
-                    start_new_session=True,  # Ctrl+C in a terminal reaches us, not QEMU
-                )
+            process = await anyio.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # Ctrl+C in a terminal reaches us, not QEMU
+            )
         except OSError as exc:
             await listener.aclose()
             await chan_listener.aclose()
