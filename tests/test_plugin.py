@@ -11,7 +11,8 @@ import warnings
 import pytest
 
 from pytest_microsandbox.fixtures import _guest, _zygote
-from pytest_microsandbox.fixtures._remote import guest_args, safe_name, watched_files
+from pytest_microsandbox.fixtures._names import safe_name
+from pytest_microsandbox.fixtures._remote import guest_args, watched_files
 from pytest_microsandbox.fixtures._settings import Settings, marker_spec, resolve_settings
 from pytest_microsandbox.fixtures._stats import Stats
 
@@ -261,6 +262,24 @@ def test_plugin_is_loaded_through_the_entry_point(pytester: pytest.Pytester):
     result = pytester.runpytest_subprocess("--help")
     result.stdout.fnmatch_lines(["run tests in microVMs*", "*--sandbox-keep-failed*"])
     assert os.environ.get(_guest.GUEST_ENV) is None
+
+
+def test_a_quiet_run_without_sandboxes_never_imports_the_runtime(pytester: pytest.Pytester):
+    # The runtime (pydantic, anyio's event loop, QEMU plumbing) costs ~0.3 s a
+    # process: a run that creates no sandbox and prints no header skips it.
+    pytester.makeconftest(
+        """
+        import sys
+
+        def pytest_unconfigure(config):
+            loaded = "pytest_microsandbox.runtime" in sys.modules
+            print(f"runtime imported: {loaded}")
+        """
+    )
+    pytester.makepyfile("def test_plain():\n    assert True\n")
+    result = pytester.runpytest_subprocess("-q", "-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["runtime imported: False"])
 
 
 def _zygote_plan(pytester: pytest.Pytester) -> _zygote.GuestPlan:

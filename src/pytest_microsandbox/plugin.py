@@ -181,9 +181,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(STATE_KEY, None)
     if state is None:
         return
-    from .fixtures._remote import RemoteRunner
+    if state.runner is not None:  # only then import it (it imports the runtime)
+        from .fixtures._remote import RemoteRunner
 
-    if isinstance(state.runner, RemoteRunner):
+        assert isinstance(state.runner, RemoteRunner)
         state.runner.close()
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
