@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ._cachefiles import touch_used
 from ._exceptions import KernelNotFoundError
-from ._locks import EntryLock, remove_lock_file
+from ._locks import EntryLock, lock_timeout, remove_lock_file
 
 __all__ = [
     "GUEST_MODULES",
@@ -197,14 +197,15 @@ def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
     Handing out a cached archive marks it used; a build prunes old ones
     (:func:`prune_initramfs`) and leaves no lock file behind.
 
-    :raises SnapshotLockTimeoutError: another process has been building it for 300 s.
+    :raises SnapshotLockTimeoutError: another process has been building it for 300 s
+        (or ``$MICROSANDBOX_TEMPLATE_LOCK_TIMEOUT``, which the message names).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"initramfs-{spec.digest()}.cpio"
     if touch_used(target):
         return target
     lock = EntryLock(Path(f"{target}.lock"), f"the initramfs {target.name}")
-    lock.acquire(timeout=300)
+    lock.acquire(timeout=lock_timeout(300))
     try:
         if target.is_file():
             return target
