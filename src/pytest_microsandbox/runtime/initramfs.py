@@ -233,7 +233,7 @@ def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
 
 
 def _pinned_by_named_snapshots(cache: Path) -> set[str]:
-    """Archive paths that named user snapshots boot from (they cannot be rebuilt).
+    """Real paths of the archives named user snapshots boot from (not rebuildable).
 
     Zygotes are named entries too, but rebuilt when their initramfs is gone,
     like templates. Raw JSON: the snapshots package imports the runtime.
@@ -247,7 +247,7 @@ def _pinned_by_named_snapshots(cache: Path) -> set[str]:
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(initrd, str):
-            pinned.add(initrd)
+            pinned.add(os.path.realpath(initrd))
     return pinned
 
 
@@ -271,7 +271,7 @@ def prune_initramfs(
     pinned = _pinned_by_named_snapshots(out_dir.parent)
     removed: list[Path] = []
     for used, path in archives[KEEP_INITRAMFS:]:
-        if path == keep or now - used < INITRAMFS_GRACE_S or str(path) in pinned:
+        if path == keep or now - used < INITRAMFS_GRACE_S or os.path.realpath(path) in pinned:
             continue
         try:
             path.unlink()
