@@ -111,6 +111,7 @@ def test_prune_keeps_recent_pinned_and_in_grace(tmp_path: Path) -> None:
     held.acquire(timeout=1)
     try:
         removed = prune_initramfs(out, now=now)
+        assert held.path.exists()  # a build in progress keeps its lock
     finally:
         held.release()
     # Kept: the three most recently used (in_grace, hours 0-1), the pinned one.
