@@ -23,7 +23,7 @@ import errno
 import fcntl
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import anyio
@@ -35,6 +35,7 @@ __all__ = [
     "EntryLock",
     "hold",
     "lock_timeout",
+    "remove_idle_lock_files",
     "remove_lock_file",
 ]
 
@@ -206,3 +207,14 @@ def remove_lock_file(path: Path) -> bool:
         return False
     lock.release(delete=True)
     return True
+
+
+def remove_idle_lock_files(paths: Iterable[Path]) -> None:
+    """:func:`remove_lock_file` for each of ``paths``; held ones (builds in
+    progress) and ones that cannot be removed are left alone.
+    """
+    for path in paths:
+        try:
+            remove_lock_file(path)
+        except OSError:
+            continue

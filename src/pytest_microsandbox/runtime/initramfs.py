@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import stat
@@ -18,9 +17,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._cachefiles import touch_used
+from ._cachefiles import FileId, file_id, snapshot_entries, touch_used
 from ._exceptions import KernelNotFoundError
-from ._locks import EntryLock, lock_timeout, remove_lock_file
+from ._locks import EntryLock, lock_timeout, remove_idle_lock_files
 
 __all__ = [
     "GUEST_MODULES",
@@ -232,22 +231,13 @@ def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
     return target
 
 
-def _pinned_by_named_snapshots(cache: Path) -> set[str]:
-    """Real paths of the archives named user snapshots boot from (not rebuildable).
-
-    Zygotes are named entries too, but rebuilt when their initramfs is gone,
-    like templates. Raw JSON: the snapshots package imports the runtime.
-    """
-    pinned: set[str] = set()
-    for meta in (cache / "snapshots" / "named").glob("*/meta.json"):
-        if meta.parent.name.startswith("zygote-"):
-            continue
-        try:
-            initrd = json.loads(meta.read_bytes()).get("initrd")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(initrd, str):
-            pinned.add(os.path.realpath(initrd))
+def _pinned_by_named_snapshots(cache: Path) -> set[FileId]:
+    """The archives named user snapshots boot from (they cannot be rebuilt)."""
+    pinned: set[FileId] = set()
+    for entry in snapshot_entries(cache):
+        initrd = entry.meta.get("initrd")
+        if entry.pins and isinstance(initrd, str) and (key := file_id(initrd)) is not None:
+            pinned.add(key)
     return pinned
 
 
@@ -261,28 +251,25 @@ def prune_initramfs(
     ``out_dir``'s parent). Stale temporary files and idle lock files go too.
     """
     now = time.time() if now is None else now
-    archives: list[tuple[float, Path]] = []
+    archives: list[tuple[float, Path, FileId]] = []
     for path in out_dir.glob("initramfs-*.cpio"):
         try:
-            archives.append((path.stat().st_mtime, path))
+            st = path.stat()
         except FileNotFoundError:
             continue
+        archives.append((st.st_mtime, path, (st.st_dev, st.st_ino)))
     archives.sort(reverse=True)
     pinned = _pinned_by_named_snapshots(out_dir.parent)
     removed: list[Path] = []
-    for used, path in archives[KEEP_INITRAMFS:]:
-        if path == keep or now - used < INITRAMFS_GRACE_S or os.path.realpath(path) in pinned:
+    for used, path, key in archives[KEEP_INITRAMFS:]:
+        if path == keep or now - used < INITRAMFS_GRACE_S or key in pinned:
             continue
         try:
             path.unlink()
         except OSError:
             continue
         removed.append(path)
-    for lock_file in out_dir.glob("initramfs-*.cpio.lock"):
-        try:
-            remove_lock_file(lock_file)  # a held one (a build in progress) stays
-        except OSError:
-            continue
+    remove_idle_lock_files(out_dir.glob("initramfs-*.cpio.lock"))
     for tmp in out_dir.glob("initramfs-*.tmp*"):
         try:
             if now - tmp.stat().st_mtime > INITRAMFS_GRACE_S:

@@ -12,7 +12,6 @@ template, zygote or snapshot restore (which touches its entry directory in
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,11 +20,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .._cachefiles import touch_used
+from .._cachefiles import FileId, file_id, snapshot_entries, touch_used
 from .._envvars import env_number
 from .._exceptions import ImageError
-from .._locks import EntryLock, remove_lock_file
+from .._locks import EntryLock, remove_idle_lock_files
 
 __all__ = [
     "DEFAULT_IMAGE_BUDGET_MB",
@@ -63,10 +63,6 @@ RECENT_USE_GRACE = 600.0
 
 _SUFFIX = ".erofs"
 _TMP_SUFFIX = ".tmp"
-#: Named snapshots built by the plugin (auto-pruned like templates, so not pins).
-_ZYGOTE_PREFIX = "zygote-"
-
-_FileId = tuple[int, int]  # (st_dev, st_ino)
 
 
 @dataclass(frozen=True)
@@ -203,56 +199,31 @@ def _unlink(path: Path) -> bool:
     return True
 
 
-def _disk_paths(raw: bytes) -> list[str]:
-    """The image paths a snapshot entry's ``meta.json`` boots from.
-
-    Read here rather than with :class:`pytest_microsandbox.snapshots.SnapshotMeta`:
-    the snapshots package imports the runtime (runtime.boot imports this
-    package), so the runtime must not import it back. Only ``disks[].path``
-    is needed, and anything unexpected reads as no disks.
+def _disk_paths(meta: dict[str, Any]) -> list[str]:
+    """The image paths a snapshot entry boots from (``disks[].path``); anything
+    unexpected reads as no disks.
     """
-    meta = json.loads(raw)
-    disks = meta.get("disks") if isinstance(meta, dict) else None
+    disks = meta.get("disks")
     if not isinstance(disks, list):
         return []
     return [d["path"] for d in disks if isinstance(d, dict) and isinstance(d.get("path"), str)]
 
 
-def _snapshot_uses(cache: Path) -> tuple[dict[_FileId, float], set[_FileId]]:
+def _snapshot_uses(cache: Path) -> tuple[dict[FileId, float], set[FileId]]:
     """For the images that snapshot entries boot from: the latest use of such an
-    entry (its directory's mtime, touched on every restore), and the images
-    pinned by named user snapshots (never auto-pruned, and not restorable
-    without their images). Zygotes are named entries too, but rebuilt when an
-    image is missing (``check_entry`` fails) like templates, so they pin nothing.
-
-    Layout as in ``snapshots/_store.py``: ``<cache>/snapshots/{templates,named}/
-    <entry>/meta.json``; ``.tmp-*`` directories are builds or removals in progress.
+    entry, and the images pinned by named user snapshots (never auto-pruned,
+    and not restorable without their images).
     """
-    used: dict[_FileId, float] = {}
-    pinned: set[_FileId] = set()
-    for kind in ("templates", "named"):
-        try:
-            entries = list(os.scandir(cache / "snapshots" / kind))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.name.startswith(".") or entry.name.endswith(".lock"):
+    used: dict[FileId, float] = {}
+    pinned: set[FileId] = set()
+    for entry in snapshot_entries(cache):
+        for path in _disk_paths(entry.meta):
+            key = file_id(path)
+            if key is None:
                 continue
-            pin = kind == "named" and not entry.name.startswith(_ZYGOTE_PREFIX)
-            try:
-                entry_used = entry.stat().st_mtime
-                paths = _disk_paths((Path(entry.path) / "meta.json").read_bytes())
-            except (OSError, ValueError):
-                continue  # removed meanwhile, or broken (check_entry refuses it anyway)
-            for path in paths:
-                try:
-                    st = os.stat(path)
-                except (OSError, ValueError):
-                    continue
-                key = (st.st_dev, st.st_ino)
-                used[key] = max(used.get(key, entry_used), entry_used)
-                if pin:
-                    pinned.add(key)
+            used[key] = max(used.get(key, entry.last_used), entry.last_used)
+            if entry.pins:
+                pinned.add(key)
     return used, pinned
 
 
@@ -287,14 +258,6 @@ def cached_images(images_dir: Path) -> list[CachedImage]:
     return out
 
 
-def _remove_idle_lock_files(images_dir: Path) -> None:
-    for path in images_dir.glob("*.lock"):
-        try:
-            remove_lock_file(path)  # leaves a held one (a build in progress) alone
-        except OSError:
-            continue
-
-
 def prune_images(
     images_dir: Path,
     *,
@@ -313,7 +276,7 @@ def prune_images(
     nobody holds (left by versions that kept them).
     """
     now = time.time() if now is None else now
-    _remove_idle_lock_files(images_dir)
+    remove_idle_lock_files(images_dir.glob("*.lock"))
     images = cached_images(images_dir)
     before = sum(i.disk_bytes for i in images)
     total = before
