@@ -96,6 +96,11 @@ _DEVICES_VERSION = f"spare-blk:{_store.SPARE_DISK_MIB},9p*{MAX_VOLUMES},net:2"
 _MIGRATE_TIMEOUT = 60.0
 #: max-bandwidth (bytes/s) for a snapshot's local migration: no cap in practice.
 _UNCAPPED = 1 << 40
+#: The command a pooled clone runs ahead of use (:func:`_warm_up`). The template
+#: build runs it too, so every clone finds it in the guest page cache: otherwise
+#: each clone reads it from disk again, which under TCG means translating the
+#: virtio-blk, erofs and overlayfs read paths (12% of its first exec's code).
+_WARM_COMMAND = "true"
 
 T = TypeVar("T")
 
@@ -271,7 +276,7 @@ async def _build_template(
                     await agent.wait_ready(timeout=config.boot_timeout)
                     # Warm the guest page cache (it is in the template's RAM) and make
                     # sure the agent is idle with no I/O in flight.
-                    for argv in (["/bin/sh", "-c", "true"], ["sync"]):
+                    for argv in (["/bin/sh", "-c", "true"], [_WARM_COMMAND], ["sync"]):
                         with contextlib.suppress(CommandNotFoundError):
                             await agent.exec(argv, timeout=60)
                     await monitor.execute("stop")
@@ -421,7 +426,7 @@ async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) 
     decoder = FrameDecoder()
     requests = [
         (MsgType.HELLO, [int_field(Tag.VERSION, PROTOCOL_VERSION)], {MsgType.OK}),
-        (MsgType.EXEC, [bytes_field(Tag.ARG, "true")], {MsgType.EXITED, MsgType.ERROR}),
+        (MsgType.EXEC, [bytes_field(Tag.ARG, _WARM_COMMAND)], {MsgType.EXITED, MsgType.ERROR}),
     ]
     if not command:
         requests = requests[:1]
