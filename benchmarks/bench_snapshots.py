@@ -18,7 +18,7 @@ from pytest_microsandbox.runtime import Sandbox, SandboxConfig
 from pytest_microsandbox.runtime.boot import prepare_boot, resolve_accel
 from pytest_microsandbox.runtime.qemu import QemuBackend
 from pytest_microsandbox.snapshots import close_pools, ensure_template
-from pytest_microsandbox.snapshots._engine import _restore_entry
+from pytest_microsandbox.snapshots._engine import _restore_entry, _start_incoming
 
 
 def pct(values: list[float], q: float) -> float:
@@ -90,6 +90,22 @@ async def main(args: argparse.Namespace) -> None:
             await sb.kill()
         rows.append(
             (f"host PSS per idle clone (n={len(pss)})", f"{statistics.mean(pss) / 1024:.1f} MiB")
+        )
+        # The floor under that figure: the same QEMUs before any guest code runs
+        # (started in -incoming defer, as the pool keeps them; nothing restored).
+        waiting = [
+            await _start_incoming(entry, backend, config.name, config.boot_timeout, None)
+            for _ in range(args.idle)
+        ]
+        await anyio.sleep(2.0)
+        floor = [pss_kib(inc.vm.pid) for inc in waiting if inc.vm.pid is not None]
+        for inc in reversed(waiting):
+            await inc.discard()
+        rows.append(
+            (
+                f"  of which QEMU before restore (n={len(floor)})",
+                f"{statistics.mean(floor) / 1024:.1f} MiB",
+            )
         )
 
         done = 0
