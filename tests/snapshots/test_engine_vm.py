@@ -65,6 +65,10 @@ def test_clones_are_independent() -> None:
                 guest = float((await sb.shell("date +%s.%N")).stdout_text)
                 assert abs(guest - time.time()) < 1.0
                 assert sb._origin is not None and sb._origin.meta.kind == "template"
+                # No post-load self-announce rounds (guest work nobody needs).
+                assert sb._monitor is not None
+                params = await sb._monitor.execute("query-migrate-parameters")
+                assert params["announce-rounds"] == 0
 
     run(body)
 

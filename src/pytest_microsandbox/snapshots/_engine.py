@@ -379,6 +379,7 @@ async def _start_incoming(
         monitor = await Monitor.open(vm, timeout)
         stack.push_async_callback(monitor.close)
         await monitor.set_ignore_shared(True)
+        await monitor.disable_self_announce()
         stream = await vm.connect_agent(timeout)
         return _Incoming(entry, vm, monitor, stream, stack)
     except BaseException:
