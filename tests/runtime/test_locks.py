@@ -9,15 +9,18 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
+import anyio
 import pytest
 
 from pytest_microsandbox.runtime import SnapshotError, SnapshotLockTimeoutError, _locks
 from pytest_microsandbox.runtime._locks import (
     LOCK_TIMEOUT_ENV,
     EntryLock,
+    hold,
     lock_timeout,
     remove_lock_file,
 )
@@ -44,7 +47,7 @@ def _worker(lock_path: Path, log: Path, rounds: int) -> None:
         lock.release(delete=i % 2 == 0)  # every other holder deletes the file
 
 
-def _join(procs: list[multiprocessing.process.BaseProcess]) -> None:
+def _join(procs: Sequence[multiprocessing.process.BaseProcess]) -> None:
     for p in procs:
         p.join(60)
         assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"
@@ -198,3 +201,23 @@ def test_lock_timeout_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(LOCK_TIMEOUT_ENV, "soon")
     with pytest.raises(SnapshotError, match="is not a number"):
         lock_timeout(12.0)
+
+
+def test_hold_deletes_the_lock_file_when_its_body_fails(tmp_path: Path) -> None:
+    path = tmp_path / "entry.lock"
+
+    async def built() -> None:
+        async with hold(path, "test", 5):
+            pass
+
+    async def failed() -> None:
+        async with hold(path, "test", 5):
+            raise ValueError("the build failed")
+
+    anyio.run(built)
+    assert path.exists()  # kept with its entry
+    with pytest.raises(ValueError, match="build failed"):
+        anyio.run(failed)
+    assert not path.exists()
+    anyio.run(built)  # and the next build locks a new file
+    assert path.exists()

@@ -13,15 +13,17 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SnapshotError
+from pytest_microsandbox.runtime.boot import prepare_boot, resolve_accel
 from pytest_microsandbox.runtime.paths import run_root
-from pytest_microsandbox.snapshots import _store, close_pools
+from pytest_microsandbox.runtime.qemu import QemuBackend
+from pytest_microsandbox.snapshots import _store, close_pools, ensure_template
 
 pytestmark = pytest.mark.vm
 
@@ -226,6 +228,41 @@ def test_build_killed_halfway_is_never_used() -> None:
         assert not [p for p in root.glob(".tmp-*") if mine in p.name]
     finally:
         _remove_template(path)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 90 MiB tmpfs: room for QEMU's start, not for a booting guest's memory."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=90m", "tmpfs", str(where)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_disk_full_mid_build_is_clear_and_keeps_nothing(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The free-space check before a build refuses this disk at once (test_store);
+    # skip it, as when another process fills the disk after the check.
+    monkeypatch.setattr(_store, "check_free_space", lambda where, needed: None)
+    before_qemus = set(_my_qemus())
+
+    async def body() -> None:
+        backend = QemuBackend()
+        accel = await resolve_accel(CONFIG, backend)
+        plan = await anyio.to_thread.run_sync(prepare_boot, CONFIG, accel.accel)
+        with pytest.raises(SnapshotError, match="most likely full; nothing was kept"):
+            await ensure_template(CONFIG, backend, plan, small_disk)
+
+    run(body)
+    root = _store.templates_root(small_disk)
+    assert list(root.iterdir()) == []  # no temporary entry, no lock file
+    assert set(_my_qemus()) - before_qemus == set()
 
 
 def test_create_stop_cycles_leak_nothing() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -146,6 +148,17 @@ def test_stale_temps_of_dead_builders_are_removed(tmp_path: Path) -> None:
 def test_free_space_check_is_clear(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="not enough disk space"):
         _store.check_free_space(tmp_path, 1 << 60)
+
+
+def test_disk_error_names_a_full_disk(tmp_path: Path) -> None:
+    wrapped = SnapshotError("QEMU failed")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert "is full; nothing was kept" in str(_store.disk_error(wrapped, tmp_path))
+    # QEMU killed by SIGBUS: its guest memory file could not grow.
+    sigbus = _store.disk_error(SnapshotError("gone"), tmp_path, -signal.SIGBUS)
+    assert sigbus is not None and "SIGBUS" in str(sigbus) and str(tmp_path) in str(sigbus)
+    assert _store.disk_error(SnapshotError("gone"), tmp_path, -signal.SIGKILL) is None
+    assert _store.disk_error(OSError(errno.EIO, "I/O error"), tmp_path) is None
 
 
 def test_lock_files_go_with_their_entries(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ the same path and locks that one, and both believe they hold the lock. So:
   the path) and starts over on the current file otherwise.
 
 The snapshot store keys one such lock per entry (``<entry>.lock`` next to the
-entry's directory) and deletes it with the entry, or as an orphan in a prune.
+entry's directory) and deletes it with the entry, after a failed build, or as
+an orphan in a prune.
 The image store keys one per image family and deletes it after every build.
 """
 
@@ -184,12 +185,18 @@ def _try_flock(fd: int) -> bool:
 async def hold(path: Path, what: str, timeout: float) -> AsyncIterator[EntryLock]:
     """``async with hold(path, what, timeout) as lock:`` the lock is held inside.
 
+    A body that raises (a failed build: no entry for the lock to guard) deletes
+    the lock file on the way out, so failures leave no lock file behind.
+
     :raises SnapshotLockTimeoutError: another process held it for ``timeout`` s.
     """
     lock = EntryLock(path, what)
     await lock.acquire_async(timeout)
     try:
         yield lock
+    except BaseException:
+        lock.release(delete=True)
+        raise
     finally:
         lock.release()
 

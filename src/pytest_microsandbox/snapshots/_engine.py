@@ -54,7 +54,7 @@ from ..runtime.agent.protocol import (
     encode_frame,
     int_field,
 )
-from ..runtime.backend import Backend, VMSpec
+from ..runtime.backend import Backend, VMHandle, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import MAX_VOLUMES, SandboxConfig, Volume
 from ..runtime.paths import make_run_dir
@@ -255,6 +255,7 @@ async def _build_template(
     _store.check_free_space(root, (config.memory << 20) + (64 << 20))
     tmp = _tmp_entry(root, key)
     run_dir = _mkrun("template")
+    vm: VMHandle | None = None
     try:
         spec = plan.vm_spec(config.model_copy(update={"name": f"template-{key[:12]}"}), run_dir)
         spec = VMSpec(
@@ -314,7 +315,7 @@ async def _build_template(
         return _store.check_entry(final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = _store.disk_error(exc, root)
+        full = _store.disk_error(exc, root, vm.returncode if vm is not None else None)
         if full is not None:
             raise full from exc
         if isinstance(exc, SandboxError) and not isinstance(exc, SnapshotError):
@@ -574,8 +575,10 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
     # The new memory file: at most the guest's RAM.
     _store.check_free_space(root, (meta0.memory_mib << 20) + (64 << 20))
     tmp = _tmp_entry(root, name)
+    helper_vm: QemuVM | None = None
     try:
         async with _helper(meta0, tmp, cache) as helper:
+            helper_vm = helper.vm
             # Streamed straight into the helper, which loads while this VM sends:
             # ~1.6 s instead of ~2.5-3.2 s through a file (512 MiB guest, measured).
             stream = helper.vm.spec.run_dir / "migrate.sock"
@@ -612,7 +615,8 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
         return _store.check_entry(root / name)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        full_disk = _store.disk_error(exc, root)
+        status = helper_vm.returncode if helper_vm is not None else None
+        full_disk = _store.disk_error(exc, root, status)
         if full_disk is not None:
             raise full_disk from exc
         raise

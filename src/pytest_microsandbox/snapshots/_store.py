@@ -24,6 +24,7 @@ import functools
 import os
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,15 +238,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def disk_error(exc: BaseException, where: Path) -> SnapshotError | None:
-    """A clear SnapshotError if ``exc`` (or its cause) is a full disk, else None."""
+def disk_error(
+    exc: BaseException, where: Path, qemu_status: int | None = None
+) -> SnapshotError | None:
+    """A clear SnapshotError if ``exc`` (or its cause) is a full disk, else None.
+
+    ``qemu_status`` is the exit status of a QEMU whose guest memory is a file
+    under ``where``: killed by SIGBUS is how its write to a page the full
+    filesystem cannot allocate ends, before any error reaches us.
+    """
+    hint = "nothing was kept (free space, or move the cache with $MICROSANDBOX_CACHE_DIR)"
+    if qemu_status == -signal.SIGBUS:
+        return SnapshotError(
+            f"QEMU was killed by SIGBUS writing guest memory to a file under {where}: "
+            f"that disk is most likely full; {hint}"
+        )
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return SnapshotError(
-                f"the disk holding {where} is full; nothing was kept (free space, or move "
-                "the cache with $MICROSANDBOX_CACHE_DIR)"
-            )
+            return SnapshotError(f"the disk holding {where} is full; {hint}")
         seen = seen.__cause__ or seen.__context__
     return None
 
