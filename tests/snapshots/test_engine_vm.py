@@ -24,6 +24,7 @@ from pytest_microsandbox.runtime.boot import prepare_boot, resolve_accel
 from pytest_microsandbox.runtime.paths import run_root
 from pytest_microsandbox.runtime.qemu import QemuBackend
 from pytest_microsandbox.snapshots import _store, close_pools, ensure_template
+from pytest_microsandbox.snapshots._engine import snapshot_sandbox
 
 pytestmark = pytest.mark.vm
 
@@ -263,6 +264,23 @@ def test_disk_full_mid_build_is_clear_and_keeps_nothing(
     root = _store.templates_root(small_disk)
     assert list(root.iterdir()) == []  # no temporary entry, no lock file
     assert set(_my_qemus()) - before_qemus == set()
+
+
+def test_disk_full_mid_snapshot_is_clear_and_keeps_nothing(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_store, "check_free_space", lambda where, needed: None)
+
+    async def body() -> None:
+        async with await Sandbox.create(CONFIG, name="to-full-disk") as sb:
+            # ~100 MiB of guest RAM the capture must write: more than the disk holds.
+            await sb.shell("head -c 100000000 /dev/urandom > /dev/shm/fill")
+            with pytest.raises(SnapshotError, match="full; nothing was kept"):
+                await snapshot_sandbox(sb, "too-big", small_disk)
+            assert (await sb.exec("true")).success  # the sandbox runs on
+
+    run(body)
+    assert list(_store.named_root(small_disk).iterdir()) == []
 
 
 def test_create_stop_cycles_leak_nothing() -> None:
