@@ -282,6 +282,25 @@ def test_a_quiet_run_without_sandboxes_never_imports_the_runtime(pytester: pytes
     result.stdout.fnmatch_lines(["runtime imported: False"])
 
 
+def test_the_header_needs_neither_the_config_models_nor_the_engine(pytester: pytest.Pytester):
+    # The header (accelerator, kernel, cache) reads a few light modules only:
+    # pydantic and the sandbox engine cost ~0.2 s of every default-verbosity run.
+    pytester.makeconftest(
+        """
+        import sys
+
+        def pytest_unconfigure(config):
+            heavy = [m for m in ("pytest_microsandbox.runtime.config",
+                                 "pytest_microsandbox.runtime.sandbox") if m in sys.modules]
+            print(f"heavy modules: {heavy}")
+        """
+    )
+    pytester.makepyfile("def test_plain():\n    assert True\n")
+    result = pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["microsandbox: *", "heavy modules: []"])
+
+
 def _zygote_plan(pytester: pytest.Pytester) -> _zygote.GuestPlan:
     from pytest_microsandbox.fixtures._remote import RemoteRunner
 

@@ -1,9 +1,16 @@
 """The VM engine of pytest-microsandbox, usable without pytest.
 
 Async API: :class:`Sandbox`; blocking twin: :class:`SyncSandbox`.
+
+The exceptions are imported at once, every other name on first use: the
+pytest header and ``microsandbox-doctor`` need a few light modules
+(``paths``, ``kernel``, ``accel``), not pydantic and the whole engine.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._exceptions import (
     AgentBuildError,
@@ -26,11 +33,13 @@ from ._exceptions import (
     SnapshotLockTimeoutError,
     SnapshotNotFoundError,
 )
-from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
-from .boot import boot_identity
-from .config import SandboxConfig, Volume
-from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
-from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
+
+if TYPE_CHECKING:
+    from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
+    from .boot import boot_identity
+    from .config import SandboxConfig, Volume
+    from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
+    from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
 
 __all__ = [
     "AgentBuildError",
@@ -71,3 +80,37 @@ __all__ = [
     "Volume",
     "boot_identity",
 ]
+
+_WHERE = {
+    "DirEntry": ".agent.results",
+    "ExecHandle": ".sandbox",
+    "ExecOutput": ".sandbox",
+    "Exited": ".agent.results",
+    "FileKind": ".agent.results",
+    "FileStat": ".agent.results",
+    "Sandbox": ".sandbox",
+    "SandboxConfig": ".config",
+    "SandboxFs": ".sandbox",
+    "SandboxMetrics": ".sandbox",
+    "Started": ".agent.results",
+    "Stderr": ".agent.results",
+    "Stdout": ".agent.results",
+    "SyncExecHandle": ".sync",
+    "SyncSandbox": ".sync",
+    "SyncSandboxFs": ".sync",
+    "Volume": ".config",
+    "boot_identity": ".boot",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -16,15 +16,30 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import filelock
 
-from ._exceptions import SandboxError
+from ._exceptions import ConfigError, SandboxError
 from .backend import Accel
-from .config import AccelChoice
 
-__all__ = ["AccelDecision", "choose_accel", "host_boot_id", "kvm_usable"]
+__all__ = [
+    "ACCEL_ENV",
+    "NOT_PROBED",
+    "AccelChoice",
+    "AccelDecision",
+    "choose_accel",
+    "env_accel_choice",
+    "host_boot_id",
+    "known_accel",
+    "kvm_usable",
+]
+
+#: Environment variable choosing the accelerator when the config does not.
+ACCEL_ENV = "MICROSANDBOX_ACCEL"
+
+AccelChoice = Literal["auto", "kvm", "tcg"]
 
 #: Seconds a KVM probe boot may take to reach the agent. Real KVM gets there
 #: in well under a second; a broken one hangs.
@@ -60,14 +75,31 @@ def kvm_usable() -> tuple[bool, str]:
     return True, "/dev/kvm opens read-write"
 
 
+def env_accel_choice() -> AccelChoice:
+    """``$MICROSANDBOX_ACCEL`` (``auto`` when unset or empty).
+
+    :raises ConfigError: it holds something other than auto, kvm or tcg.
+    """
+    raw = os.environ.get(ACCEL_ENV, "auto").strip().lower() or "auto"
+    choices: dict[str, AccelChoice] = {"auto": "auto", "kvm": "kvm", "tcg": "tcg"}
+    try:
+        return choices[raw]
+    except KeyError:
+        raise ConfigError(f"${ACCEL_ENV}={raw!r} is not one of auto, kvm, tcg") from None
+
+
 ProbeBoot = Callable[[float], Awaitable[None]]
 
+_RECORD = "accel-probe.json"
 
-async def choose_accel(choice: AccelChoice, cache: Path, probe: ProbeBoot | None) -> AccelDecision:
-    """Resolve ``choice`` to a concrete accelerator.
+#: The verdict when a probe boot would be needed but none may run.
+NOT_PROBED = AccelDecision("tcg", "KVM not probed; using TCG emulation")
 
-    ``probe(timeout)`` boots a minimal VM under KVM and returns once its agent
-    answers, raising :class:`SandboxError` (or timing out) otherwise.
+
+def known_accel(choice: AccelChoice, cache: Path) -> AccelDecision | None:
+    """The verdict for ``choice`` if it needs no probe boot (forced, no usable
+    ``/dev/kvm``, or this host boot's probe result cached), else None. Cheap:
+    no event loop, no lock.
     """
     if choice == "kvm":
         return AccelDecision("kvm", "forced (accel=kvm)")
@@ -76,13 +108,20 @@ async def choose_accel(choice: AccelChoice, cache: Path, probe: ProbeBoot | None
     usable, why = kvm_usable()
     if not usable:
         return AccelDecision("tcg", f"{why}; using TCG emulation")
+    return _read_record(cache / _RECORD, host_boot_id())
+
+
+async def choose_accel(choice: AccelChoice, cache: Path, probe: ProbeBoot | None) -> AccelDecision:
+    """Resolve ``choice`` to a concrete accelerator.
+
+    ``probe(timeout)`` boots a minimal VM under KVM and returns once its agent
+    answers, raising :class:`SandboxError` (or timing out) otherwise.
+    """
+    known = known_accel(choice, cache)
+    if known is not None or probe is None:
+        return known or NOT_PROBED
     boot_id = host_boot_id()
-    record = cache / "accel-probe.json"
-    cached = _read_record(record, boot_id)
-    if cached is not None:
-        return cached
-    if probe is None:
-        return AccelDecision("tcg", "KVM not probed; using TCG emulation")
+    record = cache / _RECORD
     with filelock.FileLock(str(record) + ".lock", timeout=120):
         cached = _read_record(record, boot_id)
         if cached is not None:

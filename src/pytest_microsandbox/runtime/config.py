@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from ._exceptions import ConfigError
+from .accel import ACCEL_ENV, AccelChoice, env_accel_choice
 
 __all__ = [
     "ACCEL_ENV",
@@ -30,11 +31,6 @@ __all__ = [
     "Volume",
     "find_project_root",
 ]
-
-#: Environment variable forcing the accelerator: ``kvm``, ``tcg`` or ``auto``.
-ACCEL_ENV = "MICROSANDBOX_ACCEL"
-
-AccelChoice = Literal["auto", "kvm", "tcg"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -335,12 +331,7 @@ class SandboxConfig(BaseModel):
 
         :raises ConfigError: the environment variable holds an unknown value.
         """
-        if self.accel is not None:
-            return self.accel
-        raw = os.environ.get(ACCEL_ENV, "auto").strip().lower() or "auto"
-        if raw not in ("auto", "kvm", "tcg"):
-            raise ConfigError(f"${ACCEL_ENV}={raw!r} is not one of auto, kvm, tcg")
-        return raw  # type: ignore[return-value]
+        return self.accel if self.accel is not None else env_accel_choice()
 
     def resolved_project_root(self) -> Path | None:
         if self.project_root is not None:

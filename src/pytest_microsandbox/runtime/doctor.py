@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from ._exceptions import SandboxError
-from .accel import host_boot_id, kvm_usable
-from .config import SandboxConfig
+from .accel import env_accel_choice, host_boot_id, kvm_usable
 from .paths import cache_dir
 
 __all__ = ["DoctorReport", "diagnose", "main"]
@@ -41,8 +40,11 @@ class DoctorReport:
         return "\n".join(lines)
 
 
-def diagnose(*, probe: bool = True) -> DoctorReport:
-    """Inspect this host. ``probe=False`` skips booting the KVM probe VM."""
+def diagnose(*, probe: bool = True, qemu_version_fact: bool = True) -> DoctorReport:
+    """Inspect this host. ``probe=False`` skips booting the KVM probe VM;
+    ``qemu_version_fact=False`` skips running ``qemu -version`` (~20 ms), for
+    callers that only want :attr:`DoctorReport.ok` (the pytest header).
+    """
     from .agent.build import build_agent
     from .kernel import find_kernel
     from .qemu import find_qemu, qemu_version
@@ -52,7 +54,9 @@ def diagnose(*, probe: bool = True) -> DoctorReport:
     report.facts.append(("cache directory", str(cache)))
     try:
         qemu = find_qemu()
-        report.facts.append(("qemu", f"{qemu} ({qemu_version(qemu)})"))
+        report.facts.append(
+            ("qemu", f"{qemu} ({qemu_version(qemu)})" if qemu_version_fact else qemu)
+        )
     except SandboxError as exc:
         report.problems.append(exc.message)
     try:
@@ -67,17 +71,17 @@ def diagnose(*, probe: bool = True) -> DoctorReport:
     usable, why = kvm_usable()
     report.facts.append(("/dev/kvm", why))
     report.facts.append(("host boot id", host_boot_id()))
-    config = SandboxConfig()
     try:
-        choice = config.resolved_accel()
+        choice = env_accel_choice()  # what a default SandboxConfig resolves to
     except SandboxError as exc:
         report.problems.append(exc.message)
         return report
     if report.ok and (probe or choice != "auto" or not usable):
         from .boot import resolve_accel
+        from .config import SandboxConfig
         from .qemu import QemuBackend
 
-        decision = anyio.run(resolve_accel, config, QemuBackend())
+        decision = anyio.run(resolve_accel, SandboxConfig(), QemuBackend())
         report.facts.append(("accelerator", f"{decision.accel}: {decision.reason}"))
     else:
         report.facts.append(("accelerator", f"{choice} (not probed)"))
