@@ -121,6 +121,14 @@ class VMHandle(abc.ABC):
         return None
 
 
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for our child ``pid`` (Linux 5.3+), or None where there is none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 class ProcessVMHandle(VMHandle):
     """A VM that is one host process plus the listener its agent connects to."""
 
@@ -130,6 +138,7 @@ class ProcessVMHandle(VMHandle):
         self.spec = spec
         self._process = process
         self._listener = listener
+        self._pidfd = _open_pidfd(process.pid)
 
     @property
     def pid(self) -> int | None:
@@ -142,12 +151,33 @@ class ProcessVMHandle(VMHandle):
     async def wait(self) -> int:
         return await self._process.wait()
 
-    async def kill(self) -> None:
-        if self._process.returncode is None:
+    def send_kill(self) -> None:
+        """Send SIGKILL unless the process is gone; never waits.
+
+        Through a pidfd where there is one: ``Popen.send_signal`` polls first,
+        and that poll reaps a child that already died, racing asyncio's child
+        watcher, which then reports status 255 instead of the real one (under
+        load a QEMU killed by SIGBUS, the sign of a full disk, looked like any
+        other exit). A pidfd also cannot reach a recycled pid.
+        """
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        elif self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.send_signal(signal.SIGKILL)
+
+    def close_pidfd(self) -> None:
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            os.close(fd)
+
+    async def kill(self) -> None:
+        if self._process.returncode is None:
+            self.send_kill()
         with anyio.CancelScope(shield=True):
             await self._process.wait()
+            self.close_pidfd()
             await self._process.aclose()
             await self._listener.aclose()
             self._release()

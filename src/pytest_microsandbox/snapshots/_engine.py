@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections import deque
@@ -703,9 +702,9 @@ _pids: dict[QemuVM, asyncio.AbstractEventLoop] = {}
 
 
 def _kill_vm_now(vm: QemuVM) -> None:
-    if vm.pid is not None and vm.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(vm.pid, signal.SIGKILL)
+    if vm.returncode is None:
+        vm.send_kill()
+    vm.close_pidfd()
     shutil.rmtree(vm.spec.run_dir, ignore_errors=True)
 
 
