@@ -12,7 +12,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from pytest_microsandbox.runtime.backend import ProcessVMHandle, VMSpec
+from pytest_microsandbox.runtime.backend import ProcessVMHandle, VMSpec, describe_exit
 
 
 class _Handle(ProcessVMHandle):
@@ -72,3 +72,10 @@ def test_kill_stops_a_running_child(tmp_path: Path) -> None:
         return handle.returncode
 
     assert anyio.run(main) == -signal.SIGKILL
+
+
+def test_describe_exit_names_the_signal() -> None:
+    assert describe_exit(-signal.SIGBUS) == "was killed by SIGBUS"
+    assert describe_exit(1) == "exited with status 1"
+    assert describe_exit(None) == "is still running"
+    assert describe_exit(-200) == "was killed by signal 200"

@@ -28,6 +28,7 @@ __all__ = [
     "ProcessVMHandle",
     "VMHandle",
     "VMSpec",
+    "describe_exit",
     "read_console_tail",
 ]
 
@@ -196,6 +197,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def start(self, spec: VMSpec) -> VMHandle:
         """Start a VM for ``spec``; the caller must eventually ``kill`` it."""
+
+
+def describe_exit(returncode: int | None) -> str:
+    """How a process ended, for error messages: ``exited with status 1``,
+    ``was killed by SIGBUS`` (a negative status), ``is still running`` (None).
+    """
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
 
 
 def read_console_tail(path: Path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:

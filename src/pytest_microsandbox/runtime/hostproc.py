@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 
 from ._exceptions import BootError, GuestCrashedError
-from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec
+from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec, describe_exit
 
 __all__ = ["HostProcessBackend", "HostProcessVM"]
 
@@ -36,7 +36,7 @@ class HostProcessVM(ProcessVMHandle):
         await self._listener.aclose()
         if self._process.returncode is not None:
             raise GuestCrashedError(
-                f"the host-mode agent exited with status {self._process.returncode}",
+                f"the host-mode agent {describe_exit(self._process.returncode)}",
                 console_tail=self.console_tail(),
             )
         raise BootError(f"the host-mode agent did not connect within {timeout:g} s")

@@ -23,7 +23,7 @@ from ._exceptions import (
     GuestCrashedError,
     SandboxNotRunningError,
 )
-from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec
+from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec, describe_exit
 
 __all__ = [
     "CHANNEL_PORT_NAME",
@@ -182,7 +182,7 @@ class QemuVM(ProcessVMHandle):
             return stream
         if self._process.returncode is not None:
             raise GuestCrashedError(
-                f"QEMU exited with status {self._process.returncode} before the agent "
+                f"QEMU {describe_exit(self._process.returncode)} before the agent "
                 f"connected; {self._stderr_tail()}",
                 console_tail=self.console_tail(),
             )
@@ -212,7 +212,7 @@ class QemuVM(ProcessVMHandle):
                 return conn
         if self._process.returncode is not None:
             raise GuestCrashedError(
-                f"QEMU exited with status {self._process.returncode}; {self._stderr_tail()}"
+                f"QEMU {describe_exit(self._process.returncode)}; {self._stderr_tail()}"
             )
         raise BootError(f"QEMU did not connect its QMP monitor within {timeout:g} s")
 

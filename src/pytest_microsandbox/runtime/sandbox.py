@@ -39,7 +39,7 @@ from ._exceptions import (
 from .agent.client import AgentClient
 from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileStat
-from .backend import Backend, VMHandle, VMSpec
+from .backend import Backend, VMHandle, VMSpec, describe_exit
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig, Volume
 from .paths import make_run_dir
@@ -774,8 +774,10 @@ class Sandbox:
             if exc.console_tail is None:
                 exc.console_tail = self.console_tail()
             if isinstance(exc, SandboxNotRunningError) and not self._stopped:
+                returncode = self._vm.returncode
+                how = "" if returncode is None else f"; its VM process {describe_exit(returncode)}"
                 raise GuestCrashedError(
-                    f"sandbox {self.name!r}: the guest went away ({exc.message})",
+                    f"sandbox {self.name!r}: the guest went away ({exc.message}{how})",
                     console_tail=exc.console_tail,
                 ) from exc
             raise
@@ -803,7 +805,8 @@ def _boot_failure(vm: VMHandle, config: SandboxConfig, exc: SandboxError) -> San
     tail = vm.console_tail()
     if vm.returncode is not None or isinstance(exc, SandboxNotRunningError):
         return GuestCrashedError(
-            f"sandbox {config.name!r}: the guest died while booting (QEMU status {vm.returncode})",
+            f"sandbox {config.name!r}: the guest died while booting "
+            f"(its VM process {describe_exit(vm.returncode)})",
             console_tail=tail,
         )
     if isinstance(exc, GuestTimeoutError):
