@@ -10,6 +10,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -21,9 +22,13 @@ from pytest_microsandbox.snapshots import close_pools, ensure_template
 from pytest_microsandbox.snapshots._engine import _restore_entry, _start_incoming
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def mib_p50_p95(kib: list[int]) -> str:
+    return f"p50 {pct(kib, 0.5) / 1024:.1f} MiB, p95 {pct(kib, 0.95) / 1024:.1f} MiB"
 
 
 def pss_kib(pid: int) -> int:
@@ -75,7 +80,12 @@ async def main(args: argparse.Namespace) -> None:
                 await sb.exec("true")
                 cold.append(time.monotonic() - t0)
         cold_p50 = statistics.median(cold)
-        rows.append((f"cold boot->first exec (n={len(cold)})", f"p50 {cold_p50 * 1000:.0f} ms"))
+        rows.append(
+            (
+                f"cold boot->first exec (n={len(cold)})",
+                f"p50 {cold_p50 * 1000:.0f} ms, p95 {pct(cold, 0.95) * 1000:.0f} ms",
+            )
+        )
         rows.append(("ratio cold/restore (p50)", f"{cold_p50 / restore_p50:.1f}x"))
 
         idle = [
@@ -88,9 +98,7 @@ async def main(args: argparse.Namespace) -> None:
         pss = [pss_kib(sb.pid) for sb in idle if sb.pid is not None]
         for sb in reversed(idle):  # sandboxes of one task unwind in LIFO order
             await sb.kill()
-        rows.append(
-            (f"host PSS per idle clone (n={len(pss)})", f"{statistics.mean(pss) / 1024:.1f} MiB")
-        )
+        rows.append((f"host PSS per idle clone (n={len(pss)})", mib_p50_p95(pss)))
         # The floor under that figure: the same QEMUs before any guest code runs
         # (started in -incoming defer, as the pool keeps them; nothing restored).
         waiting = [
@@ -104,7 +112,7 @@ async def main(args: argparse.Namespace) -> None:
         rows.append(
             (
                 f"  of which QEMU before restore (n={len(floor)})",
-                f"{statistics.mean(floor) / 1024:.1f} MiB",
+                mib_p50_p95(floor),
             )
         )
 
