@@ -102,7 +102,7 @@ def test_dead_guest_is_a_crash_and_stop_is_idempotent() -> None:
     async def body(sb: Sandbox) -> None:
         assert sb.pid is not None
         os.kill(sb.pid, signal.SIGKILL)
-        with pytest.raises(GuestCrashedError):
+        with pytest.raises(GuestCrashedError, match="its VM process was killed by SIGKILL"):
             await sb.exec("true")
         await sb.stop()
         await sb.stop()

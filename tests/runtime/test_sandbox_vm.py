@@ -198,6 +198,7 @@ def test_guest_panic_gives_console_tail() -> None:
         with pytest.raises(GuestCrashedError) as info:
             sb.shell("echo c > /proc/sysrq-trigger; sleep 30", timeout=60)
         assert "sysrq" in str(info.value).lower() or "panic" in str(info.value).lower()
+        assert "its VM process exited" in str(info.value)  # panic=-1, -no-reboot
         with pytest.raises((GuestCrashedError, SandboxNotRunningError)):
             sb.exec("true")
 

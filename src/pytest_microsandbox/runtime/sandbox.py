@@ -16,7 +16,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +75,9 @@ XFER_THRESHOLD = 1024 * 1024
 #: Where the guest mounts the transfer share while a transfer runs.
 _XFER_MOUNT = "/run/.msb-xfer"
 _XFER_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=none"
+#: Seconds a sandbox whose agent connection dropped waits for its VM process
+#: to end, to report how it ended.
+_EXIT_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -146,24 +149,24 @@ class ExecHandle:
         return self._events()
 
     async def _events(self) -> AsyncIterator[ExecEvent]:
-        with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors():
             async for event in self._process:
                 yield event
 
     async def write_stdin(self, data: bytes) -> None:
-        with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors():
             await self._process.write_stdin(data)
 
     async def close_stdin(self) -> None:
-        with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors():
             await self._process.close_stdin()
 
     async def signal(self, sig: int) -> None:
-        with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors():
             await self._process.signal(sig)
 
     async def kill(self) -> None:
-        with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors():
             await self._process.kill()
 
     async def wait(self) -> ExecOutput:
@@ -171,7 +174,7 @@ class ExecHandle:
 
         :raises ExecTimeoutError: the command ran past its timeout and was killed.
         """
-        with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors():
             result = await self._process.wait()
         return _finish(result, self._process.program, self._timeout)
 
@@ -215,11 +218,11 @@ class SandboxFs:
         )
 
     async def list(self, path: str) -> list[DirEntry]:
-        with self._sb._guest_errors():
+        async with self._sb._guest_errors():
             return await self._sb._agent.list_dir(path, timeout=self._sb._request_timeout)
 
     async def stat(self, path: str, *, follow_symlinks: bool = True) -> FileStat:
-        with self._sb._guest_errors():
+        async with self._sb._guest_errors():
             return await self._sb._agent.stat(
                 path, follow_symlinks=follow_symlinks, timeout=self._sb._request_timeout
             )
@@ -232,23 +235,23 @@ class SandboxFs:
         return True
 
     async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
-        with self._sb._guest_errors():
+        async with self._sb._guest_errors():
             await self._sb._agent.mkdir(
                 path, mode=mode, parents=parents, timeout=self._sb._request_timeout
             )
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
-        with self._sb._guest_errors():
+        async with self._sb._guest_errors():
             await self._sb._agent.remove(
                 path, recursive=recursive, timeout=self._sb._request_timeout
             )
 
     async def rename(self, src: str, dst: str) -> None:
-        with self._sb._guest_errors():
+        async with self._sb._guest_errors():
             await self._sb._agent.rename(src, dst, timeout=self._sb._request_timeout)
 
     async def chmod(self, path: str, mode: int) -> None:
-        with self._sb._guest_errors():
+        async with self._sb._guest_errors():
             await self._sb._agent.chmod(path, mode, timeout=self._sb._request_timeout)
 
     async def copy_from_host(self, host_path: str | os.PathLike[str], guest_path: str) -> int:
@@ -450,7 +453,7 @@ class Sandbox:
             raise
 
     async def _configure_guest(self) -> None:
-        with self._guest_errors():
+        async with self._guest_errors():
             await self._agent.configure(
                 time_ns=time.time_ns(),
                 seed=os.urandom(64),
@@ -584,7 +587,7 @@ class Sandbox:
         """
         self._check_running()
         timeout = self.config.exec_timeout if timeout is None else timeout
-        with self._guest_errors():
+        async with self._guest_errors():
             process = await self._agent.exec_stream(
                 [cmd, *args],
                 env=self._exec_env(env),
@@ -654,7 +657,7 @@ class Sandbox:
     async def metrics(self) -> SandboxMetrics:
         """Sample guest CPU, memory and uptime."""
         self._check_running()
-        with self._guest_errors():
+        async with self._guest_errors():
             m = await self._agent.metrics(timeout=self._request_timeout)
         busy, idle = m.cpu_busy_ms, m.cpu_idle_ms
         if self._last_cpu is not None:
@@ -707,7 +710,7 @@ class Sandbox:
             return
         async with self._xfer_lock:
             if self._xfer_users == 0:
-                with self._guest_errors():
+                async with self._guest_errors():
                     await self._agent.mount(
                         XFER_TAG, _XFER_MOUNT, "9p", _XFER_OPTIONS, readonly=True,
                         timeout=self._request_timeout,
@@ -720,8 +723,9 @@ class Sandbox:
                 self._xfer_users -= 1
                 if self._xfer_users == 0 and self.running:
                     # Unmounted again: a mounted 9p share would block snapshots.
-                    with anyio.CancelScope(shield=True), self._guest_errors():
-                        await self._agent.umount(_XFER_MOUNT, timeout=self._request_timeout)
+                    with anyio.CancelScope(shield=True):
+                        async with self._guest_errors():
+                            await self._agent.umount(_XFER_MOUNT, timeout=self._request_timeout)
 
     async def _watched(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Await ``call()`` (an open-ended guest operation: a command, a transfer)
@@ -743,7 +747,7 @@ class Sandbox:
                 except SandboxError:
                     return  # a dead connection fails the call itself, with its own error
 
-        with self._guest_errors():
+        async with self._guest_errors():
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(heartbeat, tg.cancel_scope)
@@ -765,15 +769,22 @@ class Sandbox:
         if self._stopped:
             raise SandboxNotRunningError(f"sandbox {self.name!r} is stopped")
 
-    @contextlib.contextmanager
-    def _guest_errors(self) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _guest_errors(self) -> AsyncIterator[None]:
         """Turn a lost connection into GuestCrashedError with the console tail."""
         try:
             yield
         except (SandboxNotRunningError, ProtocolError, GuestTimeoutError) as exc:
+            crashed = isinstance(exc, SandboxNotRunningError) and not self._stopped
+            if crashed and self._vm.returncode is None:
+                # A lost agent connection means the VM is going down (a guest
+                # panic or a dead agent ends QEMU): wait briefly, so the error can
+                # say how it ended and the console tail holds its last words.
+                with anyio.move_on_after(_EXIT_GRACE_S, shield=True):
+                    await self._vm.wait()
             if exc.console_tail is None:
                 exc.console_tail = self.console_tail()
-            if isinstance(exc, SandboxNotRunningError) and not self._stopped:
+            if crashed:
                 returncode = self._vm.returncode
                 how = "" if returncode is None else f"; its VM process {describe_exit(returncode)}"
                 raise GuestCrashedError(
