@@ -44,8 +44,10 @@ def test_clone_device_set_is_the_templates_whatever_the_volumes(tmp_path: Path) 
     spare.touch()
     image = tmp_path / "fs.erofs"
     image.write_bytes(b"\0" * 4096)
-    template = _device_args(tmp_path, spare)
-    clone = _device_args(tmp_path, spare, (Volume.bind(tmp_path / "v"), Volume.image(image)))
+    template = _device_args(tmp_path, spare, MAX_VOLUMES)
+    clone = _device_args(
+        tmp_path, spare, MAX_VOLUMES, (Volume.bind(tmp_path / "v"), Volume.image(image))
+    )
     assert len(_fsdevs(template)) == MAX_VOLUMES
 
     def strip(args: tuple[str, ...]) -> list[str]:
@@ -94,3 +96,25 @@ def test_host_process_double_refuses_volumes(tmp_path: Path) -> None:
             )
 
     anyio.run(body)
+
+
+def test_volume_slots_follow_the_bind_volumes_unless_set(tmp_path: Path) -> None:
+    """9p spares cost ~1.2 MiB of host memory each: only templates for sandboxes
+    with bind volumes (or an explicit volume_slots) carry them.
+    """
+    image = tmp_path / "fs.erofs"
+    image.write_bytes(b"\0" * 4096)
+    assert SandboxConfig().volume_slot_count() == 0
+    assert SandboxConfig(volumes={"/img": Volume.image(image)}).volume_slot_count() == 0
+    assert SandboxConfig(volumes={"/d": str(tmp_path)}).volume_slot_count() == MAX_VOLUMES
+    assert SandboxConfig(volume_slots=1, volumes={"/d": str(tmp_path)}).volume_slot_count() == 1
+    assert SandboxConfig(volume_slots=2).volume_slot_count() == 2
+    with pytest.raises(ConfigError, match="volume_slots=1 leaves no room for 2 bind volumes"):
+        SandboxConfig(volume_slots=1, volumes={"/a": str(tmp_path), "/b": str(tmp_path)})
+    with pytest.raises(ConfigError, match="volume_slots"):
+        SandboxConfig(volume_slots=MAX_VOLUMES + 1)
+    spare = tmp_path / "spare.img"
+    spare.touch()
+    assert _fsdevs(_device_args(tmp_path, spare, 0)) == []
+    with pytest.raises(ConfigError, match="1 volumes but only 0 9p devices"):
+        _device_args(tmp_path, spare, 0, (Volume.bind(tmp_path),))

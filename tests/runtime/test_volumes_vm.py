@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pytest_microsandbox.runtime import (
+    ConfigError,
     FilesystemError,
     SandboxConfig,
     SnapshotError,
@@ -139,14 +140,24 @@ def test_cold_boot_mounts_volumes(host_dirs: dict[str, Path]) -> None:
 def test_restore_named_snapshot_with_volumes(host_dirs: dict[str, Path]) -> None:
     from pytest_microsandbox.snapshots import Snapshot
 
-    with SyncSandbox.create(SandboxConfig(name="vol-parent")) as parent:
+    volumes = {"/in": Volume.bind(host_dirs["ro"], readonly=True)}
+    # A sandbox created without volumes has no 9p slots, so neither has its capture.
+    with SyncSandbox.create(SandboxConfig(name="vol-none")) as plain:
+        plain.snapshot("vol-snap-none")
+    try:
+        with pytest.raises(ConfigError, match=r"has 0 volume slots.*volume_slots=1"):
+            SyncSandbox.restore("vol-snap-none", volumes=volumes)
+    finally:
+        Snapshot.remove("vol-snap-none")
+    with SyncSandbox.create(SandboxConfig(name="vol-parent", volume_slots=1)) as parent:
         parent.fs().write("/root/state.txt", "captured")
         parent.snapshot("vol-snap")
     try:
-        volumes = {"/in": Volume.bind(host_dirs["ro"], readonly=True)}
         with SyncSandbox.restore("vol-snap", name="vol-restored", volumes=volumes) as sb:
             assert sb.fs().read_text("/root/state.txt") == "captured"
             assert sb.fs().read_text("/in/from-host.txt") == "written by the host\n"
+            assert sb.async_sandbox._origin is not None
+            assert sb.async_sandbox._origin.meta.volume_slots == 1
     finally:
         Snapshot.remove("vol-snap")
 

@@ -36,6 +36,7 @@ def _fake_entry(root: Path, name: str, kind: str = "snapshot", mib: int = 1) -> 
         initrd_size=1,
         cmdline="",
         disks=(),
+        volume_slots=0,
         state_size=5,
         config="{}",
     )

@@ -36,8 +36,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PROJECT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
 
-#: Volumes per sandbox: every template and clone carries this many spare 9p
-#: devices (tags ``msb.vol0`` ...), so a clone can bind its volumes after restore.
+#: Bind volumes per sandbox. A template for sandboxes with bind volumes carries
+#: this many spare 9p devices (tags ``msb.vol0`` ...), so a clone can bind its
+#: volumes after restore; other templates carry none (see ``volume_slots``).
 MAX_VOLUMES = 4
 #: Image volumes per sandbox: templates carry one spare virtio-blk disk.
 MAX_IMAGE_VOLUMES = 1
@@ -233,6 +234,15 @@ class SandboxConfig(BaseModel):
         description="host directories mounted in the guest, keyed by absolute guest path: "
         f"{{'/data': Volume.bind('/host/dir', readonly=True)}}; at most {MAX_VOLUMES}",
     )
+    volume_slots: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_VOLUMES,
+        description="spare 9p devices the sandbox's template carries for bind volumes "
+        f"(None: {MAX_VOLUMES} if volumes has a bind volume, else 0). Each costs a VM "
+        "~1.2 MiB of host memory. Set it to snapshot a sandbox created without volumes "
+        "whose restores bind some: Sandbox.restore(name, volumes=...) needs the slots",
+    )
     cold_boot: bool = Field(
         False, description="boot from scratch instead of restoring a clone of a template"
     )
@@ -325,6 +335,22 @@ class SandboxConfig(BaseModel):
         if not value.startswith("/"):
             raise ValueError("must be an absolute guest path")
         return value
+
+    @model_validator(mode="after")
+    def _check_volume_slots(self) -> SandboxConfig:
+        binds = sum(1 for v in self.volumes.values() if v.kind == "bind")
+        if self.volume_slots is not None and binds > self.volume_slots:
+            raise ValueError(
+                f"volume_slots={self.volume_slots} leaves no room for {binds} bind "
+                f"volumes: raise volume_slots to {binds} or leave it None"
+            )
+        return self
+
+    def volume_slot_count(self) -> int:
+        """The number of spare 9p devices this sandbox's template carries."""
+        if self.volume_slots is not None:
+            return self.volume_slots
+        return MAX_VOLUMES if any(v.kind == "bind" for v in self.volumes.values()) else 0
 
     def resolved_accel(self) -> AccelChoice:
         """The accelerator choice after applying ``$MICROSANDBOX_ACCEL``.

@@ -55,7 +55,7 @@ from ..runtime.agent.protocol import (
 )
 from ..runtime.backend import Backend, VMHandle, VMSpec
 from ..runtime.boot import BootPlan
-from ..runtime.config import MAX_VOLUMES, SandboxConfig, Volume
+from ..runtime.config import SandboxConfig, Volume
 from ..runtime.paths import make_run_dir
 from ..runtime.qemu import QemuVM
 from ..runtime.volumes import (
@@ -91,7 +91,7 @@ _DEFAULT_LOCK_TIMEOUT = 600.0
 _DEFAULT_POOL_SIZE = 1
 _MAX_POOL_SIZE = 8
 #: Bumped when the clone device set below changes (it is part of the key).
-_DEVICES_VERSION = f"spare-blk:{_store.SPARE_DISK_MIB},9p*{MAX_VOLUMES},net:2"
+_DEVICES_VERSION = f"spare-blk:{_store.SPARE_DISK_MIB},net:2"
 _MIGRATE_TIMEOUT = 60.0
 #: max-bandwidth (bytes/s) for a snapshot's local migration: no cap in practice.
 _UNCAPPED = 1 << 40
@@ -116,6 +116,7 @@ def template_key(plan: BootPlan, config: SandboxConfig) -> str:
         plan.identity(config),
         plan.agent.name,
         _DEVICES_VERSION,
+        f"9p*{config.volume_slot_count()}",
         str(FORMAT_VERSION),
         _store.current_qemu_version(),
     ):
@@ -123,18 +124,23 @@ def template_key(plan: BootPlan, config: SandboxConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def _device_args(run_dir: Path, spare: Path, volumes: tuple[Volume, ...] = ()) -> tuple[str, ...]:
-    """Spare devices every template and clone carries, so a clone can be given an
+def _device_args(
+    run_dir: Path, spare: Path, slots: int, volumes: tuple[Volume, ...] = ()
+) -> tuple[str, ...]:
+    """Spare devices a template and its clones carry, so a clone can be given an
     image, volumes or a network after restore: the host side is per clone, the
     guest-visible device (and so the migrated state) is the same. Bind
-    ``volumes`` back the first 9p spares (msb.vol0...), an image volume the
-    spare disk; the guest mounts them after restore.
+    ``volumes`` back the first of the ``slots`` spare 9p devices (msb.vol0...),
+    an image volume the spare disk; the guest mounts them after restore.
+
+    The 9p spares are only there when asked for: QEMU gives each 9p device a
+    1 MiB inode-remapping table up front, ~1.2 MiB of host memory per clone.
     """
     images = [v.host_path for v in volumes if v.kind == "image"]
     binds = [v for v in volumes if v.kind == "bind"]
     return (
         *image_disk_args("spare0", images[0] if images else spare),
-        *volume_device_args(binds, run_dir, MAX_VOLUMES),
+        *volume_device_args(binds, run_dir, slots),
         # A hub port with nothing else on the hub: a NIC that goes nowhere yet.
         "-netdev", "hubport,id=net0,hubid=0",
         "-device", "virtio-net-device,netdev=net0",
@@ -164,7 +170,7 @@ def _spec_from_meta(
         accel=meta.accel,
         run_dir=run_dir,
         disks=tuple(DiskSpec(d.serial, Path(d.path)) for d in meta.disks),
-        extra_args=_device_args(run_dir, _store.spare_disk(cache), volumes),
+        extra_args=_device_args(run_dir, _store.spare_disk(cache), meta.volume_slots, volumes),
         memory_file=memory_file,
         memory_shared=shared,
         qmp=True,
@@ -254,13 +260,17 @@ async def _build_template(
     _store.check_free_space(root, (config.memory << 20) + (64 << 20))
     tmp = _tmp_entry(root, key)
     run_dir = _mkrun("template")
+    slots = config.volume_slot_count()
     vm: VMHandle | None = None
     try:
         spec = plan.vm_spec(config.model_copy(update={"name": f"template-{key[:12]}"}), run_dir)
         spec = VMSpec(
             **{
                 **spec.__dict__,
-                "extra_args": (*spec.extra_args, *_device_args(run_dir, _store.spare_disk(cache))),
+                "extra_args": (
+                    *spec.extra_args,
+                    *_device_args(run_dir, _store.spare_disk(cache), slots),
+                ),
                 "memory_file": tmp / _store.MEMORY,
                 "memory_shared": True,
                 "qmp": True,
@@ -304,6 +314,7 @@ async def _build_template(
                 DiskMeta(serial=d.serial, path=str(d.path), size=d.path.stat().st_size)
                 for d in spec.disks
             ),
+            volume_slots=slots,
             state_size=(tmp / _store.STATE).stat().st_size,
             # Volumes are per clone: the template never mounts any.
             config=config.model_copy(update={"volumes": {}}).to_json(),
@@ -517,6 +528,17 @@ async def restore_snapshot(
         config = config.model_copy(update={"name": name})
     if volumes:
         config = SandboxConfig(**{**config.model_dump(), "volumes": dict(volumes)})
+        binds = sum(1 for v in config.volumes.values() if v.kind == "bind")
+        slots = entry.meta.volume_slots
+        if binds > slots:
+            raise ConfigError(
+                f"snapshot {entry.meta.name!r} has {slots} volume slots and {binds} bind "
+                "volumes were asked for: a restore binds volumes into the spare 9p devices "
+                "its capture had. Capture a sandbox created with "
+                f"SandboxConfig(volume_slots={binds}) (and no volumes mounted) to restore "
+                "it with bind volumes"
+            )
+        config = config.model_copy(update={"volume_slots": slots})
     return await _restore_entry(
         entry, config, backend, None, cache, pooled=True, warm_command=warm_command
     )
@@ -543,9 +565,10 @@ async def _check_no_mounted_volumes(sandbox: Sandbox) -> None:
             f"cannot snapshot or fork sandbox {sandbox.name!r}: {'; '.join(shares)} "
             f"{'is' if len(shares) == 1 else 'are'} mounted, and QEMU cannot migrate a "
             "guest with a mounted 9p share (nor could a restore reattach a clone's image "
-            "volume). Snapshot or fork a sandbox created without volumes= (then bind "
-            "volumes in the restored one: Sandbox.restore(name, volumes=...)), or unmount "
-            f"them in the guest first (umount {where})"
+            "volume). Snapshot or fork a sandbox created without volumes= but with "
+            "volume_slots=N (then bind volumes in the restored one: "
+            "Sandbox.restore(name, volumes=...)), or unmount them in the guest first "
+            f"(umount {where})"
         )
 
 

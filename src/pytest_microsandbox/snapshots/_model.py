@@ -10,7 +10,7 @@ __all__ = ["FORMAT_VERSION", "DiskMeta", "SnapshotMeta"]
 
 #: Bumped whenever the on-disk layout or the clone's device set changes: a
 #: template of another format is rebuilt, a named snapshot refused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class DiskMeta(BaseModel):
@@ -43,5 +43,6 @@ class SnapshotMeta(BaseModel):
     initrd_size: int
     cmdline: str
     disks: tuple[DiskMeta, ...]
+    volume_slots: int  # spare 9p devices for bind volumes (SandboxConfig.volume_slots)
     state_size: int
     config: str  # SandboxConfig JSON of the captured sandbox

@@ -87,6 +87,7 @@ def add_entry(root: Path, name: str, disks: list[Path], *, used: float) -> Path:
             DiskMeta(serial=f"l-{i}", path=str(d), size=d.stat().st_size)
             for i, d in enumerate(disks)
         ),
+        volume_slots=0,
         state_size=1,
         config="{}",
     )
