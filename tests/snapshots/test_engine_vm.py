@@ -75,6 +75,35 @@ def test_clones_are_independent() -> None:
     run(body)
 
 
+def test_clone_qemu_carries_no_unused_9p_device_nor_small_huge_page() -> None:
+    """Per-clone host memory (#3): a sandbox without volumes gets no spare 9p
+    devices (QEMU gives each a 1 MiB table), and QEMU runs under the launcher's
+    filter, so its 2 MiB ACPI block is not backed by a huge page.
+    """
+
+    async def body() -> None:
+        async with await Sandbox.create(CONFIG, name="lean") as sb:
+            assert sb.pid is not None and sb._origin is not None
+            assert sb._origin.meta.volume_slots == 0
+            argv = Path(f"/proc/{sb.pid}/cmdline").read_text().split("\0")
+            assert [a for a in argv if a.startswith("virtio-9p-device")] == [
+                "virtio-9p-device,fsdev=xfer,mount_tag=msb.xfer"
+            ]
+            status = Path(f"/proc/{sb.pid}/status").read_text()
+            assert "Seccomp:\t2" in status
+            huge_outside_code = 0
+            perms = ""
+            for line in Path(f"/proc/{sb.pid}/smaps").read_text().splitlines():
+                fields = line.split()
+                if "-" in fields[0] and len(fields) >= 5:
+                    perms = fields[1]
+                elif fields[0] == "AnonHugePages:" and "x" not in perms:
+                    huge_outside_code += int(fields[1])
+            assert huge_outside_code == 0
+
+    run(body)
+
+
 def test_clones_urandom_differs() -> None:
     # CONFIGURE credits the host's seed and forces a CRNG reseed (RNDRESEEDCRNG).
     async def body() -> None:

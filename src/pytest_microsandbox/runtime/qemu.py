@@ -3,8 +3,9 @@
 Machine ``microvm`` (virtio-mmio, ACPI so the guest can power off), the agent
 on a ``virtio-serial`` port backed by a unix socket the host listens on (so no
 byte the guest sends before the host looks is lost), the serial console in a
-file for error reports. QEMU runs under ``setpriv --pdeathsig KILL``, so it
-dies with the thread that started it: a SIGKILLed owner leaves no VM.
+file for error reports. QEMU is exec'd through the launcher (:mod:`.launcher`;
+``setpriv --pdeathsig KILL`` without a C compiler), so it dies with the thread
+that started it: a SIGKILLed owner leaves no VM.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ._exceptions import (
     SandboxNotRunningError,
 )
 from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec, describe_exit
+from .launcher import launch_prefix
 
 __all__ = [
     "CHANNEL_PORT_NAME",
@@ -244,7 +246,6 @@ class QemuBackend(Backend):
 
     async def start(self, spec: VMSpec) -> VMHandle:
         qemu = self._qemu or find_qemu()
-        setpriv = shutil.which("setpriv")
         (spec.run_dir / "xfer").mkdir(exist_ok=True)
         listener = await anyio.create_unix_listener(spec.run_dir / "agent.sock")
         chan_listener = await anyio.create_unix_listener(spec.run_dir / "chan.sock")
@@ -254,10 +255,10 @@ class QemuBackend(Backend):
             qmp_listener.setblocking(False)
             qmp_listener.bind(str(spec.run_dir / "qmp.sock"))
             qmp_listener.listen(1)
-        argv = build_command(spec, qemu)
-        # setpriv (util-linux) sets PR_SET_PDEATHSIG before exec'ing QEMU.
-        if setpriv:
-            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+        # The launcher arms PR_SET_PDEATHSIG and a THP filter, then execs QEMU
+        # (compiled on first use, hence the thread).
+        prefix = await anyio.to_thread.run_sync(launch_prefix)
+        argv = [*prefix, *build_command(spec, qemu)]
         stderr = open(spec.run_dir / "qemu.stderr", "wb")  # noqa: SIM115 - handed to the child
         try:
             process = await anyio.open_process(

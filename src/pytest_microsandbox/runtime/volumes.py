@@ -9,10 +9,11 @@ its serial. See :func:`image_disk_args` for why that is safe after a restore.
 A QEMU 9p share's host directory is fixed when QEMU starts, and a share
 mounted in the guest blocks migration. So a template for sandboxes with bind
 volumes (:meth:`~.config.SandboxConfig.volume_slot_count`) carries spare 9p
-devices (tags ``msb.vol0`` ...) that the template never mounts; a clone with volumes starts QEMU with those fsdevs
-pointed at its volume directories (the guest-visible device, hence the
-migrated state, is the same) and the agent mounts them after the restore. A
-cold-booted sandbox gets one device per volume, same tags.
+devices (tags ``msb.vol0`` ...) that the template never mounts; a clone with
+volumes starts QEMU with those fsdevs pointed at its volume directories (the
+guest-visible device, hence the migrated state, is the same) and the agent
+mounts them after the restore. A cold-booted sandbox gets one device per
+volume, same tags.
 
 Security of a share (QEMU ``local`` fsdev, ``security_model=none``, QEMU 7.2):
 

@@ -1,23 +1,18 @@
 """Compile the static guest agent (``agent.c``) into the cache directory.
 
-The binary is named after a hash of the source and the compiler command, so
-editing ``agent.c`` or switching compilers builds a new one while old ones
-stay valid.  ``python -m pytest_microsandbox.runtime.agent.build`` builds it
-and prints its path.
+The binary is named after a hash of the source and the compiler command
+(:mod:`.._cbuild`), so editing ``agent.c`` or switching compilers builds a new
+one while old ones stay valid.  ``python -m pytest_microsandbox.runtime.agent.build``
+builds it and prints its path.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from filelock import FileLock
-
 from pytest_microsandbox.runtime import paths
+from pytest_microsandbox.runtime._cbuild import compile_cached
 from pytest_microsandbox.runtime._exceptions import AgentBuildError
 
 __all__ = ["AGENT_SOURCE", "CFLAGS", "build_agent", "main"]
@@ -35,15 +30,6 @@ DEFAULT_COMPILERS: tuple[str, ...] = ("musl-gcc", "cc", "gcc")
 _FIX_HINT = "install musl-tools or libc6-dev: apt-get install musl-tools"
 
 
-def _binary_name(source: bytes, compiler: str) -> str:
-    digest = hashlib.sha256()
-    digest.update(source)
-    digest.update(b"\0" + os.path.basename(compiler).encode())
-    for flag in CFLAGS:
-        digest.update(b"\0" + flag.encode())
-    return f"agent-{digest.hexdigest()[:16]}"
-
-
 def build_agent(cache_dir: Path | None = None, *, compiler: str | None = None) -> Path:
     """Return the path of the compiled agent, compiling it if it is not cached.
 
@@ -54,51 +40,19 @@ def build_agent(cache_dir: Path | None = None, *, compiler: str | None = None) -
     Raises :class:`AgentBuildError` (with the compiler output) if no compiler works.
     """
     base = cache_dir if cache_dir is not None else paths.cache_dir()
-    out_dir = base / "agent"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    source = AGENT_SOURCE.read_bytes()
-
     candidates = [compiler] if compiler else list(DEFAULT_COMPILERS)
-    available = [c for c in candidates if shutil.which(c)]
-    if not available:
+    result = compile_cached(AGENT_SOURCE, "agent", base / "agent", candidates, CFLAGS)
+    if result.binary is not None:
+        return result.binary
+    if not result.failures:
         raise AgentBuildError(
             f"no C compiler found (tried {', '.join(candidates)}) to build the guest agent; "
             + _FIX_HINT
         )
-
-    def cached() -> Path | None:
-        for cc in available:
-            target = out_dir / _binary_name(source, cc)
-            if target.is_file():
-                return target
-        return None
-
-    hit = cached()
-    if hit is not None:
-        return hit
-    failures: list[str] = []
-    with FileLock(str(out_dir / ".build.lock")):
-        hit = cached()  # another process may have built it while we waited
-        if hit is not None:
-            return hit
-        for cc in available:
-            target = out_dir / _binary_name(source, cc)
-            tmp = out_dir / f".{target.name}.{os.getpid()}.tmp"
-            cmd = [cc, *CFLAGS, "-o", str(tmp), str(AGENT_SOURCE)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            except OSError as exc:
-                failures.append(f"$ {' '.join(cmd)}\n{exc}")
-                continue
-            if proc.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                failures.append(f"$ {' '.join(cmd)}\n{proc.stderr.strip()}")
-                continue
-            tmp.chmod(0o755)
-            os.replace(tmp, target)
-            return target
     raise AgentBuildError(
-        "could not compile the guest agent:\n" + "\n\n".join(failures) + f"\nhint: {_FIX_HINT}"
+        "could not compile the guest agent:\n"
+        + "\n\n".join(result.failures)
+        + f"\nhint: {_FIX_HINT}"
     )
 
 

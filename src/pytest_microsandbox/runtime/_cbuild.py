@@ -1,0 +1,85 @@
+"""Compile one C source file into a cached binary (the guest agent, the VM launcher).
+
+The binary is named after a hash of the source, the compiler and the flags, so
+an edit or another compiler builds a new one while old ones stay valid. A file
+lock makes concurrent processes (xdist workers) compile it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+__all__ = ["CompileResult", "compile_cached"]
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """The binary; else why each installed compiler failed (none installed: empty)."""
+
+    binary: Path | None
+    failures: tuple[str, ...] = ()
+
+
+def _binary_name(stem: str, source: bytes, compiler: str, flags: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    digest.update(source)
+    digest.update(b"\0" + os.path.basename(compiler).encode())
+    for flag in flags:
+        digest.update(b"\0" + flag.encode())
+    return f"{stem}-{digest.hexdigest()[:16]}"
+
+
+def compile_cached(
+    source_path: Path,
+    stem: str,
+    out_dir: Path,
+    compilers: Sequence[str],
+    flags: Sequence[str],
+) -> CompileResult:
+    """Return ``out_dir/<stem>-<hash>``, compiling ``source_path`` with the first of
+    ``compilers`` that is installed and succeeds, unless one of them built it before.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = source_path.read_bytes()
+    available = [c for c in compilers if shutil.which(c)]
+
+    def cached() -> Path | None:
+        for cc in available:
+            target = out_dir / _binary_name(stem, source, cc, flags)
+            if target.is_file():
+                return target
+        return None
+
+    hit = cached()
+    if hit is not None or not available:
+        return CompileResult(hit)
+    failures: list[str] = []
+    with FileLock(str(out_dir / ".build.lock")):
+        hit = cached()  # another process may have built it while we waited
+        if hit is not None:
+            return CompileResult(hit)
+        for cc in available:
+            target = out_dir / _binary_name(stem, source, cc, flags)
+            tmp = out_dir / f".{target.name}.{os.getpid()}.tmp"
+            cmd = [cc, *flags, "-o", str(tmp), str(source_path)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            except OSError as exc:
+                failures.append(f"$ {' '.join(cmd)}\n{exc}")
+                continue
+            if proc.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                failures.append(f"$ {' '.join(cmd)}\n{proc.stderr.strip()}")
+                continue
+            tmp.chmod(0o755)
+            os.replace(tmp, target)
+            return CompileResult(target)
+    return CompileResult(None, tuple(failures))
