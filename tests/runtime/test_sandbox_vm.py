@@ -112,6 +112,37 @@ def test_64mb_file_round_trips_both_ways(shared_sandbox: SyncSandbox, tmp_path: 
     fs.remove("/tmp/blob.bin")
 
 
+def test_transfer_disk_copies_exactly_concurrently_and_frees_its_blocks(
+    shared_sandbox: SyncSandbox,
+) -> None:
+    from pytest_microsandbox.runtime.qemu import XFER_DISK_BYTES, XFER_IMAGE
+    from pytest_microsandbox.runtime.sandbox import XFER_THRESHOLD
+
+    sb = shared_sandbox.async_sandbox
+    # Odd sizes: the guest reads whole blocks (O_DIRECT) and must write only the payload.
+    payloads = [os.urandom(XFER_THRESHOLD + 4097 * i + 1) for i in range(3)]
+
+    async def write_all() -> None:
+        async with anyio.create_task_group() as tg:
+            for i, payload in enumerate(payloads):
+                tg.start_soon(sb.fs().write, f"/tmp/xfer{i}.bin", payload)
+
+    shared_sandbox._portal.call(write_all)
+
+    def guest_sums() -> list[str]:
+        out = shared_sandbox.shell("sha256sum /tmp/xfer0.bin /tmp/xfer1.bin /tmp/xfer2.bin")
+        return [line.split()[0] for line in out.stdout_text.splitlines()]
+
+    assert guest_sums() == [hashlib.sha256(p).hexdigest() for p in payloads]
+    # The same disk range again with other bytes: nothing stale from the guest's cache.
+    payloads[0] = bytes(reversed(payloads[0]))
+    shared_sandbox.fs().write("/tmp/xfer0.bin", payloads[0])
+    assert guest_sums()[0] == hashlib.sha256(payloads[0]).hexdigest()
+    image = (sb._vm.spec.run_dir / XFER_IMAGE).stat()
+    assert image.st_size == XFER_DISK_BYTES and image.st_blocks == 0
+    shared_sandbox.shell("rm /tmp/xfer0.bin /tmp/xfer1.bin /tmp/xfer2.bin")
+
+
 def test_fs_operations(shared_sandbox: SyncSandbox) -> None:
     fs = shared_sandbox.fs()
     fs.mkdir("/tmp/fsops/a/b")

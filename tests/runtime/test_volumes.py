@@ -76,11 +76,11 @@ def test_describe_mounted_volumes(tmp_path: Path) -> None:
     mounts = (
         "overlay / overlay rw 0 0\n"
         "msb.vol1 /my\\040dir 9p rw,trans=virtio 0 0\n"
-        "msb.xfer /run/.msb-xfer 9p ro 0 0\n"
+        "guestshare /mnt/share 9p ro 0 0\n"
     )
     assert describe_mounted_volumes(mounts, config.volumes) == [
         f"volume /my dir (host directory {tmp_path})",
-        "9p share msb.xfer at /run/.msb-xfer",
+        "9p share guestshare at /mnt/share",
     ]
     assert describe_mounted_volumes("overlay / overlay rw 0 0\n", config.volumes) == []
 

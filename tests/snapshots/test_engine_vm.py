@@ -75,10 +75,10 @@ def test_clones_are_independent() -> None:
     run(body)
 
 
-def test_clone_qemu_carries_no_unused_9p_device_nor_small_huge_page() -> None:
-    """Per-clone host memory (#3): a sandbox without volumes gets no spare 9p
-    devices (QEMU gives each a 1 MiB table), and QEMU runs under the launcher's
-    filter, so its 2 MiB ACPI block is not backed by a huge page.
+def test_clone_qemu_carries_no_9p_device_nor_small_huge_page() -> None:
+    """Per-clone host memory (#3): a sandbox without volumes gets no 9p device
+    (QEMU gives each a 1 MiB table; transfers use a disk), and QEMU runs under
+    the launcher's filter, so its 2 MiB ACPI block is not backed by a huge page.
     """
 
     async def body() -> None:
@@ -86,9 +86,7 @@ def test_clone_qemu_carries_no_unused_9p_device_nor_small_huge_page() -> None:
             assert sb.pid is not None and sb._origin is not None
             assert sb._origin.meta.volume_slots == 0
             argv = Path(f"/proc/{sb.pid}/cmdline").read_text().split("\0")
-            assert [a for a in argv if a.startswith("virtio-9p-device")] == [
-                "virtio-9p-device,fsdev=xfer,mount_tag=msb.xfer"
-            ]
+            assert [a for a in argv if a.startswith("virtio-9p-device")] == []
             status = Path(f"/proc/{sb.pid}/status").read_text()
             assert "Seccomp:\t2" in status
             huge_outside_code = 0

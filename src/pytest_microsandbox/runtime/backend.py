@@ -117,7 +117,8 @@ class VMHandle(abc.ABC):
     @property
     def xfer_guest_dir(self) -> str | None:
         """Where the guest sees ``run_dir/xfer`` without mounting anything, if it
-        does; None when the 9p transfer share must be mounted for a transfer.
+        does (the host-process double); None for a VM, whose transfers go
+        through its transfer disk.
         """
         return None
 

@@ -44,7 +44,7 @@ MAX_VOLUMES = 4
 MAX_IMAGE_VOLUMES = 1
 _FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 #: Guest paths a volume may not cover: the agent and every exec rely on them.
-_RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev", "/run/.msb-xfer")
+_RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev")
 
 
 def _format_validation_error(model: str, exc: ValidationError) -> str:

@@ -29,6 +29,7 @@ import anyio.abc
 from ._exceptions import (
     ConfigError,
     ExecTimeoutError,
+    FilesystemError,
     GuestCrashedError,
     GuestTimeoutError,
     PathNotFoundError,
@@ -43,7 +44,7 @@ from .backend import Backend, VMHandle, VMSpec, describe_exit
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig, Volume
 from .paths import make_run_dir
-from .qemu import XFER_TAG
+from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
     bind_volumes,
     image_disk_args,
@@ -69,12 +70,11 @@ _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: reported after this plus ``request_timeout``, not never).
 HEARTBEAT_INTERVAL = 5.0
 
-#: Host->guest payloads at least this big go through the 9p transfer share
-#: (~100 MB/s under TCG) instead of the agent port (~3 MB/s that way).
+#: Host->guest payloads at least this big go through the transfer disk
+#: (>100 MB/s under TCG) instead of the agent port (~3 MB/s that way).
 XFER_THRESHOLD = 1024 * 1024
-#: Where the guest mounts the transfer share while a transfer runs.
-_XFER_MOUNT = "/run/.msb-xfer"
-_XFER_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=none"
+#: Transfers in flight take disjoint, aligned ranges of the transfer disk.
+_XFER_ALIGN = 1 << 20
 #: Seconds a sandbox whose agent connection dropped waits for its VM process
 #: to end, to report how it ended.
 _EXIT_GRACE_S = 1.0
@@ -362,6 +362,7 @@ class Sandbox:
         self._request_timeout = config.request_timeout
         self._last_cpu: tuple[int, int] | None = None
         self._xfer_users = 0
+        self._xfer_next = 0  # first free byte of the transfer disk
         self._xfer_lock = anyio.Lock()
         self.boot_seconds = 0.0
 
@@ -679,53 +680,67 @@ class Sandbox:
     # -- internals ---------------------------------------------------------------------------
 
     async def _import(self, source: bytes | Path, guest_path: str, mode: int) -> int:
-        """Copy host bytes or a host file into the guest through the 9p share."""
+        """Copy host bytes or a host file into the guest through the transfer disk."""
         self._check_running()
+        direct = self._vm.xfer_guest_dir
+        if direct is not None:  # a guest that sees a host directory (the test double)
+            return await self._import_direct(source, direct, guest_path, mode)
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        image = self._vm.spec.run_dir / XFER_IMAGE
+        if size > XFER_DISK_BYTES:
+            raise FilesystemError(
+                f"cannot copy {size} bytes into {guest_path}: the transfer disk holds "
+                f"{XFER_DISK_BYTES} bytes; split the file"
+            )
+        async with self._xfer_range(size) as offset:
+            await anyio.to_thread.run_sync(_write_at, image, offset, source)
+            return await self._watched(
+                f"copying into {guest_path}",
+                lambda: self._agent.copy_from_disk(
+                    XFER_SERIAL, offset, size, guest_path, mode=mode
+                ),
+            )
+
+    async def _import_direct(
+        self, source: bytes | Path, direct: str, guest_path: str, mode: int
+    ) -> int:
         staged = self._vm.spec.run_dir / "xfer" / f"{secrets.token_hex(8)}.bin"
+        staged.parent.mkdir(exist_ok=True)
         try:
             if isinstance(source, bytes):
                 await anyio.to_thread.run_sync(staged.write_bytes, source)
             else:
-                try:
-                    os.link(source, staged)  # free when on the same filesystem
-                except OSError:
-                    await anyio.to_thread.run_sync(shutil.copyfile, source, staged)
-            direct = self._vm.xfer_guest_dir
-            async with self._xfer_share(needed=direct is None):
-                return await self._watched(
-                    f"copying into {guest_path}",
-                    lambda: self._agent.copy_file(
-                        f"{direct or _XFER_MOUNT}/{staged.name}", guest_path, mode=mode
-                    ),
-                )
+                await anyio.to_thread.run_sync(shutil.copyfile, source, staged)
+            return await self._watched(
+                f"copying into {guest_path}",
+                lambda: self._agent.copy_file(f"{direct}/{staged.name}", guest_path, mode=mode),
+            )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 staged.unlink()
 
     @contextlib.asynccontextmanager
-    async def _xfer_share(self, needed: bool = True) -> AsyncIterator[None]:
-        """Keep the transfer share mounted while at least one transfer runs."""
-        if not needed:
-            yield
-            return
+    async def _xfer_range(self, size: int) -> AsyncIterator[int]:
+        """Reserve ``size`` bytes of the transfer disk; yield their offset. Once no
+        transfer runs, the disk's file is emptied (its blocks freed) and reused.
+        """
         async with self._xfer_lock:
-            if self._xfer_users == 0:
-                async with self._guest_errors():
-                    await self._agent.mount(
-                        XFER_TAG, _XFER_MOUNT, "9p", _XFER_OPTIONS, readonly=True,
-                        timeout=self._request_timeout,
-                    )  # fmt: skip
+            if self._xfer_next + size > XFER_DISK_BYTES:
+                raise FilesystemError(
+                    "the transfer disk is full of transfers still in flight: retry later"
+                )
+            offset = self._xfer_next
+            self._xfer_next += -(-size // _XFER_ALIGN) * _XFER_ALIGN
             self._xfer_users += 1
         try:
-            yield
+            yield offset
         finally:
             async with self._xfer_lock:
                 self._xfer_users -= 1
-                if self._xfer_users == 0 and self.running:
-                    # Unmounted again: a mounted 9p share would block snapshots.
-                    with anyio.CancelScope(shield=True):
-                        async with self._guest_errors():
-                            await self._agent.umount(_XFER_MOUNT, timeout=self._request_timeout)
+                if self._xfer_users == 0:
+                    self._xfer_next = 0
+                    with contextlib.suppress(OSError):
+                        _empty_sparse(self._vm.spec.run_dir / XFER_IMAGE, XFER_DISK_BYTES)
 
     async def _watched(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Await ``call()`` (an open-ended guest operation: a command, a transfer)
@@ -840,3 +855,32 @@ def _rss(pid: int | None) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _write_at(image: Path, offset: int, source: bytes | Path) -> None:
+    """Put ``source`` at ``offset`` of the transfer disk's backing file."""
+    fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if isinstance(source, bytes):
+            view = memoryview(source)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done : done + (16 << 20)], offset + done)
+            return
+        with open(source, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            done = 0
+            while done < size:
+                # In-kernel copy (a reflink where the filesystem has them).
+                n = os.copy_file_range(src.fileno(), fd, size - done, done, offset + done)
+                if n == 0:
+                    break  # the file shrank meanwhile: the guest copy reports the shortfall
+                done += n
+    finally:
+        os.close(fd)
+
+
+def _empty_sparse(image: Path, size: int) -> None:
+    """Free every block of the transfer disk's file, keeping its size."""
+    os.truncate(image, 0)
+    os.truncate(image, size)

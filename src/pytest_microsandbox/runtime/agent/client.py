@@ -593,6 +593,35 @@ class AgentClient:
         )
         return reply.require_int(Tag.SIZE)
 
+    async def copy_from_disk(
+        self,
+        serial: str,
+        offset: int,
+        size: int,
+        dst: str,
+        mode: int | None = None,
+        parents: bool = True,
+        timeout: float | None = None,
+    ) -> int:
+        """Copy ``size`` bytes at ``offset`` (a multiple of 4096) of the guest's
+        virtio-blk disk with serial ``serial`` to the guest file ``dst``; return the size.
+
+        Raises FilesystemError if the disk or ``dst`` fails.
+        """
+        fields = [
+            bytes_field(Tag.SOURCE, f"serial:{serial}"),
+            int_field(Tag.OFFSET, offset),
+            int_field(Tag.SIZE, size),
+            bytes_field(Tag.PATH2, _guest_path(dst)),
+        ]
+        if mode is not None:
+            fields.append(int_field(Tag.MODE, mode))
+        fields.append(int_field(Tag.FLAGS, 1 if parents else 0))
+        reply = _check_fs(
+            await self._call(MsgType.FS_COPY, fields, timeout, "FS_COPY"), "copy", dst
+        )
+        return reply.require_int(Tag.SIZE)
+
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _call(

@@ -128,6 +128,7 @@ class Tag(enum.IntEnum):
     HOSTNAME = 31
     UID = 32
     GID = 33
+    OFFSET = 34
     UPTIME_MS = 40
     MEM_TOTAL = 41
     MEM_AVAILABLE = 42
@@ -157,6 +158,7 @@ INT_TAGS: frozenset[Tag] = frozenset(
         Tag.TIME_NS,
         Tag.UID,
         Tag.GID,
+        Tag.OFFSET,
         Tag.UPTIME_MS,
         Tag.MEM_TOTAL,
         Tag.MEM_AVAILABLE,
@@ -287,7 +289,7 @@ HOST_TO_GUEST: Mapping[MsgType, Schema] = {
     MsgType.FS_REMOVE: _s(Tag.PATH),
     MsgType.FS_RENAME: _s(Tag.PATH, Tag.PATH2),
     MsgType.FS_CHMOD: _s(Tag.PATH, Tag.MODE),
-    MsgType.FS_COPY: _s(Tag.PATH, Tag.PATH2),
+    MsgType.FS_COPY: _s(Tag.PATH2, one_of=(frozenset({Tag.PATH, Tag.SOURCE}),)),
 }
 
 
