@@ -735,12 +735,14 @@ class Sandbox:
         try:
             yield offset
         finally:
-            async with self._xfer_lock:
-                self._xfer_users -= 1
-                if self._xfer_users == 0:
-                    self._xfer_next = 0
-                    with contextlib.suppress(OSError):
-                        _empty_sparse(self._vm.spec.run_dir / XFER_IMAGE, XFER_DISK_BYTES)
+            # Shielded: a cancelled transfer must still give its range back.
+            with anyio.CancelScope(shield=True):
+                async with self._xfer_lock:
+                    self._xfer_users -= 1
+                    if self._xfer_users == 0:
+                        self._xfer_next = 0
+                        with contextlib.suppress(OSError):
+                            _empty_sparse(self._vm.spec.run_dir / XFER_IMAGE, XFER_DISK_BYTES)
 
     async def _watched(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Await ``call()`` (an open-ended guest operation: a command, a transfer)
