@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import time
@@ -72,6 +73,14 @@ def test_broken_entries_are_refused(tmp_path: Path) -> None:
         _store.check_entry(path)
     with pytest.raises(SnapshotError, match="invalid snapshot name"):
         Snapshot.get("../etc", tmp_path)
+    # An entry of an older format (which also lacks newer fields) says so, not "corrupt".
+    path = _fake_entry(tmp_path, "old-format")
+    meta = json.loads((path / _store.META).read_text())
+    meta["format"] = 1
+    del meta["volume_slots"]
+    (path / _store.META).write_text(json.dumps(meta))
+    with pytest.raises(SnapshotError, match=r"has format 1, this version reads 2.*take the"):
+        _store.check_entry(path)
 
 
 def test_prune_by_age_then_size(tmp_path: Path) -> None:

@@ -48,10 +48,10 @@ def build_launcher(cache_dir: Path | None = None) -> tuple[Path | None, str]:
 def launch_prefix(cache_dir: Path | None = None) -> list[str]:
     """The argv prefix QEMU is started under: the launcher, else ``setpriv``, else none."""
     base = cache_dir if cache_dir is not None else paths.cache_dir()
-    if base not in _built:
-        _built[base] = build_launcher(base)[0]
-    launcher = _built[base]
-    if launcher is not None and launcher.is_file():
+    launcher = _built.get(base)
+    if launcher is None or not launcher.is_file():  # not tried yet, or deleted since
+        launcher = _built[base] = build_launcher(base)[0]
+    if launcher is not None:
         return [str(launcher), str(os.getpid()), "--"]
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []

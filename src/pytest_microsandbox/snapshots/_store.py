@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import re
 import shutil
@@ -164,12 +165,19 @@ def check_entry(path: Path) -> Entry:
         raise SnapshotNotFoundError(f"no snapshot at {path}") from None
     except OSError as exc:
         raise SnapshotError(f"cannot read {meta_path}: {exc}") from exc
+    # The format first: an older entry also lacks fields this version requires.
+    with contextlib.suppress(ValueError, AttributeError):
+        found = json.loads(raw).get("format")
+        if found != FORMAT_VERSION:
+            raise SnapshotError(
+                f"{path} has format {found}, this version reads {FORMAT_VERSION} (the "
+                "clone device set changed): take the snapshot again (templates and the "
+                "plugin's zygotes are rebuilt on their own)"
+            )
     try:
         meta = SnapshotMeta.model_validate_json(raw)
     except ValidationError as exc:
         raise SnapshotError(f"{meta_path} is corrupt: {exc.errors()[0]['msg']}") from None
-    if meta.format != FORMAT_VERSION:
-        raise SnapshotError(f"{path} has format {meta.format}, this version reads {FORMAT_VERSION}")
     qemu = current_qemu_version()
     if meta.qemu_version != qemu:
         raise SnapshotError(f"{path} was made by {meta.qemu_version!r}, this host has {qemu!r}")
