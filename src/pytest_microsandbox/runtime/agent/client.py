@@ -584,14 +584,8 @@ class AgentClient:
 
         Raises PathNotFoundError / FilesystemError if either side fails.
         """
-        fields = [bytes_field(Tag.PATH, _guest_path(src)), bytes_field(Tag.PATH2, _guest_path(dst))]
-        if mode is not None:
-            fields.append(int_field(Tag.MODE, mode))
-        fields.append(int_field(Tag.FLAGS, 1 if parents else 0))
-        reply = _check_fs(
-            await self._call(MsgType.FS_COPY, fields, timeout, "FS_COPY"), "copy", dst
-        )
-        return reply.require_int(Tag.SIZE)
+        source = [bytes_field(Tag.PATH, _guest_path(src))]
+        return await self._fs_copy(source, dst, mode, parents, timeout)
 
     async def copy_from_disk(
         self,
@@ -608,12 +602,22 @@ class AgentClient:
 
         Raises FilesystemError if the disk or ``dst`` fails.
         """
-        fields = [
+        source = [
             bytes_field(Tag.SOURCE, f"serial:{serial}"),
             int_field(Tag.OFFSET, offset),
             int_field(Tag.SIZE, size),
-            bytes_field(Tag.PATH2, _guest_path(dst)),
         ]
+        return await self._fs_copy(source, dst, mode, parents, timeout)
+
+    async def _fs_copy(
+        self,
+        source: list[Field],
+        dst: str,
+        mode: int | None,
+        parents: bool,
+        timeout: float | None,
+    ) -> int:
+        fields = [*source, bytes_field(Tag.PATH2, _guest_path(dst))]
         if mode is not None:
             fields.append(int_field(Tag.MODE, mode))
         fields.append(int_field(Tag.FLAGS, 1 if parents else 0))
