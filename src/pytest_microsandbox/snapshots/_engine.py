@@ -527,7 +527,10 @@ async def restore_snapshot(
     if name is not None:
         config = config.model_copy(update={"name": name})
     if volumes:
-        config = SandboxConfig(**{**config.model_dump(), "volumes": dict(volumes)})
+        # volume_slots of the capture's config is not the user's to raise: checked below.
+        config = SandboxConfig(
+            **{**config.model_dump(), "volumes": dict(volumes), "volume_slots": None}
+        )
         binds = sum(1 for v in config.volumes.values() if v.kind == "bind")
         slots = entry.meta.volume_slots
         if binds > slots:

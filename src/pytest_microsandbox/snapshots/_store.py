@@ -171,8 +171,8 @@ def check_entry(path: Path) -> Entry:
         if found != FORMAT_VERSION:
             raise SnapshotError(
                 f"{path} has format {found}, this version reads {FORMAT_VERSION} (the "
-                "clone device set changed): take the snapshot again (templates and the "
-                "plugin's zygotes are rebuilt on their own)"
+                "store layout or the clone device set changed): take the snapshot again "
+                "(templates and the plugin's zygotes are rebuilt on their own)"
             )
     try:
         meta = SnapshotMeta.model_validate_json(raw)
