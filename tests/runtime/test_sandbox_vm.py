@@ -18,6 +18,7 @@ from pytest_microsandbox.runtime import (
     CommandNotFoundError,
     ExecTimeoutError,
     Exited,
+    FilesystemError,
     GuestCrashedError,
     PathNotFoundError,
     Sandbox,
@@ -141,6 +142,29 @@ def test_transfer_disk_copies_exactly_concurrently_and_frees_its_blocks(
     image = (sb._vm.spec.run_dir / XFER_IMAGE).stat()
     assert image.st_size == XFER_DISK_BYTES and image.st_blocks == 0
     shared_sandbox.shell("rm /tmp/xfer0.bin /tmp/xfer1.bin /tmp/xfer2.bin")
+
+
+def test_transfer_that_cannot_be_staged_is_a_filesystem_error(
+    shared_sandbox: SyncSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from pytest_microsandbox.runtime import sandbox as sandbox_module
+    from pytest_microsandbox.runtime.sandbox import XFER_THRESHOLD
+
+    def full_disk(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    payload = os.urandom(XFER_THRESHOLD)
+    with monkeypatch.context() as patch:
+        patch.setattr(sandbox_module, "_write_at", full_disk)
+        with pytest.raises(FilesystemError, match=r"No space left on device.*disk full"):
+            shared_sandbox.fs().write("/tmp/never.bin", payload)
+    # Its disk range was given back: the next transfer works.
+    shared_sandbox.fs().write("/tmp/after.bin", payload)
+    out = shared_sandbox.exec("sha256sum", ["/tmp/after.bin"]).stdout_text.split()[0]
+    assert out == hashlib.sha256(payload).hexdigest()
+    shared_sandbox.shell("rm /tmp/after.bin")
 
 
 def test_fs_operations(shared_sandbox: SyncSandbox) -> None:

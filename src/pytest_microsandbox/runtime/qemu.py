@@ -252,8 +252,14 @@ class QemuBackend(Backend):
 
     async def start(self, spec: VMSpec) -> VMHandle:
         qemu = self._qemu or find_qemu()
-        with open(spec.run_dir / XFER_IMAGE, "wb") as image:
-            image.truncate(XFER_DISK_BYTES)
+        try:
+            with open(spec.run_dir / XFER_IMAGE, "wb") as image:
+                image.truncate(XFER_DISK_BYTES)  # sparse
+        except OSError as exc:
+            raise BackendUnavailableError(
+                f"cannot create the transfer disk {spec.run_dir / XFER_IMAGE}: {exc.strerror}; "
+                "its file system must allow sparse files of 1 TiB (set TMPDIR to one that does)"
+            ) from exc
         listener = await anyio.create_unix_listener(spec.run_dir / "agent.sock")
         chan_listener = await anyio.create_unix_listener(spec.run_dir / "chan.sock")
         qmp_listener: socket.socket | None = None

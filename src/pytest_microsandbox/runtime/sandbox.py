@@ -693,7 +693,13 @@ class Sandbox:
                 f"{XFER_DISK_BYTES} bytes; split the file"
             )
         async with self._xfer_range(size) as offset:
-            await anyio.to_thread.run_sync(_write_at, image, offset, source)
+            try:
+                await anyio.to_thread.run_sync(_write_at, image, offset, source)
+            except OSError as exc:
+                raise FilesystemError(
+                    f"cannot stage {size} bytes for {guest_path} in {image}: {exc.strerror} "
+                    "(is that disk full? free space there or set TMPDIR to another)"
+                ) from exc
             return await self._watched(
                 f"copying into {guest_path}",
                 lambda: self._agent.copy_from_disk(
