@@ -107,3 +107,7 @@ def test_without_a_compiler_qemu_runs_under_setpriv(
     assert path is None and "no C compiler found (tried no-such-cc)" in why
     prefix = launch_prefix(tmp_path)
     assert prefix[1:] == ["--pdeathsig", "KILL", "--"] or prefix == []
+    # A failed build is not retried at every VM start.
+    calls: list[Path | None] = []
+    monkeypatch.setattr(launcher, "build_launcher", lambda base=None: calls.append(base))
+    assert launch_prefix(tmp_path) == prefix and calls == []

@@ -49,7 +49,9 @@ def launch_prefix(cache_dir: Path | None = None) -> list[str]:
     """The argv prefix QEMU is started under: the launcher, else ``setpriv``, else none."""
     base = cache_dir if cache_dir is not None else paths.cache_dir()
     launcher = _built.get(base)
-    if launcher is None or not launcher.is_file():  # not tried yet, or deleted since
+    # Built once per process; again only if the binary was deleted since (a
+    # failed build is not retried at every VM start).
+    if base not in _built or (launcher is not None and not launcher.is_file()):
         launcher = _built[base] = build_launcher(base)[0]
     if launcher is not None:
         return [str(launcher), str(os.getpid()), "--"]
