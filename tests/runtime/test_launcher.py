@@ -44,14 +44,15 @@ MADVISE_PROBE = textwrap.dedent(
 
 
 def test_filter_refuses_huge_pages_for_small_ranges_only(msb_launch: Path) -> None:
+    plain = subprocess.run(
+        [sys.executable, "-c", MADVISE_PROBE], capture_output=True, text=True, check=True
+    )
+    if plain.stdout.split()[:2] != ["2:ok", "4:ok"]:
+        pytest.skip(f"this kernel has no transparent huge pages: {plain.stdout.strip()}")
     argv = [str(msb_launch), str(os.getpid()), "--", sys.executable, "-c", MADVISE_PROBE]
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
     # 2 MiB (QEMU's ACPI table block) refused with EINVAL; 4 MiB and up keep THP.
     assert out.stdout.split() == ["2:errno22", "4:ok", "2"]  # Seccomp: 2 = filter mode
-    plain = subprocess.run(
-        [sys.executable, "-c", MADVISE_PROBE], capture_output=True, text=True, check=True
-    )
-    assert plain.stdout.split()[0] == "2:ok"
 
 
 def test_refuses_bad_usage_and_a_parent_that_is_not_its_own(msb_launch: Path) -> None:
