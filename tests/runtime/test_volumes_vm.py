@@ -159,7 +159,7 @@ def test_restore_named_snapshot_with_volumes(host_dirs: dict[str, Path]) -> None
         parent.snapshot("vol-snap")
     try:
         two = {**volumes, "/in2": Volume.bind(host_dirs["rw"])}
-        with pytest.raises(ConfigError, match="has 1 volume slots and 2 bind volumes"):
+        with pytest.raises(ConfigError, match="has 1 volume slot and 2 bind volumes"):
             SyncSandbox.restore("vol-snap", volumes=two)
         with SyncSandbox.restore("vol-snap", name="vol-restored", volumes=volumes) as sb:
             assert sb.fs().read_text("/root/state.txt") == "captured"

@@ -534,10 +534,12 @@ async def restore_snapshot(
         binds = sum(1 for v in config.volumes.values() if v.kind == "bind")
         slots = entry.meta.volume_slots
         if binds > slots:
+            have = f"{slots} volume slot{'' if slots == 1 else 's'}"
+            asked = f"{binds} bind volume{'' if binds == 1 else 's'}"
             raise ConfigError(
-                f"snapshot {entry.meta.name!r} has {slots} volume slots and {binds} bind "
-                "volumes were asked for: a restore binds volumes into the spare 9p devices "
-                "its capture had. Capture a sandbox created with "
+                f"snapshot {entry.meta.name!r} has {have} and {asked} were asked for: a "
+                "restore binds volumes into the spare 9p devices its capture had. "
+                "Capture a sandbox created with "
                 f"SandboxConfig(volume_slots={binds}) (and no volumes mounted) to restore "
                 "it with bind volumes"
             )
