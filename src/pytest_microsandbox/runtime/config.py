@@ -170,6 +170,10 @@ class Volume(BaseModel):
         return self
 
 
+def _count_binds(volumes: dict[str, Volume]) -> int:
+    return sum(1 for v in volumes.values() if v.kind == "bind")
+
+
 def _normalize_guest_path(raw: str) -> str:
     if "\0" in raw:
         raise ValueError(f"guest path {raw!r} contains a NUL byte")
@@ -302,7 +306,7 @@ class SandboxConfig(BaseModel):
     @field_validator("volumes")
     @classmethod
     def _check_volumes(cls, value: dict[str, Volume]) -> dict[str, Volume]:
-        binds = sum(1 for v in value.values() if v.kind == "bind")
+        binds = _count_binds(value)
         if binds > MAX_VOLUMES:
             raise ValueError(
                 f"{binds} bind volumes given, at most {MAX_VOLUMES} are supported "
@@ -338,7 +342,7 @@ class SandboxConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_volume_slots(self) -> SandboxConfig:
-        binds = sum(1 for v in self.volumes.values() if v.kind == "bind")
+        binds = _count_binds(self.volumes)
         if self.volume_slots is not None and binds > self.volume_slots:
             raise ValueError(
                 f"volume_slots={self.volume_slots} leaves no room for {binds} bind "
@@ -350,7 +354,7 @@ class SandboxConfig(BaseModel):
         """The number of spare 9p devices this sandbox's template carries."""
         if self.volume_slots is not None:
             return self.volume_slots
-        return MAX_VOLUMES if any(v.kind == "bind" for v in self.volumes.values()) else 0
+        return MAX_VOLUMES if _count_binds(self.volumes) else 0
 
     def resolved_accel(self) -> AccelChoice:
         """The accelerator choice after applying ``$MICROSANDBOX_ACCEL``.

@@ -687,12 +687,7 @@ class Sandbox:
             return await self._import_direct(source, direct, guest_path, mode)
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         image = self._vm.spec.run_dir / XFER_IMAGE
-        if size > XFER_DISK_BYTES:
-            raise FilesystemError(
-                f"cannot copy {size} bytes into {guest_path}: the transfer disk holds "
-                f"{XFER_DISK_BYTES} bytes; split the file"
-            )
-        async with self._xfer_range(size) as offset:
+        async with self._xfer_range(size, guest_path) as offset:
             try:
                 await anyio.to_thread.run_sync(_write_at, image, offset, source)
             except OSError as exc:
@@ -726,10 +721,15 @@ class Sandbox:
                 staged.unlink()
 
     @contextlib.asynccontextmanager
-    async def _xfer_range(self, size: int) -> AsyncIterator[int]:
+    async def _xfer_range(self, size: int, guest_path: str) -> AsyncIterator[int]:
         """Reserve ``size`` bytes of the transfer disk; yield their offset. Once no
         transfer runs, the disk's file is emptied (its blocks freed) and reused.
         """
+        if size > XFER_DISK_BYTES:
+            raise FilesystemError(
+                f"cannot copy {size} bytes into {guest_path}: the transfer disk holds "
+                f"{XFER_DISK_BYTES} bytes; split the file"
+            )
         async with self._xfer_lock:
             if self._xfer_next + size > XFER_DISK_BYTES:
                 raise FilesystemError(

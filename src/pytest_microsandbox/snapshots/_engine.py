@@ -59,6 +59,7 @@ from ..runtime.config import SandboxConfig, Volume
 from ..runtime.paths import make_run_dir
 from ..runtime.qemu import QemuVM
 from ..runtime.volumes import (
+    bind_volumes,
     describe_mounted_volumes,
     image_disk_args,
     image_volume,
@@ -531,7 +532,7 @@ async def restore_snapshot(
         config = SandboxConfig(
             **{**config.model_dump(), "volumes": dict(volumes), "volume_slots": None}
         )
-        binds = sum(1 for v in config.volumes.values() if v.kind == "bind")
+        binds = len(bind_volumes(config.volumes))
         slots = entry.meta.volume_slots
         if binds > slots:
             have = f"{slots} volume slot{'' if slots == 1 else 's'}"

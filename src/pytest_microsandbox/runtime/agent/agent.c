@@ -1338,7 +1338,7 @@ static int open_transfer_disk(const struct msg *m, const char *source, int64_t *
 		return -1;
 	}
 	if (strncmp(source, "serial:", 7) || !find_disk(source + 7, dev, sizeof dev)) {
-		reply_error(m->id, ENODEV, "no virtio-blk disk %s", source);
+		reply_error(m->id, ENODEV, "no virtio-blk disk with serial '%s'", source + 7);
 		return -1;
 	}
 	int fd = open(dev, O_RDONLY | O_DIRECT | O_CLOEXEC);
@@ -1359,7 +1359,7 @@ static void h_fs_copy(const struct msg *m)
 	uint32_t n;
 	bool from_disk = get_field(m, T_SOURCE, &p, &n);
 	if (from_disk) {
-		if (n == 0 || n >= sizeof src) {
+		if (n == 0 || n >= sizeof src || memchr(p, 0, n)) {
 			reply_error(m->id, EPROTO, "bad SOURCE");
 			return;
 		}
