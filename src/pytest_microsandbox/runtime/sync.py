@@ -1,27 +1,23 @@
 """Synchronous facade over the async :class:`Sandbox` for ordinary tests.
 
-All sandboxes of a process share one event-loop thread (an anyio blocking
-portal started on first use). Each sandbox's create and stop run in one task
+All sandboxes of a process share one event-loop thread (:mod:`._portal`,
+shared with the pytest plugin). Each sandbox's create and stop run in one task
 of that loop, as anyio's structured concurrency requires; the other calls are
-forwarded one by one. The loop thread lives until interpreter exit, which
-matters: QEMU is started with PR_SET_PDEATHSIG tied to the thread that
-spawned it.
+forwarded one by one.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
-import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 
+from . import _portal
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
@@ -30,39 +26,6 @@ from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 __all__ = ["SyncExecHandle", "SyncSandbox", "SyncSandboxFs"]
 
 T = TypeVar("T")
-
-_lock = threading.Lock()
-_portal_cm: AbstractContextManager[BlockingPortal] | None = None
-_portal: BlockingPortal | None = None
-
-
-def _get_portal() -> BlockingPortal:
-    global _portal, _portal_cm
-    with _lock:
-        if _portal is None or _portal_pid != os.getpid():
-            _reset_after_fork()
-            _portal_cm = start_blocking_portal()
-            _portal = _portal_cm.__enter__()
-            atexit.register(_close_portal)
-        return _portal
-
-
-_portal_pid = os.getpid()
-
-
-def _reset_after_fork() -> None:
-    global _portal, _portal_cm, _portal_pid
-    # A forked child inherits the portal object but not its thread.
-    _portal, _portal_cm, _portal_pid = None, None, os.getpid()
-
-
-def _close_portal() -> None:
-    global _portal, _portal_cm
-    with _lock:
-        if _portal_cm is not None and _portal_pid == os.getpid():
-            with contextlib.suppress(Exception):  # best effort at interpreter exit
-                _portal_cm.__exit__(None, None, None)
-        _portal, _portal_cm = None, None
 
 
 class _Lifetime:
@@ -90,18 +53,23 @@ class SyncSandbox:
 
     @classmethod
     def create(
-        cls, config: SandboxConfig | None = None, /, *, backend: Backend | None = None, **kw: Any
+        cls,
+        config: SandboxConfig | None = None,
+        /,
+        *,
+        backend: Backend | None = None,
+        **overrides: Any,
     ) -> SyncSandbox:
         """Boot a sandbox (see :meth:`Sandbox.create`)."""
 
         async def factory() -> Sandbox:
-            return await Sandbox.create(config, backend=backend, **kw)
+            return await Sandbox.create(config, backend=backend, **overrides)
 
         return cls._start(factory)
 
     @classmethod
     def _start(cls, factory: Callable[[], Awaitable[Sandbox]]) -> SyncSandbox:
-        portal = _get_portal()
+        portal = _portal.portal()
         return cls(portal, portal.wrap_async_context_manager(_Lifetime(factory)))
 
     @classmethod
