@@ -121,12 +121,15 @@ class CopyBudget:
         """Count one entry (``path``, for the message); raise CopyLimitError past the budget."""
         self.entries_used += 1
         if self.max_entries is not None and self.entries_used > self.max_entries:
-            raise CopyLimitError(
-                f"{self.what}: {path} would be entry {self.entries_used}, over the entry "
-                f"budget max_entries={self.max_entries}; pass a larger max_entries= "
-                "(or None for no limit) if the guest tree is that big",
-                path=path,
-            )
+            raise self.too_many_entries(f"{path} would be entry {self.entries_used}", path)
+
+    def too_many_entries(self, detail: str, path: str) -> CopyLimitError:
+        """The error for passing the entry budget (``detail`` says where)."""
+        return CopyLimitError(
+            f"{self.what}: {detail}, over the entry budget max_entries={self.max_entries}; "
+            "pass a larger max_entries= (or None for no limit) if the guest tree is that big",
+            path=path,
+        )
 
     def check_bytes(self, size: int, path: str) -> None:
         """Raise CopyLimitError if ``size`` more bytes would pass the byte budget."""

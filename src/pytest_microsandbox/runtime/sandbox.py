@@ -34,6 +34,7 @@ from ._confined import (
 )
 from ._exceptions import (
     ConfigError,
+    CopyLimitError,
     ExecTimeoutError,
     FilesystemError,
     GuestCrashedError,
@@ -319,10 +320,13 @@ class SandboxFs:
         pending: list[tuple[str, tuple[str, ...]]] = [(guest_dir, ())]
         while pending:
             guest, parts = pending.pop()
-            async with self._sb._guest_errors():
-                entries = await self._sb._agent.list_dir(
-                    guest, timeout=self._sb._request_timeout, max_entries=budget.entries_left
-                )
+            try:
+                async with self._sb._guest_errors():
+                    entries = await self._sb._agent.list_dir(
+                        guest, timeout=self._sb._request_timeout, max_entries=budget.entries_left
+                    )
+            except CopyLimitError:
+                raise budget.too_many_entries(f"{guest} holds too many entries", guest) from None
             subdirs: list[tuple[str, tuple[str, ...]]] = []
             with top.descend(parts) as here:
                 for entry in sorted(entries, key=lambda e: e.name):
