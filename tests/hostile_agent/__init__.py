@@ -144,7 +144,8 @@ async def take_over(sb: Sandbox, rules: list[Rule], timeout: float = 120.0) -> N
     await fs.write(rules_path, json.dumps({"rules": [r.to_json() for r in rules]}))
     # Started and left alone: the exec request stays open while the impersonator
     # runs; its output is never read (the frozen agent forwards nothing).
-    await sb.exec_stream(sys.executable, [f"{_GUEST_DIR}/guest.py", rules_path])
+    # -I -S: stdlib only, no site-packages scan (seconds under TCG).
+    await sb.exec_stream(sys.executable, ["-I", "-S", f"{_GUEST_DIR}/guest.py", rules_path])
     with anyio.move_on_after(timeout):
         while READY_MESSAGE not in sb._agent.logs:
             await anyio.sleep(0.05)
