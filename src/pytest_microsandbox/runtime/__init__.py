@@ -18,6 +18,7 @@ from ._exceptions import (
     BootError,
     CommandNotFoundError,
     ConfigError,
+    CopyLimitError,
     ExecError,
     ExecTimeoutError,
     FilesystemError,
@@ -32,6 +33,7 @@ from ._exceptions import (
     SnapshotError,
     SnapshotLockTimeoutError,
     SnapshotNotFoundError,
+    UnsafeHostPathError,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ __all__ = [
     "BootError",
     "CommandNotFoundError",
     "ConfigError",
+    "CopyLimitError",
     "DirEntry",
     "ExecError",
     "ExecHandle",
@@ -77,6 +80,7 @@ __all__ = [
     "SyncExecHandle",
     "SyncSandbox",
     "SyncSandboxFs",
+    "UnsafeHostPathError",
     "Volume",
     "boot_identity",
 ]

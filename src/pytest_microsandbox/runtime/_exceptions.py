@@ -20,7 +20,9 @@ Every error the runtime raises on purpose derives from :class:`SandboxError`::
     │   ├── SnapshotNotFoundError    no snapshot has that name or path
     │   └── SnapshotLockTimeoutError another process held a template's build lock too long
     └── FilesystemError              a guest file operation failed
-        └── PathNotFoundError        the guest path does not exist
+        ├── PathNotFoundError        the guest path does not exist
+        ├── UnsafeHostPathError      a host write of guest data would leave its destination
+        └── CopyLimitError           a copy to the host passed its byte or entry budget
 
 Errors that concern a running guest carry ``console_tail``: the last lines the
 guest printed on its console, which usually say why it failed.
@@ -34,6 +36,7 @@ __all__ = [
     "BootError",
     "CommandNotFoundError",
     "ConfigError",
+    "CopyLimitError",
     "ExecError",
     "ExecTimeoutError",
     "FilesystemError",
@@ -48,6 +51,7 @@ __all__ = [
     "SnapshotError",
     "SnapshotLockTimeoutError",
     "SnapshotNotFoundError",
+    "UnsafeHostPathError",
 ]
 
 
@@ -141,6 +145,21 @@ class FilesystemError(SandboxError, OSError):
 
 class PathNotFoundError(FilesystemError, FileNotFoundError):
     """Raised when a guest path does not exist (ENOENT)."""
+
+
+class UnsafeHostPathError(FilesystemError):
+    """Raised when writing guest data on the host would leave the destination:
+    a name that is empty, ``.``, ``..`` or holds ``/`` or NUL, or a symlink (or
+    other non-directory) in the way inside the destination (docs/host-writes.md).
+    ``path`` is the offending host path.
+    """
+
+
+class CopyLimitError(FilesystemError):
+    """Raised when a copy to the host passes its byte or entry budget
+    (``max_bytes`` / ``max_entries`` of ``copy_to_host``); the file being
+    written is removed, entries finished before stay.
+    """
 
 
 class SnapshotError(SandboxError):

@@ -26,8 +26,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.abc
 
+from ._confined import (
+    DEFAULT_COPY_MAX_BYTES,
+    DEFAULT_COPY_MAX_ENTRIES,
+    ConfinedDir,
+    CopyBudget,
+)
 from ._exceptions import (
     ConfigError,
+    CopyLimitError,
     ExecTimeoutError,
     FilesystemError,
     GuestCrashedError,
@@ -39,7 +46,7 @@ from ._exceptions import (
 )
 from .agent.client import AgentClient
 from .agent.process import ExecProcess
-from .agent.results import DirEntry, ExecEvent, ExecResult, FileStat
+from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, VMHandle, VMSpec, describe_exit
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig, Volume
@@ -272,31 +279,93 @@ class SandboxFs:
             lambda: self._sb._agent.write_file(guest_path, src, mode=mode),
         )
 
-    async def copy_to_host(self, guest_path: str, host_path: str | os.PathLike[str]) -> int:
-        """Copy a guest file (streamed, any size) or directory tree to the host."""
-        dst = Path(host_path)
+    async def copy_to_host(
+        self,
+        guest_path: str,
+        host_path: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = DEFAULT_COPY_MAX_BYTES,
+        max_entries: int | None = DEFAULT_COPY_MAX_ENTRIES,
+    ) -> int:
+        """Copy a guest file (streamed, any size) or directory tree to the host;
+        returns the bytes copied.
+
+        Everything written is confined under ``host_path`` (docs/host-writes.md):
+        guest names are checked, guest symlinks are copied as symlinks and
+        never followed, a symlink found inside the destination is refused
+        (UnsafeHostPathError), and files appear whole or not at all.
+        ``guest_path`` itself is resolved in the guest; its entries are not.
+        ``max_bytes`` / ``max_entries`` (None: no limit) bound the copy;
+        passing one raises CopyLimitError. Permission bits are copied, less
+        setuid/setgid/sticky.
+        """
+        budget = CopyBudget(max_bytes, max_entries, what=f"copying {guest_path} to {host_path}")
         st = await self.stat(guest_path)
-        if st.is_dir:
-            dst.mkdir(parents=True, exist_ok=True)
-            total = 0
-            for entry in await self.list(guest_path):
-                total += await self.copy_to_host(
-                    f"{guest_path.rstrip('/')}/{entry.name}", dst / entry.name
-                )
-            return total
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.msb-partial")
-        try:
-            with open(tmp, "wb") as f:
-                size = await self._sb._watched(
-                    f"reading {guest_path}", lambda: self._sb._agent.read_file_to(guest_path, f)
-                )
-            os.chmod(tmp, st.permissions)
-            os.replace(tmp, dst)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        return size
+        with ConfinedDir.parent_of(host_path) as (parent, name):
+            budget.charge_entry(guest_path)
+            if st.is_dir:
+                with parent.subdir(name) as top:
+                    return await self._copy_tree_to_host(guest_path, top, budget)
+            return await self._copy_file_to_host(guest_path, st, parent, name, budget)
+
+    async def _copy_tree_to_host(self, guest_dir: str, top: ConfinedDir, budget: CopyBudget) -> int:
+        """Copy the guest directory ``guest_dir``'s entries into ``top``.
+
+        Walks with lstat semantics (the agent's DIRENT kinds): a guest link is
+        copied as a link. The walk keeps a stack of (guest path, host
+        components below ``top``) and re-enters each host directory from
+        ``top`` without following links, so only two fds are open at a time.
+        """
+        total = 0
+        pending: list[tuple[str, tuple[str, ...]]] = [(guest_dir, ())]
+        while pending:
+            guest, parts = pending.pop()
+            try:
+                async with self._sb._guest_errors():
+                    entries = await self._sb._agent.list_dir(
+                        guest, timeout=self._sb._request_timeout, max_entries=budget.entries_left
+                    )
+            except CopyLimitError:
+                raise budget.too_many_entries(f"{guest} holds too many entries", guest) from None
+            subdirs: list[tuple[str, tuple[str, ...]]] = []
+            with top.descend(parts) as here:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    child = f"{guest.rstrip('/')}/{entry.name}"
+                    budget.charge_entry(child)
+                    if entry.kind is FileKind.DIRECTORY:
+                        here.subdir(entry.name).close()
+                        subdirs.append((child, (*parts, entry.name)))
+                    elif entry.kind is FileKind.SYMLINK:
+                        async with self._sb._guest_errors():
+                            target = await self._sb._agent.readlink(
+                                child, timeout=self._sb._request_timeout
+                            )
+                        here.symlink(entry.name, target)
+                    elif entry.kind is FileKind.FILE:
+                        st = FileStat(entry.kind, entry.size, entry.mode, entry.mtime_ns, 0, 0)
+                        total += await self._copy_file_to_host(child, st, here, entry.name, budget)
+                    else:
+                        raise FilesystemError(
+                            f"copying {guest_dir} to the host: {child} is not a regular file, "
+                            "directory or symlink (copy_to_host copies only those)",
+                            path=child,
+                        )
+            pending.extend(reversed(subdirs))
+        return total
+
+    async def _copy_file_to_host(
+        self, guest_file: str, st: FileStat, into: ConfinedDir, name: str, budget: CopyBudget
+    ) -> int:
+        if not st.is_file:
+            raise FilesystemError(
+                f"{guest_file} is not a regular file or directory (copy_to_host copies those)",
+                path=guest_file,
+            )
+        budget.check_bytes(st.size, guest_file)  # the agent's size can lie; writes are counted too
+        with into.new_file(name, st.permissions, budget=budget) as out:
+            return await self._sb._watched(
+                f"reading {guest_file}", lambda: self._sb._agent.read_file_to(guest_file, out.write)
+            )
 
 
 async def start_agent_client(stack: AsyncExitStack, stream: anyio.abc.ByteStream) -> AgentClient:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal
 
 from . import _portal
+from ._confined import DEFAULT_COPY_MAX_BYTES, DEFAULT_COPY_MAX_ENTRIES
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
@@ -289,5 +290,17 @@ class SyncSandboxFs:
     def copy_from_host(self, host_path: str | os.PathLike[str], guest_path: str) -> int:
         return self._portal.call(self._fs.copy_from_host, host_path, guest_path)
 
-    def copy_to_host(self, guest_path: str, host_path: str | os.PathLike[str] | Path) -> int:
-        return self._portal.call(self._fs.copy_to_host, guest_path, host_path)
+    def copy_to_host(
+        self,
+        guest_path: str,
+        host_path: str | os.PathLike[str] | Path,
+        *,
+        max_bytes: int | None = DEFAULT_COPY_MAX_BYTES,
+        max_entries: int | None = DEFAULT_COPY_MAX_ENTRIES,
+    ) -> int:
+        async def run() -> int:
+            return await self._fs.copy_to_host(
+                guest_path, host_path, max_bytes=max_bytes, max_entries=max_entries
+            )
+
+        return self._portal.call(run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import struct
 from pathlib import Path
@@ -13,6 +14,7 @@ from fake_agent import FakeAgent, connect, err
 
 from pytest_microsandbox.runtime._exceptions import (
     CommandNotFoundError,
+    CopyLimitError,
     ExecError,
     FilesystemError,
     GuestTimeoutError,
@@ -423,6 +425,72 @@ async def test_bad_kind_is_protocol_error() -> None:
     async with connect(agent) as (client, _):
         with pytest.raises(ProtocolError, match="KIND 9"):
             await client.stat("/x")
+
+
+def dirent(name: bytes) -> list[tuple[int, bytes]]:
+    return [
+        bytes_field(Tag.NAME, name),
+        int_field(Tag.KIND, 1),
+        int_field(Tag.SIZE, 5),
+        int_field(Tag.MODE, 0o100644),
+        int_field(Tag.MTIME_NS, 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", [b"../../escape_pwned.txt", b"/etc/x", b"a/b", b".", b"..", b"", b"nul\0"]
+)
+async def test_list_dir_rejects_names_no_directory_can_hold(name: bytes) -> None:
+    """A forged FS_LIST reply must not hand callers a name that leaves the directory."""
+
+    async def agent(a: FakeAgent) -> None:
+        f = await a.recv()
+        await a.send(f.id, MsgType.DIRENT, dirent(b"fine"))
+        await a.send(f.id, MsgType.DIRENT, dirent(name))
+        await a.send(f.id, MsgType.OK)
+
+    async with connect(agent) as (client, _):
+        with pytest.raises(ProtocolError, match=r"FS_LIST of /d: the agent sent the entry name"):
+            await client.list_dir("/d")
+        with pytest.raises(ProtocolError):  # the connection cannot be trusted any more
+            await client.ping()
+
+
+async def test_list_dir_entry_cap() -> None:
+    async def agent(a: FakeAgent) -> None:
+        f = await a.recv()
+        for i in range(5):
+            await a.send(f.id, MsgType.DIRENT, dirent(b"f%d" % i))
+        await a.send(f.id, MsgType.OK)
+
+    async with connect(agent) as (client, _):
+        with pytest.raises(CopyLimitError, match="more than 3 entries"):
+            await client.list_dir("/d", max_entries=3)
+
+
+@pytest.mark.parametrize("target", [b"", b"a\0b", b"x" * 4096])
+async def test_readlink_rejects_impossible_targets(target: bytes) -> None:
+    async def agent(a: FakeAgent) -> None:
+        f = await a.recv()
+        assert f.type == MsgType.FS_READLINK and f.get_bytes(Tag.PATH) == b"/l"
+        await a.send(f.id, MsgType.OK, [bytes_field(Tag.DATA, target)])
+
+    async with connect(agent) as (client, _):
+        with pytest.raises(ProtocolError, match="FS_READLINK of /l"):
+            await client.readlink("/l")
+
+
+async def test_readlink_returns_the_target() -> None:
+    async def agent(a: FakeAgent) -> None:
+        f = await a.recv()
+        await a.send(f.id, MsgType.OK, [bytes_field(Tag.DATA, b"../t\xff")])
+        f = await a.recv()
+        await a.send(f.id, MsgType.ERROR, err(errno.EINVAL, "/f: Invalid argument"))
+
+    async with connect(agent) as (client, _):
+        assert os.fsencode(await client.readlink("/l")) == b"../t\xff"
+        with pytest.raises(FilesystemError, match="Invalid argument"):
+            await client.readlink("/f")
 
 
 async def test_large_write_does_not_starve_other_requests() -> None:

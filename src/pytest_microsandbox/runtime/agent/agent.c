@@ -81,7 +81,7 @@ enum mtype {
 	M_EXEC = 0x10, M_STDIN = 0x11, M_SIGNAL = 0x12,
 	M_FS_READ = 0x20, M_FS_WRITE = 0x21, M_FS_CHUNK = 0x22, M_FS_END = 0x23,
 	M_FS_LIST = 0x24, M_FS_STAT = 0x25, M_FS_MKDIR = 0x26, M_FS_REMOVE = 0x27,
-	M_FS_RENAME = 0x28, M_FS_CHMOD = 0x29, M_FS_COPY = 0x2A,
+	M_FS_RENAME = 0x28, M_FS_CHMOD = 0x29, M_FS_COPY = 0x2A, M_FS_READLINK = 0x2B,
 	M_STARTED = 0x90, M_STDOUT = 0x91, M_STDERR = 0x92, M_EXITED = 0x93, M_DIRENT = 0xA2,
 	M_OK = 0xF0, M_ERROR = 0xF1,
 };
@@ -1317,6 +1317,26 @@ static void h_fs_chmod(const struct msg *m)
 	reply_ok(m->id);
 }
 
+/* FS_READLINK: the target of the symlink PATH, as DATA (the host copies guest links as links). */
+static void h_fs_readlink(const struct msg *m)
+{
+	char path[PATH_MAX], target[PATH_MAX];
+	if (!need_path(m, T_PATH, path))
+		return;
+	ssize_t n = readlink(path, target, sizeof target);
+	if (n < 0) {
+		reply_error(m->id, errno, "%s: %s", path, strerror(errno));
+		return;
+	}
+	if ((size_t)n >= sizeof target) {
+		reply_error(m->id, ENAMETOOLONG, "%s: link target too long", path);
+		return;
+	}
+	msg_begin(m->id, M_OK);
+	f_bytes(T_DATA, target, (size_t)n);
+	msg_end();
+}
+
 /* FS_COPY: guest file PATH, or SIZE bytes at OFFSET of the virtio-blk disk
  * SOURCE "serial:NAME", to PATH2. The host moves bulk data in through its
  * read-only transfer disk (serial msb.xfer): it writes the bytes into the
@@ -1662,7 +1682,7 @@ static void handle_frame(const uint8_t *f, uint32_t len)
 	struct msg m = {.id = be32(f), .type = f[4], .pl = f + 5, .pl_len = len - 5};
 	const char *why = validate(&m);
 	bool known = (m.type >= M_HELLO && m.type <= M_UMOUNT) || m.type == M_EXEC || m.type == M_STDIN ||
-		     m.type == M_SIGNAL || (m.type >= M_FS_READ && m.type <= M_FS_COPY);
+		     m.type == M_SIGNAL || (m.type >= M_FS_READ && m.type <= M_FS_READLINK);
 	if (!why && !known)
 		why = "unknown message type";
 	if (!why && m.id == 0)
@@ -1706,6 +1726,7 @@ static void handle_frame(const uint8_t *f, uint32_t len)
 	case M_FS_RENAME: h_fs_rename(&m); break;
 	case M_FS_CHMOD: h_fs_chmod(&m); break;
 	case M_FS_COPY: h_fs_copy(&m); break;
+	case M_FS_READLINK: h_fs_readlink(&m); break;
 	default: break;
 	}
 }

@@ -28,8 +28,10 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .._confined import entry_name_problem
 from .._exceptions import (
     CommandNotFoundError,
+    CopyLimitError,
     ExecError,
     FilesystemError,
     GuestTimeoutError,
@@ -62,6 +64,8 @@ _READ_SIZE = 256 * 1024
 #: Prefixes of the agent's ENOENT messages that are not about the program itself.
 _NOT_THE_PROGRAM = ("cannot change directory", "cannot switch to user")
 _MAX_ID = 0xFFFF_FFFF
+#: Linux PATH_MAX: a symlink target is shorter.
+_PATH_MAX = 4096
 
 
 class BinarySink(Protocol):
@@ -490,10 +494,17 @@ class AgentClient:
                 raise self._violation(f"FS_WRITE of {path}: sent {total} bytes, agent wrote {size}")
             return total
 
-    async def list_dir(self, path: str, timeout: float | None = None) -> list[DirEntry]:
+    async def list_dir(
+        self, path: str, timeout: float | None = None, *, max_entries: int | None = None
+    ) -> list[DirEntry]:
         """List the guest directory ``path`` (without ``.`` and ``..``).
 
-        Raises PathNotFoundError / FilesystemError if it cannot be listed.
+        Every name is checked: one that is empty, ``.``, ``..`` or contains
+        ``/`` or NUL cannot come from a real directory, so it is a ProtocolError
+        (the guest is hostile; callers join these names to host paths). With
+        ``max_entries``, a listing longer than that raises CopyLimitError
+        instead of growing without bound. Raises PathNotFoundError /
+        FilesystemError if it cannot be listed.
         """
         entries: list[DirEntry] = []
         with self._deadline(timeout, f"FS_LIST {path}"), self._request() as req:
@@ -503,15 +514,47 @@ class AgentClient:
                 if frame.type != MsgType.DIRENT:
                     _check_fs(self._expect_end(frame, "FS_LIST"), "list", path)
                     return entries
+                raw_name = frame.require_bytes(Tag.NAME)
+                problem = entry_name_problem(raw_name)
+                if problem is not None:
+                    raise self._violation(
+                        f"FS_LIST of {path}: the agent sent the entry name {raw_name!r}, "
+                        f"which no directory can hold ({problem})"
+                    )
+                if max_entries is not None and len(entries) >= max_entries:
+                    raise CopyLimitError(
+                        f"FS_LIST of {path}: more than {max_entries} entries "
+                        "(the caller's entry budget)",
+                        path=path,
+                    )
                 entries.append(
                     DirEntry(
-                        name=os.fsdecode(frame.require_bytes(Tag.NAME)),
+                        name=os.fsdecode(raw_name),
                         kind=self._kind(frame),
                         size=frame.require_int(Tag.SIZE),
                         mode=frame.require_int(Tag.MODE),
                         mtime_ns=frame.require_int(Tag.MTIME_NS),
                     )
                 )
+
+    async def readlink(self, path: str, timeout: float | None = None) -> str:
+        """Return the target of the guest symlink ``path`` (decoded like names).
+
+        A target that is empty, holds NUL or is PATH_MAX (4096) bytes or
+        longer cannot come from a real link: ProtocolError. Raises
+        PathNotFoundError / FilesystemError (EINVAL: not a symlink) on failure.
+        """
+        fields = [bytes_field(Tag.PATH, _guest_path(path))]
+        reply = _check_fs(
+            await self._call(MsgType.FS_READLINK, fields, timeout, "FS_READLINK"), "readlink", path
+        )
+        target = reply.require_bytes(Tag.DATA)
+        if not target or b"\0" in target or len(target) >= _PATH_MAX:
+            raise self._violation(
+                f"FS_READLINK of {path}: the agent sent the link target {target[:80]!r} "
+                f"({len(target)} bytes), which no symlink can hold"
+            )
+        return os.fsdecode(target)
 
     async def stat(
         self, path: str, follow_symlinks: bool = True, timeout: float | None = None

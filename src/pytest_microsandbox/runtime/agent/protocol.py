@@ -84,6 +84,7 @@ class MsgType(enum.IntEnum):
     FS_RENAME = 0x28
     FS_CHMOD = 0x29
     FS_COPY = 0x2A
+    FS_READLINK = 0x2B
     STARTED = 0x90
     STDOUT = 0x91
     STDERR = 0x92
@@ -290,6 +291,7 @@ HOST_TO_GUEST: Mapping[MsgType, Schema] = {
     MsgType.FS_RENAME: _s(Tag.PATH, Tag.PATH2),
     MsgType.FS_CHMOD: _s(Tag.PATH, Tag.MODE),
     MsgType.FS_COPY: _s(Tag.PATH2, one_of=(frozenset({Tag.PATH, Tag.SOURCE}),)),
+    MsgType.FS_READLINK: _s(Tag.PATH),
 }
 
 
