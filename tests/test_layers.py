@@ -26,10 +26,8 @@ LAYERS = {"runtime": 0, "snapshots": 1, "fixtures": 2, "plugin": 2, "hookspec": 
 #: Layers that must not import pytest.
 NO_PYTEST = {"runtime", "snapshots"}
 
-#: Upward imports that exist today, to be removed (#12); none may be added.
-KNOWN_DEBT = {
-    ("runtime/sandbox.py", "snapshots"),
-}
+#: Upward imports that exist today, to be removed; none may be added.
+KNOWN_DEBT: set[tuple[str, str]] = set()
 
 
 def _part(module: str) -> str | None:

@@ -6,8 +6,9 @@ cheap (it runs inside guests under emulation too).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ._extensions import install_extensions
 from ._lazy import lazy_attributes
 
 if TYPE_CHECKING:
@@ -43,3 +44,16 @@ _WHERE = {
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _WHERE, globals(), __all__)
+
+
+def _extensions() -> Any:
+    """The layers above the runtime, plugged into it (``runtime/provision.py``):
+    imported when the first sandbox needs them, not with this package.
+    """
+    from .runtime.provision import Extensions
+    from .snapshots import SnapshotService, TemplateProvisioner
+
+    return Extensions(templates=TemplateProvisioner(), snapshots=SnapshotService())
+
+
+install_extensions(_extensions)

@@ -45,7 +45,7 @@ def test_clones_mount_their_own_image_after_the_restore(images: dict[str, Path])
     config_a = SandboxConfig(name="img-a", volumes={"/assets": Volume.image(images["a"])})
     config_b = SandboxConfig(name="img-b", volumes={"/assets": Volume.image(images["b"])})
     with SyncSandbox.create(config_a) as a, SyncSandbox.create(config_b) as b:
-        assert a.async_sandbox._origin is not None  # a template clone, not a cold boot
+        assert a.async_sandbox.session.origin is not None  # a template clone, not a cold boot
         assert a.fs().read_text("/assets/sub/which.txt") == "image a\n"
         assert b.fs().read_text("/assets/sub/which.txt") == "image b\n"
         # The end of a file beyond the old capacity reads back intact.

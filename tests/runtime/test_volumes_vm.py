@@ -57,11 +57,11 @@ def test_default_create_is_a_template_clone_with_its_volumes(
     vol_sandbox: SyncSandbox, host_dirs: dict[str, Path]
 ) -> None:
     sb = vol_sandbox.async_sandbox
-    assert sb._origin is not None and sb._origin.meta.kind == "template"
+    assert sb.session.origin is not None and sb.session.origin.meta.kind == "template"
     # The shared template records no volume: they are bound per clone.
-    assert SandboxConfig.from_json(sb._origin.meta.config).volumes == {}
+    assert SandboxConfig.from_json(sb.session.origin.meta.config).volumes == {}
     # Its template has the spare 9p devices (a template without volumes has none).
-    assert sb._origin.meta.volume_slots == MAX_VOLUMES
+    assert sb.session.origin.meta.volume_slots == MAX_VOLUMES
     argv = Path(f"/proc/{sb.pid}/cmdline").read_text().split("\0")
     assert sum(a.startswith("virtio-9p-device") for a in argv) == MAX_VOLUMES
     mounts = vol_sandbox.fs().read_text("/proc/self/mounts")
@@ -137,7 +137,7 @@ def test_cold_boot_mounts_volumes(host_dirs: dict[str, Path]) -> None:
         volumes={"/data": Volume.bind(host_dirs["ro"], readonly=True)},
     )
     with SyncSandbox.create(config) as sb:
-        assert sb.async_sandbox._origin is None
+        assert sb.async_sandbox.session.origin is None
         assert sb.fs().read_text("/data/from-host.txt") == "written by the host\n"
         assert not sb.shell("touch /data/x").success
 
@@ -164,8 +164,8 @@ def test_restore_named_snapshot_with_volumes(host_dirs: dict[str, Path]) -> None
         with SyncSandbox.restore("vol-snap", name="vol-restored", volumes=volumes) as sb:
             assert sb.fs().read_text("/root/state.txt") == "captured"
             assert sb.fs().read_text("/in/from-host.txt") == "written by the host\n"
-            assert sb.async_sandbox._origin is not None
-            assert sb.async_sandbox._origin.meta.volume_slots == 1
+            assert sb.async_sandbox.session.origin is not None
+            assert sb.async_sandbox.session.origin.meta.volume_slots == 1
     finally:
         Snapshot.remove("vol-snap")
 

@@ -66,10 +66,10 @@ def test_clones_are_independent() -> None:
                 assert (await sb.exec("hostname")).stdout_text.strip() == name
                 guest = float((await sb.shell("date +%s.%N")).stdout_text)
                 assert abs(guest - time.time()) < 1.0
-                assert sb._origin is not None and sb._origin.meta.kind == "template"
+                assert sb.session.origin is not None and sb.session.origin.meta.kind == "template"
                 # No post-load self-announce rounds (guest work nobody needs).
-                assert sb._monitor is not None
-                params = await sb._monitor.execute("query-migrate-parameters")
+                assert sb.session.monitor is not None
+                params = await sb.session.monitor.execute("query-migrate-parameters")
                 assert params["announce-rounds"] == 0
 
     run(body)
@@ -83,8 +83,8 @@ def test_clone_qemu_carries_no_9p_device_nor_small_huge_page() -> None:
 
     async def body() -> None:
         async with await Sandbox.create(CONFIG, name="lean") as sb:
-            assert sb.pid is not None and sb._origin is not None
-            assert sb._origin.meta.volume_slots == 0
+            assert sb.pid is not None and sb.session.origin is not None
+            assert sb.session.origin.meta.volume_slots == 0
             argv = Path(f"/proc/{sb.pid}/cmdline").read_text().split("\0")
             assert [a for a in argv if a.startswith("virtio-9p-device")] == []
             status = Path(f"/proc/{sb.pid}/status").read_text()
@@ -126,7 +126,7 @@ def test_stopping_a_clone_leaves_qemu_qmp_silent(
     async def body() -> None:
         sb = await Sandbox.create(CONFIG, name=f"quiet-{how}")
         try:
-            assert sb._monitor is not None
+            assert sb.session.monitor is not None
             assert (await sb.exec("true")).success
         finally:
             await (sb.stop() if how == "stop" else sb.kill())
@@ -143,7 +143,7 @@ def test_stopping_a_clone_leaves_qemu_qmp_silent(
 def test_cold_boot_flag_skips_templates() -> None:
     async def body() -> None:
         async with await Sandbox.create(CONFIG, name="cold", cold_boot=True) as sb:
-            assert sb._monitor is None
+            assert sb.session.monitor is None
             assert (await sb.exec("true")).success
             with pytest.raises(SnapshotError, match="cold-booted"):
                 await sb.snapshot("never")

@@ -1,5 +1,17 @@
 """The VM engine interface: what the sandbox layer needs from a hypervisor.
 
+Every backend boots VMs (:class:`Backend`, :class:`VMHandle`). What only some
+can do is a capability, a protocol a handle implements or not, checked with
+``isinstance`` against the protocol, never against a concrete backend:
+
+* :class:`MonitoredVM`: a VM monitor (:class:`VMMonitor`) to pause, resume and
+  migrate the VM: templates, restores, snapshots and forks need it;
+* :class:`DirectTransferVM`: a guest that sees a host directory, so host files
+  reach it by a plain copy (the test double's transfer path).
+
+Restores are VMs started from a :class:`VMSpec` with ``memory_file`` and
+``incoming`` set, finished through the monitor.
+
 :class:`QemuBackend` (``qemu.py``) is the real implementation; a libkrun one can
 sit beside it later. :class:`HostProcessBackend` (``hostproc.py``) is the test
 double: it runs the agent as an ordinary host process, so sandbox logic can be
@@ -11,10 +23,11 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
+import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
 import anyio.abc
@@ -24,9 +37,12 @@ from ._exceptions import BackendUnavailableError
 __all__ = [
     "Accel",
     "Backend",
+    "DirectTransferVM",
     "DiskSpec",
+    "MonitoredVM",
     "ProcessVMHandle",
     "VMHandle",
+    "VMMonitor",
     "VMSpec",
     "describe_exit",
     "read_console_tail",
@@ -114,13 +130,63 @@ class VMHandle(abc.ABC):
     def console_tail(self, lines: int = 40) -> str:
         return read_console_tail(self.spec.console_path, lines)
 
-    @property
-    def xfer_guest_dir(self) -> str | None:
-        """Where the guest sees ``run_dir/xfer`` without mounting anything, if it
-        does (the host-process double); None for a VM, whose transfers go
-        through its transfer disk.
+    @abc.abstractmethod
+    def kill_now(self) -> None:
+        """Kill the VM without awaiting anything and free its run directory: the
+        last resort at interpreter exit or for a VM whose event loop is gone.
         """
-        return None
+
+
+@runtime_checkable
+class VMMonitor(Protocol):
+    """The monitor capability: pause, resume and migrate one VM.
+
+    Errors are :class:`SnapshotError` (the monitor serves snapshots).
+    """
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """Run one monitor command and return its result."""
+
+    async def set_ignore_shared(self, on: bool) -> None:
+        """Leave RAM in a shared memory file out of migrations (or not)."""
+
+    async def disable_self_announce(self) -> None:
+        """Skip the network self-announce after a load (a clone has no switch to tell)."""
+
+    async def save(self, state: Path, timeout: float) -> None:
+        """Write the paused VM's device state to ``state``."""
+
+    async def load(self, state: Path, timeout: float) -> None:
+        """Load ``state`` into a VM started with ``incoming`` (it stays paused)."""
+
+    async def wait_migration(self, timeout: float) -> None:
+        """Wait until a migration in flight completed."""
+
+    async def close(self) -> None:
+        """Disconnect; call before the VM exits. Idempotent."""
+
+
+@runtime_checkable
+class MonitoredVM(Protocol):
+    """A VM handle with a monitor (``VMSpec.qmp``)."""
+
+    async def open_monitor(self, timeout: float) -> VMMonitor:
+        """Connect to the VM's monitor.
+
+        :raises BootError: the VM did not offer it within ``timeout``.
+        :raises SnapshotError: the monitor handshake failed.
+        """
+
+
+@runtime_checkable
+class DirectTransferVM(Protocol):
+    """A VM handle whose guest sees ``run_dir/xfer`` of the host without mounting
+    anything (the host-process double): transfers are plain file copies.
+    """
+
+    @property
+    def xfer_guest_dir(self) -> str:
+        """The guest's path of ``run_dir/xfer``."""
 
 
 def _open_pidfd(pid: int) -> int | None:
@@ -184,6 +250,13 @@ class ProcessVMHandle(VMHandle):
             await self._listener.aclose()
             self._release()
 
+    def kill_now(self) -> None:
+        if self._process.returncode is None:
+            self.send_kill()
+        self.close_pidfd()
+        self._release()
+        shutil.rmtree(self.spec.run_dir, ignore_errors=True)
+
     def _release(self) -> None:
         """Free per-VM host resources once the process is gone (subclass hook)."""
 
@@ -192,8 +265,6 @@ class Backend(abc.ABC):
     """Starts VMs."""
 
     name: str
-    #: False for test doubles that need no kernel, initramfs or root image.
-    boots_guest: bool = True
 
     @abc.abstractmethod
     async def start(self, spec: VMSpec) -> VMHandle:

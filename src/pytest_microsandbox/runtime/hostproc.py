@@ -17,6 +17,8 @@ import anyio.abc
 
 from ._exceptions import BootError, GuestCrashedError
 from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec, describe_exit
+from .config import SandboxConfig
+from .provision import GuestSession, boot_session, check_volumes_supported
 
 __all__ = ["HostProcessBackend", "HostProcessVM"]
 
@@ -25,7 +27,7 @@ class HostProcessVM(ProcessVMHandle):
     """The agent running on the host in place of a VM."""
 
     @property
-    def xfer_guest_dir(self) -> str | None:
+    def xfer_guest_dir(self) -> str:
         return str(self.spec.run_dir / "xfer")  # same filesystem: nothing to mount
 
     async def connect_agent(self, timeout: float) -> anyio.abc.ByteStream:
@@ -43,13 +45,33 @@ class HostProcessVM(ProcessVMHandle):
 
 
 class HostProcessBackend(Backend):
-    """Starts the agent on the host instead of a VM (tests only; no isolation)."""
+    """Starts the agent on the host instead of a VM (tests only; no isolation).
+
+    It is its own :class:`~.provision.Provisioner`: there is no kernel, image or
+    template to prepare, so a sandbox's session is the agent process itself.
+    """
 
     name = "host-process"
-    boots_guest = False
 
     def __init__(self, agent: Path | None = None) -> None:
         self._agent = agent
+
+    async def provision(self, config: SandboxConfig, backend: Backend) -> GuestSession:
+        check_volumes_supported(config, self)
+
+        def spec_for(run_dir: Path) -> VMSpec:
+            return VMSpec(
+                name=config.name,
+                kernel=Path("/nonexistent"),
+                initrd=Path("/nonexistent"),
+                cmdline="",
+                cpus=config.cpus,
+                memory_mib=config.memory,
+                accel="tcg",
+                run_dir=run_dir,
+            )
+
+        return await boot_session(config, self, spec_for, None)
 
     async def start(self, spec: VMSpec) -> VMHandle:
         agent = self._agent

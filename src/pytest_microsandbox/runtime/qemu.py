@@ -24,7 +24,7 @@ from ._exceptions import (
     GuestCrashedError,
     SandboxNotRunningError,
 )
-from .backend import Backend, ProcessVMHandle, VMHandle, VMSpec, describe_exit
+from .backend import Backend, ProcessVMHandle, VMHandle, VMMonitor, VMSpec, describe_exit
 from .launcher import launch_prefix
 
 __all__ = [
@@ -223,6 +223,12 @@ class QemuVM(ProcessVMHandle):
                 f"QEMU {describe_exit(self._process.returncode)}; {self._stderr_tail()}"
             )
         raise BootError(f"QEMU did not connect its QMP monitor within {timeout:g} s")
+
+    async def open_monitor(self, timeout: float) -> VMMonitor:
+        """The QMP monitor (:class:`MonitoredVM`); the VM must have ``spec.qmp``."""
+        from .qmp import Monitor  # qemu.qmp is imported only by what snapshots
+
+        return await Monitor.open(self, timeout)
 
     def _stderr_tail(self) -> str:
         try:

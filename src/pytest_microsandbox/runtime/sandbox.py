@@ -8,20 +8,17 @@ the tail of the guest console, since that usually says why the guest died.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import os
 import secrets
 import shutil
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -33,7 +30,6 @@ from ._confined import (
     CopyBudget,
 )
 from ._exceptions import (
-    ConfigError,
     CopyLimitError,
     ExecTimeoutError,
     FilesystemError,
@@ -43,26 +39,17 @@ from ._exceptions import (
     ProtocolError,
     SandboxError,
     SandboxNotRunningError,
+    SnapshotError,
 )
-from .agent.client import AgentClient
 from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
-from .backend import Backend, VMHandle, VMSpec, describe_exit
-from .boot import BootPlan, prepare_boot, resolve_accel
+from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
-from .paths import make_run_dir
+from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
-    bind_volumes,
-    image_disk_args,
-    image_volume,
     mount_volumes,
-    volume_device_args,
 )
-
-if TYPE_CHECKING:
-    from ..snapshots._qmp import Monitor
-    from ..snapshots._store import Entry
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -368,65 +355,19 @@ class SandboxFs:
             )
 
 
-async def start_agent_client(stack: AsyncExitStack, stream: anyio.abc.ByteStream) -> AgentClient:
-    """Run an AgentClient in a task of its own; ``stack`` closes it.
-
-    The client's reader lives in a task group, and anyio requires a task group
-    to be left by the task that entered it, in LIFO order. Sandboxes are
-    created and stopped in any order (``sandbox_factory``, pytest fixtures), so
-    each client gets a dedicated owner task instead of borrowing the caller's.
-    """
-    client = AgentClient(stream)
-    entered = anyio.Event()
-    release = anyio.Event()
-    failure: list[BaseException] = []
-
-    async def own() -> None:
-        try:
-            async with client:
-                entered.set()
-                await release.wait()
-        except BaseException as exc:  # reported to whoever waits in close()
-            failure.append(exc)
-        finally:
-            entered.set()
-
-    # asyncio only (the snapshot layer's QMP client needs it too): anyio has no
-    # detached tasks, and no caller-owned task group fits this lifetime.
-    task = asyncio.get_running_loop().create_task(own())
-
-    async def close() -> None:
-        release.set()
-        with anyio.CancelScope(shield=True):
-            await task
-
-    stack.push_async_callback(close)
-    await entered.wait()
-    if failure:
-        raise failure[0]
-    return client
-
-
 class Sandbox:
     """A running microVM. Create with :meth:`create`; use as an async context manager."""
 
-    def __init__(
-        self,
-        config: SandboxConfig,
-        vm: VMHandle,
-        agent: AgentClient,
-        stack: AsyncExitStack,
-        plan: BootPlan | None,
-    ) -> None:
+    def __init__(self, config: SandboxConfig, session: GuestSession) -> None:
+        """Wrap a started guest; use :meth:`create`, or :meth:`from_session` for a
+        session of a provisioner of your own.
+        """
         self.config = config
         self.name = config.name
-        self.plan = plan  # None for a sandbox restored from a named snapshot
-        # Set by snapshots/ on a restored clone: its QMP monitor and the entry it came from.
-        self._monitor: Monitor | None = None
-        self._origin: Entry | None = None
-        self._vm = vm
-        self._agent = agent
-        self._stack = stack
+        self.plan = session.plan  # None for a sandbox restored from a named snapshot
+        self._session = session
+        self._vm = session.vm
+        self._agent = session.agent
         self._stopped = False
         self._request_timeout = config.request_timeout
         self._last_cpu: tuple[int, int] | None = None
@@ -449,6 +390,8 @@ class Sandbox:
         """Boot a sandbox and return once its agent is serving.
 
         ``overrides`` are :class:`SandboxConfig` fields applied on top of ``config``.
+        Unless ``cold_boot``, the sandbox is a copy-on-write clone of a template of
+        its configuration (built once) when the snapshot layer is installed.
 
         :raises ConfigError: a field is invalid.
         :raises BackendUnavailableError: QEMU, the kernel or a usable accelerator is missing.
@@ -463,64 +406,35 @@ class Sandbox:
 
             backend = QemuBackend()
         start = time.monotonic()
-        if not backend.boots_guest:  # a test double (hostproc.py): nothing to boot
-            sandbox = await cls._boot(config, backend, None)
-            sandbox.boot_seconds = time.monotonic() - start
-            return sandbox
-        accel = await resolve_accel(config, backend)
-        plan = await anyio.to_thread.run_sync(prepare_boot, config, accel.accel, config.cache_dir)
-        from .qemu import QemuBackend
-
-        if not config.cold_boot and isinstance(backend, QemuBackend):
-            # Restore a copy-on-write clone of this configuration's template (built once).
-            from ..snapshots._engine import create_from_template
-
-            sandbox = await create_from_template(config, backend, plan)
+        provisioner: Provisioner
+        if isinstance(backend, Provisioner):  # a test double that provisions itself
+            provisioner = backend
         else:
-            sandbox = await cls._boot(config, backend, plan)
+            templates = None if config.cold_boot else extensions().templates
+            provisioner = templates or ColdBoot()
+        session = await provisioner.provision(config, backend)
+        sandbox = await cls.from_session(config, session)
         sandbox.boot_seconds = time.monotonic() - start
         return sandbox
 
     @classmethod
-    async def _boot(cls, config: SandboxConfig, backend: Backend, plan: BootPlan | None) -> Sandbox:
-        stack = AsyncExitStack()
-        run_dir = make_run_dir(config.name)
-        stack.callback(shutil.rmtree, run_dir, True)
+    async def from_session(cls, config: SandboxConfig, session: GuestSession) -> Sandbox:
+        """Take over a provisioned guest: give it the host clock, a fresh RNG seed
+        and its hostname, mount ``config.volumes``, return the sandbox. The
+        session is closed if that fails.
+        """
+        sandbox = cls(config, session)
         try:
-            spec = (
-                plan.vm_spec(config, run_dir) if plan is not None else _bare_spec(config, run_dir)
-            )
-            if config.volumes:
-                if plan is None:
-                    raise ConfigError(
-                        f"volumes: the {backend.name} backend boots no guest to mount them "
-                        "in; use the QEMU backend"
-                    )
-                # A cold boot needs one 9p device per bind volume (same tags as a
-                # clone's) and the image volume's disk (same serial).
-                binds = tuple(bind_volumes(config.volumes).values())
-                vol_args = volume_device_args(binds, run_dir, len(binds))
-                image = image_volume(config.volumes)
-                if image is not None:
-                    vol_args += image_disk_args("image0", image[1].host_path)
-                spec = dataclasses.replace(spec, extra_args=(*spec.extra_args, *vol_args))
-            vm = await backend.start(spec)
-            stack.push_async_callback(vm.kill)
-            boot_deadline = anyio.current_time() + config.boot_timeout
-            stream = await vm.connect_agent(config.boot_timeout)
-            agent = await start_agent_client(stack, stream)
-            try:
-                await agent.wait_ready(timeout=max(0.1, boot_deadline - anyio.current_time()))
-            except (GuestTimeoutError, SandboxNotRunningError, ProtocolError) as exc:
-                raise _boot_failure(vm, config, exc) from exc
-            sandbox = cls(config, vm, agent, stack, plan)
             await sandbox._configure_guest()
-            return sandbox
         except BaseException:
-            # Not shielded: the stack holds the agent client's task group, which
-            # must be exited from its own cancel scope; vm.kill shields itself.
-            await stack.aclose()
+            await session.aclose()
             raise
+        return sandbox
+
+    @property
+    def session(self) -> GuestSession:
+        """The guest session this sandbox drives (its VM, agent client, monitor)."""
+        return self._session
 
     async def _configure_guest(self) -> None:
         async with self._guest_errors():
@@ -533,7 +447,7 @@ class Sandbox:
             if self.config.volumes:
                 await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
 
-    # -- snapshots (logic in pytest_microsandbox.snapshots) ------------------------------------
+    # -- snapshots (pytest_microsandbox.snapshots, installed as an extension) -----------------
 
     @classmethod
     async def restore(
@@ -552,9 +466,7 @@ class Sandbox:
         :raises SnapshotError: it is broken or the restore failed.
         :raises ConfigError: a volume is invalid.
         """
-        from ..snapshots._engine import restore_snapshot
-
-        return await restore_snapshot(name_or_path, name=name, volumes=volumes)
+        return await _snapshotter().restore(name_or_path, name=name, volumes=volumes)
 
     async def snapshot(self, name: str) -> Path:
         """Capture this running sandbox (memory, devices, in-RAM overlay) as snapshot
@@ -562,9 +474,7 @@ class Sandbox:
 
         :raises SnapshotError: cold-booted sandbox, mounted volume, full disk, QEMU error.
         """
-        from ..snapshots._engine import snapshot_sandbox
-
-        return (await snapshot_sandbox(self, name)).path
+        return await _snapshotter().snapshot(self, name)
 
     async def fork(self, name: str | None = None) -> Sandbox:
         """A child sandbox carrying this one's state; later writes diverge. With a
@@ -572,9 +482,7 @@ class Sandbox:
 
         :raises SnapshotError: like :meth:`snapshot`.
         """
-        from ..snapshots._engine import fork_sandbox
-
-        return (await fork_sandbox(self, name))[0]
+        return await _snapshotter().fork(self, name)
 
     async def __aenter__(self) -> Sandbox:
         return self
@@ -612,24 +520,26 @@ class Sandbox:
         if self._stopped:
             return
         self._stopped = True
-        if self._monitor is not None:  # before QEMU exits, so its EOF is no QMP error
-            await self._monitor.close()
+        monitor = self._session.monitor
+        if monitor is not None:  # before QEMU exits, so its EOF is no monitor error
+            await monitor.close()
         limit = self.config.stop_timeout if timeout is None else timeout
         if self._vm.returncode is None and self._agent.error is None:
             with anyio.move_on_after(limit, shield=True), contextlib.suppress(SandboxError):
                 await self._agent.shutdown(timeout=limit)
                 await self._vm.wait()
-        await self._stack.aclose()
+        await self._session.aclose()
 
     async def kill(self) -> None:
         """Kill the VM at once (no guest shutdown). Idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        if self._monitor is not None:  # before QEMU exits, so its EOF is no QMP error
-            await self._monitor.close()
+        monitor = self._session.monitor
+        if monitor is not None:  # before QEMU exits, so its EOF is no monitor error
+            await monitor.close()
         await self._vm.kill()
-        await self._stack.aclose()
+        await self._session.aclose()
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -751,9 +661,8 @@ class Sandbox:
     async def _import(self, source: bytes | Path, guest_path: str, mode: int) -> int:
         """Copy host bytes or a host file into the guest through the transfer disk."""
         self._check_running()
-        direct = self._vm.xfer_guest_dir
-        if direct is not None:  # a guest that sees a host directory (the test double)
-            return await self._import_direct(source, direct, guest_path, mode)
+        if isinstance(self._vm, DirectTransferVM):  # the guest sees a host directory
+            return await self._import_direct(source, self._vm.xfer_guest_dir, guest_path, mode)
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         image = self._vm.spec.run_dir / XFER_IMAGE
         async with self._xfer_range(size, guest_path) as offset:
@@ -890,38 +799,6 @@ class Sandbox:
         return f"<Sandbox {self.name!r} {state} pid={self.pid}>"
 
 
-def _bare_spec(config: SandboxConfig, run_dir: Path) -> VMSpec:
-    """A spec for backends that boot no guest (test doubles): no kernel, no disks."""
-    return VMSpec(
-        name=config.name,
-        kernel=Path("/nonexistent"),
-        initrd=Path("/nonexistent"),
-        cmdline="",
-        cpus=config.cpus,
-        memory_mib=config.memory,
-        accel="tcg",
-        run_dir=run_dir,
-    )
-
-
-def _boot_failure(vm: VMHandle, config: SandboxConfig, exc: SandboxError) -> SandboxError:
-    tail = vm.console_tail()
-    if vm.returncode is not None or isinstance(exc, SandboxNotRunningError):
-        return GuestCrashedError(
-            f"sandbox {config.name!r}: the guest died while booting "
-            f"(its VM process {describe_exit(vm.returncode)})",
-            console_tail=tail,
-        )
-    if isinstance(exc, GuestTimeoutError):
-        return GuestTimeoutError(
-            f"sandbox {config.name!r}: the agent did not become ready within "
-            f"{config.boot_timeout:g} s (raise boot_timeout, or check the console below)",
-            console_tail=tail,
-        )
-    exc.console_tail = tail
-    return exc
-
-
 def _rss(pid: int | None) -> int | None:
     if pid is None:
         return None
@@ -961,3 +838,13 @@ def _empty_sparse(image: Path, size: int) -> None:
     """Free every block of the transfer disk's file, keeping its size."""
     os.truncate(image, 0)
     os.truncate(image, size)
+
+
+def _snapshotter() -> Snapshotter:
+    snapshots = extensions().snapshots
+    if snapshots is None:
+        raise SnapshotError(
+            "snapshots are not installed in this runtime: import pytest_microsandbox "
+            "(its package installs them) rather than loading the runtime on its own"
+        )
+    return snapshots

@@ -2,7 +2,11 @@
 clones, named snapshots of running sandboxes, forks, and a pool of pre-started
 QEMUs so a restore pays only the state load and the first command.
 
-``Sandbox.create`` uses templates on its own; this package adds the store API.
+It plugs into the runtime, which does not import it, as two extensions
+(``runtime/provision.py``): :class:`TemplateProvisioner` (``Sandbox.create``
+restores template clones) and :class:`SnapshotService` (``Sandbox.restore``,
+``snapshot``, ``fork``); ``pytest_microsandbox/__init__.py`` installs them.
+This package also offers the store API.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from ._engine import (
     LOCK_TIMEOUT_ENV,
     POOL_SIZE_ENV,
+    SnapshotService,
+    TemplateProvisioner,
     close_pools,
     ensure_template,
     fork_sandbox,
@@ -26,6 +32,8 @@ __all__ = [
     "Snapshot",
     "SnapshotInfo",
     "SnapshotMeta",
+    "SnapshotService",
+    "TemplateProvisioner",
     "close_pools",
     "ensure_template",
     "fork_sandbox",

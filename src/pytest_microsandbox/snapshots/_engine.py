@@ -29,7 +29,7 @@ from collections.abc import AsyncGenerator, Awaitable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -40,6 +40,7 @@ from ..runtime._exceptions import (
     ConfigError,
     FilesystemError,
     SandboxError,
+    SandboxNotRunningError,
     SnapshotError,
 )
 from ..runtime._locks import LOCK_TIMEOUT_ENV, hold, lock_timeout
@@ -53,11 +54,12 @@ from ..runtime.agent.protocol import (
     encode_frame,
     int_field,
 )
-from ..runtime.backend import Backend, VMHandle, VMSpec
+from ..runtime.backend import Backend, MonitoredVM, VMHandle, VMMonitor, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
 from ..runtime.paths import make_run_dir
-from ..runtime.qemu import QemuVM
+from ..runtime.provision import GuestSession, plan_for, start_agent_client
+from ..runtime.sandbox import Sandbox
 from ..runtime.volumes import (
     bind_volumes,
     describe_mounted_volumes,
@@ -67,18 +69,15 @@ from ..runtime.volumes import (
 )
 from . import _store
 from ._model import FORMAT_VERSION, DiskMeta, SnapshotMeta
-from ._qmp import Monitor
-
-if TYPE_CHECKING:
-    from ..runtime.sandbox import Sandbox
 
 __all__ = [
     "CACHE_BUDGET_ENV",
     "LOCK_TIMEOUT_ENV",
     "POOL_SIZE_ENV",
+    "SnapshotService",
+    "TemplateProvisioner",
     "auto_prune",
     "close_pools",
-    "create_from_template",
     "ensure_template",
     "fork_sandbox",
     "restore_snapshot",
@@ -278,9 +277,8 @@ async def _build_template(
             }
         )
         vm = await backend.start(spec)
-        assert isinstance(vm, QemuVM)
         try:
-            monitor = await Monitor.open(vm, config.boot_timeout)
+            monitor = await _open_monitor(vm, backend, config.boot_timeout)
             try:
                 stream = await vm.connect_agent(config.boot_timeout)
                 async with AgentClient(stream) as agent:
@@ -353,8 +351,9 @@ class _Incoming:
     """
 
     entry: _store.Entry
-    vm: QemuVM
-    monitor: Monitor
+    backend: Backend
+    vm: VMHandle
+    monitor: VMMonitor
     stream: anyio.abc.ByteStream
     stack: AsyncExitStack
     loop: asyncio.AbstractEventLoop | None = field(default=None)
@@ -384,25 +383,24 @@ async def _start_incoming(
             cache=cache, volumes=volumes,
         )  # fmt: skip
         vm = await backend.start(spec)
-        assert isinstance(vm, QemuVM)
         stack.push_async_callback(vm.kill)
         _pids[vm] = asyncio.get_running_loop()
         stack.callback(_pids.pop, vm, None)
-        monitor = await Monitor.open(vm, timeout)
+        monitor = await _open_monitor(vm, backend, timeout)
         stack.push_async_callback(monitor.close)
         await monitor.set_ignore_shared(True)
         await monitor.disable_self_announce()
         stream = await vm.connect_agent(timeout)
-        return _Incoming(entry, vm, monitor, stream, stack)
+        return _Incoming(entry, backend, vm, monitor, stream, stack)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await stack.aclose()
         raise
 
 
-async def _finish_restore(inc: _Incoming, config: SandboxConfig, plan: BootPlan | None) -> Sandbox:
-    from ..runtime.sandbox import Sandbox, start_agent_client
-
+async def _finish_restore(
+    inc: _Incoming, config: SandboxConfig, plan: BootPlan | None
+) -> GuestSession:
     stack = inc.stack
     try:
         if not inc.warmed:
@@ -412,16 +410,25 @@ async def _finish_restore(inc: _Incoming, config: SandboxConfig, plan: BootPlan 
         # The guest agent is the template's, mid-loop: it sends no READY, so HELLO
         # confirms it serves (and speaks our protocol version).
         await agent.hello(timeout=config.boot_timeout)
-        sandbox = Sandbox(config, inc.vm, agent, stack, plan)
-        sandbox._monitor = inc.monitor
-        sandbox._origin = inc.entry
-        await sandbox._configure_guest()  # fresh clock, RNG seed and hostname per clone
         _store.touch(inc.entry.path)
-        return sandbox
+        # Sandbox.from_session then gives it a fresh clock, RNG seed and hostname.
+        return GuestSession(
+            inc.vm, agent, stack, inc.backend, plan, monitor=inc.monitor, origin=inc.entry
+        )
     except BaseException:
         await inc.stream.aclose()
         await stack.aclose()
         raise
+
+
+async def _open_monitor(vm: VMHandle, backend: Backend, timeout: float) -> VMMonitor:
+    if not isinstance(vm, MonitoredVM):
+        await vm.kill()
+        raise SnapshotError(
+            f"the {backend.name} backend has no VM monitor: templates, snapshots and "
+            "forks need one (use the QEMU backend, or cold_boot=True)"
+        )
+    return await vm.open_monitor(timeout)
 
 
 async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) -> None:
@@ -454,7 +461,7 @@ async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) 
     inc.warmed = True
 
 
-async def _restore_entry(
+async def _restore_session(
     entry: _store.Entry,
     config: SandboxConfig,
     backend: Backend,
@@ -462,7 +469,7 @@ async def _restore_entry(
     cache: Path | None,
     pooled: bool,
     warm_command: bool = True,
-) -> Sandbox:
+) -> GuestSession:
     volumes = tuple(config.volumes.values())
     # A pooled QEMU was started with empty spare 9p devices and a 9p device's host
     # directory is fixed at QEMU start: a clone with volumes starts its own QEMU.
@@ -477,18 +484,55 @@ async def _restore_entry(
     return await _finish_restore(inc, config, plan)
 
 
-async def create_from_template(config: SandboxConfig, backend: Backend, plan: BootPlan) -> Sandbox:
-    """``Sandbox.create``'s template path: ensure the template, restore a clone."""
-    cache = config.cache_dir
-    entry = await ensure_template(config, backend, plan, cache)
-    try:
-        return await _restore_entry(entry, config, backend, plan, cache, pooled=True)
-    except (SnapshotError, ConfigError, FilesystemError):
-        raise  # a bad volume (gone, or its guest mount refused) is not a restore failure
-    except SandboxError as exc:
-        raise SnapshotError(
-            f"restoring a clone of template {entry.meta.name} failed: {exc}"
-        ) from exc
+async def _restore_entry(
+    entry: _store.Entry,
+    config: SandboxConfig,
+    backend: Backend,
+    plan: BootPlan | None,
+    cache: Path | None,
+    pooled: bool,
+    warm_command: bool = True,
+) -> Sandbox:
+    session = await _restore_session(entry, config, backend, plan, cache, pooled, warm_command)
+    return await Sandbox.from_session(config, session)
+
+
+class TemplateProvisioner:
+    """``Sandbox.create``'s default path: a copy-on-write clone of the template of
+    the configuration, built once (:func:`ensure_template`).
+    """
+
+    async def provision(self, config: SandboxConfig, backend: Backend) -> GuestSession:
+        plan = await plan_for(config, backend)
+        cache = config.cache_dir
+        entry = await ensure_template(config, backend, plan, cache)
+        try:
+            return await _restore_session(entry, config, backend, plan, cache, pooled=True)
+        except (SnapshotError, ConfigError, FilesystemError):
+            raise  # a bad volume (gone, or its guest mount refused) is not a restore failure
+        except SandboxError as exc:
+            raise SnapshotError(
+                f"restoring a clone of template {entry.meta.name} failed: {exc}"
+            ) from exc
+
+
+class SnapshotService:
+    """Named snapshots and forks (:class:`~pytest_microsandbox.runtime.provision.Snapshotter`)."""
+
+    async def restore(
+        self,
+        name_or_path: str | os.PathLike[str],
+        *,
+        name: str | None,
+        volumes: Mapping[str, Volume | str | os.PathLike[str]] | None,
+    ) -> Sandbox:
+        return await restore_snapshot(name_or_path, name=name, volumes=volumes)
+
+    async def snapshot(self, sandbox: Sandbox, name: str) -> Path:
+        return (await snapshot_sandbox(sandbox, name)).path
+
+    async def fork(self, sandbox: Sandbox, name: str | None) -> Sandbox:
+        return (await fork_sandbox(sandbox, name))[0]
 
 
 async def restore_snapshot(
@@ -555,7 +599,8 @@ async def restore_snapshot(
 
 async def _check_no_mounted_volumes(sandbox: Sandbox) -> None:
     try:
-        mounts = (await sandbox._agent.read_file("/proc/self/mounts", timeout=10)).decode()
+        agent = sandbox.session.agent
+        mounts = (await agent.read_file("/proc/self/mounts", timeout=10)).decode()
     except SandboxError:
         return  # nothing we can check; QEMU itself refuses a migration with a mounted 9p
     shares = describe_mounted_volumes(mounts, sandbox.config.volumes)
@@ -588,13 +633,15 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
         the disk is full, or QEMU failed.
     """
     _store.check_name(name)
-    monitor, origin = sandbox._monitor, sandbox._origin
-    if monitor is None or origin is None:
+    session = sandbox.session
+    monitor, origin = session.monitor, session.origin
+    if monitor is None or not isinstance(origin, _store.Entry):
         raise SnapshotError(
             f"sandbox {sandbox.name!r} was cold-booted (cold_boot=True) and has no QMP "
             "monitor: only sandboxes created from a template can be snapshotted"
         )
-    sandbox._check_running()
+    if not sandbox.running:
+        raise SandboxNotRunningError(f"sandbox {sandbox.name!r} is not running")
     await _check_no_mounted_volumes(sandbox)
     cache = cache if cache is not None else sandbox.config.cache_dir
     root = _store.named_root(cache)
@@ -603,9 +650,9 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
     # The new memory file: at most the guest's RAM.
     _store.check_free_space(root, (meta0.memory_mib << 20) + (64 << 20))
     tmp = _tmp_entry(root, name)
-    helper_vm: QemuVM | None = None
+    helper_vm: VMHandle | None = None
     try:
-        async with _helper(meta0, tmp, cache) as helper:
+        async with _helper(meta0, tmp, cache, session.backend) as helper:
             helper_vm = helper.vm
             # Streamed straight into the helper, which loads while this VM sends:
             # ~1.6 s instead of ~2.5-3.2 s through a file (512 MiB guest, measured).
@@ -652,29 +699,26 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
 
 @dataclass
 class _Helper:
-    vm: QemuVM
-    monitor: Monitor
+    vm: VMHandle
+    monitor: VMMonitor
 
 
 @contextlib.asynccontextmanager
 async def _helper(
-    meta: SnapshotMeta, out: Path, cache: Path | None
+    meta: SnapshotMeta, out: Path, cache: Path | None, backend: Backend
 ) -> AsyncGenerator[_Helper, None]:
-    """A paused QEMU with ``meta``'s devices, waiting for a migration, whose RAM is
+    """A paused VM with ``meta``'s devices, waiting for a migration, whose RAM is
     the new shared file ``out/memory``: what a snapshot's state is saved from.
     """
-    from ..runtime.qemu import QemuBackend
-
     run_dir = _mkrun("materialize")
     try:
         spec = _spec_from_meta(
             meta, name="materialize", run_dir=run_dir, memory_file=out / _store.MEMORY,
             shared=True, cache=cache,
         )  # fmt: skip
-        vm = await QemuBackend().start(spec)
-        assert isinstance(vm, QemuVM)
+        vm = await backend.start(spec)
         try:
-            monitor = await Monitor.open(vm, 30)
+            monitor = await _open_monitor(vm, backend, 30)
             try:
                 yield _Helper(vm, monitor)
             finally:
@@ -694,8 +738,6 @@ async def fork_sandbox(
     later with ``Sandbox.restore(name)``); without one it is deleted once the
     children run (they keep their copy-on-write mapping of it).
     """
-    from ..runtime.qemu import QemuBackend
-
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     keep = name is not None
@@ -710,7 +752,7 @@ async def fork_sandbox(
             # Children get no volumes: none was mounted in the capture.
             config = sandbox.config.model_copy(update={"name": child_name, "volumes": {}})
             children.append(
-                await _restore_entry(entry, config, QemuBackend(), None,
+                await _restore_entry(entry, config, sandbox.session.backend, None,
                                      sandbox.config.cache_dir, pooled=False)
             )  # fmt: skip
     except BaseException:
@@ -727,14 +769,11 @@ async def fork_sandbox(
 # -- pre-started pool -------------------------------------------------------------------------
 
 #: Every clone QEMU of this process, with the event loop that owns it.
-_pids: dict[QemuVM, asyncio.AbstractEventLoop] = {}
+_pids: dict[VMHandle, asyncio.AbstractEventLoop] = {}
 
 
-def _kill_vm_now(vm: QemuVM) -> None:
-    if vm.returncode is None:
-        vm.send_kill()
-    vm.close_pidfd()
-    shutil.rmtree(vm.spec.run_dir, ignore_errors=True)
+def _kill_vm_now(vm: VMHandle) -> None:
+    vm.kill_now()
 
 
 def _reap_closed_loops() -> None:

@@ -1,4 +1,5 @@
-"""A thin QMP monitor over ``qemu.qmp``: stop/cont and migration to and from files.
+"""The QEMU backend's monitor capability (:class:`~.backend.VMMonitor`): a thin
+QMP client over ``qemu.qmp`` for stop/cont and migration to and from files.
 
 QEMU connects its monitor to a socket the host listens on (``VMSpec.qmp``),
 so there is no start-up race; :meth:`Monitor.open` accepts that connection
@@ -11,14 +12,16 @@ import contextlib
 import logging
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from ..runtime._exceptions import SnapshotError
-from ..runtime.qemu import QemuVM
+from ._exceptions import SnapshotError
+
+if TYPE_CHECKING:
+    from .qemu import QemuVM
 
 __all__ = ["Monitor"]
 
