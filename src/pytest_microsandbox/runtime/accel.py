@@ -1,7 +1,7 @@
 """Choose the accelerator: KVM only when a probe boot really reaches the agent.
 
 ``/dev/kvm`` existing proves nothing: on PVM hosts standard guest kernels hang
-or die under KVM (measured, DESIGN.md). So the first sandbox on a host boots a
+or die under KVM (measured; docs/architecture.md). So the first sandbox on a host boots a
 probe VM under KVM with a short timeout; if its agent answers, KVM is used,
 otherwise TCG. The verdict is cached per host boot
 (``/proc/sys/kernel/random/boot_id``) in the cache directory.

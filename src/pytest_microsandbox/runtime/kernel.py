@@ -4,7 +4,7 @@ The guest runs Debian's generic ``linux-image-*-amd64`` kernel, extracted from
 its .deb into the cache directory (never installed on the host). The bzImage
 is decompressed once to its ELF ``vmlinux``, which QEMU boots through the PVH
 entry: decompressing under TCG emulation costs ~2 s of every cold boot
-(measured, DESIGN.md). The ``cloud`` flavour lacks 9p, so it is not used.
+(measured; docs/architecture.md). The ``cloud`` flavour lacks 9p, so it is not used.
 """
 
 from __future__ import annotations
