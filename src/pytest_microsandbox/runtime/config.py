@@ -15,12 +15,20 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from ._exceptions import ConfigError
+from ._limits import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_MAX_READ_BYTES,
+    MAX_ARG_STRLEN,
+    OnOutputLimit,
+)
 from .accel import ACCEL_ENV, AccelChoice, env_accel_choice
+from .agent.protocol import MAX_FRAME, MIN_FRAME
 
 __all__ = [
     "ACCEL_ENV",
@@ -45,6 +53,8 @@ MAX_IMAGE_VOLUMES = 1
 _FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 #: Guest paths a volume may not cover: the agent and every exec rely on them.
 _RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev")
+#: Validation context of a config parsed back from JSON (:meth:`SandboxConfig.from_json`).
+_STORED = "stored"
 
 
 def _format_validation_error(model: str, exc: ValidationError) -> str:
@@ -225,13 +235,41 @@ class SandboxConfig(BaseModel):
     accel: AccelChoice | None = Field(
         None, description=f"accelerator; None reads ${ACCEL_ENV}, else auto"
     )
-    boot_timeout: float = Field(120.0, gt=0, description="seconds to reach the agent")
-    exec_timeout: float | None = Field(
-        None, gt=0, description="default timeout of each exec in seconds (None: none)"
+    boot_timeout: float = Field(
+        120.0, gt=0, allow_inf_nan=False, description="seconds to reach the agent"
     )
-    stop_timeout: float = Field(10.0, gt=0, description="graceful stop before a forced kill")
+    exec_timeout: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="default timeout of each exec in seconds (None: none)",
+    )
+    stop_timeout: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="graceful stop before a forced kill"
+    )
     request_timeout: float = Field(
-        60.0, gt=0, description="seconds the agent may take to answer a non-exec request"
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds the agent may take to answer a non-exec request",
+    )
+    max_output_bytes: int = Field(
+        DEFAULT_MAX_OUTPUT_BYTES,
+        ge=0,
+        description="stdout and stderr, together, that exec() collects in host memory "
+        "(default 64 MiB); exec_stream's events are not limited",
+    )
+    on_output_limit: OnOutputLimit = Field(
+        "raise",
+        description='past max_output_bytes: "raise" kills the command and raises '
+        'OutputLimitError; "truncate" keeps the first bytes, drops the rest while the '
+        "command runs on, and sets ExecOutput.truncated",
+    )
+    max_read_bytes: int = Field(
+        DEFAULT_MAX_READ_BYTES,
+        ge=0,
+        description="largest guest file fs().read returns (default 64 MiB); bigger ones "
+        "raise OutputLimitError: copy them with fs().copy_to_host",
     )
     volumes: dict[str, Volume] = Field(
         default_factory=dict,
@@ -266,10 +304,13 @@ class SandboxConfig(BaseModel):
     def from_json(cls, text: str | bytes) -> SandboxConfig:
         """Parse a JSON document produced by :meth:`to_json`.
 
+        An image directory is not required to exist any more (a snapshot made
+        from it restores without it); volumes still are.
+
         :raises ConfigError: the JSON is malformed or a field is invalid.
         """
         try:
-            return cls.model_validate_json(text)
+            return cls.model_validate_json(text, context={_STORED: True})
         except ValidationError as exc:
             raise ConfigError(_format_validation_error("SandboxConfig", exc)) from None
 
@@ -288,19 +329,56 @@ class SandboxConfig(BaseModel):
 
     @field_validator("image")
     @classmethod
-    def _check_image(cls, value: str) -> str:
+    def _check_image(cls, value: str, info: ValidationInfo) -> str:
         if not value:
             raise ValueError('must be "host" or a directory path')
+        if value == "host" or (info.context or {}).get(_STORED):
+            return value
+        if "\0" in value:
+            raise ValueError("contains a NUL byte")
+        # The rule of images.resolve_root_layers: a value that looks like a path
+        # (or names something that exists) is a directory image; anything else is
+        # left to the image resolver (registry references, later).
+        candidate = Path(value).expanduser()
+        if not (value.startswith(("/", ".", "~")) or candidate.exists()):
+            return value
+        if not candidate.exists():
+            raise ValueError(
+                f"image directory {value!r} does not exist: create it, fix the path, or "
+                'use image="host" (the host\'s own userspace)'
+            )
+        if not candidate.is_dir():
+            raise ValueError(
+                f"image {value!r} is not a directory: pass a directory whose contents "
+                "become the guest's root (disk images are not supported; a file-system "
+                "image file can be mounted with Volume.image)"
+            )
+        if candidate.resolve() == Path("/"):
+            raise ValueError('is the host\'s root "/": use image="host" instead')
         return value
 
     @field_validator("env")
     @classmethod
     def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        total = 0
         for key, val in value.items():
             if not _ENV_KEY_RE.match(key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
             if "\0" in val:
                 raise ValueError(f"environment variable {key} contains a NUL byte")
+            size = len(f"{key}={val}".encode("utf-8", "surrogateescape"))
+            if size + 1 > MAX_ARG_STRLEN:  # execve counts the terminating NUL
+                raise ValueError(
+                    f"environment variable {key} is {size} bytes as KEY=VALUE, over "
+                    f"Linux's limit of {MAX_ARG_STRLEN - 1} bytes for one environment "
+                    "string (MAX_ARG_STRLEN): pass large data in a file"
+                )
+            total += 5 + size  # as an ENV field of the EXEC frame
+        if MIN_FRAME + total > MAX_FRAME:
+            raise ValueError(
+                f"the environment takes {total} bytes, over the {MAX_FRAME}-byte limit of "
+                "one exec request (arguments included): pass large data in a file"
+            )
         return value
 
     @field_validator("volumes")
@@ -356,6 +434,31 @@ class SandboxConfig(BaseModel):
             return self.volume_slots
         return MAX_VOLUMES if _count_binds(self.volumes) else 0
 
+    def check_host_capacity(self) -> None:
+        """Check that this host can give the sandbox its ``memory`` and ``cpus``
+        (done when a sandbox starts, not at construction: a config stays valid
+        on other hosts).
+
+        :raises ConfigError: ``memory`` is above the host's RAM plus swap, or
+            ``cpus`` above its CPU count.
+        """
+        meminfo = _host_meminfo()
+        if meminfo is not None:
+            total_mib = (meminfo.get("MemTotal", 0) + meminfo.get("SwapTotal", 0)) // 1024
+            available_mib = meminfo.get("MemAvailable", 0) // 1024
+            if total_mib and self.memory > total_mib:
+                raise ConfigError(
+                    f"memory={self.memory} MiB is more than this host has: "
+                    f"{total_mib} MiB of RAM and swap, {available_mib} MiB of it available "
+                    f"now; lower memory (guests start with 512 MiB by default)"
+                )
+        host_cpus = os.cpu_count()
+        if host_cpus is not None and self.cpus > host_cpus:
+            raise ConfigError(
+                f"cpus={self.cpus} is more than this host's {host_cpus} CPUs: lower cpus "
+                f"to at most {host_cpus} (extra virtual CPUs only compete for the same cores)"
+            )
+
     def resolved_accel(self) -> AccelChoice:
         """The accelerator choice after applying ``$MICROSANDBOX_ACCEL``.
 
@@ -367,3 +470,18 @@ class SandboxConfig(BaseModel):
         if self.project_root is not None:
             return self.project_root.resolve()
         return find_project_root()
+
+
+def _host_meminfo() -> dict[str, int] | None:
+    """The host's /proc/meminfo in KiB, or None where there is none."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    info: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            info[key] = int(parts[0])
+    return info
