@@ -150,7 +150,8 @@ def test_image_volume_errors(tmp_path: Path) -> None:
 
 
 def test_image_path_must_be_an_existing_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"image: .*image directory '/nonexistent' does not exist"):
+    missing = r"image: .*image directory '/nonexistent' does not exist"
+    with pytest.raises(ConfigError, match=missing):
         SandboxConfig(image="/nonexistent")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"image: .* is not a directory"):
@@ -183,7 +184,7 @@ def test_timeouts_must_be_finite_and_positive(field: str, value: float) -> None:
 
 def test_env_over_the_exec_limits_is_named() -> None:
     with pytest.raises(
-        ConfigError, match="environment variable BIG is 200004 bytes.*MAX_ARG_STRLEN"
+        ConfigError, match=r"environment variable BIG is 200004 bytes.*MAX_ARG_STRLEN"
     ):
         SandboxConfig(env={"BIG": "x" * 200_000})
     many = {f"V{i}": "x" * 100_000 for i in range(12)}

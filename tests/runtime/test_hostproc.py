@@ -179,17 +179,17 @@ def test_read_cap_comes_from_the_config_and_the_call(tmp_path: Path) -> None:
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -5.0])
 def test_bad_timeouts_and_limits_are_config_errors(timeout: float) -> None:
     async def body(sb: Sandbox) -> None:
-        with pytest.raises(ConfigError, match="^timeout: "):
+        with pytest.raises(ConfigError, match=r"^timeout: "):
             await sb.exec("true", timeout=timeout)
-        with pytest.raises(ConfigError, match="^timeout: "):
+        with pytest.raises(ConfigError, match=r"^timeout: "):
             await sb.exec_stream("true", timeout=timeout)
-        with pytest.raises(ConfigError, match="^max_output: "):
+        with pytest.raises(ConfigError, match=r"^max_output: "):
             await sb.exec("true", max_output=-1)
-        with pytest.raises(ConfigError, match="^on_output_limit: "):
+        with pytest.raises(ConfigError, match=r"^on_output_limit: "):
             await sb.exec("true", on_output_limit="ignore")  # type: ignore[arg-type]
-        with pytest.raises(ConfigError, match="^max_size: "):
+        with pytest.raises(ConfigError, match=r"^max_size: "):
             await sb.fs().read("/etc/hostname", max_size=-1)
-        with pytest.raises(ConfigError, match="^timeout: "):
+        with pytest.raises(ConfigError, match=r"^timeout: "):
             await sb.stop(timeout=timeout)
         assert (await sb.exec("true")).success
 

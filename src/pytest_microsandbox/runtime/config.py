@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -53,8 +53,10 @@ MAX_IMAGE_VOLUMES = 1
 _FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 #: Guest paths a volume may not cover: the agent and every exec rely on them.
 _RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev")
-#: Validation context of a config parsed back from JSON (:meth:`SandboxConfig.from_json`).
-_STORED = "stored"
+#: Set while :meth:`SandboxConfig.from_json` parses a stored config. A context
+#: variable, not pydantic's validation context: the custom ``__init__`` that
+#: pydantic calls during validation does not pass that on.
+_PARSING_STORED: ContextVar[bool] = ContextVar("_PARSING_STORED", default=False)
 
 
 def _format_validation_error(model: str, exc: ValidationError) -> str:
@@ -309,10 +311,13 @@ class SandboxConfig(BaseModel):
 
         :raises ConfigError: the JSON is malformed or a field is invalid.
         """
+        token = _PARSING_STORED.set(True)
         try:
-            return cls.model_validate_json(text, context={_STORED: True})
+            return cls.model_validate_json(text)
         except ValidationError as exc:
             raise ConfigError(_format_validation_error("SandboxConfig", exc)) from None
+        finally:
+            _PARSING_STORED.reset(token)
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -329,10 +334,10 @@ class SandboxConfig(BaseModel):
 
     @field_validator("image")
     @classmethod
-    def _check_image(cls, value: str, info: ValidationInfo) -> str:
+    def _check_image(cls, value: str) -> str:
         if not value:
             raise ValueError('must be "host" or a directory path')
-        if value == "host" or (info.context or {}).get(_STORED):
+        if value == "host" or _PARSING_STORED.get():
             return value
         if "\0" in value:
             raise ValueError("contains a NUL byte")
