@@ -144,3 +144,96 @@ def test_image_volume_errors(tmp_path: Path) -> None:
     assert len(SandboxConfig(volumes={**binds, "/img": volume}).volumes) == MAX_VOLUMES + 1
     with pytest.raises(ConfigError, match="2 image volumes given, at most 1"):
         SandboxConfig(volumes={"/a": volume, "/b": volume})
+
+
+# -- bad inputs of #19 (item 8): each a ConfigError naming the field ------------------------
+
+
+def test_image_path_must_be_an_existing_directory(tmp_path: Path) -> None:
+    missing = r"image: .*image directory '/nonexistent' does not exist"
+    with pytest.raises(ConfigError, match=missing):
+        SandboxConfig(image="/nonexistent")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"image: .* is not a directory"):
+        SandboxConfig(image=str(tmp_path / "file"))
+    with pytest.raises(ConfigError, match='image="host"'):
+        SandboxConfig(image="/")
+    assert SandboxConfig(image=str(tmp_path)).image == str(tmp_path)
+    # Not path-like and nothing of that name here: left to the image resolver
+    # (registry references come later).
+    assert SandboxConfig(image="python:3.12-slim").image == "python:3.12-slim"
+
+
+def test_stored_config_with_a_removed_image_directory_still_parses(tmp_path: Path) -> None:
+    # A snapshot keeps its config as JSON; restoring it needs no image directory.
+    (tmp_path / "root").mkdir()
+    stored = SandboxConfig(image=str(tmp_path / "root")).to_json()
+    (tmp_path / "root").rmdir()
+    assert SandboxConfig.from_json(stored).image == str(tmp_path / "root")
+
+
+@pytest.mark.parametrize(
+    "field", ["boot_timeout", "exec_timeout", "stop_timeout", "request_timeout"]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), -1.0, 0.0])
+def test_timeouts_must_be_finite_and_positive(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"\n  {field}: ") as info:
+        SandboxConfig(**{field: value})
+    assert isinstance(info.value, ValueError)
+
+
+def test_env_over_the_exec_limits_is_named() -> None:
+    with pytest.raises(
+        ConfigError, match=r"environment variable BIG is 200004 bytes.*MAX_ARG_STRLEN"
+    ):
+        SandboxConfig(env={"BIG": "x" * 200_000})
+    many = {f"V{i}": "x" * 100_000 for i in range(12)}
+    with pytest.raises(ConfigError, match="limit of one exec request"):
+        SandboxConfig(env=many)
+    assert SandboxConfig(env={"OK": "x" * 100_000}).env["OK"]
+
+
+def test_output_limits_default_and_validate() -> None:
+    config = SandboxConfig()
+    assert config.max_output_bytes == 64 << 20 and config.max_read_bytes == 64 << 20
+    assert config.on_output_limit == "raise"
+    with pytest.raises(ConfigError, match="max_output_bytes"):
+        SandboxConfig(max_output_bytes=-1)
+    with pytest.raises(ConfigError, match="on_output_limit"):
+        SandboxConfig(on_output_limit="ignore")
+
+
+def _host_memory_mib() -> int:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return (int(info["MemTotal"].split()[0]) + int(info["SwapTotal"].split()[0])) // 1024
+
+
+def test_memory_beyond_the_host_is_named_before_qemu_starts() -> None:
+    if _host_memory_mib() >= 65536:
+        pytest.skip("this host has 64 GiB or more")
+    config = SandboxConfig(memory=65536)  # valid anywhere as a config...
+    with pytest.raises(ConfigError, match=r"memory=65536 MiB is more than this host has: \d+ MiB"):
+        config.check_host_capacity()  # ...but not on this host
+    SandboxConfig(memory=512).check_host_capacity()
+
+
+def test_memory_beyond_the_host_fails_create_without_a_vm() -> None:
+    import anyio
+
+    from pytest_microsandbox.runtime import Sandbox
+
+    if _host_memory_mib() >= 65536:
+        pytest.skip("this host has 64 GiB or more")
+
+    async def main() -> None:
+        with pytest.raises(ConfigError, match="memory=65536"):
+            await Sandbox.create(SandboxConfig(memory=65536, cold_boot=True))
+
+    anyio.run(main)
+
+
+def test_cpus_beyond_the_host_are_allowed() -> None:
+    import os
+
+    # Virtual CPUs share the host's cores: a 2-vCPU marked test runs on 1 core.
+    SandboxConfig(cpus=(os.cpu_count() or 1) + 1).check_host_capacity()

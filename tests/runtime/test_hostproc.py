@@ -17,22 +17,28 @@ import pytest
 from pytest_microsandbox.runtime import (
     BackendUnavailableError,
     CommandNotFoundError,
+    ConfigError,
+    ExecError,
     ExecTimeoutError,
     Exited,
     GuestCrashedError,
+    OutputLimitError,
     PathNotFoundError,
     Sandbox,
     SandboxConfig,
     SandboxNotRunningError,
+    Stderr,
     Stdout,
 )
 from pytest_microsandbox.runtime.hostproc import HostProcessBackend
 from pytest_microsandbox.runtime.sandbox import XFER_THRESHOLD
 
 
-def run(body) -> None:
+def run(body, **config: object) -> None:
     async def main() -> None:
-        sb = await Sandbox.create(SandboxConfig(name="fake"), backend=HostProcessBackend())
+        sb = await Sandbox.create(
+            SandboxConfig(name="fake", **config), backend=HostProcessBackend()
+        )
         try:
             await body(sb)
         finally:
@@ -116,5 +122,85 @@ def test_the_test_double_has_no_channel() -> None:
     async def body(sb: Sandbox) -> None:
         with pytest.raises(BackendUnavailableError, match="no host-guest channel"):
             await sb.open_channel()
+
+    run(body)
+
+
+# -- limits (#19): collected output and reads are capped; bad arguments are named --------
+
+MIB = 1 << 20
+FLOOD = "head -c 3000000 /dev/zero; head -c 2000000 /dev/zero >&2"
+
+
+def test_output_cap_comes_from_the_config_and_the_call() -> None:
+    async def body(sb: Sandbox) -> None:
+        with pytest.raises(OutputLimitError) as info:
+            await sb.shell(FLOOD)  # max_output_bytes=1 MiB from the config
+        assert len(info.value.stdout) + len(info.value.stderr) == MIB
+        out = await sb.shell(FLOOD, on_output_limit="truncate")
+        assert out.success and out.truncated and out.stdout_truncated
+        assert len(out.stdout) + len(out.stderr) == MIB
+        whole = await sb.shell(FLOOD, max_output=8 * MIB)  # the call raises the cap
+        assert (len(whole.stdout), len(whole.stderr)) == (3_000_000, 2_000_000)
+        assert not whole.truncated
+        # exec_stream: iteration gets everything, wait() collects under the cap
+        handle = await sb.exec_stream("sh", ["-c", FLOOD])
+        got = sum([len(e.data) async for e in handle if isinstance(e, (Stdout, Stderr))])
+        assert got == 5_000_000
+        async with await sb.exec_stream("sh", ["-c", FLOOD]) as handle:
+            with pytest.raises(OutputLimitError):
+                await handle.wait()
+
+    run(body, max_output_bytes=MIB)
+
+
+def test_truncate_can_be_the_configured_default() -> None:
+    async def body(sb: Sandbox) -> None:
+        out = await sb.shell(FLOOD)
+        assert out.truncated and len(out.stdout) + len(out.stderr) == MIB
+        with pytest.raises(OutputLimitError):
+            await sb.shell(FLOOD, on_output_limit="raise")
+
+    run(body, max_output_bytes=MIB, on_output_limit="truncate")
+
+
+def test_read_cap_comes_from_the_config_and_the_call(tmp_path: Path) -> None:
+    async def body(sb: Sandbox) -> None:
+        big = tmp_path / "big"
+        big.write_bytes(b"y" * (2 * MIB))
+        with pytest.raises(OutputLimitError, match="copy_to_host"):
+            await sb.fs().read(str(big))
+        assert len(await sb.fs().read(str(big), max_size=2 * MIB)) == 2 * MIB
+        assert await sb.fs().copy_to_host(str(big), tmp_path / "copy") == 2 * MIB  # no cap
+
+    run(body, max_read_bytes=MIB)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -5.0])
+def test_bad_timeouts_and_limits_are_config_errors(timeout: float) -> None:
+    async def body(sb: Sandbox) -> None:
+        with pytest.raises(ConfigError, match=r"^timeout: "):
+            await sb.exec("true", timeout=timeout)
+        with pytest.raises(ConfigError, match=r"^timeout: "):
+            await sb.exec_stream("true", timeout=timeout)
+        with pytest.raises(ConfigError, match=r"^max_output: "):
+            await sb.exec("true", max_output=-1)
+        with pytest.raises(ConfigError, match=r"^on_output_limit: "):
+            await sb.exec("true", on_output_limit="ignore")  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=r"^max_size: "):
+            await sb.fs().read("/etc/hostname", max_size=-1)
+        with pytest.raises(ConfigError, match=r"^timeout: "):
+            await sb.stop(timeout=timeout)
+        assert (await sb.exec("true")).success
+
+    run(body)
+
+
+def test_oversized_argument_is_named() -> None:
+    async def body(sb: Sandbox) -> None:
+        with pytest.raises(ExecError, match=r"argv\[1\] is 300000 bytes"):
+            await sb.exec("echo", ["x" * 300_000])
+        with pytest.raises(ExecError, match="environment variable HUGE is 300005 bytes"):
+            await sb.exec("true", env={"HUGE": "x" * 300_000})
 
     run(body)

@@ -20,6 +20,7 @@ from pytest_microsandbox.runtime import (
     Exited,
     FilesystemError,
     GuestCrashedError,
+    OutputLimitError,
     PathNotFoundError,
     Sandbox,
     SandboxConfig,
@@ -385,3 +386,50 @@ def test_sync_snapshot_fork_and_restore(tmp_path: Path) -> None:
         finally:
             Snapshot.remove("sync-snap")
         assert not path.exists()
+
+
+# -- limits (#19 items 5 and 8) -------------------------------------------------------------
+
+
+def test_output_over_the_cap_is_bounded_and_the_sandbox_goes_on(
+    shared_sandbox: SyncSandbox,
+) -> None:
+    flood = "head -c 5000000 /dev/zero"
+    with pytest.raises(OutputLimitError, match="1048576 bytes") as info:
+        shared_sandbox.shell(flood, max_output=1 << 20)
+    assert len(info.value.stdout) + len(info.value.stderr) == 1 << 20
+    out = shared_sandbox.shell(flood, max_output=1 << 20, on_output_limit="truncate")
+    assert out.success and out.stdout_truncated and len(out.stdout) == 1 << 20
+    assert shared_sandbox.shell("echo alive").stdout == b"alive\n"
+
+
+def test_reading_proc_kcore_ends_at_the_limit(shared_sandbox: SyncSandbox) -> None:
+    # /proc/kcore streams "forever" (it is as big as the kernel's address space):
+    # the read must end at its limit and the agent stop reading it.
+    with pytest.raises(OutputLimitError, match=r"larger than 1048576 bytes.*copy_to_host"):
+        shared_sandbox.fs().read("/proc/kcore", max_size=1 << 20)
+    assert shared_sandbox.fs().read("/etc/hostname")
+    assert shared_sandbox.shell("echo alive").stdout == b"alive\n"
+
+
+def test_qemu_failing_at_start_says_why() -> None:
+    # The memory check of Sandbox.create catches this before QEMU; a cold boot
+    # past it shows what a QEMU that fails at start (here: guest RAM it cannot
+    # allocate) reports.
+    from pytest_microsandbox.runtime.boot import prepare_boot
+    from pytest_microsandbox.runtime.provision import boot_session
+    from pytest_microsandbox.runtime.qemu import QemuBackend
+
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("with vm.overcommit_memory=1 QEMU gets any amount of memory")
+    meminfo = Path("/proc/meminfo").read_text().split()
+    if int(meminfo[meminfo.index("MemTotal:") + 1]) >= 60 << 20:
+        pytest.skip("this host may well give a guest 64 GiB")
+    config = SandboxConfig(name="too-big", memory=65536, cold_boot=True, accel="tcg")
+
+    async def main() -> None:
+        plan = await anyio.to_thread.run_sync(prepare_boot, config, "tcg", None)
+        with pytest.raises(GuestCrashedError, match="cannot set up guest memory"):
+            await boot_session(config, QemuBackend(), lambda d: plan.vm_spec(config, d), plan)
+
+    anyio.run(main)

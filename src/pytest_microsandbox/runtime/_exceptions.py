@@ -15,6 +15,7 @@ Every error the runtime raises on purpose derives from :class:`SandboxError`::
     ├── ExecError                    a command could not be started in the guest
     │   └── CommandNotFoundError     the program does not exist in the guest
     ├── ExecTimeoutError             a command ran past its timeout and was killed
+    ├── OutputLimitError             a command's output or a file read passed its size limit
     ├── GuestTimeoutError            the guest stopped answering
     ├── SnapshotError                a template or snapshot cannot be built, used or restored
     │   ├── SnapshotNotFoundError    no snapshot has that name or path
@@ -44,6 +45,7 @@ __all__ = [
     "GuestTimeoutError",
     "ImageError",
     "KernelNotFoundError",
+    "OutputLimitError",
     "PathNotFoundError",
     "ProtocolError",
     "SandboxError",
@@ -123,6 +125,23 @@ class ExecTimeoutError(SandboxError):
         self.stdout = stdout
         self.stderr = stderr
         self.timeout = timeout
+
+
+class OutputLimitError(SandboxError):
+    """Raised when the host would collect more guest data in memory than allowed:
+    a command's stdout and stderr together passed ``max_output`` (the command
+    was killed; ``stdout``/``stderr`` hold what came before the limit), or a
+    ``fs().read`` passed ``max_size`` (the guest was told to stop reading).
+    ``limit`` is the limit in bytes.
+    """
+
+    def __init__(
+        self, message: str, *, limit: int, stdout: bytes = b"", stderr: bytes = b""
+    ) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 class GuestTimeoutError(SandboxError):

@@ -130,6 +130,10 @@ class VMHandle(abc.ABC):
     def console_tail(self, lines: int = 40) -> str:
         return read_console_tail(self.spec.console_path, lines)
 
+    def stderr_tail(self) -> str:
+        """What the VM process itself printed, for error messages ("" if nothing)."""
+        return ""
+
     @abc.abstractmethod
     def kill_now(self) -> None:
         """Kill the VM without awaiting anything and free its run directory: the

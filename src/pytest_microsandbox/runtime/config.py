@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,14 @@ from pydantic import (
 )
 
 from ._exceptions import ConfigError
+from ._limits import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_MAX_READ_BYTES,
+    MAX_ARG_STRLEN,
+    OnOutputLimit,
+)
 from .accel import ACCEL_ENV, AccelChoice, env_accel_choice
+from .agent.protocol import MAX_FRAME, MIN_FRAME
 
 __all__ = [
     "ACCEL_ENV",
@@ -45,6 +53,10 @@ MAX_IMAGE_VOLUMES = 1
 _FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 #: Guest paths a volume may not cover: the agent and every exec rely on them.
 _RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev")
+#: Set while :meth:`SandboxConfig.from_json` parses a stored config. A context
+#: variable, not pydantic's validation context: the custom ``__init__`` that
+#: pydantic calls during validation does not pass that on.
+_PARSING_STORED: ContextVar[bool] = ContextVar("_PARSING_STORED", default=False)
 
 
 def _format_validation_error(model: str, exc: ValidationError) -> str:
@@ -225,13 +237,41 @@ class SandboxConfig(BaseModel):
     accel: AccelChoice | None = Field(
         None, description=f"accelerator; None reads ${ACCEL_ENV}, else auto"
     )
-    boot_timeout: float = Field(120.0, gt=0, description="seconds to reach the agent")
-    exec_timeout: float | None = Field(
-        None, gt=0, description="default timeout of each exec in seconds (None: none)"
+    boot_timeout: float = Field(
+        120.0, gt=0, allow_inf_nan=False, description="seconds to reach the agent"
     )
-    stop_timeout: float = Field(10.0, gt=0, description="graceful stop before a forced kill")
+    exec_timeout: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="default timeout of each exec in seconds (None: none)",
+    )
+    stop_timeout: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="graceful stop before a forced kill"
+    )
     request_timeout: float = Field(
-        60.0, gt=0, description="seconds the agent may take to answer a non-exec request"
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds the agent may take to answer a non-exec request",
+    )
+    max_output_bytes: int = Field(
+        DEFAULT_MAX_OUTPUT_BYTES,
+        ge=0,
+        description="stdout and stderr, together, that exec() collects in host memory "
+        "(default 64 MiB); exec_stream's events are not limited",
+    )
+    on_output_limit: OnOutputLimit = Field(
+        "raise",
+        description='past max_output_bytes: "raise" kills the command and raises '
+        'OutputLimitError; "truncate" keeps the first bytes, drops the rest while the '
+        "command runs on, and sets ExecOutput.truncated",
+    )
+    max_read_bytes: int = Field(
+        DEFAULT_MAX_READ_BYTES,
+        ge=0,
+        description="largest guest file fs().read returns (default 64 MiB); bigger ones "
+        "raise OutputLimitError: copy them with fs().copy_to_host",
     )
     volumes: dict[str, Volume] = Field(
         default_factory=dict,
@@ -266,12 +306,18 @@ class SandboxConfig(BaseModel):
     def from_json(cls, text: str | bytes) -> SandboxConfig:
         """Parse a JSON document produced by :meth:`to_json`.
 
+        An image directory is not required to exist any more (a snapshot made
+        from it restores without it); volumes still are.
+
         :raises ConfigError: the JSON is malformed or a field is invalid.
         """
+        token = _PARSING_STORED.set(True)
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
             raise ConfigError(_format_validation_error("SandboxConfig", exc)) from None
+        finally:
+            _PARSING_STORED.reset(token)
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -291,16 +337,53 @@ class SandboxConfig(BaseModel):
     def _check_image(cls, value: str) -> str:
         if not value:
             raise ValueError('must be "host" or a directory path')
+        if value == "host" or _PARSING_STORED.get():
+            return value
+        if "\0" in value:
+            raise ValueError("contains a NUL byte")
+        # The rule of images.resolve_root_layers: a value that looks like a path
+        # (or names something that exists) is a directory image; anything else is
+        # left to the image resolver (registry references, later).
+        candidate = Path(value).expanduser()
+        if not (value.startswith(("/", ".", "~")) or candidate.exists()):
+            return value
+        if not candidate.exists():
+            raise ValueError(
+                f"image directory {value!r} does not exist: create it, fix the path, or "
+                'use image="host" (the host\'s own userspace)'
+            )
+        if not candidate.is_dir():
+            raise ValueError(
+                f"image {value!r} is not a directory: pass a directory whose contents "
+                "become the guest's root (disk images are not supported; a file-system "
+                "image file can be mounted with Volume.image)"
+            )
+        if candidate.resolve() == Path("/"):
+            raise ValueError('is the host\'s root "/": use image="host" instead')
         return value
 
     @field_validator("env")
     @classmethod
     def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        total = 0
         for key, val in value.items():
             if not _ENV_KEY_RE.match(key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
             if "\0" in val:
                 raise ValueError(f"environment variable {key} contains a NUL byte")
+            size = len(f"{key}={val}".encode("utf-8", "surrogateescape"))
+            if size + 1 > MAX_ARG_STRLEN:  # execve counts the terminating NUL
+                raise ValueError(
+                    f"environment variable {key} is {size} bytes as KEY=VALUE, over "
+                    f"Linux's limit of {MAX_ARG_STRLEN - 1} bytes for one environment "
+                    "string (MAX_ARG_STRLEN): pass large data in a file"
+                )
+            total += 5 + size  # as an ENV field of the EXEC frame
+        if MIN_FRAME + total > MAX_FRAME:
+            raise ValueError(
+                f"the environment takes {total} bytes, over the {MAX_FRAME}-byte limit of "
+                "one exec request (arguments included): pass large data in a file"
+            )
         return value
 
     @field_validator("volumes")
@@ -356,6 +439,25 @@ class SandboxConfig(BaseModel):
             return self.volume_slots
         return MAX_VOLUMES if _count_binds(self.volumes) else 0
 
+    def check_host_capacity(self) -> None:
+        """Check that this host can give the sandbox its ``memory`` (done when a
+        sandbox starts, not at construction: a config stays valid on other
+        hosts). ``cpus`` may exceed the host's CPU count: the virtual CPUs then
+        share its cores, which is what a 2-vCPU test on a 1-core runner wants.
+
+        :raises ConfigError: ``memory`` is above the host's RAM plus swap.
+        """
+        meminfo = _host_meminfo()
+        if meminfo is not None:
+            total_mib = (meminfo.get("MemTotal", 0) + meminfo.get("SwapTotal", 0)) // 1024
+            available_mib = meminfo.get("MemAvailable", 0) // 1024
+            if total_mib and self.memory > total_mib:
+                raise ConfigError(
+                    f"memory={self.memory} MiB is more than this host has: "
+                    f"{total_mib} MiB of RAM and swap, {available_mib} MiB of it available "
+                    f"now; lower memory (guests start with 512 MiB by default)"
+                )
+
     def resolved_accel(self) -> AccelChoice:
         """The accelerator choice after applying ``$MICROSANDBOX_ACCEL``.
 
@@ -367,3 +469,18 @@ class SandboxConfig(BaseModel):
         if self.project_root is not None:
             return self.project_root.resolve()
         return find_project_root()
+
+
+def _host_meminfo() -> dict[str, int] | None:
+    """The host's /proc/meminfo in KiB, or None where there is none."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    info: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            info[key] = int(parts[0])
+    return info

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 
     from .sandbox import Sandbox
 
+#: Seconds a guest whose agent connection dropped at boot gets to exit, so the
+#: error can say how its VM process ended.
+_EXIT_GRACE_S = 1.0
+
 __all__ = [
     "ColdBoot",
     "Extensions",
@@ -135,7 +139,11 @@ class Extensions:
 
 
 async def plan_for(config: SandboxConfig, backend: Backend) -> BootPlan:
-    """Resolve the accelerator and build (or find cached) what ``config`` boots from."""
+    """Resolve the accelerator and build (or find cached) what ``config`` boots from.
+
+    :raises ConfigError: ``memory`` or ``cpus`` is more than this host has.
+    """
+    config.check_host_capacity()
     accel = await resolve_accel(config, backend)
     return await anyio.to_thread.run_sync(prepare_boot, config, accel.accel, config.cache_dir)
 
@@ -181,7 +189,7 @@ async def boot_session(
         try:
             await agent.wait_ready(timeout=max(0.1, boot_deadline - anyio.current_time()))
         except (GuestTimeoutError, SandboxNotRunningError, ProtocolError) as exc:
-            raise boot_failure(vm, config, exc) from exc
+            raise await boot_failure(vm, config, exc) from exc
         return GuestSession(vm, agent, stack, backend, plan)
     except BaseException:
         # Not shielded: the stack holds the agent client's task group, which
@@ -199,13 +207,23 @@ def check_volumes_supported(config: SandboxConfig, backend: Backend) -> None:
         )
 
 
-def boot_failure(vm: VMHandle, config: SandboxConfig, exc: SandboxError) -> SandboxError:
-    """The error for a guest that did not reach a serving agent, with its console tail."""
+async def boot_failure(vm: VMHandle, config: SandboxConfig, exc: SandboxError) -> SandboxError:
+    """The error for a guest that did not reach a serving agent, with its console
+    tail and what the VM process printed.
+    """
+    if isinstance(exc, SandboxNotRunningError) and vm.returncode is None:
+        # A lost agent connection at boot means the VM is going down (QEMU
+        # connects its ports before it fails, e.g. to allocate guest memory):
+        # wait briefly, so the error says how it ended and what QEMU said.
+        with anyio.move_on_after(_EXIT_GRACE_S, shield=True):
+            await vm.wait()
     tail = vm.console_tail()
     if vm.returncode is not None or isinstance(exc, SandboxNotRunningError):
+        printed = vm.stderr_tail()
+        said = f"; {printed}" if printed else ""
         return GuestCrashedError(
             f"sandbox {config.name!r}: the guest died while booting "
-            f"(its VM process {describe_exit(vm.returncode)})",
+            f"(its VM process {describe_exit(vm.returncode)}{said})",
             console_tail=tail,
         )
     if isinstance(exc, GuestTimeoutError):

@@ -191,7 +191,7 @@ class QemuVM(ProcessVMHandle):
         if self._process.returncode is not None:
             raise GuestCrashedError(
                 f"QEMU {describe_exit(self._process.returncode)} before the agent "
-                f"connected; {self._stderr_tail()}",
+                f"connected; {self.stderr_tail()}",
                 console_tail=self.console_tail(),
             )
         raise BootError(
@@ -220,7 +220,7 @@ class QemuVM(ProcessVMHandle):
                 return conn
         if self._process.returncode is not None:
             raise GuestCrashedError(
-                f"QEMU {describe_exit(self._process.returncode)}; {self._stderr_tail()}"
+                f"QEMU {describe_exit(self._process.returncode)}; {self.stderr_tail()}"
             )
         raise BootError(f"QEMU did not connect its QMP monitor within {timeout:g} s")
 
@@ -230,7 +230,8 @@ class QemuVM(ProcessVMHandle):
 
         return await Monitor.open(self, timeout)
 
-    def _stderr_tail(self) -> str:
+    def stderr_tail(self) -> str:
+        """What QEMU printed on stderr (its last 1500 characters), for error messages."""
         try:
             text = (self.spec.run_dir / "qemu.stderr").read_text(errors="replace").strip()
         except OSError:

@@ -30,6 +30,7 @@ from ._confined import (
     CopyBudget,
 )
 from ._exceptions import (
+    ConfigError,
     CopyLimitError,
     ExecTimeoutError,
     FilesystemError,
@@ -41,6 +42,7 @@ from ._exceptions import (
     SandboxNotRunningError,
     SnapshotError,
 )
+from ._limits import OnOutputLimit, check_limit, check_timeout
 from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
@@ -82,10 +84,18 @@ class ExecOutput:
     stdout_bytes: bytes
     stderr_bytes: bytes
     term_signal: int | None = None
+    #: Output past ``max_output`` was dropped (only with ``on_output_limit="truncate"``).
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
     @property
     def success(self) -> bool:
         return self.exit_code == 0
+
+    @property
+    def truncated(self) -> bool:
+        """Whether stdout or stderr is cut short at ``max_output``."""
+        return self.stdout_truncated or self.stderr_truncated
 
     @property
     def stdout_text(self) -> str:
@@ -111,6 +121,8 @@ class ExecOutput:
             stdout_bytes=result.stdout,
             stderr_bytes=result.stderr,
             term_signal=result.term_signal,
+            stdout_truncated=result.stdout_truncated,
+            stderr_truncated=result.stderr_truncated,
         )
 
 
@@ -163,13 +175,20 @@ class ExecHandle:
         async with self._sandbox._guest_errors():
             await self._process.kill()
 
-    async def wait(self) -> ExecOutput:
+    async def wait(
+        self, *, max_output: int | None = None, on_output_limit: OnOutputLimit | None = None
+    ) -> ExecOutput:
         """Wait for the exit; output not consumed by iteration is in the result.
 
+        The output it collects is capped like :meth:`Sandbox.exec`'s (events
+        taken by iterating are not).
+
         :raises ExecTimeoutError: the command ran past its timeout and was killed.
+        :raises OutputLimitError: the output passed ``max_output`` (killed).
         """
+        limit, action = self._sandbox._output_limit(max_output, on_output_limit)
         async with self._sandbox._guest_errors():
-            result = await self._process.wait()
+            result = await self._process.wait(max_output=limit, on_output_limit=action)
         return _finish(result, self._process.program, self._timeout)
 
     async def __aenter__(self) -> ExecHandle:
@@ -196,11 +215,23 @@ class SandboxFs:
     def __init__(self, sandbox: Sandbox) -> None:
         self._sb = sandbox
 
-    async def read(self, path: str) -> bytes:
-        return await self._sb._watched(f"reading {path}", lambda: self._sb._agent.read_file(path))
+    async def read(self, path: str, *, max_size: int | None = None) -> bytes:
+        """Return a guest file's content.
 
-    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return (await self.read(path)).decode(encoding)
+        :raises OutputLimitError: it is over ``max_size`` bytes (default
+            ``config.max_read_bytes``); the guest stops reading it. Copy big
+            files with :meth:`copy_to_host`, which streams to disk.
+        """
+        limit = self._sb.config.max_read_bytes if max_size is None else max_size
+        check_limit(limit, "max_size")
+        return await self._sb._watched(
+            f"reading {path}", lambda: self._sb._agent.read_file(path, max_size=limit)
+        )
+
+    async def read_text(
+        self, path: str, encoding: str = "utf-8", *, max_size: int | None = None
+    ) -> str:
+        return (await self.read(path, max_size=max_size)).decode(encoding)
 
     async def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
         """Write a whole file, creating parent directories; returns the size."""
@@ -393,7 +424,8 @@ class Sandbox:
         Unless ``cold_boot``, the sandbox is a copy-on-write clone of a template of
         its configuration (built once) when the snapshot layer is installed.
 
-        :raises ConfigError: a field is invalid.
+        :raises ConfigError: a field is invalid, or ``memory``/``cpus`` is more than
+            this host has.
         :raises BackendUnavailableError: QEMU, the kernel or a usable accelerator is missing.
         :raises BootError: the guest did not reach its agent in ``boot_timeout``.
         """
@@ -517,6 +549,8 @@ class Sandbox:
         ``config.stop_timeout``), then kill it. Idempotent; never raises for a
         guest that is already gone.
         """
+        if timeout != 0:  # 0: no grace, kill at once
+            check_timeout(timeout, "timeout")
         if self._stopped:
             return
         self._stopped = True
@@ -563,10 +597,16 @@ class Sandbox:
     ) -> ExecHandle:
         """Start a command and return a handle streaming its events.
 
+        Iterating the handle delivers all of the output, without limit; its
+        :meth:`ExecHandle.wait` caps what it collects like :meth:`exec`.
+
         :raises CommandNotFoundError: ``cmd`` does not exist in the guest.
+        :raises ConfigError: ``timeout`` is not a finite number of seconds > 0.
+        :raises ExecError: an argument or env var is too big to pass (it is named).
         """
         self._check_running()
         timeout = self.config.exec_timeout if timeout is None else timeout
+        check_timeout(timeout, "timeout")
         async with self._guest_errors():
             process = await self._agent.exec_stream(
                 [cmd, *args],
@@ -588,16 +628,32 @@ class Sandbox:
         user: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | None = None,
+        max_output: int | None = None,
+        on_output_limit: OnOutputLimit | None = None,
     ) -> ExecOutput:
         """Run a command to completion.
 
+        At most ``max_output`` bytes of stdout and stderr together are
+        collected (default ``config.max_output_bytes``, 64 MiB). Past it,
+        ``on_output_limit`` (default ``config.on_output_limit``) decides:
+        ``"raise"`` kills the command and raises OutputLimitError, which holds
+        the output up to the limit; ``"truncate"`` keeps that much, drops the
+        rest while the command runs to its end, and sets
+        ``ExecOutput.truncated``. Use :meth:`exec_stream` for all of a big output.
+
         :raises CommandNotFoundError: ``cmd`` does not exist in the guest.
         :raises ExecTimeoutError: it ran past ``timeout`` seconds (it was killed).
+        :raises OutputLimitError: its output passed ``max_output`` (it was killed).
+        :raises ConfigError: ``timeout`` is not a finite number of seconds > 0, or
+            ``max_output`` / ``on_output_limit`` is invalid.
+        :raises ExecError: an argument or env var is too big to pass (it is named).
         :raises GuestTimeoutError: the guest stopped answering meanwhile (checked
             every ``HEARTBEAT_INTERVAL`` seconds, so a hung guest never hangs the caller).
         """
         self._check_running()
         timeout = self.config.exec_timeout if timeout is None else timeout
+        check_timeout(timeout, "timeout")
+        limit, action = self._output_limit(max_output, on_output_limit)
         data = stdin.encode() if isinstance(stdin, str) else stdin
         result = await self._watched(
             f"{cmd!r} ran",
@@ -608,9 +664,24 @@ class Sandbox:
                 user=user or self.config.user,
                 timeout=timeout,
                 stdin=data,
+                max_output=limit,
+                on_output_limit=action,
             ),
         )
         return _finish(result, cmd, timeout)
+
+    def _output_limit(
+        self, max_output: int | None, on_output_limit: OnOutputLimit | None
+    ) -> tuple[int, OnOutputLimit]:
+        """The output cap of one exec: the call's values, else the config's."""
+        limit = self.config.max_output_bytes if max_output is None else max_output
+        check_limit(limit, "max_output")
+        action = self.config.on_output_limit if on_output_limit is None else on_output_limit
+        if action not in ("raise", "truncate"):
+            raise ConfigError(
+                f'on_output_limit: must be "raise" or "truncate", got {on_output_limit!r}'
+            )
+        return limit, action
 
     async def shell(self, script: str, **kwargs: Any) -> ExecOutput:
         """Run ``script`` with the configured shell (``sh -c``)."""
@@ -628,6 +699,7 @@ class Sandbox:
         :raises BackendUnavailableError: the backend has no channel (test doubles).
         """
         self._check_running()
+        check_timeout(timeout, "timeout")
         return await self._vm.connect_channel(self._request_timeout if timeout is None else timeout)
 
     def fs(self) -> SandboxFs:

@@ -19,6 +19,7 @@ from anyio.from_thread import BlockingPortal
 
 from . import _portal
 from ._confined import DEFAULT_COPY_MAX_BYTES, DEFAULT_COPY_MAX_ENTRIES
+from ._limits import OnOutputLimit
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
@@ -137,10 +138,20 @@ class SyncSandbox:
         user: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | None = None,
+        max_output: int | None = None,
+        on_output_limit: OnOutputLimit | None = None,
     ) -> ExecOutput:
         async def run() -> ExecOutput:
             return await self._sandbox.exec(
-                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
+                cmd,
+                args,
+                env=env,
+                cwd=cwd,
+                user=user,
+                timeout=timeout,
+                stdin=stdin,
+                max_output=max_output,
+                on_output_limit=on_output_limit,
             )
 
         return self._call(run)
@@ -234,8 +245,13 @@ class SyncExecHandle:
     def kill(self) -> None:
         self._portal.call(self._handle.kill)
 
-    def wait(self) -> ExecOutput:
-        return self._portal.call(self._handle.wait)
+    def wait(
+        self, *, max_output: int | None = None, on_output_limit: OnOutputLimit | None = None
+    ) -> ExecOutput:
+        async def run() -> ExecOutput:
+            return await self._handle.wait(max_output=max_output, on_output_limit=on_output_limit)
+
+        return self._portal.call(run)
 
 
 class SyncSandboxFs:
@@ -245,11 +261,17 @@ class SyncSandboxFs:
         self._portal = portal
         self._fs = fs
 
-    def read(self, path: str) -> bytes:
-        return self._portal.call(self._fs.read, path)
+    def read(self, path: str, *, max_size: int | None = None) -> bytes:
+        async def run() -> bytes:
+            return await self._fs.read(path, max_size=max_size)
 
-    def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return self._portal.call(self._fs.read_text, path, encoding)
+        return self._portal.call(run)
+
+    def read_text(self, path: str, encoding: str = "utf-8", *, max_size: int | None = None) -> str:
+        async def run() -> str:
+            return await self._fs.read_text(path, encoding, max_size=max_size)
+
+        return self._portal.call(run)
 
     def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
         async def run() -> int:

@@ -608,3 +608,24 @@ def test_unknown_type_missing_field_and_unknown_tag(agent: Agent) -> None:
     agent.send(0, PING)  # a request with id 0 gets no reply, only a LOG
     agent.wait_log(b"id 0")
     assert_ok(agent.call(PING))
+
+
+def test_fs_end_cancels_a_read(agent: Agent, tmp_path: Path) -> None:
+    # An endless file (/proc/kcore in a guest): a 1 TiB sparse file here. Without
+    # the cancel the agent streams it for hours; with it, only what it had already
+    # queued (its output high-water mark, a few MiB) follows the FS_END.
+    endless = tmp_path / "endless"
+    with open(endless, "wb") as f:
+        f.truncate(1 << 40)
+    req_id = agent.new_id()
+    agent.send(req_id, FS_READ, [(PATH, str(endless))])
+    assert agent.recv_for(req_id).type == FS_CHUNK
+    agent.send(req_id, FS_END)
+    chunks_after = 0
+    while (frame := agent.recv_for(req_id)).type == FS_CHUNK:
+        chunks_after += 1
+        assert chunks_after < 64, "the agent kept streaming after FS_END"
+    assert b"cancelled" in assert_error(frame, errno.ECANCELED).get(MESSAGE)
+    # the id is free again and the agent serves on
+    agent.send(req_id, PING)
+    assert_ok(agent.recv_for(req_id))

@@ -16,14 +16,16 @@ import pytest
 
 from pytest_microsandbox.runtime._exceptions import (
     CommandNotFoundError,
+    ConfigError,
     ExecError,
     FilesystemError,
+    OutputLimitError,
     PathNotFoundError,
     SandboxNotRunningError,
 )
 from pytest_microsandbox.runtime.agent.client import AgentClient
-from pytest_microsandbox.runtime.agent.protocol import CHUNK, PROTOCOL_VERSION
-from pytest_microsandbox.runtime.agent.results import Exited, FileKind, Started, Stdout
+from pytest_microsandbox.runtime.agent.protocol import CHUNK, MAX_FRAME, PROTOCOL_VERSION
+from pytest_microsandbox.runtime.agent.results import Exited, FileKind, Started, Stderr, Stdout
 
 try:
     from pytest_microsandbox.runtime.agent.build import build_agent
@@ -231,3 +233,72 @@ async def test_shutdown_closes_connection(agent_binary: Path) -> None:
                 await anyio.sleep(0.01)
         with pytest.raises(SandboxNotRunningError, match="after SHUTDOWN"):
             await client.ping()
+
+
+# -- limits (#19: unbounded output, smaller bad inputs) --------------------------------------
+
+MIB = 1 << 20
+#: 5 MB of output on stdout and stderr together, interleaved.
+FLOOD = "head -c 3000000 /dev/zero; head -c 2000000 /dev/zero >&2; echo done >&2"
+
+
+async def test_output_over_the_cap_kills_and_raises(client: AgentClient) -> None:
+    with pytest.raises(OutputLimitError, match="more than 1048576 bytes") as info:
+        await client.exec(["sh", "-c", FLOOD], ENV, max_output=MIB)
+    err = info.value
+    assert err.limit == MIB
+    # exactly the cap was kept, no more: host memory is bounded by it
+    assert len(err.stdout) + len(err.stderr) == MIB
+    assert "exec_stream" in str(err) and "max_output_bytes" in str(err)
+    assert (await client.exec(["true"], ENV)).ok  # the connection is fine
+
+
+async def test_output_over_the_cap_truncates_on_request(client: AgentClient) -> None:
+    result = await client.exec(["sh", "-c", FLOOD], ENV, max_output=MIB, on_output_limit="truncate")
+    assert result.ok  # ran to its end
+    assert len(result.stdout) + len(result.stderr) == MIB
+    assert result.stdout_truncated or result.stderr_truncated
+    small = await client.exec(["echo", "hi"], ENV, max_output=MIB, on_output_limit="truncate")
+    assert small.stdout == b"hi\n" and not small.stdout_truncated and not small.stderr_truncated
+
+
+async def test_exec_stream_still_delivers_everything(client: AgentClient) -> None:
+    proc = await client.exec_stream(["sh", "-c", FLOOD], ENV)
+    out = err = 0
+    async with proc:
+        async for event in proc:
+            if isinstance(event, Stdout):
+                out += len(event.data)
+            elif isinstance(event, Stderr):
+                err += len(event.data)
+    assert (out, err) == (3_000_000, 2_000_005)
+
+
+async def test_read_over_max_size_stops_the_agent(client: AgentClient, tmp_path: Path) -> None:
+    endless = tmp_path / "endless"  # stands in for /proc/kcore: 1 TiB, sparse
+    with open(endless, "wb") as f:
+        f.truncate(1 << 40)
+    with anyio.fail_after(60):  # a guard against a hang, not a speed assertion
+        with pytest.raises(OutputLimitError, match="copy_to_host") as info:
+            await client.read_file(str(endless), max_size=MIB)
+    assert info.value.limit == MIB
+    (tmp_path / "small").write_bytes(b"x" * MIB)
+    assert await client.read_file(str(tmp_path / "small"), max_size=MIB) == b"x" * MIB
+    assert (await client.exec(["true"], ENV)).ok
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, 0])
+async def test_bad_exec_timeout_is_a_config_error(client: AgentClient, timeout: float) -> None:
+    with pytest.raises(ConfigError, match=r"^timeout: must be a finite number of seconds > 0"):
+        await client.exec(["true"], ENV, timeout=timeout)
+
+
+async def test_oversized_argument_or_env_names_it(client: AgentClient) -> None:
+    with pytest.raises(ExecError, match=r"argv\[2\] is 200000 bytes.*MAX_ARG_STRLEN"):
+        await client.exec(["echo", "a", "x" * 200_000], ENV)
+    with pytest.raises(ExecError, match="environment variable BIG is 200004 bytes"):
+        await client.exec(["true"], {**ENV, "BIG": "x" * 200_000})
+    many = [f"{i:03d}" + "x" * 100_000 for i in range(12)]
+    with pytest.raises(ExecError, match=rf"over the {MAX_FRAME}-byte limit of one EXEC request"):
+        await client.exec(["echo", *many], ENV)
+    assert (await client.exec(["echo", "x" * 100_000], ENV)).ok  # below both limits

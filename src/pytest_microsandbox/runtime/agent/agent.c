@@ -1176,6 +1176,14 @@ static void h_fs_end(const struct msg *m, struct req *r)
 		release(r);
 		return;
 	}
+	if (r->kind == R_READ) {
+		/* The host gave up on this read (its size limit, a timeout): stop
+		 * streaming, or an endless file (/proc/kcore) would go on forever. */
+		reply_error(r->id, ECANCELED, "read cancelled by the host after %lld bytes",
+			    (long long)r->size);
+		release(r);
+		return;
+	}
 	if (r->kind != R_WRITE) {
 		logmsg("FS_END for id %u, which is not an FS_WRITE, ignored", m->id);
 		return;

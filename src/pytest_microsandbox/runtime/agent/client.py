@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import errno as _errno
 import inspect
+import io
 import math
 import os
 import sys
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -31,21 +32,26 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .._confined import entry_name_problem
 from .._exceptions import (
     CommandNotFoundError,
+    ConfigError,
     CopyLimitError,
     ExecError,
     FilesystemError,
     GuestTimeoutError,
+    OutputLimitError,
     PathNotFoundError,
     ProtocolError,
     SandboxError,
     SandboxNotRunningError,
 )
+from .._limits import MAX_ARG_STRLEN, OnOutputLimit, check_limit, check_timeout
 from .process import ExecProcess
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 from .protocol import (
     CHUNK,
+    MAX_FRAME,
+    MIN_FRAME,
     PROTOCOL_VERSION,
     Field,
     Frame,
@@ -66,6 +72,8 @@ _NOT_THE_PROGRAM = ("cannot change directory", "cannot switch to user")
 _MAX_ID = 0xFFFF_FFFF
 #: Linux PATH_MAX: a symlink target is shorter.
 _PATH_MAX = 4096
+#: How long telling the agent to stop an abandoned read may take.
+_CANCEL_SEND_TIMEOUT = 5.0
 
 
 class BinarySink(Protocol):
@@ -327,14 +335,16 @@ class AgentClient:
         or ``"uid:gid"``; ``timeout`` (seconds) makes the agent kill the
         process group; ``stdin=True`` gives the command a pipe for
         :meth:`ExecProcess.write_stdin`. Raises ValueError for an empty argv
-        or NUL bytes, CommandNotFoundError if the program does not exist,
-        ExecError if the agent cannot start it otherwise, GuestTimeoutError if
-        the agent does not answer within ``timeout`` + :attr:`exec_grace`.
+        or NUL bytes, ConfigError for a timeout that is not a finite number
+        of seconds > 0, ExecError naming the argument or variable if one is
+        over Linux's MAX_ARG_STRLEN or all together over one frame,
+        CommandNotFoundError if the program does not exist, ExecError if the
+        agent cannot start it otherwise, GuestTimeoutError if the agent does
+        not answer within ``timeout`` + :attr:`exec_grace`.
         """
         if not argv:
             raise ValueError("argv must not be empty")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        timeout = check_timeout(timeout, "timeout")
         program = os.fsdecode(argv[0])
         fields: list[Field] = [bytes_field(Tag.ARG, _text(a, "argv")) for a in argv]
         for key, value in (env or {}).items():
@@ -349,6 +359,7 @@ class AgentClient:
             fields.append(int_field(Tag.TIMEOUT_MS, max(1, math.ceil(timeout * 1000))))
         if stdin:
             fields.append(int_field(Tag.STDIN_MODE, 1))
+        _check_exec_size(program, fields)
         deadline = None if timeout is None else anyio.current_time() + timeout + self.exec_grace
         req = self._open()
         try:
@@ -389,15 +400,25 @@ class AgentClient:
         user: str | int | None = None,
         timeout: float | None = None,
         stdin: bytes | None = None,
+        max_output: int | None = None,
+        on_output_limit: OnOutputLimit = "raise",
     ) -> ExecResult:
         """Run ``argv`` to completion and return its exit status and output.
 
         ``stdin`` bytes are fed to the command, then its stdin is closed
         (without it stdin is ``/dev/null``). A command killed for its timeout
-        is reported with ``timed_out=True`` rather than raised. Raises like
+        is reported with ``timed_out=True`` rather than raised. ``max_output``
+        and ``on_output_limit`` cap the output collected, as in
+        :meth:`ExecProcess.wait` (OutputLimitError). Raises like
         :meth:`exec_stream`, plus GuestTimeoutError if the exit is not
         reported within ``timeout`` + :attr:`exec_grace`.
         """
+        if max_output is not None:
+            check_limit(max_output, "max_output")
+        if on_output_limit not in ("raise", "truncate"):
+            raise ConfigError(
+                f'on_output_limit: must be "raise" or "truncate", got {on_output_limit!r}'
+            )
         proc = await self.exec_stream(
             argv, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin is not None
         )
@@ -405,7 +426,7 @@ class AgentClient:
             if stdin is not None:
                 await proc.write_stdin(stdin)
                 await proc.close_stdin()
-            return await proc.wait()
+            return await proc.wait(max_output=max_output, on_output_limit=on_output_limit)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -414,40 +435,78 @@ class AgentClient:
         path: str,
         sink: Callable[[bytes], object] | BinarySink,
         timeout: float | None = None,
+        max_size: int | None = None,
     ) -> int:
         """Stream the guest file ``path`` into ``sink`` chunk by chunk; return its size.
 
         ``sink`` is a callable (whose result is awaited if awaitable) or has
         ``write``. Raises PathNotFoundError / FilesystemError if the guest
         cannot read the file, ProtocolError if the chunks do not add up to the
-        size the agent reports.
+        size the agent reports, OutputLimitError once more than ``max_size``
+        bytes (None: no limit) came. A read that ends early (that limit, a
+        timeout, a failing sink, cancellation) tells the agent to stop reading,
+        so an endless file (``/proc/kcore``) does not stream on unseen.
         """
+        if max_size is not None:
+            check_limit(max_size, "max_size")
         write = sink.write if not callable(sink) else sink
         total = 0
         with self._deadline(timeout, f"FS_READ {path}"), self._request() as req:
             await req.send(MsgType.FS_READ, [bytes_field(Tag.PATH, _guest_path(path))])
-            while True:
-                frame = await req.receive()
-                if frame.type == MsgType.FS_CHUNK:
-                    data = frame.require_bytes(Tag.DATA)
-                    total += len(data)
-                    result = write(data)
-                    if inspect.isawaitable(result):
-                        await result
-                    continue
-                _check_fs(self._expect_end(frame, "FS_READ"), "read", path)
-                size = frame.require_int(Tag.SIZE)
-                if size != total:
-                    raise self._violation(
-                        f"FS_READ of {path}: agent sent {total} bytes, said {size}"
-                    )
-                return total
+            ended = False
+            try:
+                while True:
+                    frame = await req.receive()
+                    if frame.type == MsgType.FS_CHUNK:
+                        data = frame.require_bytes(Tag.DATA)
+                        if max_size is not None and total + len(data) > max_size:
+                            raise OutputLimitError(
+                                f"guest file {path!r} is larger than {max_size} bytes, the "
+                                "limit on a file read into memory, so the guest was told to "
+                                "stop reading it: copy big files to disk with "
+                                "fs().copy_to_host, or raise max_size (per call, or "
+                                "max_read_bytes in SandboxConfig)",
+                                limit=max_size,
+                            )
+                        total += len(data)
+                        result = write(data)
+                        if inspect.isawaitable(result):
+                            await result
+                        continue
+                    ended = True
+                    _check_fs(self._expect_end(frame, "FS_READ"), "read", path)
+                    size = frame.require_int(Tag.SIZE)
+                    if size != total:
+                        raise self._violation(
+                            f"FS_READ of {path}: agent sent {total} bytes, said {size}"
+                        )
+                    return total
+            finally:
+                if not ended:
+                    await self._cancel_read(req)
 
-    async def read_file(self, path: str, timeout: float | None = None) -> bytes:
+    async def read_file(
+        self, path: str, timeout: float | None = None, max_size: int | None = None
+    ) -> bytes:
         """Return the content of the guest file ``path``; raises like :meth:`read_file_to`."""
-        parts: list[bytes] = []
-        await self.read_file_to(path, parts.append, timeout=timeout)
-        return b"".join(parts)
+        # BytesIO.getvalue() hands over its buffer: the content is held once, not twice.
+        buffer = io.BytesIO()
+        await self.read_file_to(path, buffer.write, timeout=timeout, max_size=max_size)
+        return buffer.getvalue()
+
+    async def _cancel_read(self, req: _Request) -> None:
+        """Tell the agent to stop an FS_READ the host gave up on (FS_END on its id).
+
+        Best effort, bounded and shielded (it runs while a timeout or a
+        cancellation unwinds): on a dead connection there is nothing to stop.
+        The agent's ERROR {ECANCELED} reply, and chunks already under way, are
+        dropped with the request.
+        """
+        if self._error is not None:
+            return
+        with anyio.move_on_after(_CANCEL_SEND_TIMEOUT, shield=True):
+            with suppress(SandboxError):
+                await req.send(MsgType.FS_END)
 
     async def write_file(
         self,
@@ -861,6 +920,37 @@ async def _chunks(data: bytes | AsyncIterable[bytes] | os.PathLike[str]) -> Asyn
             view = memoryview(piece)
             for offset in range(0, len(view), CHUNK):
                 yield bytes(view[offset : offset + CHUNK])
+
+
+def _check_exec_size(program: str, fields: Sequence[Field]) -> None:
+    """Refuse, naming the culprit, an EXEC the guest could never run: one string
+    over Linux's MAX_ARG_STRLEN, or a request over one frame.
+    """
+    named: list[tuple[str, int]] = []
+    arg_index = 0
+    for tag, value in fields:
+        if tag == Tag.ARG:
+            named.append((f"argv[{arg_index}]", len(value)))
+            arg_index += 1
+        elif tag == Tag.ENV:
+            name = os.fsdecode(value.split(b"=", 1)[0])
+            named.append((f"environment variable {name}", len(value)))
+    fix = "pass large data through stdin or a file (sandbox.fs().write)"
+    for what, size in named:
+        if size + 1 > MAX_ARG_STRLEN:  # the kernel counts the terminating NUL
+            raise ExecError(
+                f"cannot run {program!r}: {what} is {size} bytes, over Linux's limit of "
+                f"{MAX_ARG_STRLEN - 1} bytes for one argument or environment string "
+                f"(MAX_ARG_STRLEN): {fix}"
+            )
+    total = MIN_FRAME + sum(5 + len(value) for _, value in fields)
+    if total > MAX_FRAME:
+        what, size = max(named, key=lambda item: item[1])
+        raise ExecError(
+            f"cannot run {program!r}: its arguments and environment take {total} bytes, "
+            f"over the {MAX_FRAME}-byte limit of one EXEC request (the largest is {what}, "
+            f"{size} bytes): {fix}"
+        )
 
 
 def _text(value: str | bytes, what: str) -> bytes:

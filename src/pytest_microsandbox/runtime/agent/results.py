@@ -102,7 +102,8 @@ class ExecResult:
 
     Exactly one of ``exit_code`` and ``term_signal`` is set. ``timed_out`` is
     true when the agent killed the command because its timeout passed; the
-    layer above decides whether that is an error.
+    layer above decides whether that is an error. ``stdout_truncated`` /
+    ``stderr_truncated`` say that output past the collection limit was dropped.
     """
 
     pid: int
@@ -111,6 +112,9 @@ class ExecResult:
     timed_out: bool
     stdout: bytes = b""
     stderr: bytes = b""
+    #: Output past the collection limit was dropped (``on_output_limit="truncate"``).
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
     @property
     def returncode(self) -> int:
