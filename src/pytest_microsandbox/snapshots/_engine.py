@@ -204,7 +204,8 @@ async def ensure_template(
 ) -> _store.Entry:
     """Return the template for ``config``, building it once under a file lock.
 
-    A broken or foreign entry (sizes, metadata, QEMU version) is rebuilt.
+    A broken, corrupt (a digest recorded at its build no longer matches) or
+    foreign entry (sizes, metadata, QEMU version) is rebuilt.
 
     :raises SnapshotLockTimeoutError: another process held the build lock too long.
     :raises SnapshotError: the build failed (e.g. the disk is full).
@@ -213,11 +214,11 @@ async def ensure_template(
     root = _store.templates_root(cache)
     final = root / key
     with contextlib.suppress(SnapshotError):
-        return _store.check_entry(final)
+        return await _store.acheck_entry(final)
     timeout = lock_timeout(_DEFAULT_LOCK_TIMEOUT)
     async with hold(_store.entry_lock_path(final), f"template {key}", timeout):
         with contextlib.suppress(SnapshotError):
-            return _store.check_entry(final)  # another process built it while we waited
+            return await _store.acheck_entry(final)  # another process built it meanwhile
         _store.clean_stale_temps(root)
         entry = await _build_template(config, backend, plan, key, final, cache)
     auto_prune(cache, kind="template")
@@ -322,7 +323,7 @@ async def _build_template(
         )
         _check_sizes(tmp, meta)
         _store.write_meta(tmp, meta)
-        _store.publish(tmp, final)
+        await anyio.to_thread.run_sync(_store.publish, tmp, final)  # hashes the memory file
         return _store.check_entry(final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -517,9 +518,9 @@ async def restore_snapshot(
     """
     raw = os.fspath(name_or_path)
     if os.sep in raw or isinstance(name_or_path, os.PathLike):
-        entry = _store.check_entry(Path(raw))
+        entry = await _store.acheck_entry(Path(raw))
     else:
-        entry = _store.get_snapshot(raw, cache)
+        entry = await _store.acheck_entry(_store.named_root(cache) / _store.check_name(raw))
     if backend is None:
         from ..runtime.qemu import QemuBackend
 
@@ -639,7 +640,7 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
         )
         _check_sizes(tmp, meta)
         _store.write_meta(tmp, meta)
-        _store.publish(tmp, root / name)
+        await anyio.to_thread.run_sync(_store.publish, tmp, root / name)  # hashes the memory
         return _store.check_entry(root / name)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
