@@ -30,6 +30,7 @@ import hashlib
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -62,6 +63,11 @@ DIGEST_SUFFIX = ".digest"
 VERIFY_ENV = "MICROSANDBOX_VERIFY_CACHE"
 
 _CHUNK = 1 << 20  # hashlib releases the GIL for updates this large
+
+#: File times come from the kernel's coarse clock (one tick, 1-10 ms): a write
+#: in the same tick as the stamped ctime would leave it unchanged. A stamp is
+#: only taken once the file's ctime is this much in the past ("racy git").
+_SETTLE_NS = 20_000_000
 
 
 class FileStamp(NamedTuple):
@@ -151,15 +157,27 @@ def _write_record(artifact: Path, record: DigestRecord) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _settled_stat(path: Path) -> os.stat_result:
+    """``stat(path)`` taken at least :data:`_SETTLE_NS` after its ctime, so that
+    any later write lands in a later clock tick and changes the ctime.
+    """
+    st = os.stat(path)
+    wait_ns = st.st_ctime_ns + _SETTLE_NS - time.time_ns()
+    if wait_ns > 0:
+        time.sleep(wait_ns / 1e9)
+        st = os.stat(path)
+    return st
+
+
 def record_digest(artifact: Path, sha256: str | None = None) -> DigestRecord:
     """Record ``artifact``'s digest (hashed unless given) and its current stamp.
 
     Call it once the file is final, under its final name (a rename changes
     ctime on some filesystems, ext4 included).
     """
+    st = _settled_stat(artifact)
     if sha256 is None:
         sha256 = sha256_file(artifact)
-    st = os.stat(artifact)
     record = DigestRecord(sha256=sha256, size=st.st_size, verified=FileStamp.of(st))
     _write_record(artifact, record)
     _remember(artifact, record.verified, sha256)
@@ -237,6 +255,7 @@ def verify_file(
         return _expect(artifact, record.sha256, expected)
     if not rehash:
         raise StaleStamp(artifact)
+    stamp = FileStamp.of(_settled_stat(artifact))
     actual = sha256_file(artifact)
     if actual != record.sha256:
         forget(artifact)

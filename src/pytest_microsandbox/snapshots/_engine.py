@@ -861,6 +861,12 @@ def _pool_for(
     _reap_closed_loops()
     key = (id(loop), str(entry.path))
     pool = _pools.get(key)
+    if pool is not None and pool.entry.meta.created != entry.meta.created:
+        # The entry was rebuilt (found corrupt, or replaced) since the pool
+        # started: its QEMUs map the old files.
+        _spawn(pool.aclose())
+        del _pools[key]
+        pool = None
     if pool is None:
         pool = _pools[key] = _Pool(entry, backend, cache, size, warm_command)
         pool.guard = _close_at_loop_shutdown(key, pool)

@@ -54,6 +54,7 @@ __all__ = [
     "cached_images",
     "ensure_image",
     "image_budget_bytes",
+    "image_intact",
     "image_path",
     "logger",
     "prune_images",
@@ -188,6 +189,17 @@ def ensure_image(
     finally:
         lock.release(delete=True)
     return final
+
+
+def image_intact(path: Path) -> bool:
+    """Whether the image at ``path`` exists and matches its digest record (no
+    use is marked). Hashes it only when its verified stamp no longer holds.
+    """
+    try:
+        verify_file(path)
+    except (FileNotFoundError, IntegrityMismatch):
+        return False
+    return True
 
 
 def usable_image(path: Path, *, log: bool = False) -> bool:
