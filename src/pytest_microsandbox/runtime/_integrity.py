@@ -136,9 +136,11 @@ def always_full() -> bool:
 def sha256_file(path: Path) -> str:
     """SHA-256 of ``path``'s contents, read in 1 MiB chunks (the GIL is released)."""
     digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
+        # A small file (a state file, ~100 KB) is read in one call into a
+        # buffer its size: allocating 1 MiB would cost a third of its hash.
+        buf = bytearray(min(os.fstat(f.fileno()).st_size + 1, _CHUNK))
+        view = memoryview(buf)
         while n := f.readinto(buf):
             digest.update(view[:n])
     return digest.hexdigest()
