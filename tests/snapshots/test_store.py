@@ -28,7 +28,13 @@ from pytest_microsandbox.snapshots import Snapshot, SnapshotMeta, _store
 from pytest_microsandbox.snapshots._engine import restore_snapshot
 
 
-def _fake_entry(root: Path, name: str, kind: str = "snapshot", mib: int = 1) -> Path:
+def _fake_entry(
+    root: Path,
+    name: str,
+    kind: str = "snapshot",
+    mib: int = 1,
+    inputs: dict[str, str] | None = None,
+) -> Path:
     tmp = root / f".tmp-{name}-pid{os.getpid()}-x"
     tmp.mkdir(parents=True)
     kernel = root / "kernel"
@@ -57,7 +63,7 @@ def _fake_entry(root: Path, name: str, kind: str = "snapshot", mib: int = 1) -> 
     )
     _store.write_meta(tmp, meta)
     final = (_store.named_root(root) if kind == "snapshot" else _store.templates_root(root)) / name
-    _store.publish(tmp, final)
+    _store.publish(tmp, final, inputs)
     return final
 
 
@@ -296,3 +302,17 @@ def test_a_stale_stamp_is_hashed_off_the_event_loop(tmp_path: Path) -> None:
     assert threads == [False]  # the memory file was hashed once, in a worker thread
     forget(memory)
     _store.check_entry(path, rehash=False)  # the renewed stamp holds
+
+
+def test_a_snapshot_records_what_its_origin_booted_from(tmp_path: Path) -> None:
+    """A snapshot inherits its origin's input digests: if the image was rebuilt
+    since the origin booted, the snapshot is refused by name, not silently mixed.
+    """
+    origin = _fake_entry(tmp_path, "origin")
+    inputs = _store.recorded_inputs(origin)
+    kernel = str(tmp_path / "kernel")
+    assert inputs == {kernel: sha256_file(Path(kernel))}
+    assert _store.recorded_inputs(tmp_path / "nowhere") is None
+    path = _fake_entry(tmp_path, "child", inputs={kernel: "0" * 64})
+    with pytest.raises(SnapshotError, match="rebuilt or replaced since"):
+        _store.check_entry(path)

@@ -601,6 +601,10 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
     root = _store.named_root(cache)
     _store.clean_stale_temps(root)
     meta0 = origin.meta
+    # The guest's page cache came from the files its origin booted from: record
+    # those digests, not those of files rebuilt since (when they still differ,
+    # the restore refuses the snapshot by name rather than mix the two).
+    inputs = _store.recorded_inputs(origin.path)
     # The new memory file: at most the guest's RAM.
     _store.check_free_space(root, (meta0.memory_mib << 20) + (64 << 20))
     tmp = _tmp_entry(root, name)
@@ -640,7 +644,7 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
         )
         _check_sizes(tmp, meta)
         _store.write_meta(tmp, meta)
-        await anyio.to_thread.run_sync(_store.publish, tmp, root / name)  # hashes the memory
+        await anyio.to_thread.run_sync(_store.publish, tmp, root / name, inputs)  # hashes memory
         return _store.check_entry(root / name)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,7 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,9 @@ __all__ = [
     "named_root",
     "prune",
     "publish",
+    "recorded_inputs",
     "remove_snapshot",
+    "seal",
     "spare_disk",
     "store_root",
     "templates_root",
@@ -282,20 +285,38 @@ def _check_digests(path: Path, meta: SnapshotMeta, digests: EntryDigests, *, reh
         raise _corrupt(path, exc) from None
 
 
-def seal(directory: Path) -> None:
+def recorded_inputs(entry: Path) -> dict[str, str] | None:
+    """The input digests ``entry`` recorded (None if it has no readable record):
+    what a snapshot of one of its clones booted from, whatever is on disk now.
+    """
+    try:
+        return dict(EntryDigests.model_validate_json((entry / INTEGRITY).read_bytes()).inputs)
+    except (OSError, ValidationError):
+        return None
+
+
+def seal(directory: Path, inputs: Mapping[str, str] | None = None) -> None:
     """Record the digests of a fully written entry (before :func:`publish` renames
     it): ``memory.digest`` for the memory file, ``integrity.json`` for the rest.
+
+    ``inputs``: the digests of the files it boots from as its guest read them
+    (a snapshot inherits its origin's); by default the files' current ones,
+    checked against their own records.
 
     :raises SnapshotError: a file the entry boots from is corrupt or has no record.
     """
     raw = (directory / META).read_bytes()
     meta = SnapshotMeta.model_validate_json(raw)
-    inputs: dict[str, str] = {}
-    for input_path in (meta.initrd, *(d.path for d in meta.disks)):
-        try:
-            inputs[input_path] = verify_file(Path(input_path))
-        except (OSError, IntegrityMismatch) as exc:
-            raise SnapshotError(f"cannot record the digest of {input_path}: {exc}") from exc
+    wanted = (meta.initrd, *(d.path for d in meta.disks))
+    if inputs is not None and all(p in inputs for p in wanted):
+        inputs = {p: inputs[p] for p in wanted}
+    else:
+        inputs = {}
+        for input_path in wanted:
+            try:
+                inputs[input_path] = verify_file(Path(input_path))
+            except (OSError, IntegrityMismatch) as exc:
+                raise SnapshotError(f"cannot record the digest of {input_path}: {exc}") from exc
     record_digest(directory / MEMORY)
     digests = EntryDigests(
         meta=hashlib.sha256(raw).hexdigest(),
@@ -316,12 +337,12 @@ def write_meta(directory: Path, meta: SnapshotMeta) -> None:
         os.fsync(f.fileno())
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Record the digests of a fully written ``tmp`` entry (:func:`seal`; hashes
-    the memory file, ~0.7 s per GiB: call it in a worker thread) and rename it
-    to ``final`` (replacing a broken one).
+def publish(tmp: Path, final: Path, inputs: Mapping[str, str] | None = None) -> None:
+    """Record the digests of a fully written ``tmp`` entry (:func:`seal`, with
+    ``inputs``; hashes the memory file, ~0.7 s per GiB: call it in a worker
+    thread) and rename it to ``final`` (replacing a broken one).
     """
-    seal(tmp)
+    seal(tmp, inputs)
     for name in (MEMORY, STATE):
         fd = os.open(tmp / name, os.O_RDONLY)
         try:
