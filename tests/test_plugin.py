@@ -380,7 +380,11 @@ def test_zygote_build_holds_its_entry_lock(tmp_path, monkeypatch: pytest.MonkeyP
         seen.append(not EntryLock(lock_path, "probe").try_acquire())  # held by the builder
 
     monkeypatch.setattr(_zygote, "zygote_name", name)
-    monkeypatch.setattr(_zygote, "_exists", lambda name, cache: False)
+
+    async def missing(name: str, cache: object) -> bool:
+        return False
+
+    monkeypatch.setattr(_zygote, "_exists", missing)
     monkeypatch.setattr(_zygote, "build_zygote", build)
     config = SandboxConfig(name="zygote", cache_dir=tmp_path)
     plan = _zygote.GuestPlan(config=config, cwd="/", args=(), env={}, watched=())

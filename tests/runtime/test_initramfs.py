@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 
 from pytest_microsandbox.runtime import KernelNotFoundError
+from pytest_microsandbox.runtime._integrity import (
+    forget,
+    read_record,
+    record_digest,
+    record_path,
+    sha256_file,
+)
 from pytest_microsandbox.runtime._locks import EntryLock
 from pytest_microsandbox.runtime.initramfs import (
     CpioWriter,
@@ -82,10 +89,11 @@ def test_build_is_cached_and_leaves_no_lock_file(tmp_path: Path) -> None:
     out = tmp_path / "cache/initramfs"
     first = build_initramfs(fake_spec(tmp_path, b"agent-1"), out)
     old = time.time() - 3600
-    os.utime(first, (old, old))
+    os.utime(record_path(first), (old, old))
     assert build_initramfs(fake_spec(tmp_path, b"agent-1"), out) == first
-    assert first.stat().st_mtime > old + 3000  # handing it out counts as a use
-    assert sorted(p.name for p in out.iterdir()) == [first.name]
+    # Handing it out counts as a use, marked on its digest record (not the archive).
+    assert record_path(first).stat().st_mtime > old + 3000
+    assert sorted(p.name for p in out.iterdir()) == [first.name, record_path(first).name]
 
 
 def make_archive(out: Path, name: str, used: float) -> Path:
@@ -125,3 +133,32 @@ def test_a_build_prunes_old_archives(tmp_path: Path) -> None:
     old = [make_archive(out, f"{i:016x}", time.time() - (i + 1) * 3600) for i in range(4)]
     new = build_initramfs(fake_spec(tmp_path, b"agent-2"), out)
     assert sorted(out.glob("*.cpio")) == sorted([new, old[0], old[1]])
+
+
+def test_a_corrupt_archive_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue #19 item 7: a same-size overwrite of a cached archive used to be booted."""
+    out = tmp_path / "cache/initramfs"
+    spec = fake_spec(tmp_path, b"agent-3")
+    archive = build_initramfs(spec, out)
+    good = archive.read_bytes()
+    with open(archive, "r+b") as f:  # dd conv=notrunc: same size, other bytes
+        f.seek(16)
+        f.write(b"\xff" * 64)
+    forget(archive)  # as another process sees it
+    assert build_initramfs(spec, out) == archive
+    assert archive.read_bytes() == good  # the writer is reproducible
+    assert "its contents changed since it was built" in caplog.text
+    assert sha256_file(archive) == read_record(archive).sha256
+
+
+def test_digest_records_go_with_their_archives(tmp_path: Path) -> None:
+    out = tmp_path / "cache/initramfs"
+    old = [make_archive(out, f"{i:016x}", time.time() - (i + 1) * 3600) for i in range(4)]
+    for archive in old:
+        record_digest(archive)
+        os.utime(record_path(archive), (archive.stat().st_mtime,) * 2)
+    orphan = out / "initramfs-0123456789abcdef.cpio.digest"
+    orphan.write_text("{}")
+    new = build_initramfs(fake_spec(tmp_path, b"agent-4"), out)
+    assert sorted(out.glob("*.cpio")) == sorted([new, old[0], old[1]])
+    assert sorted(out.glob("*.digest")) == sorted(record_path(p) for p in (new, old[0], old[1]))

@@ -3,23 +3,43 @@
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
-from pytest_microsandbox.runtime import SnapshotError, SnapshotNotFoundError
+from pytest_microsandbox.fixtures import _zygote
+from pytest_microsandbox.runtime import SnapshotError, SnapshotNotFoundError, _integrity
+from pytest_microsandbox.runtime._integrity import (
+    StaleStamp,
+    forget,
+    read_record,
+    record_digest,
+    sha256_file,
+)
 from pytest_microsandbox.snapshots import Snapshot, SnapshotMeta, _store
+from pytest_microsandbox.snapshots._engine import restore_snapshot
 
 
-def _fake_entry(root: Path, name: str, kind: str = "snapshot", mib: int = 1) -> Path:
+def _fake_entry(
+    root: Path,
+    name: str,
+    kind: str = "snapshot",
+    mib: int = 1,
+    inputs: dict[str, str] | None = None,
+) -> Path:
     tmp = root / f".tmp-{name}-pid{os.getpid()}-x"
     tmp.mkdir(parents=True)
     kernel = root / "kernel"
     kernel.write_bytes(b"k")
+    record_digest(kernel)  # serves as the initrd: as an initramfs build records it
     (tmp / _store.MEMORY).write_bytes(b"\1" * (mib << 20))
     (tmp / _store.STATE).write_bytes(b"state")
     meta = SnapshotMeta(
@@ -43,7 +63,7 @@ def _fake_entry(root: Path, name: str, kind: str = "snapshot", mib: int = 1) -> 
     )
     _store.write_meta(tmp, meta)
     final = (_store.named_root(root) if kind == "snapshot" else _store.templates_root(root)) / name
-    _store.publish(tmp, final)
+    _store.publish(tmp, final, inputs)
     return final
 
 
@@ -202,3 +222,97 @@ def test_lock_files_go_with_their_entries(tmp_path: Path) -> None:
     os.utime(kept, (old, old))
     assert Snapshot.prune(tmp_path, max_age=3600) == ["kept"]
     assert not _store.entry_lock_path(kept).exists() and not building.exists()
+
+
+# -- integrity (issue #19 item 7) -------------------------------------------------------------
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    """``dd conv=notrunc``: other bytes, the same size."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    forget(path)  # as another process sees it (this one remembers its own checks)
+
+
+def test_publish_records_the_digests(tmp_path: Path) -> None:
+    path = _fake_entry(tmp_path, "sealed")
+    digests = json.loads((path / _store.INTEGRITY).read_text())
+    assert digests["state"] == hashlib.sha256(b"state").hexdigest()
+    assert digests["meta"] == hashlib.sha256((path / _store.META).read_bytes()).hexdigest()
+    assert list(digests["inputs"]) == [str(tmp_path / "kernel")]
+    assert read_record(path / _store.MEMORY).sha256 == sha256_file(path / _store.MEMORY)
+
+
+@pytest.mark.parametrize(
+    ("victim", "offset"), [(_store.STATE, 1), (_store.MEMORY, 4096), (_store.META, 2)]
+)
+def test_a_corrupt_named_snapshot_names_the_file(tmp_path: Path, victim: str, offset: int) -> None:
+    """Same size, other bytes: refused with the file's name, by every way in."""
+    path = _fake_entry(tmp_path, "precious")
+    _store.check_entry(path)
+    raw = (path / victim).read_bytes()
+    _overwrite(path / victim, offset, bytes([raw[offset] ^ 0x20]))
+    pattern = f"{path / victim} is corrupt: its contents changed.*take the snapshot again"
+    with pytest.raises(SnapshotError, match=pattern):
+        _store.check_entry(path)
+    with pytest.raises(SnapshotError, match=pattern):
+        Snapshot.get("precious", tmp_path)
+    # The restore path refuses it before starting any VM.
+    with pytest.raises(SnapshotError, match=pattern):
+        anyio.run(functools.partial(restore_snapshot, "precious", cache=tmp_path))
+
+
+def test_a_changed_input_is_refused(tmp_path: Path) -> None:
+    """The initramfs (or a disk image) an entry boots from was rebuilt with other bytes."""
+    path = _fake_entry(tmp_path, "stale")
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"K")
+    record_digest(kernel)  # a consistent record of the new contents
+    with pytest.raises(SnapshotError, match=f"{kernel} is corrupt: .*rebuilt or replaced since"):
+        _store.check_entry(path)
+
+
+def test_an_entry_without_digests_is_refused_and_a_zygote_rebuilt(tmp_path: Path) -> None:
+    path = _fake_entry(tmp_path, "zygote-0123")
+    assert anyio.run(_zygote._exists, "zygote-0123", tmp_path)
+    (path / _store.INTEGRITY).unlink()
+    with pytest.raises(SnapshotError, match=r"has no integrity.json .*take the snapshot again"):
+        _store.check_entry(path)
+    assert not anyio.run(_zygote._exists, "zygote-0123", tmp_path)  # so it is built again
+
+
+def test_a_stale_stamp_is_hashed_off_the_event_loop(tmp_path: Path) -> None:
+    path = _fake_entry(tmp_path, "touched")
+    memory = path / _store.MEMORY
+    os.utime(memory)  # a new ctime, the same contents
+    forget(memory)
+    with pytest.raises(StaleStamp):
+        _store.check_entry(path, rehash=False)
+    threads: list[bool] = []
+    real = _integrity.sha256_file
+
+    def spy(p: Path) -> str:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(p)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_integrity, "sha256_file", spy)
+        assert anyio.run(_store.acheck_entry, path).path == path
+    assert threads == [False]  # the memory file was hashed once, in a worker thread
+    forget(memory)
+    _store.check_entry(path, rehash=False)  # the renewed stamp holds
+
+
+def test_a_snapshot_records_what_its_origin_booted_from(tmp_path: Path) -> None:
+    """A snapshot inherits its origin's input digests: if the image was rebuilt
+    since the origin booted, the snapshot is refused by name, not silently mixed.
+    """
+    origin = _fake_entry(tmp_path, "origin")
+    inputs = _store.recorded_inputs(origin)
+    kernel = str(tmp_path / "kernel")
+    assert inputs == {kernel: sha256_file(Path(kernel))}
+    assert _store.recorded_inputs(tmp_path / "nowhere") is None
+    path = _fake_entry(tmp_path, "child", inputs={kernel: "0" * 64})
+    with pytest.raises(SnapshotError, match="rebuilt or replaced since"):
+        _store.check_entry(path)

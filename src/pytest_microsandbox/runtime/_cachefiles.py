@@ -14,28 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FileId", "SnapshotEntryRef", "file_id", "snapshot_entries", "touch_used"]
+__all__ = ["FileId", "SnapshotEntryRef", "file_id", "snapshot_entries"]
 
 #: Named entries with this prefix are zygotes: rebuilt when a file they boot
 #: from is missing (``check_entry`` fails), like templates, so they pin nothing.
 _ZYGOTE_PREFIX = "zygote-"
 
 FileId = tuple[int, int]  # (st_dev, st_ino)
-
-
-def touch_used(path: Path) -> bool:
-    """Mark ``path`` used (mtime = now); whether it exists.
-
-    One ``utime`` call doubles as the existence check of a cache's fast path.
-    A cache shared read-only with this user cannot be touched: it still counts.
-    """
-    try:
-        os.utime(path)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return path.exists()
-    return True
 
 
 def file_id(path: str | Path) -> FileId | None:

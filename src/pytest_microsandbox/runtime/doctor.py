@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 
 from ._exceptions import SandboxError
+from ._integrity import VERIFY_ENV, always_full, record_path
 from .accel import env_accel_choice, host_boot_id, kvm_usable
 from .paths import cache_dir
 
@@ -53,6 +55,7 @@ def diagnose(*, probe: bool = True, qemu_version_fact: bool = True) -> DoctorRep
     report = DoctorReport()
     cache = cache_dir()
     report.facts.append(("cache directory", str(cache)))
+    report.facts.append(("cache integrity", _integrity_fact(cache)))
     try:
         qemu = find_qemu()
         report.facts.append(
@@ -97,6 +100,24 @@ def diagnose(*, probe: bool = True, qemu_version_fact: bool = True) -> DoctorRep
     else:
         report.facts.append(("accelerator", f"{choice} (not probed)"))
     return report
+
+
+def _integrity_fact(cache: Path) -> str:
+    """How cached files are checked, and how many images lack a digest record
+    (built by an older version: rebuilt on their next use). Hashes nothing.
+    """
+    images = [p for p in (cache / "images").glob("*.erofs") if not p.name.startswith(".")]
+    unrecorded = sum(not record_path(p).exists() for p in images)
+    mode = (
+        f"every use hashes in full (${VERIFY_ENV} is set)"
+        if always_full()
+        else "sha256 recorded at build, stamp checked on use"
+    )
+    missing = f", {unrecorded} without a digest record (rebuilt on use)" if unrecorded else ""
+    return (
+        f"{mode}; {len(images)} images{missing}; hash all now: "
+        "python -m pytest_microsandbox.runtime.images verify"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

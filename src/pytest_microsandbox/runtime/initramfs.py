@@ -7,6 +7,7 @@ dependencies first, read from the kernel's ``modules.dep``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -17,8 +18,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._cachefiles import FileId, file_id, snapshot_entries, touch_used
+from ._cachefiles import FileId, file_id, snapshot_entries
 from ._exceptions import KernelNotFoundError
+from ._integrity import (
+    DIGEST_SUFFIX,
+    IntegrityMismatch,
+    last_used,
+    mark_used,
+    record_digest,
+    remove_record,
+    verify_file,
+)
 from ._locks import EntryLock, lock_timeout, remove_idle_lock_files
 
 __all__ = [
@@ -193,21 +203,26 @@ class InitramfsSpec:
 def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
     """Write the initramfs for ``spec`` into ``out_dir`` (cached by digest); return its path.
 
-    Handing out a cached archive marks it used; a build prunes old ones
-    (:func:`prune_initramfs`) and leaves no lock file behind.
+    Handing out a cached archive marks it used (its digest record's mtime); a
+    build prunes old ones (:func:`prune_initramfs`) and leaves no lock file
+    behind. A cached archive is checked against the SHA-256 recorded at its
+    build (one ``stat`` while its verified stamp holds); a corrupt or
+    unrecorded one is rebuilt, once, under the lock.
 
     :raises SnapshotLockTimeoutError: another process has been building it for 300 s
         (or ``$MICROSANDBOX_TEMPLATE_LOCK_TIMEOUT``, which the message names).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"initramfs-{spec.digest()}.cpio"
-    if touch_used(target):
+    if _usable(target):
         return target
     lock = EntryLock(Path(f"{target}.lock"), f"the initramfs {target.name}")
     lock.acquire(timeout=lock_timeout(300))
     try:
-        if target.is_file():
+        if _usable(target, log=True):
             return target
+        target.unlink(missing_ok=True)
+        remove_record(target)
         deps = parse_modules_dep((spec.modules_dir / "modules.dep").read_text())
         order = resolve_modules(deps, spec.modules)
         buf = io.BytesIO()
@@ -225,10 +240,25 @@ def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
         tmp = target.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, target)
+        record_digest(target)  # after the rename: it changes ctime
     finally:
         lock.release(delete=True)
     prune_initramfs(out_dir, keep=target)
     return target
+
+
+def _usable(archive: Path, *, log: bool = False) -> bool:
+    """Whether ``archive`` exists and matches its digest record; marks it used."""
+    try:
+        verify_file(archive)
+    except FileNotFoundError:
+        return False
+    except IntegrityMismatch as exc:
+        if log:
+            logger.warning("cached initramfs %s: %s; rebuilding it", archive, exc.reason)
+        return False
+    mark_used(archive)
+    return True
 
 
 def _pinned_by_named_snapshots(cache: Path) -> set[FileId]:
@@ -248,16 +278,18 @@ def prune_initramfs(
 
     Never deleted: ``keep``, archives used in the last :data:`INITRAMFS_GRACE_S`
     seconds, and those named user snapshots boot from (``<cache>`` is
-    ``out_dir``'s parent). Stale temporary files and idle lock files go too.
+    ``out_dir``'s parent). Stale temporary files, idle lock files and digest
+    records whose archive is gone go too.
     """
     now = time.time() if now is None else now
     archives: list[tuple[float, Path, FileId]] = []
     for path in out_dir.glob("initramfs-*.cpio"):
         try:
             st = path.stat()
+            used = last_used(path, st)
         except FileNotFoundError:
             continue
-        archives.append((st.st_mtime, path, (st.st_dev, st.st_ino)))
+        archives.append((used, path, (st.st_dev, st.st_ino)))
     archives.sort(reverse=True)
     pinned = _pinned_by_named_snapshots(out_dir.parent)
     removed: list[Path] = []
@@ -266,10 +298,15 @@ def prune_initramfs(
             continue
         try:
             path.unlink()
+            remove_record(path)
         except OSError:
             continue
         removed.append(path)
     remove_idle_lock_files(out_dir.glob("initramfs-*.cpio.lock"))
+    for sidecar in out_dir.glob(f"initramfs-*.cpio{DIGEST_SUFFIX}"):
+        if not sidecar.with_name(sidecar.name[: -len(DIGEST_SUFFIX)]).exists():
+            with contextlib.suppress(OSError):
+                remove_record(sidecar.with_name(sidecar.name[: -len(DIGEST_SUFFIX)]))
     for tmp in out_dir.glob("initramfs-*.tmp*"):
         try:
             if now - tmp.stat().st_mtime > INITRAMFS_GRACE_S:

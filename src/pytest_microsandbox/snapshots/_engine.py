@@ -203,7 +203,8 @@ async def ensure_template(
 ) -> _store.Entry:
     """Return the template for ``config``, building it once under a file lock.
 
-    A broken or foreign entry (sizes, metadata, QEMU version) is rebuilt.
+    A broken, corrupt (a digest recorded at its build no longer matches) or
+    foreign entry (sizes, metadata, QEMU version) is rebuilt.
 
     :raises SnapshotLockTimeoutError: another process held the build lock too long.
     :raises SnapshotError: the build failed (e.g. the disk is full).
@@ -212,11 +213,11 @@ async def ensure_template(
     root = _store.templates_root(cache)
     final = root / key
     with contextlib.suppress(SnapshotError):
-        return _store.check_entry(final)
+        return await _store.acheck_entry(final)
     timeout = lock_timeout(_DEFAULT_LOCK_TIMEOUT)
     async with hold(_store.entry_lock_path(final), f"template {key}", timeout):
         with contextlib.suppress(SnapshotError):
-            return _store.check_entry(final)  # another process built it while we waited
+            return await _store.acheck_entry(final)  # another process built it meanwhile
         _store.clean_stale_temps(root)
         entry = await _build_template(config, backend, plan, key, final, cache)
     auto_prune(cache, kind="template")
@@ -320,7 +321,7 @@ async def _build_template(
         )
         _check_sizes(tmp, meta)
         _store.write_meta(tmp, meta)
-        _store.publish(tmp, final)
+        await anyio.to_thread.run_sync(_store.publish, tmp, final)  # hashes the memory file
         return _store.check_entry(final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -561,9 +562,9 @@ async def restore_snapshot(
     """
     raw = os.fspath(name_or_path)
     if os.sep in raw or isinstance(name_or_path, os.PathLike):
-        entry = _store.check_entry(Path(raw))
+        entry = await _store.acheck_entry(Path(raw))
     else:
-        entry = _store.get_snapshot(raw, cache)
+        entry = await _store.acheck_entry(_store.named_root(cache) / _store.check_name(raw))
     if backend is None:
         from ..runtime.qemu import QemuBackend
 
@@ -647,6 +648,10 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
     root = _store.named_root(cache)
     _store.clean_stale_temps(root)
     meta0 = origin.meta
+    # The guest's page cache came from the files its origin booted from: record
+    # those digests, not those of files rebuilt since (when they still differ,
+    # the restore refuses the snapshot by name rather than mix the two).
+    inputs = _store.recorded_inputs(origin.path)
     # The new memory file: at most the guest's RAM.
     _store.check_free_space(root, (meta0.memory_mib << 20) + (64 << 20))
     tmp = _tmp_entry(root, name)
@@ -686,7 +691,7 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
         )
         _check_sizes(tmp, meta)
         _store.write_meta(tmp, meta)
-        _store.publish(tmp, root / name)
+        await anyio.to_thread.run_sync(_store.publish, tmp, root / name, inputs)  # hashes memory
         return _store.check_entry(root / name)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -899,6 +904,12 @@ def _pool_for(
     _reap_closed_loops()
     key = (id(loop), str(entry.path))
     pool = _pools.get(key)
+    if pool is not None and pool.entry.meta.created != entry.meta.created:
+        # The entry was rebuilt (found corrupt, or replaced) since the pool
+        # started: its QEMUs map the old files.
+        _spawn(pool.aclose())
+        del _pools[key]
+        pool = None
     if pool is None:
         pool = _pools[key] = _Pool(entry, backend, cache, size, warm_command)
         pool.guard = _close_at_loop_shutdown(key, pool)

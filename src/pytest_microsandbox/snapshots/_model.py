@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["FORMAT_VERSION", "DiskMeta", "SnapshotMeta"]
+__all__ = ["FORMAT_VERSION", "DiskMeta", "EntryDigests", "SnapshotMeta"]
 
 #: Bumped whenever the on-disk layout or the clone's device set changes: a
 #: template of another format is rebuilt, a named snapshot refused.
@@ -46,3 +46,22 @@ class SnapshotMeta(BaseModel):
     volume_slots: int  # spare 9p devices for bind volumes (SandboxConfig.volume_slots)
     state_size: int
     config: str  # SandboxConfig JSON of the captured sandbox
+
+
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class EntryDigests(BaseModel):
+    """``integrity.json``: the SHA-256 of an entry's files and of what it boots
+    from, recorded when the entry was made (the memory file's own digest and
+    verified stamp are in its ``memory.digest`` record).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    algorithm: Literal["sha256"] = "sha256"
+    meta: str = Field(pattern=_SHA256)  # meta.json
+    state: str = Field(pattern=_SHA256)
+    #: The initramfs and each disk image, by path: their contents when the
+    #: entry's guest read them (its page cache is in the memory file).
+    inputs: dict[str, str]

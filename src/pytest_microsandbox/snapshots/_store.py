@@ -2,8 +2,9 @@
 
 Layout under ``<cache>/snapshots/``::
 
-    templates/<key>/{memory,state,meta.json}   built once per key, under <key>.lock
-    named/<name>/{memory,state,meta.json}      sandbox.snapshot(name); zygotes are built
+    templates/<key>/{memory,state,meta.json,  built once per key, under <key>.lock
+                     memory.digest,integrity.json}
+    named/<name>/{...the same}                 sandbox.snapshot(name); zygotes are built
                                                under <name>.lock
     spare.img                                  backing of the spare virtio-blk device
 
@@ -14,6 +15,14 @@ Every entry is built in a ``.tmp-*`` sibling and renamed into place, so a
 build killed halfway is never seen under its final name. Entries are checked
 on use (:func:`check_entry`); ``last used`` is the directory's mtime, touched
 on every restore, which is what :func:`prune` orders by.
+
+Integrity: :func:`publish` records the SHA-256 of ``meta.json``, ``state``
+and what the entry boots from (initramfs, disk images) in ``integrity.json``,
+and the memory file's digest with its verified stamp in ``memory.digest`` (see
+:mod:`pytest_microsandbox.runtime._integrity`). On use, the two small files
+are hashed in full (~0.1 ms), the memory file and the inputs cost a ``stat``
+each while their stamps hold. A clone maps the memory file privately and never
+writes it, so its stamp holds across restores.
 """
 
 from __future__ import annotations
@@ -21,29 +30,42 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 from pydantic import ValidationError
 
 from ..runtime._exceptions import SnapshotError, SnapshotNotFoundError
+from ..runtime._integrity import (
+    IntegrityMismatch,
+    StaleStamp,
+    record_digest,
+    sha256_file,
+    verify_file,
+)
 from ..runtime._locks import remove_lock_file
 from ..runtime.paths import cache_dir
 from ..runtime.qemu import qemu_version
-from ._model import FORMAT_VERSION, SnapshotMeta
+from ._model import FORMAT_VERSION, EntryDigests, SnapshotMeta
 
 __all__ = [
+    "INTEGRITY",
     "MEMORY",
     "META",
     "STATE",
     "Entry",
     "SnapshotInfo",
+    "acheck_entry",
     "check_entry",
     "check_free_space",
     "check_name",
@@ -56,7 +78,9 @@ __all__ = [
     "named_root",
     "prune",
     "publish",
+    "recorded_inputs",
     "remove_snapshot",
+    "seal",
     "spare_disk",
     "store_root",
     "templates_root",
@@ -67,6 +91,14 @@ __all__ = [
 MEMORY = "memory"
 STATE = "state"
 META = "meta.json"
+INTEGRITY = "integrity.json"
+
+logger = logging.getLogger("pytest_microsandbox.snapshots")
+
+_REBUILD_HINT = (
+    "this entry cannot be used: take the snapshot again (templates and the "
+    "plugin's zygotes are rebuilt on their own)"
+)
 #: Capacity of the spare disk (a sparse file: no blocks used). The guest reads
 #: it once, at boot, so an image volume attached to a clone must fit in it: far
 #: larger than any image, reads past an image's own end are never made.
@@ -152,11 +184,27 @@ def spare_disk(cache: Path | None = None) -> Path:
     return path
 
 
-def check_entry(path: Path) -> Entry:
-    """Read and verify an entry: metadata, format, QEMU version, file sizes.
+async def acheck_entry(path: Path) -> Entry:
+    """:func:`check_entry` for async callers: a file whose verified stamp no
+    longer holds is hashed in a worker thread, not on the event loop.
+    """
+    try:
+        return check_entry(path, rehash=False)
+    except StaleStamp:
+        return await anyio.to_thread.run_sync(check_entry, path)
+
+
+def check_entry(path: Path, *, rehash: bool = True) -> Entry:
+    """Read and verify an entry: metadata, format, QEMU version, file sizes,
+    and the digests recorded when it was made (``meta.json`` and ``state`` in
+    full, the memory file and what the entry boots from by their verified
+    stamps, hashed again when a stamp no longer holds).
 
     :raises SnapshotNotFoundError: there is no entry at ``path``.
-    :raises SnapshotError: the entry is broken or was made by another QEMU.
+    :raises SnapshotError: the entry is broken, corrupt (the message names the
+        file) or was made by another QEMU.
+    :raises StaleStamp: ``rehash`` is false and a file must be hashed again
+        (:func:`acheck_entry` does that in a worker thread).
     """
     meta_path = path / META
     try:
@@ -174,6 +222,9 @@ def check_entry(path: Path) -> Entry:
                 "store layout or the clone device set changed): take the snapshot again "
                 "(templates and the plugin's zygotes are rebuilt on their own)"
             )
+    digests = _read_digests(path)
+    if hashlib.sha256(raw).hexdigest() != digests.meta:
+        raise _corrupt(path, IntegrityMismatch(meta_path, "its contents changed since it was made"))
     try:
         meta = SnapshotMeta.model_validate_json(raw)
     except ValidationError as exc:
@@ -195,7 +246,87 @@ def check_entry(path: Path) -> Entry:
             raise SnapshotError(f"{path}: {file} is missing") from None
         if actual != size:
             raise SnapshotError(f"{path}: {file} has {actual} bytes, expected {size}")
+    _check_digests(path, meta, digests, rehash=rehash)
     return Entry(path, meta)
+
+
+def _read_digests(path: Path) -> EntryDigests:
+    try:
+        return EntryDigests.model_validate_json((path / INTEGRITY).read_bytes())
+    except FileNotFoundError:
+        raise SnapshotError(
+            f"{path} has no {INTEGRITY} (it was made by a version that recorded no "
+            f"digests, or its build was cut short); {_REBUILD_HINT}"
+        ) from None
+    except (OSError, ValidationError) as exc:
+        unreadable = IntegrityMismatch(path / INTEGRITY, f"it cannot be read ({exc})")
+        raise _corrupt(path, unreadable) from None
+
+
+def _corrupt(path: Path, exc: IntegrityMismatch) -> SnapshotError:
+    logger.warning("snapshot entry %s: %s", path, exc)
+    return SnapshotError(f"{path}: {exc.path} is corrupt: {exc.reason}; {_REBUILD_HINT}")
+
+
+def _check_digests(path: Path, meta: SnapshotMeta, digests: EntryDigests, *, rehash: bool) -> None:
+    state = path / STATE
+    try:
+        if sha256_file(state) != digests.state:
+            raise IntegrityMismatch(state, "its contents changed since it was made")
+        verify_file(path / MEMORY, rehash=rehash)
+        for input_path in (meta.initrd, *(d.path for d in meta.disks)):
+            expected = digests.inputs.get(input_path)
+            if expected is None:
+                raise IntegrityMismatch(Path(input_path), f"{INTEGRITY} has no digest of it")
+            verify_file(Path(input_path), expected=expected, rehash=rehash)
+    except FileNotFoundError as exc:
+        raise SnapshotError(f"{path}: {exc.filename} is missing") from None
+    except IntegrityMismatch as exc:
+        raise _corrupt(path, exc) from None
+
+
+def recorded_inputs(entry: Path) -> dict[str, str] | None:
+    """The input digests ``entry`` recorded (None if it has no readable record):
+    what a snapshot of one of its clones booted from, whatever is on disk now.
+    """
+    try:
+        return dict(EntryDigests.model_validate_json((entry / INTEGRITY).read_bytes()).inputs)
+    except (OSError, ValidationError):
+        return None
+
+
+def seal(directory: Path, inputs: Mapping[str, str] | None = None) -> None:
+    """Record the digests of a fully written entry (before :func:`publish` renames
+    it): ``memory.digest`` for the memory file, ``integrity.json`` for the rest.
+
+    ``inputs``: the digests of the files it boots from as its guest read them
+    (a snapshot inherits its origin's); by default the files' current ones,
+    checked against their own records.
+
+    :raises SnapshotError: a file the entry boots from is corrupt or has no record.
+    """
+    raw = (directory / META).read_bytes()
+    meta = SnapshotMeta.model_validate_json(raw)
+    wanted = (meta.initrd, *(d.path for d in meta.disks))
+    if inputs is not None and all(p in inputs for p in wanted):
+        inputs = {p: inputs[p] for p in wanted}
+    else:
+        inputs = {}
+        for input_path in wanted:
+            try:
+                inputs[input_path] = verify_file(Path(input_path))
+            except (OSError, IntegrityMismatch) as exc:
+                raise SnapshotError(f"cannot record the digest of {input_path}: {exc}") from exc
+    record_digest(directory / MEMORY)
+    digests = EntryDigests(
+        meta=hashlib.sha256(raw).hexdigest(),
+        state=sha256_file(directory / STATE),
+        inputs=inputs,
+    )
+    with open(directory / INTEGRITY, "w") as f:
+        f.write(digests.model_dump_json(indent=2))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_meta(directory: Path, meta: SnapshotMeta) -> None:
@@ -206,8 +337,12 @@ def write_meta(directory: Path, meta: SnapshotMeta) -> None:
         os.fsync(f.fileno())
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Rename a fully written ``tmp`` entry to ``final`` (replacing a broken one)."""
+def publish(tmp: Path, final: Path, inputs: Mapping[str, str] | None = None) -> None:
+    """Record the digests of a fully written ``tmp`` entry (:func:`seal`, with
+    ``inputs``; hashes the memory file, ~0.7 s per GiB: call it in a worker
+    thread) and rename it to ``final`` (replacing a broken one).
+    """
+    seal(tmp, inputs)
     for name in (MEMORY, STATE):
         fd = os.open(tmp / name, os.O_RDONLY)
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pytest_microsandbox.runtime._exceptions import ImageError
+from pytest_microsandbox.runtime._integrity import record_digest, record_path
 from pytest_microsandbox.runtime._locks import EntryLock
 from pytest_microsandbox.runtime.images import __main__ as cli
 from pytest_microsandbox.runtime.images._resolve import STABLE_LAYER_TTL
@@ -51,6 +52,8 @@ def make_image(images: Path, family: str, *, used: float, mib: float = 1) -> Pat
     path = image_path(images, family, digest_of(family))
     path.write_bytes(b"\xe2" * int(mib * MiB))
     os.utime(path, (used, used))
+    record_digest(path)  # as a build does; last use is the record's mtime
+    os.utime(record_path(path), (used, used))
     return path
 
 
@@ -109,7 +112,7 @@ def test_lru_order_follows_use_not_build(tmp_path: Path) -> None:
     # The oldest build is handed out again: the fast path touches it (no build).
     digest = digest_of("dir-aaaaaaaaaaaa")
     assert ensure_image(images, "dir-aaaaaaaaaaaa", digest, never_build, description="a") == first
-    assert first.stat().st_mtime >= now - 1
+    assert record_path(first).stat().st_mtime >= now - 1
     size = max(i.disk_bytes for i in cached_images(images))
     # Two hours later (no grace in play), room for two: the least recently used goes.
     result = prune_images(images, max_bytes=2 * size, now=now + 2 * HOUR)

@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from pytest_microsandbox.runtime._exceptions import ImageError
+from pytest_microsandbox.runtime._integrity import record_path
 from pytest_microsandbox.runtime.images import Layer, _resolve, project_layer, resolve_root_layers
 from pytest_microsandbox.runtime.images._fingerprint import (
     content_fingerprint,
@@ -260,11 +261,18 @@ def test_directory_image_roundtrip_and_cache(tmp_path: Path) -> None:
     assert "2020-09-13" in out  # per-file mtimes survive (.pyc validation needs them)
 
     st = layer.path.stat()
+    used = record_path(layer.path).stat().st_mtime_ns
     again = resolve_root_layers(str(rootfs), cache_dir=cache)
     assert again == layers
     st2 = again[0].path.stat()
-    assert st2.st_ino == st.st_ino  # the same file, not rebuilt...
-    assert st2.st_mtime_ns >= st.st_mtime_ns  # ...but touched: eviction goes by last use
+    # The same file, not rebuilt, nor touched (that would change its verified
+    # stamp); its digest record is: eviction goes by last use.
+    assert (st2.st_ino, st2.st_mtime_ns, st2.st_ctime_ns) == (
+        st.st_ino,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    )
+    assert record_path(layer.path).stat().st_mtime_ns >= used
 
     (rootfs / "etc/hostname").write_text("edited, longer\n")
     edited = resolve_root_layers(str(rootfs), cache_dir=cache)

@@ -1,7 +1,11 @@
-"""``python -m pytest_microsandbox.runtime.images build host|DIR | prune [--max-mb N]``.
+"""``python -m pytest_microsandbox.runtime.images build host|DIR | prune [--max-mb N] | verify``.
 
 ``build`` builds layers ahead of time; ``prune`` evicts the least recently
-used images beyond a disk budget, as every build does on its own.
+used images beyond a disk budget, as every build does on its own; ``verify``
+hashes every cached image and initramfs archive in full against the digest
+recorded at its build (a use only compares a stamp: this finds what changed
+below the filesystem) and exits non-zero if one is corrupt (it is rebuilt on
+its next use).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import time
 from pathlib import Path
 
 from .._exceptions import ImageError
+from .._integrity import IntegrityMismatch, verify_file
 from ..config import find_project_root
+from ..paths import cache_dir
 from ._resolve import images_dir, resolve_root_layers
 from ._store import (
     IMAGE_BUDGET_ENV,
@@ -22,6 +28,7 @@ from ._store import (
     cached_images,
     image_budget_bytes,
     prune_images,
+    verify_images,
 )
 
 
@@ -70,6 +77,29 @@ def _prune(max_mib: float | None) -> int:
     return 0
 
 
+def _verify() -> int:
+    start = time.monotonic()
+    results = verify_images(images_dir())
+    for archive in sorted((cache_dir() / "initramfs").glob("initramfs-*.cpio")):
+        try:
+            verify_file(archive, full=True)
+        except FileNotFoundError:
+            continue
+        except IntegrityMismatch as exc:
+            results.append((archive, exc.reason))
+        else:
+            results.append((archive, None))
+    bad = [(path, problem) for path, problem in results if problem is not None]
+    for path, problem in bad:
+        print(f"CORRUPT {path}: {problem} (rebuilt on its next use)")
+    print(
+        f"{len(results)} files hashed in {time.monotonic() - start:.1f} s, {len(bad)} corrupt "
+        "(snapshot entries are checked on use; $MICROSANDBOX_VERIFY_CACHE=1 hashes "
+        "everything on every use)"
+    )
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_microsandbox.runtime.images")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,11 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"budget in MiB (default: ${IMAGE_BUDGET_ENV}, else 4096)",
     )
+    sub.add_parser(
+        "verify", help="hash every cached image and initramfs against its recorded digest"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "prune":
             return _prune(args.max_mb)
+        if args.command == "verify":
+            return _verify()
         return _build(args.image, args.project_root)
     except ImageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from ._host import DEFAULT_USR_EXCLUDES, PROJECT_SERIAL, plan_host_trees, plan_u
 from ._layers import LayerSpec, build_layer
 from ._model import Layer
 from ._staging import MOUNT_POINTS, stage_base, stage_mount_points
+from ._store import image_intact
 
 __all__ = ["STABLE_LAYER_TTL", "images_dir", "project_layer", "resolve_root_layers"]
 
@@ -32,7 +33,9 @@ def _memoized(key: tuple[str, ...], build: Callable[[], Layer]) -> Layer:
     now = time.monotonic()
     with _memo_lock:
         hit = _memo.get(key)
-    if hit is not None and hit[0] > now and hit[1].path.is_file():
+    # The tree is trusted for the TTL, not the image: checked against its digest
+    # record (one stat while its verified stamp holds), rebuilt by build() if not.
+    if hit is not None and hit[0] > now and image_intact(hit[1].path):
         return hit[1]
     layer = build()
     with _memo_lock:

@@ -5,9 +5,16 @@ Two limits keep it bounded: at most :data:`KEEP_PER_SOURCE` images per family
 families (``$MICROSANDBOX_IMAGE_BUDGET_MB``), because every *different* source
 (every temporary project a test suite images) is a family of its own that the
 first limit never removes. Both run after each build and evict by last use: an
-image's mtime is touched whenever :func:`ensure_image` hands it out, and a
-template, zygote or snapshot restore (which touches its entry directory in
-``<cache>/snapshots``) counts as a use of the images that entry boots from.
+image's digest record (``<image>.digest``) is touched whenever :func:`ensure_image`
+hands it out, and a template, zygote or snapshot restore (which touches its
+entry directory in ``<cache>/snapshots``) counts as a use of the images that
+entry boots from.
+
+Every image is checked against the SHA-256 recorded when it was built (see
+:mod:`.._integrity`): one ``stat`` per use while its verified stamp holds, a
+full hash when it does not. An image whose contents changed, or that has no
+record (built by an older version), is rebuilt. The image file itself is never
+touched after its build: that would change the stamp.
 """
 
 from __future__ import annotations
@@ -22,9 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._cachefiles import FileId, file_id, snapshot_entries, touch_used
+from .._cachefiles import FileId, file_id, snapshot_entries
 from .._envvars import env_number
 from .._exceptions import ImageError
+from .._integrity import (
+    DIGEST_SUFFIX,
+    IntegrityMismatch,
+    last_used,
+    mark_used,
+    record_digest,
+    remove_record,
+    sha256_file,
+    verify_file,
+)
 from .._locks import EntryLock, remove_idle_lock_files
 
 __all__ = [
@@ -37,9 +54,12 @@ __all__ = [
     "cached_images",
     "ensure_image",
     "image_budget_bytes",
+    "image_intact",
     "image_path",
     "logger",
     "prune_images",
+    "usable_image",
+    "verify_images",
 ]
 
 logger = logging.getLogger("pytest_microsandbox.images")
@@ -122,12 +142,15 @@ def ensure_image(
     over the final name only on success, so an interrupted build never looks
     like an image; leftovers are removed by the next build of the family
     (under the family's lock, so no builder can still own them). Returning an
-    existing image touches its mtime: eviction goes by last use, not by build.
+    existing image marks it used (its digest record's mtime): eviction goes by
+    last use, not by build. An existing image is checked against the digest
+    recorded at its build (:func:`usable_image`); a corrupt or unrecorded one is
+    rebuilt, once, under the family's lock.
 
     :raises ImageError: the build failed, or ``$MICROSANDBOX_IMAGE_BUDGET_MB`` is invalid.
     """
     final = image_path(images_dir, family, digest)
-    if touch_used(final):  # fast path: no lock for the common case
+    if usable_image(final):  # fast path: no lock for the common case
         return final
     budget = image_budget_bytes()  # a bad value fails before a build, not after
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +160,9 @@ def ensure_image(
     lock = EntryLock(images_dir / f"{family}.lock", f"image {family}")
     lock.acquire(timeout=math.inf)
     try:
-        if touch_used(final):  # another process built it while we waited
+        if usable_image(final, log=True):  # another process built it while we waited
             return final
+        _unlink(final)  # corrupt or unrecorded (usable_image said why): rebuilt below
         for stale in images_dir.glob(f".{family}-*{_TMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
         tmp = (
@@ -148,7 +172,9 @@ def ensure_image(
         started = time.monotonic()
         try:
             build(tmp)
+            sha256 = sha256_file(tmp)  # in the page cache still: ~1.5 GB/s
             os.replace(tmp, final)
+            record_digest(final, sha256)  # after the rename: it changes ctime
         finally:
             tmp.unlink(missing_ok=True)
         elapsed = time.monotonic() - started
@@ -163,6 +189,56 @@ def ensure_image(
     finally:
         lock.release(delete=True)
     return final
+
+
+def image_intact(path: Path) -> bool:
+    """Whether the image at ``path`` exists and matches its digest record (no
+    use is marked). Hashes it only when its verified stamp no longer holds.
+    """
+    try:
+        verify_file(path)
+    except (FileNotFoundError, IntegrityMismatch):
+        return False
+    return True
+
+
+def usable_image(path: Path, *, log: bool = False) -> bool:
+    """Whether the image at ``path`` exists and matches its digest record; a
+    usable one is marked used. Hashes it (a worker thread's time: callers run
+    in one) only when its verified stamp no longer matches the file.
+
+    ``log``: say why a present image is not usable (under the family lock,
+    where it is about to be rebuilt; outside it, a build may be finishing).
+    """
+    try:
+        verify_file(path)
+    except FileNotFoundError:
+        return False
+    except IntegrityMismatch as exc:
+        if log:
+            logger.warning("cached image %s: %s; rebuilding it", path, exc.reason)
+        return False
+    mark_used(path)
+    return True
+
+
+def verify_images(images_dir: Path) -> list[tuple[Path, str | None]]:
+    """Hash every image in ``images_dir`` in full against its record (for a
+    suspected disk problem: the stamp check on use does not see changes below
+    the filesystem). Returns ``(path, problem or None)`` per image; a corrupt
+    image is left in place and rebuilt on its next use.
+    """
+    out: list[tuple[Path, str | None]] = []
+    for image in sorted(cached_images(images_dir), key=lambda i: i.path.name):
+        try:
+            verify_file(image.path, full=True)
+        except FileNotFoundError:
+            continue  # evicted meanwhile
+        except IntegrityMismatch as exc:
+            out.append((image.path, exc.reason))
+        else:
+            out.append((image.path, None))
+    return out
 
 
 def _prune_family(images: Iterable[CachedImage], family: str, *, keep: Path) -> None:
@@ -188,15 +264,23 @@ def _prune_family(images: Iterable[CachedImage], family: str, *, keep: Path) -> 
 
 
 def _unlink(path: Path) -> bool:
-    """Delete ``path``; False if it was not deleted (already gone, or not ours)."""
+    """Delete ``path`` and its digest record; False if the image was not deleted
+    (already gone, or not ours).
+    """
     try:
         path.unlink()
     except FileNotFoundError:
-        return False  # another process evicted it first
+        removed = False  # another process evicted it first
     except OSError as exc:
         logger.warning("cannot remove image %s: %s", path, exc)
         return False
-    return True
+    else:
+        removed = True
+    try:
+        remove_record(path)
+    except OSError as exc:
+        logger.warning("cannot remove digest record of %s: %s", path, exc)
+    return removed
 
 
 def _disk_paths(meta: dict[str, Any]) -> list[str]:
@@ -247,15 +331,27 @@ def cached_images(images_dir: Path) -> list[CachedImage]:
         except FileNotFoundError:
             continue  # evicted by another process since the listing
         key = (st.st_dev, st.st_ino)
+        used = last_used(Path(entry.path), st)
         out.append(
             CachedImage(
                 path=Path(entry.path),
                 disk_bytes=st.st_blocks * 512,
-                last_used=max(st.st_mtime, uses.get(key, st.st_mtime)),
+                last_used=max(used, uses.get(key, used)),
                 pinned=key in pinned,
             )
         )
     return out
+
+
+def _remove_orphan_records(images_dir: Path) -> None:
+    """Digest records whose image is gone (evicted by a version without records)."""
+    for sidecar in images_dir.glob(f"*{_SUFFIX}{DIGEST_SUFFIX}"):
+        image = sidecar.with_name(sidecar.name[: -len(DIGEST_SUFFIX)])
+        if not image.exists():
+            try:
+                remove_record(image)
+            except OSError:
+                continue
 
 
 def prune_images(
@@ -273,10 +369,12 @@ def prune_images(
     pinned by a named snapshot. If those alone exceed the budget, they stay.
     Safe to run in several processes at once: files that vanish count as gone,
     and an image touched since the listing is spared. Also removes lock files
-    nobody holds (left by versions that kept them).
+    nobody holds (left by versions that kept them), and digest records whose
+    image is gone.
     """
     now = time.time() if now is None else now
     remove_idle_lock_files(images_dir.glob("*.lock"))
+    _remove_orphan_records(images_dir)
     images = cached_images(images_dir)
     before = sum(i.disk_bytes for i in images)
     total = before
@@ -289,7 +387,7 @@ def prune_images(
         if total <= max_bytes:
             break
         try:
-            recent = now - image.path.stat().st_mtime < grace
+            recent = now - last_used(image.path) < grace
         except FileNotFoundError:
             total -= image.disk_bytes  # evicted by another process
             continue
