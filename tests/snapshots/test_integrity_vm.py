@@ -68,8 +68,8 @@ def test_corrupt_state_and_layer_are_rebuilt_once(private_cache: Path, rootfs: P
         async def main() -> tuple[Path, bytes]:
             try:
                 async with await Sandbox.create(config) as sb:
-                    assert sb._origin is not None
-                    return sb._origin.path, await sb.fs().read("/data.bin")
+                    assert sb.session.origin is not None
+                    return sb.session.origin.path, await sb.fs().read("/data.bin")
             finally:
                 await close_pools()  # the next create starts afresh, as a new process
 
