@@ -188,8 +188,10 @@ def test_guest_args_forward_report_shaping_options(pytester: pytest.Pytester):
     config = pytester.parseconfig(
         "-p", "no:xdist", "-vv", "--tb=short", "-l", "-W", "error::UserWarning",
         "-o", "xfail_strict=true", "--strict-markers", "-o", "addopts=",
+        "-o", "sandbox_env=TOKEN=s3cret", "--sandbox-env", "OTHER=s3cret",
     )  # fmt: skip
     args = guest_args(config, ["/x/test_a.py"])
+    assert not [a for a in args if "s3cret" in a]  # test variables never reach the zygote
     assert args[:2] == ["-o", "addopts="]  # no -n, --junitxml, ... from addopts in the guest
     for expected in ("-vv", "--tb=short", "-l", "--strict-markers", "--color=no"):
         assert expected in args
