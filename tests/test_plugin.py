@@ -86,7 +86,11 @@ def test_marker_spec_precedence_marker_over_settings():
         ({"network": "public"}, "network='public' is not supported yet"),
         ({"memroy": 5}, "unknown @pytest.mark.sandbox argument(s) memroy"),
         ({"timeout": -1}, "timeout=...) must be a positive number"),
-        ({"env": {"A": 1}}, "env=...) must be a dict of str to str"),
+        ({"env": {"A": 1}}, "the value of A must be a str without NUL bytes"),
+        ({"env": {"A": "x\0"}}, "the value of A must be a str without NUL bytes"),
+        ({"env": {"1A": "x"}}, "'1A' is not an environment variable name"),
+        ({"env": ["A", 3]}, "expected NAME or NAME=VALUE strings, got 3"),
+        ({"env": "A"}, "must be a dict of str to str or a list of host variable names"),
         ({"isolation": "thread"}, "isolation=...) must be one of"),
         ({"memory": 64}, "memory=...) must be between 128"),
     ],
@@ -184,8 +188,10 @@ def test_guest_args_forward_report_shaping_options(pytester: pytest.Pytester):
     config = pytester.parseconfig(
         "-p", "no:xdist", "-vv", "--tb=short", "-l", "-W", "error::UserWarning",
         "-o", "xfail_strict=true", "--strict-markers", "-o", "addopts=",
+        "-o", "sandbox_env=TOKEN=s3cret", "--sandbox-env", "OTHER=s3cret",
     )  # fmt: skip
     args = guest_args(config, ["/x/test_a.py"])
+    assert not [a for a in args if "s3cret" in a]  # test variables never reach the zygote
     assert args[:2] == ["-o", "addopts="]  # no -n, --junitxml, ... from addopts in the guest
     for expected in ("-vv", "--tb=short", "-l", "--strict-markers", "--color=no"):
         assert expected in args
@@ -208,17 +214,89 @@ def test_watched_files_are_tests_conftests_and_ini(pytester: pytest.Pytester):
     assert len(watched_files(config, [str(test)])) == 4  # two conftests
 
 
-def test_guest_env_drops_volatile_and_worker_variables():
-    env = _zygote.guest_env(
-        {"PATH": "/bin", "PYTEST_XDIST_WORKER": "gw1", "OLDPWD": "/", "KEEP": "1"}, {"X": "2"}
+def test_guest_env_is_the_allow_list_only():
+    host = {
+        "PATH": "/venv/bin:/bin",
+        "VIRTUAL_ENV": "/venv",
+        "HOME": "/home/me",
+        "USER": "me",
+        "SECRET_TOKEN": "xyz",
+        "AWS_SECRET_ACCESS_KEY": "k",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TZ": "UTC",
+        "PYTHONHASHSEED": "0",
+        "PYTHONPATH": "/src",
+        "PYTHON_KEYRING_PASSWORD": "pw",  # a credential under an allowed prefix
+        "PYTEST_PLUGINS": "myplugin",
+        "PYTEST_ADDOPTS": "-n 2",  # the host applied it already
+        "PYTEST_XDIST_WORKER": "gw1",
+        "PYTEST_CURRENT_TEST": "t.py::x (call)",
+        "CI": "true",
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_TOKEN": "ghp_x",
+        "NO_COLOR": "1",
+        "TERM": "xterm",
+        "COLUMNS": "120",  # per test: a resize must not rebuild the zygote
+        "OLDPWD": "/",
+        "ZERO": "a\0b",
+    }
+    assert _zygote.guest_env(host) == {
+        "PATH": "/venv/bin:/bin",
+        "VIRTUAL_ENV": "/venv",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TZ": "UTC",
+        "PYTHONHASHSEED": "0",
+        "PYTHONPATH": "/src",
+        "PYTEST_PLUGINS": "myplugin",
+        "CI": "true",
+        "GITHUB_ACTIONS": "true",
+        "NO_COLOR": "1",
+        "TERM": "xterm",
+        _guest.GUEST_ENV: "1",
+    }
+
+
+def test_request_env_forwards_named_variables_and_sets_values():
+    host = {"COLUMNS": "120", "SECRET_TOKEN": "xyz", "DB": "host-db", "LINES": "40"}
+    entries = [("SECRET_TOKEN", None), ("DB", "ini-db"), ("DB", None), ("MISSING", None)]
+    assert _zygote.request_env(host, entries) == {
+        "COLUMNS": "120",
+        "LINES": "40",
+        "SECRET_TOKEN": "xyz",
+        "DB": "host-db",  # a later entry wins
+    }
+    # A name the host does not have unsets what an earlier entry set.
+    assert _zygote.request_env({}, [("A", "1"), ("A", None)]) == {}
+    assert _zygote.request_env({"A": "h"}, [("A", None), ("A", "marker")]) == {"A": "marker"}
+
+
+def test_sandbox_env_merges_ini_then_command_line_then_marker(pytester: pytest.Pytester):
+    pytester.makeini("[pytest]\nsandbox_env = TOKEN DB=ini 'GREETING=hello world'\n")
+    settings = resolve_settings(pytester.parseconfig("--sandbox-env", "DB=cli"))
+    assert settings.env == (
+        ("TOKEN", None),
+        ("DB", "ini"),
+        ("GREETING", "hello world"),
+        ("DB", "cli"),
     )
-    assert env == {"PATH": "/bin", "KEEP": "1", "X": "2", _guest.GUEST_ENV: "1"}
+    spec = marker_spec(_mark(env={"DB": "marker"}), settings, "t")
+    host = {"TOKEN": "t0k", "DB": "host"}
+    env = _zygote.request_env(host, spec.env)
+    assert env == {"TOKEN": "t0k", "DB": "marker", "GREETING": "hello world"}
+    listed = marker_spec(_mark(env=["DB", "X=1"]), settings, "t")
+    assert _zygote.request_env(host, listed.env)["DB"] == "host"
+    # The zygote's plan never depends on the test's variables.
+    assert spec.without_env() == listed.without_env()
 
 
-def test_protocol_lines_ignore_stray_output():
-    line = _guest.PREFIX + json.dumps({"kind": "done", "data": {"status": 0}})
-    text = f"hello\n{line}\n{_guest.PREFIX}not json\nbye"
-    assert _zygote.parse_lines(text) == [{"kind": "done", "data": {"status": 0}}]
+def test_bad_sandbox_env_is_a_usage_error(pytester: pytest.Pytester):
+    result = pytester.runpytest("--sandbox-env", "NOT-A-NAME=1")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--sandbox-env: 'NOT-A-NAME' is not an environment variable name" in (
+        result.stderr.str()
+    )
 
 
 def test_the_guest_finds_the_channel_port_by_name(tmp_path):
@@ -406,7 +484,7 @@ class _StubSandbox:
         return "console tail"
 
 
-def _exchange(pytester: pytest.Pytester, answer, timeout=None):
+def _exchange(pytester: pytest.Pytester, answer, timeout=None, earlier=None):
     """Run one exchange against a fake runner: ``answer(request, send)`` plays the guest."""
     import anyio
     from anyio.streams.stapled import StapledObjectStream
@@ -427,40 +505,114 @@ def _exchange(pytester: pytest.Pytester, answer, timeout=None):
                 await answer(request, to_host_send)
 
             tg.start_soon(guest)
-            outcome = await runner._exchange(_StubSandbox(), host_side, "t.py::x", True, timeout)
+            outcome = await runner._exchange(
+                _StubSandbox(), host_side, "t.py::x", True, timeout, {"A": "1"}, earlier
+            )
             tg.cancel_scope.cancel()
         return outcome
 
     return anyio.run(main)
 
 
-def _line(kind, data):
-    return (_guest.PREFIX + json.dumps({"kind": kind, "data": data}) + "\n").encode()
+def _line(seq, kind, data):
+    return (_guest.PREFIX + json.dumps({"seq": seq, "kind": kind, "data": data}) + "\n").encode()
 
 
-def test_exchange_ignores_a_late_done_of_an_earlier_request(pytester: pytest.Pytester):
+def _report(when, outcome="passed", nodeid="t.py::x"):
+    return {"$report_type": "TestReport", "nodeid": nodeid, "when": when, "outcome": outcome}
+
+
+async def _whole_answer(request, send):
+    seq = request["seq"]
+    for when in ("setup", "call", "teardown"):
+        await send.send(_line(seq, "report", _report(when)))
+    await send.send(_line(seq, "done", {"status": 0}))
+
+
+def test_exchange_sends_a_fresh_random_seq_and_the_test_env(pytester: pytest.Pytester):
+    requests = []
+
     async def answer(request, send):
-        assert request["nodeid"] == "t.py::x" and request["fork"] is True
-        # A process of an earlier request died after answering: its runner's "done".
-        await send.send(_line("done", {"status": None, "signal": 9, "seq": request["seq"] - 1}))
-        await send.send(_line("report", {"x": 1}) + _line("done", {"status": 0}))
-        await send.send(b"noise\n" + _line("done", {"status": 0, "seq": request["seq"]}))
+        requests.append(request)
+        await _whole_answer(request, send)
+
+    earlier: dict[str, str] = {}
+    for _ in range(2):
+        outcome = _exchange(pytester, answer, earlier=earlier)
+        assert outcome.error is None and outcome.violation is None
+        assert [m.when for m in outcome.messages[:3]] == ["setup", "call", "teardown"]
+    seqs = [r["seq"] for r in requests]
+    assert len(set(seqs)) == 2 and all(len(s) == 32 for s in seqs)
+    assert requests[0]["env"] == {"A": "1"} and requests[0]["fork"] is True
+    assert earlier == {seqs[0]: "t.py::x", seqs[1]: "t.py::x"}
+
+
+def test_exchange_rejects_a_late_line_of_an_earlier_request(pytester: pytest.Pytester):
+    async def answer(request, send):
+        await send.send(_line("old", "done", {"status": None, "signal": 9}))
+        await _whole_answer(request, send)
+
+    outcome = _exchange(pytester, answer, earlier={"old": "t.py::before"})
+    assert outcome.violation is not None
+    assert "a line of the earlier test t.py::before after its end" in outcome.violation
+
+
+@pytest.mark.parametrize(
+    ("forged", "seen"),
+    [
+        (
+            _report("call", nodeid="t.py::other"),
+            "a report for another test, 't.py::other', while t.py::x ran",
+        ),
+        (_report("setup"), "a second 'setup' report for t.py::x"),
+    ],
+)
+def test_exchange_rejects_forged_reports(pytester: pytest.Pytester, forged, seen):
+    async def answer(request, send):
+        seq = request["seq"]
+        await send.send(_line(seq, "report", _report("setup")))
+        await send.send(_line(seq, "report", forged))
+        await _whole_answer(request, send)
 
     outcome = _exchange(pytester, answer)
-    assert outcome.error is None
-    kinds = [m["kind"] for m in outcome.messages]
-    assert kinds == ["report", "done"]  # neither stale "done" counts
+    assert outcome.violation == (
+        f"protocol violation: the guest sent {seen}: results from inside the guest cannot be "
+        "trusted"
+    )
+
+
+def test_exchange_fails_a_flooding_guest_at_the_cap(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("MICROSANDBOX_REPORT_MAX_MB", "0.01")  # 10 KiB
+
+    async def answer(request, send):
+        for _ in range(100):
+            await send.send(b"x" * 1000)  # no newline: one endless line
+
+    outcome = _exchange(pytester, answer)
+    assert outcome.violation is not None
+    assert "more than 10485 bytes for t.py::x" in outcome.violation
 
 
 def test_exchange_reports_a_closed_channel_as_a_crash(pytester: pytest.Pytester):
     async def answer(request, send):
-        await send.send(_line("report", {"x": 1}))
+        await send.send(_line(request["seq"], "report", _report("setup")))
         await send.aclose()
 
     outcome = _exchange(pytester, answer)
     assert outcome.error is not None and outcome.error.startswith("the guest crashed")
     assert outcome.console == "console tail"
-    assert [m["kind"] for m in outcome.messages] == ["report"]  # what arrived is kept
+    assert [m.when for m in outcome.messages] == ["setup"]  # what arrived is kept
+
+
+def test_exchange_reports_the_runners_done_for_a_dead_test_process(pytester: pytest.Pytester):
+    async def answer(request, send):
+        await send.send(_line(request["seq"], "report", _report("setup")))
+        await send.send(_line(request["seq"], "done", {"status": None, "exit": 0}))
+
+    outcome = _exchange(pytester, answer)
+    assert outcome.error == "the test process in the guest exited with status 0 before it finished"
 
 
 def test_exchange_times_out(pytester: pytest.Pytester):
