@@ -165,8 +165,9 @@ def test_timeout_names_the_lock_and_the_variable(tmp_path: Path) -> None:
             EntryLock(lock_path, "template key").acquire(timeout=0.3)
         assert 0.3 <= time.monotonic() - start < 5
         message = str(info.value)
-        assert "building template key for over 0.3 s" in message
+        assert "after 0.3 s waiting for the lock on template key" in message
         assert str(lock_path) in message and f"${LOCK_TIMEOUT_ENV}" in message
+        assert info.value.lock_path == str(lock_path) and info.value.what == "template key"
         assert not remove_lock_file(lock_path), "a held lock file must stay"
         assert lock_path.exists()
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ._cachefiles import FileId, file_id, snapshot_entries, touch_used
 from ._exceptions import KernelNotFoundError
-from ._locks import EntryLock, lock_timeout, remove_idle_lock_files
+from ._locks import cache_lock, cache_lock_timeout, remove_idle_lock_files
 
 __all__ = [
     "GUEST_MODULES",
@@ -196,15 +196,15 @@ def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
     Handing out a cached archive marks it used; a build prunes old ones
     (:func:`prune_initramfs`) and leaves no lock file behind.
 
-    :raises SnapshotLockTimeoutError: another process has been building it for 300 s
-        (or ``$MICROSANDBOX_TEMPLATE_LOCK_TIMEOUT``, which the message names).
+    :raises LockTimeoutError: another process has been building it for 300 s
+        (or ``$MICROSANDBOX_CACHE_LOCK_TIMEOUT``, which the message names).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"initramfs-{spec.digest()}.cpio"
     if touch_used(target):
         return target
-    lock = EntryLock(Path(f"{target}.lock"), f"the initramfs {target.name}")
-    lock.acquire(timeout=lock_timeout(300))
+    lock = cache_lock(Path(f"{target}.lock"), f"the initramfs {target}")
+    lock.acquire(timeout=cache_lock_timeout(300))
     try:
         if target.is_file():
             return target
