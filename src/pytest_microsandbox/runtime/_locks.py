@@ -20,7 +20,7 @@ one each (:func:`cache_lock`).
 
 Waiting never blocks an event loop: :meth:`EntryLock.acquire_async` polls
 with non-blocking ``flock`` and ``anyio.sleep`` (no worker thread, cancellable
-at once), and the blocking :meth:`EntryLock.acquire` refuses to run on an
+at once), and the blocking :meth:`EntryLock.acquire` warns when it runs on an
 event loop's thread. Within one process a lock on a path is also a
 ``threading.Lock`` (the *gate*), taken before the file: tasks and threads of
 one process queue on it instead of each polling the file, and a timeout
@@ -36,6 +36,7 @@ import fcntl
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -110,15 +111,19 @@ def _forget_gates_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_gates_in_child)
 
 
-def _refuse_on_event_loop(path: Path) -> None:
+def _warn_on_event_loop(path: Path) -> None:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return  # a worker thread or plain synchronous code: blocking is fine
-    raise RuntimeError(
-        f"EntryLock.acquire({path}) would block the event loop of this thread (and with it "
-        "whatever the holder of the lock is waiting for); await acquire_async() instead, "
-        "or run the blocking code in anyio.to_thread.run_sync"
+    # Not an error: synchronous public APIs (prepare_boot, ...) called from async
+    # code would then fail only on a cold cache. The runtime itself never does it.
+    warnings.warn(
+        f"EntryLock.acquire({path}) blocks the event loop of this thread while it waits "
+        "(a holder in the same loop then never finishes); call blocking cache builds "
+        "through anyio.to_thread.run_sync, or await acquire_async()",
+        RuntimeWarning,
+        stacklevel=3,
     )
 
 
@@ -171,11 +176,11 @@ class EntryLock:
         :raises LockTimeoutError: (``error``) another process or task held it for
             ``timeout`` s.
         :raises OSError: the lock file cannot be created or opened.
-        :raises RuntimeError: this object holds the lock already, or this thread
-            runs an event loop.
+        :raises RuntimeError: this object holds the lock already.
+        :warns RuntimeWarning: this thread runs an event loop (which the wait blocks).
         """
         self._check_not_held()
-        _refuse_on_event_loop(self.path)
+        _warn_on_event_loop(self.path)
         deadline = time.monotonic() + timeout
         gate = _gate(self.path)
         if not gate.acquire(timeout=timeout if timeout < threading.TIMEOUT_MAX else -1):
