@@ -22,9 +22,9 @@ Waiting never blocks an event loop: :meth:`EntryLock.acquire_async` polls
 with non-blocking ``flock`` and ``anyio.sleep`` (no worker thread, cancellable
 at once), and the blocking :meth:`EntryLock.acquire` warns when it runs on an
 event loop's thread. Within one process a lock on a path is also a
-``threading.Lock`` (the *gate*), taken before the file: tasks and threads of
-one process queue on it instead of each polling the file, and a timeout
-counts the wait for both.
+``threading.Lock`` (the *gate*), taken before the file: of the tasks and
+threads of one process only the gate's holder opens and polls the file
+(blocking threads sleep on the gate), and a timeout counts the wait for both.
 """
 
 from __future__ import annotations
