@@ -6,9 +6,11 @@ inherits a monkeypatched module, which the control case of the race uses.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -16,7 +18,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from pytest_microsandbox.runtime import SnapshotError, SnapshotLockTimeoutError, _locks
+from pytest_microsandbox.runtime import (
+    LockTimeoutError,
+    SnapshotError,
+    SnapshotLockTimeoutError,
+    _locks,
+)
 from pytest_microsandbox.runtime._locks import (
     LOCK_TIMEOUT_ENV,
     EntryLock,
@@ -165,8 +172,9 @@ def test_timeout_names_the_lock_and_the_variable(tmp_path: Path) -> None:
             EntryLock(lock_path, "template key").acquire(timeout=0.3)
         assert 0.3 <= time.monotonic() - start < 5
         message = str(info.value)
-        assert "building template key for over 0.3 s" in message
+        assert "after 0.3 s waiting for the lock on template key" in message
         assert str(lock_path) in message and f"${LOCK_TIMEOUT_ENV}" in message
+        assert info.value.lock_path == str(lock_path) and info.value.what == "template key"
         assert not remove_lock_file(lock_path), "a held lock file must stay"
         assert lock_path.exists()
     finally:
@@ -221,3 +229,82 @@ def test_hold_deletes_the_lock_file_when_its_body_fails(tmp_path: Path) -> None:
     assert not path.exists()
     anyio.run(built)  # and the next build locks a new file
     assert path.exists()
+
+
+def _open_fds() -> int:
+    gc.collect()  # earlier tests' garbage (pipes, semaphores) closes on collection
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_acquire_async_lets_the_loop_run_and_cancels_cleanly(tmp_path: Path) -> None:
+    """A task waiting for a lock another task of the same process holds neither
+    blocks the loop nor takes a worker thread, and its cancellation leaks nothing."""
+    path = tmp_path / "k.lock"
+    ticks: list[int] = []
+
+    async def main() -> None:
+        fds_before = _open_fds()
+        release = anyio.Event()
+
+        async def holder() -> None:
+            async with hold(path, "the holder's build", 30):
+                await release.wait()
+
+        async def ticker() -> None:
+            for i in range(5):
+                await anyio.sleep(0.01)
+                ticks.append(i)
+            release.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await anyio.sleep(0.05)
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # cancelled while it waits: returns at once, holds nothing
+                await EntryLock(path, "test").acquire_async(30)
+            waiter = EntryLock(path, "test")
+            tg.start_soon(ticker)
+            await waiter.acquire_async(30)  # the ticker releases the holder meanwhile
+            assert ticks == [0, 1, 2, 3, 4] and waiter.held
+            waiter.release()
+        assert _open_fds() == fds_before
+
+    anyio.run(main)
+    assert remove_lock_file(path)
+
+
+def test_blocking_acquire_warns_on_an_event_loop_thread(tmp_path: Path) -> None:
+    path = tmp_path / "k.lock"
+
+    async def main() -> None:
+        lock = EntryLock(path, "test")
+        with pytest.warns(RuntimeWarning, match="blocks the event loop"):
+            lock.acquire(timeout=1)
+        lock.release()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            await anyio.to_thread.run_sync(lock.acquire, 1)  # a worker thread may block
+        assert lock.held
+        lock.release()
+
+    anyio.run(main)
+
+
+def test_tasks_and_threads_of_one_process_exclude_each_other(tmp_path: Path) -> None:
+    """The in-process gate: a thread waits for a task's lock and times out with
+    the error the lock was made with, naming its variable."""
+    path = tmp_path / "k.lock"
+
+    async def main() -> None:
+        async with hold(path, "the task's build", 30):
+            other = _locks.cache_lock(path, "the initramfs x")
+            with pytest.raises(LockTimeoutError) as info:
+                await anyio.to_thread.run_sync(other.acquire, 0.2)
+            assert not isinstance(info.value, SnapshotLockTimeoutError)
+            assert f"${_locks.CACHE_LOCK_TIMEOUT_ENV}" in str(info.value)
+            assert not other.held and not EntryLock(path, "test").try_acquire()
+
+    anyio.run(main)
+    lock = EntryLock(path, "test")
+    assert lock.try_acquire()
+    lock.release(delete=True)

@@ -2,7 +2,8 @@
 
 The binary is named after a hash of the source, the compiler and the flags, so
 an edit or another compiler builds a new one while old ones stay valid. A file
-lock makes concurrent processes (xdist workers) compile it once.
+lock (:func:`~._locks.cache_lock`) makes concurrent processes (xdist workers)
+and threads compile it once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from ._locks import cache_lock, cache_lock_timeout
 
 __all__ = ["CompileResult", "compile_cached"]
 
@@ -46,6 +47,10 @@ def compile_cached(
 ) -> CompileResult:
     """Return ``out_dir/<stem>-<hash>``, compiling ``source_path`` with the first of
     ``compilers`` that is installed and succeeds, unless one of them built it before.
+    Blocking (run it in a worker thread from async code).
+
+    :raises LockTimeoutError: another process compiled into ``out_dir`` for longer
+        than ``$MICROSANDBOX_CACHE_LOCK_TIMEOUT`` (default 300 s).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     source = source_path.read_bytes()
@@ -62,7 +67,9 @@ def compile_cached(
     if hit is not None or not available:
         return CompileResult(hit)
     failures: list[str] = []
-    with FileLock(str(out_dir / ".build.lock")):
+    lock = cache_lock(out_dir / ".build.lock", f"the compile of {stem} into {out_dir}")
+    lock.acquire(cache_lock_timeout(300))
+    try:
         hit = cached()  # another process may have built it while we waited
         if hit is not None:
             return CompileResult(hit)
@@ -82,4 +89,6 @@ def compile_cached(
             tmp.chmod(0o755)
             os.replace(tmp, target)
             return CompileResult(target)
+    finally:
+        lock.release()
     return CompileResult(None, tuple(failures))

@@ -17,9 +17,11 @@ Every error the runtime raises on purpose derives from :class:`SandboxError`::
     ├── ExecTimeoutError             a command ran past its timeout and was killed
     ├── OutputLimitError             a command's output or a file read passed its size limit
     ├── GuestTimeoutError            the guest stopped answering
+    ├── LockTimeoutError             a cache lock (probe, build) was held by another too long
     ├── SnapshotError                a template or snapshot cannot be built, used or restored
     │   ├── SnapshotNotFoundError    no snapshot has that name or path
-    │   └── SnapshotLockTimeoutError another process held a template's build lock too long
+    │   └── SnapshotLockTimeoutError a template's or zygote's build lock was held too long
+    │                                (also a LockTimeoutError)
     └── FilesystemError              a guest file operation failed
         ├── PathNotFoundError        the guest path does not exist
         ├── UnsafeHostPathError      a host write of guest data would leave its destination
@@ -45,6 +47,7 @@ __all__ = [
     "GuestTimeoutError",
     "ImageError",
     "KernelNotFoundError",
+    "LockTimeoutError",
     "OutputLimitError",
     "PathNotFoundError",
     "ProtocolError",
@@ -166,6 +169,32 @@ class PathNotFoundError(FilesystemError, FileNotFoundError):
     """Raised when a guest path does not exist (ENOENT)."""
 
 
+class LockTimeoutError(SandboxError):
+    """Raised when a lock on a cache entry (the KVM probe verdict, the guest agent,
+    the initramfs, a root image, the kernel, a template or zygote) was held by
+    another process, or another task of this one, for longer than the timeout.
+
+    The message names the lock file, what it guards, and the environment
+    variable that sets the timeout; the same are in ``lock_path``, ``what``,
+    ``timeout`` and ``timeout_env``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        lock_path: str = "",
+        what: str = "",
+        timeout: float = 0.0,
+        timeout_env: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.lock_path = lock_path
+        self.what = what
+        self.timeout = timeout
+        self.timeout_env = timeout_env
+
+
 class UnsafeHostPathError(FilesystemError):
     """Raised when writing guest data on the host would leave the destination:
     a name that is empty, ``.``, ``..`` or holds ``/`` or NUL, or a symlink (or
@@ -191,5 +220,7 @@ class SnapshotNotFoundError(SnapshotError):
     """Raised when no snapshot exists under the given name or path."""
 
 
-class SnapshotLockTimeoutError(SnapshotError):
-    """Raised when another process held a template's build lock past the timeout."""
+class SnapshotLockTimeoutError(SnapshotError, LockTimeoutError):
+    """Raised when another process (or task) held the build lock of a template or
+    zygote past the timeout; a :class:`LockTimeoutError` too.
+    """

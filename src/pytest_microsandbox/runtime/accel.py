@@ -5,6 +5,11 @@ or die under KVM (measured; docs/architecture.md). So the first sandbox on a hos
 probe VM under KVM with a short timeout; if its agent answers, KVM is used,
 otherwise TCG. The verdict is cached per host boot
 (``/proc/sys/kernel/random/boot_id``) in the cache directory.
+
+Concurrent first users (tasks of one process, other processes, xdist workers)
+run one probe: the first takes the verdict's lock and probes while holding it;
+the others wait for it without blocking their event loop (the probe's own boot
+needs that loop) and read the verdict it wrote.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
-import filelock
 
 from ._exceptions import ConfigError, SandboxError
+from ._locks import cache_lock, cache_lock_timeout
 from .backend import Accel
 
 __all__ = [
@@ -92,6 +97,10 @@ ProbeBoot = Callable[[float], Awaitable[None]]
 
 _RECORD = "accel-probe.json"
 
+#: Default seconds to wait for another process probing (``$MICROSANDBOX_CACHE_LOCK_TIMEOUT``).
+#: A probe is bounded by ``PROBE_TIMEOUT`` plus what the probe function builds first.
+PROBE_LOCK_TIMEOUT = 300.0
+
 #: The verdict when a probe boot would be needed but none may run.
 NOT_PROBED = AccelDecision("tcg", "KVM not probed; using TCG emulation")
 
@@ -115,17 +124,24 @@ async def choose_accel(choice: AccelChoice, cache: Path, probe: ProbeBoot | None
     """Resolve ``choice`` to a concrete accelerator.
 
     ``probe(timeout)`` boots a minimal VM under KVM and returns once its agent
-    answers, raising :class:`SandboxError` (or timing out) otherwise.
+    answers, raising :class:`SandboxError` (or timing out) otherwise. It runs
+    at most once per host boot and cache: concurrent callers wait for the one
+    that probes and share its verdict.
+
+    :raises LockTimeoutError: another process or task held the probe's lock for
+        longer than ``$MICROSANDBOX_CACHE_LOCK_TIMEOUT`` (default 300 s).
     """
     known = known_accel(choice, cache)
     if known is not None or probe is None:
         return known or NOT_PROBED
     boot_id = host_boot_id()
     record = cache / _RECORD
-    with filelock.FileLock(str(record) + ".lock", timeout=120):
+    lock = cache_lock(cache / f"{_RECORD}.lock", f"the KVM probe verdict {record}")
+    await lock.acquire_async(cache_lock_timeout(PROBE_LOCK_TIMEOUT))
+    try:
         cached = _read_record(record, boot_id)
         if cached is not None:
-            return cached
+            return cached  # another process or task probed while we waited
         start = time.monotonic()
         try:
             with anyio.fail_after(PROBE_TIMEOUT + 2):
@@ -138,6 +154,9 @@ async def choose_accel(choice: AccelChoice, cache: Path, probe: ProbeBoot | None
             decision = AccelDecision("kvm", f"KVM probe boot reached the agent in {took:.2f} s")
         _write_record(record, boot_id, decision)
         return decision
+    finally:
+        # The record now answers every caller without the lock: leave no lock file.
+        lock.release(delete=True)
 
 
 def _read_record(path: Path, boot_id: str) -> AccelDecision | None:

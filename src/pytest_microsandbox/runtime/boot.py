@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 
-from .accel import AccelDecision, choose_accel
+from .accel import AccelDecision, choose_accel, known_accel
 from .agent.build import build_agent
 from .agent.client import AgentClient
 from .backend import Accel, Backend, DiskSpec, VMSpec
@@ -137,9 +137,8 @@ def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None)
     return BootPlan(kernel=kernel, initrd=initrd, layers=tuple(layers), accel=accel, agent=agent)
 
 
-async def _probe_kvm(backend: Backend, timeout: float) -> None:
+async def _probe_kvm(backend: Backend, cache: Path, timeout: float) -> None:
     """Boot the bare initramfs under KVM and wait for the agent's READY."""
-    cache = cache_dir()
     kernel, agent, initrd = await anyio.to_thread.run_sync(_base_files, cache)
     plan = BootPlan(kernel=kernel, initrd=initrd, layers=(), accel="kvm", agent=agent)
     run_dir = make_run_dir("kvm-probe")
@@ -159,10 +158,17 @@ async def _probe_kvm(backend: Backend, timeout: float) -> None:
 async def resolve_accel(config: SandboxConfig, backend: Backend) -> AccelDecision:
     """The accelerator for ``config``: forced by config/env, or probed once per host boot."""
 
-    async def probe(timeout: float) -> None:
-        await _probe_kvm(backend, timeout)
+    cache = cache_dir(config.cache_dir)
+    choice = config.resolved_accel()
 
-    return await choose_accel(config.resolved_accel(), cache_dir(), probe)
+    async def probe(timeout: float) -> None:
+        await _probe_kvm(backend, cache, timeout)
+
+    if known_accel(choice, cache) is None:
+        # A probe may run: build its boot files first, outside its timed window
+        # (a first build on a busy host can take longer than the probe may).
+        await anyio.to_thread.run_sync(_base_files, cache)
+    return await choose_accel(choice, cache, probe)
 
 
 async def boot_identity(config: SandboxConfig) -> str:

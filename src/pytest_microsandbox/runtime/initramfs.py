@@ -29,7 +29,7 @@ from ._integrity import (
     remove_record,
     verify_file,
 )
-from ._locks import EntryLock, lock_timeout, remove_idle_lock_files
+from ._locks import cache_lock, cache_lock_timeout, remove_idle_lock_files
 
 __all__ = [
     "GUEST_MODULES",
@@ -209,15 +209,15 @@ def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
     build (one ``stat`` while its verified stamp holds); a corrupt or
     unrecorded one is rebuilt, once, under the lock.
 
-    :raises SnapshotLockTimeoutError: another process has been building it for 300 s
-        (or ``$MICROSANDBOX_TEMPLATE_LOCK_TIMEOUT``, which the message names).
+    :raises LockTimeoutError: another process has been building it for 300 s
+        (or ``$MICROSANDBOX_CACHE_LOCK_TIMEOUT``, which the message names).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"initramfs-{spec.digest()}.cpio"
     if _usable(target):
         return target
-    lock = EntryLock(Path(f"{target}.lock"), f"the initramfs {target.name}")
-    lock.acquire(timeout=lock_timeout(300))
+    lock = cache_lock(Path(f"{target}.lock"), f"the initramfs {target}")
+    lock.acquire(timeout=cache_lock_timeout(300))
     try:
         if _usable(target, log=True):
             return target

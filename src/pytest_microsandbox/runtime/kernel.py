@@ -22,9 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import filelock
-
 from ._exceptions import KernelNotFoundError
+from ._locks import cache_lock, cache_lock_timeout
 from .paths import cache_dir as default_cache_dir
 
 __all__ = [
@@ -145,10 +144,16 @@ def provision_kernel(cache: Path | None = None, *, deb: Path | None = None) -> K
 
     Idempotent: returns the existing kernel when one is provisioned. Published
     atomically (extracted in a temporary directory, renamed into place).
+    Blocking; concurrent callers provision once.
+
+    :raises LockTimeoutError: another process provisioned for longer than
+        ``$MICROSANDBOX_CACHE_LOCK_TIMEOUT`` (default 900 s).
     """
     root = _kernel_root(cache)
     root.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(root) + ".lock", timeout=600):
+    lock = cache_lock(Path(f"{root}.lock"), f"the kernel provisioned into {root}")
+    lock.acquire(cache_lock_timeout(900))
+    try:
         try:
             return find_kernel(cache)
         except KernelNotFoundError:
@@ -186,6 +191,8 @@ def provision_kernel(cache: Path | None = None, *, deb: Path | None = None) -> K
             if root.exists():
                 shutil.rmtree(root)
             os.replace(out, root)
+    finally:
+        lock.release()
     return find_kernel(cache)
 
 

@@ -20,7 +20,6 @@ touched after its build: that would change the stamp.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 import time
@@ -42,7 +41,7 @@ from .._integrity import (
     sha256_file,
     verify_file,
 )
-from .._locks import EntryLock, remove_idle_lock_files
+from .._locks import cache_lock, cache_lock_timeout, remove_idle_lock_files
 
 __all__ = [
     "DEFAULT_IMAGE_BUDGET_MB",
@@ -155,10 +154,10 @@ def ensure_image(
     budget = image_budget_bytes()  # a bad value fails before a build, not after
     images_dir.mkdir(parents=True, exist_ok=True)
     # Deleted on release (see _locks): one lock file per family, every
-    # temporary project a family of its own, would otherwise pile up. No
-    # timeout, as before: flock dies with its holder, and a /usr build is slow.
-    lock = EntryLock(images_dir / f"{family}.lock", f"image {family}")
-    lock.acquire(timeout=math.inf)
+    # temporary project a family of its own, would otherwise pile up. A
+    # generous timeout: flock dies with its holder, and a /usr build is slow.
+    lock = cache_lock(images_dir / f"{family}.lock", f"the root image {family} ({description})")
+    lock.acquire(timeout=cache_lock_timeout(1800))
     try:
         if usable_image(final, log=True):  # another process built it while we waited
             return final
