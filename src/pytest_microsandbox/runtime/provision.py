@@ -14,7 +14,6 @@ without them cold-boots every sandbox and has no snapshots.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import shutil
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ from .agent.client import AgentClient
 from .backend import Backend, VMHandle, VMMonitor, VMSpec, describe_exit
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig, Volume
+from .lifetime import current_runtime
 from .paths import make_run_dir
 from .volumes import bind_volumes, image_disk_args, image_volume, volume_device_args
 
@@ -237,16 +237,19 @@ async def boot_failure(vm: VMHandle, config: SandboxConfig, exc: SandboxError) -
 
 
 async def start_agent_client(stack: AsyncExitStack, stream: anyio.abc.ByteStream) -> AgentClient:
-    """Run an AgentClient in a task of its own; ``stack`` closes it.
+    """Run an AgentClient in a task of the current runtime (``lifetime.py``);
+    ``stack`` closes it.
 
     The client's reader lives in a task group, and anyio requires a task group
     to be left by the task that entered it, in LIFO order. Sandboxes are
     created and stopped in any order (``sandbox_factory``, pytest fixtures), so
-    each client gets a dedicated owner task instead of borrowing the caller's.
+    each client gets an owner task of its own instead of borrowing the caller's.
     """
+    runtime = await current_runtime()
     client = AgentClient(stream)
     entered = anyio.Event()
     release = anyio.Event()
+    finished = anyio.Event()
     failure: list[BaseException] = []
 
     async def own() -> None:
@@ -254,19 +257,20 @@ async def start_agent_client(stack: AsyncExitStack, stream: anyio.abc.ByteStream
             async with client:
                 entered.set()
                 await release.wait()
-        except BaseException as exc:  # reported to whoever waits in close()
+        except BaseException as exc:  # reported to whoever waits below
             failure.append(exc)
+            if not isinstance(exc, Exception):
+                raise  # cancellation: the runtime is closing
         finally:
             entered.set()
+            finished.set()
 
-    # asyncio only (the snapshot layer's QMP client needs it too): anyio has no
-    # detached tasks, and no caller-owned task group fits this lifetime.
-    task = asyncio.get_running_loop().create_task(own())
+    runtime.spawn(own)
 
     async def close() -> None:
         release.set()
         with anyio.CancelScope(shield=True):
-            await task
+            await finished.wait()
 
     stack.push_async_callback(close)
     await entered.wait()

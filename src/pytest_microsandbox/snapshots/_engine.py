@@ -17,7 +17,6 @@ template.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import hashlib
 import os
@@ -25,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +56,7 @@ from ..runtime.agent.protocol import (
 from ..runtime.backend import Backend, MonitoredVM, VMHandle, VMMonitor, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
+from ..runtime.lifetime import Runtime, current_runtime
 from ..runtime.paths import make_run_dir
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
 from ..runtime.sandbox import Sandbox
@@ -385,8 +385,7 @@ async def _start_incoming(
         )  # fmt: skip
         vm = await backend.start(spec)
         stack.push_async_callback(vm.kill)
-        _pids[vm] = asyncio.get_running_loop()
-        stack.callback(_pids.pop, vm, None)
+        stack.callback((await current_runtime()).track(vm))
         monitor = await _open_monitor(vm, backend, timeout)
         stack.push_async_callback(monitor.close)
         await monitor.set_ignore_shared(True)
@@ -474,7 +473,7 @@ async def _restore_session(
     volumes = tuple(config.volumes.values())
     # A pooled QEMU was started with empty spare 9p devices and a 9p device's host
     # directory is fixed at QEMU start: a clone with volumes starts its own QEMU.
-    pool = _pool_for(entry, backend, cache, warm_command) if pooled and not volumes else None
+    pool = await _pool_for(entry, backend, cache, warm_command) if pooled and not volumes else None
     inc = pool.take() if pool is not None else None
     if inc is None:
         inc = await _start_incoming(
@@ -773,45 +772,15 @@ async def fork_sandbox(
 
 # -- pre-started pool -------------------------------------------------------------------------
 
-#: Every clone QEMU of this process, with the event loop that owns it.
-_pids: dict[VMHandle, asyncio.AbstractEventLoop] = {}
-
-
-def _kill_vm_now(vm: VMHandle) -> None:
-    vm.kill_now()
-
-
-def _reap_closed_loops() -> None:
-    """Kill clones whose event loop has ended (e.g. one ``anyio.run`` per test
-    without close_pools()): nothing can use or stop them any more, and idle
-    pooled QEMUs would otherwise pile up until the process exits.
-    """
-    for key, pool in list(_pools.items()):
-        if pool.loop.is_closed():
-            del _pools[key]
-            pool.close_now()
-    for vm, loop in list(_pids.items()):
-        if loop.is_closed():
-            _pids.pop(vm, None)
-            _kill_vm_now(vm)
-
-
-def _kill_all_at_exit() -> None:
-    # Last resort at interpreter exit for pooled QEMUs of a loop nobody closed (e.g.
-    # SyncSandbox's portal) and clones never stopped: kill them and remove their run
-    # directories. A SIGKILLed owner is covered by pdeathsig (run dirs then remain).
-    for vm in list(_pids):
-        _kill_vm_now(vm)
-
-
-atexit.register(_kill_all_at_exit)
-
 
 class _Pool:
-    """Up to ``size`` QEMUs waiting in ``-incoming defer`` for one entry, on one loop."""
+    """Up to ``size`` VMs waiting in ``-incoming defer`` for one entry: a resource
+    of the runtime (``runtime/lifetime.py``) whose task group runs its pre-starts.
+    """
 
     def __init__(
         self,
+        runtime: Runtime,
         entry: _store.Entry,
         backend: Backend,
         cache: Path | None,
@@ -819,49 +788,66 @@ class _Pool:
         warm_command: bool = True,
     ) -> None:
         self.entry = entry
+        self._runtime = runtime
         self._backend = backend
         self._cache = cache
         self._size = size
         self._warm_command = warm_command
         self._ready: deque[_Incoming] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._starting = 0
+        self._busy = 0  # pre-starts and discards in flight
+        self._idle = anyio.Event()
+        self._idle.set()
         self._closed = False
-        self.loop = asyncio.get_running_loop()
-        self.guard: AsyncGenerator[None, None] | None = None  # keeps the shutdown hook alive
 
     def close_now(self) -> None:
-        """Synchronously kill the pooled QEMUs of a pool whose event loop is gone."""
+        """Kill the pooled VMs without awaiting (the event loop is gone)."""
         self._closed = True
         while self._ready:
-            vm = self._ready.popleft().vm
-            _pids.pop(vm, None)
-            _kill_vm_now(vm)
+            self._ready.popleft().vm.kill_now()
 
     def take(self) -> _Incoming | None:
         while self._ready:
             inc = self._ready.popleft()
             if inc.vm.returncode is None:
                 return inc
-            _spawn(inc.discard())
+            self._background(inc.discard)
         return None
 
     def refill(self) -> None:
-        missing = self._size - len(self._ready) - len(self._tasks)
-        for _ in range(max(0, missing)):
-            task = asyncio.get_running_loop().create_task(self._start_one())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if self._closed:
+            return
+        for _ in range(max(0, self._size - len(self._ready) - self._starting)):
+            self._starting += 1
+            self._background(self._start_one)
+
+    def _background(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._busy += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+
+        async def run() -> None:
+            try:
+                await fn()
+            finally:
+                self._busy -= 1
+                if self._busy == 0:
+                    self._idle.set()
+
+        self._runtime.spawn(run)
 
     async def _start_one(self) -> None:
         try:
-            inc = await _start_incoming(self.entry, self._backend, "pooled", 60, self._cache)
-        except Exception:
-            return
-        try:
-            await _warm_up(inc, command=self._warm_command)
-        except Exception:
-            await inc.discard()
-            return
+            try:
+                inc = await _start_incoming(self.entry, self._backend, "pooled", 60, self._cache)
+            except Exception:
+                return
+            try:
+                await _warm_up(inc, command=self._warm_command)
+            except Exception:
+                await inc.discard()
+                return
+        finally:
+            self._starting -= 1
         if self._closed:
             await inc.discard()
         else:
@@ -871,80 +857,38 @@ class _Pool:
         self._closed = True
         # In-flight pre-starts are awaited, not cancelled (they take tens of ms, and
         # cancelling qemu.qmp mid-handshake logs errors); they discard themselves.
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await self._idle.wait()
         while self._ready:
             await self._ready.popleft().discard()
 
 
-_pools: dict[tuple[int, str], _Pool] = {}
-_background: set[asyncio.Task[None]] = set()
+_POOL = "snapshot-pool"
 
 
-def _spawn(coro: Awaitable[None]) -> None:
-    async def run() -> None:
-        await coro
-
-    task = asyncio.get_running_loop().create_task(run())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-
-
-def _pool_for(
+async def _pool_for(
     entry: _store.Entry, backend: Backend, cache: Path | None, warm_command: bool = True
 ) -> _Pool | None:
     size = _pool_size()
     if size == 0:
         return None
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return None  # not on asyncio (qemu.qmp needs it anyway)
-    _reap_closed_loops()
-    key = (id(loop), str(entry.path))
-    pool = _pools.get(key)
-    if pool is not None and pool.entry.meta.created != entry.meta.created:
+    runtime = await current_runtime()
+    key = (_POOL, str(entry.path))
+
+    def make() -> _Pool:
+        return _Pool(runtime, entry, backend, cache, size, warm_command)
+
+    pool = runtime.resource(key, make)
+    if pool.entry.meta.created != entry.meta.created:
         # The entry was rebuilt (found corrupt, or replaced) since the pool
-        # started: its QEMUs map the old files.
-        _spawn(pool.aclose())
-        del _pools[key]
-        pool = None
-    if pool is None:
-        pool = _pools[key] = _Pool(entry, backend, cache, size, warm_command)
-        pool.guard = _close_at_loop_shutdown(key, pool)
+        # started: its VMs map the old files.
+        runtime.drop_resource(key)
+        runtime.spawn(pool.aclose)
+        pool = runtime.resource(key, make)
     return pool
 
 
-def _close_at_loop_shutdown(key: tuple[int, str], pool: _Pool) -> AsyncGenerator[None, None]:
-    """Close ``pool`` while its event loop shuts down.
-
-    asyncio.run and anyio.run finalise every live async generator before they
-    close the loop (``shutdown_asyncgens``), so a suspended one is the loop's
-    only shutdown hook. Without it, pooled QEMUs outlived their loop until
-    another create or interpreter exit reaped them.
-    """
-
-    async def guard() -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:
-            if _pools.get(key) is pool:
-                del _pools[key]
-            await pool.aclose()
-
-    agen = guard()
-    # Run it to its yield now (no await happens before it): the loop registers it.
-    with contextlib.suppress(StopIteration):
-        agen.__anext__().send(None)
-    return agen
-
-
 async def close_pools() -> None:
-    """Kill every pre-started QEMU of this event loop (call before the loop ends)."""
-    loop = asyncio.get_running_loop()
-    for key in [k for k in _pools if k[0] == id(loop)]:
-        await _pools.pop(key).aclose()
-    for task in list(_background):
-        with contextlib.suppress(BaseException):
-            await task
+    """Kill every pre-started VM of the current runtime (by default: this event
+    loop's), waiting for pre-starts in flight.
+    """
+    await (await current_runtime()).close_resources(_POOL)
