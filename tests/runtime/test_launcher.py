@@ -112,3 +112,36 @@ def test_without_a_compiler_qemu_runs_under_setpriv(
     calls: list[Path | None] = []
     monkeypatch.setattr(launcher, "build_launcher", lambda base=None: calls.append(base))
     assert launch_prefix(tmp_path) == prefix and calls == []
+
+
+def test_console_keeper_bounds_the_log_and_keeps_its_newest_bytes(
+    msb_launch: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "console.log"
+    # 200 KB of noise, then a last line: the file stays within 8 KiB and ends with it.
+    script = "head -c 200000 /dev/zero | tr '\\0' x >&3; echo; echo LAST-LINE >&3"
+    argv = [str(msb_launch), str(os.getpid()), "--console", str(log), "--console-max", "8192",
+            "--", "/bin/sh", "-c", script]  # fmt: skip
+    subprocess.run(argv, check=True, timeout=60)
+    deadline = time.monotonic() + 10  # the keeper drains the pipe after the program exits
+    while not log.read_bytes().endswith(b"LAST-LINE\n") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    data = log.read_bytes()
+    assert data.endswith(b"LAST-LINE\n")
+    assert 0 < len(data) <= 8192
+    assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_console_keeper_refuses_a_tiny_bound(msb_launch: Path, tmp_path: Path) -> None:
+    argv = [str(msb_launch), str(os.getpid()), "--console", str(tmp_path / "c"),
+            "--console-max", "10", "--", "/bin/true"]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 127 and "bad --console-max" in out.stderr
+
+
+def test_launch_prefix_asks_for_the_console_keeper(tmp_path: Path) -> None:
+    prefix = launch_prefix(console=tmp_path / "console.log")
+    if "msb-launch" not in Path(prefix[0]).name:
+        pytest.skip("no launcher here (no C compiler)")
+    assert prefix[2:6] == ["--console", str(tmp_path / "console.log"), "--console-max",
+                           str(launcher.CONSOLE_MAX_BYTES)]  # fmt: skip

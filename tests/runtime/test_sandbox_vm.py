@@ -433,3 +433,22 @@ def test_qemu_failing_at_start_says_why() -> None:
             await boot_session(config, QemuBackend(), lambda d: plan.vm_spec(config, d), plan)
 
     anyio.run(main)
+
+
+def test_a_guest_flooding_its_console_cannot_grow_the_host_log(
+    shared_sandbox: SyncSandbox,
+) -> None:
+    # The console log is guest data on the host disk: guest root writing to the
+    # serial port forever must not fill it. The launcher keeps the newest bytes.
+    from pytest_microsandbox.runtime.launcher import CONSOLE_MAX_BYTES, build_launcher
+
+    if build_launcher()[0] is None:
+        pytest.skip("no launcher here (no C compiler): the console log is unbounded")
+    flood = "head -c 2500000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo; echo END-OF-FLOOD"
+    assert shared_sandbox.shell(f"{{ {flood}; }} > /dev/ttyS0", timeout=300).exit_code == 0
+    log = shared_sandbox.async_sandbox.console_path
+    deadline = time.monotonic() + 10
+    while "END-OF-FLOOD" not in shared_sandbox.console_tail(3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "END-OF-FLOOD" in shared_sandbox.console_tail(3)
+    assert log.stat().st_size <= CONSOLE_MAX_BYTES

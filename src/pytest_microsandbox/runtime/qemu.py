@@ -11,6 +11,7 @@ that started it: a SIGKILLed owner leaves no VM.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from ._exceptions import (
     SandboxNotRunningError,
 )
 from .backend import Backend, ProcessVMHandle, VMHandle, VMMonitor, VMSpec, describe_exit
-from .launcher import launch_prefix
+from .launcher import CONSOLE_FD, launch_prefix
 
 __all__ = [
     "CHANNEL_PORT_NAME",
@@ -75,13 +76,19 @@ def find_qemu() -> str:
     return path
 
 
-def build_command(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
-    """Return QEMU's argv for ``spec`` (pure: no I/O)."""
+def build_command(
+    spec: VMSpec, qemu: str = QEMU_BINARY, *, console_fd: int | None = None
+) -> list[str]:
+    """Return QEMU's argv for ``spec`` (pure: no I/O). With ``console_fd`` the
+    serial console goes to that inherited descriptor (the launcher's bounded
+    console keeper) instead of straight to ``spec.console_path``.
+    """
     accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
     cpu = "host" if spec.accel == "kvm" else "max"
     agent_sock = spec.run_dir / "agent.sock"
     chan_sock = spec.run_dir / "chan.sock"
     machine = "microvm,acpi=on,rtc=on,x-option-roms=off"
+    console = spec.console_path if console_fd is None else f"/proc/self/fd/{console_fd}"
     if spec.memory_file is not None:
         machine += ",memory-backend=mem"
     argv = [
@@ -98,7 +105,7 @@ def build_command(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", spec.cmdline,
-        "-chardev", f"file,id=console,path={spec.console_path}",
+        "-chardev", f"file,id=console,path={console}",
         "-serial", "chardev:console",
         "-device", "virtio-serial-device,max_ports=4",
         "-chardev", f"socket,id=agent,path={agent_sock},server=off",
@@ -277,8 +284,11 @@ class QemuBackend(Backend):
             qmp_listener.listen(1)
         # The launcher arms PR_SET_PDEATHSIG and a THP filter, then execs QEMU
         # (compiled on first use, hence the thread).
-        prefix = await anyio.to_thread.run_sync(launch_prefix)
-        argv = [*prefix, *build_command(spec, qemu)]
+        prefix = await anyio.to_thread.run_sync(
+            functools.partial(launch_prefix, console=spec.console_path)
+        )
+        console_fd = CONSOLE_FD if "--console" in prefix else None
+        argv = [*prefix, *build_command(spec, qemu, console_fd=console_fd)]
         stderr = open(spec.run_dir / "qemu.stderr", "wb")  # noqa: SIM115 - handed to the child
         try:
             process = await anyio.open_process(
