@@ -24,6 +24,7 @@
 #include <ftw.h>
 #include <grp.h>
 #include <limits.h>
+#include <net/if.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -32,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -1510,6 +1512,127 @@ static void h_hello(const struct msg *m)
 	msg_end();
 }
 
+/* ------------------------------------------------------------- names */
+
+#define HOSTS_MARK "# pytest-microsandbox: this guest's hostname"
+#define HOSTS_DEFAULT "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+/* Is `name` (n bytes) one of the names on an /etc/hosts line? */
+static bool hosts_line_names(const char *line, size_t len, const char *name, size_t n)
+{
+	size_t i = 0;
+	while (i < len && (line[i] == ' ' || line[i] == '\t'))
+		i++;
+	if (i < len && line[i] == '#')
+		return false;
+	while (i < len && line[i] != ' ' && line[i] != '\t') /* the address */
+		i++;
+	while (i < len && line[i] != '#') {
+		while (i < len && (line[i] == ' ' || line[i] == '\t'))
+			i++;
+		size_t start = i;
+		while (i < len && line[i] != ' ' && line[i] != '\t' && line[i] != '#')
+			i++;
+		if (i - start == n && !strncasecmp(line + start, name, n))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Makes this guest's hostname resolve, as it does on a Debian host (127.0.1.1),
+ * so gethostbyname(gethostname()) and getfqdn() answer from /etc/hosts instead
+ * of asking a resolver that does not exist.  The line we add is marked and
+ * replaced when a clone gets its own name; /etc/hosts is created with the
+ * localhost lines if the image has none.  /etc lives on the guest's tmpfs
+ * overlay, so none of this reaches the image or the host.
+ */
+static void hosts_map_hostname(const char *name, size_t n)
+{
+	static char old[65536], out[65536 + 256];
+	for (size_t i = 0; i < n; i++) /* only plain host names go into the file */
+		if (!((name[i] >= 'a' && name[i] <= 'z') || (name[i] >= 'A' && name[i] <= 'Z') ||
+		      (name[i] >= '0' && name[i] <= '9') || name[i] == '-' || name[i] == '.' ||
+		      name[i] == '_'))
+			return;
+	struct stat st;
+	ssize_t len;
+	if (lstat("/etc/hosts", &st) == 0) {
+		if (!S_ISREG(st.st_mode) || st.st_size >= (off_t)sizeof old - 1)
+			return; /* a symlink or a large file: the image manages it */
+		if ((len = read_small("/etc/hosts", old, sizeof old)) < 0)
+			return;
+	} else {
+		mkdir("/etc", 0755);
+		len = snprintf(old, sizeof old, "%s", HOSTS_DEFAULT);
+	}
+	/* Our line goes after the leading comments and before every other line:
+	 * getfqdn() names the first line of 127.0.1.1. */
+	size_t o = 0, at = SIZE_MAX;
+	bool mapped = false;
+	for (const char *line = old; line < old + len;) {
+		const char *end = memchr(line, '\n', (size_t)(old + len - line));
+		size_t l = end ? (size_t)(end - line) : (size_t)(old + len - line);
+		bool ours = l >= strlen(HOSTS_MARK) &&
+			    !memcmp(line + l - strlen(HOSTS_MARK), HOSTS_MARK, strlen(HOSTS_MARK));
+		if (!ours) {
+			if (at == SIZE_MAX && l > 0 && line[0] != '#')
+				at = o;
+			mapped = mapped || hosts_line_names(line, l, name, n);
+			memcpy(out + o, line, l);
+			o += l;
+			out[o++] = '\n';
+		}
+		line += l + 1;
+	}
+	if (!mapped) {
+		char entry[160];
+		size_t e = (size_t)snprintf(entry, sizeof entry, "127.0.1.1\t%.*s\t%s\n", (int)n, name,
+					    HOSTS_MARK);
+		if (at == SIZE_MAX)
+			at = o;
+		memmove(out + at + e, out + at, o - at);
+		memcpy(out + at, entry, e);
+		o += e;
+	}
+	int fd = open("/etc/.hosts.msb", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		logmsg("warning: /etc/hosts: %s", strerror(errno));
+		return;
+	}
+	write_all_fd(fd, out, o);
+	fchmod(fd, 0644);
+	close(fd);
+	if (rename("/etc/.hosts.msb", "/etc/hosts") < 0) {
+		logmsg("warning: /etc/hosts: %s", strerror(errno));
+		unlink("/etc/.hosts.msb");
+	}
+}
+
+/*
+ * Brings the loopback interface up: every Linux system a test expects has
+ * it, whatever the network policy (network="none" means no path out of the
+ * VM, not no loopback inside it).  The kernel gives lo 127.0.0.1/8 and ::1
+ * (IPv6 is built into the guest kernel) when it comes up.  Templates are
+ * snapshots taken after this, so clones, forks and zygotes inherit it.
+ */
+static void loopback_up(void)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "lo");
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || ioctl(fd, SIOCGIFFLAGS, &ifr) < 0) {
+		logmsg("warning: loopback: %s", strerror(errno));
+	} else {
+		ifr.ifr_flags |= IFF_UP;
+		if (ioctl(fd, SIOCSIFFLAGS, &ifr) < 0)
+			logmsg("warning: bringing lo up: %s", strerror(errno));
+	}
+	if (fd >= 0)
+		close(fd);
+}
+
 static void h_configure(const struct msg *m)
 {
 	const uint8_t *p;
@@ -1552,9 +1675,12 @@ static void h_configure(const struct msg *m)
 			return;
 		}
 	}
-	if (get_field(m, T_HOSTNAME, &p, &n) && sethostname((const char *)p, n) < 0) {
-		reply_error(m->id, errno, "sethostname: %s", strerror(errno));
-		return;
+	if (get_field(m, T_HOSTNAME, &p, &n)) {
+		if (sethostname((const char *)p, n) < 0) {
+			reply_error(m->id, errno, "sethostname: %s", strerror(errno));
+			return;
+		}
+		hosts_map_hostname((const char *)p, n);
 	}
 	reply_ok(m->id);
 }
@@ -2041,6 +2167,8 @@ static void init_system(void)
 		logmsg("warning: /dev/pts: %s", strerror(errno));
 	if (sethostname("sandbox", 7) < 0)
 		logmsg("warning: sethostname: %s", strerror(errno));
+	hosts_map_hostname("sandbox", 7);
+	loopback_up();
 	setenv("PATH", DEFAULT_PATH, 1);
 }
 

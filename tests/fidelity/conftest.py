@@ -1,0 +1,3 @@
+"""tests/fidelity/cases/ are the suite the fidelity test runs twice, not tests of this project."""
+
+collect_ignore = ["cases"]
