@@ -32,6 +32,7 @@ from typing import TypeVar
 import anyio
 import anyio.abc
 
+from ..runtime._cache import GRACE_S
 from ..runtime._envvars import env_number
 from ..runtime._exceptions import (
     CommandNotFoundError,
@@ -41,7 +42,6 @@ from ..runtime._exceptions import (
     SandboxNotRunningError,
     SnapshotError,
 )
-from ..runtime._cache import GRACE_S
 from ..runtime._keys import digest_parts
 from ..runtime._locks import LOCK_TIMEOUT_ENV, hold, lock_timeout
 from ..runtime.agent.client import AgentClient
