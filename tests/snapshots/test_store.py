@@ -316,3 +316,13 @@ def test_a_snapshot_records_what_its_origin_booted_from(tmp_path: Path) -> None:
     path = _fake_entry(tmp_path, "child", inputs={kernel: "0" * 64})
     with pytest.raises(SnapshotError, match="rebuilt or replaced since"):
         _store.check_entry(path)
+
+
+def test_a_snapshot_named_like_a_temporary_is_still_listed_and_pruned(tmp_path: Path) -> None:
+    # Temporaries are the names starting with "."; "tmp-" inside a name used
+    # to hide the snapshot from list and prune.
+    path = _fake_entry(tmp_path, "before-tmp-cleanup")
+    assert [i.name for i in Snapshot.list(tmp_path)] == ["before-tmp-cleanup"]
+    old = time.time() - 7200
+    os.utime(path, (old, old))
+    assert Snapshot.prune(tmp_path, max_age=3600) == ["before-tmp-cleanup"]

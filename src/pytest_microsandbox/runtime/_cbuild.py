@@ -8,7 +8,6 @@ and threads compile it once.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._keys import digest_parts
 from ._locks import cache_lock, cache_lock_timeout
 
 __all__ = ["CompileResult", "compile_cached"]
@@ -30,12 +30,7 @@ class CompileResult:
 
 
 def _binary_name(stem: str, source: bytes, compiler: str, flags: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    digest.update(source)
-    digest.update(b"\0" + os.path.basename(compiler).encode())
-    for flag in flags:
-        digest.update(b"\0" + flag.encode())
-    return f"{stem}-{digest.hexdigest()[:16]}"
+    return f"{stem}-{digest_parts(source, os.path.basename(compiler), *flags, length=16)}"
 
 
 def compile_cached(

@@ -26,7 +26,6 @@ to mark it used: the caches mark use on the sidecar instead (see
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import threading
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._keys import sha256_file
 
 __all__ = [
     "DIGEST_SUFFIX",
@@ -61,8 +62,6 @@ DIGEST_SUFFIX = ".digest"
 #: Set to ``1`` to hash every cached artifact in full on every use (slow: for
 #: a suspected disk problem; the stamp check is the default).
 VERIFY_ENV = "MICROSANDBOX_VERIFY_CACHE"
-
-_CHUNK = 1 << 20  # hashlib releases the GIL for updates this large
 
 #: File times come from the kernel's coarse clock (one tick, 1-10 ms): a write
 #: in the same tick as the stamped ctime would leave it unchanged. A stamp is
@@ -131,19 +130,6 @@ def record_path(artifact: Path) -> Path:
 def always_full() -> bool:
     """Whether ``$MICROSANDBOX_VERIFY_CACHE`` asks for a full hash on every use."""
     return os.environ.get(VERIFY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of ``path``'s contents, read in 1 MiB chunks (the GIL is released)."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        # A small file (a state file, ~100 KB) is read in one call into a
-        # buffer its size: allocating 1 MiB would cost a third of its hash.
-        buf = bytearray(min(os.fstat(f.fileno()).st_size + 1, _CHUNK))
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def _write_record(artifact: Path, record: DigestRecord) -> None:

@@ -5,7 +5,6 @@ root layers, kernel command line, accelerator.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import shutil
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import anyio
 
+from ._keys import digest_parts
 from .accel import AccelDecision, choose_accel, known_accel
 from .agent.build import build_agent
 from .agent.client import AgentClient
@@ -68,8 +68,7 @@ class BootPlan:
 
     def identity(self, config: SandboxConfig) -> str:
         """Digest of everything that shapes guest memory at boot (a template key)."""
-        h = hashlib.sha256()
-        for part in (
+        return digest_parts(
             self.kernel.digest,
             self.initrd.name,
             *(layer.digest for layer in self.layers),
@@ -78,9 +77,8 @@ class BootPlan:
             str(config.cpus),
             str(config.memory),
             self.cmdline,
-        ):
-            h.update(part.encode() + b"\0")
-        return h.hexdigest()[:24]
+            length=24,
+        )
 
     def vm_spec(self, config: SandboxConfig, run_dir: Path) -> VMSpec:
         return VMSpec(

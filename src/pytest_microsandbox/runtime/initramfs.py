@@ -7,29 +7,19 @@ dependencies first, read from the kernel's ``modules.dep``.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import logging
 import os
 import stat
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ._cachefiles import FileId, file_id, snapshot_entries
+from ._cache import GRACE_S, CacheStore, snapshot_refs
 from ._exceptions import KernelNotFoundError
-from ._integrity import (
-    DIGEST_SUFFIX,
-    IntegrityMismatch,
-    last_used,
-    mark_used,
-    record_digest,
-    remove_record,
-    verify_file,
-)
-from ._locks import cache_lock, cache_lock_timeout, remove_idle_lock_files
+from ._keys import digest_parts, sha256_file
+from ._locks import cache_lock_timeout
 
 __all__ = [
     "GUEST_MODULES",
@@ -49,9 +39,10 @@ logger = logging.getLogger("pytest_microsandbox.initramfs")
 #: a new one, and older ones are pruned after each build.
 KEEP_INITRAMFS = 3
 
-#: Seconds after its last use during which an archive is never pruned: a
-#: process may be about to boot, or start a clone, from it.
-INITRAMFS_GRACE_S = 600.0
+#: Seconds after its last use during which an archive is never pruned (a
+#: process may be about to boot, or start a clone, from it): the cache-wide
+#: grace period, :data:`._cache.GRACE_S`.
+INITRAMFS_GRACE_S = GRACE_S
 
 #: Modules the guest needs, by name. ``crc32c_generic`` is a soft dependency
 #: of ``libcrc32c`` (needed by erofs) that modules.dep does not list.
@@ -192,12 +183,17 @@ class InitramfsSpec:
     modules: tuple[str, ...] = GUEST_MODULES
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        h.update(hashlib.sha256(self.agent.read_bytes()).digest())
-        h.update(str(self.modules_dir.resolve()).encode())
-        h.update((self.modules_dir / "modules.dep").read_bytes())
-        h.update(",".join(self.modules).encode())
-        return h.hexdigest()[:16]
+        return digest_parts(
+            sha256_file(self.agent),
+            str(self.modules_dir.resolve()),
+            (self.modules_dir / "modules.dep").read_bytes(),
+            *self.modules,
+            length=16,
+        )
+
+
+def _store(out_dir: Path) -> CacheStore:
+    return CacheStore(out_dir, "initramfs-*.cpio", "cached initramfs", logger=logger)
 
 
 def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
@@ -213,16 +209,16 @@ def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
         (or ``$MICROSANDBOX_CACHE_LOCK_TIMEOUT``, which the message names).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    store = _store(out_dir)
     target = out_dir / f"initramfs-{spec.digest()}.cpio"
-    if _usable(target):
+    if store.usable(target):
         return target
-    lock = cache_lock(Path(f"{target}.lock"), f"the initramfs {target}")
+    lock = store.lock(target.name, f"the initramfs {target}")
     lock.acquire(timeout=cache_lock_timeout(300))
     try:
-        if _usable(target, log=True):
+        if store.usable(target, log=True):
             return target
-        target.unlink(missing_ok=True)
-        remove_record(target)
+        store.remove(target)
         deps = parse_modules_dep((spec.modules_dir / "modules.dep").read_text())
         order = resolve_modules(deps, spec.modules)
         buf = io.BytesIO()
@@ -237,38 +233,21 @@ def build_initramfs(spec: InitramfsSpec, out_dir: Path) -> Path:
             names.append("/" + name)
         cpio.add_file("modules/order", ("\n".join(names) + "\n").encode())
         cpio.finish()
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, target)
-        record_digest(target)  # after the rename: it changes ctime
+        tmp = store.temp_path(target.name)
+        try:
+            tmp.write_bytes(buf.getvalue())
+            store.publish_file(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
     finally:
         lock.release(delete=True)
     prune_initramfs(out_dir, keep=target)
     return target
 
 
-def _usable(archive: Path, *, log: bool = False) -> bool:
-    """Whether ``archive`` exists and matches its digest record; marks it used."""
-    try:
-        verify_file(archive)
-    except FileNotFoundError:
-        return False
-    except IntegrityMismatch as exc:
-        if log:
-            logger.warning("cached initramfs %s: %s; rebuilding it", archive, exc.reason)
-        return False
-    mark_used(archive)
-    return True
-
-
-def _pinned_by_named_snapshots(cache: Path) -> set[FileId]:
-    """The archives named user snapshots boot from (they cannot be rebuilt)."""
-    pinned: set[FileId] = set()
-    for entry in snapshot_entries(cache):
-        initrd = entry.meta.get("initrd")
-        if entry.pins and isinstance(initrd, str) and (key := file_id(initrd)) is not None:
-            pinned.add(key)
-    return pinned
+def _initrd_path(meta: dict[str, Any]) -> list[str]:
+    initrd = meta.get("initrd")
+    return [initrd] if isinstance(initrd, str) else []
 
 
 def prune_initramfs(
@@ -278,41 +257,20 @@ def prune_initramfs(
 
     Never deleted: ``keep``, archives used in the last :data:`INITRAMFS_GRACE_S`
     seconds, and those named user snapshots boot from (``<cache>`` is
-    ``out_dir``'s parent). Stale temporary files, idle lock files and digest
-    records whose archive is gone go too.
+    ``out_dir``'s parent; they neither go nor count among the most recent).
+    Stale temporary files, idle lock files and digest records whose archive is
+    gone go too.
     """
-    now = time.time() if now is None else now
-    archives: list[tuple[float, Path, FileId]] = []
-    for path in out_dir.glob("initramfs-*.cpio"):
-        try:
-            st = path.stat()
-            used = last_used(path, st)
-        except FileNotFoundError:
-            continue
-        archives.append((used, path, (st.st_dev, st.st_ino)))
-    archives.sort(reverse=True)
-    pinned = _pinned_by_named_snapshots(out_dir.parent)
-    removed: list[Path] = []
-    for used, path, key in archives[KEEP_INITRAMFS:]:
-        if path == keep or now - used < INITRAMFS_GRACE_S or key in pinned:
-            continue
-        try:
-            path.unlink()
-            remove_record(path)
-        except OSError:
-            continue
-        removed.append(path)
-    remove_idle_lock_files(out_dir.glob("initramfs-*.cpio.lock"))
-    for sidecar in out_dir.glob(f"initramfs-*.cpio{DIGEST_SUFFIX}"):
-        if not sidecar.with_name(sidecar.name[: -len(DIGEST_SUFFIX)]).exists():
-            with contextlib.suppress(OSError):
-                remove_record(sidecar.with_name(sidecar.name[: -len(DIGEST_SUFFIX)]))
-    for tmp in out_dir.glob("initramfs-*.tmp*"):
-        try:
-            if now - tmp.stat().st_mtime > INITRAMFS_GRACE_S:
-                tmp.unlink()
-        except OSError:
-            continue
-    if removed:
-        logger.info("pruned %d old initramfs archives", len(removed))
-    return removed
+    store = _store(out_dir)
+    # Only pins: a snapshot restore does not count as a use of its archive here.
+    pinned = snapshot_refs(out_dir.parent, _initrd_path).pinned
+    result = store.prune(
+        entries=store.scan(pins=pinned),
+        keep_recent=KEEP_INITRAMFS,
+        keep=() if keep is None else [keep],
+        now=now,
+    )
+    store.sweep(now=now, legacy_temps=["initramfs-*.tmp*"])
+    if result.removed:
+        logger.info("pruned %d old initramfs archives", len(result.removed))
+    return [e.path for e in result.removed]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from typing import TypeVar
 import anyio
 import anyio.abc
 
+from ..runtime._cache import GRACE_S
 from ..runtime._envvars import env_number
 from ..runtime._exceptions import (
     CommandNotFoundError,
@@ -42,6 +42,7 @@ from ..runtime._exceptions import (
     SandboxNotRunningError,
     SnapshotError,
 )
+from ..runtime._keys import digest_parts
 from ..runtime._locks import LOCK_TIMEOUT_ENV, hold, lock_timeout
 from ..runtime.agent.client import AgentClient
 from ..runtime.agent.protocol import (
@@ -111,17 +112,15 @@ def template_key(plan: BootPlan, config: SandboxConfig) -> str:
     """Digest of everything that shapes a template's memory (BootPlan.identity plus
     the agent build, the clone device set, the store format and the QEMU version).
     """
-    h = hashlib.sha256()
-    for part in (
+    return digest_parts(
         plan.identity(config),
         plan.agent.name,
         _DEVICES_VERSION,
         f"9p*{config.volume_slot_count()}",
         str(FORMAT_VERSION),
         _store.current_qemu_version(),
-    ):
-        h.update(part.encode() + b"\0")
-    return h.hexdigest()[:24]
+        length=24,
+    )
 
 
 def _device_args(
@@ -233,9 +232,10 @@ _DEFAULT_BUDGET_MB = 4096
 
 
 #: Seconds after its last use during which an entry is never evicted by the
-#: budget: another process may have just checked it exists and be about to
-#: restore it (xdist workers, parallel jobs building one after another).
-AUTO_PRUNE_GRACE_S = 600.0
+#: budget (another process may have just checked it exists and be about to
+#: restore it: xdist workers, parallel jobs building one after another): the
+#: cache-wide grace period, :data:`pytest_microsandbox.runtime._cache.GRACE_S`.
+AUTO_PRUNE_GRACE_S = GRACE_S
 
 
 def auto_prune(cache: Path | None, *, kind: str, prefix: str | None = None) -> list[str]:

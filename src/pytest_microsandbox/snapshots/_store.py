@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import signal
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,8 @@ from pathlib import Path
 import anyio
 from pydantic import ValidationError
 
-from ..runtime._exceptions import SnapshotError, SnapshotNotFoundError
+from ..runtime._cache import LOCK_SUFFIX, CacheEntry, CacheStore
+from ..runtime._exceptions import SnapshotError, SnapshotLockTimeoutError, SnapshotNotFoundError
 from ..runtime._integrity import (
     IntegrityMismatch,
     StaleStamp,
@@ -53,7 +53,7 @@ from ..runtime._integrity import (
     sha256_file,
     verify_file,
 )
-from ..runtime._locks import remove_lock_file
+from ..runtime._locks import LOCK_TIMEOUT_ENV, remove_idle_lock_files
 from ..runtime.paths import cache_dir
 from ..runtime.qemu import qemu_version
 from ._model import FORMAT_VERSION, EntryDigests, SnapshotMeta
@@ -153,6 +153,21 @@ def named_root(cache: Path | None = None) -> Path:
     return path
 
 
+def _cache_store(root: Path) -> CacheStore:
+    """The entries of ``root`` (templates or named) as a cache: directories, last
+    used when their mtime says, built under ``<entry>.lock``.
+    """
+    return CacheStore(
+        root,
+        "*",
+        f"snapshot entry in {root}",
+        directories=True,
+        lock_timeout_env=LOCK_TIMEOUT_ENV,
+        lock_error=SnapshotLockTimeoutError,
+        logger=logger,
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def current_qemu_version() -> str:
     return qemu_version()
@@ -160,7 +175,7 @@ def current_qemu_version() -> str:
 
 def entry_lock_path(entry: Path) -> Path:
     """The build lock of the entry directory ``entry``: ``<entry>.lock`` beside it."""
-    return entry.with_name(entry.name + ".lock")
+    return entry.with_name(entry.name + LOCK_SUFFIX)
 
 
 def check_name(name: str) -> str:
@@ -351,7 +366,7 @@ def publish(tmp: Path, final: Path, inputs: Mapping[str, str] | None = None) -> 
             os.close(fd)
     if final.exists():
         # Only reached under the entry's lock, after check_entry found it broken.
-        graveyard = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        graveyard = _cache_store(final.parent).temp_path(f"old-{final.name}")
         os.replace(final, graveyard)
         shutil.rmtree(graveyard, ignore_errors=True)
     os.replace(tmp, final)
@@ -364,21 +379,7 @@ def publish(tmp: Path, final: Path, inputs: Mapping[str, str] | None = None) -> 
 
 def clean_stale_temps(root: Path) -> None:
     """Remove ``.tmp-*`` directories left by builds whose process is gone."""
-    for tmp in root.glob(".tmp-*"):
-        match = re.search(r"-pid(\d+)-", tmp.name)
-        if match is not None and _alive(int(match.group(1))):
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    _cache_store(root).sweep_temps()
 
 
 def disk_error(
@@ -417,45 +418,38 @@ def check_free_space(where: Path, needed: int) -> None:
 
 
 def touch(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.utime(path)
+    """Mark the entry ``path`` used (its directory's mtime: what :func:`prune` orders by)."""
+    _cache_store(path.parent).mark_used(path)
 
 
-def _entries(cache: Path | None) -> list[tuple[str, Path]]:
-    out: list[tuple[str, Path]] = []
-    for kind, root in (("template", templates_root(cache)), ("snapshot", named_root(cache))):
-        out += [(kind, p) for p in sorted(root.iterdir()) if p.is_dir() and "tmp-" not in p.name]
+def _entries(cache: Path | None, kind: str | None = None) -> list[tuple[str, CacheEntry]]:
+    out: list[tuple[str, CacheEntry]] = []
+    for k, root in (("template", templates_root(cache)), ("snapshot", named_root(cache))):
+        if kind is None or k == kind:
+            entries = _cache_store(root).scan()
+            out += [(k, e) for e in sorted(entries, key=lambda e: e.path.name)]
     return out
 
 
-def _disk_bytes(path: Path) -> int:
-    total = 0
-    for file in path.iterdir():
-        with contextlib.suppress(OSError):
-            total += file.stat().st_blocks * 512
-    return total
-
-
-def _info(kind: str, path: Path) -> SnapshotInfo | None:
+def _info(kind: str, entry: CacheEntry) -> SnapshotInfo | None:
     try:
-        meta = SnapshotMeta.model_validate_json((path / META).read_bytes())
-        used = path.stat().st_mtime
+        meta = SnapshotMeta.model_validate_json((entry.path / META).read_bytes())
     except (OSError, ValidationError):
         return None
     return SnapshotInfo(
-        name=path.name,
+        name=entry.path.name,
         kind=kind,
-        path=path,
+        path=entry.path,
         created=meta.created,
-        last_used=used,
-        disk_bytes=_disk_bytes(path),
+        last_used=entry.last_used,
+        disk_bytes=entry.disk_bytes,
         memory_mib=meta.memory_mib,
     )
 
 
 def list_snapshots(cache: Path | None = None, kind: str | None = None) -> list[SnapshotInfo]:
     """Templates and named snapshots in the store (``kind``: ``template``/``snapshot``)."""
-    infos = [_info(k, p) for k, p in _entries(cache) if kind is None or k == kind]
+    infos = [_info(k, e) for k, e in _entries(cache, kind)]
     return [i for i in infos if i is not None]
 
 
@@ -469,39 +463,15 @@ def get_snapshot(name: str, cache: Path | None = None) -> Entry:
 
 
 def remove_snapshot(name: str, cache: Path | None = None) -> None:
-    """Delete a named snapshot.
+    """Delete a named snapshot (renamed away first, so a concurrent restore sees
+    either the whole entry or nothing) and its lock file unless a build holds it.
 
     :raises SnapshotNotFoundError: there is none called ``name``.
     """
     path = named_root(cache) / check_name(name)
     if not path.is_dir():
         raise SnapshotNotFoundError(f"no snapshot named {name!r} in {path.parent}")
-    _remove(path)
-
-
-def _remove(path: Path) -> None:
-    # Rename first so a concurrent restore sees either the whole entry or nothing.
-    doomed = path.with_name(f".tmp-rm-{path.name}-pid{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        os.replace(path, doomed)
-    except FileNotFoundError:
-        pass
-    else:
-        shutil.rmtree(doomed, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        remove_lock_file(entry_lock_path(path))  # left alone while a build holds it
-
-
-def _sweep_lock_files(cache: Path | None) -> None:
-    """Delete lock files whose entry does not exist and that nobody holds."""
-    store = store_root(cache)
-    # Zygote locks used to live in the store's root, where no entry ever is.
-    candidates = list(store.glob("*.lock"))
-    for root in (templates_root(cache), named_root(cache)):
-        candidates += [p for p in root.glob("*.lock") if not (root / p.name[:-5]).is_dir()]
-    for lock in candidates:
-        with contextlib.suppress(OSError):
-            remove_lock_file(lock)
+    _cache_store(path.parent).remove(path)
 
 
 def prune(
@@ -515,34 +485,23 @@ def prune(
 ) -> list[str]:
     """Delete entries unused for ``max_age`` seconds, then the least recently
     used until the store holds at most ``max_bytes``. Returns the names removed.
-    Entries used in the last ``min_idle`` seconds are kept even over the budget.
+    Entries used in the last ``min_idle`` seconds are kept whatever the limits
+    (automatic pruning passes the cache-wide grace period, ``runtime._cache.GRACE_S``).
 
     A clone maps its template's memory file; deleting the entry unlinks the
     file but running clones keep their mapping, so pruning is safe while they run.
     The lock files of removed entries go too, and orphan lock files of entries
     that no longer exist, except those a build in progress holds.
     """
-    now = time.time()
-    infos = sorted(list_snapshots(cache, kind), key=lambda i: i.last_used)
+    entries = [e for k, e in _entries(cache, kind) if _info(k, e) is not None]
     if prefix is not None:
-        infos = [i for i in infos if i.name.startswith(prefix)]
-    removed: list[str] = []
-    kept: list[SnapshotInfo] = []
-    for info in infos:
-        if max_age is not None and now - info.last_used > max_age:
-            _remove(info.path)
-            removed.append(info.name)
-        else:
-            kept.append(info)
-    if max_bytes is not None:
-        total = sum(i.disk_bytes for i in kept)
-        for info in kept:
-            if total <= max_bytes:
-                break
-            if now - info.last_used < min_idle:
-                continue
-            _remove(info.path)
-            removed.append(info.name)
-            total -= info.disk_bytes
-    _sweep_lock_files(cache)
-    return removed
+        entries = [e for e in entries if e.path.name.startswith(prefix)]
+    # Both kinds remove the same way (a directory renamed away): one store does.
+    result = _cache_store(templates_root(cache)).prune(
+        entries=entries, max_age=max_age, max_bytes=max_bytes, grace=min_idle
+    )
+    # Zygote locks used to live in the store's root, where no entry ever is.
+    remove_idle_lock_files(store_root(cache).glob(f"*{LOCK_SUFFIX}"))
+    for root in (templates_root(cache), named_root(cache)):
+        _cache_store(root).sweep(temps=False)
+    return [e.path.name for e in result.removed]

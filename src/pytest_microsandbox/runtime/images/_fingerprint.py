@@ -8,13 +8,13 @@ on every resolve: walking the 1 GB pyenv prefix here (60k entries) with one
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from .._exceptions import ImageError
+from .._keys import KeyHasher, digest_parts, sha256_file
 
 __all__ = ["content_fingerprint", "file_fingerprint", "tree_fingerprint"]
 
@@ -44,13 +44,13 @@ def tree_fingerprint(
     skip_abs = {os.fspath(p) for p in skip_paths}
     skip = frozenset(skip_names)
     unhashed = frozenset(unhashed_names)
-    h = hashlib.sha256()
+    h = KeyHasher()
     root_s = os.fspath(root)
     try:
         st = os.lstat(root_s)
     except OSError as exc:
         raise ImageError(f"cannot fingerprint {root}: {exc}; check that it exists") from exc
-    h.update(f"{st.st_mode:o}:{st.st_uid}:{st.st_gid}\n".encode())
+    h.add(f"{st.st_mode:o}:{st.st_uid}:{st.st_gid}")
     stack = [root_s]
     while stack:
         directory = stack.pop()
@@ -66,7 +66,7 @@ def tree_fingerprint(
                 "make it readable or exclude it"
             ) from exc
         rel_dir = os.path.relpath(directory, root_s)
-        h.update(f"D {rel_dir}\n".encode("utf-8", "surrogateescape"))
+        h.add("D", rel_dir)
         for entry in entries:
             if entry.name in skip or entry.name in unhashed or entry.path in skip_abs:
                 continue
@@ -76,7 +76,7 @@ def tree_fingerprint(
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
                         mtime = entry.stat(follow_symlinks=False).st_mtime_ns
-                        h.update(f"{entry.name}:{mtime}\n".encode("utf-8", "surrogateescape"))
+                        h.add(entry.name, str(mtime))
                     continue
                 est = entry.stat(follow_symlinks=False)
                 target = os.readlink(entry.path) if stat.S_ISLNK(est.st_mode) else ""
@@ -84,12 +84,14 @@ def tree_fingerprint(
                 continue  # removed while we walked: the post-build re-check catches it
             if stat.S_ISDIR(est.st_mode):
                 stack.append(entry.path)
-            line = f"{entry.name}:{est.st_mode:o}:{est.st_uid}:{est.st_gid}"
+            # The name, then its attributes: a name may hold any byte but "/" and NUL.
+            line = f"{est.st_mode:o}:{est.st_uid}:{est.st_gid}"
             if target:
-                line += ":" + target
-            elif not stat.S_ISDIR(est.st_mode):
-                line += f":{est.st_size}:{est.st_mtime_ns}"
-            h.update((line + "\n").encode("utf-8", "surrogateescape"))
+                h.add(entry.name, line, target)
+            elif stat.S_ISDIR(est.st_mode):
+                h.add(entry.name, line)
+            else:
+                h.add(entry.name, f"{line}:{est.st_size}:{est.st_mtime_ns}")
     return h.hexdigest()
 
 
@@ -102,8 +104,7 @@ def file_fingerprint(path: Path) -> str:
         return "absent"
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc}") from exc
-    digest = hashlib.sha256(data).hexdigest()
-    return f"{st.st_size}:{st.st_mtime_ns}:{digest}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{digest_parts(data)}"
 
 
 def content_fingerprint(root: Path) -> str:
@@ -112,21 +113,19 @@ def content_fingerprint(root: Path) -> str:
     Generated files get fresh mtimes on every run, so only names, modes,
     symlink targets and bytes count here.
     """
-    h = hashlib.sha256()
+    h = KeyHasher()
     root_s = os.fspath(root)
     for dirpath, dirnames, filenames in os.walk(root_s):
         dirnames.sort()
         rel = os.path.relpath(dirpath, root_s)
-        h.update(f"D {rel} {os.lstat(dirpath).st_mode:o}\n".encode())
+        h.add("D", rel, f"{os.lstat(dirpath).st_mode:o}")
         # os.walk lists symlinks to directories among dirnames (without following).
         links_to_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         for name in sorted(filenames + links_to_dirs):
             full = os.path.join(dirpath, name)
             st = os.lstat(full)
             if stat.S_ISLNK(st.st_mode):
-                h.update(f"L {name} -> {os.readlink(full)}\n".encode())
+                h.add("L", name, os.readlink(full))
             else:
-                h.update(f"F {name} {st.st_mode:o} {st.st_size}\n".encode())
-                with open(full, "rb") as f:
-                    h.update(hashlib.sha256(f.read()).digest())
+                h.add("F", name, f"{st.st_mode:o}", sha256_file(Path(full)))
     return h.hexdigest()

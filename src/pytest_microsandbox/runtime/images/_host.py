@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .._exceptions import ImageError
+from .._keys import KeyHasher
 from ._fingerprint import file_fingerprint, tree_fingerprint
 from ._layers import LayerSpec
 from ._staging import MERGED_USR_DIRS
@@ -98,29 +98,29 @@ def _refuse_wholesale(path: Path, what: str) -> None:
 
 
 def _usr_fingerprint(host_root: Path, excludes: Sequence[Path], real_dirs: Sequence[Path]) -> str:
-    h = hashlib.sha256()
+    h = KeyHasher()
     found = False
     for rel in PACKAGE_DATABASES:
         db = host_root / rel
         if db.is_file():
-            h.update(f"{rel}={file_fingerprint(db)}\n".encode())
+            h.add("db", rel, file_fingerprint(db))
             found = True
         elif db.is_dir():
-            h.update(f"{rel}={tree_fingerprint(db)}\n".encode())
+            h.add("db", rel, tree_fingerprint(db))
             found = True
     for pattern in USR_WATCHED:
         for tree in sorted(host_root.glob(pattern)):
             if tree.is_dir() and not tree.is_symlink():
                 fp = tree_fingerprint(tree, skip_paths=excludes, unhashed_names=UNHASHED_NAMES)
-                h.update(f"{tree}={fp}\n".encode())
+                h.add("tree", str(tree), fp)
     for d in real_dirs:
-        h.update(f"dir {d}\n".encode())
+        h.add("dir", str(d))
     if not found:
         # No package database we know: fall back to the directory mtimes of
         # all of /usr (catches added and removed files, not in-place edits).
         logger.warning("no package database found; fingerprinting /usr by directory mtimes")
         for tree in (host_root / "usr", *real_dirs):
-            h.update(tree_fingerprint(tree, skip_paths=excludes, dirs_only=True).encode())
+            h.add(tree_fingerprint(tree, skip_paths=excludes, dirs_only=True))
     return h.hexdigest()
 
 

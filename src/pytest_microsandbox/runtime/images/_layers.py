@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._exceptions import ImageError
+from .._keys import digest_parts
 from ._mkfs import build_erofs, open_dir_modes
 from ._model import Layer
 from ._store import ensure_image, logger
@@ -75,7 +75,7 @@ class LayerSpec:
 
 
 def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return digest_parts(text)
 
 
 def _ancestors(source: Path, path: Path) -> list[Path]:

@@ -20,28 +20,16 @@ touched after its build: that would change the stamp.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._cachefiles import FileId, file_id, snapshot_entries
+from .._cache import GRACE_S, CacheEntry, CacheStore, PruneResult, snapshot_refs
 from .._envvars import env_number
 from .._exceptions import ImageError
-from .._integrity import (
-    DIGEST_SUFFIX,
-    IntegrityMismatch,
-    last_used,
-    mark_used,
-    record_digest,
-    remove_record,
-    sha256_file,
-    verify_file,
-)
-from .._locks import cache_lock, cache_lock_timeout, remove_idle_lock_files
+from .._integrity import IntegrityMismatch, sha256_file, verify_file
+from .._locks import cache_lock_timeout
 
 __all__ = [
     "DEFAULT_IMAGE_BUDGET_MB",
@@ -73,37 +61,22 @@ KEEP_PER_SOURCE = 3
 IMAGE_BUDGET_ENV = "MICROSANDBOX_IMAGE_BUDGET_MB"
 DEFAULT_IMAGE_BUDGET_MB = 4096
 
-#: Seconds after its last use during which an image is never evicted: a VM or
-#: a build in another process may be about to open it (one that already has it
-#: open keeps reading it after an unlink, one about to open it would fail).
-#: Much longer than ``_resolve.STABLE_LAYER_TTL`` (60 s), the time a process
-#: reuses a layer it resolved without calling :func:`ensure_image` again.
-RECENT_USE_GRACE = 600.0
+#: Seconds after its last use during which an image is never evicted by the
+#: budget: the cache-wide grace period (see :data:`.._cache.GRACE_S`).
+RECENT_USE_GRACE = GRACE_S
 
 _SUFFIX = ".erofs"
-_TMP_SUFFIX = ".tmp"
+
+#: One final image in the cache, as :func:`prune_images` weighs it: its last use
+#: is the latest of its own and the last restore of a snapshot entry using it;
+#: ``pinned`` if a named (user) snapshot boots from it.
+CachedImage = CacheEntry
+#: What :func:`prune_images` did: the images it removed and the totals around it.
+ImagePruneResult = PruneResult
 
 
-@dataclass(frozen=True)
-class CachedImage:
-    """One final image in the cache, as :func:`prune_images` weighs it."""
-
-    path: Path
-    #: Blocks actually allocated (``st_blocks * 512``).
-    disk_bytes: int
-    #: Latest of the image's mtime and the last restore of a snapshot entry using it.
-    last_used: float
-    #: Referenced by a named (user) snapshot: never evicted automatically.
-    pinned: bool
-
-
-@dataclass(frozen=True)
-class ImagePruneResult:
-    """What :func:`prune_images` did: the images it removed and the totals around it."""
-
-    removed: tuple[CachedImage, ...]
-    bytes_before: int
-    bytes_after: int
+def _store(images_dir: Path) -> CacheStore:
+    return CacheStore(images_dir, f"*{_SUFFIX}", "cached image", logger=logger)
 
 
 def image_path(images_dir: Path, family: str, digest: str) -> Path:
@@ -153,27 +126,23 @@ def ensure_image(
         return final
     budget = image_budget_bytes()  # a bad value fails before a build, not after
     images_dir.mkdir(parents=True, exist_ok=True)
+    store = _store(images_dir)
     # Deleted on release (see _locks): one lock file per family, every
     # temporary project a family of its own, would otherwise pile up. A
     # generous timeout: flock dies with its holder, and a /usr build is slow.
-    lock = cache_lock(images_dir / f"{family}.lock", f"the root image {family} ({description})")
+    lock = store.lock(family, f"the root image {family} ({description})")
     lock.acquire(timeout=cache_lock_timeout(1800))
     try:
-        if usable_image(final, log=True):  # another process built it while we waited
+        if store.usable(final, log=True):  # another process built it while we waited
             return final
-        _unlink(final)  # corrupt or unrecorded (usable_image said why): rebuilt below
-        for stale in images_dir.glob(f".{family}-*{_TMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
-        tmp = (
-            images_dir
-            / f".{family}-{digest[:24]}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
-        )
+        store.remove(final)  # corrupt or unrecorded (usable_image said why): rebuilt below
+        # Under the family's lock every temporary of the family is a dead build's.
+        store.sweep_temps(f"{family}-", locked=True, legacy=[f".{family}-*.tmp"])
+        tmp = store.temp_path(f"{family}-{digest[:24]}")
         started = time.monotonic()
         try:
             build(tmp)
-            sha256 = sha256_file(tmp)  # in the page cache still: ~1.5 GB/s
-            os.replace(tmp, final)
-            record_digest(final, sha256)  # after the rename: it changes ctime
+            store.publish_file(tmp, final, sha256_file(tmp))  # in the page cache still
         finally:
             tmp.unlink(missing_ok=True)
         elapsed = time.monotonic() - started
@@ -183,7 +152,7 @@ def ensure_image(
         )
         # Only this family's lock is held: other families' builds and prunes (in
         # other processes) run concurrently, hence the tolerance of vanished files.
-        _prune_family(cached_images(images_dir), family, keep=final)
+        _prune_family(store, family, keep=final)
         prune_images(images_dir, max_bytes=budget, keep=final)
     finally:
         lock.release(delete=True)
@@ -209,16 +178,7 @@ def usable_image(path: Path, *, log: bool = False) -> bool:
     ``log``: say why a present image is not usable (under the family lock,
     where it is about to be rebuilt; outside it, a build may be finishing).
     """
-    try:
-        verify_file(path)
-    except FileNotFoundError:
-        return False
-    except IntegrityMismatch as exc:
-        if log:
-            logger.warning("cached image %s: %s; rebuilding it", path, exc.reason)
-        return False
-    mark_used(path)
-    return True
+    return _store(path.parent).usable(path, log=log)
 
 
 def verify_images(images_dir: Path) -> list[tuple[Path, str | None]]:
@@ -228,7 +188,7 @@ def verify_images(images_dir: Path) -> list[tuple[Path, str | None]]:
     image is left in place and rebuilt on its next use.
     """
     out: list[tuple[Path, str | None]] = []
-    for image in sorted(cached_images(images_dir), key=lambda i: i.path.name):
+    for image in sorted(_store(images_dir).scan(), key=lambda i: i.path.name):
         try:
             verify_file(image.path, full=True)
         except FileNotFoundError:
@@ -240,46 +200,19 @@ def verify_images(images_dir: Path) -> list[tuple[Path, str | None]]:
     return out
 
 
-def _prune_family(images: Iterable[CachedImage], family: str, *, keep: Path) -> None:
+def _prune_family(store: CacheStore, family: str, *, keep: Path) -> None:
     """Keep the :data:`KEEP_PER_SOURCE` most recently used images of ``family``.
 
     Images of named snapshots neither go nor count: an old project image is
-    all a snapshot taken before the last few edits has to restore from.
+    all a snapshot taken before the last few edits has to restore from. No
+    grace period here: the images kept are the ones a VM or a worker may still
+    use, and one that still has a pruned image open keeps reading it (unlink
+    only drops the name).
     """
-    mine = sorted(
-        (
-            i
-            for i in images
-            if i.path != keep and not i.pinned and i.path.name.startswith(f"{family}-")
-        ),
-        key=lambda i: i.last_used,
-        reverse=True,
-    )
-    # A running VM that still has a pruned image open keeps reading it: unlink
-    # only drops the name.
-    for old in mine[KEEP_PER_SOURCE - 1 :]:
+    mine = [i for i in cached_images(store.root) if i.path.name.startswith(f"{family}-")]
+    result = store.prune(entries=mine, keep_recent=KEEP_PER_SOURCE, keep=[keep], grace=0.0)
+    for old in result.removed:
         logger.debug("pruning old image %s", old.path.name)
-        _unlink(old.path)
-
-
-def _unlink(path: Path) -> bool:
-    """Delete ``path`` and its digest record; False if the image was not deleted
-    (already gone, or not ours).
-    """
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        removed = False  # another process evicted it first
-    except OSError as exc:
-        logger.warning("cannot remove image %s: %s", path, exc)
-        return False
-    else:
-        removed = True
-    try:
-        remove_record(path)
-    except OSError as exc:
-        logger.warning("cannot remove digest record of %s: %s", path, exc)
-    return removed
 
 
 def _disk_paths(meta: dict[str, Any]) -> list[str]:
@@ -292,65 +225,17 @@ def _disk_paths(meta: dict[str, Any]) -> list[str]:
     return [d["path"] for d in disks if isinstance(d, dict) and isinstance(d.get("path"), str)]
 
 
-def _snapshot_uses(cache: Path) -> tuple[dict[FileId, float], set[FileId]]:
-    """For the images that snapshot entries boot from: the latest use of such an
-    entry, and the images pinned by named user snapshots (never auto-pruned,
-    and not restorable without their images).
-    """
-    used: dict[FileId, float] = {}
-    pinned: set[FileId] = set()
-    for entry in snapshot_entries(cache):
-        for path in _disk_paths(entry.meta):
-            key = file_id(path)
-            if key is None:
-                continue
-            used[key] = max(used.get(key, entry.last_used), entry.last_used)
-            if entry.pins:
-                pinned.add(key)
-    return used, pinned
-
-
 def cached_images(images_dir: Path) -> list[CachedImage]:
     """The final images in ``images_dir`` with their size and last use.
 
-    Only ``*.erofs`` names count: the ``.*.tmp`` files of builds in progress
-    (in any process) and lock files are never considered.
+    Only ``*.erofs`` names count: the ``.tmp-*`` files of builds in progress
+    (in any process) and lock files are never considered. A restore of a
+    snapshot entry booting from an image counts as a use of it; the images of
+    named user snapshots are pinned (never auto-pruned, and not restorable
+    without their images).
     """
-    uses, pinned = _snapshot_uses(images_dir.parent)
-    out: list[CachedImage] = []
-    try:
-        entries = list(os.scandir(images_dir))
-    except FileNotFoundError:
-        return out
-    for entry in entries:
-        if entry.name.startswith(".") or not entry.name.endswith(_SUFFIX):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # evicted by another process since the listing
-        key = (st.st_dev, st.st_ino)
-        used = last_used(Path(entry.path), st)
-        out.append(
-            CachedImage(
-                path=Path(entry.path),
-                disk_bytes=st.st_blocks * 512,
-                last_used=max(used, uses.get(key, used)),
-                pinned=key in pinned,
-            )
-        )
-    return out
-
-
-def _remove_orphan_records(images_dir: Path) -> None:
-    """Digest records whose image is gone (evicted by a version without records)."""
-    for sidecar in images_dir.glob(f"*{_SUFFIX}{DIGEST_SUFFIX}"):
-        image = sidecar.with_name(sidecar.name[: -len(DIGEST_SUFFIX)])
-        if not image.exists():
-            try:
-                remove_record(image)
-            except OSError:
-                continue
+    refs = snapshot_refs(images_dir.parent, _disk_paths)
+    return _store(images_dir).scan(uses=refs.used, pins=refs.pinned)
 
 
 def prune_images(
@@ -371,38 +256,23 @@ def prune_images(
     nobody holds (left by versions that kept them), and digest records whose
     image is gone.
     """
-    now = time.time() if now is None else now
-    remove_idle_lock_files(images_dir.glob("*.lock"))
-    _remove_orphan_records(images_dir)
-    images = cached_images(images_dir)
-    before = sum(i.disk_bytes for i in images)
-    total = before
-    removed: list[CachedImage] = []
-    candidates = sorted(
-        (i for i in images if i.path != keep and not i.pinned and now - i.last_used >= grace),
-        key=lambda i: (i.last_used, i.path.name),
+    store = _store(images_dir)
+    # Temporaries are swept under their family's lock only (ensure_image).
+    store.sweep(temps=False)
+    result = store.prune(
+        entries=cached_images(images_dir),
+        max_bytes=max_bytes,
+        keep=() if keep is None else [keep],
+        grace=grace,
+        now=now,
     )
-    for image in candidates:
-        if total <= max_bytes:
-            break
-        try:
-            recent = now - last_used(image.path) < grace
-        except FileNotFoundError:
-            total -= image.disk_bytes  # evicted by another process
-            continue
-        if recent:
-            continue  # handed out since we listed it
-        if _unlink(image.path):
-            logger.debug("evicted image %s (least recently used)", image.path.name)
-            removed.append(image)
-            total -= image.disk_bytes
-        elif not image.path.exists():
-            total -= image.disk_bytes
-    if removed:
+    for image in result.removed:
+        logger.debug("evicted image %s (least recently used)", image.path.name)
+    if result.removed:
         logger.info(
             "evicted %d least recently used images (%.1f MiB) to fit the image budget (%.0f MiB)",
-            len(removed),
-            sum(i.disk_bytes for i in removed) / 2**20,
+            len(result.removed),
+            sum(i.disk_bytes for i in result.removed) / 2**20,
             max_bytes / 2**20,
         )
-    return ImagePruneResult(removed=tuple(removed), bytes_before=before, bytes_after=total)
+    return result
