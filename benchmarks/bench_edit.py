@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_microsandbox.fixtures._zygote import COPY_MAX_ENV
+from pytest_microsandbox.plugin._zygote import COPY_MAX_ENV
 
 TEST = """
 import pytest

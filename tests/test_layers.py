@@ -2,14 +2,17 @@
 
 From the bottom up: ``runtime`` (the VM engine, usable without pytest),
 ``snapshots`` (templates, restore, fork), then the pytest plugin
-(``plugin``, ``hookspec``, ``fixtures``). Every import statement counts, lazy
-ones inside functions and ``TYPE_CHECKING`` blocks included: a lazy import
-is still a dependency.
+(``plugin``, ``hookspec``). Beside them, ``guest`` (the runner started inside
+the VM and its messages) imports only the standard library, pytest and itself:
+it starts under emulation, and the plugin imports its messages. Every import
+statement counts, lazy ones inside functions and ``TYPE_CHECKING`` blocks
+included: a lazy import is still a dependency.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,11 @@ NAME = "pytest_microsandbox"
 
 #: Layer of each top-level part of the package; a module may import its own
 #: layer and those below.
-LAYERS = {"runtime": 0, "snapshots": 1, "fixtures": 2, "plugin": 2, "hookspec": 2}
+LAYERS = {"runtime": 0, "snapshots": 1, "plugin": 2, "hookspec": 2}
+
+#: Parts that may import nothing of the package but themselves, and no
+#: third-party module but pytest.
+SELF_CONTAINED = {"guest"}
 
 #: Layers that must not import pytest.
 NO_PYTEST = {"runtime", "snapshots"}
@@ -60,6 +67,9 @@ def _violations(package_dir: Path = PACKAGE) -> set[tuple[str, str]]:
     for path in sorted(package_dir.rglob("*.py")):
         rel = path.relative_to(package_dir).as_posix()
         own = rel.split("/")[0].removesuffix(".py")
+        if own in SELF_CONTAINED:
+            out.update((rel, target) for target in _foreign(path, package_dir, own))
+            continue
         if own not in LAYERS:
             continue
         for module in _imports(path, package_dir):
@@ -68,6 +78,22 @@ def _violations(package_dir: Path = PACKAGE) -> set[tuple[str, str]]:
             part = _part(module)
             if part in LAYERS and LAYERS[part] > LAYERS[own]:
                 out.add((rel, part))
+    return out
+
+
+def _foreign(path: Path, package_dir: Path, own: str) -> set[str]:
+    """What a self-contained part's module imports from outside it."""
+    out: set[str] = set()
+    for module in _imports(path, package_dir):
+        top = module.split(".")[0]
+        if top == NAME:
+            # The package itself (its light __init__, loaded anyway) is fine:
+            # ``from .. import x`` is checked as ``pytest_microsandbox.x``.
+            part = _part(module)
+            if module != NAME and part != own:
+                out.add(str(part))
+        elif top not in sys.stdlib_module_names and top not in ("__future__", "pytest"):
+            out.add(top)
     return out
 
 
@@ -88,7 +114,7 @@ def test_known_debt_is_still_debt():
     [
         ("from ..snapshots import x", "snapshots"),
         ("from ..snapshots._engine import y", "snapshots"),
-        ("import pytest_microsandbox.fixtures", "fixtures"),
+        ("import pytest_microsandbox.plugin", "plugin"),
         ("from .. import plugin", "plugin"),
         ("import pytest", "pytest"),
     ],
@@ -99,3 +125,25 @@ def test_the_checker_sees_lazy_relative_and_absolute_upward_imports(tmp_path, so
     (package / "runtime" / "probe.py").write_text(f"def f():\n    {source}\n")
     (package / "runtime" / "fine.py").write_text("from . import probe\nfrom .. import runtime\n")
     assert _violations(package) == {("runtime/probe.py", expected)}
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from ..runtime import x", "runtime"),
+        ("from ..plugin._zygote import y", "plugin"),
+        ("import pytest_microsandbox.snapshots", "snapshots"),
+        ("from .. import hookspec", "hookspec"),
+        ("import anyio", "anyio"),
+        ("import pydantic.main", "pydantic"),
+    ],
+)
+def test_the_guest_imports_only_the_stdlib_pytest_and_itself(tmp_path, source, expected):
+    package = tmp_path / NAME
+    (package / "guest").mkdir(parents=True)
+    (package / "guest" / "probe.py").write_text(f"def f():\n    {source}\n")
+    (package / "guest" / "fine.py").write_text(
+        "from __future__ import annotations\nimport json, os\nimport pytest\n"
+        "from . import probe\nfrom .probe import f\nimport pytest_microsandbox.guest.probe\n"
+    )
+    assert _violations(package) == {("guest/probe.py", expected)}

@@ -12,7 +12,7 @@ from ._extensions import install_extensions
 from ._lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from .fixtures import SandboxFactory
+    from .plugin import SandboxFactory
     from .runtime import (
         ExecOutput,
         Sandbox,
@@ -37,7 +37,7 @@ _WHERE = {
     "Sandbox": ".runtime",
     "SandboxConfig": ".runtime",
     "SandboxError": ".runtime",
-    "SandboxFactory": ".fixtures",
+    "SandboxFactory": ".plugin",
     "Snapshot": ".snapshots",
     "SyncSandbox": ".runtime",
 }

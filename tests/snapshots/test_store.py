@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from pytest_microsandbox.fixtures import _zygote
+from pytest_microsandbox.plugin import _zygote
 from pytest_microsandbox.runtime import SnapshotError, SnapshotNotFoundError, _integrity
 from pytest_microsandbox.runtime._integrity import (
     StaleStamp,

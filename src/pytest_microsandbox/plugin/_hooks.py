@@ -1,0 +1,230 @@
+"""The plugin object: one per pytest process (``config``), holding the session's
+state and implementing the hooks as methods, as pytest's own plugins and
+xdist's ``DSession`` do. Registered by the entry point's ``pytest_configure``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pytest
+
+from ._backend import accel_decision, availability, in_guest, isolation_for
+from ._options import MarkerSpec, Settings, marker_spec
+from ._stats import Stats
+
+if TYPE_CHECKING:
+    from ..runtime import SyncSandbox
+    from ._runner import HostRunner
+
+__all__ = [
+    "PLUGIN_KEY",
+    "PLUGIN_NAME",
+    "REPORTS_KEY",
+    "SANDBOXES_KEY",
+    "MicrosandboxPlugin",
+    "get_plugin",
+]
+
+#: The plugin object's name in pytest's plugin manager.
+PLUGIN_NAME = "microsandbox-session"
+#: The marker's spec of a marked item (set at collection).
+SPEC_KEY = pytest.StashKey[MarkerSpec]()
+#: The sandboxes a test created through the fixtures (for failure sections).
+SANDBOXES_KEY = pytest.StashKey[list["SyncSandbox"]]()
+#: The test's reports by phase (set by the makereport wrapper).
+REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+class MicrosandboxPlugin:
+    """The options resolved to :class:`Settings`, what the plugin did (:class:`Stats`),
+    the files with marked tests and the host side of the guest runner, created on
+    the first marked test (it imports the runtime).
+    """
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.stats = Stats()
+        self.marked_files: list[str] = []
+        self._runner: HostRunner | None = None
+
+    def runner(self) -> HostRunner:
+        if self._runner is None:
+            from ._runner import HostRunner
+
+            self._runner = HostRunner(self.config, self.settings, self.stats)
+            self._runner.set_files(self.marked_files)
+        return self._runner
+
+    def _isolation(self, level: str) -> Literal["vm", "process"]:
+        return isolation_for(level, self.settings.accel, self.settings.cache_dir)
+
+    # -- header and summary ------------------------------------------------------------------
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        if in_guest() or hasattr(config, "workerinput"):
+            return []
+        settings = self.settings
+        avail = availability()
+        if not avail.ok:
+            return [f"microsandbox: unavailable: {avail.reason}"]
+        from ..runtime.paths import cache_dir
+
+        cache = cache_dir(settings.cache_dir)
+        accel, reason = accel_decision(settings.accel, settings.cache_dir)
+        kernel = "?"
+        try:
+            from ..runtime.kernel import find_kernel
+
+            kernel = find_kernel(cache).version
+        except Exception as exc:  # the header must not break a run
+            kernel = f"missing ({exc})"
+        templates = _count(cache / "snapshots" / "templates")
+        zygotes = _count(cache / "snapshots" / "named", "zygote-")
+        isolation = self._isolation(settings.isolation)
+        local = " (--no-sandbox: marked tests run locally)" if settings.no_sandbox else ""
+        return [
+            f"microsandbox: accel {accel} ({reason}), kernel {kernel}, cache {cache}",
+            f"microsandbox: templates {templates}, zygotes {zygotes}, marked tests isolate by "
+            f"{isolation}{local}",
+        ]
+
+    def pytest_terminal_summary(
+        self, terminalreporter: Any, exitstatus: int, config: pytest.Config
+    ) -> None:
+        if in_guest():
+            return
+        stats = self.stats
+        if not stats.created and not stats.templates_built and not stats.kept:
+            return
+        p50 = stats.restore_p50()
+        terminalreporter.write_sep("-", "microsandbox")
+        terminalreporter.write_line(
+            f"sandboxes created: {stats.created}; start/restore p50: "
+            + (f"{p50 * 1000:.0f} ms" if p50 is not None else "n/a")
+            + f"; templates built: {stats.templates_built} in {stats.template_seconds:.1f} s"
+        )
+        for line in stats.kept:
+            terminalreporter.write_line(f"kept: {line}")
+
+    # -- marked tests ------------------------------------------------------------------------
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(
+        self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        files: set[str] = set()
+        for item in items:
+            mark = item.get_closest_marker("sandbox")
+            if mark is None:
+                continue
+            item.stash[SPEC_KEY] = marker_spec(mark, self.settings, item.nodeid)
+            files.add(str(item.path))
+        self.marked_files = sorted(files)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> bool | None:
+        spec = item.stash.get(SPEC_KEY, None)
+        if spec is None or in_guest() or self.settings.no_sandbox:
+            return None
+        avail = availability()
+        if not avail.ok:
+            _report_unavailable(item, avail.reason, self.settings.require)
+            return True
+        self.runner().run_item(item, spec, self._isolation(spec.isolation))
+        return True
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        item.stash.setdefault(REPORTS_KEY, {})[report.when] = report
+        if report.failed and report.when in ("setup", "call"):
+            report.sections.extend(sandbox_sections(item))
+        return report
+
+    # -- the end of the session --------------------------------------------------------------
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self._runner is not None:
+            self._runner.close()
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput["microsandbox_stats"] = self.stats.to_dict()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist's controller: add a finished worker's numbers."""
+        data = getattr(node, "workeroutput", {}).get("microsandbox_stats")
+        if data:
+            self.stats.merge(data)
+
+
+def get_plugin(config: pytest.Config) -> MicrosandboxPlugin:
+    """This session's plugin object.
+
+    :raises pytest.UsageError: the plugin was not configured.
+    """
+    try:
+        return config.stash[PLUGIN_KEY]
+    except KeyError:
+        raise pytest.UsageError(
+            "pytest-microsandbox is not configured (was the plugin disabled with "
+            "-p no:microsandbox?)"
+        ) from None
+
+
+PLUGIN_KEY = pytest.StashKey[MicrosandboxPlugin]()
+
+
+def sandbox_sections(item: pytest.Item) -> list[tuple[str, str]]:
+    """Console tails and configs of the sandboxes a failed test used."""
+    out = []
+    for sb in item.stash.get(SANDBOXES_KEY, []):
+        with contextlib.suppress(Exception):
+            out.append((f"guest console: {sb.name}", sb.console_tail()))
+        with contextlib.suppress(Exception):
+            out.append(
+                (f"sandbox config: {sb.name}", json.dumps(sb.config.model_dump(mode="json")))
+            )
+    return out
+
+
+def _count(root: Path, prefix: str = "") -> int:
+    try:
+        return sum(
+            1
+            for p in root.iterdir()
+            if p.is_dir() and p.name.startswith(prefix) and not p.name.startswith(".")
+        )
+    except OSError:
+        return 0
+
+
+def _report_unavailable(item: pytest.Item, reason: str, require: bool) -> None:
+    """A marked test's result without a backend: skipped, or failed under ``--sandbox-require``."""
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    longrepr: Any
+    if require:
+        outcome, longrepr = "failed", f"{reason} [--sandbox-require is set]"
+    else:
+        path, lineno, _ = item.location
+        outcome, longrepr = "skipped", (str(path), (lineno or 0) + 1, f"Skipped: {reason}")
+    report = pytest.TestReport(
+        nodeid=item.nodeid,
+        location=item.location,
+        keywords={k: 1 for k in item.keywords},
+        outcome=outcome,  # type: ignore[arg-type]
+        longrepr=longrepr,
+        when="setup",
+    )
+    item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
