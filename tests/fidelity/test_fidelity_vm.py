@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_microsandbox.fixtures._backend import availability
+from pytest_microsandbox.plugin._backend import availability
 
 pytestmark = [
     pytest.mark.vm,
