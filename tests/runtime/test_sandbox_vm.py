@@ -51,6 +51,22 @@ def test_python_runs_same_interpreter(shared_sandbox: SyncSandbox) -> None:
     assert out.stdout_text.strip() == sys.prefix, out.stderr_text
 
 
+def test_the_host_images_venv_is_activated_for_commands(shared_sandbox: SyncSandbox) -> None:
+    venv = Path(sys.prefix).resolve()
+    assert venv != Path(sys.base_prefix).resolve(), "the test suite runs in a venv"
+    out = shared_sandbox.shell(
+        'for c in python pip pytest; do command -v $c; done; echo "$VIRTUAL_ENV"; '
+        'python -c "import sys, pytest; print(sys.prefix)"'
+    )
+    assert out.exit_code == 0, out.stderr_text
+    lines = out.stdout_text.splitlines()
+    assert lines[:3] == [f"{venv}/bin/python", f"{venv}/bin/pip", f"{venv}/bin/pytest"]
+    assert lines[3] == str(venv)
+    assert Path(lines[4]).resolve() == venv
+    # A PATH of the caller's still wins.
+    assert shared_sandbox.shell("echo $PATH", env={"PATH": "/bin"}).stdout_text == "/bin\n"
+
+
 def test_stdout_and_stderr_kept_apart(shared_sandbox: SyncSandbox) -> None:
     out = shared_sandbox.shell("echo out; echo err >&2; echo out2")
     assert out.stdout_text == "out\nout2\n"

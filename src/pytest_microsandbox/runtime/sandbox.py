@@ -47,6 +47,7 @@ from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
+from .images import imaged_venv
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
@@ -579,6 +580,7 @@ class Sandbox:
 
     def _exec_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
         merged = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
+        merged.update(_venv_env(self.config.image))
         merged.update(self.config.env)
         if env:
             merged.update(env)
@@ -869,6 +871,17 @@ class Sandbox:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<Sandbox {self.name!r} {state} pid={self.pid}>"
+
+
+def _venv_env(image: str) -> dict[str, str]:
+    """With ``image="host"``, the environment of the imaged virtualenv, activated
+    (its ``bin/`` first on PATH, so ``python``, ``pip`` and ``pytest`` are the
+    venv's); nothing for other images, which do not carry it.
+    """
+    venv = imaged_venv() if image == "host" else None
+    if venv is None:
+        return {}
+    return {"PATH": f"{venv}/bin:{_DEFAULT_PATH}", "VIRTUAL_ENV": str(venv)}
 
 
 def _rss(pid: int | None) -> int | None:

@@ -8,7 +8,12 @@ an image name into that stack, building only the images whose tree changed.
 
 from __future__ import annotations
 
-from ._host import DEFAULT_USR_EXCLUDES, PROJECT_EXCLUDE_NAMES, PROJECT_EXCLUDE_TOP
+from ._host import (
+    DEFAULT_USR_EXCLUDES,
+    PROJECT_EXCLUDE_NAMES,
+    PROJECT_EXCLUDE_TOP,
+    imaged_venv,
+)
 from ._model import Layer
 from ._resolve import images_dir, project_layer, resolve_root_layers
 from ._staging import ETC_COPY
@@ -22,6 +27,7 @@ __all__ = [
     "PROJECT_EXCLUDE_TOP",
     "Layer",
     "images_dir",
+    "imaged_venv",
     "project_layer",
     "prune_images",
     "resolve_root_layers",
