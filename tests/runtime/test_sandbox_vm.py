@@ -67,6 +67,20 @@ def test_the_host_images_venv_is_activated_for_commands(shared_sandbox: SyncSand
     assert shared_sandbox.shell("echo $PATH", env={"PATH": "/bin"}).stdout_text == "/bin\n"
 
 
+def test_diagnostics_show_recent_commands_and_kernel_messages_since_start(
+    shared_sandbox: SyncSandbox,
+) -> None:
+    assert shared_sandbox.console_path.is_file()
+    shared_sandbox.shell("echo msb-diag-marker > /dev/kmsg")
+    shared_sandbox.shell("echo 'it broke' >&2; exit 3")
+    text = shared_sandbox.diagnostics()
+    assert "-c echo 'it broke' >&2; exit 3  ->  exit 3" in text
+    assert "      it broke" in text
+    kernel = text.split("guest kernel messages", 1)[1]
+    assert "msb-diag-marker" in kernel
+    assert "Linux version" not in kernel  # the boot's messages are not repeated
+
+
 def test_stdout_and_stderr_kept_apart(shared_sandbox: SyncSandbox) -> None:
     out = shared_sandbox.shell("echo out; echo err >&2; echo out2")
     assert out.stdout_text == "out\nout2\n"

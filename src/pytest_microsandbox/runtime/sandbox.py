@@ -29,6 +29,13 @@ from ._confined import (
     ConfinedDir,
     CopyBudget,
 )
+from ._diagnostics import (
+    DIAGNOSTICS_TIMEOUT_S,
+    KMSG_MAX_BYTES,
+    RecentExecs,
+    kernel_messages_since,
+    printable,
+)
 from ._exceptions import (
     ConfigError,
     CopyLimitError,
@@ -190,6 +197,7 @@ class ExecHandle:
         limit, action = self._sandbox._output_limit(max_output, on_output_limit)
         async with self._sandbox._guest_errors():
             result = await self._process.wait(max_output=limit, on_output_limit=action)
+        self._sandbox._recent.record([self._process.program], _outcome(result), result.stderr)
         return _finish(result, self._process.program, self._timeout)
 
     async def __aenter__(self) -> ExecHandle:
@@ -406,6 +414,7 @@ class Sandbox:
         self._xfer_users = 0
         self._xfer_next = 0  # first free byte of the transfer disk
         self._xfer_lock = anyio.Lock()
+        self._recent = RecentExecs()
         self.boot_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -545,6 +554,45 @@ class Sandbox:
         """The last lines the guest printed on its console."""
         return self._vm.console_tail(lines)
 
+    async def diagnostics(self, timeout: float = DIAGNOSTICS_TIMEOUT_S) -> str:
+        """What to show when a test that used this sandbox fails: its last
+        commands (each with how it ended and its stderr's last lines) and the
+        guest kernel's messages since this sandbox started serving (a clone's
+        console is silent after its restore). Bounded, cleaned text; never
+        raises for a guest that cannot answer (the text says so).
+        """
+        parts = [self._recent.render()]
+        info = self._agent.hello_info or self._agent.ready_info
+        since = None if info is None else info.uptime_ms / 1000
+        heading = "guest kernel messages" + (
+            "" if since is None else f" since the sandbox started serving (uptime {since:.1f} s)"
+        )
+        if not self.running:
+            parts.append(f"{heading}: unavailable, the sandbox is not running")
+            return "\n".join(parts)
+        try:
+            with anyio.fail_after(timeout):
+                result = await self._agent.exec(
+                    ["dmesg", "-r"],
+                    env={"PATH": _DEFAULT_PATH, "LANG": "C"},
+                    user="0",
+                    timeout=timeout,
+                    max_output=KMSG_MAX_BYTES,
+                    on_output_limit="truncate",
+                )
+        except (SandboxError, TimeoutError) as exc:
+            why = exc.message if isinstance(exc, SandboxError) else f"no answer in {timeout:g} s"
+            parts.append(f"{heading}: unavailable ({printable(why, 300)})")
+            return "\n".join(parts)
+        if result.returncode != 0:
+            why = printable(result.stderr[-300:].decode("utf-8", "replace"), 300)
+            parts.append(f"{heading}: unavailable (dmesg exited {result.returncode}: {why})")
+            return "\n".join(parts)
+        messages = kernel_messages_since(result.stdout, since)
+        parts.append(f"{heading}:" + ("" if messages else " none"))
+        parts.extend(f"  {line}" for line in messages)
+        return "\n".join(parts)
+
     async def stop(self, timeout: float | None = None) -> None:
         """Shut the guest down gracefully, bounded by ``timeout`` (default
         ``config.stop_timeout``), then kill it. Idempotent; never raises for a
@@ -657,19 +705,25 @@ class Sandbox:
         check_timeout(timeout, "timeout")
         limit, action = self._output_limit(max_output, on_output_limit)
         data = stdin.encode() if isinstance(stdin, str) else stdin
-        result = await self._watched(
-            f"{cmd!r} ran",
-            lambda: self._agent.exec(
-                [cmd, *args],
-                env=self._exec_env(env),
-                cwd=cwd or self.config.workdir,
-                user=user or self.config.user,
-                timeout=timeout,
-                stdin=data,
-                max_output=limit,
-                on_output_limit=action,
-            ),
-        )
+        argv = [cmd, *args]
+        try:
+            result = await self._watched(
+                f"{cmd!r} ran",
+                lambda: self._agent.exec(
+                    argv,
+                    env=self._exec_env(env),
+                    cwd=cwd or self.config.workdir,
+                    user=user or self.config.user,
+                    timeout=timeout,
+                    stdin=data,
+                    max_output=limit,
+                    on_output_limit=action,
+                ),
+            )
+        except SandboxError as exc:
+            self._recent.record(argv, f"{type(exc).__name__}: {exc.message}")
+            raise
+        self._recent.record(argv, _outcome(result), result.stderr)
         return _finish(result, cmd, timeout)
 
     def _output_limit(
@@ -871,6 +925,15 @@ class Sandbox:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<Sandbox {self.name!r} {state} pid={self.pid}>"
+
+
+def _outcome(result: ExecResult) -> str:
+    """How a command ended, in a few words."""
+    if result.timed_out:
+        return "timed out (killed)"
+    if result.term_signal is not None:
+        return f"killed by signal {result.term_signal}"
+    return f"exit {result.returncode}"
 
 
 def _venv_env(image: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ from anyio.from_thread import BlockingPortal
 
 from . import _portal
 from ._confined import DEFAULT_COPY_MAX_BYTES, DEFAULT_COPY_MAX_ENTRIES
+from ._diagnostics import DIAGNOSTICS_TIMEOUT_S
 from ._limits import OnOutputLimit
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
@@ -122,8 +123,17 @@ class SyncSandbox:
     def pid(self) -> int | None:
         return self._sandbox.pid
 
+    @property
+    def console_path(self) -> Path:
+        """The host file holding the guest console's output."""
+        return self._sandbox.console_path
+
     def console_tail(self, lines: int = 40) -> str:
         return self._sandbox.console_tail(lines)
+
+    def diagnostics(self, timeout: float = DIAGNOSTICS_TIMEOUT_S) -> str:
+        """Recent commands and guest kernel messages (see :meth:`Sandbox.diagnostics`)."""
+        return self._call(self._sandbox.diagnostics, timeout)
 
     def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return self._portal.call(fn, *args)

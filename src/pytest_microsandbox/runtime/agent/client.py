@@ -155,6 +155,7 @@ class AgentClient:
         self._write_lock = anyio.Lock()
         self._error: SandboxError | None = None
         self._ready: HelloInfo | None = None
+        self._hello: HelloInfo | None = None
         self._ready_event = anyio.Event()
         self._shutdown_sent = False
         self._exit_stack: AsyncExitStack | None = None
@@ -201,6 +202,13 @@ class AgentClient:
         """The last READY the agent sent, if any."""
         return self._ready
 
+    @property
+    def hello_info(self) -> HelloInfo | None:
+        """The agent's answer to the last :meth:`hello`, if any (a restored guest
+        sends no READY: its HELLO answer says when it started serving this host).
+        """
+        return self._hello
+
     async def wait_ready(self, timeout: float | None = None) -> HelloInfo:
         """Wait for the agent's READY (returns at once if it already came).
 
@@ -233,6 +241,7 @@ class AgentClient:
             raise ProtocolError(
                 f"agent speaks protocol version {info.version}, host speaks {PROTOCOL_VERSION}"
             )
+        self._hello = info
         return info
 
     async def ping(self, timeout: float | None = None) -> None:
