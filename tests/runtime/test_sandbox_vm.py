@@ -81,6 +81,21 @@ def test_diagnostics_show_recent_commands_and_kernel_messages_since_start(
     assert "Linux version" not in kernel  # the boot's messages are not repeated
 
 
+def test_fs_streams_and_in_guest_copy(shared_sandbox: SyncSandbox) -> None:
+    fs = shared_sandbox.fs()
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    pieces = (payload[i : i + 300_000] for i in range(0, len(payload), 300_000))
+    assert fs.write_stream("/tmp/stream/in.bin", pieces, mode=0o640) == len(payload)
+    assert fs.copy("/tmp/stream/in.bin", "/tmp/stream/copy/out.bin") == len(payload)
+    out = shared_sandbox.shell("stat -c %a /tmp/stream/copy/out.bin; sha256sum /tmp/stream/*.bin")
+    mode, digest = out.stdout_text.split()[:2]
+    assert mode == "640" and digest == hashlib.sha256(payload).hexdigest()
+    chunks = list(fs.read_stream("/tmp/stream/copy/out.bin"))
+    assert b"".join(chunks) == payload
+    assert max(len(c) for c in chunks) <= 1024 * 1024
+    fs.remove("/tmp/stream", recursive=True)
+
+
 def test_stdout_and_stderr_kept_apart(shared_sandbox: SyncSandbox) -> None:
     out = shared_sandbox.shell("echo out; echo err >&2; echo out2")
     assert out.stdout_text == "out\nout2\n"
