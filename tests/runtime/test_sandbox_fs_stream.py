@@ -34,7 +34,9 @@ def run(body: Callable[[Sandbox], Awaitable[None]]) -> None:
     anyio.run(main)
 
 
-def test_read_stream_reads_window_by_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_stream_reads_window_by_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sandbox_module, "READ_STREAM_WINDOW", 4096)
     payload = os.urandom(3 * 4096 + 123)
     (tmp_path / "big.bin").write_bytes(payload)
