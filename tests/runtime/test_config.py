@@ -46,6 +46,21 @@ def test_bad_json_is_a_config_error() -> None:
         SandboxConfig.from_json('{"cpus": "many"}')
 
 
+def test_a_bad_stored_field_is_reported_once_by_name() -> None:
+    with pytest.raises(ConfigError) as info:
+        SandboxConfig.from_json('{"memory": "lots"}')
+    message = str(info.value)
+    assert message.count("invalid SandboxConfig") == 1, message
+    assert "(root)" not in message
+    assert "memory: Input should be a valid integer" in message
+
+
+def test_malformed_json_is_one_config_error() -> None:
+    with pytest.raises(ConfigError, match="invalid SandboxConfig") as info:
+        SandboxConfig.from_json("{not json")
+    assert str(info.value).count("invalid SandboxConfig") == 1
+
+
 def test_accel_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ACCEL_ENV, "tcg")
     assert SandboxConfig().resolved_accel() == "tcg"

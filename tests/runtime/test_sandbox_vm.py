@@ -51,6 +51,51 @@ def test_python_runs_same_interpreter(shared_sandbox: SyncSandbox) -> None:
     assert out.stdout_text.strip() == sys.prefix, out.stderr_text
 
 
+def test_the_host_images_venv_is_activated_for_commands(shared_sandbox: SyncSandbox) -> None:
+    venv = Path(sys.prefix).resolve()
+    assert venv != Path(sys.base_prefix).resolve(), "the test suite runs in a venv"
+    out = shared_sandbox.shell(
+        'for c in python pip pytest; do command -v $c; done; echo "$VIRTUAL_ENV"; '
+        'python -c "import sys, pytest; print(sys.prefix)"'
+    )
+    assert out.exit_code == 0, out.stderr_text
+    lines = out.stdout_text.splitlines()
+    assert lines[:3] == [f"{venv}/bin/python", f"{venv}/bin/pip", f"{venv}/bin/pytest"]
+    assert lines[3] == str(venv)
+    assert Path(lines[4]).resolve() == venv
+    # A PATH of the caller's still wins.
+    assert shared_sandbox.shell("echo $PATH", env={"PATH": "/bin"}).stdout_text == "/bin\n"
+
+
+def test_diagnostics_show_recent_commands_and_kernel_messages_since_start(
+    shared_sandbox: SyncSandbox,
+) -> None:
+    assert shared_sandbox.console_path.is_file()
+    shared_sandbox.shell("echo msb-diag-marker > /dev/kmsg")
+    shared_sandbox.shell("echo 'it broke' >&2; exit 3")
+    text = shared_sandbox.diagnostics()
+    assert "-c echo 'it broke' >&2; exit 3  ->  exit 3" in text
+    assert "      it broke" in text
+    kernel = text.split("guest kernel messages", 1)[1]
+    assert "msb-diag-marker" in kernel
+    assert "Linux version" not in kernel  # the boot's messages are not repeated
+
+
+def test_fs_streams_and_in_guest_copy(shared_sandbox: SyncSandbox) -> None:
+    fs = shared_sandbox.fs()
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    pieces = (payload[i : i + 300_000] for i in range(0, len(payload), 300_000))
+    assert fs.write_stream("/tmp/stream/in.bin", pieces, mode=0o640) == len(payload)
+    assert fs.copy("/tmp/stream/in.bin", "/tmp/stream/copy/out.bin") == len(payload)
+    out = shared_sandbox.shell("stat -c %a /tmp/stream/copy/out.bin; sha256sum /tmp/stream/*.bin")
+    mode, digest = out.stdout_text.split()[:2]
+    assert mode == "640" and digest == hashlib.sha256(payload).hexdigest()
+    chunks = list(fs.read_stream("/tmp/stream/copy/out.bin"))
+    assert b"".join(chunks) == payload
+    assert max(len(c) for c in chunks) <= 1024 * 1024
+    fs.remove("/tmp/stream", recursive=True)
+
+
 def test_stdout_and_stderr_kept_apart(shared_sandbox: SyncSandbox) -> None:
     out = shared_sandbox.shell("echo out; echo err >&2; echo out2")
     assert out.stdout_text == "out\nout2\n"

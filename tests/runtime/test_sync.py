@@ -18,7 +18,6 @@ from pytest_microsandbox.runtime.sync import SyncExecHandle, SyncSandbox, SyncSa
 #: Async-only by nature, each with the reason.
 ASYNC_ONLY = {
     (Sandbox, "open_channel"): "returns an anyio byte stream, usable only on the loop",
-    (Sandbox, "console_path"): "a property of the run directory, read through console_tail",
     (Sandbox, "from_session"): "takes a provisioner's session, whose objects live on the loop",
     (Sandbox, "session"): "the session's agent client and monitor are usable only on the loop",
 }

@@ -186,11 +186,13 @@ PLUGIN_KEY = pytest.StashKey[MicrosandboxPlugin]()
 
 
 def sandbox_sections(item: pytest.Item) -> list[tuple[str, str]]:
-    """Console tails and configs of the sandboxes a failed test used."""
+    """Console tails, diagnostics and configs of the sandboxes a failed test used."""
     out = []
     for sb in item.stash.get(SANDBOXES_KEY, []):
         with contextlib.suppress(Exception):
             out.append((f"guest console: {sb.name}", sb.console_tail()))
+        with contextlib.suppress(Exception):
+            out.append((f"guest diagnostics: {sb.name}", sb.diagnostics()))
         with contextlib.suppress(Exception):
             out.append(
                 (f"sandbox config: {sb.name}", json.dumps(sb.config.model_dump(mode="json")))

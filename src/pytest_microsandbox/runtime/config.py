@@ -67,6 +67,18 @@ def _format_validation_error(model: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _inner_config_error(exc: ValidationError) -> ConfigError | None:
+    """The ConfigError that a model's own ``__init__`` raised during validation, if
+    that is all ``exc`` says (pydantic wraps it as a root "Value error").
+    """
+    errors = exc.errors()
+    if len(errors) == 1 and not errors[0]["loc"]:
+        inner = errors[0].get("ctx", {}).get("error")
+        if isinstance(inner, ConfigError):
+            return inner
+    return None
+
+
 def find_project_root(start: Path | None = None) -> Path | None:
     """Return the nearest ancestor of ``start`` (default: cwd) that looks like a
     project (has pyproject.toml, setup.py, setup.cfg or .git), else None.
@@ -315,7 +327,11 @@ class SandboxConfig(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            raise ConfigError(_format_validation_error("SandboxConfig", exc)) from None
+            # Validation runs our __init__, whose ConfigError pydantic wraps as a
+            # "Value error" of the root: raise that error itself, not a wrapper.
+            raise _inner_config_error(exc) or ConfigError(
+                _format_validation_error("SandboxConfig", exc)
+            ) from None
         finally:
             _PARSING_STORED.reset(token)
 

@@ -14,7 +14,16 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +37,13 @@ from ._confined import (
     DEFAULT_COPY_MAX_ENTRIES,
     ConfinedDir,
     CopyBudget,
+)
+from ._diagnostics import (
+    DIAGNOSTICS_TIMEOUT_S,
+    KMSG_MAX_BYTES,
+    RecentExecs,
+    kernel_messages_since,
+    printable,
 )
 from ._exceptions import (
     ConfigError,
@@ -47,6 +63,7 @@ from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
+from .images import imaged_venv
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
@@ -56,7 +73,14 @@ from .volumes import (
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["ExecHandle", "ExecOutput", "Sandbox", "SandboxFs", "SandboxMetrics"]
+__all__ = [
+    "READ_STREAM_WINDOW",
+    "ExecHandle",
+    "ExecOutput",
+    "Sandbox",
+    "SandboxFs",
+    "SandboxMetrics",
+]
 
 T = TypeVar("T")
 
@@ -69,6 +93,9 @@ HEARTBEAT_INTERVAL = 5.0
 #: Host->guest payloads at least this big go through the transfer disk
 #: (>100 MB/s under TCG) instead of the agent port (~3 MB/s that way).
 XFER_THRESHOLD = 1024 * 1024
+#: Bytes of a guest file that :meth:`SandboxFs.read_stream` holds in host
+#: memory at most: it reads the file one window of this size at a time.
+READ_STREAM_WINDOW = 1024 * 1024
 #: Transfers in flight take disjoint, aligned ranges of the transfer disk.
 _XFER_ALIGN = 1 << 20
 #: Seconds a sandbox whose agent connection dropped waits for its VM process
@@ -189,6 +216,7 @@ class ExecHandle:
         limit, action = self._sandbox._output_limit(max_output, on_output_limit)
         async with self._sandbox._guest_errors():
             result = await self._process.wait(max_output=limit, on_output_limit=action)
+        self._sandbox._recent.record([self._process.program], _outcome(result), result.stderr)
         return _finish(result, self._process.program, self._timeout)
 
     async def __aenter__(self) -> ExecHandle:
@@ -240,6 +268,72 @@ class SandboxFs:
             return await self._sb._import(payload, path, mode)
         return await self._sb._watched(
             f"writing {path}", lambda: self._sb._agent.write_file(path, payload, mode=mode)
+        )
+
+    async def read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        """Yield a guest file's content in chunks, any size, holding at most
+        :data:`READ_STREAM_WINDOW` bytes of it in host memory at a time (the
+        file is read window by window: a file that changes meanwhile is not
+        read as one snapshot). Chunks are never empty.
+
+        :raises PathNotFoundError: there is no such file.
+        :raises FilesystemError: it is not a regular file, or reading it failed.
+        """
+        offset = 0
+        while True:
+            window = await self._read_window(path, offset)
+            got = sum(len(chunk) for chunk in window)
+            while window:
+                chunk = window.pop(0)
+                if chunk:
+                    yield chunk
+            offset += got
+            if got < READ_STREAM_WINDOW:
+                return
+
+    async def _read_window(self, path: str, offset: int) -> list[bytes]:
+        window: list[bytes] = []
+        await self._sb._watched(
+            f"reading {path}",
+            lambda: self._sb._agent.read_file_to(
+                path, window.append, offset=offset, length=READ_STREAM_WINDOW
+            ),
+        )
+        return window
+
+    async def write_stream(
+        self, path: str, chunks: AsyncIterable[bytes] | Iterable[bytes], *, mode: int = 0o644
+    ) -> int:
+        """Write the chunks of ``chunks`` (an iterable or async iterable of bytes)
+        to a guest file as they come, creating parent directories; returns the
+        size. Memory holds one chunk at a time. Through the agent's port
+        (~3 MB/s under TCG): copy a big host file with :meth:`copy_from_host`.
+        """
+
+        async def pieces() -> AsyncIterator[bytes]:
+            if isinstance(chunks, AsyncIterable):
+                async for chunk in chunks:
+                    yield _as_bytes(chunk)
+            else:
+                for chunk in chunks:
+                    yield _as_bytes(chunk)
+
+        return await self._sb._watched(
+            f"writing {path}", lambda: self._sb._agent.write_file(path, pieces(), mode=mode)
+        )
+
+    async def copy(self, src: str, dst: str) -> int:
+        """Copy the guest file ``src`` to ``dst`` inside the guest (no data
+        passes through the host), creating parent directories and keeping its
+        permission bits; returns the size.
+
+        :raises PathNotFoundError: ``src`` does not exist.
+        :raises FilesystemError: ``src`` is not a regular file, or the copy failed.
+        """
+        st = await self.stat(src)
+        return await self._sb._watched(
+            f"copying {src} to {dst}",
+            lambda: self._sb._agent.copy_file(src, dst, mode=st.permissions),
         )
 
     async def list(self, path: str) -> list[DirEntry]:
@@ -405,6 +499,7 @@ class Sandbox:
         self._xfer_users = 0
         self._xfer_next = 0  # first free byte of the transfer disk
         self._xfer_lock = anyio.Lock()
+        self._recent = RecentExecs()
         self.boot_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -544,6 +639,45 @@ class Sandbox:
         """The last lines the guest printed on its console."""
         return self._vm.console_tail(lines)
 
+    async def diagnostics(self, timeout: float = DIAGNOSTICS_TIMEOUT_S) -> str:
+        """What to show when a test that used this sandbox fails: its last
+        commands (each with how it ended and its stderr's last lines) and the
+        guest kernel's messages since this sandbox started serving (a clone's
+        console is silent after its restore). Bounded, cleaned text; never
+        raises for a guest that cannot answer (the text says so).
+        """
+        parts = [self._recent.render()]
+        info = self._agent.hello_info or self._agent.ready_info
+        since = None if info is None else info.uptime_ms / 1000
+        heading = "guest kernel messages" + (
+            "" if since is None else f" since the sandbox started serving (uptime {since:.1f} s)"
+        )
+        if not self.running:
+            parts.append(f"{heading}: unavailable, the sandbox is not running")
+            return "\n".join(parts)
+        try:
+            with anyio.fail_after(timeout):
+                result = await self._agent.exec(
+                    ["dmesg", "-r"],
+                    env={"PATH": _DEFAULT_PATH, "LANG": "C"},
+                    user="0",
+                    timeout=timeout,
+                    max_output=KMSG_MAX_BYTES,
+                    on_output_limit="truncate",
+                )
+        except (SandboxError, TimeoutError) as exc:
+            why = exc.message if isinstance(exc, SandboxError) else f"no answer in {timeout:g} s"
+            parts.append(f"{heading}: unavailable ({printable(why, 300)})")
+            return "\n".join(parts)
+        if result.returncode != 0:
+            why = printable(result.stderr[-300:].decode("utf-8", "replace"), 300)
+            parts.append(f"{heading}: unavailable (dmesg exited {result.returncode}: {why})")
+            return "\n".join(parts)
+        messages = kernel_messages_since(result.stdout, since)
+        parts.append(f"{heading}:" + ("" if messages else " none"))
+        parts.extend(f"  {line}" for line in messages)
+        return "\n".join(parts)
+
     async def stop(self, timeout: float | None = None) -> None:
         """Shut the guest down gracefully, bounded by ``timeout`` (default
         ``config.stop_timeout``), then kill it. Idempotent; never raises for a
@@ -579,6 +713,7 @@ class Sandbox:
 
     def _exec_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
         merged = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
+        merged.update(_venv_env(self.config.image))
         merged.update(self.config.env)
         if env:
             merged.update(env)
@@ -655,19 +790,25 @@ class Sandbox:
         check_timeout(timeout, "timeout")
         limit, action = self._output_limit(max_output, on_output_limit)
         data = stdin.encode() if isinstance(stdin, str) else stdin
-        result = await self._watched(
-            f"{cmd!r} ran",
-            lambda: self._agent.exec(
-                [cmd, *args],
-                env=self._exec_env(env),
-                cwd=cwd or self.config.workdir,
-                user=user or self.config.user,
-                timeout=timeout,
-                stdin=data,
-                max_output=limit,
-                on_output_limit=action,
-            ),
-        )
+        argv = [cmd, *args]
+        try:
+            result = await self._watched(
+                f"{cmd!r} ran",
+                lambda: self._agent.exec(
+                    argv,
+                    env=self._exec_env(env),
+                    cwd=cwd or self.config.workdir,
+                    user=user or self.config.user,
+                    timeout=timeout,
+                    stdin=data,
+                    max_output=limit,
+                    on_output_limit=action,
+                ),
+            )
+        except SandboxError as exc:
+            self._recent.record(argv, f"{type(exc).__name__}: {exc.message}")
+            raise
+        self._recent.record(argv, _outcome(result), result.stderr)
         return _finish(result, cmd, timeout)
 
     def _output_limit(
@@ -869,6 +1010,32 @@ class Sandbox:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<Sandbox {self.name!r} {state} pid={self.pid}>"
+
+
+def _as_bytes(chunk: bytes | bytearray | memoryview) -> bytes:
+    if not isinstance(chunk, (bytes, bytearray, memoryview)):
+        raise TypeError(f"write_stream chunks must be bytes, got {type(chunk).__name__}")
+    return bytes(chunk)
+
+
+def _outcome(result: ExecResult) -> str:
+    """How a command ended, in a few words."""
+    if result.timed_out:
+        return "timed out (killed)"
+    if result.term_signal is not None:
+        return f"killed by signal {result.term_signal}"
+    return f"exit {result.returncode}"
+
+
+def _venv_env(image: str) -> dict[str, str]:
+    """With ``image="host"``, the environment of the imaged virtualenv, activated
+    (its ``bin/`` first on PATH, so ``python``, ``pip`` and ``pytest`` are the
+    venv's); nothing for other images, which do not carry it.
+    """
+    venv = imaged_venv() if image == "host" else None
+    if venv is None:
+        return {}
+    return {"PATH": f"{venv}/bin:{_DEFAULT_PATH}", "VIRTUAL_ENV": str(venv)}
 
 
 def _rss(pid: int | None) -> int | None:

@@ -9,16 +9,26 @@ forwarded one by one.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractContextManager, AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import anyio.to_thread
 from anyio.from_thread import BlockingPortal
 
 from . import _portal
 from ._confined import DEFAULT_COPY_MAX_BYTES, DEFAULT_COPY_MAX_ENTRIES
+from ._diagnostics import DIAGNOSTICS_TIMEOUT_S
 from ._limits import OnOutputLimit
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
@@ -122,8 +132,17 @@ class SyncSandbox:
     def pid(self) -> int | None:
         return self._sandbox.pid
 
+    @property
+    def console_path(self) -> Path:
+        """The host file holding the guest console's output."""
+        return self._sandbox.console_path
+
     def console_tail(self, lines: int = 40) -> str:
         return self._sandbox.console_tail(lines)
+
+    def diagnostics(self, timeout: float = DIAGNOSTICS_TIMEOUT_S) -> str:
+        """Recent commands and guest kernel messages (see :meth:`Sandbox.diagnostics`)."""
+        return self._call(self._sandbox.diagnostics, timeout)
 
     def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return self._portal.call(fn, *args)
@@ -278,6 +297,39 @@ class SyncSandboxFs:
             return await self._fs.write(path, data, mode=mode)
 
         return self._portal.call(run)
+
+    def read_stream(self, path: str) -> Iterator[bytes]:
+        """Yield a guest file's content in chunks (see :meth:`SandboxFs.read_stream`)."""
+        chunks = self._fs.read_stream(path)
+        try:
+            while True:
+                try:
+                    yield self._portal.call(chunks.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._portal.call(chunks.aclose)
+
+    def write_stream(self, path: str, chunks: Iterable[bytes], *, mode: int = 0o644) -> int:
+        """Write ``chunks`` to a guest file as they come (see :meth:`SandboxFs.write_stream`).
+
+        The iterable is advanced in a worker thread, so one that blocks (reading
+        a file, a socket) does not stall the event loop that serves every sandbox.
+        """
+        source = iter(chunks)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            while (chunk := await anyio.to_thread.run_sync(next, source, None)) is not None:
+                yield chunk
+
+        async def run() -> int:
+            return await self._fs.write_stream(path, pieces(), mode=mode)
+
+        return self._portal.call(run)
+
+    def copy(self, src: str, dst: str) -> int:
+        """Copy a guest file inside the guest (see :meth:`SandboxFs.copy`)."""
+        return self._portal.call(self._fs.copy, src, dst)
 
     def list(self, path: str) -> list[DirEntry]:
         return self._portal.call(self._fs.list, path)

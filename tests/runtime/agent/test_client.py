@@ -337,6 +337,15 @@ async def test_read_file_size_mismatch_is_protocol_error() -> None:
             await client.ping()
 
 
+async def test_a_window_read_answered_with_more_is_protocol_error() -> None:
+    async with connect() as (client, agent):  # the fake agent ignores OFFSET and SIZE
+        agent.files["/data"] = b"0123456789" * 10
+        with pytest.raises(ProtocolError, match="more than the 10 bytes asked for"):
+            await client.read_file_to("/data", lambda _: None, offset=20, length=10)
+        sent = agent.of_type(MsgType.FS_READ)[-1]
+        assert sent.require_int(Tag.OFFSET) == 20 and sent.require_int(Tag.SIZE) == 10
+
+
 async def test_write_file_sources(tmp_path: Path) -> None:
     async with connect() as (client, agent):
         big = bytes(range(256)) * (2 * CHUNK // 256 + 3)

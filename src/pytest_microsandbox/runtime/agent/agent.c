@@ -279,13 +279,13 @@ static void f_int(uint8_t tag, int64_t v)
 }
 
 /* Appends a DATA frame read straight from fd.  Returns read()'s result. */
-static ssize_t msg_read_data(uint32_t id, uint8_t type, int fd)
+static ssize_t msg_read_data(uint32_t id, uint8_t type, int fd, size_t max)
 {
 	msg_begin(id, type);
 	ob_reserve(5 + CHUNK);
 	ssize_t n;
 	do
-		n = read(fd, ob.buf + ob.len + 5, CHUNK);
+		n = read(fd, ob.buf + ob.len + 5, max < CHUNK ? max : CHUNK);
 	while (n < 0 && errno == EINTR);
 	if (n <= 0) {
 		msg_abort();
@@ -508,7 +508,7 @@ struct req {
 	/* FS_READ / FS_WRITE / FS_COPY (fd2: the copy's destination) */
 	int fd, fd2;
 	int64_t size;
-	int64_t limit;       /* FS_COPY from a disk: bytes to copy; -1 = to end of file */
+	int64_t limit;       /* FS_COPY from a disk, FS_READ: bytes at most; -1 = to end of file */
 };
 
 static struct req *reqs[MAX_REQS];
@@ -946,10 +946,10 @@ static void h_signal(const struct msg *m, struct req *r)
 static void exec_finish(struct req *r)
 {
 	for (int i = 0; i < DRAIN_READS && r->out_fd >= 0; i++)
-		if (msg_read_data(r->id, M_STDOUT, r->out_fd) <= 0)
+		if (msg_read_data(r->id, M_STDOUT, r->out_fd, CHUNK) <= 0)
 			break;
 	for (int i = 0; i < DRAIN_READS && r->err_fd >= 0; i++)
-		if (msg_read_data(r->id, M_STDERR, r->err_fd) <= 0)
+		if (msg_read_data(r->id, M_STDERR, r->err_fd, CHUNK) <= 0)
 			break;
 	msg_begin(r->id, M_EXITED);
 	if (WIFEXITED(r->status))
@@ -1071,9 +1071,22 @@ static void h_fs_read(const struct msg *m)
 	char path[PATH_MAX];
 	if (!need_path(m, T_PATH, path))
 		return;
+	/* OFFSET and SIZE read a window of the file (the host streams big files
+	 * window by window, so its memory holds one window at a time). */
+	int64_t offset = get_int_or(m, T_OFFSET, 0), limit = get_int_or(m, T_SIZE, -1);
+	if (offset < 0 || limit < -1) {
+		reply_error(m->id, EPROTO, "FS_READ needs OFFSET >= 0 and SIZE >= 0");
+		return;
+	}
 	int fd = open_regular(m->id, path);
 	if (fd < 0)
 		return;
+	if (offset > 0 && lseek(fd, (off_t)offset, SEEK_SET) < 0) {
+		int e = errno;
+		close(fd);
+		reply_error(m->id, e, "%s: %s", path, strerror(e));
+		return;
+	}
 	struct req *r = new_req(m->id, R_READ);
 	if (!r) {
 		close(fd);
@@ -1081,12 +1094,16 @@ static void h_fs_read(const struct msg *m)
 		return;
 	}
 	r->fd = fd; /* streamed by fs_read_step() from the loop */
+	r->limit = limit;
 }
 
 static void fs_read_step(struct req *r)
 {
 	for (int i = 0; i < FS_READ_BURST && ob_pending() < OUTQ_HIGH; i++) {
-		ssize_t n = msg_read_data(r->id, M_FS_CHUNK, r->fd);
+		size_t max = CHUNK;
+		if (r->limit >= 0 && r->limit - r->size < (int64_t)CHUNK)
+			max = (size_t)(r->limit - r->size);
+		ssize_t n = max == 0 ? 0 : msg_read_data(r->id, M_FS_CHUNK, r->fd, max);
 		if (n > 0) {
 			r->size += n;
 			continue;
@@ -2007,7 +2024,8 @@ static void serve(int sig_fd)
 				int *fd = pmap[i].what == W_OUT ? &r->out_fd : &r->err_fd;
 				if (r->dead || *fd != pfds[i].fd)
 					break; /* finished earlier in this iteration */
-				ssize_t got = msg_read_data(r->id, pmap[i].what == W_OUT ? M_STDOUT : M_STDERR, *fd);
+				ssize_t got = msg_read_data(r->id, pmap[i].what == W_OUT ? M_STDOUT : M_STDERR,
+							    *fd, CHUNK);
 				if (got == 0 || (got < 0 && errno != EAGAIN))
 					close_fd(fd); /* EOF: the child (and its children) closed it */
 				break;

@@ -155,6 +155,7 @@ class AgentClient:
         self._write_lock = anyio.Lock()
         self._error: SandboxError | None = None
         self._ready: HelloInfo | None = None
+        self._hello: HelloInfo | None = None
         self._ready_event = anyio.Event()
         self._shutdown_sent = False
         self._exit_stack: AsyncExitStack | None = None
@@ -201,6 +202,13 @@ class AgentClient:
         """The last READY the agent sent, if any."""
         return self._ready
 
+    @property
+    def hello_info(self) -> HelloInfo | None:
+        """The agent's answer to the last :meth:`hello`, if any (a restored guest
+        sends no READY: its HELLO answer says when it started serving this host).
+        """
+        return self._hello
+
     async def wait_ready(self, timeout: float | None = None) -> HelloInfo:
         """Wait for the agent's READY (returns at once if it already came).
 
@@ -233,6 +241,7 @@ class AgentClient:
             raise ProtocolError(
                 f"agent speaks protocol version {info.version}, host speaks {PROTOCOL_VERSION}"
             )
+        self._hello = info
         return info
 
     async def ping(self, timeout: float | None = None) -> None:
@@ -436,8 +445,15 @@ class AgentClient:
         sink: Callable[[bytes], object] | BinarySink,
         timeout: float | None = None,
         max_size: int | None = None,
+        *,
+        offset: int = 0,
+        length: int | None = None,
     ) -> int:
         """Stream the guest file ``path`` into ``sink`` chunk by chunk; return its size.
+
+        With ``offset`` / ``length`` only that window of the file is read (at
+        most ``length`` bytes from ``offset``; fewer at its end) and its size
+        returned; an agent that sends more breaks the protocol.
 
         ``sink`` is a callable (whose result is awaited if awaitable) or has
         ``write``. Raises PathNotFoundError / FilesystemError if the guest
@@ -449,10 +465,17 @@ class AgentClient:
         """
         if max_size is not None:
             check_limit(max_size, "max_size")
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
         write = sink.write if not callable(sink) else sink
         total = 0
+        fields = [bytes_field(Tag.PATH, _guest_path(path))]
+        if offset:
+            fields.append(int_field(Tag.OFFSET, offset))
+        if length is not None:
+            fields.append(int_field(Tag.SIZE, length))
         with self._deadline(timeout, f"FS_READ {path}"), self._request() as req:
-            await req.send(MsgType.FS_READ, [bytes_field(Tag.PATH, _guest_path(path))])
+            await req.send(MsgType.FS_READ, fields)
             ended = False
             try:
                 while True:
@@ -467,6 +490,11 @@ class AgentClient:
                                 "fs().copy_to_host, or raise max_size (per call, or "
                                 "max_read_bytes in SandboxConfig)",
                                 limit=max_size,
+                            )
+                        if length is not None and total + len(data) > length:
+                            raise self._violation(
+                                f"FS_READ of {path}: agent sent more than the {length} "
+                                "bytes asked for"
                             )
                         total += len(data)
                         result = write(data)

@@ -8,7 +8,12 @@ an image name into that stack, building only the images whose tree changed.
 
 from __future__ import annotations
 
-from ._host import DEFAULT_USR_EXCLUDES, PROJECT_EXCLUDE_NAMES, PROJECT_EXCLUDE_TOP
+from ._host import (
+    DEFAULT_USR_EXCLUDES,
+    PROJECT_EXCLUDE_NAMES,
+    PROJECT_EXCLUDE_TOP,
+    imaged_venv,
+)
 from ._model import Layer
 from ._resolve import images_dir, project_layer, resolve_root_layers
 from ._staging import ETC_COPY
@@ -21,6 +26,7 @@ __all__ = [
     "PROJECT_EXCLUDE_NAMES",
     "PROJECT_EXCLUDE_TOP",
     "Layer",
+    "imaged_venv",
     "images_dir",
     "project_layer",
     "prune_images",

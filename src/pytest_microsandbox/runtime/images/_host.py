@@ -22,6 +22,7 @@ __all__ = [
     "PROJECT_SERIAL",
     "UNHASHED_NAMES",
     "USR_WATCHED",
+    "imaged_venv",
     "plan_host_trees",
     "plan_usr",
 ]
@@ -211,6 +212,17 @@ def editable_source_dirs(prefix: Path, covered: list[Path]) -> list[Path]:
                 continue
             found.append(path)
     return found[:MAX_EDITABLE_LAYERS]
+
+
+def imaged_venv(prefix: Path | None = None, base_prefix: Path | None = None) -> Path | None:
+    """The virtualenv (``sys.prefix``) that the ``host`` image carries, at the
+    same path in the guest, or None when Python runs outside one. The image
+    holds it always: in a layer of its own, or inside /usr or the Python
+    prefix, which are imaged too (:func:`plan_host_trees`).
+    """
+    base = Path(base_prefix or sys.base_prefix).resolve()
+    venv = Path(prefix or sys.prefix).resolve()
+    return None if venv == base else venv
 
 
 def plan_host_trees(
