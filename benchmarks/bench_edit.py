@@ -2,7 +2,7 @@
 its test file was edited (so the project's zygote is missing), against plain
 host ``pytest`` of the same test in the same run.
 
-Plain script (``python benchmarks/bench_edit.py [--rounds 5] [--all]``); prints
+Plain script (``python benchmarks/bench_edit.py [--rounds 5] [--all] [--boot]``); prints
 p50/p95 per way and each way's ratio to plain host pytest (p50). The ways are
 measured in the same run, alternating, on one temporary project outside this
 repository (so the benchmark never changes the project it measures); the test
@@ -14,12 +14,13 @@ runs under the default isolation (``process`` under TCG):
 * ``snapshot first`` (``$MICROSANDBOX_LIVE_ZYGOTE=0``, the design before): the
   same VM is snapshotted as the project's zygote, stopped, and a clone of the
   zygote restored to serve the test;
-* ``boot with project`` (``--all``; ``$MICROSANDBOX_PROJECT_COPY_MAX_MB=0``): the
+* ``boot with project`` (``--boot``; ``$MICROSANDBOX_PROJECT_COPY_MAX_MB=0``): the
   project is a layer of the VM, so an edit means a new template (cold boot) and
   a Python start in the guest;
 * ``plain host pytest``: ``pytest -p no:microsandbox``, the baseline;
-* with ``--all``, ``unchanged, live``: the same project run again without an edit
-  (the zygote of the live way is never snapshotted, so it starts live again).
+* with ``--all``, right after the ``live`` run, the same project run twice more
+  without an edit: ``rerun 1`` finds it served live by a run before and builds
+  its zygote snapshot, ``rerun 2`` restores that.
 """
 
 from __future__ import annotations
@@ -73,11 +74,18 @@ def main(args: argparse.Namespace) -> None:
         "live (default)": (env, sandboxed, True),
         "snapshot first (before)": ({**env, LIVE_ENV: "0"}, sandboxed, True),
     }
-    if args.all:
+    if args.boot:
         ways["boot with project"] = ({**env, COPY_MAX_ENV: "0"}, sandboxed, True)
-        ways["unchanged, live"] = (env, sandboxed, False)
+    ways_order = list(ways)
+    if args.all:
+        # Right after "live (default)": the same files, two more runs.
+        at = ways_order.index("live (default)") + 1
+        ways_order[at:at] = ["rerun 1 (snapshot built)", "rerun 2 (restored)"]
+        ways["rerun 1 (snapshot built)"] = (env, sandboxed, False)
+        ways["rerun 2 (restored)"] = (env, sandboxed, False)
     ways["plain host pytest"] = (env, host, True)
-    times: dict[str, list[float]] = {way: [] for way in ways}
+    ways_order.append("plain host pytest")
+    times: dict[str, list[float]] = {way: [] for way in ways_order}
     edit = 0
     with tempfile.TemporaryDirectory(prefix="msb-bench-edit-") as tmp:
         root = Path(tmp) / "edited"
@@ -87,7 +95,8 @@ def main(args: argparse.Namespace) -> None:
             edit += 1
             run(root, edit, way_env, *extra)
         for _ in range(args.rounds):
-            for way, (way_env, extra, edited) in ways.items():
+            for way in ways_order:
+                way_env, extra, edited = ways[way]
                 edit += 1
                 times[way].append(run(root, edit if edited else None, way_env, *extra))
     host_p50 = pct(times["plain host pytest"], 0.5)
@@ -104,5 +113,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--all", action="store_true", help="also the slower baselines")
+    parser.add_argument("--all", action="store_true", help="also two reruns without an edit")
+    parser.add_argument("--boot", action="store_true", help="also the project booted as a layer")
     main(parser.parse_args())
