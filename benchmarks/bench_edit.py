@@ -1,30 +1,39 @@
-"""Edit-to-result benchmark: wall time of ``pytest`` on a marked test right after
-its test file was edited (so the zygote must be rebuilt), and of the first run
-in a new project directory.
+"""Edit-to-result benchmark: wall time of ``pytest`` on one marked test right after
+its test file was edited (so the project's zygote is missing), against plain
+host ``pytest`` of the same test in the same run.
 
-Plain script (``python benchmarks/bench_edit.py [--rounds 3]``); prints a table.
-Two ways are measured in the same run, alternating, on one temporary project
-outside this repository (so the benchmark never changes the project it measures):
+Plain script (``python benchmarks/bench_edit.py [--rounds 5] [--all] [--boot]``); prints
+p50/p95 per way and each way's ratio to plain host pytest (p50). The ways are
+measured in the same run, alternating, on one temporary project outside this
+repository (so the benchmark never changes the project it measures); the test
+runs under the default isolation (``process`` under TCG):
 
-* ``from base``: the default: a base zygote (Python started, pytest warmed up,
-  no project) is restored, the project copied in and collected;
-* ``boot with project`` (the baseline, ``$MICROSANDBOX_PROJECT_COPY_MAX_MB=0``):
-  the project is a layer of the VM, so an edit means a new template (cold boot)
-  and a Python start in the guest.
+* ``live`` (the default): the base zygote (Python started, pytest warmed up, no
+  project) is restored, the project copied in and collected, and that VM serves
+  the test: no snapshot of the project;
+* ``snapshot first`` (``$MICROSANDBOX_LIVE_ZYGOTE=0``, the design before): the
+  same VM is snapshotted as the project's zygote, stopped, and a clone of the
+  zygote restored to serve the test;
+* ``boot with project`` (``--boot``; ``$MICROSANDBOX_PROJECT_COPY_MAX_MB=0``): the
+  project is a layer of the VM, so an edit means a new template (cold boot) and
+  a Python start in the guest;
+* ``plain host pytest``: ``pytest -p no:microsandbox``, the baseline;
+* with ``--all``, right after the ``live`` run, the same project run twice more
+  without an edit: ``rerun 1`` finds it served live by a run before and builds
+  its zygote snapshot, ``rerun 2`` restores that.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pytest_microsandbox.plugin._zygote import COPY_MAX_ENV
+from pytest_microsandbox.plugin._zygote import COPY_MAX_ENV, LIVE_ENV
 
 TEST = """
 import pytest
@@ -40,11 +49,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run(root: Path, edit: int, env: dict[str, str]) -> float:
-    (root / "test_edit.py").write_text(TEST.format(n=edit))
+def run(root: Path, edit: int | None, env: dict[str, str], *extra: str) -> float:
+    if edit is not None:
+        (root / "test_edit.py").write_text(TEST.format(n=edit))
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--sandbox-require"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra],
         cwd=root,
         env=env,
         capture_output=True,
@@ -58,36 +68,51 @@ def run(root: Path, edit: int, env: dict[str, str]) -> float:
 
 def main(args: argparse.Namespace) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    ways = {"from base (default)": env, "boot with project (baseline)": {**env, COPY_MAX_ENV: "0"}}
-    cases = [(what, way) for what in ("after an edit", "new project") for way in ways]
-    times: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
+    sandboxed = ("--sandbox-require",)
+    host = ("-p", "no:microsandbox", "-W", "ignore::pytest.PytestUnknownMarkWarning")
+    ways: dict[str, tuple[dict[str, str], tuple[str, ...], bool]] = {
+        "live (default)": (env, sandboxed, True),
+        "snapshot first (before)": ({**env, LIVE_ENV: "0"}, sandboxed, True),
+    }
+    if args.boot:
+        ways["boot with project"] = ({**env, COPY_MAX_ENV: "0"}, sandboxed, True)
+    ways_order = list(ways)
+    if args.all:
+        # Right after "live (default)": the same files, two more runs.
+        at = ways_order.index("live (default)") + 1
+        ways_order[at:at] = ["rerun 1 (snapshot built)", "rerun 2 (restored)"]
+        ways["rerun 1 (snapshot built)"] = (env, sandboxed, False)
+        ways["rerun 2 (restored)"] = (env, sandboxed, False)
+    ways["plain host pytest"] = (env, host, True)
+    ways_order.append("plain host pytest")
+    times: dict[str, list[float]] = {way: [] for way in ways_order}
     edit = 0
     with tempfile.TemporaryDirectory(prefix="msb-bench-edit-") as tmp:
         root = Path(tmp) / "edited"
         root.mkdir()
         (root / "pytest.ini").write_text("[pytest]\n")
-        for way_env in ways.values():  # build the base zygote and templates once
+        for way_env, extra, _ in ways.values():  # base zygote, templates, images: once
             edit += 1
-            run(root, edit, way_env)
+            run(root, edit, way_env, *extra)
         for _ in range(args.rounds):
-            for what, way in cases:
+            for way in ways_order:
+                way_env, extra, edited = ways[way]
                 edit += 1
-                where = root
-                if what == "new project":
-                    where = Path(tmp) / f"new{edit}"
-                    where.mkdir()
-                    (where / "pytest.ini").write_text("[pytest]\n")
-                times[what, way].append(run(where, edit, ways[way]))
-    print(f"\nbench_edit (wall time of one pytest run, {args.rounds} rounds)")
-    for (what, way), values in times.items():
-        label = f"{what}, {way}"
-        print(f"  {label:<45} p50 {pct(values, 0.5):6.1f} s   p95 {pct(values, 0.95):6.1f} s")
-    for what in ("after an edit", "new project"):
-        default, baseline = (statistics.median(times[what, way]) for way in ways)
-        print(f"  {what + ': ratio baseline / default (p50)':<45} {baseline / default:.1f}x")
+                times[way].append(run(root, edit if edited else None, way_env, *extra))
+    host_p50 = pct(times["plain host pytest"], 0.5)
+    print(
+        f"\nbench_edit: one marked test after an edit, wall time of pytest ({args.rounds} rounds)"
+    )
+    for way, values in times.items():
+        p50, p95 = pct(values, 0.5), pct(values, 0.95)
+        print(f"  {way:<28} p50 {p50:6.2f} s   p95 {p95:6.2f} s   {p50 / host_p50:5.1f}x host")
+    live, before = pct(times["live (default)"], 0.5), pct(times["snapshot first (before)"], 0.5)
+    print(f"  {'snapshot first / live (p50)':<28} {before / live:.2f}x")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--all", action="store_true", help="also two reruns without an edit")
+    parser.add_argument("--boot", action="store_true", help="also the project booted as a layer")
     main(parser.parse_args())

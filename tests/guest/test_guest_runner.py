@@ -1,5 +1,5 @@
 """The guest runner's pure parts, run on the host: finding the channel port,
-applying a request's variables, its command line and what it imports.
+applying a request's variables, how pytest starts through the bootstrap.
 """
 
 from __future__ import annotations
@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pytest_microsandbox.guest import runner
+from pytest_microsandbox.guest.messages import CHANNEL_PORT_NAME, READY, Ready
+from pytest_microsandbox.plugin._zygote import GUEST_BOOTSTRAP
 
 
 def test_the_guest_finds_the_channel_port_by_name(tmp_path):
@@ -34,28 +37,38 @@ def test_apply_env_sets_only_valid_names(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("MSB_T_A")
 
 
-def test_the_runner_starts_as_a_module_and_imports_nothing_of_the_host_side():
-    # What `python -m pytest_microsandbox.guest` loads before pytest.main (which
-    # loads the plugin through its entry point, as on the host): no runtime,
-    # snapshots or plugin (pydantic, anyio), which would cost seconds under emulation.
-    code = (
+def test_the_bootstrap_starts_pytest_as_a_local_run_does(tmp_path: Path):
+    """Run by path on the host (no channel port here): pytest starts with
+    ``filterwarnings = error`` and ``-W error`` and fails only for the missing
+    port. Started as ``python -m pytest_microsandbox.guest``, the package was
+    imported first and pytest's "cannot be rewritten" warning failed the run.
+    """
+    (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings =\n    error\n")
+    (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
+    control = tmp_path / "control"
+    probe = (
         "import runpy, sys\n"
-        "sys.argv = ['x']\n"
+        "sys.argv = sys.argv[1:]\n"
+        "seen = {}\n"
+        "import _pytest.config\n"
+        "main = _pytest.config.main\n"
+        "def spy(*a, **kw):\n"
+        "    seen['before'] = [m for m in sys.modules if m.startswith('pytest_micro')]\n"
+        "    return main(*a, **kw)\n"
+        "import pytest; pytest.main = spy\n"
         "try:\n"
-        "    runpy.run_module('pytest_microsandbox.guest', run_name='__main__')\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
         "except SystemExit as exc:\n"
-        "    print('exit', exc.code)\n"
-        "ours = sorted(m for m in sys.modules if m.startswith('pytest_microsandbox.'))\n"
-        "print('loaded', ours, 'pydantic' in sys.modules, 'anyio' in sys.modules)\n"
+        "    print('exit', exc.code, 'before', seen['before'])\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert "usage: python -m pytest_microsandbox.guest CONTROL [pytest args]" in out
-    assert "exit 2" in out
-    loaded = out.split("loaded ", 1)[1]
-    assert loaded.strip() == (
-        "['pytest_microsandbox._extensions', 'pytest_microsandbox._lazy', "
-        "'pytest_microsandbox.guest', 'pytest_microsandbox.guest.messages', "
-        "'pytest_microsandbox.guest.runner'] False False"
-    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(GUEST_BOOTSTRAP), str(control), "-W", "error",
+         "-p", "no:cacheprovider", "-p", "no:xdist", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert "PytestAssertRewriteWarning" not in out and "RuntimeWarning" not in out, out
+    assert f"no virtio-serial port named {CHANNEL_PORT_NAME} in this guest" in out, out
+    # Nothing of the package before pytest.main; pytest exited with a usage error.
+    assert "exit 4 before []" in out, out
+    assert Ready.decode((control / READY).read_text()).errors == ("pytest exited 4",)

@@ -166,3 +166,78 @@ def test_zygote_build_holds_its_entry_lock(tmp_path, monkeypatch: pytest.MonkeyP
     assert seen == [True]
     # No entry was published: the prune after the build swept the lock file.
     assert not lock_path.exists()
+
+
+def test_a_runner_that_cannot_start_writes_its_exit_and_error_at_once(tmp_path):
+    """Every start failure (here: its directory is missing, as in a directory
+    image) ends in the exit marker and the log, so the host stops waiting at
+    once; before, a failed `cd` outside the detached script left neither.
+    """
+    import subprocess
+    import time
+
+    control = tmp_path / "control"
+    command = _zygote.runner_command(str(tmp_path / "missing"), ["x"], control=str(control))
+    assert subprocess.run(["sh", "-c", command], timeout=30).returncode == 0
+    deadline = time.monotonic() + 30
+    while not (control / "exited").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the exit status is written after the file is created
+    assert (control / "exited").read_text().strip() not in ("", "0")
+    assert "missing" in (control / "log").read_text()
+
+
+def test_a_directory_image_is_refused_before_any_vm(tmp_path):
+    import anyio
+
+    from pytest_microsandbox.runtime import SandboxConfig
+
+    config = SandboxConfig(name="zygote", image=str(tmp_path), cache_dir=tmp_path)
+    plan = _zygote.GuestPlan(config=config, cwd="/", args=(), env={}, watched=())
+    with pytest.raises(_zygote.ZygoteError, match=r"only image='host' provides"):
+        anyio.run(_zygote.ensure_zygote, plan, "b")
+
+
+def test_a_failed_build_is_recorded_for_its_run_only(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    import anyio
+
+    from pytest_microsandbox.runtime import SandboxConfig
+
+    calls = []
+
+    async def name(plan: object) -> str:
+        return "zygote-abc"
+
+    async def missing(name: str, cache: object) -> bool:
+        return False
+
+    async def build(*args: object) -> None:
+        calls.append(args)
+        raise _zygote.ZygoteError(f"the real cause #{len(calls)}")
+
+    monkeypatch.setattr(_zygote, "zygote_name", name)
+    monkeypatch.setattr(_zygote, "_exists", missing)
+    monkeypatch.setattr(_zygote, "build_zygote", build)
+    config = SandboxConfig(name="zygote", cache_dir=tmp_path)
+
+    def ensure(run_id: str) -> BaseException:
+        plan = _zygote.GuestPlan(config=config, cwd="/", args=(), env={}, watched=(), run_id=run_id)
+        with pytest.raises(_zygote.ZygoteError) as info:
+            anyio.run(_zygote.ensure_zygote, plan, "b")
+        return info.value
+
+    first = ensure("run-1")
+    assert not isinstance(first, _zygote.BuildFailedEarlierError)
+    assert "the real cause #1" in str(first)
+    # Later tries in the same run (any process: the record is in the lock file) fail
+    # at once with the first build's cause.
+    for _ in range(2):
+        again = ensure("run-1")
+        assert isinstance(again, _zygote.BuildFailedEarlierError)
+        assert again.cause == "the real cause #1"
+    assert len(calls) == 1
+    # Another run tries again; without a run id nothing is recorded.
+    assert "the real cause #2" in str(ensure("run-2"))
+    assert "the real cause #3" in str(ensure(""))
+    assert "the real cause #4" in str(ensure(""))
+    assert len(calls) == 4

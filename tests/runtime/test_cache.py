@@ -170,6 +170,22 @@ def test_sweep_removes_orphans_and_spares_what_is_held(files: CacheStore) -> Non
     assert mine.exists() and legacy_new.exists()  # a live process's; too young to judge
 
 
+def test_sweep_keeps_an_orphan_lock_with_a_recent_record(files: CacheStore) -> None:
+    """A builder's record in a lock file (a failed build, a project served
+    without a snapshot) outlives other processes' prunes for GRACE_S.
+    """
+    now = time.time()
+    recent, old, empty = (files.lock_path(f"{n}.img") for n in ("recent", "old", "empty"))
+    files.root.mkdir(parents=True, exist_ok=True)
+    for lock in (recent, old):
+        lock.write_text('{"run": "r", "cause": "boom"}')
+    empty.touch()
+    os.utime(old, (now - GRACE_S - 60,) * 2)
+    files.sweep(now=now)
+    assert recent.exists()
+    assert not old.exists() and not empty.exists()
+
+
 def test_sweep_temps_under_the_lock_removes_all_of_the_group(files: CacheStore) -> None:
     files.root.mkdir()
     ours = files.temp_path("fam-1")  # this process is alive, but holds the lock

@@ -1,5 +1,5 @@
 """The guest side of ``@pytest.mark.sandbox``: the test runner started inside the
-VM (:mod:`.runner`, ``python -m pytest_microsandbox.guest``) and the messages it
+VM (:mod:`.runner`, started by ``bootstrap.py`` run by its path) and the messages it
 exchanges with the host (:mod:`.messages`, which the plugin imports too).
 
 Only the standard library and pytest, never the runtime, the snapshots or the

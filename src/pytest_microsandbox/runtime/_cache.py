@@ -383,13 +383,22 @@ class CacheStore:
         """Remove idle lock files whose entry is gone, digest records whose file is
         gone and (with ``temps``) temporaries of dead processes (:meth:`sweep_temps`,
         with ``legacy_temps``).
+
+        A lock file with content (a builder's record of its outcome, such as the
+        plugin's failed-build and served-live records) is kept for :data:`GRACE_S`
+        after it was written: another process's prune must not make a run build
+        again what it just saw fail.
         """
+        now = time.time() if now is None else now
         try:
             locks = list(self.root.glob(f"*{LOCK_SUFFIX}"))
         except OSError:
             return
         remove_idle_lock_files(
-            p for p in locks if not os.path.lexists(p.with_name(p.name[: -len(LOCK_SUFFIX)]))
+            p
+            for p in locks
+            if not os.path.lexists(p.with_name(p.name[: -len(LOCK_SUFFIX)]))
+            and not _recent_record(p, now)
         )
         if not self.directories:
             for record in self.root.glob(f"{self.pattern}{DIGEST_SUFFIX}"):
@@ -522,3 +531,12 @@ def snapshot_refs(cache: Path, paths_of: Callable[[dict[str, Any]], Iterable[str
             if entry.pins:
                 pinned.add(key)
     return SnapshotRefs(used=used, pinned=pinned)
+
+
+def _recent_record(lock: Path, now: float) -> bool:
+    """Whether lock file ``lock`` holds a record written less than GRACE_S ago."""
+    try:
+        st = lock.stat()
+    except OSError:
+        return False
+    return st.st_size > 0 and now - st.st_mtime < GRACE_S

@@ -1,0 +1,101 @@
+"""The guest runner's entry point, run by its path (never imported):
+
+    python .../pytest_microsandbox/guest/bootstrap.py CONTROL [pytest args]
+    python .../pytest_microsandbox/guest/bootstrap.py --base CONTROL
+
+pytest must start here as a local ``python -m pytest`` does. So nothing of this
+package is imported before ``pytest.main``: the package is a ``pytest11``
+entry-point plugin, and pytest marks such packages for assertion rewriting when
+it installs its import hook; one already imported makes it warn "Module already
+imported so cannot be rewritten", an error under ``filterwarnings = error`` or
+``-W error``. (``python -m pytest_microsandbox.guest``, the earlier way, imported
+the package first and also drew a ``runpy`` ``RuntimeWarning``.)
+
+The runner (:mod:`pytest_microsandbox.guest.runner`) is imported from this
+file's ``pytest_cmdline_main`` hook, once the import hook is installed and the
+entry-point plugins are loaded (the package with them, through that hook), and
+registers itself there. ``-p no:...``, ``-W`` and the ini then act as locally.
+
+``--base`` first runs pytest once on an empty directory (see
+:func:`pytest_microsandbox.guest.runner.wait_for_go`); that run loads the
+entry-point plugins, the package included, so what is imported between it and
+the real run is already known to pytest's rewrite hook.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+
+# Run by path, Python put this file's directory first on sys.path, where it
+# would make the runner's modules importable under bare names; ``python -m
+# pytest`` puts the working directory there instead (unless -P / PYTHONSAFEPATH).
+if not getattr(sys.flags, "safe_path", False) and sys.path:  # 3.11+
+    sys.path[0] = os.getcwd()
+
+import pytest
+
+
+class _Attach:
+    """Registers the runner's server plugin once pytest has parsed its options."""
+
+    def __init__(self, control: str) -> None:
+        self.control = control
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_cmdline_main(self, config: pytest.Config) -> None:
+        from pytest_microsandbox.guest import runner
+
+        runner.attach(config, self.control)
+
+
+def prewarm() -> None:
+    """Run pytest once, collecting an empty directory: what a first run costs
+    beyond imports (plugin registration, entry-point scans, hook calls) is paid
+    here, before the base snapshot, instead of in every project's zygote.
+    """
+    empty = tempfile.mkdtemp(prefix="msb-warm-")
+    try:
+        pytest.main([empty, "--co", "-q", "-p", "no:cacheprovider", f"--rootdir={empty}"])
+    except BaseException:  # a plugin failing here fails again, visibly, in the real run
+        traceback.print_exc()
+    finally:
+        shutil.rmtree(empty, ignore_errors=True)
+
+
+def run(control: str, args: list[str]) -> int:
+    """pytest with ``args``, serving the host from its run loop (see the runner)."""
+    os.makedirs(control, exist_ok=True)
+    try:
+        code = int(pytest.main(args, plugins=[_Attach(control)]))
+    except BaseException:
+        traceback.print_exc()
+        code = 70
+    from pytest_microsandbox.guest import runner
+
+    # pytest.main returned: the loop never started (usage error, a conftest that
+    # failed, an internal error); what pytest printed is in the runner's log.
+    runner.stopped(control, code)
+    return code
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--base":
+        control = argv[1]
+        os.makedirs(control, exist_ok=True)
+        prewarm()
+        from pytest_microsandbox.guest import runner
+
+        args = runner.wait_for_go(control)
+        return run(control, args)
+    if not argv:
+        print("usage: bootstrap.py CONTROL [pytest args] | --base CONTROL", file=sys.stderr)
+        return 2
+    return run(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
