@@ -29,7 +29,7 @@ from ._fixtures import (
     worker_sandbox_setup,
 )
 from ._hooks import PLUGIN_KEY, PLUGIN_NAME, MicrosandboxPlugin
-from ._options import MARKER_DOC, add_options, resolve_settings
+from ._options import MARKER_DOC, NO_SANDBOX_MARKER_DOC, add_options, resolve_settings
 
 __all__ = [
     "MicrosandboxPlugin",
@@ -59,6 +59,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_DOC)
+    config.addinivalue_line("markers", NO_SANDBOX_MARKER_DOC)
     plugin = MicrosandboxPlugin(config, resolve_settings(config))
     config.stash[PLUGIN_KEY] = plugin
     config.pluginmanager.register(plugin, PLUGIN_NAME)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytest
 
 from ._backend import accel_decision, availability, in_guest, isolation_for
-from ._options import MarkerSpec, Settings, marker_spec
+from ._options import MarkerSpec, Settings, item_spec
 from ._stats import Stats
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ class MicrosandboxPlugin:
         self.settings = settings
         self.stats = Stats()
         self.marked_files: list[str] = []
+        # isolation -> tests that run sandboxed with it; tests left on the host
+        self.sandboxed: dict[str, int] = {}
+        self.on_host = 0
         self._runner: HostRunner | None = None
 
     def runner(self) -> HostRunner:
@@ -88,11 +91,27 @@ class MicrosandboxPlugin:
         zygotes = _count(cache / "snapshots" / "named", "zygote-")
         isolation = self._isolation(settings.isolation)
         local = " (--no-sandbox: marked tests run locally)" if settings.no_sandbox else ""
+        every = " (--sandbox-all: every test is sandboxed)" if settings.sandbox_all else ""
         return [
             f"microsandbox: accel {accel} ({reason}), kernel {kernel}, cache {cache}",
             f"microsandbox: templates {templates}, zygotes {zygotes}, marked tests isolate by "
-            f"{isolation}{local}",
+            f"{isolation}{local}{every}",
         ]
+
+    def pytest_report_collectionfinish(
+        self, config: pytest.Config, items: list[pytest.Item]
+    ) -> list[str]:
+        """After "collected N items": how many run sandboxed, by isolation (quiet under -q,
+        like pytest's own header lines; under xdist the workers collect, so only the
+        header's line shows).
+        """
+        if in_guest() or config.option.verbose < 0 or not self.sandboxed:
+            return []
+        total = sum(self.sandboxed.values())
+        how = ", ".join(f"{n} {level}" for level, n in sorted(self.sandboxed.items()))
+        where = "locally (--no-sandbox)" if self.settings.no_sandbox else f"isolated by {how}"
+        host = f", {self.on_host} on the host" if self.on_host else ""
+        return [f"microsandbox: {total} of {len(items)} tests sandboxed, {where}{host}"]
 
     def pytest_terminal_summary(
         self, terminalreporter: Any, exitstatus: int, config: pytest.Config
@@ -119,12 +138,17 @@ class MicrosandboxPlugin:
         self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
     ) -> None:
         files: set[str] = set()
+        self.sandboxed, self.on_host = {}, 0
+        guest = in_guest()
         for item in items:
-            mark = item.get_closest_marker("sandbox")
-            if mark is None:
+            spec = item_spec(item, self.settings)
+            if spec is None:
+                self.on_host += 1
                 continue
-            item.stash[SPEC_KEY] = marker_spec(mark, self.settings, item.nodeid)
+            item.stash[SPEC_KEY] = spec
             files.add(str(item.path))
+            level = "guest" if guest else self._isolation(spec.isolation)
+            self.sandboxed[level] = self.sandboxed.get(level, 0) + 1
         self.marked_files = sorted(files)
 
     @pytest.hookimpl(tryfirst=True)
