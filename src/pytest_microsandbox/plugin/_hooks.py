@@ -108,10 +108,12 @@ class MicrosandboxPlugin:
         if in_guest() or config.option.verbose < 0 or not self.sandboxed:
             return []
         total = sum(self.sandboxed.values())
+        if self.settings.no_sandbox:
+            return [f"microsandbox: --no-sandbox: {total} of {len(items)} tests would be "
+                    "sandboxed; all run on the host"]  # fmt: skip
         how = ", ".join(f"{n} {level}" for level, n in sorted(self.sandboxed.items()))
-        where = "locally (--no-sandbox)" if self.settings.no_sandbox else f"isolated by {how}"
-        host = f", {self.on_host} on the host" if self.on_host else ""
-        return [f"microsandbox: {total} of {len(items)} tests sandboxed, {where}{host}"]
+        host = f"; {self.on_host} on the host" if self.on_host else ""
+        return [f"microsandbox: {total} of {len(items)} tests sandboxed (isolation: {how}){host}"]
 
     def pytest_terminal_summary(
         self, terminalreporter: Any, exitstatus: int, config: pytest.Config
