@@ -220,10 +220,17 @@ def test_stats_merge_and_p50():
     a, b = Stats(), Stats()
     a.record_start(0.1)
     b.record_start(0.3)
-    b.template_seconds, b.templates_built = 2.0, 1
+    b.record_build("layer", 1.5, outermost=False)
+    b.record_build("zygote", 2.0, outermost=True)
     a.merge(b.to_dict())
-    assert a.created == 2 and a.templates_built == 1
+    assert a.created == 2 and a.builds == [("layer", 1.5), ("zygote", 2.0)]
     assert a.restore_p50() == pytest.approx(0.2)
+    # Nested stages are counted, not timed twice; one worker needs no caveat.
+    assert a.builds_line() == "built this run: 1 layer, 1 zygote in 2.0 s"
+    a.merge(Stats().to_dict())
+    assert a.builds_line().endswith("in 2.0 s (build time added up over 2 xdist workers, "
+                                    "which build in parallel)")  # fmt: skip
+    assert Stats().builds_line() is None
 
 
 def test_plugin_is_loaded_through_the_entry_point(pytester: pytest.Pytester):
@@ -235,12 +242,16 @@ def test_plugin_is_loaded_through_the_entry_point(pytester: pytest.Pytester):
 def test_a_quiet_run_without_sandboxes_never_imports_the_runtime(pytester: pytest.Pytester):
     # The runtime (pydantic, anyio's event loop, QEMU plumbing) costs ~0.3 s a
     # process: a run that creates no sandbox and prints no header skips it.
+    # (The progress listener's light module, runtime.progress, is loaded; anyio is
+    # loaded by its own pytest plugin.)
     pytester.makeconftest(
         """
         import sys
 
         def pytest_unconfigure(config):
-            loaded = "pytest_microsandbox.runtime" in sys.modules
+            heavy = ("pydantic", "pytest_microsandbox.runtime.config",
+                     "pytest_microsandbox.runtime.sandbox", "pytest_microsandbox.runtime.qemu")
+            loaded = any(m in sys.modules for m in heavy)
             print(f"runtime imported: {loaded}")
         """
     )

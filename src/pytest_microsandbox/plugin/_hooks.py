@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,10 +15,12 @@ import pytest
 
 from ._backend import accel_decision, availability, in_guest, isolation_for
 from ._options import MarkerSpec, Settings, item_spec
+from ._progress import ProgressView
 from ._stats import Stats
 
 if TYPE_CHECKING:
     from ..runtime import SyncSandbox
+    from ..runtime.progress import BuildEvent
     from ._runner import HostRunner
 
 __all__ = [
@@ -55,6 +57,8 @@ class MicrosandboxPlugin:
         self.sandboxed: dict[str, int] = {}
         self.on_host = 0
         self._runner: HostRunner | None = None
+        self._view: ProgressView | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     def runner(self) -> HostRunner:
         if self._runner is None:
@@ -121,19 +125,59 @@ class MicrosandboxPlugin:
         if in_guest():
             return
         stats = self.stats
-        if not stats.created and not stats.templates_built and not stats.kept:
+        built = stats.builds_line()
+        if not stats.created and built is None and not stats.kept:
             return
         p50 = stats.restore_p50()
         terminalreporter.write_sep("-", "microsandbox")
         terminalreporter.write_line(
             f"sandboxes created: {stats.created}; start/restore p50: "
             + (f"{p50 * 1000:.0f} ms" if p50 is not None else "n/a")
-            + f"; templates built: {stats.templates_built} in {stats.template_seconds:.1f} s"
         )
+        if built is not None:
+            terminalreporter.write_line(built)
         for line in stats.kept:
             terminalreporter.write_line(f"kept: {line}")
 
+    # -- build progress ------------------------------------------------------------------------
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if in_guest():
+            return
+        from ..runtime.progress import subscribe
+
+        config = session.config
+        terminal = config.pluginmanager.get_plugin("terminalreporter")
+        quiet = config.option.verbose < 0 or hasattr(config, "workerinput")
+        if terminal is not None and not quiet:
+            self._view = ProgressView(terminal, live=terminal.isatty())
+        self._unsubscribe = subscribe(self._on_build)
+
+    def _on_build(self, event: BuildEvent) -> None:
+        if event.state == "done":
+            self.stats.record_build(event.kind, event.elapsed, outermost=event.parent == 0)
+        if self._view is not None:
+            self._view(event)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._view is not None:
+            self._view.close()
+
     # -- marked tests ------------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        """Build what the sandboxed tests start from before the first of them runs,
+        so the build's progress has the terminal to itself.
+        """
+        if in_guest() or self.settings.no_sandbox or session.config.option.collectonly:
+            return
+        specs = list(dict.fromkeys(i.stash[SPEC_KEY] for i in session.items if SPEC_KEY in i.stash))
+        if specs and availability().ok:
+            self.runner().prepare(specs)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(

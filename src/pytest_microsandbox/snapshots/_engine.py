@@ -59,6 +59,7 @@ from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
 from ..runtime.lifetime import Runtime, current_runtime
 from ..runtime.paths import make_run_dir
+from ..runtime.progress import Stage, stage
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
 from ..runtime.sandbox import Sandbox
 from ..runtime.volumes import (
@@ -218,7 +219,10 @@ async def ensure_template(
         with contextlib.suppress(SnapshotError):
             return await _store.acheck_entry(final)  # another process built it meanwhile
         _store.clean_stale_temps(root)
-        entry = await _build_template(config, backend, plan, key, final, cache)
+        what = f"template {key[:12]} ({config.memory} MiB, {config.cpus} vCPU)"
+        with stage("template", what) as progress:
+            entry = await _build_template(config, backend, plan, key, final, cache, progress)
+            progress.size = entry.memory.stat().st_blocks * 512  # sparse: blocks used
     auto_prune(cache, kind="template")
     return entry
 
@@ -256,7 +260,12 @@ async def _build_template(
     key: str,
     final: Path,
     cache: Path | None,
+    progress: Stage | None = None,
 ) -> _store.Entry:
+    def step(text: str) -> None:
+        if progress is not None:
+            progress.step(text)
+
     root = final.parent
     _store.check_free_space(root, (config.memory << 20) + (64 << 20))
     tmp = _tmp_entry(root, key)
@@ -277,6 +286,7 @@ async def _build_template(
                 "qmp": True,
             }
         )
+        step("booting the VM")
         vm = await backend.start(spec)
         try:
             monitor = await _open_monitor(vm, backend, config.boot_timeout)
@@ -284,11 +294,13 @@ async def _build_template(
                 stream = await vm.connect_agent(config.boot_timeout)
                 async with AgentClient(stream) as agent:
                     await agent.wait_ready(timeout=config.boot_timeout)
+                    step("warming the guest up")
                     # Warm the guest page cache (it is in the template's RAM) and make
                     # sure the agent is idle with no I/O in flight.
                     for argv in (["/bin/sh", "-c", "true"], [_WARM_COMMAND], ["sync"]):
                         with contextlib.suppress(CommandNotFoundError):
                             await agent.exec(argv, timeout=60)
+                    step("saving its state")
                     await monitor.execute("stop")
                     await monitor.set_ignore_shared(True)
                     await monitor.save(tmp / _store.STATE, _MIGRATE_TIMEOUT)
@@ -321,6 +333,7 @@ async def _build_template(
         )
         _check_sizes(tmp, meta)
         _store.write_meta(tmp, meta)
+        step("recording digests")
         await anyio.to_thread.run_sync(_store.publish, tmp, final)  # hashes the memory file
         return _store.check_entry(final)
     except BaseException as exc:
