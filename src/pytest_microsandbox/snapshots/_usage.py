@@ -91,16 +91,19 @@ def _family_of_root(root: str, cache: Path) -> str | None:
     return next((s.family() for s in specs if s.serial == PROJECT_SERIAL), None)
 
 
-def _project_of(meta: SnapshotMeta, cache: Path) -> str | None:
+def _project_of(meta: SnapshotMeta, cache: Path, copied_in: bool) -> str | None:
     """The project an entry holds, as its layer family: the project layer it boots
-    from, or its config's project root (a zygote that copied the project in);
-    None: no project (a shared entry).
+    from, or (``copied_in``: a zygote, which may have copied the project into its
+    RAM) its config's project root; None: no project (a shared entry). A
+    template's config is whoever built it first: its key leaves the project out.
     """
     project_disks = [
         _family(d.path) for d in meta.disks if Path(d.path).name.startswith(_PROJECT_LAYERS)
     ]
     if project_disks:
         return project_disks[0]
+    if not copied_in:
+        return None
     try:
         config = json.loads(meta.config)
     except ValueError:
@@ -166,7 +169,9 @@ def cache_usage(cache: Path | None = None) -> CacheUsage:
             else:
                 target = named
             target.add(size)
-            project = _project_of(meta, root) if meta is not None and target is not bases else None
+            project = None
+            if meta is not None and target is not bases:
+                project = _project_of(meta, root, copied_in=target is zygotes)
             if project is not None and target is not named:
                 usage.projects[project] = usage.projects.get(project, 0) + size
     for name in ("kernel", "initramfs", "agent", "bin"):
