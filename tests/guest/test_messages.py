@@ -157,3 +157,17 @@ def test_control_files_round_trip_and_refuse_what_they_are_not():
     for bad in ('{"cwd": "/"}', '{"cwd": 1, "args": []}', '{"cwd": "/", "args": [1]}'):
         with pytest.raises(MessageError):
             Go.decode(bad)
+
+
+def test_subtest_reports_decode_as_call_phase_subtests():
+    from pytest_microsandbox.guest.messages import MessageError, Report
+
+    data = {"_report_type": "SubTestReport", "nodeid": "t.py::t", "when": "call",
+            "outcome": "failed"}  # fmt: skip
+    assert Report.from_data(data).subtest
+    plain = {"$report_type": "TestReport", "nodeid": "t.py::t", "when": "call", "outcome": "passed"}
+    assert not Report.from_data(plain).subtest
+    with pytest.raises(MessageError, match="subtest report of phase 'setup'"):
+        Report.from_data({**data, "when": "setup"})
+    with pytest.raises(MessageError, match="not a test report"):
+        Report.from_data({**data, "_report_type": "Other"})

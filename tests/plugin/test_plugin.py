@@ -220,10 +220,17 @@ def test_stats_merge_and_p50():
     a, b = Stats(), Stats()
     a.record_start(0.1)
     b.record_start(0.3)
-    b.template_seconds, b.templates_built = 2.0, 1
+    b.record_build("layer", 1.5, outermost=False)
+    b.record_build("zygote", 2.0, outermost=True)
     a.merge(b.to_dict())
-    assert a.created == 2 and a.templates_built == 1
+    assert a.created == 2 and a.builds == [("layer", 1.5), ("zygote", 2.0)]
     assert a.restore_p50() == pytest.approx(0.2)
+    # Nested stages are counted, not timed twice; one worker needs no caveat.
+    assert a.builds_line() == "built this run: 1 layer, 1 zygote in 2.0 s"
+    a.merge(Stats().to_dict())
+    assert a.builds_line().endswith("in 2.0 s (build time added up over 2 xdist workers, "
+                                    "which build in parallel)")  # fmt: skip
+    assert Stats().builds_line() is None
 
 
 def test_plugin_is_loaded_through_the_entry_point(pytester: pytest.Pytester):
@@ -235,12 +242,16 @@ def test_plugin_is_loaded_through_the_entry_point(pytester: pytest.Pytester):
 def test_a_quiet_run_without_sandboxes_never_imports_the_runtime(pytester: pytest.Pytester):
     # The runtime (pydantic, anyio's event loop, QEMU plumbing) costs ~0.3 s a
     # process: a run that creates no sandbox and prints no header skips it.
+    # (The progress listener's light module, runtime.progress, is loaded; anyio is
+    # loaded by its own pytest plugin.)
     pytester.makeconftest(
         """
         import sys
 
         def pytest_unconfigure(config):
-            loaded = "pytest_microsandbox.runtime" in sys.modules
+            heavy = ("pydantic", "pytest_microsandbox.runtime.config",
+                     "pytest_microsandbox.runtime.sandbox", "pytest_microsandbox.runtime.qemu")
+            loaded = any(m in sys.modules for m in heavy)
             print(f"runtime imported: {loaded}")
         """
     )
@@ -276,4 +287,99 @@ def test_misspelt_microsandbox_hook_is_rejected(pytester: pytest.Pytester):
     assert result.ret != 0
     assert "unknown hook 'pytest_microsandbox_zygote_kye'" in str(result.stderr) + str(
         result.stdout
+    )
+
+
+# -- --sandbox-all -----------------------------------------------------------------------------
+
+_SUITE_FOR_ALL = """
+import pytest
+
+def test_plain():
+    pass
+
+@pytest.mark.sandbox(memory=256)
+def test_marked():
+    pass
+
+@pytest.mark.sandbox(isolation="vm")
+def test_marked_vm():
+    pass
+
+@pytest.mark.no_sandbox
+def test_opt_out_marker():
+    pass
+
+@pytest.mark.sandbox(False)
+def test_opt_out_false():
+    pass
+
+def plain_doctest():
+    '''
+    >>> 1 + 1
+    2
+    '''
+"""
+
+
+def _specs(pytester: pytest.Pytester, *args: str) -> dict[str, object]:
+    from pytest_microsandbox.plugin._options import item_spec
+
+    pytester.makepyfile(_SUITE_FOR_ALL)
+    items, _ = pytester.inline_genitems("--doctest-modules", *args)
+    settings = resolve_settings(items[0].config)
+    return {item.name: item_spec(item, settings) for item in items}
+
+
+def test_sandbox_all_sandboxes_every_test_function_but_the_opt_outs(pytester: pytest.Pytester):
+    specs = _specs(pytester, "--sandbox-all", "--sandbox-memory=768")
+    on_host = sorted(name.rpartition(".")[2] for name, spec in specs.items() if spec is None)
+    # A doctest is not a test function: it stays on the host.
+    assert on_host == ["plain_doctest", "test_opt_out_false", "test_opt_out_marker"]
+    assert specs["test_plain"].memory == 768  # the settings
+    assert specs["test_marked"].memory == 256  # the marker's arguments still apply
+    assert specs["test_marked_vm"].isolation == "vm"
+
+
+def test_without_sandbox_all_only_marked_tests_are_sandboxed(pytester: pytest.Pytester):
+    specs = _specs(pytester)
+    assert sorted(name for name, spec in specs.items() if spec is not None) == [
+        "test_marked",
+        "test_marked_vm",
+    ]
+
+
+def test_sandbox_all_ini_key(pytester: pytest.Pytester):
+    pytester.makeini("[pytest]\nsandbox_all = true\n")
+    specs = _specs(pytester)
+    assert specs["test_plain"] is not None
+
+
+def test_marker_takes_true_or_false_alone():
+    assert marker_spec(pytest.mark.sandbox(True).mark, Settings(), "t").memory == 512
+    with pytest.raises(pytest.UsageError, match="or False alone"):
+        marker_spec(pytest.mark.sandbox(False, 2).mark, Settings(), "t")
+
+
+def test_no_sandbox_marker_is_registered(pytester: pytest.Pytester):
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.no_sandbox: run this test on the host*"])
+
+
+def test_header_counts_sandboxed_tests_by_isolation(pytester: pytest.Pytester):
+    pytester.makepyfile(_SUITE_FOR_ALL)
+    args = ("--collect-only", "-p", "no:cacheprovider", "--sandbox-isolation=process")
+    result = pytester.runpytest("--sandbox-all", *args)
+    result.stdout.fnmatch_lines(
+        [
+            "*--sandbox-all: every test is sandboxed*",
+            "collected 5 items",
+            "microsandbox: 3 of 5 tests sandboxed (isolation: 2 process, 1 vm); 2 on the host",
+        ]
+    )
+    quiet = pytester.runpytest("--sandbox-all", "-q", *args)
+    assert "tests sandboxed" not in quiet.stdout.str()  # quiet, like pytest's header
+    local = pytester.runpytest("--sandbox-all", "--no-sandbox", *args)
+    local.stdout.fnmatch_lines(
+        ["microsandbox: --no-sandbox: 3 of 5 tests would be sandboxed; all run on the host"]
     )

@@ -40,6 +40,7 @@ __all__ = [
     "PHASES",
     "PREFIX",
     "READY",
+    "SUBTEST_REPORT_TYPE",
     "Done",
     "Envelope",
     "Go",
@@ -130,9 +131,16 @@ class Request:
 # -- runner -> host -----------------------------------------------------------------------------
 
 
+#: How pytest's subtests (pytest >= 9, and the pytest-subtests plugin before it)
+#: mark a serialized subtest report.
+SUBTEST_REPORT_TYPE = "SubTestReport"
+
+
 @dataclass(frozen=True)
 class Report:
-    """One phase's test report, as ``pytest_report_to_serializable`` wrote it."""
+    """One phase's test report, as ``pytest_report_to_serializable`` wrote it, or
+    (``subtest``) the report of one subtest, sent during the ``call`` phase.
+    """
 
     KIND: ClassVar[str] = "report"
 
@@ -140,19 +148,25 @@ class Report:
     when: Phase
     outcome: Outcome
     data: Mapping[str, Any]
+    subtest: bool = False
 
     @classmethod
     def from_data(cls, data: object) -> Report:
-        if not isinstance(data, dict) or data.get("$report_type") != "TestReport":
+        if not isinstance(data, dict):
+            raise MessageError("a report that is not a test report")
+        subtest = data.get("_report_type") == SUBTEST_REPORT_TYPE
+        if not subtest and data.get("$report_type") != "TestReport":
             raise MessageError("a report that is not a test report")
         nodeid, when, outcome = data.get("nodeid"), data.get("when"), data.get("outcome")
         if not isinstance(nodeid, str):
             raise MessageError(f"a report whose node id is {nodeid!r}")
         if when not in PHASES:
             raise MessageError(f"a report of unknown phase {when!r}")
+        if subtest and when != "call":
+            raise MessageError(f"a subtest report of phase {when!r} (subtests report in 'call')")
         if outcome not in OUTCOMES:
             raise MessageError(f"a {when!r} report with outcome {outcome!r}")
-        return cls(nodeid=nodeid, when=when, outcome=outcome, data=data)
+        return cls(nodeid=nodeid, when=when, outcome=outcome, data=data, subtest=subtest)
 
     def to_data(self) -> Mapping[str, Any]:
         return self.data

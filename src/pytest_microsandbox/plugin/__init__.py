@@ -18,6 +18,8 @@ pytest hooks), ``_zygote`` (the snapshots marked tests start from), ``_keep``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ._fixtures import (
@@ -29,13 +31,14 @@ from ._fixtures import (
     worker_sandbox_setup,
 )
 from ._hooks import PLUGIN_KEY, PLUGIN_NAME, MicrosandboxPlugin
-from ._options import MARKER_DOC, add_options, resolve_settings
+from ._options import MARKER_DOC, NO_SANDBOX_MARKER_DOC, add_options, resolve_settings
 
 __all__ = [
     "MicrosandboxPlugin",
     "SandboxFactory",
     "pytest_addhooks",
     "pytest_addoption",
+    "pytest_cmdline_main",
     "pytest_configure",
     "sandbox",
     "sandbox_factory",
@@ -57,8 +60,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--sandbox-cache``: print what the cache holds and exit, as ``--markers`` does."""
+    if not config.getoption("sandbox_cache", default=False):
+        return None
+    from _pytest.config import create_terminal_writer  # what --markers writes with
+
+    from ._cachereport import cache_report
+
+    cache = config.getoption("sandbox_cache_dir", default=None) or config.getini(
+        "sandbox_cache_dir"
+    )
+    writer = create_terminal_writer(config)
+    for line in cache_report(Path(str(cache)).expanduser() if cache else None):
+        writer.line(line)
+    return 0
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_DOC)
+    config.addinivalue_line("markers", NO_SANDBOX_MARKER_DOC)
     plugin = MicrosandboxPlugin(config, resolve_settings(config))
     config.stash[PLUGIN_KEY] = plugin
     config.pluginmanager.register(plugin, PLUGIN_NAME)

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
 from ._backend import accel_decision, availability, in_guest, isolation_for
-from ._options import MarkerSpec, Settings, marker_spec
+from ._options import MarkerSpec, Settings, item_spec
+from ._progress import ProgressView
 from ._stats import Stats
 
 if TYPE_CHECKING:
     from ..runtime import SyncSandbox
+    from ..runtime.progress import BuildEvent
     from ._runner import HostRunner
 
 __all__ = [
@@ -51,7 +53,12 @@ class MicrosandboxPlugin:
         self.settings = settings
         self.stats = Stats()
         self.marked_files: list[str] = []
+        # isolation -> tests that run sandboxed with it; tests left on the host
+        self.sandboxed: dict[str, int] = {}
+        self.on_host = 0
         self._runner: HostRunner | None = None
+        self._view: ProgressView | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     def runner(self) -> HostRunner:
         if self._runner is None:
@@ -88,11 +95,29 @@ class MicrosandboxPlugin:
         zygotes = _count(cache / "snapshots" / "named", "zygote-")
         isolation = self._isolation(settings.isolation)
         local = " (--no-sandbox: marked tests run locally)" if settings.no_sandbox else ""
+        every = " (--sandbox-all: every test is sandboxed)" if settings.sandbox_all else ""
         return [
             f"microsandbox: accel {accel} ({reason}), kernel {kernel}, cache {cache}",
             f"microsandbox: templates {templates}, zygotes {zygotes}, marked tests isolate by "
-            f"{isolation}{local}",
+            f"{isolation}{local}{every}",
         ]
+
+    def pytest_report_collectionfinish(
+        self, config: pytest.Config, items: list[pytest.Item]
+    ) -> list[str]:
+        """After "collected N items": how many run sandboxed, by isolation (quiet under -q,
+        like pytest's own header lines; under xdist the workers collect, so only the
+        header's line shows).
+        """
+        if in_guest() or config.option.verbose < 0 or not self.sandboxed:
+            return []
+        total = sum(self.sandboxed.values())
+        if self.settings.no_sandbox:
+            return [f"microsandbox: --no-sandbox: {total} of {len(items)} tests would be "
+                    "sandboxed; all run on the host"]  # fmt: skip
+        how = ", ".join(f"{n} {level}" for level, n in sorted(self.sandboxed.items()))
+        host = f"; {self.on_host} on the host" if self.on_host else ""
+        return [f"microsandbox: {total} of {len(items)} tests sandboxed (isolation: {how}){host}"]
 
     def pytest_terminal_summary(
         self, terminalreporter: Any, exitstatus: int, config: pytest.Config
@@ -100,31 +125,76 @@ class MicrosandboxPlugin:
         if in_guest():
             return
         stats = self.stats
-        if not stats.created and not stats.templates_built and not stats.kept:
+        built = stats.builds_line()
+        if not stats.created and built is None and not stats.kept:
             return
         p50 = stats.restore_p50()
         terminalreporter.write_sep("-", "microsandbox")
         terminalreporter.write_line(
             f"sandboxes created: {stats.created}; start/restore p50: "
             + (f"{p50 * 1000:.0f} ms" if p50 is not None else "n/a")
-            + f"; templates built: {stats.templates_built} in {stats.template_seconds:.1f} s"
         )
+        if built is not None:
+            terminalreporter.write_line(built)
         for line in stats.kept:
             terminalreporter.write_line(f"kept: {line}")
 
+    # -- build progress ------------------------------------------------------------------------
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if in_guest():
+            return
+        from ..runtime.progress import subscribe
+
+        config = session.config
+        terminal = config.pluginmanager.get_plugin("terminalreporter")
+        quiet = config.option.verbose < 0 or hasattr(config, "workerinput")
+        if terminal is not None and not quiet:
+            self._view = ProgressView(terminal, live=terminal.isatty())
+        self._unsubscribe = subscribe(self._on_build)
+
+    def _on_build(self, event: BuildEvent) -> None:
+        if event.state == "done":
+            self.stats.record_build(event.kind, event.elapsed, outermost=event.parent == 0)
+        if self._view is not None:
+            self._view(event)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._view is not None:
+            self._view.close()
+
     # -- marked tests ------------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        """Build what the sandboxed tests start from before the first of them runs,
+        so the build's progress has the terminal to itself.
+        """
+        if in_guest() or self.settings.no_sandbox or session.config.option.collectonly:
+            return
+        specs = list(dict.fromkeys(i.stash[SPEC_KEY] for i in session.items if SPEC_KEY in i.stash))
+        if specs and availability().ok:
+            self.runner().prepare(specs)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(
         self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
     ) -> None:
         files: set[str] = set()
+        self.sandboxed, self.on_host = {}, 0
+        guest = in_guest()
         for item in items:
-            mark = item.get_closest_marker("sandbox")
-            if mark is None:
+            spec = item_spec(item, self.settings)
+            if spec is None:
+                self.on_host += 1
                 continue
-            item.stash[SPEC_KEY] = marker_spec(mark, self.settings, item.nodeid)
+            item.stash[SPEC_KEY] = spec
             files.add(str(item.path))
+            level = "guest" if guest else self._isolation(spec.isolation)
+            self.sandboxed[level] = self.sandboxed.get(level, 0) + 1
         self.marked_files = sorted(files)
 
     @pytest.hookimpl(tryfirst=True)

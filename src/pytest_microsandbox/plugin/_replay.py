@@ -10,6 +10,7 @@ nothing the guest sent for the test is shown: the test fails with the violation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -97,7 +98,27 @@ def _load(item: pytest.Item, message: Report) -> pytest.TestReport:
             f"a {message.when!r} report for {item.nodeid} that pytest loads as {report!r}"
         )
     report.location = item.location  # the host's, not what the guest says
+    if message.subtest:
+        _keep_subtest_kwargs(report, data)
     return report
+
+
+def _keep_subtest_kwargs(report: pytest.TestReport, data: dict[str, Any]) -> None:
+    """Undo a second ``repr`` of a subtest's parameters.
+
+    pytest's ``SubtestContext`` turns every parameter into its ``saferepr`` when
+    it is built, including when a serialized report is loaded, so ``i=1`` would
+    show as ``i='1'`` (xdist shows the same). The guest already sent the reprs:
+    put them back as they were sent.
+    """
+    sent = data.get("_subtest.context")
+    context = getattr(report, "context", None)
+    if not isinstance(sent, dict) or context is None:
+        return
+    kwargs = sent.get("kwargs")
+    if isinstance(kwargs, dict) and all(isinstance(v, str) for v in kwargs.values()):
+        with contextlib.suppress(AttributeError, TypeError):
+            object.__setattr__(context, "kwargs", dict(kwargs))
 
 
 def _retuple(data: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
     from .boot import boot_identity
     from .config import SandboxConfig, Volume
+    from .progress import BuildEvent, subscribe_progress
     from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
     from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
 
@@ -49,6 +50,7 @@ __all__ = [
     "AgentBuildError",
     "BackendUnavailableError",
     "BootError",
+    "BuildEvent",
     "CommandNotFoundError",
     "ConfigError",
     "CopyLimitError",
@@ -87,6 +89,7 @@ __all__ = [
     "UnsafeHostPathError",
     "Volume",
     "boot_identity",
+    "subscribe_progress",
 ]
 
 _WHERE = {
@@ -108,6 +111,8 @@ _WHERE = {
     "SyncSandboxFs": ".sync",
     "Volume": ".config",
     "boot_identity": ".boot",
+    "BuildEvent": ".progress",
+    "subscribe_progress": ".progress",
 }
 
 

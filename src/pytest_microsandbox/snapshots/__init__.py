@@ -16,6 +16,7 @@ from ._engine import (
     POOL_SIZE_ENV,
     SnapshotService,
     TemplateProvisioner,
+    auto_snapshot_budget_bytes,
     close_pools,
     ensure_template,
     fork_sandbox,
@@ -25,15 +26,20 @@ from ._engine import (
 )
 from ._model import SnapshotMeta
 from ._store import SnapshotInfo, get_snapshot, list_snapshots, prune, remove_snapshot
+from ._usage import CacheUsage, KindUsage, cache_usage
 
 __all__ = [
     "LOCK_TIMEOUT_ENV",
     "POOL_SIZE_ENV",
+    "CacheUsage",
+    "KindUsage",
     "Snapshot",
     "SnapshotInfo",
     "SnapshotMeta",
     "SnapshotService",
     "TemplateProvisioner",
+    "auto_snapshot_budget_bytes",
+    "cache_usage",
     "close_pools",
     "ensure_template",
     "fork_sandbox",

@@ -17,7 +17,7 @@ from ._host import (
 from ._model import Layer
 from ._resolve import images_dir, project_layer, resolve_root_layers
 from ._staging import ETC_COPY
-from ._store import IMAGE_BUDGET_ENV, prune_images
+from ._store import IMAGE_BUDGET_ENV, image_budget_bytes, prune_images
 
 __all__ = [
     "DEFAULT_USR_EXCLUDES",
@@ -26,6 +26,7 @@ __all__ = [
     "PROJECT_EXCLUDE_NAMES",
     "PROJECT_EXCLUDE_TOP",
     "Layer",
+    "image_budget_bytes",
     "imaged_venv",
     "images_dir",
     "project_layer",

@@ -30,6 +30,7 @@ from .._envvars import env_number
 from .._exceptions import ImageError
 from .._integrity import IntegrityMismatch, sha256_file, verify_file
 from .._locks import cache_lock_timeout
+from ..progress import stage
 
 __all__ = [
     "DEFAULT_IMAGE_BUDGET_MB",
@@ -141,8 +142,11 @@ def ensure_image(
         tmp = store.temp_path(f"{family}-{digest[:24]}")
         started = time.monotonic()
         try:
-            build(tmp)
-            store.publish_file(tmp, final, sha256_file(tmp))  # in the page cache still
+            with stage("layer", f"root layer {description}") as progress:
+                build(tmp)
+                progress.step("recording its digest")
+                progress.size = tmp.stat().st_size
+                store.publish_file(tmp, final, sha256_file(tmp))  # in the page cache still
         finally:
             tmp.unlink(missing_ok=True)
         elapsed = time.monotonic() - started
