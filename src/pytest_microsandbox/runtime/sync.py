@@ -30,6 +30,8 @@ from . import _portal
 from ._confined import DEFAULT_COPY_MAX_BYTES, DEFAULT_COPY_MAX_ENTRIES
 from ._diagnostics import DIAGNOSTICS_TIMEOUT_S
 from ._limits import OnOutputLimit
+from ._remote import SandboxHandle
+from ._state import SandboxStatus
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
@@ -70,12 +72,17 @@ class SyncSandbox:
         /,
         *,
         backend: Backend | None = None,
+        replace: bool = False,
         **overrides: Any,
     ) -> SyncSandbox:
-        """Boot a sandbox (see :meth:`Sandbox.create`)."""
+        """Boot a sandbox (see :meth:`Sandbox.create`; detached sandboxes are
+        created with the async API or ``microsandbox``).
+        """
 
         async def factory() -> Sandbox:
-            return await Sandbox.create(config, backend=backend, **overrides)
+            return await Sandbox.create(
+                config, backend=backend, replace=replace, detached=False, **overrides
+            )
 
         return cls._start(factory)
 
@@ -201,6 +208,66 @@ class SyncSandbox:
 
     def metrics(self) -> SandboxMetrics:
         return self._call(self._sandbox.metrics)
+
+    # -- lifecycle (see Sandbox) --------------------------------------------------------------
+
+    @property
+    def status(self) -> SandboxStatus:
+        return self._sandbox.status
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._sandbox.stop_reason
+
+    def pause(self) -> None:
+        """Stop the guest's CPUs (see :meth:`Sandbox.pause`)."""
+        self._call(self._sandbox.pause)
+
+    def resume(self) -> None:
+        self._call(self._sandbox.resume)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Let running commands finish, refuse new ones, then stop (see :meth:`Sandbox.drain`)."""
+        self._call(self._sandbox.drain, timeout)
+        self.stop()
+
+    def wait(self) -> SandboxStatus:
+        """Block until the sandbox stops (see :meth:`Sandbox.wait`)."""
+        status = self._call(self._sandbox.wait)
+        self.stop()
+        return status
+
+    @staticmethod
+    def list(*, cache_dir: str | os.PathLike[str] | None = None) -> list[SandboxHandle]:
+        """The live named sandboxes (see :meth:`Sandbox.list`)."""
+
+        async def run() -> list[SandboxHandle]:
+            return await Sandbox.list(cache_dir=cache_dir)
+
+        return _portal.portal().call(run)
+
+    @staticmethod
+    def get(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> SandboxHandle:
+        """The live named sandbox ``name`` (see :meth:`Sandbox.get`)."""
+
+        async def run() -> SandboxHandle:
+            return await Sandbox.get(name, cache_dir=cache_dir)
+
+        return _portal.portal().call(run)
+
+    @staticmethod
+    def remove(
+        name: str,
+        *,
+        timeout: float | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Stop and remove the named sandbox ``name`` (see :meth:`Sandbox.remove`)."""
+
+        async def run() -> None:
+            await Sandbox.remove(name, timeout=timeout, cache_dir=cache_dir)
+
+        _portal.portal().call(run)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully, then force (see :meth:`Sandbox.stop`). Idempotent."""
