@@ -23,6 +23,7 @@ from pytest_microsandbox.runtime import (
     Sandbox,
     SandboxConfig,
     SandboxDrainingError,
+    SandboxError,
     SandboxExistsError,
     SandboxNotFoundError,
     SandboxNotRunningError,
@@ -184,7 +185,7 @@ def test_named_sandboxes_are_unique_until_replaced(tmp_path: Path) -> None:
         assert (await Sandbox.get("web", cache_dir=tmp_path)).status is SandboxStatus.PAUSED
         await Sandbox.remove("web", cache_dir=tmp_path)
         assert not second.running
-        with pytest.raises(SandboxNotFoundError, match="Sandbox.list"):
+        with pytest.raises(SandboxNotFoundError, match=r"Sandbox\.list"):
             await Sandbox.get("web", cache_dir=tmp_path)
         await unnamed.stop()
 
@@ -238,7 +239,7 @@ def test_list_get_remove_across_two_processes(tmp_path: Path) -> None:
         assert SyncSandbox.get("shared", cache_dir=tmp_path).pid == handle.pid
 
         async def connect() -> None:
-            with pytest.raises(Exception, match="detached=True"):
+            with pytest.raises(SandboxError, match="detached=True"):
                 await handle.connect()
 
         anyio.run(connect)
