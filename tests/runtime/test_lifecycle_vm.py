@@ -179,3 +179,29 @@ def test_a_detached_sandbox_outlives_its_creator_and_is_removed_from_elsewhere()
             os.kill(supervisor, 9)
         if process_alive(vm, vm_start):
             os.kill(vm, 9)
+
+
+def test_detach_moves_a_running_sandbox_under_a_supervisor() -> None:
+    name = f"mv-{secrets.token_hex(4)}"
+
+    async def body() -> None:
+        sb = await Sandbox.create(SandboxConfig(name=name), register=True)
+        old_vm = sb.pid
+        assert old_vm is not None
+        await sb.fs().write("/root/state", b"kept")
+        sleeper = (await sb.shell("sleep 1000 >/dev/null 2>&1 & echo $!")).stdout_text.strip()
+        remote = await sb.detach()
+        try:
+            assert not sb.running and not Path(f"/proc/{old_vm}/cmdline").exists()
+            handle = await Sandbox.get(name)
+            assert handle.detached and handle.pid == remote.pid != old_vm
+            assert await remote.fs().read("/root/state") == b"kept"
+            assert (await remote.exec("kill", ["-0", sleeper])).exit_code == 0
+        finally:
+            supervisor = remote.record.owner_pid, remote.record.owner_start
+            await remote.remove()
+        assert not process_alive(*supervisor)
+        assert remote.pid is not None and not Path(f"/proc/{remote.pid}/cmdline").exists()
+        assert StateStore.default().get(name) is None
+
+    anyio.run(body)

@@ -239,8 +239,12 @@ async def _stop_supervisor(store: StateStore, record: SandboxRecord, timeout: fl
             return
 
 
-async def create_detached(config: SandboxConfig, *, replace: bool) -> RemoteSandbox:
-    """Start ``config`` under a supervisor process of its own and connect to it.
+async def create_detached(
+    config: SandboxConfig, *, replace: bool, restore: Path | None = None
+) -> RemoteSandbox:
+    """Start ``config`` under a supervisor process of its own and connect to it;
+    with ``restore``, the supervisor restores that snapshot directory instead
+    (``Sandbox.detach``).
 
     :raises SandboxExistsError: the name is taken and ``replace`` is false.
     :raises BootError: (and the rest of ``Sandbox.create``'s errors) as the supervisor
@@ -261,7 +265,13 @@ async def create_detached(config: SandboxConfig, *, replace: bool) -> RemoteSand
         # Its own session: Ctrl+C in our terminal must not reach it; no parent-death
         # signal: it is meant to outlive us.
         process = await anyio.open_process(
-            [sys.executable, "-m", "pytest_microsandbox.runtime._supervisor", str(store.directory)],
+            [
+                sys.executable,
+                "-m",
+                "pytest_microsandbox.runtime._supervisor",
+                str(store.directory),
+                *([] if restore is None else [str(restore)]),
+            ],
             stdin=-1,
             stdout=-1,
             stderr=err,

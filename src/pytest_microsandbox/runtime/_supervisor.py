@@ -1,7 +1,10 @@
-"""The supervisor of a detached sandbox: ``python -m pytest_microsandbox.runtime._supervisor DIR``.
+"""The supervisor of a detached sandbox.
+
+Run as ``python -m pytest_microsandbox.runtime._supervisor DIR [SNAPSHOT]``.
 
 ``Sandbox.create(config, detached=True)`` starts it in a session of its own
-with the configuration's JSON on stdin. It creates the sandbox (so its VM's
+with the configuration's JSON on stdin (``Sandbox.detach`` adds the snapshot
+directory to restore instead of creating). It creates the sandbox (so its VM's
 launcher arms the parent-death signal on *this* process: QEMU dies with the
 supervisor, never with the creator), claims the name in the state store
 ``DIR`` as owner, writes a secret token (0600) and serves the control socket
@@ -159,7 +162,7 @@ def _report(message: dict[str, Any]) -> None:
     os.close(devnull)
 
 
-async def serve(directory: Path, config: SandboxConfig) -> int:
+async def serve(directory: Path, config: SandboxConfig, restore: Path | None = None) -> int:
     """Create the sandbox, serve its control socket until it stops; the exit status."""
     store = StateStore(directory)
     sock_path, token_path, log_path = store.files_of(config.name)
@@ -174,7 +177,10 @@ async def serve(directory: Path, config: SandboxConfig) -> int:
         )
         return 1
     try:
-        sandbox = await Sandbox.create(config, register=True)
+        if restore is None:
+            sandbox = await Sandbox.create(config, register=True)
+        else:
+            sandbox = await _restore_registered(store, config, restore)
     except SandboxError as exc:
         _report({"ok": False, "error": type(exc).__name__, "message": str(exc)})
         return 1
@@ -220,10 +226,28 @@ async def serve(directory: Path, config: SandboxConfig) -> int:
                 path.unlink()
 
 
+async def _restore_registered(store: StateStore, config: SandboxConfig, path: Path) -> Sandbox:
+    """Restore the snapshot directory ``path`` as the named sandbox ``config.name``."""
+    from .sandbox import _claim_name
+
+    record = await _claim_name(store, config, replace=False)
+    try:
+        sandbox = await Sandbox.restore(path, name=config.name)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(store.release, record)
+        raise
+    await sandbox._register(store, record)
+    return sandbox
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m pytest_microsandbox.runtime._supervisor STATE_DIR", file=sys.stderr)
+    if len(args) not in (1, 2):
+        print(
+            "usage: python -m pytest_microsandbox.runtime._supervisor STATE_DIR [SNAPSHOT_DIR]",
+            file=sys.stderr,
+        )
         return 2
     raw = sys.stdin.buffer.read(_MAX_CONFIG + 1)
     try:
@@ -233,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _report({"ok": False, "error": "ConfigError", "message": str(exc)})
         return 1
-    return anyio.run(serve, Path(args[0]), config)
+    restore = Path(args[1]) if len(args) == 2 else None
+    return anyio.run(serve, Path(args[0]), config, restore)
 
 
 if __name__ == "__main__":

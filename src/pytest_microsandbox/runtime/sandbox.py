@@ -753,9 +753,12 @@ class Sandbox:
         """Capture this running sandbox (memory, devices, in-RAM overlay) as snapshot
         ``name``; it pauses for the capture and runs on. Returns the snapshot's path.
 
+        A paused sandbox runs for the capture and is paused again after it.
+
         :raises SnapshotError: cold-booted sandbox, mounted volume, full disk, QEMU error.
         """
-        return await _snapshotter().snapshot(self, name)
+        async with self._unpaused():
+            return await _snapshotter().snapshot(self, name)
 
     async def fork(self, name: str | None = None) -> Sandbox:
         """A child sandbox carrying this one's state; later writes diverge. With a
@@ -763,7 +766,54 @@ class Sandbox:
 
         :raises SnapshotError: like :meth:`snapshot`.
         """
-        return await _snapshotter().fork(self, name)
+        async with self._unpaused():
+            return await _snapshotter().fork(self, name)
+
+    @contextlib.asynccontextmanager
+    async def _unpaused(self) -> AsyncIterator[None]:
+        """Run the guest for the body if it is paused (a capture talks to its
+        agent), and pause it again after.
+        """
+        if not self._paused:
+            yield
+            return
+        await self._set_paused(False)
+        try:
+            yield
+        finally:
+            if not self._stopped:
+                with anyio.CancelScope(shield=True):
+                    await self._set_paused(True)
+
+    async def detach(self) -> RemoteSandbox:
+        """Move this sandbox under a supervisor process, so it outlives this one,
+        and return the :class:`~._remote.RemoteSandbox` driving it there.
+
+        The VM's process dies with its creator (its parent-death signal cannot
+        be handed over), so the guest moves instead: it is captured like
+        :meth:`snapshot`, this VM stops, and the supervisor restores the
+        capture under the same name (registered, as with ``detached=True``):
+        memory, files and guest processes carry over; host-side handles of
+        running commands (``exec_stream``) do not, and the host timers start
+        again. The capture is deleted once restored.
+
+        :raises SnapshotError: the sandbox cannot be captured (cold-booted, a
+            mounted volume), or the restore failed.
+        :raises SandboxExistsError: another live sandbox took the name meanwhile.
+        """
+        self._check_running()
+        snapshots = _snapshotter()
+        capture = f"detach-{secrets.token_hex(8)}"
+        path = await self.snapshot(capture)
+        config = self.config
+        try:
+            await self.stop()
+            from ._remote import create_detached
+
+            return await create_detached(config, replace=False, restore=path)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(SandboxError, OSError):
+                await snapshots.remove(capture, config.cache_dir)
 
     async def __aenter__(self) -> Sandbox:
         return self
