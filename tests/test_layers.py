@@ -4,7 +4,9 @@ From the bottom up: ``runtime`` (the VM engine, usable without pytest),
 ``snapshots`` (templates, restore, fork), then the pytest plugin
 (``plugin``, ``hookspec``). Beside them, ``guest`` (the runner started inside
 the VM and its messages) imports only the standard library, pytest and itself:
-it starts under emulation, and the plugin imports its messages. Every import
+it starts under emulation, and the plugin imports its messages. ``cli`` (the
+``microsandbox`` command) sits on the plugin's level but imports neither it
+nor pytest. Every import
 statement counts, lazy ones inside functions and ``TYPE_CHECKING`` blocks
 included: a lazy import is still a dependency.
 """

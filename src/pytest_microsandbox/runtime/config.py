@@ -310,8 +310,8 @@ class SandboxConfig(BaseModel):
         None,
         gt=0,
         allow_inf_nan=False,
-        description="seconds without a command or file operation from the host after "
-        "which the host stops the sandbox (None: never); paused time counts as idle",
+        description="seconds without a call from the host (commands, files, metrics) "
+        "after which the host stops the sandbox (None: never); paused time counts as idle",
     )
     cold_boot: bool = Field(
         False, description="boot from scratch instead of restoring a clone of a template"
