@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import os
 import sqlite3
 import time
@@ -259,13 +260,16 @@ class StateStore:
                 path.unlink()
 
     def files_of(self, name: str) -> tuple[Path, Path, Path]:
-        """A detached sandbox's control socket, token file and supervisor log
-        (short names: a unix socket path holds at most 108 bytes).
+        """A detached sandbox's control socket, token file and supervisor log.
+
+        Named by a digest of the name: a unix socket path holds at most 107
+        bytes, and a 63-character name under the default cache dir would not fit.
         """
+        stem = hashlib.sha256(name.encode()).hexdigest()[:16]
         return (
-            self.directory / f"{name}.sock",
-            self.directory / f"{name}.token",
-            self.directory / f"{name}.log",
+            self.directory / f"{stem}.sock",
+            self.directory / f"{stem}.token",
+            self.directory / f"{stem}.log",
         )
 
 

@@ -1035,6 +1035,7 @@ class Sandbox:
             if exited and not self._stopped:
                 self.stop_reason = "exited"
                 await self.stop()
+        await self._stopped_event.wait()  # a stop under way in another task: its end
         return self.status
 
     def _busy(self) -> bool:
