@@ -205,3 +205,23 @@ def test_detach_moves_a_running_sandbox_under_a_supervisor() -> None:
         assert StateStore.default().get(name) is None
 
     anyio.run(body)
+
+
+def test_a_killed_supervisor_takes_its_vm_and_leaves_a_stale_row() -> None:
+    name = f"kill-{secrets.token_hex(4)}"
+
+    async def body() -> None:
+        remote = await Sandbox.create(SandboxConfig(name=name), detached=True)
+        supervisor, vm = remote.record.owner_pid, remote.pid
+        assert vm is not None
+        vm_start = process_start(vm)
+        assert vm_start is not None
+        os.kill(supervisor, 9)
+        deadline = time.monotonic() + 10
+        while process_alive(vm, vm_start) and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        assert not process_alive(vm, vm_start), "QEMU outlived its supervisor"
+        assert name not in [h.name for h in await Sandbox.list()]
+        assert not any(path.exists() for path in StateStore.default().files_of(name))
+
+    anyio.run(body)

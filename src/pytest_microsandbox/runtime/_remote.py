@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,10 +223,13 @@ def _kill_foreign_vm(record: SandboxRecord) -> None:
 
 
 async def _stop_supervisor(store: StateStore, record: SandboxRecord, timeout: float | None) -> None:
-    """Ask a detached sandbox's supervisor to stop it; signal it if it does not end."""
+    """Ask a detached sandbox's supervisor to stop it and wait for it to exit;
+    signal it (SIGTERM, then SIGKILL) if it does not. A supervisor that could
+    not clean up leaves a stale row, which ``store.get`` drops with its files.
+    """
     with contextlib.suppress(SandboxError, OSError):
         remote = await anyio.to_thread.run_sync(RemoteSandbox.open, store, record)
-        await remote.stop(timeout)
+        await remote._call("stop", timeout=timeout)
     grace = _SUPERVISOR_GRACE_S + (timeout or 0.0)
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None and process_alive(record.owner_pid, record.owner_start):
@@ -236,7 +238,8 @@ async def _stop_supervisor(store: StateStore, record: SandboxRecord, timeout: fl
         with anyio.move_on_after(grace):
             while process_alive(record.owner_pid, record.owner_start):
                 await anyio.sleep(_POLL_S)
-            return
+            break
+    await anyio.to_thread.run_sync(store.get, record.name)
 
 
 async def create_detached(
@@ -429,15 +432,10 @@ class RemoteSandbox:
         await self._call("drain", timeout=timeout)
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop it and wait until its supervisor has cleaned up (see :meth:`remove`)."""
-        with contextlib.suppress(SandboxNotRunningError):
-            await self._call("stop", timeout=timeout)
-        deadline = time.monotonic() + _SUPERVISOR_GRACE_S + (timeout or 0.0)
-        while process_alive(self.record.owner_pid, self.record.owner_start):
-            if time.monotonic() > deadline:
-                await _stop_supervisor(self.store, self.record, 0.0)
-                break
-            await anyio.sleep(_POLL_S)
+        """Stop it and wait until its supervisor has cleaned up (a stopped sandbox
+        leaves the store: this removes it too).
+        """
+        await _stop_supervisor(self.store, self.record, timeout)
 
     async def kill(self) -> None:
         with contextlib.suppress(SandboxNotRunningError):

@@ -15,8 +15,9 @@ connections must not cross a fork, and they are cheap).
 A row whose owner died without removing it (SIGKILL, a crash) is stale: its
 owner is recognised by pid *and* start time (``/proc/PID/stat``), so a
 recycled pid does not keep it alive. Stale rows are deleted, with their files
-in the state directory, whenever the store is read or a name is claimed; the
-owner's VM died with it (its launcher's parent-death signal).
+in the state directory and the dead owner's VM run directories, whenever the
+store is read or a name is claimed; the owner's VM died with it (its
+launcher's parent-death signal).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import builtins
 import contextlib
 import hashlib
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -258,6 +261,11 @@ class StateStore:
         for path in self.files_of(record.name):
             with contextlib.suppress(OSError):
                 path.unlink()
+        # The dead owner's VM run dirs (sockets, console, transfer disk), as the
+        # next VM start would sweep them; not if the pid is in use again.
+        if not Path(f"/proc/{record.owner_pid}").exists():
+            run_root = Path(tempfile.gettempdir()) / f"{paths.RUN_ROOT_PREFIX}{record.owner_pid}"
+            shutil.rmtree(run_root, ignore_errors=True)
 
     def files_of(self, name: str) -> tuple[Path, Path, Path]:
         """A detached sandbox's control socket, token file and supervisor log.
