@@ -41,6 +41,11 @@ from .sandbox import Sandbox
 
 __all__ = ["main", "serve"]
 
+#: The snapshot layer's pool-size variable (snapshots/_engine.py; the runtime
+#: cannot import it): a supervisor makes one sandbox, so a VM pre-started for
+#: the next clone would only idle beside it.
+_POOL_SIZE_ENV = "MICROSANDBOX_POOL_SIZE"
+
 #: Longest configuration JSON read from stdin.
 _MAX_CONFIG = 1 << 20
 #: Longest unix socket path (sun_path holds 108 bytes with its NUL).
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         _report({"ok": False, "error": "ConfigError", "message": str(exc)})
         return 1
     restore = Path(args[1]) if len(args) == 2 else None
+    os.environ[_POOL_SIZE_ENV] = "0"
     return anyio.run(serve, Path(args[0]), config, restore)
 
 
