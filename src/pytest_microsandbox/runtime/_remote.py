@@ -41,7 +41,7 @@ from ._exceptions import (
     SandboxNotFoundError,
     SandboxNotRunningError,
 )
-from ._state import SandboxRecord, SandboxStatus, StateStore, process_alive
+from ._state import SandboxRecord, SandboxStatus, StateStore, process_alive, process_start
 from .agent.results import DirEntry, FileKind
 from .config import SandboxConfig
 
@@ -192,7 +192,7 @@ class SandboxHandle:
             if mine is not None and record.owned_here:
                 await mine.stop(timeout)
             else:
-                _kill_foreign_vm(record)
+                await _kill_foreign_vm(record)
         await anyio.to_thread.run_sync(self.store.release, record)
 
 
@@ -206,20 +206,27 @@ async def get_handle(store: StateStore, name: str) -> SandboxHandle:
     return SandboxHandle(store, record)
 
 
-def _kill_foreign_vm(record: SandboxRecord) -> None:
+async def _kill_foreign_vm(record: SandboxRecord) -> None:
     """Kill the VM another live process owns (it sees its guest crash), if that
-    pid is still its child, so a recycled pid is never signalled.
+    pid is still its child, so a recycled pid is never signalled; return once
+    it is dead (a zombie until its owner reaps it).
     """
     if record.vm_pid is None:
         return
+    start = process_start(record.vm_pid)
     try:
         status = Path(f"/proc/{record.vm_pid}/status").read_text()
     except OSError:
         return
     ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "")
-    if ppid == str(record.owner_pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(record.vm_pid, signal.SIGKILL)
+    if start is None or ppid != str(record.owner_pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(record.vm_pid, signal.SIGKILL)
+    # SIGKILL lands asynchronously (QEMU unmaps its guest RAM first).
+    with anyio.move_on_after(_SUPERVISOR_GRACE_S):
+        while process_alive(record.vm_pid, start):
+            await anyio.sleep(_POLL_S)
 
 
 async def _stop_supervisor(store: StateStore, record: SandboxRecord, timeout: float | None) -> None:
