@@ -4,7 +4,9 @@ From the bottom up: ``runtime`` (the VM engine, usable without pytest),
 ``snapshots`` (templates, restore, fork), then the pytest plugin
 (``plugin``, ``hookspec``). Beside them, ``guest`` (the runner started inside
 the VM and its messages) imports only the standard library, pytest and itself:
-it starts under emulation, and the plugin imports its messages. Every import
+it starts under emulation, and the plugin imports its messages. ``cli`` (the
+``microsandbox`` command) sits on the plugin's level but imports neither it
+nor pytest. Every import
 statement counts, lazy ones inside functions and ``TYPE_CHECKING`` blocks
 included: a lazy import is still a dependency.
 """
@@ -24,14 +26,18 @@ NAME = "pytest_microsandbox"
 
 #: Layer of each top-level part of the package; a module may import its own
 #: layer and those below.
-LAYERS = {"runtime": 0, "snapshots": 1, "plugin": 2, "hookspec": 2}
+LAYERS = {"runtime": 0, "snapshots": 1, "plugin": 2, "hookspec": 2, "cli": 2}
+
+#: Parts of one layer that must not import each other: the ``microsandbox``
+#: command (``cli``) drives the runtime and snapshots, never the plugin.
+NOT_SIDEWAYS = {"cli": {"plugin", "hookspec"}}
 
 #: Parts that may import nothing of the package but themselves, and no
 #: third-party module but pytest.
 SELF_CONTAINED = {"guest"}
 
 #: Layers that must not import pytest.
-NO_PYTEST = {"runtime", "snapshots"}
+NO_PYTEST = {"runtime", "snapshots", "cli"}
 
 #: Upward imports that exist today, to be removed; none may be added.
 KNOWN_DEBT: set[tuple[str, str]] = set()
@@ -78,6 +84,8 @@ def _violations(package_dir: Path = PACKAGE) -> set[tuple[str, str]]:
             part = _part(module)
             if part in LAYERS and LAYERS[part] > LAYERS[own]:
                 out.add((rel, part))
+            if part in NOT_SIDEWAYS.get(own, ()):
+                out.add((rel, str(part)))
     return out
 
 
@@ -125,6 +133,18 @@ def test_the_checker_sees_lazy_relative_and_absolute_upward_imports(tmp_path, so
     (package / "runtime" / "probe.py").write_text(f"def f():\n    {source}\n")
     (package / "runtime" / "fine.py").write_text("from . import probe\nfrom .. import runtime\n")
     assert _violations(package) == {("runtime/probe.py", expected)}
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("from ..plugin import x", "plugin"), ("import pytest", "pytest")],
+)
+def test_the_cli_imports_neither_the_plugin_nor_pytest(tmp_path, source, expected):
+    package = tmp_path / NAME
+    (package / "cli").mkdir(parents=True)
+    (package / "cli" / "probe.py").write_text(f"def f():\n    {source}\n")
+    (package / "cli" / "fine.py").write_text("from ..runtime import x\nfrom ..snapshots import y\n")
+    assert _violations(package) == {("cli/probe.py", expected)}
 
 
 @pytest.mark.parametrize(

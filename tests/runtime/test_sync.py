@@ -12,17 +12,31 @@ import inspect
 
 import pytest
 
+from pytest_microsandbox.runtime._remote import RemoteSandbox, RemoteSandboxFs
 from pytest_microsandbox.runtime.sandbox import ExecHandle, Sandbox, SandboxFs
-from pytest_microsandbox.runtime.sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
+from pytest_microsandbox.runtime.sync import (
+    SyncExecHandle,
+    SyncRemoteSandbox,
+    SyncRemoteSandboxFs,
+    SyncSandbox,
+    SyncSandboxFs,
+)
 
 #: Async-only by nature, each with the reason.
 ASYNC_ONLY = {
     (Sandbox, "open_channel"): "returns an anyio byte stream, usable only on the loop",
     (Sandbox, "from_session"): "takes a provisioner's session, whose objects live on the loop",
     (Sandbox, "session"): "the session's agent client and monitor are usable only on the loop",
+    (RemoteSandbox, "open"): "a constructor from a store row; SyncRemoteSandbox wraps its result",
 }
 
-PAIRS = [(Sandbox, SyncSandbox), (SandboxFs, SyncSandboxFs), (ExecHandle, SyncExecHandle)]
+PAIRS = [
+    (Sandbox, SyncSandbox),
+    (SandboxFs, SyncSandboxFs),
+    (ExecHandle, SyncExecHandle),
+    (RemoteSandbox, SyncRemoteSandbox),
+    (RemoteSandboxFs, SyncRemoteSandboxFs),
+]
 
 
 def _public(cls: type) -> dict[str, object]:

@@ -30,8 +30,12 @@ from ._exceptions import (
     OutputLimitError,
     PathNotFoundError,
     ProtocolError,
+    SandboxDrainingError,
     SandboxError,
+    SandboxExistsError,
+    SandboxNotFoundError,
     SandboxNotRunningError,
+    SandboxPausedError,
     SnapshotError,
     SnapshotLockTimeoutError,
     SnapshotNotFoundError,
@@ -39,12 +43,20 @@ from ._exceptions import (
 )
 
 if TYPE_CHECKING:
+    from ._remote import RemoteSandbox, RemoteSandboxFs, SandboxHandle
+    from ._state import SandboxStatus
     from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
     from .boot import boot_identity
     from .config import SandboxConfig, Volume
     from .progress import BuildEvent, subscribe_progress
     from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
-    from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
+    from .sync import (
+        SyncExecHandle,
+        SyncRemoteSandbox,
+        SyncRemoteSandboxFs,
+        SyncSandbox,
+        SyncSandboxFs,
+    )
 
 __all__ = [
     "AgentBuildError",
@@ -71,12 +83,20 @@ __all__ = [
     "OutputLimitError",
     "PathNotFoundError",
     "ProtocolError",
+    "RemoteSandbox",
+    "RemoteSandboxFs",
     "Sandbox",
     "SandboxConfig",
+    "SandboxDrainingError",
     "SandboxError",
+    "SandboxExistsError",
     "SandboxFs",
+    "SandboxHandle",
     "SandboxMetrics",
+    "SandboxNotFoundError",
     "SandboxNotRunningError",
+    "SandboxPausedError",
+    "SandboxStatus",
     "SnapshotError",
     "SnapshotLockTimeoutError",
     "SnapshotNotFoundError",
@@ -84,6 +104,8 @@ __all__ = [
     "Stderr",
     "Stdout",
     "SyncExecHandle",
+    "SyncRemoteSandbox",
+    "SyncRemoteSandboxFs",
     "SyncSandbox",
     "SyncSandboxFs",
     "UnsafeHostPathError",
@@ -99,7 +121,13 @@ _WHERE = {
     "Exited": ".agent.results",
     "FileKind": ".agent.results",
     "FileStat": ".agent.results",
+    "RemoteSandbox": "._remote",
+    "RemoteSandboxFs": "._remote",
     "Sandbox": ".sandbox",
+    "SandboxHandle": "._remote",
+    "SandboxStatus": "._state",
+    "SyncRemoteSandbox": ".sync",
+    "SyncRemoteSandboxFs": ".sync",
     "SandboxConfig": ".config",
     "SandboxFs": ".sandbox",
     "SandboxMetrics": ".sandbox",

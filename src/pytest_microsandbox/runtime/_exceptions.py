@@ -12,6 +12,10 @@ Every error the runtime raises on purpose derives from :class:`SandboxError`::
     │   └── GuestCrashedError        the guest died (panic, power-off, QEMU exit)
     ├── ProtocolError                the guest sent bytes that break the protocol
     ├── SandboxNotRunningError       an operation needs a running sandbox
+    │   ├── SandboxPausedError       the sandbox is paused (resume() it first)
+    │   └── SandboxDrainingError     the sandbox is draining and takes no new work
+    ├── SandboxExistsError           a live sandbox already has that name
+    ├── SandboxNotFoundError         no sandbox has that name
     ├── ExecError                    a command could not be started in the guest
     │   └── CommandNotFoundError     the program does not exist in the guest
     ├── ExecTimeoutError             a command ran past its timeout and was killed
@@ -51,8 +55,12 @@ __all__ = [
     "OutputLimitError",
     "PathNotFoundError",
     "ProtocolError",
+    "SandboxDrainingError",
     "SandboxError",
+    "SandboxExistsError",
+    "SandboxNotFoundError",
     "SandboxNotRunningError",
+    "SandboxPausedError",
     "SnapshotError",
     "SnapshotLockTimeoutError",
     "SnapshotNotFoundError",
@@ -108,6 +116,30 @@ class ProtocolError(SandboxError):
 
 class SandboxNotRunningError(SandboxError):
     """Raised when an operation needs a running sandbox and this one is stopped."""
+
+
+class SandboxPausedError(SandboxNotRunningError):
+    """Raised when a command or file operation starts on a paused sandbox
+    (its guest CPUs are stopped): call ``resume()`` first.
+    """
+
+
+class SandboxDrainingError(SandboxNotRunningError):
+    """Raised when a command or file operation starts on a sandbox that is
+    draining (``drain()``: the running commands finish, then it stops).
+    """
+
+
+class SandboxExistsError(SandboxError):
+    """Raised by ``Sandbox.create`` when a live sandbox already has the name
+    (pass ``replace=True`` to stop it first, or choose another name).
+    """
+
+
+class SandboxNotFoundError(SandboxError):
+    """Raised by ``Sandbox.get`` / ``Sandbox.remove`` when no live sandbox has
+    the name (``Sandbox.list()`` shows the live ones).
+    """
 
 
 class ExecError(SandboxError):

@@ -299,6 +299,20 @@ class SandboxConfig(BaseModel):
         "~1.2 MiB of host memory. Set it to snapshot a sandbox created without volumes "
         "whose restores bind some: Sandbox.restore(name, volumes=...) needs the slots",
     )
+    max_duration: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds after which the host stops the sandbox, whatever runs "
+        "(None: no limit); a host timer, the guest cannot extend it",
+    )
+    idle_timeout: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds without a call from the host (commands, files, metrics) "
+        "after which the host stops the sandbox (None: never); paused time counts as idle",
+    )
     cold_boot: bool = Field(
         False, description="boot from scratch instead of restoring a clone of a template"
     )

@@ -128,6 +128,9 @@ class Snapshotter(Protocol):
     async def fork(self, sandbox: Sandbox, name: str | None) -> Sandbox:
         """A child sandbox carrying ``sandbox``'s state."""
 
+    async def remove(self, name: str, cache: Path | None) -> None:
+        """Delete the named snapshot ``name`` of the cache ``cache``."""
+
 
 @dataclass(frozen=True)
 class Extensions:

@@ -9,11 +9,14 @@ the tail of the guest console, since that usually says why the guest died.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import shutil
+import signal as _signal
 import sys
 import time
+import weakref
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -27,7 +30,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -54,21 +57,29 @@ from ._exceptions import (
     GuestTimeoutError,
     PathNotFoundError,
     ProtocolError,
+    SandboxDrainingError,
     SandboxError,
+    SandboxExistsError,
     SandboxNotRunningError,
+    SandboxPausedError,
     SnapshotError,
 )
 from ._limits import OnOutputLimit, check_limit, check_timeout
+from ._state import SandboxRecord, SandboxStatus, StateStore, new_record
 from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
 from .images import imaged_venv
+from .lifetime import current_runtime
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
     mount_volumes,
 )
+
+if TYPE_CHECKING:
+    from ._remote import RemoteSandbox, SandboxHandle
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -80,6 +91,7 @@ __all__ = [
     "Sandbox",
     "SandboxFs",
     "SandboxMetrics",
+    "SandboxStatus",
 ]
 
 T = TypeVar("T")
@@ -101,6 +113,12 @@ _XFER_ALIGN = 1 << 20
 #: Seconds a sandbox whose agent connection dropped waits for its VM process
 #: to end, to report how it ended.
 _EXIT_GRACE_S = 1.0
+#: How often ``drain()`` looks whether the running commands are done.
+_DRAIN_POLL_S = 0.05
+
+#: The named sandboxes this process owns, so ``Sandbox.remove(name)`` here stops
+#: the object itself (gracefully) instead of killing its VM from outside.
+_owned: weakref.WeakValueDictionary[str, Sandbox] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -182,24 +200,24 @@ class ExecHandle:
         return self._events()
 
     async def _events(self) -> AsyncIterator[ExecEvent]:
-        async with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors(new=False):
             async for event in self._process:
                 yield event
 
     async def write_stdin(self, data: bytes) -> None:
-        async with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors(new=False):
             await self._process.write_stdin(data)
 
     async def close_stdin(self) -> None:
-        async with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors(new=False):
             await self._process.close_stdin()
 
     async def signal(self, sig: int) -> None:
-        async with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors(new=False):
             await self._process.signal(sig)
 
     async def kill(self) -> None:
-        async with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors(new=False):
             await self._process.kill()
 
     async def wait(
@@ -214,7 +232,7 @@ class ExecHandle:
         :raises OutputLimitError: the output passed ``max_output`` (killed).
         """
         limit, action = self._sandbox._output_limit(max_output, on_output_limit)
-        async with self._sandbox._guest_errors():
+        async with self._sandbox._guest_errors(new=False):
             result = await self._process.wait(max_output=limit, on_output_limit=action)
         self._sandbox._recent.record([self._process.program], _outcome(result), result.stderr)
         return _finish(result, self._process.program, self._timeout)
@@ -501,8 +519,49 @@ class Sandbox:
         self._xfer_lock = anyio.Lock()
         self._recent = RecentExecs()
         self.boot_seconds = 0.0
+        # Lifecycle (pause, drain, host timers, the state store).
+        self._paused = False
+        self._draining = False
+        self._active = 0  # guest operations in flight
+        self._streams: weakref.WeakSet[ExecHandle] = weakref.WeakSet()
+        self._last_activity = time.monotonic()
+        self._stopped_event = anyio.Event()
+        self._timers = anyio.CancelScope()
+        #: Why the sandbox stopped: "stopped" (stop/kill/drain), "max_duration",
+        #: "idle_timeout" (a host timer), "exited" (the VM ended on its own).
+        self.stop_reason: str | None = None
+        self._store: StateStore | None = None
+        self._record: SandboxRecord | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    @overload
+    @classmethod
+    async def create(
+        cls,
+        config: SandboxConfig | None = None,
+        /,
+        *,
+        backend: Backend | None = None,
+        register: bool = False,
+        replace: bool = False,
+        detached: Literal[False] = False,
+        **overrides: Any,
+    ) -> Sandbox: ...
+
+    @overload
+    @classmethod
+    async def create(
+        cls,
+        config: SandboxConfig | None = None,
+        /,
+        *,
+        backend: Backend | None = None,
+        register: bool = False,
+        replace: bool = False,
+        detached: Literal[True],
+        **overrides: Any,
+    ) -> RemoteSandbox: ...
 
     @classmethod
     async def create(
@@ -511,23 +570,71 @@ class Sandbox:
         /,
         *,
         backend: Backend | None = None,
+        register: bool = False,
+        replace: bool = False,
+        detached: bool = False,
         **overrides: Any,
-    ) -> Sandbox:
+    ) -> Sandbox | RemoteSandbox:
         """Boot a sandbox and return once its agent is serving.
 
         ``overrides`` are :class:`SandboxConfig` fields applied on top of ``config``.
         Unless ``cold_boot``, the sandbox is a copy-on-write clone of a template of
         its configuration (built once) when the snapshot layer is installed.
 
+        ``register=True`` makes it a **named** sandbox: it is in the state store
+        (:meth:`list`, :meth:`get`, :meth:`remove` from any process) and its
+        ``name`` is unique among live named sandboxes; ``replace=True`` (which
+        implies ``register``) stops the one that has the name first. Other
+        sandboxes are not registered, so any number may share a name (the
+        plugin's, tests' under xdist).
+
+        ``detached=True`` (implies ``register``) starts it under a supervisor
+        process of its own, so it outlives this process, and returns a
+        :class:`~._remote.RemoteSandbox` driving it through that supervisor.
+        Attached sandboxes die with the process that created them.
+
         :raises ConfigError: a field is invalid, or ``memory``/``cpus`` is more than
             this host has.
+        :raises SandboxExistsError: a live sandbox has the name and ``replace`` is false.
         :raises BackendUnavailableError: QEMU, the kernel or a usable accelerator is missing.
         :raises BootError: the guest did not reach its agent in ``boot_timeout``.
         """
+        named = register or replace or detached
+        explicit_name = "name" in overrides or (
+            config is not None and "name" in config.model_fields_set
+        )
         if config is None:
             config = SandboxConfig(**overrides)
         elif overrides:
             config = SandboxConfig(**{**config.model_dump(), **overrides})
+        if named and not explicit_name:
+            raise ConfigError(
+                "a named sandbox (register, replace or detached) needs a name: "
+                "Sandbox.create(..., name='web', register=True); other processes find it by it"
+            )
+        if detached:
+            if backend is not None:
+                raise ConfigError("detached=True uses the QEMU backend; drop backend=")
+            from ._remote import create_detached
+
+            return await create_detached(config, replace=replace)
+        store = StateStore.default(config.cache_dir) if named else None
+        record = None
+        if store is not None:
+            record = await _claim_name(store, config, replace=replace)
+        try:
+            sandbox = await cls._boot(config, backend)
+        except BaseException:
+            if store is not None and record is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(store.release, record)
+            raise
+        if store is not None and record is not None:
+            await sandbox._register(store, record)
+        return sandbox
+
+    @classmethod
+    async def _boot(cls, config: SandboxConfig, backend: Backend | None) -> Sandbox:
         if backend is None:
             from .qemu import QemuBackend
 
@@ -544,6 +651,50 @@ class Sandbox:
         sandbox.boot_seconds = time.monotonic() - start
         return sandbox
 
+    async def _register(self, store: StateStore, record: SandboxRecord) -> None:
+        """Mark this sandbox's row RUNNING; it is released when the sandbox stops."""
+        self._store = store
+        self._record = await anyio.to_thread.run_sync(
+            lambda: store.update(record, status=SandboxStatus.RUNNING, vm_pid=self.pid)
+        )
+        _owned[self.name] = self
+
+    # -- named sandboxes (the state store, runtime/_state.py) -------------------------------
+
+    @staticmethod
+    async def list(*, cache_dir: str | os.PathLike[str] | None = None) -> list[SandboxHandle]:
+        """The live named sandboxes of every process, oldest first."""
+        from ._remote import SandboxHandle
+
+        store = StateStore.default(cache_dir)
+        records = await anyio.to_thread.run_sync(store.list)
+        return [SandboxHandle(store, record) for record in records]
+
+    @staticmethod
+    async def get(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> SandboxHandle:
+        """The live named sandbox ``name`` (of any process).
+
+        :raises SandboxNotFoundError: there is none.
+        """
+        from ._remote import get_handle
+
+        return await get_handle(StateStore.default(cache_dir), name)
+
+    @staticmethod
+    async def remove(
+        name: str,
+        *,
+        timeout: float | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Stop the named sandbox ``name``, whichever process owns it, and remove
+        everything it holds (VM, sockets, overlays, its row).
+
+        :raises SandboxNotFoundError: there is none.
+        """
+        handle = await Sandbox.get(name, cache_dir=cache_dir)
+        await handle.remove(timeout=timeout)
+
     @classmethod
     async def from_session(cls, config: SandboxConfig, session: GuestSession) -> Sandbox:
         """Take over a provisioned guest: give it the host clock, a fresh RNG seed
@@ -556,6 +707,9 @@ class Sandbox:
         except BaseException:
             await session.aclose()
             raise
+        if config.max_duration is not None or config.idle_timeout is not None:
+            runtime = await current_runtime()
+            runtime.spawn(sandbox._enforce_limits)
         return sandbox
 
     @property
@@ -599,9 +753,12 @@ class Sandbox:
         """Capture this running sandbox (memory, devices, in-RAM overlay) as snapshot
         ``name``; it pauses for the capture and runs on. Returns the snapshot's path.
 
+        A paused sandbox runs for the capture and is paused again after it.
+
         :raises SnapshotError: cold-booted sandbox, mounted volume, full disk, QEMU error.
         """
-        return await _snapshotter().snapshot(self, name)
+        async with self._unpaused():
+            return await _snapshotter().snapshot(self, name)
 
     async def fork(self, name: str | None = None) -> Sandbox:
         """A child sandbox carrying this one's state; later writes diverge. With a
@@ -609,7 +766,54 @@ class Sandbox:
 
         :raises SnapshotError: like :meth:`snapshot`.
         """
-        return await _snapshotter().fork(self, name)
+        async with self._unpaused():
+            return await _snapshotter().fork(self, name)
+
+    @contextlib.asynccontextmanager
+    async def _unpaused(self) -> AsyncIterator[None]:
+        """Run the guest for the body if it is paused (a capture talks to its
+        agent), and pause it again after.
+        """
+        if not self._paused:
+            yield
+            return
+        await self._set_paused(False)
+        try:
+            yield
+        finally:
+            if not self._stopped:
+                with anyio.CancelScope(shield=True):
+                    await self._set_paused(True)
+
+    async def detach(self) -> RemoteSandbox:
+        """Move this sandbox under a supervisor process, so it outlives this one,
+        and return the :class:`~._remote.RemoteSandbox` driving it there.
+
+        The VM's process dies with its creator (its parent-death signal cannot
+        be handed over), so the guest moves instead: it is captured like
+        :meth:`snapshot`, this VM stops, and the supervisor restores the
+        capture under the same name (registered, as with ``detached=True``):
+        memory, files and guest processes carry over; host-side handles of
+        running commands (``exec_stream``) do not, and the host timers start
+        again. The capture is deleted once restored.
+
+        :raises SnapshotError: the sandbox cannot be captured (cold-booted, a
+            mounted volume), or the restore failed.
+        :raises SandboxExistsError: another live sandbox took the name meanwhile.
+        """
+        self._check_running()
+        snapshots = _snapshotter()
+        capture = f"detach-{secrets.token_hex(8)}"
+        path = await self.snapshot(capture)
+        config = self.config
+        try:
+            await self.stop()
+            from ._remote import create_detached
+
+            return await create_detached(config, replace=False, restore=path)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(SandboxError, OSError):
+                await snapshots.remove(capture, config.cache_dir)
 
     async def __aenter__(self) -> Sandbox:
         return self
@@ -688,6 +892,10 @@ class Sandbox:
         if self._stopped:
             return
         self._stopped = True
+        self._timers.cancel()
+        if self._paused:  # a stopped guest cannot shut down
+            with contextlib.suppress(SandboxError, OSError):
+                await self._set_paused(False)
         monitor = self._session.monitor
         if monitor is not None:  # before QEMU exits, so its EOF is no monitor error
             await monitor.close()
@@ -696,18 +904,181 @@ class Sandbox:
             with anyio.move_on_after(limit, shield=True), contextlib.suppress(SandboxError):
                 await self._agent.shutdown(timeout=limit)
                 await self._vm.wait()
-        await self._session.aclose()
+        try:
+            await self._session.aclose()
+        finally:
+            await self._finish_stop()
 
     async def kill(self) -> None:
         """Kill the VM at once (no guest shutdown). Idempotent."""
         if self._stopped:
             return
         self._stopped = True
+        self._timers.cancel()
         monitor = self._session.monitor
         if monitor is not None:  # before QEMU exits, so its EOF is no monitor error
             await monitor.close()
-        await self._vm.kill()
-        await self._session.aclose()
+        try:
+            await self._vm.kill()
+            await self._session.aclose()
+        finally:
+            await self._finish_stop()
+
+    async def _finish_stop(self) -> None:
+        """Release the row, wake :meth:`wait` (shielded: it runs on every stop)."""
+        if self.stop_reason is None:
+            self.stop_reason = "stopped"
+        self._paused = self._draining = False
+        self._stopped_event.set()
+        store, record, self._store, self._record = self._store, self._record, None, None
+        if _owned.get(self.name) is self:
+            del _owned[self.name]
+        if store is not None and record is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(store.release, record)
+
+    # -- pause, drain, wait, host timers ----------------------------------------------------
+
+    @property
+    def status(self) -> SandboxStatus:
+        """RUNNING, PAUSED, DRAINING, STOPPED, or CRASHED (its VM ended by itself)."""
+        if self._stopped:
+            return SandboxStatus.CRASHED if self.stop_reason == "exited" else SandboxStatus.STOPPED
+        if self._vm.returncode is not None:
+            return SandboxStatus.CRASHED
+        if self._paused:
+            return SandboxStatus.PAUSED
+        if self._draining:
+            return SandboxStatus.DRAINING
+        return SandboxStatus.RUNNING
+
+    async def pause(self) -> None:
+        """Stop the guest's CPUs (QMP ``stop``; a ``SIGSTOP`` of the VM process
+        where the VM has no monitor): it uses no CPU and its clock stands still
+        until :meth:`resume`. Its memory stays. Idempotent.
+
+        While paused, new commands and file operations raise SandboxPausedError
+        (they are refused, not queued: resume first); commands already running
+        are frozen with the guest and go on after the resume.
+
+        :raises SandboxNotRunningError: the sandbox is stopped.
+        """
+        self._check_running()
+        if not self._paused:
+            await self._set_paused(True)
+            await self._update_row(SandboxStatus.PAUSED)
+
+    async def resume(self) -> None:
+        """Start the guest's CPUs again after :meth:`pause`. Idempotent.
+
+        :raises SandboxNotRunningError: the sandbox is stopped.
+        """
+        self._check_running()
+        if self._paused:
+            await self._set_paused(False)
+            self._last_activity = time.monotonic()
+            await self._update_row(
+                SandboxStatus.DRAINING if self._draining else SandboxStatus.RUNNING
+            )
+
+    async def _set_paused(self, paused: bool) -> None:
+        monitor = self._session.monitor
+        if monitor is not None:
+            await monitor.execute("stop" if paused else "cont")
+        elif self._vm.pid is not None and self._vm.returncode is None:
+            os.kill(self._vm.pid, _signal.SIGSTOP if paused else _signal.SIGCONT)
+        self._paused = paused
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Let the running commands and file operations finish, refusing new ones
+        (SandboxDrainingError), then stop the sandbox. A paused sandbox is
+        resumed first, so its commands can finish. ``timeout`` (seconds, None:
+        no limit) bounds the wait; past it the sandbox stops anyway.
+
+        A command started with :meth:`exec_stream` counts until its exit has
+        been read from its handle (or the handle closed).
+        """
+        check_timeout(timeout, "timeout")
+        if self._stopped:
+            return
+        self._draining = True
+        if self._paused:
+            await self.resume()
+        await self._update_row(SandboxStatus.DRAINING)
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
+            while self._busy():
+                await anyio.sleep(_DRAIN_POLL_S)
+        await self.stop()
+
+    async def wait(self) -> SandboxStatus:
+        """Wait until the sandbox stops (by :meth:`stop`, :meth:`drain`, a host
+        timer, another process's ``Sandbox.remove``, or its VM ending on its
+        own, whose resources are then released); return its final status
+        (:attr:`stop_reason` says why).
+        """
+        if not self._stopped:
+            exited = False
+            async with anyio.create_task_group() as tg:
+
+                async def vm_exit() -> None:
+                    nonlocal exited
+                    await self._vm.wait()
+                    exited = True
+                    tg.cancel_scope.cancel()
+
+                async def stopped() -> None:
+                    await self._stopped_event.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(vm_exit)
+                tg.start_soon(stopped)
+            if exited and not self._stopped:
+                self.stop_reason = "exited"
+                await self.stop()
+        await self._stopped_event.wait()  # a stop under way in another task: its end
+        return self.status
+
+    def _busy(self) -> bool:
+        """Whether a host call or a streamed command is in flight."""
+        return self._active > 0 or any(
+            h._process.exited is None and not h._process._done for h in self._streams
+        )
+
+    async def _enforce_limits(self) -> None:
+        """The host timers of ``max_duration`` and ``idle_timeout``: they stop the
+        sandbox; nothing the guest does moves them.
+        """
+        max_duration, idle = self.config.max_duration, self.config.idle_timeout
+        started = time.monotonic()
+        reason: str | None = None
+        with self._timers:
+            while reason is None:
+                now = time.monotonic()
+                wake: list[float] = []
+                if max_duration is not None:
+                    if now >= started + max_duration:
+                        reason = "max_duration"
+                        break
+                    wake.append(started + max_duration)
+                if idle is not None:
+                    if self._busy():
+                        wake.append(now + idle)
+                    elif now >= self._last_activity + idle:
+                        reason = "idle_timeout"
+                        break
+                    else:
+                        wake.append(self._last_activity + idle)
+                await anyio.sleep(max(0.01, min(wake) - now))
+        if reason is not None and not self._stopped:
+            self.stop_reason = reason
+            await self.stop()
+
+    async def _update_row(self, status: SandboxStatus) -> None:
+        store, record = self._store, self._record
+        if store is not None and record is not None:
+            self._record = await anyio.to_thread.run_sync(
+                lambda: store.update(record, status=status)
+            )
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -739,7 +1110,7 @@ class Sandbox:
         :raises ConfigError: ``timeout`` is not a finite number of seconds > 0.
         :raises ExecError: an argument or env var is too big to pass (it is named).
         """
-        self._check_running()
+        self._check_accepting()
         timeout = self.config.exec_timeout if timeout is None else timeout
         check_timeout(timeout, "timeout")
         async with self._guest_errors():
@@ -751,7 +1122,9 @@ class Sandbox:
                 timeout=timeout,
                 stdin=stdin,
             )
-        return ExecHandle(self, process, timeout)
+        handle = ExecHandle(self, process, timeout)
+        self._streams.add(handle)
+        return handle
 
     async def exec(
         self,
@@ -785,7 +1158,7 @@ class Sandbox:
         :raises GuestTimeoutError: the guest stopped answering meanwhile (checked
             every ``HEARTBEAT_INTERVAL`` seconds, so a hung guest never hangs the caller).
         """
-        self._check_running()
+        self._check_accepting()
         timeout = self.config.exec_timeout if timeout is None else timeout
         check_timeout(timeout, "timeout")
         limit, action = self._output_limit(max_output, on_output_limit)
@@ -873,7 +1246,7 @@ class Sandbox:
 
     async def _import(self, source: bytes | Path, guest_path: str, mode: int) -> int:
         """Copy host bytes or a host file into the guest through the transfer disk."""
-        self._check_running()
+        self._check_accepting()
         if isinstance(self._vm, DirectTransferVM):  # the guest sees a host directory
             return await self._import_direct(source, self._vm.xfer_guest_dir, guest_path, mode)
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
@@ -952,9 +1325,13 @@ class Sandbox:
         async def heartbeat(scope: anyio.CancelScope) -> None:
             while True:
                 await anyio.sleep(HEARTBEAT_INTERVAL)
+                if self._paused:
+                    continue  # a paused guest answers nothing, and is not hung
                 try:
                     await self._agent.ping(timeout=self._request_timeout)
                 except GuestTimeoutError as exc:
+                    if self._paused:
+                        continue
                     hung.append(exc)
                     scope.cancel()
                     return
@@ -983,9 +1360,32 @@ class Sandbox:
         if self._stopped:
             raise SandboxNotRunningError(f"sandbox {self.name!r} is stopped")
 
+    def _check_accepting(self) -> None:
+        """:raises SandboxNotRunningError: new work cannot start (stopped, paused, draining)."""
+        self._check_running()
+        if self._paused:
+            raise SandboxPausedError(
+                f"sandbox {self.name!r} is paused: call resume() before running commands "
+                "or touching its files"
+            )
+        if self._draining:
+            raise SandboxDrainingError(
+                f"sandbox {self.name!r} is draining (its running commands finish, then it "
+                "stops): it takes no new commands; create another sandbox"
+            )
+
     @contextlib.asynccontextmanager
-    async def _guest_errors(self) -> AsyncIterator[None]:
-        """Turn a lost connection into GuestCrashedError with the console tail."""
+    async def _guest_errors(self, *, new: bool = True) -> AsyncIterator[None]:
+        """Turn a lost connection into GuestCrashedError with the console tail.
+
+        ``new``: this starts an operation (refused on a paused or draining
+        sandbox), rather than following up a started command. Every guest
+        operation counts as host activity (``idle_timeout``) while it runs.
+        """
+        if new:
+            self._check_accepting()
+        self._active += 1
+        self._last_activity = time.monotonic()
         try:
             yield
         except (SandboxNotRunningError, ProtocolError, GuestTimeoutError) as exc:
@@ -1006,10 +1406,37 @@ class Sandbox:
                     console_tail=exc.console_tail,
                 ) from exc
             raise
+        finally:
+            self._active -= 1
+            self._last_activity = time.monotonic()
 
     def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<Sandbox {self.name!r} {state} pid={self.pid}>"
+        return f"<Sandbox {self.name!r} {self.status.value} pid={self.pid}>"
+
+
+async def _claim_name(store: StateStore, config: SandboxConfig, *, replace: bool) -> SandboxRecord:
+    """Claim ``config.name`` in the store; with ``replace``, remove its live holder first.
+
+    :raises SandboxExistsError: a live sandbox has the name and ``replace`` is false.
+    """
+    record = new_record(config.name, config.to_json())
+    for _ in range(3):
+        existing = await anyio.to_thread.run_sync(store.claim, record)
+        if existing is None:
+            return record
+        if not replace:
+            raise SandboxExistsError(
+                f"a sandbox named {config.name!r} is already {existing.status.value} "
+                f"(owner pid {existing.owner_pid}): pass replace=True to stop it first, "
+                f"choose another name, or remove it (microsandbox rm {config.name})"
+            )
+        from ._remote import SandboxHandle
+
+        await SandboxHandle(store, existing).remove()
+    raise SandboxExistsError(
+        f"a sandbox named {config.name!r} kept being recreated while replace=True removed "
+        "it: another process creates it in a loop; choose another name"
+    )
 
 
 def _as_bytes(chunk: bytes | bytearray | memoryview) -> bytes:

@@ -21,7 +21,7 @@ from collections.abc import (
 from contextlib import AbstractContextManager, AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal
@@ -30,12 +30,20 @@ from . import _portal
 from ._confined import DEFAULT_COPY_MAX_BYTES, DEFAULT_COPY_MAX_ENTRIES
 from ._diagnostics import DIAGNOSTICS_TIMEOUT_S
 from ._limits import OnOutputLimit
+from ._remote import RemoteSandbox, RemoteSandboxFs, SandboxHandle
+from ._state import SandboxStatus
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
-__all__ = ["SyncExecHandle", "SyncSandbox", "SyncSandboxFs"]
+__all__ = [
+    "SyncExecHandle",
+    "SyncRemoteSandbox",
+    "SyncRemoteSandboxFs",
+    "SyncSandbox",
+    "SyncSandboxFs",
+]
 
 T = TypeVar("T")
 
@@ -63,6 +71,7 @@ class SyncSandbox:
         self._cm: AbstractContextManager[Sandbox] | None = cm
         self._sandbox = cm.__enter__()
 
+    @overload
     @classmethod
     def create(
         cls,
@@ -70,14 +79,66 @@ class SyncSandbox:
         /,
         *,
         backend: Backend | None = None,
+        register: bool = False,
+        replace: bool = False,
+        detached: Literal[False] = False,
         **overrides: Any,
-    ) -> SyncSandbox:
+    ) -> SyncSandbox: ...
+
+    @overload
+    @classmethod
+    def create(
+        cls,
+        config: SandboxConfig | None = None,
+        /,
+        *,
+        backend: Backend | None = None,
+        register: bool = False,
+        replace: bool = False,
+        detached: Literal[True],
+        **overrides: Any,
+    ) -> SyncRemoteSandbox: ...
+
+    @classmethod
+    def create(
+        cls,
+        config: SandboxConfig | None = None,
+        /,
+        *,
+        backend: Backend | None = None,
+        register: bool = False,
+        replace: bool = False,
+        detached: bool = False,
+        **overrides: Any,
+    ) -> SyncSandbox | SyncRemoteSandbox:
         """Boot a sandbox (see :meth:`Sandbox.create`)."""
+        if detached:
+
+            async def start_detached() -> RemoteSandbox:
+                return await Sandbox.create(
+                    config, backend=backend, replace=replace, detached=True, **overrides
+                )
+
+            portal = _portal.portal()
+            return SyncRemoteSandbox(portal, portal.call(start_detached))
 
         async def factory() -> Sandbox:
-            return await Sandbox.create(config, backend=backend, **overrides)
+            return await Sandbox.create(
+                config,
+                backend=backend,
+                register=register,
+                replace=replace,
+                detached=False,
+                **overrides,
+            )
 
         return cls._start(factory)
+
+    def detach(self) -> SyncRemoteSandbox:
+        """Move the sandbox under a supervisor process (see :meth:`Sandbox.detach`)."""
+        remote = self._call(self._sandbox.detach)
+        self.stop()
+        return SyncRemoteSandbox(self._portal, remote)
 
     @classmethod
     def _start(cls, factory: Callable[[], Awaitable[Sandbox]]) -> SyncSandbox:
@@ -201,6 +262,66 @@ class SyncSandbox:
 
     def metrics(self) -> SandboxMetrics:
         return self._call(self._sandbox.metrics)
+
+    # -- lifecycle (see Sandbox) --------------------------------------------------------------
+
+    @property
+    def status(self) -> SandboxStatus:
+        return self._sandbox.status
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._sandbox.stop_reason
+
+    def pause(self) -> None:
+        """Stop the guest's CPUs (see :meth:`Sandbox.pause`)."""
+        self._call(self._sandbox.pause)
+
+    def resume(self) -> None:
+        self._call(self._sandbox.resume)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Let running commands finish, refuse new ones, then stop (see :meth:`Sandbox.drain`)."""
+        self._call(self._sandbox.drain, timeout)
+        self.stop()
+
+    def wait(self) -> SandboxStatus:
+        """Block until the sandbox stops (see :meth:`Sandbox.wait`)."""
+        status = self._call(self._sandbox.wait)
+        self.stop()
+        return status
+
+    @staticmethod
+    def list(*, cache_dir: str | os.PathLike[str] | None = None) -> list[SandboxHandle]:
+        """The live named sandboxes (see :meth:`Sandbox.list`)."""
+
+        async def run() -> list[SandboxHandle]:
+            return await Sandbox.list(cache_dir=cache_dir)
+
+        return _portal.portal().call(run)
+
+    @staticmethod
+    def get(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> SandboxHandle:
+        """The live named sandbox ``name`` (see :meth:`Sandbox.get`)."""
+
+        async def run() -> SandboxHandle:
+            return await Sandbox.get(name, cache_dir=cache_dir)
+
+        return _portal.portal().call(run)
+
+    @staticmethod
+    def remove(
+        name: str,
+        *,
+        timeout: float | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Stop and remove the named sandbox ``name`` (see :meth:`Sandbox.remove`)."""
+
+        async def run() -> None:
+            await Sandbox.remove(name, timeout=timeout, cache_dir=cache_dir)
+
+        _portal.portal().call(run)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully, then force (see :meth:`Sandbox.stop`). Idempotent."""
@@ -378,3 +499,122 @@ class SyncSandboxFs:
             )
 
         return self._portal.call(run)
+
+
+class SyncRemoteSandbox:
+    """Blocking twin of :class:`~._remote.RemoteSandbox` (a detached sandbox)."""
+
+    def __init__(self, portal: BlockingPortal, remote: RemoteSandbox) -> None:
+        self._portal = portal
+        self._remote = remote
+
+    @property
+    def async_sandbox(self) -> RemoteSandbox:
+        return self._remote
+
+    @property
+    def name(self) -> str:
+        return self._remote.name
+
+    @property
+    def config(self) -> SandboxConfig:
+        return self._remote.config
+
+    @property
+    def pid(self) -> int | None:
+        return self._remote.pid
+
+    def exec(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+    ) -> ExecOutput:
+        async def run() -> ExecOutput:
+            return await self._remote.exec(
+                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
+            )
+
+        return self._portal.call(run)
+
+    def shell(self, script: str, **kwargs: Any) -> ExecOutput:
+        return self.exec(self.config.shell, ["-c", script], **kwargs)
+
+    def fs(self) -> SyncRemoteSandboxFs:
+        return SyncRemoteSandboxFs(self._portal, self._remote.fs())
+
+    def metrics(self) -> SandboxMetrics:
+        return self._portal.call(self._remote.metrics)
+
+    def status(self) -> SandboxStatus:
+        return self._portal.call(self._remote.status)
+
+    def pause(self) -> None:
+        self._portal.call(self._remote.pause)
+
+    def resume(self) -> None:
+        self._portal.call(self._remote.resume)
+
+    def drain(self, timeout: float | None = None) -> None:
+        self._portal.call(self._remote.drain, timeout)
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._portal.call(self._remote.stop, timeout)
+
+    def kill(self) -> None:
+        self._portal.call(self._remote.kill)
+
+    def remove(self, timeout: float | None = None) -> None:
+        self._portal.call(self._remote.remove, timeout)
+
+    def wait(self) -> SandboxStatus:
+        return self._portal.call(self._remote.wait)
+
+    def detach(self) -> SyncRemoteSandbox:
+        return self
+
+    def __repr__(self) -> str:
+        return repr(self._remote).replace("<RemoteSandbox", "<SyncRemoteSandbox", 1)
+
+
+class SyncRemoteSandboxFs:
+    """Blocking twin of :class:`~._remote.RemoteSandboxFs`."""
+
+    def __init__(self, portal: BlockingPortal, fs: RemoteSandboxFs) -> None:
+        self._portal = portal
+        self._fs = fs
+
+    def read(self, path: str) -> bytes:
+        return self._portal.call(self._fs.read, path)
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return self._portal.call(self._fs.read_text, path, encoding)
+
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
+        async def run() -> int:
+            return await self._fs.write(path, data, mode=mode)
+
+        return self._portal.call(run)
+
+    def list(self, path: str) -> list[DirEntry]:
+        return self._portal.call(self._fs.list, path)
+
+    def exists(self, path: str) -> bool:
+        return self._portal.call(self._fs.exists, path)
+
+    def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        async def run() -> None:
+            await self._fs.mkdir(path, parents=parents, mode=mode)
+
+        self._portal.call(run)
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        async def run() -> None:
+            await self._fs.remove(path, recursive=recursive)
+
+        self._portal.call(run)

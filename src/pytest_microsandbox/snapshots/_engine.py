@@ -557,6 +557,9 @@ class SnapshotService:
     async def fork(self, sandbox: Sandbox, name: str | None) -> Sandbox:
         return (await fork_sandbox(sandbox, name))[0]
 
+    async def remove(self, name: str, cache: Path | None) -> None:
+        await anyio.to_thread.run_sync(_store.remove_snapshot, name, cache)
+
 
 async def restore_snapshot(
     name_or_path: str | os.PathLike[str],

@@ -1,0 +1,271 @@
+"""The supervisor of a detached sandbox.
+
+Run as ``python -m pytest_microsandbox.runtime._supervisor DIR [SNAPSHOT]``.
+
+``Sandbox.create(config, detached=True)`` starts it in a session of its own
+with the configuration's JSON on stdin (``Sandbox.detach`` adds the snapshot
+directory to restore instead of creating). It creates the sandbox (so its VM's
+launcher arms the parent-death signal on *this* process: QEMU dies with the
+supervisor, never with the creator), claims the name in the state store
+``DIR`` as owner, writes a secret token (0600) and serves the control socket
+(0600) until the sandbox stops: by a ``stop``/``kill``/``drain`` request, a
+host timer (``max_duration``, ``idle_timeout``), SIGTERM/SIGINT, or its VM
+ending. Then it removes its socket, token, log and row, and exits.
+
+It tells its creator how the start went with one JSON line on stdout
+(``{"ok": true}`` or an error), then closes stdout. Requests without the
+token are answered with an error and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from ._exceptions import ConfigError, ProtocolError, SandboxError
+from ._remote import _b64, _unb64, read_line, write_line
+from ._state import StateStore
+from .config import SandboxConfig
+from .sandbox import Sandbox
+
+__all__ = ["main", "serve"]
+
+#: The snapshot layer's pool-size variable (snapshots/_engine.py; the runtime
+#: cannot import it): a supervisor makes one sandbox, so a VM pre-started for
+#: the next clone would only idle beside it.
+_POOL_SIZE_ENV = "MICROSANDBOX_POOL_SIZE"
+
+#: Longest configuration JSON read from stdin.
+_MAX_CONFIG = 1 << 20
+#: Longest unix socket path (sun_path holds 108 bytes with its NUL).
+_SUN_PATH_MAX = 107
+
+
+class _Server:
+    def __init__(self, sandbox: Sandbox, token: str) -> None:
+        self.sandbox = sandbox
+        self.token = token
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            try:
+                request = await read_line(BufferedByteReceiveStream(stream))
+            except (ProtocolError, anyio.EndOfStream, anyio.IncompleteRead, OSError):
+                return
+            token = request.pop("token", "")
+            if not isinstance(token, str) or not hmac.compare_digest(token, self.token):
+                await write_line(
+                    stream,
+                    {"ok": False, "error": "SandboxError", "message": "wrong or missing token"},
+                )
+                return
+            op = request.pop("op", None)
+            try:
+                result = await self.dispatch(str(op), request)
+            except SandboxError as exc:
+                answer = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+            except (TypeError, ValueError, KeyError) as exc:
+                answer = {"ok": False, "error": "ProtocolError", "message": f"bad {op}: {exc!r}"}
+            else:
+                answer = {"ok": True, "result": result}
+            with contextlib.suppress(OSError, anyio.BrokenResourceError):
+                await write_line(stream, answer)
+
+    async def dispatch(self, op: str, args: dict[str, Any]) -> Any:
+        sb = self.sandbox
+        if op == "status":
+            return sb.status.value
+        if op == "exec":
+            stdin = args.get("stdin")
+            out = await sb.exec(
+                str(args["cmd"]),
+                [str(a) for a in args.get("args", [])],
+                env={str(k): str(v) for k, v in dict(args.get("env") or {}).items()},
+                cwd=args.get("cwd"),
+                user=args.get("user"),
+                timeout=args.get("timeout"),
+                stdin=None if stdin is None else _unb64(stdin),
+            )
+            return {
+                "exit_code": out.exit_code,
+                "stdout": _b64(out.stdout_bytes),
+                "stderr": _b64(out.stderr_bytes),
+                "term_signal": out.term_signal,
+                "stdout_truncated": out.stdout_truncated,
+                "stderr_truncated": out.stderr_truncated,
+            }
+        if op == "read":
+            return _b64(await sb.fs().read(str(args["path"])))
+        if op == "write":
+            return await sb.fs().write(
+                str(args["path"]), _unb64(args["data"]), mode=int(args.get("mode", 0o644))
+            )
+        if op == "list":
+            entries = await sb.fs().list(str(args["path"]))
+            return [[e.name, int(e.kind), e.size, e.mode, e.mtime_ns] for e in entries]
+        if op == "exists":
+            return await sb.fs().exists(str(args["path"]))
+        if op == "mkdir":
+            await sb.fs().mkdir(
+                str(args["path"]),
+                parents=bool(args.get("parents", True)),
+                mode=int(args.get("mode", 0o755)),
+            )
+            return None
+        if op == "remove":
+            await sb.fs().remove(str(args["path"]), recursive=bool(args.get("recursive")))
+            return None
+        if op == "metrics":
+            m = await sb.metrics()
+            return {
+                "cpu_percent": m.cpu_percent,
+                "memory_bytes": m.memory_bytes,
+                "memory_total_bytes": m.memory_total_bytes,
+                "memory_host_resident_bytes": m.memory_host_resident_bytes,
+                "uptime_ms": m.uptime_ms,
+                "processes": m.processes,
+                "load1": m.load1,
+            }
+        if op == "pause":
+            await sb.pause()
+            return None
+        if op == "resume":
+            await sb.resume()
+            return None
+        if op == "drain":
+            await sb.drain(args.get("timeout"))
+            return None
+        if op == "stop":
+            await sb.stop(args.get("timeout"))
+            return None
+        if op == "kill":
+            await sb.kill()
+            return None
+        if op == "wait":
+            return (await sb.wait()).value
+        raise ProtocolError(f"unknown operation {op!r}")
+
+
+def _report(message: dict[str, Any]) -> None:
+    """Tell the creator how the start went (one line on stdout), then let go of it."""
+    with contextlib.suppress(OSError):
+        os.write(1, (json.dumps(message) + "\n").encode())
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+async def serve(directory: Path, config: SandboxConfig, restore: Path | None = None) -> int:
+    """Create the sandbox, serve its control socket until it stops; the exit status."""
+    store = StateStore(directory)
+    sock_path, token_path, log_path = store.files_of(config.name)
+    if len(os.fsencode(sock_path)) > _SUN_PATH_MAX:
+        _report(
+            {
+                "ok": False,
+                "error": "ConfigError",
+                "message": f"the control socket path {sock_path} is longer than "
+                f"{_SUN_PATH_MAX} bytes: use a shorter name or cache directory",
+            }
+        )
+        return 1
+    try:
+        if restore is None:
+            sandbox = await Sandbox.create(config, register=True)
+        else:
+            sandbox = await _restore_registered(store, config, restore)
+    except SandboxError as exc:
+        _report({"ok": False, "error": type(exc).__name__, "message": str(exc)})
+        return 1
+    try:
+        token = secrets.token_hex(32)
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()  # a dead supervisor's (the store's sweep missed it)
+        # The directory is 0700 too: no one else can reach the socket while it is chmodded.
+        listener_ = await anyio.create_unix_listener(sock_path, mode=0o600)
+        record = sandbox._record
+        assert record is not None and sandbox._store is not None
+        sandbox._record = await anyio.to_thread.run_sync(
+            lambda: store.update(record, detached=True, control=str(sock_path))
+        )
+        server = _Server(sandbox, token)
+        _report({"ok": True})
+        async with anyio.create_task_group() as tg:
+
+            async def on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        tg.start_soon(sandbox.stop)
+
+            async def until_stopped() -> None:
+                await sandbox.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(on_signals)
+            tg.start_soon(until_stopped)
+            tg.start_soon(listener_.serve, server.handle)
+        with anyio.CancelScope(shield=True):
+            await listener_.aclose()
+        return 0
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sandbox.stop()
+        # The log stays after a failed start: the creator reads it, then removes it.
+        for path in (sock_path, token_path, log_path):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+async def _restore_registered(store: StateStore, config: SandboxConfig, path: Path) -> Sandbox:
+    """Restore the snapshot directory ``path`` as the named sandbox ``config.name``."""
+    from .sandbox import _claim_name
+
+    record = await _claim_name(store, config, replace=False)
+    try:
+        sandbox = await Sandbox.restore(path, name=config.name)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(store.release, record)
+        raise
+    await sandbox._register(store, record)
+    return sandbox
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (1, 2):
+        print(
+            "usage: python -m pytest_microsandbox.runtime._supervisor STATE_DIR [SNAPSHOT_DIR]",
+            file=sys.stderr,
+        )
+        return 2
+    raw = sys.stdin.buffer.read(_MAX_CONFIG + 1)
+    try:
+        if len(raw) > _MAX_CONFIG:
+            raise ConfigError("the configuration is too long")
+        config = SandboxConfig.from_json(raw)
+    except ConfigError as exc:
+        _report({"ok": False, "error": "ConfigError", "message": str(exc)})
+        return 1
+    restore = Path(args[1]) if len(args) == 2 else None
+    os.environ[_POOL_SIZE_ENV] = "0"
+    return anyio.run(serve, Path(args[0]), config, restore)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
