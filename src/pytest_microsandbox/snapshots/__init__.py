@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from ._engine import (
     LOCK_TIMEOUT_ENV,
+    POOL_MAX_ENV,
+    POOL_MEMORY_ENV,
     POOL_SIZE_ENV,
     SnapshotService,
     TemplateProvisioner,
@@ -28,6 +30,8 @@ from ._store import SnapshotInfo, get_snapshot, list_snapshots, prune, remove_sn
 
 __all__ = [
     "LOCK_TIMEOUT_ENV",
+    "POOL_MAX_ENV",
+    "POOL_MEMORY_ENV",
     "POOL_SIZE_ENV",
     "Snapshot",
     "SnapshotInfo",
