@@ -202,3 +202,24 @@ def test_exchange_times_out(pytester: pytest.Pytester):
 
     outcome = _exchange(pytester, answer, timeout=0.2)
     assert outcome.error == "the test ran past its 0.2 s timeout in the guest"
+
+
+def test_a_used_vm_clone_is_killed_in_the_background_and_awaited_at_close():
+    import anyio
+
+    from pytest_microsandbox.plugin._runner import _discard
+    from pytest_microsandbox.runtime import Sandbox, SandboxConfig
+    from pytest_microsandbox.runtime.hostproc import HostProcessBackend
+
+    async def body() -> None:
+        sandbox = await Sandbox.create(SandboxConfig(name="used"), backend=HostProcessBackend())
+        pending: set[anyio.Event] = set()
+        await _discard(sandbox, pending)
+        assert len(pending) == 1  # the kill runs on, the caller did not wait for it
+        for done in list(pending):
+            with anyio.fail_after(30):
+                await done.wait()
+        assert pending == set()
+        assert not sandbox.running
+
+    anyio.run(body)

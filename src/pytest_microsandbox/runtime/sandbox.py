@@ -92,6 +92,7 @@ __all__ = [
     "SandboxFs",
     "SandboxMetrics",
     "SandboxStatus",
+    "exec_environment",
 ]
 
 T = TypeVar("T")
@@ -518,6 +519,7 @@ class Sandbox:
         self._xfer_next = 0  # first free byte of the transfer disk
         self._xfer_lock = anyio.Lock()
         self._recent = RecentExecs()
+        self._base_env: dict[str, str] | None = None
         self.boot_seconds = 0.0
         # Lifecycle (pause, drain, host timers, the state store).
         self._paused = False
@@ -1083,9 +1085,9 @@ class Sandbox:
     # -- commands ----------------------------------------------------------------------------
 
     def _exec_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
-        merged = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
-        merged.update(_venv_env(self.config.image))
-        merged.update(self.config.env)
+        if self._base_env is None:  # once: the venv's path is resolved on the host
+            self._base_env = exec_environment(self.config)
+        merged = dict(self._base_env)
         if env:
             merged.update(env)
         return merged
@@ -1452,6 +1454,17 @@ def _outcome(result: ExecResult) -> str:
     if result.term_signal is not None:
         return f"killed by signal {result.term_signal}"
     return f"exit {result.returncode}"
+
+
+def exec_environment(config: SandboxConfig) -> dict[str, str]:
+    """The environment a command gets in a sandbox of ``config`` when the exec
+    adds none: a plain PATH, HOME, LANG and TERM, the imaged virtualenv
+    activated (``image="host"``), then ``config.env``.
+    """
+    merged = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
+    merged.update(_venv_env(config.image))
+    merged.update(config.env)
+    return merged
 
 
 def _venv_env(image: str) -> dict[str, str]:

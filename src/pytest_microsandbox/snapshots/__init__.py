@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from ._engine import (
     LOCK_TIMEOUT_ENV,
+    POOL_MAX_ENV,
+    POOL_MEMORY_ENV,
     POOL_SIZE_ENV,
     SnapshotService,
     TemplateProvisioner,
@@ -30,6 +32,8 @@ from ._usage import CacheUsage, KindUsage, cache_usage
 
 __all__ = [
     "LOCK_TIMEOUT_ENV",
+    "POOL_MAX_ENV",
+    "POOL_MEMORY_ENV",
     "POOL_SIZE_ENV",
     "CacheUsage",
     "KindUsage",

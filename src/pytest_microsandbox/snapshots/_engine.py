@@ -61,7 +61,7 @@ from ..runtime.lifetime import Runtime, current_runtime
 from ..runtime.paths import make_run_dir
 from ..runtime.progress import Stage, stage
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
-from ..runtime.sandbox import Sandbox
+from ..runtime.sandbox import Sandbox, exec_environment
 from ..runtime.volumes import (
     bind_volumes,
     describe_mounted_volumes,
@@ -70,11 +70,15 @@ from ..runtime.volumes import (
     volume_device_args,
 )
 from . import _store
+from ._demand import PoolDemand
 from ._model import FORMAT_VERSION, DiskMeta, SnapshotMeta
 
 __all__ = [
     "CACHE_BUDGET_ENV",
     "LOCK_TIMEOUT_ENV",
+    "POOL_CLONE_MIB",
+    "POOL_MAX_ENV",
+    "POOL_MEMORY_ENV",
     "POOL_SIZE_ENV",
     "SnapshotService",
     "TemplateProvisioner",
@@ -92,7 +96,18 @@ __all__ = [
 POOL_SIZE_ENV = "MICROSANDBOX_POOL_SIZE"
 _DEFAULT_LOCK_TIMEOUT = 600.0
 _DEFAULT_POOL_SIZE = 1
-_MAX_POOL_SIZE = 8
+#: The deepest a pool grows while creates come back to back (see ``_demand.py``).
+POOL_MAX_ENV = "MICROSANDBOX_POOL_MAX"
+_DEFAULT_POOL_MAX = 8
+#: Host memory, in MiB, the waiting clones of one pool may cost.
+POOL_MEMORY_ENV = "MICROSANDBOX_POOL_MEMORY_MB"
+_DEFAULT_POOL_MEMORY_MB = 320
+#: Host PSS of one idle warmed clone under TCG, rounded up (32.1 MiB measured,
+#: README "Performance"): what the memory budget counts per clone.
+POOL_CLONE_MIB = 40
+_MAX_POOL_SIZE = 16
+#: Seconds without a create after which a deepened pool shrinks to its base.
+_POOL_IDLE_S = 5.0
 #: Bumped when the clone device set below changes (it is part of the key).
 _DEVICES_VERSION = f"spare-blk:{_store.SPARE_DISK_MIB},net:2"
 _MIGRATE_TIMEOUT = 60.0
@@ -186,6 +201,22 @@ def _env_float(name: str, default: float) -> float:
 
 def _pool_size() -> int:
     return max(0, min(_MAX_POOL_SIZE, int(_env_float(POOL_SIZE_ENV, _DEFAULT_POOL_SIZE))))
+
+
+def _pool_cap(base: int) -> int:
+    """The deepest a pool may grow under back-to-back creates: ``POOL_MAX_ENV``,
+    within ``POOL_MEMORY_ENV`` at :data:`POOL_CLONE_MIB` per clone, never below ``base``.
+    """
+    most = int(_env_float(POOL_MAX_ENV, _DEFAULT_POOL_MAX))
+    budget = int(_env_float(POOL_MEMORY_ENV, _DEFAULT_POOL_MEMORY_MB)) // POOL_CLONE_MIB
+    return max(base, min(_MAX_POOL_SIZE, most, budget))
+
+
+def _prestart_concurrency() -> int:
+    """Pre-starts run at once per pool: one per host core (they are CPU-bound
+    under TCG), at least 1 and at most 4.
+    """
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _mkrun(name: str) -> Path:
@@ -454,25 +485,47 @@ async def _open_monitor(vm: VMHandle, backend: Backend, timeout: float) -> VMMon
     return await vm.open_monitor(timeout)
 
 
-async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) -> None:
-    """Restore a pooled clone ahead of use and (``command``) run one command in it.
+#: The hostname a pooled clone is configured with while it waits (each create
+#: then gives it the sandbox's own).
+_POOL_HOSTNAME = "msb-pooled"
 
-    A restored TCG clone starts with an empty translation cache, so its first
-    command costs ~100 ms of code translation (agent, kernel exec path, ld.so,
-    libc). Paying that while the clone waits in the pool leaves a create with
-    only the per-clone set-up (clock, RNG seed, hostname) and the user's own
-    command. Plain frames, not AgentClient: the client's task group must live
-    in the task that will own the sandbox.
+
+async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) -> None:
+    """Restore a pooled clone ahead of use, configure it once and (``command``)
+    run one command in it.
+
+    A restored TCG clone starts with an empty translation cache, so the first
+    time it runs any code path costs translation: ~100 ms for the first
+    command (agent, kernel exec path, ld.so, libc), 30-70 ms for the first
+    CONFIGURE (the clock, the RNG reseed's crypto, a write and rename in the
+    overlay). Paying both while the clone waits in the pool leaves a create
+    with the same steps on translated code (a placeholder hostname, clock and
+    extra seed now; the sandbox's own at create, so nothing of these leaks
+    into it). The command runs with the environment and working directory of
+    the entry's configuration, as a sandbox's first exec would (its PATH
+    search is part of the path to warm). Plain frames, not AgentClient: the
+    client's task group must live in the task that will own the sandbox.
     """
     await inc.monitor.load(inc.entry.state, _MIGRATE_TIMEOUT)
     await inc.monitor.execute("cont")
+    config = SandboxConfig.from_json(inc.entry.meta.config)
+    configure = [
+        int_field(Tag.TIME_NS, time.time_ns()),
+        bytes_field(Tag.SEED, os.urandom(64)),
+        bytes_field(Tag.HOSTNAME, _POOL_HOSTNAME),
+    ]
+    exec_fields = [
+        bytes_field(Tag.ARG, _WARM_COMMAND),
+        *(bytes_field(Tag.ENV, f"{k}={v}") for k, v in exec_environment(config).items()),
+        bytes_field(Tag.CWD, config.workdir),
+    ]
     decoder = FrameDecoder()
     requests = [
         (MsgType.HELLO, [int_field(Tag.VERSION, PROTOCOL_VERSION)], {MsgType.OK}),
-        (MsgType.EXEC, [bytes_field(Tag.ARG, _WARM_COMMAND)], {MsgType.EXITED, MsgType.ERROR}),
+        (MsgType.CONFIGURE, configure, {MsgType.OK}),
     ]
-    if not command:
-        requests = requests[:1]
+    if command:
+        requests.append((MsgType.EXEC, exec_fields, {MsgType.EXITED}))
     with anyio.fail_after(timeout):
         for request_id, (type_, fields, final) in enumerate(requests, start=1):
             await inc.stream.send(encode_frame(request_id, type_, fields))
@@ -497,13 +550,11 @@ async def _restore_session(
     # A pooled QEMU was started with empty spare 9p devices and a 9p device's host
     # directory is fixed at QEMU start: a clone with volumes starts its own QEMU.
     pool = await _pool_for(entry, backend, cache, warm_command) if pooled and not volumes else None
-    inc = pool.take() if pool is not None else None
+    inc = await pool.acquire() if pool is not None else None
     if inc is None:
         inc = await _start_incoming(
             entry, backend, config.name, config.boot_timeout, cache, volumes
         )
-    if pool is not None:
-        pool.refill()
     return await _finish_restore(inc, config, plan)
 
 
@@ -569,6 +620,7 @@ async def restore_snapshot(
     cache: Path | None = None,
     volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
     warm_command: bool = True,
+    pooled: bool = True,
 ) -> Sandbox:
     """Start a sandbox from a named snapshot (or a snapshot/template directory).
 
@@ -579,7 +631,10 @@ async def restore_snapshot(
     Pooled clones run one command ahead of use, which pays the code translation
     of the exec path under TCG; ``warm_command=False`` skips it for callers that
     talk to a process already running in the snapshot (the plugin's zygotes),
-    where it would only cost CPU.
+    where it would only cost CPU. ``pooled=False`` starts a QEMU of its own and
+    leaves the snapshot's pool alone, for a caller that restores a snapshot
+    once and keeps the sandbox (a pooled clone nobody takes costs a restore's
+    CPU and ~32 MiB of memory).
 
     :raises SnapshotNotFoundError: there is no such snapshot.
     :raises SnapshotError: it is broken or the restore failed.
@@ -616,7 +671,7 @@ async def restore_snapshot(
             )
         config = config.model_copy(update={"volume_slots": slots})
     return await _restore_entry(
-        entry, config, backend, None, cache, pooled=True, warm_command=warm_command
+        entry, config, backend, None, cache, pooled=pooled, warm_command=warm_command
     )
 
 
@@ -800,8 +855,16 @@ async def fork_sandbox(
 
 
 class _Pool:
-    """Up to ``size`` VMs waiting in ``-incoming defer`` for one entry: a resource
+    """Pre-started VMs waiting for one entry, restored and warmed up: a resource
     of the runtime (``runtime/lifetime.py``) whose task group runs its pre-starts.
+
+    The depth follows the demand (:class:`~._demand.PoolDemand`): ``base`` clones
+    while creates are spaced out, up to ``cap`` while they come back to back,
+    back to ``base`` once they stop. At most ``concurrency`` pre-starts run at
+    once (each is mostly CPU: more would only slow the creates they serve). A
+    create that finds the pool empty while pre-starts are in flight waits for
+    the next one instead of starting a QEMU of its own, which would arrive
+    later and compete with them for the same cores.
     """
 
     def __init__(
@@ -810,25 +873,37 @@ class _Pool:
         entry: _store.Entry,
         backend: Backend,
         cache: Path | None,
-        size: int,
+        demand: PoolDemand,
         warm_command: bool = True,
+        concurrency: int = 2,
     ) -> None:
         self.entry = entry
         self._runtime = runtime
         self._backend = backend
         self._cache = cache
-        self._size = size
+        self.demand = demand
         self._warm_command = warm_command
+        self._concurrency = max(1, concurrency)
         self._ready: deque[_Incoming] = deque()
         self._starting = 0
+        self._waiters = 0
+        self._changed = anyio.Event()  # set (and replaced) when a pre-start ends
         self._busy = 0  # pre-starts and discards in flight
         self._idle = anyio.Event()
         self._idle.set()
         self._closed = False
+        self._trimmer: anyio.CancelScope | None = None
+
+    @property
+    def depth(self) -> int:
+        """Clones waiting plus clones being started."""
+        return len(self._ready) + self._starting
 
     def close_now(self) -> None:
         """Kill the pooled VMs without awaiting (the event loop is gone)."""
         self._closed = True
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         while self._ready:
             self._ready.popleft().vm.kill_now()
 
@@ -840,12 +915,41 @@ class _Pool:
             self._background(inc.discard)
         return None
 
+    async def acquire(self) -> _Incoming | None:
+        """A warmed clone: one waiting, else the next pre-start in flight to
+        finish; None when neither is there (the caller starts its own).
+        """
+        self.demand.note_take(time.monotonic())
+        self.refill()
+        while not self._closed:
+            inc = self.take()
+            if inc is not None:
+                self.refill()
+                return inc
+            if self._starting <= self._waiters:
+                break
+            self._waiters += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiters -= 1
+        self.refill()
+        return None
+
     def refill(self) -> None:
         if self._closed:
             return
-        for _ in range(max(0, self._size - len(self._ready) - self._starting)):
+        want = self.demand.target(time.monotonic())
+        while self.depth < want and self._starting < self._concurrency:
             self._starting += 1
             self._background(self._start_one)
+        if want > self.demand.base and self._trimmer is None:
+            self._trimmer = anyio.CancelScope()
+            self._runtime.spawn(self._trim_when_idle, self._trimmer)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     def _background(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._busy += 1
@@ -862,25 +966,47 @@ class _Pool:
         self._runtime.spawn(run)
 
     async def _start_one(self) -> None:
+        began = time.monotonic()
+        inc: _Incoming | None = None
         try:
             try:
                 inc = await _start_incoming(self.entry, self._backend, "pooled", 60, self._cache)
-            except Exception:
-                return
-            try:
                 await _warm_up(inc, command=self._warm_command)
             except Exception:
-                await inc.discard()
-                return
+                if inc is not None:
+                    await inc.discard()
+                inc = None
+            else:
+                self.demand.note_prestart(time.monotonic() - began)
         finally:
             self._starting -= 1
-        if self._closed:
+        if inc is not None and self._closed:
             await inc.discard()
-        else:
+        elif inc is not None:
             self._ready.append(inc)
+        self._notify()
+        if inc is not None:
+            self.refill()  # the next one, if the demand still asks for it
+
+    async def _trim_when_idle(self, scope: anyio.CancelScope) -> None:
+        """Once creates stop, discard the clones beyond the base depth (each
+        costs ~32 MiB of host memory while it waits).
+        """
+        with scope:
+            while not self._closed:
+                await anyio.sleep(self.demand.idle_s / 2)
+                if not self.demand.idle(time.monotonic()):
+                    continue
+                while len(self._ready) > self.demand.base:
+                    await self._ready.pop().discard()
+                break
+        self._trimmer = None
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+        self._notify()
         # In-flight pre-starts are awaited, not cancelled (they take tens of ms, and
         # cancelling qemu.qmp mid-handshake logs errors); they discard themselves.
         await self._idle.wait()
@@ -894,14 +1020,15 @@ _POOL = "snapshot-pool"
 async def _pool_for(
     entry: _store.Entry, backend: Backend, cache: Path | None, warm_command: bool = True
 ) -> _Pool | None:
-    size = _pool_size()
-    if size == 0:
+    base = _pool_size()
+    if base == 0:
         return None
     runtime = await current_runtime()
     key = (_POOL, str(entry.path))
 
     def make() -> _Pool:
-        return _Pool(runtime, entry, backend, cache, size, warm_command)
+        demand = PoolDemand(base, _pool_cap(base), _POOL_IDLE_S)
+        return _Pool(runtime, entry, backend, cache, demand, warm_command, _prestart_concurrency())
 
     pool = runtime.resource(key, make)
     if pool.entry.meta.created != entry.meta.created:

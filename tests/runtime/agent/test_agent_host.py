@@ -341,6 +341,31 @@ def test_env_cwd_and_default_stdin(agent: Agent, tmp_path: Path) -> None:
     assert res.stdout == f"bar baz\n{tmp_path}\nFOO=bar baz\nPATH=/usr/bin:/bin\n".encode()
 
 
+def test_no_agent_descriptor_reaches_the_command(agent: Agent) -> None:
+    # Twice: the first exec opens the agent's shared /dev/null, the second reuses it.
+    for _ in range(2):
+        res = run(agent, ["sh", "-c", "ls /proc/$$/fd"])
+        assert res.stdout.split() == [b"0", b"1", b"2"], res.stdout
+
+
+def test_a_failed_exec_leaves_no_descriptor_or_child_behind(agent: Agent, tmp_path: Path) -> None:
+    before = run(agent, ["sh", "-c", "ls /proc/$PPID/fd | wc -l"]).stdout
+    for _ in range(5):
+        assert run(agent, ["no-such-program-xyz"]).error is not None
+        assert run(agent, ["true"], cwd=str(tmp_path / "missing")).error is not None
+    assert run(agent, ["sh", "-c", "ls /proc/$PPID/fd | wc -l"]).stdout == before
+    assert_ok(agent.call(PING))
+
+
+def test_output_larger_than_a_pipe_arrives_whole_on_both_streams(agent: Agent) -> None:
+    # Past a full pipe (64 KiB) the agent enlarges both pipes while the command runs.
+    res = run(
+        agent, ["sh", "-c", "head -c 3000000 /dev/zero; head -c 700000 /dev/zero >&2; echo x"]
+    )
+    assert (len(res.stdout), len(res.stderr), res.code) == (3000002, 700000, 0)
+    assert res.stdout.endswith(b"x\n")
+
+
 def test_stdin_pipe(agent: Agent) -> None:
     data = os.urandom(3 * CHUNK + 123)
     res = run(agent, ["sh", "-c", "cat; echo eof >&2"], stdin=data)

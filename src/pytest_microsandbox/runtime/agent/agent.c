@@ -55,6 +55,7 @@
 #define OUTQ_HIGH (4u << 20)   /* pause producers while this much is queued */
 #define MAX_REQS 1024          /* live requests (execs, transfers) */
 #define FS_READ_BURST 4        /* chunks per FS_READ per loop iteration */
+#define PIPE_DEFAULT 65536u   /* a new pipe's capacity (16 pages) */
 #define DRAIN_READS 16         /* reads per pipe after reaping (grandchildren may never stop) */
 #define PORT_NAME "msb.agent"
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -501,6 +502,7 @@ struct req {
 	pid_t pid;
 	int out_fd, err_fd, in_fd;
 	bool reaped, timed_out, in_eof;
+	bool big_pipes;      /* stdout/stderr pipes enlarged (the command writes a lot) */
 	int status;
 	int64_t deadline;    /* CLOCK_MONOTONIC ms, 0 = none */
 	uint8_t *inq;
@@ -592,15 +594,22 @@ struct exec_spec {
 	bool has_user;
 	uid_t uid;
 	gid_t gid;
-	int in_r, out_w, err_w, report_w;
+	int in_r, out_w, err_w;
+	/* The agent's memory, shared with the vfork()ed child (the agent is
+	 * suspended until the child execs or exits): where a child that cannot
+	 * exec says why, instead of a report pipe (one pipe2, a read and two
+	 * closes fewer per exec, each an emulated syscall under TCG). */
+	volatile struct child_report *report;
 };
 
-static void child_fail(int fd, int stage, int err)
+/* stdin of a command without one; opened once (O_CLOEXEC: no child keeps it
+ * but as its fd 0), instead of an open() per exec. */
+static int devnull_fd = -1;
+
+static void child_fail(const struct exec_spec *s, int stage, int err)
 {
-	struct child_report rep = {stage, err};
-	if (write(fd, &rep, sizeof rep) < 0) {
-		/* nothing left to tell anyone */
-	}
+	s->report->err = err;
+	s->report->stage = stage;
 	_exit(127);
 }
 
@@ -619,21 +628,21 @@ static void child_exec(const struct exec_spec *s)
 	 * through shared state. */
 	syscall(SYS_prlimit64, 0, RLIMIT_NOFILE, &nofile_orig, NULL);
 	setsid();
-	int in = s->in_r >= 0 ? s->in_r : open("/dev/null", O_RDONLY | O_CLOEXEC);
+	int in = s->in_r >= 0 ? s->in_r : devnull_fd;
 	if (in < 0 || dup2(in, 0) < 0 || dup2(s->out_w, 1) < 0 || dup2(s->err_w, 2) < 0)
-		child_fail(s->report_w, STAGE_SETUP, errno);
+		child_fail(s, STAGE_SETUP, in < 0 ? ENOENT : errno);
 	if (chdir(s->cwd) < 0)
-		child_fail(s->report_w, STAGE_CWD, errno);
+		child_fail(s, STAGE_CWD, errno);
 	if (s->has_user && (syscall(SYS_setgroups, 0, NULL) < 0 || syscall(SYS_setgid, s->gid) < 0 ||
 			    syscall(SYS_setuid, s->uid) < 0))
-		child_fail(s->report_w, STAGE_USER, errno);
+		child_fail(s, STAGE_USER, errno);
 
 	const char *prog = s->argv[0];
 	if (prog[0] == 0)
-		child_fail(s->report_w, STAGE_EXEC, ENOENT);
+		child_fail(s, STAGE_EXEC, ENOENT);
 	if (strchr(prog, '/')) {
 		execve(prog, s->argv, s->envp);
-		child_fail(s->report_w, STAGE_EXEC, errno);
+		child_fail(s, STAGE_EXEC, errno);
 	}
 	/* execvpe() semantics, but with PATH from the request's environment. */
 	const char *path = DEFAULT_PATH;
@@ -653,13 +662,13 @@ static void child_exec(const struct exec_spec *s)
 			if (errno == EACCES)
 				err = EACCES;
 			else if (errno != ENOENT && errno != ENOTDIR)
-				child_fail(s->report_w, STAGE_EXEC, errno);
+				child_fail(s, STAGE_EXEC, errno);
 		}
 		if (*end == 0)
 			break;
 		p = end;
 	}
-	child_fail(s->report_w, STAGE_EXEC, err);
+	child_fail(s, STAGE_EXEC, err);
 }
 
 static bool all_digits(const char *s)
@@ -768,8 +777,9 @@ static void h_exec(const struct msg *m)
 	char **argv = collect_strv(m, T_ARG, &argc, &bad);
 	char **envp = collect_strv(m, T_ENV, &envc, &bad);
 	char *cwd = NULL, *user = NULL;
-	struct exec_spec s = {.argv = argv, .envp = envp, .in_r = -1, .out_w = -1, .err_w = -1, .report_w = -1};
-	int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr_[2] = {-1, -1}, prep[2] = {-1, -1};
+	volatile struct child_report rep = {0, 0};
+	struct exec_spec s = {.argv = argv, .envp = envp, .in_r = -1, .out_w = -1, .err_w = -1, .report = &rep};
+	int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr_[2] = {-1, -1};
 	const uint8_t *p;
 	uint32_t n;
 	int64_t timeout = get_int_or(m, T_TIMEOUT_MS, 0);
@@ -802,7 +812,9 @@ static void h_exec(const struct msg *m)
 	}
 	if (!req_slot_free(m->id))
 		goto out;
-	if (pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr_, O_CLOEXEC) < 0 || pipe2(prep, O_CLOEXEC) < 0 ||
+	if (stdin_mode == 0 && devnull_fd < 0)
+		devnull_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr_, O_CLOEXEC) < 0 ||
 	    (stdin_mode == 1 && pipe2(pin, O_CLOEXEC) < 0)) {
 		reply_error(m->id, errno, "pipe: %s", strerror(errno));
 		goto out;
@@ -811,7 +823,6 @@ static void h_exec(const struct msg *m)
 	s.in_r = pin[0];
 	s.out_w = pout[1];
 	s.err_w = perr_[1];
-	s.report_w = prep[1];
 	/* vfork: no copy of the agent's page tables and no copy-on-write faults
 	 * in the agent afterwards, which are costly under TCG; the agent waits
 	 * (it would block on the report pipe anyway) until the child has exec'd. */
@@ -825,15 +836,9 @@ static void h_exec(const struct msg *m)
 	close_fd(&pin[0]);
 	close_fd(&pout[1]);
 	close_fd(&perr_[1]);
-	close_fd(&prep[1]);
 
-	/* Block until exec succeeds (EOF through CLOEXEC) or the child reports why not. */
-	struct child_report rep;
-	ssize_t r;
-	do
-		r = read(prep[0], &rep, sizeof rep);
-	while (r < 0 && errno == EINTR);
-	if (r == (ssize_t)sizeof rep) {
+	/* vfork() returned: the child has exec'd, or set rep and exited. */
+	if (rep.stage != 0) {
 		waitpid(pid, NULL, 0);
 		if (rep.stage == STAGE_EXEC && rep.err == ENOENT)
 			reply_error(m->id, ENOENT, "command not found: %.200s", argv[0]);
@@ -854,9 +859,6 @@ static void h_exec(const struct msg *m)
 	pout[0] = perr_[0] = pin[1] = -1;
 	fcntl(q->out_fd, F_SETFL, O_NONBLOCK);
 	fcntl(q->err_fd, F_SETFL, O_NONBLOCK);
-	/* Bigger pipes mean fewer wakeups for chatty commands; best effort. */
-	fcntl(q->out_fd, F_SETPIPE_SZ, (int)CHUNK);
-	fcntl(q->err_fd, F_SETPIPE_SZ, (int)CHUNK);
 	if (q->in_fd >= 0)
 		fcntl(q->in_fd, F_SETFL, O_NONBLOCK);
 	if (timeout > 0)
@@ -869,7 +871,6 @@ out:
 		close_fd(&pin[i]);
 		close_fd(&pout[i]);
 		close_fd(&perr_[i]);
-		close_fd(&prep[i]);
 	}
 	free_strv(argv);
 	free_strv(envp);
@@ -938,6 +939,18 @@ static void h_signal(const struct msg *m, struct req *r)
 		return;
 	}
 	kill(-r->pid, (int)sig);
+}
+
+/* Bigger pipes mean fewer wakeups for chatty commands; best effort. Done
+ * once a read finds a pipe full, not per exec: growing a pipe to CHUNK costs
+ * an allocation most commands (a few lines of output) never need. */
+static void enlarge_pipes(struct req *r)
+{
+	r->big_pipes = true;
+	if (r->out_fd >= 0)
+		fcntl(r->out_fd, F_SETPIPE_SZ, (int)CHUNK);
+	if (r->err_fd >= 0)
+		fcntl(r->err_fd, F_SETPIPE_SZ, (int)CHUNK);
 }
 
 /* Called once the exec's child is reaped: forward what is left in the
@@ -2028,6 +2041,8 @@ static void serve(int sig_fd)
 							    *fd, CHUNK);
 				if (got == 0 || (got < 0 && errno != EAGAIN))
 					close_fd(fd); /* EOF: the child (and its children) closed it */
+				else if (got >= PIPE_DEFAULT && !r->big_pipes)
+					enlarge_pipes(r);
 				break;
 			}
 			case W_IN:

@@ -1,0 +1,68 @@
+"""How deep a pool of pre-started clones should be (pure logic, no VM).
+
+A pre-start (QEMU start, state load, one warm-up command) takes a few hundred
+milliseconds of CPU under TCG; back-to-back creates (the ``sandbox`` fixture
+over a run of fast tests) come every few tens. One waiting clone is used up at
+once and the next create pays a whole restore. By Little's law a pool must
+hold about (time to make a clone) / (time between takes) clones to keep up,
+so the depth follows that ratio, within a cap that bounds the memory idle
+clones cost, and falls back to the base depth once creates stop.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["PoolDemand"]
+
+#: Weight of the newest sample in the moving averages (fast to follow a burst).
+_ALPHA = 0.5
+#: First guess of a pre-start's duration, before one is measured (TCG, loaded host).
+_FIRST_PRESTART_S = 0.3
+
+
+class PoolDemand:
+    """Tracks the takes and pre-starts of one pool and says how deep it should be.
+
+    ``base`` is the depth kept while nothing happens, ``cap`` the most clones
+    (waiting plus being started) it may ever ask for, and ``idle_s`` how long
+    after the last take the pool shrinks back to ``base``. Times are seconds
+    on one monotonic clock, passed in (so tests need no sleeping).
+    """
+
+    def __init__(self, base: int, cap: int, idle_s: float) -> None:
+        if base < 0 or cap < base or idle_s <= 0:
+            raise ValueError(f"need 0 <= base <= cap and idle_s > 0, got {base}, {cap}, {idle_s}")
+        self.base = base
+        self.cap = cap
+        self.idle_s = idle_s
+        self._last_take: float | None = None
+        self._gap: float | None = None
+        self._prestart = _FIRST_PRESTART_S
+
+    def note_take(self, now: float) -> None:
+        """A create took (or asked for) a clone at ``now``."""
+        if self._last_take is not None:
+            gap = max(now - self._last_take, 1e-3)
+            if gap >= self.idle_s:
+                self._gap = None  # a new burst: the old rate says nothing about it
+            else:
+                self._gap = gap if self._gap is None else _ALPHA * gap + (1 - _ALPHA) * self._gap
+        self._last_take = now
+
+    def note_prestart(self, seconds: float) -> None:
+        """One pre-start took ``seconds`` from QEMU start to a warmed clone."""
+        if seconds > 0:
+            self._prestart = _ALPHA * seconds + (1 - _ALPHA) * self._prestart
+
+    def idle(self, now: float) -> bool:
+        """No take for ``idle_s``: surplus clones only cost memory."""
+        return self._last_take is None or now - self._last_take >= self.idle_s
+
+    def target(self, now: float) -> int:
+        """Clones the pool should hold (waiting and being started) at ``now``."""
+        if self.idle(now) or self._gap is None:
+            return self.base
+        # One more than the clones used up while one is being made.
+        want = math.ceil(self._prestart / self._gap) + 1
+        return max(self.base, min(self.cap, want))

@@ -1,0 +1,69 @@
+"""The pool's depth rule (snapshots/_demand.py): pure logic, no VM, no sleeping."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_microsandbox.snapshots._demand import PoolDemand
+
+
+def test_spaced_out_creates_keep_the_base_depth() -> None:
+    demand = PoolDemand(base=1, cap=8, idle_s=5.0)
+    assert demand.target(0.0) == 1
+    for t in (0.0, 6.0, 12.0, 18.0):  # each gap longer than the idle window
+        demand.note_take(t)
+        assert demand.target(t) == 1
+
+
+def test_back_to_back_creates_deepen_the_pool_by_littles_law() -> None:
+    demand = PoolDemand(base=1, cap=16, idle_s=5.0)
+    demand.note_prestart(0.3)
+    demand.note_prestart(0.3)
+    t = 0.0
+    for _ in range(6):
+        demand.note_take(t)
+        t += 0.05
+    # ~0.3 s to make a clone, one taken every 0.05 s: 6 in use while one is made, +1.
+    assert demand.target(t) == 7
+
+
+def test_the_depth_never_passes_the_cap() -> None:
+    demand = PoolDemand(base=1, cap=3, idle_s=5.0)
+    for i in range(10):
+        demand.note_take(i * 0.001)
+    assert demand.target(0.01) == 3
+
+
+def test_the_pool_shrinks_back_once_creates_stop() -> None:
+    demand = PoolDemand(base=2, cap=8, idle_s=5.0)
+    for i in range(5):
+        demand.note_take(i * 0.02)
+    assert demand.target(0.1) > 2
+    assert not demand.idle(0.1)
+    assert demand.idle(5.1)
+    assert demand.target(5.1) == 2
+
+
+def test_a_new_burst_does_not_inherit_the_old_rate() -> None:
+    demand = PoolDemand(base=1, cap=8, idle_s=5.0)
+    for i in range(5):
+        demand.note_take(i * 0.01)
+    demand.note_take(100.0)  # first take after a long pause
+    assert demand.target(100.0) == 1
+
+
+def test_slower_prestarts_ask_for_a_deeper_pool() -> None:
+    fast, slow = PoolDemand(1, 16, 5.0), PoolDemand(1, 16, 5.0)
+    for _ in range(4):
+        fast.note_prestart(0.1)
+        slow.note_prestart(0.6)
+    for i in range(4):
+        fast.note_take(i * 0.1)
+        slow.note_take(i * 0.1)
+    assert fast.target(0.3) < slow.target(0.3)
+
+
+@pytest.mark.parametrize(("base", "cap", "idle_s"), [(-1, 4, 1.0), (3, 2, 1.0), (1, 4, 0.0)])
+def test_bad_bounds_are_refused(base: int, cap: int, idle_s: float) -> None:
+    with pytest.raises(ValueError, match="base <= cap"):
+        PoolDemand(base, cap, idle_s)
