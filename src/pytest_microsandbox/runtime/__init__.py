@@ -42,8 +42,9 @@ if TYPE_CHECKING:
     from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
     from .boot import boot_identity
     from .config import SandboxConfig, Volume
+    from .pty import PtySession
     from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
-    from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
+    from .sync import SyncExecHandle, SyncPtySession, SyncSandbox, SyncSandboxFs
 
 __all__ = [
     "AgentBuildError",
@@ -69,6 +70,7 @@ __all__ = [
     "OutputLimitError",
     "PathNotFoundError",
     "ProtocolError",
+    "PtySession",
     "Sandbox",
     "SandboxConfig",
     "SandboxError",
@@ -82,6 +84,7 @@ __all__ = [
     "Stderr",
     "Stdout",
     "SyncExecHandle",
+    "SyncPtySession",
     "SyncSandbox",
     "SyncSandboxFs",
     "UnsafeHostPathError",
@@ -96,6 +99,7 @@ _WHERE = {
     "Exited": ".agent.results",
     "FileKind": ".agent.results",
     "FileStat": ".agent.results",
+    "PtySession": ".pty",
     "Sandbox": ".sandbox",
     "SandboxConfig": ".config",
     "SandboxFs": ".sandbox",
@@ -104,6 +108,7 @@ _WHERE = {
     "Stderr": ".agent.results",
     "Stdout": ".agent.results",
     "SyncExecHandle": ".sync",
+    "SyncPtySession": ".sync",
     "SyncSandbox": ".sync",
     "SyncSandboxFs": ".sync",
     "Volume": ".config",

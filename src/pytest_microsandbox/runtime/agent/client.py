@@ -337,13 +337,19 @@ class AgentClient:
         user: str | int | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        tty: tuple[int, int] | None = None,
     ) -> ExecProcess:
         """Start ``argv`` in the guest and return once it runs.
 
         ``env`` is the whole environment (none if None); ``user`` a name, uid
         or ``"uid:gid"``; ``timeout`` (seconds) makes the agent kill the
         process group; ``stdin=True`` gives the command a pipe for
-        :meth:`ExecProcess.write_stdin`. Raises ValueError for an empty argv
+        :meth:`ExecProcess.write_stdin`. ``tty=(rows, cols)`` runs it on a new
+        pseudo-terminal of that size instead (its controlling terminal: stdin,
+        stdout and stderr; output arrives as stdout, input goes through
+        ``write_stdin``, :meth:`ExecProcess.resize` resizes it; a ``\x03`` written
+        reaches the foreground process group as SIGINT, as on any terminal).
+        Raises ValueError for an empty argv, a size outside 1..65535,
         or NUL bytes, ConfigError for a timeout that is not a finite number
         of seconds > 0, ExecError naming the argument or variable if one is
         over Linux's MAX_ARG_STRLEN or all together over one frame,
@@ -366,7 +372,12 @@ class AgentClient:
             fields.append(bytes_field(Tag.USER, _text(str(user), "user")))
         if timeout is not None:
             fields.append(int_field(Tag.TIMEOUT_MS, max(1, math.ceil(timeout * 1000))))
-        if stdin:
+        if tty is not None:
+            rows, cols = tty
+            if not (1 <= rows <= 0xFFFF and 1 <= cols <= 0xFFFF):
+                raise ValueError(f"a terminal of {rows}x{cols}: rows and cols must be 1..65535")
+            fields += [int_field(Tag.ROWS, rows), int_field(Tag.COLS, cols)]
+        elif stdin:
             fields.append(int_field(Tag.STDIN_MODE, 1))
         _check_exec_size(program, fields)
         deadline = None if timeout is None else anyio.current_time() + timeout + self.exec_grace
@@ -383,8 +394,9 @@ class AgentClient:
                     req,
                     program=program,
                     pid=reply.require_int(Tag.PID),
-                    stdin_pipe=stdin,
+                    stdin_pipe=stdin or tty is not None,
                     deadline=deadline,
+                    tty=tty is not None,
                 )
             if reply.type == MsgType.ERROR:
                 err = reply.require_int(Tag.ERRNO)

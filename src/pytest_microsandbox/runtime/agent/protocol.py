@@ -73,6 +73,7 @@ class MsgType(enum.IntEnum):
     EXEC = 0x10
     STDIN = 0x11
     SIGNAL = 0x12
+    RESIZE = 0x13
     FS_READ = 0x20
     FS_WRITE = 0x21
     FS_CHUNK = 0x22
@@ -130,6 +131,8 @@ class Tag(enum.IntEnum):
     UID = 32
     GID = 33
     OFFSET = 34
+    ROWS = 35
+    COLS = 36
     UPTIME_MS = 40
     MEM_TOTAL = 41
     MEM_AVAILABLE = 42
@@ -160,6 +163,8 @@ INT_TAGS: frozenset[Tag] = frozenset(
         Tag.UID,
         Tag.GID,
         Tag.OFFSET,
+        Tag.ROWS,
+        Tag.COLS,
         Tag.UPTIME_MS,
         Tag.MEM_TOTAL,
         Tag.MEM_AVAILABLE,
@@ -280,6 +285,7 @@ HOST_TO_GUEST: Mapping[MsgType, Schema] = {
     MsgType.EXEC: _s(Tag.ARG),
     MsgType.STDIN: _s(Tag.DATA),
     MsgType.SIGNAL: _s(Tag.SIGNAL),
+    MsgType.RESIZE: _s(Tag.ROWS, Tag.COLS),
     MsgType.FS_READ: _s(Tag.PATH),
     MsgType.FS_WRITE: _s(Tag.PATH),
     MsgType.FS_CHUNK: _s(Tag.DATA),
