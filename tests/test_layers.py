@@ -1,10 +1,12 @@
 """No layer imports one above it (docs/architecture.md).
 
 From the bottom up: ``runtime`` (the VM engine, usable without pytest),
-``snapshots`` (templates, restore, fork), then the pytest plugin
-(``plugin``, ``hookspec``). Beside them, ``guest`` (the runner started inside
-the VM and its messages) imports only the standard library, pytest and itself:
-it starts under emulation, and the plugin imports its messages. Every import
+``snapshots`` (templates, restore, fork), then, side by side, the pytest
+plugin (``plugin``, ``hookspec``) and the ``microsandbox`` command (``cli``),
+which never import each other and of which only the plugin imports pytest.
+Beside them, ``guest`` (the runner started inside the VM and its messages)
+imports only the standard library, pytest and itself: it starts under
+emulation, and the plugin imports its messages. Every import
 statement counts, lazy ones inside functions and ``TYPE_CHECKING`` blocks
 included: a lazy import is still a dependency.
 """
@@ -24,14 +26,17 @@ NAME = "pytest_microsandbox"
 
 #: Layer of each top-level part of the package; a module may import its own
 #: layer and those below.
-LAYERS = {"runtime": 0, "snapshots": 1, "plugin": 2, "hookspec": 2}
+LAYERS = {"runtime": 0, "snapshots": 1, "plugin": 2, "hookspec": 2, "cli": 2}
+
+#: Parts of one layer that must not import each other.
+APART = {"cli": {"plugin", "hookspec"}, "plugin": {"cli"}, "hookspec": {"cli"}}
 
 #: Parts that may import nothing of the package but themselves, and no
 #: third-party module but pytest.
 SELF_CONTAINED = {"guest"}
 
 #: Layers that must not import pytest.
-NO_PYTEST = {"runtime", "snapshots"}
+NO_PYTEST = {"runtime", "snapshots", "cli"}
 
 #: Upward imports that exist today, to be removed; none may be added.
 KNOWN_DEBT: set[tuple[str, str]] = set()
@@ -77,6 +82,8 @@ def _violations(package_dir: Path = PACKAGE) -> set[tuple[str, str]]:
                 out.add((rel, "pytest"))
             part = _part(module)
             if part in LAYERS and LAYERS[part] > LAYERS[own]:
+                out.add((rel, part))
+            if part in APART.get(own, ()):
                 out.add((rel, part))
     return out
 
@@ -147,3 +154,24 @@ def test_the_guest_imports_only_the_stdlib_pytest_and_itself(tmp_path, source, e
         "from . import probe\nfrom .probe import f\nimport pytest_microsandbox.guest.probe\n"
     )
     assert _violations(package) == {("guest/probe.py", expected)}
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from ..plugin import _keep", "plugin"),
+        ("import pytest_microsandbox.hookspec", "hookspec"),
+        ("import pytest", "pytest"),
+        ("from _pytest import nodes", "pytest"),
+    ],
+)
+def test_the_cli_imports_neither_the_plugin_nor_pytest(tmp_path, source, expected):
+    package = tmp_path / NAME
+    (package / "cli").mkdir(parents=True)
+    (package / "cli" / "probe.py").write_text(f"def f():\n    {source}\n")
+    (package / "cli" / "fine.py").write_text(
+        "from ..runtime import Sandbox\nfrom ..snapshots import Snapshot\nfrom . import probe\n"
+    )
+    (package / "plugin").mkdir()
+    (package / "plugin" / "bad.py").write_text("from ..cli import main\n")
+    assert _violations(package) == {("cli/probe.py", expected), ("plugin/bad.py", "cli")}
