@@ -43,7 +43,7 @@ def _raw(fd: int) -> Iterator[None]:
         return
     saved = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: keys typed ahead are kept
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
