@@ -12,17 +12,29 @@ import inspect
 
 import pytest
 
+from pytest_microsandbox.runtime.pty import PtySession
 from pytest_microsandbox.runtime.sandbox import ExecHandle, Sandbox, SandboxFs
-from pytest_microsandbox.runtime.sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
+from pytest_microsandbox.runtime.sync import (
+    SyncExecHandle,
+    SyncPtySession,
+    SyncSandbox,
+    SyncSandboxFs,
+)
 
 #: Async-only by nature, each with the reason.
 ASYNC_ONLY = {
     (Sandbox, "open_channel"): "returns an anyio byte stream, usable only on the loop",
     (Sandbox, "from_session"): "takes a provisioner's session, whose objects live on the loop",
     (Sandbox, "session"): "the session's agent client and monitor are usable only on the loop",
+    (PtySession, "aclose"): "the blocking twin's is close() (leaving `with` calls it too)",
 }
 
-PAIRS = [(Sandbox, SyncSandbox), (SandboxFs, SyncSandboxFs), (ExecHandle, SyncExecHandle)]
+PAIRS = [
+    (Sandbox, SyncSandbox),
+    (SandboxFs, SyncSandboxFs),
+    (ExecHandle, SyncExecHandle),
+    (PtySession, SyncPtySession),
+]
 
 
 def _public(cls: type) -> dict[str, object]:
