@@ -102,3 +102,21 @@ def test_run_without_a_command_opens_a_shell():
         assert term.wait() == 0
     finally:
         term.close()
+
+
+def test_shell_reads_a_script_from_a_pipe(saved: str):
+    # No terminal on our side: the end of the input ends the guest's shell.
+    result = subprocess.run(
+        [CLI, "shell", saved],
+        input="cat /root/evidence.txt\nexit 6\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert result.returncode == 6, result.stderr
+    assert "written before the snapshot" in result.stdout
+    eof = subprocess.run(
+        [CLI, "shell", saved], input=b"true\n", capture_output=True, timeout=300, env=ENV
+    )
+    assert eof.returncode == 0, eof.stderr

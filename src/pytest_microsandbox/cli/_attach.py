@@ -90,7 +90,10 @@ async def _keys(session: PtySession, fd: int) -> None:
                 data = os.read(fd, _READ_SIZE)
             except BlockingIOError:
                 continue
-            if not data:  # our input ended (a pipe): nothing more to type
+            if not data:
+                # Our input (a pipe, a file) ended: type the terminal's end of
+                # file, so a shell reading it exits as it would at a keyboard.
+                await session.write(b"\x04")
                 return
             await session.write(data)
     finally:

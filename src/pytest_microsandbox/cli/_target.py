@@ -79,7 +79,11 @@ def env_of(entries: list[str]) -> dict[str, str]:
 
 @asynccontextmanager
 async def open_target(name: str) -> AsyncIterator[Sandbox]:
-    """A sandbox for NAME: a clone of the snapshot, killed on the way out."""
+    """A sandbox for NAME: a clone of the snapshot, killed on the way out.
+
+    (Named running sandboxes, once the state store exists, come first here: a
+    running NAME is connected to and left running.)
+    """
     from ..runtime import SnapshotNotFoundError
     from ..snapshots import restore_snapshot
 
