@@ -652,3 +652,16 @@ async def test_client_close_fails_pending_calls() -> None:
     assert len(errors) == 1 and "closed" in str(errors[0])
     with pytest.raises(SandboxNotRunningError):
         await client.ping()
+
+
+async def test_stderr_from_a_pseudo_terminal_breaks_the_protocol() -> None:
+    # A terminal has one output; a guest that sends STDERR for one is not our agent.
+    async with connect() as (client, agent):
+        proc = await client.exec_stream(["env"], tty=(24, 80))
+        with pytest.raises(ProtocolError, match=r"STDERR \(id \d+\) from a pseudo-terminal"):
+            await proc.wait()
+        with pytest.raises(ProtocolError):
+            await client.ping()  # the connection cannot be trusted any more
+    frame = agent.of_type(MsgType.EXEC)[0]
+    assert (frame.get_int(Tag.ROWS), frame.get_int(Tag.COLS)) == (24, 80)
+    assert frame.get_int(Tag.STDIN_MODE) is None
