@@ -5,7 +5,10 @@ The agent opens the pty, makes it the command's controlling terminal and
 relays it over the command's EXEC request (``docs/protocol.md``): its output
 arrives as STDOUT chunks (each at most the protocol's CHUNK, validated like
 every frame; a STDERR frame for a terminal breaks the protocol), keystrokes go
-as STDIN, a size change as RESIZE. Nothing is interpreted on the host: a
+as STDIN, a size change as RESIZE. The output is windowed: the agent sends at
+most :data:`PTY_WINDOW` bytes the host has not read (ACK), so a guest flooding
+its terminal costs the host a bounded buffer, and one ignoring the window
+breaks the protocol. Nothing is interpreted on the host: a
 ``\\x03`` written is a Ctrl-C the guest's line discipline turns into SIGINT for
 the foreground process group.
 """
@@ -17,11 +20,15 @@ from typing import TYPE_CHECKING
 
 from .agent.results import Exited, Stderr, Stdout
 
+#: Output the host holds unread per session, at most about this (the agent stops
+#: reading the terminal until the host has consumed it: ``docs/protocol.md``).
+PTY_WINDOW = 256 * 1024
+
 if TYPE_CHECKING:
     from .agent.process import ExecProcess
     from .sandbox import Sandbox
 
-__all__ = ["PtySession"]
+__all__ = ["PTY_WINDOW", "PtySession"]
 
 
 class PtySession:
@@ -57,6 +64,7 @@ class PtySession:
         async with self._sandbox._guest_errors():
             async for event in self._process:
                 if isinstance(event, Stdout):
+                    await self._process.ack(len(event.data))
                     return event.data
                 if isinstance(event, Exited):
                     self._exited = event

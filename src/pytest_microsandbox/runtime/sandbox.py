@@ -65,7 +65,7 @@ from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
 from .images import imaged_venv
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
-from .pty import PtySession
+from .pty import PTY_WINDOW, PtySession
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
     mount_volumes,
@@ -791,6 +791,7 @@ class Sandbox:
                 user=user or self.config.user,
                 timeout=timeout,
                 tty=(rows, cols),
+                window=PTY_WINDOW,
             )
         return PtySession(self, process)
 

@@ -354,3 +354,24 @@ async def test_pty_size_is_checked(client: AgentClient) -> None:
     async with await client.exec_stream(["cat"], env=ENV, stdin=True) as proc:
         with pytest.raises(ValueError, match="no terminal"):
             await proc.resize(10, 10)
+
+
+async def test_the_agent_keeps_to_the_output_window(client: AgentClient) -> None:
+    size, window = 3_000_000, 65536
+    proc = await client.exec_stream(["head", "-c", str(size), "/dev/zero"], env=ENV, window=window)
+    async with proc:
+        got = 0
+        while got < window:
+            event = await proc.__anext__()
+            if isinstance(event, Stdout):
+                got += len(event.data)
+        assert got == window  # every read the agent made fit in the window
+        with anyio.move_on_after(1):  # nothing more until the host acknowledges
+            event = await proc.__anext__()
+            raise AssertionError(f"the agent sent {event!r} past its window")
+        await proc.ack(got)
+        async for event in proc:
+            if isinstance(event, Stdout):
+                got += len(event.data)
+                await proc.ack(len(event.data))
+    assert got == size and proc.returncode == 0

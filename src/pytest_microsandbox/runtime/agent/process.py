@@ -45,6 +45,10 @@ class RequestChannel(Protocol):
         """Stop routing frames to this id (later frames for it are dropped)."""
         ...
 
+    async def ack(self, size: int) -> None:
+        """Tell the agent ``size`` bytes of output were consumed (EXEC WINDOW)."""
+        ...
+
 
 class ExecProcess:
     """A started guest command (see ``AgentClient.exec_stream``).
@@ -244,6 +248,13 @@ class ExecProcess:
     async def kill(self) -> None:
         """Send SIGKILL to the command's process group; a no-op once it exited."""
         await self.signal(_signal.SIGKILL)
+
+    async def ack(self, size: int) -> None:
+        """Acknowledge ``size`` bytes of output consumed, for an exec started with a
+        ``window``: the agent may send that much more. A no-op once it exited.
+        """
+        if not self._done and size > 0:
+            await self._chan.ack(size)
 
     async def resize(self, rows: int, cols: int) -> None:
         """Set the pseudo-terminal's size (the guest's foreground process group
