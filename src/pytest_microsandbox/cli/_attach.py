@@ -20,7 +20,7 @@ import anyio
 from ._common import exit_status
 
 if TYPE_CHECKING:
-    from ..runtime import PtySession, Sandbox
+    from ..runtime import ExecHandle, PtySession, Sandbox
 
 __all__ = ["run_command", "run_terminal", "terminal_size"]
 
@@ -138,10 +138,7 @@ async def run_command(
     return status
 
 
-async def _feed(handle: object, fd: int) -> None:
-    from ..runtime import ExecHandle
-
-    assert isinstance(handle, ExecHandle)
+async def _feed(handle: ExecHandle, fd: int) -> None:
     while data := await anyio.to_thread.run_sync(os.read, fd, _READ_SIZE, abandon_on_cancel=True):
         await handle.write_stdin(data)
     await handle.close_stdin()

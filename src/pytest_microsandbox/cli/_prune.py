@@ -44,8 +44,7 @@ def register(subparsers: Any) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from ..runtime._cache import GRACE_S
-    from ..snapshots import Snapshot
+    from ..snapshots import AUTO_PRUNE_GRACE_S, Snapshot
 
     sizes = {(i.kind, i.name): i.disk_bytes for i in Snapshot.list()}
     groups = [("template", None), ("snapshot", "zygote-")]
@@ -58,7 +57,7 @@ def _prune(args: argparse.Namespace) -> int:
             max_bytes=args.max_size,
             kind=kind,
             prefix=prefix,
-            min_idle=GRACE_S,
+            min_idle=AUTO_PRUNE_GRACE_S,
         ):
             removed.append({"name": name, "kind": kind, "disk_bytes": sizes.get((kind, name), 0)})
     freed = sum(r["disk_bytes"] for r in removed)

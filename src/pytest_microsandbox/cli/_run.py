@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from ._attach import run_terminal
-from ._target import _command_options, command_argv, run_in
+from ._target import command_argv, command_options, run_in
 
 __all__ = ["register"]
 
@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--memory", type=int, default=512, metavar="MIB", help="guest memory (512)")
     p.add_argument("--cpus", type=int, default=1, help="virtual CPUs (1)")
     p.add_argument("--cold", action="store_true", help="boot from scratch (no template)")
-    _command_options(p)
+    command_options(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     p.set_defaults(handler=_run)
 

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from ._common import EXIT_FAILURE, EXIT_OK, add_json, age, error, human_bytes, print_json, table
-from ._target import _command_options, command_argv, default_workdir, open_target, run_in
+from ._target import command_argv, command_options, default_workdir, open_target, run_in
 
 __all__ = ["register"]
 
@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
         "restore", help="start a clone of snapshot NAME: a shell in it, or run CMD"
     )
     restore.add_argument("name", metavar="NAME")
-    _command_options(restore)
+    command_options(restore)
     restore.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     restore.set_defaults(handler=_restore)
 

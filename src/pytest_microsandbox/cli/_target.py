@@ -22,7 +22,15 @@ from ._attach import run_command, run_terminal
 if TYPE_CHECKING:
     from ..runtime import Sandbox
 
-__all__ = ["open_target", "register"]
+__all__ = [
+    "command_argv",
+    "command_options",
+    "default_workdir",
+    "env_of",
+    "open_target",
+    "register",
+    "run_in",
+]
 
 
 def register(subparsers: Any) -> None:
@@ -33,7 +41,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", metavar="NAME", help="snapshot name (see: microsandbox snapshot ls)")
-    _command_options(p)
+    command_options(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     p.set_defaults(handler=_exec)
 
@@ -49,7 +57,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=_shell)
 
 
-def _command_options(p: argparse.ArgumentParser) -> None:
+def command_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--tty", action="store_true", help="run the command on a terminal")
     p.add_argument("-i", "--interactive", action="store_true", help="forward stdin to it")
     p.add_argument("-w", "--workdir", help="guest working directory")

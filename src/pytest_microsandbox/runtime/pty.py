@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from .agent.results import Exited, Stderr, Stdout
 
-#: Output the host holds unread per session, at most about this (the agent stops
-#: reading the terminal until the host has consumed it: ``docs/protocol.md``).
+#: Output a session holds unread, at most, while its command runs (the agent stops
+#: reading the terminal until the host has consumed it); a guest that ignores the
+#: window is cut off past 33 windows, 8.25 MiB (``docs/protocol.md``).
 PTY_WINDOW = 256 * 1024
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ This package also offers the store API.
 from __future__ import annotations
 
 from ._engine import (
+    AUTO_PRUNE_GRACE_S,
     LOCK_TIMEOUT_ENV,
     POOL_SIZE_ENV,
     SnapshotService,
@@ -27,6 +28,7 @@ from ._model import SnapshotMeta
 from ._store import SnapshotInfo, get_snapshot, list_snapshots, prune, remove_snapshot
 
 __all__ = [
+    "AUTO_PRUNE_GRACE_S",
     "LOCK_TIMEOUT_ENV",
     "POOL_SIZE_ENV",
     "Snapshot",
