@@ -64,6 +64,16 @@ def test_exec_runs_in_a_clone_of_the_snapshot(saved: str):
 def test_snapshot_restore_runs_a_command_and_ls_lists_it(saved: str):
     result = cli("snapshot", "restore", saved, "--", "cat", "/root/evidence.txt")
     assert (result.returncode, result.stdout) == (0, "written before the snapshot\n")
+    # Without a command: a shell (here reading a pipe), its exit status returned.
+    shell = subprocess.run(
+        [CLI, "snapshot", "restore", saved],
+        input="cat /root/evidence.txt; exit 2\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert shell.returncode == 2 and "written before the snapshot" in shell.stdout
     listed = cli("snapshot", "ls")
     assert listed.returncode == 0
     assert any(line.split()[:2] == [saved, "snapshot"] for line in listed.stdout.splitlines())
