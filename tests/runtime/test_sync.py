@@ -13,9 +13,11 @@ import inspect
 import pytest
 
 from pytest_microsandbox.runtime._remote import RemoteSandbox, RemoteSandboxFs
+from pytest_microsandbox.runtime.pty import PtySession
 from pytest_microsandbox.runtime.sandbox import ExecHandle, Sandbox, SandboxFs
 from pytest_microsandbox.runtime.sync import (
     SyncExecHandle,
+    SyncPtySession,
     SyncRemoteSandbox,
     SyncRemoteSandboxFs,
     SyncSandbox,
@@ -28,6 +30,7 @@ ASYNC_ONLY = {
     (Sandbox, "from_session"): "takes a provisioner's session, whose objects live on the loop",
     (Sandbox, "session"): "the session's agent client and monitor are usable only on the loop",
     (RemoteSandbox, "open"): "a constructor from a store row; SyncRemoteSandbox wraps its result",
+    (PtySession, "aclose"): "the blocking twin's is close() (leaving `with` calls it too)",
 }
 
 PAIRS = [
@@ -36,6 +39,7 @@ PAIRS = [
     (ExecHandle, SyncExecHandle),
     (RemoteSandbox, SyncRemoteSandbox),
     (RemoteSandboxFs, SyncRemoteSandboxFs),
+    (PtySession, SyncPtySession),
 ]
 
 

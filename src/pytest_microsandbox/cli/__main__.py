@@ -1,4 +1,4 @@
-"""``python -m pytest_microsandbox.cli``."""
+"""``python -m pytest_microsandbox.cli``: the ``microsandbox`` command."""
 
 from __future__ import annotations
 

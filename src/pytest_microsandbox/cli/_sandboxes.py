@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ls = subparsers.add_parser("ls", help="list the live named sandboxes")
     ls.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     _cache_option(ls)
-    ls.set_defaults(func=_ls)
+    ls.set_defaults(handler=_ls)
     for name, what in (("stop", "stop"), ("rm", "stop and remove")):
         cmd = subparsers.add_parser(name, help=f"{what} named sandboxes (any process's)")
         cmd.add_argument("names", nargs="+", metavar="NAME")
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                 "-f", "--force", action="store_true", help="ignore names that do not exist"
             )
         _cache_option(cmd)
-        cmd.set_defaults(func=_stop)
+        cmd.set_defaults(handler=_stop)
 
 
 def _cache_option(parser: argparse.ArgumentParser) -> None:

@@ -69,6 +69,11 @@ class MicrosandboxPlugin:
         return self._runner
 
     def _isolation(self, level: str) -> Literal["vm", "process"]:
+        if self.settings.keep_failed:
+            # Under process isolation a test runs in a forked process of a shared
+            # VM and leaves nothing behind when it ends: only a test's own VM
+            # can be kept as it was when the test failed.
+            return "vm"
         return isolation_for(level, self.settings.accel, self.settings.cache_dir)
 
     # -- header and summary ------------------------------------------------------------------

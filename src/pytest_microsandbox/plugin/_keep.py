@@ -1,15 +1,19 @@
 """``--sandbox-keep-failed``: a failed test's VM is saved as a named snapshot, and
-the summary says how to restore it.
+the summary prints the command that opens a shell in it (``microsandbox shell
+NAME``: a clone of the snapshot, as the VM was when the test failed).
 
-Two kinds of VMs are kept: a marked test's own VM (its clone of the zygote) and
-the sandboxes a test created through the fixtures.
+Two kinds of VMs are kept: a marked test's own VM (its clone of the zygote; the
+plugin runs marked tests with ``vm`` isolation under this option, so that VM is
+the test's own and still holds what the test left) and the sandboxes a test
+created through the fixtures. Names come from ``_names.kept_name``: one per node
+id (and sandbox), so same-named tests of two files do not overwrite each other.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._names import safe_name
+from ._names import kept_name
 from ._stats import Stats
 
 if TYPE_CHECKING:
@@ -18,10 +22,14 @@ if TYPE_CHECKING:
 # The runtime is imported where it is used: this module is imported with the
 # plugin, and a run that creates no sandbox never loads it.
 
-__all__ = ["keep_fixture_sandbox", "keep_marked_test_vm"]
+__all__ = ["how_to_reach", "keep_fixture_sandbox", "keep_marked_test_vm"]
 
-#: Longest snapshot name of a kept VM.
-_NAME_LIMIT = 60
+
+def how_to_reach(name: str) -> str:
+    """What the summary says about kept snapshot ``name``."""
+    return (
+        f"open a shell in it: microsandbox shell {name}  (remove: microsandbox snapshot rm {name})"
+    )
 
 
 async def keep_marked_test_vm(sandbox: Sandbox, nodeid: str, stats: Stats) -> str:
@@ -30,16 +38,12 @@ async def keep_marked_test_vm(sandbox: Sandbox, nodeid: str, stats: Stats) -> st
     """
     from ..runtime import SandboxError
 
-    name = safe_name("failed-" + nodeid.rsplit("::", 1)[-1], _NAME_LIMIT)
+    name = kept_name(nodeid)
     try:
         await sandbox.snapshot(name)
     except SandboxError as exc:
         return f"could not keep {sandbox.name}: {exc.message}"
-    text = (
-        f"{nodeid}: the failed test's VM was saved as snapshot {name!r}; reach it with "
-        f"`await Sandbox.restore({name!r})` (pytest_microsandbox.runtime), then exec/shell "
-        f"in it; remove it with Snapshot.remove({name!r})"
-    )
+    text = f"{nodeid}: the failed test's VM was saved as snapshot {name}; {how_to_reach(name)}"
     stats.kept.append(text)
     return text
 
@@ -50,14 +54,12 @@ def keep_fixture_sandbox(sandbox: SyncSandbox, nodeid: str, stats: Stats) -> Non
     """
     from ..runtime import SandboxError, _portal
 
-    name = safe_name("failed-" + sandbox.name, _NAME_LIMIT)
+    name = kept_name(nodeid, sandbox.name)
     try:
         _portal.call(sandbox.async_sandbox.snapshot, name)
     except SandboxError as exc:
         stats.kept.append(f"{nodeid}: could not keep {sandbox.name}: {exc.message}")
         return
     stats.kept.append(
-        f"{nodeid}: sandbox {sandbox.name} saved as snapshot {name!r}; reach it with "
-        f"`await Sandbox.restore({name!r})` (pytest_microsandbox.runtime); remove it with "
-        f"Snapshot.remove({name!r})"
+        f"{nodeid}: sandbox {sandbox.name} saved as snapshot {name}; {how_to_reach(name)}"
     )

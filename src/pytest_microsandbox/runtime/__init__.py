@@ -49,9 +49,11 @@ if TYPE_CHECKING:
     from .boot import boot_identity
     from .config import SandboxConfig, Volume
     from .progress import BuildEvent, subscribe_progress
+    from .pty import PtySession
     from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
     from .sync import (
         SyncExecHandle,
+        SyncPtySession,
         SyncRemoteSandbox,
         SyncRemoteSandboxFs,
         SyncSandbox,
@@ -83,6 +85,7 @@ __all__ = [
     "OutputLimitError",
     "PathNotFoundError",
     "ProtocolError",
+    "PtySession",
     "RemoteSandbox",
     "RemoteSandboxFs",
     "Sandbox",
@@ -104,6 +107,7 @@ __all__ = [
     "Stderr",
     "Stdout",
     "SyncExecHandle",
+    "SyncPtySession",
     "SyncRemoteSandbox",
     "SyncRemoteSandboxFs",
     "SyncSandbox",
@@ -121,6 +125,7 @@ _WHERE = {
     "Exited": ".agent.results",
     "FileKind": ".agent.results",
     "FileStat": ".agent.results",
+    "PtySession": ".pty",
     "RemoteSandbox": "._remote",
     "RemoteSandboxFs": "._remote",
     "Sandbox": ".sandbox",
@@ -135,6 +140,7 @@ _WHERE = {
     "Stderr": ".agent.results",
     "Stdout": ".agent.results",
     "SyncExecHandle": ".sync",
+    "SyncPtySession": ".sync",
     "SyncSandbox": ".sync",
     "SyncSandboxFs": ".sync",
     "Volume": ".config",

@@ -1,4 +1,5 @@
-"""``microsandbox-doctor``: say what was found on this host and why.
+"""``microsandbox doctor`` (and its old name ``microsandbox-doctor``): say what was
+found on this host and why.
 
 Reports the QEMU version, the guest kernel, the agent build, the accelerator
 decision (with its reason) and the cache directory; exits non-zero when a

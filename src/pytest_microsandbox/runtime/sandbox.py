@@ -73,6 +73,7 @@ from .config import SandboxConfig, Volume
 from .images import imaged_venv
 from .lifetime import current_runtime
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
+from .pty import PTY_WINDOW, PtySession
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
     mount_volumes,
@@ -1127,6 +1128,47 @@ class Sandbox:
         handle = ExecHandle(self, process, timeout)
         self._streams.add(handle)
         return handle
+
+    async def pty(
+        self,
+        cmd: str = "/bin/sh",
+        args: Sequence[str] = (),
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> PtySession:
+        """Start ``cmd`` on a new pseudo-terminal of ``rows`` x ``cols`` in the guest
+        (an interactive shell by default) and return its session.
+
+        ``TERM`` is ``xterm-256color`` unless ``env`` or the config set it. No
+        timeout unless ``timeout`` is given (``config.exec_timeout`` does not
+        apply: a shell waits for a person).
+
+        :raises CommandNotFoundError: ``cmd`` does not exist in the guest.
+        :raises ValueError: a size outside 1..65535.
+        """
+        self._check_running()
+        if timeout is not None:
+            check_timeout(timeout, "timeout")
+        merged = self._exec_env(None)
+        if merged.get("TERM", "dumb") == "dumb" and "TERM" not in self.config.env:
+            merged["TERM"] = "xterm-256color"
+        merged.update(env or {})
+        async with self._guest_errors():
+            process = await self._agent.exec_stream(
+                [cmd, *args],
+                env=merged,
+                cwd=cwd or self.config.workdir,
+                user=user or self.config.user,
+                timeout=timeout,
+                tty=(rows, cols),
+                window=PTY_WINDOW,
+            )
+        return PtySession(self, process)
 
     async def exec(
         self,

@@ -35,10 +35,12 @@ from ._state import SandboxStatus
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
+from .pty import PtySession
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
 __all__ = [
     "SyncExecHandle",
+    "SyncPtySession",
     "SyncRemoteSandbox",
     "SyncRemoteSandboxFs",
     "SyncSandbox",
@@ -257,6 +259,27 @@ class SyncSandbox:
 
         return SyncExecHandle(self._portal, self._call(run))
 
+    def pty(
+        self,
+        cmd: str = "/bin/sh",
+        args: Sequence[str] = (),
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> SyncPtySession:
+        """Blocking :meth:`Sandbox.pty`: a command on a pseudo-terminal in the guest."""
+
+        async def run() -> PtySession:
+            return await self._sandbox.pty(
+                cmd, args, rows=rows, cols=cols, env=env, cwd=cwd, user=user, timeout=timeout
+            )
+
+        return SyncPtySession(self._portal, self._call(run))
+
     def fs(self) -> SyncSandboxFs:
         return SyncSandboxFs(self._portal, self._sandbox.fs())
 
@@ -392,6 +415,48 @@ class SyncExecHandle:
             return await self._handle.wait(max_output=max_output, on_output_limit=on_output_limit)
 
         return self._portal.call(run)
+
+
+class SyncPtySession:
+    """Blocking twin of :class:`~.pty.PtySession` (``with`` kills a command still running)."""
+
+    def __init__(self, portal: BlockingPortal, session: PtySession) -> None:
+        self._portal = portal
+        self._session = session
+
+    @property
+    def pid(self) -> int:
+        return self._session.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._session.returncode
+
+    def read(self) -> bytes:
+        """The next output; ``b""`` once the command exited and all of it was read."""
+        return self._portal.call(self._session.read)
+
+    def write(self, data: bytes | str) -> None:
+        self._portal.call(self._session.write, data)
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._portal.call(self._session.resize, rows, cols)
+
+    def signal(self, sig: int) -> None:
+        self._portal.call(self._session.signal, sig)
+
+    def wait(self) -> int:
+        """The exit code (minus the signal that killed it); unread output is discarded."""
+        return self._portal.call(self._session.wait)
+
+    def close(self) -> None:
+        self._portal.call(self._session.aclose)
+
+    def __enter__(self) -> SyncPtySession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class SyncSandboxFs:

@@ -12,6 +12,7 @@ This package also offers the store API.
 from __future__ import annotations
 
 from ._engine import (
+    AUTO_PRUNE_GRACE_S,
     LOCK_TIMEOUT_ENV,
     POOL_MAX_ENV,
     POOL_MEMORY_ENV,
@@ -31,6 +32,7 @@ from ._store import SnapshotInfo, get_snapshot, list_snapshots, prune, remove_sn
 from ._usage import CacheUsage, KindUsage, cache_usage
 
 __all__ = [
+    "AUTO_PRUNE_GRACE_S",
     "LOCK_TIMEOUT_ENV",
     "POOL_MAX_ENV",
     "POOL_MEMORY_ENV",

@@ -654,3 +654,37 @@ def test_fs_end_cancels_a_read(agent: Agent, tmp_path: Path) -> None:
     # the id is free again and the agent serves on
     agent.send(req_id, PING)
     assert_ok(agent.recv_for(req_id))
+
+
+# --- pseudo-terminals ----------------------------------------------------------
+
+ROWS, COLS, RESIZE = 35, 36, 0x13
+
+
+def test_pty_exec_one_output_sized_resized(agent: Agent) -> None:
+    req_id = agent.new_id()
+    fields = exec_fields(["sh", "-c", "read x; stty size; echo err >&2; exit 3"])
+    agent.send(req_id, EXEC, [*fields, (ROWS, 7), (COLS, 91)])
+    agent.send(req_id, STDIN, [(DATA, b"")])  # no EOF for a terminal: ignored
+    agent.send(req_id, RESIZE, [(ROWS, 0), (COLS, 10)])  # bad size: ignored, logged
+    agent.wait_log(b"RESIZE for id")
+    agent.send(req_id, RESIZE, [(ROWS, 8), (COLS, 92)])
+    agent.send(req_id, STDIN, [(DATA, b"go\n")])
+    res = finish(agent, req_id)
+    assert res.code == 3 and res.stderr == b""  # stderr is the terminal too
+    assert res.stdout.replace(b"\r\n", b"\n").endswith(b"8 92\nerr\n")
+
+
+@pytest.mark.parametrize("size", [[(ROWS, 0), (COLS, 80)], [(ROWS, 24)], [(COLS, 70000)]])
+def test_pty_exec_with_a_bad_size_is_refused(agent: Agent, size: list[Field]) -> None:
+    assert_error(agent.call(EXEC, [*exec_fields(["true"]), *size]), errno.EINVAL)
+
+
+def test_resize_of_an_exec_without_a_terminal_is_ignored(agent: Agent) -> None:
+    req_id = agent.new_id()
+    agent.send(req_id, EXEC, exec_fields(["sh", "-c", "cat"], stdin=b""))
+    agent.send(req_id, RESIZE, [(ROWS, 5), (COLS, 5)])
+    agent.send(req_id, STDIN, [(DATA, b"x")])
+    agent.send(req_id, STDIN, [(DATA, b"")])
+    res = finish(agent, req_id)
+    assert (res.stdout, res.code) == (b"x", 0)

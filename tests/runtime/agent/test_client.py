@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -652,3 +653,36 @@ async def test_client_close_fails_pending_calls() -> None:
     assert len(errors) == 1 and "closed" in str(errors[0])
     with pytest.raises(SandboxNotRunningError):
         await client.ping()
+
+
+async def test_stderr_from_a_pseudo_terminal_breaks_the_protocol() -> None:
+    # A terminal has one output; a guest that sends STDERR for one is not our agent.
+    async with connect() as (client, agent):
+        proc = await client.exec_stream(["env"], tty=(24, 80))
+        with pytest.raises(ProtocolError, match=r"STDERR \(id \d+\) from a pseudo-terminal"):
+            await proc.wait()
+        with pytest.raises(ProtocolError):
+            await client.ping()  # the connection cannot be trusted any more
+    frame = agent.of_type(MsgType.EXEC)[0]
+    assert (frame.get_int(Tag.ROWS), frame.get_int(Tag.COLS)) == (24, 80)
+    assert frame.get_int(Tag.STDIN_MODE) is None
+
+
+async def test_output_past_the_window_breaks_the_protocol() -> None:
+    # A guest that ignores EXEC WINDOW cannot make the host buffer without bound.
+    async def flooder(a: FakeAgent) -> None:
+        f = await a.recv()
+        assert f.type == MsgType.EXEC and f.get_int(Tag.WINDOW) == 4096
+        await a.send(f.id, MsgType.STARTED, [int_field(Tag.PID, 7)])
+        with contextlib.suppress(OSError, anyio.BrokenResourceError):
+            for _ in range(40):  # 40 x 4 KiB, never acknowledged: over 33 windows
+                await a.send(f.id, MsgType.STDOUT, [bytes_field(Tag.DATA, b"y" * 4096)])
+            await anyio.sleep(5)
+
+    async with connect(flooder) as (client, _):
+        proc = await client.exec_stream(["yes"], window=4096)
+        with pytest.raises(ProtocolError, match=r"not acknowledged, over the window of 4096"):
+            await proc.wait()
+    async with connect() as (client, _):
+        with pytest.raises(ValueError, match="window"):
+            await client.exec_stream(["yes"], window=10)

@@ -302,3 +302,76 @@ async def test_oversized_argument_or_env_names_it(client: AgentClient) -> None:
     with pytest.raises(ExecError, match=rf"over the {MAX_FRAME}-byte limit of one EXEC request"):
         await client.exec(["echo", *many], ENV)
     assert (await client.exec(["echo", "x" * 100_000], ENV)).ok  # below both limits
+
+
+# -- pseudo-terminals (tty=(rows, cols)) --------------------------------------------------
+
+
+async def _read_until(proc, needle: bytes, timeout: float = 20) -> bytes:
+    seen = b""
+    with anyio.fail_after(timeout):
+        while needle not in seen:
+            event = await proc.__anext__()
+            assert isinstance(event, (Started, Stdout)), event
+            if isinstance(event, Stdout):
+                seen += event.data
+    return seen
+
+
+async def test_pty_is_the_controlling_terminal_and_merges_output(client: AgentClient) -> None:
+    script = "tty; [ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo ALL-TTY; stty size; echo err >&2"
+    proc = await client.exec_stream(["sh", "-c", script], env=ENV, tty=(33, 101), timeout=30)
+    async with proc:
+        result = await proc.wait()
+    out = result.stdout.replace(b"\r\n", b"\n")
+    assert b"/dev/pts/" in out and b"ALL-TTY\n" in out and b"33 101\n" in out
+    assert b"err\n" in out and result.stderr == b""  # one output, as on a terminal
+
+
+async def test_pty_input_resize_ctrl_c_and_exit_status(client: AgentClient) -> None:
+    proc = await client.exec_stream(["sh"], env={**ENV, "PS1": "$ "}, tty=(24, 80))
+    async with proc:
+        await proc.write_stdin(b"stty size\n")
+        await _read_until(proc, b"24 80")
+        await proc.resize(50, 132)
+        await proc.write_stdin(b"stty size\n")
+        await _read_until(proc, b"50 132")
+        # Ctrl-C reaches the foreground job (sleep), not through SIGNAL: the shell lives on.
+        await proc.write_stdin(b"sleep 30\n")
+        await anyio.sleep(0.5)
+        with anyio.fail_after(10):  # well before the sleep's 30 s
+            await proc.write_stdin(b"\x03")
+            await proc.write_stdin(b"echo status=$?\n")
+            await _read_until(proc, b"status=130")
+        await proc.write_stdin(b"exit 7\n")
+        result = await proc.wait()
+    assert result.exit_code == 7
+
+
+async def test_pty_size_is_checked(client: AgentClient) -> None:
+    with pytest.raises(ValueError, match=r"1\.\.65535"):
+        await client.exec_stream(["sh"], env=ENV, tty=(0, 80))
+    async with await client.exec_stream(["cat"], env=ENV, stdin=True) as proc:
+        with pytest.raises(ValueError, match="no terminal"):
+            await proc.resize(10, 10)
+
+
+async def test_the_agent_keeps_to_the_output_window(client: AgentClient) -> None:
+    size, window = 3_000_000, 65536
+    proc = await client.exec_stream(["head", "-c", str(size), "/dev/zero"], env=ENV, window=window)
+    async with proc:
+        got = 0
+        while got < window:
+            event = await proc.__anext__()
+            if isinstance(event, Stdout):
+                got += len(event.data)
+        assert got == window  # every read the agent made fit in the window
+        with anyio.move_on_after(1):  # nothing more until the host acknowledges
+            event = await proc.__anext__()
+            raise AssertionError(f"the agent sent {event!r} past its window")
+        await proc.ack(got)
+        async for event in proc:
+            if isinstance(event, Stdout):
+                got += len(event.data)
+                await proc.ack(len(event.data))
+    assert got == size and proc.returncode == 0

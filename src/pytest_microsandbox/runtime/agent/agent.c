@@ -35,6 +35,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/ioctl.h>
+#include <termios.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/resource.h>
@@ -73,7 +74,7 @@ enum tag {
 	T_ERRNO = 19, T_MESSAGE = 20, T_NAME = 21, T_KIND = 22, T_SIZE = 23, T_MTIME_NS = 24,
 	T_FSTYPE = 25, T_OPTIONS = 26, T_SOURCE = 27, T_TIME_NS = 28, T_SEED = 29,
 	T_AGENT_VERSION = 30, T_HOSTNAME = 31, T_UID = 32, T_GID = 33, T_OFFSET = 34,
-	T_UPTIME_MS = 40,
+	T_ROWS = 35, T_COLS = 36, T_WINDOW = 37, T_UPTIME_MS = 40,
 	T_MEM_TOTAL = 41, T_MEM_AVAILABLE = 42, T_CPU_BUSY_MS = 43, T_CPU_IDLE_MS = 44,
 	T_NPROCS = 45, T_LOAD1_MILLI = 46,
 };
@@ -81,7 +82,7 @@ enum tag {
 enum mtype {
 	M_READY = 0x01, M_LOG = 0x02, M_HELLO = 0x03, M_PING = 0x04, M_SHUTDOWN = 0x05,
 	M_CONFIGURE = 0x06, M_METRICS = 0x07, M_MOUNT = 0x08, M_UMOUNT = 0x09,
-	M_EXEC = 0x10, M_STDIN = 0x11, M_SIGNAL = 0x12,
+	M_EXEC = 0x10, M_STDIN = 0x11, M_SIGNAL = 0x12, M_RESIZE = 0x13, M_ACK = 0x14,
 	M_FS_READ = 0x20, M_FS_WRITE = 0x21, M_FS_CHUNK = 0x22, M_FS_END = 0x23,
 	M_FS_LIST = 0x24, M_FS_STAT = 0x25, M_FS_MKDIR = 0x26, M_FS_REMOVE = 0x27,
 	M_FS_RENAME = 0x28, M_FS_CHMOD = 0x29, M_FS_COPY = 0x2A, M_FS_READLINK = 0x2B,
@@ -103,7 +104,7 @@ static int tag_kind(uint8_t tag)
 	case T_VERSION: case T_TIMEOUT_MS: case T_STDIN_MODE: case T_SIGNAL: case T_MODE:
 	case T_FLAGS: case T_PID: case T_EXIT_CODE: case T_TERM_SIGNAL: case T_TIMED_OUT:
 	case T_ERRNO: case T_KIND: case T_SIZE: case T_MTIME_NS: case T_TIME_NS: case T_UID:
-	case T_GID: case T_OFFSET: case T_UPTIME_MS: case T_MEM_TOTAL: case T_MEM_AVAILABLE:
+	case T_GID: case T_OFFSET: case T_ROWS: case T_COLS: case T_WINDOW: case T_UPTIME_MS: case T_MEM_TOTAL: case T_MEM_AVAILABLE:
 	case T_CPU_BUSY_MS: case T_CPU_IDLE_MS: case T_NPROCS: case T_LOAD1_MILLI:
 		return K_INT;
 	default:
@@ -500,11 +501,13 @@ struct req {
 	bool dead;           /* finished; freed at the end of the loop iteration */
 	/* exec */
 	pid_t pid;
-	int out_fd, err_fd, in_fd;
-	bool reaped, timed_out, in_eof;
+	int out_fd, err_fd, in_fd;  /* with a pty: out_fd and in_fd are the master */
+	bool reaped, timed_out, in_eof, tty;
 	bool big_pipes;      /* stdout/stderr pipes enlarged (the command writes a lot) */
 	int status;
 	int64_t deadline;    /* CLOCK_MONOTONIC ms, 0 = none */
+	int64_t window;      /* output bytes sent and not yet ACKed, at most; 0 = no limit */
+	int64_t unacked;
 	uint8_t *inq;
 	size_t inq_off, inq_len, inq_cap;
 	/* FS_READ / FS_WRITE / FS_COPY (fd2: the copy's destination) */
@@ -595,6 +598,7 @@ struct exec_spec {
 	uid_t uid;
 	gid_t gid;
 	int in_r, out_w, err_w;
+	bool tty; /* in_r = out_w = err_w = the pty's slave: make it the controlling tty */
 	/* The agent's memory, shared with the vfork()ed child (the agent is
 	 * suspended until the child execs or exits): where a child that cannot
 	 * exec says why, instead of a report pipe (one pipe2, a read and two
@@ -628,6 +632,8 @@ static void child_exec(const struct exec_spec *s)
 	 * through shared state. */
 	syscall(SYS_prlimit64, 0, RLIMIT_NOFILE, &nofile_orig, NULL);
 	setsid();
+	if (s->tty && ioctl(s->in_r, TIOCSCTTY, 0) < 0)
+		child_fail(s, STAGE_SETUP, errno);
 	int in = s->in_r >= 0 ? s->in_r : devnull_fd;
 	if (in < 0 || dup2(in, 0) < 0 || dup2(s->out_w, 1) < 0 || dup2(s->err_w, 2) < 0)
 		child_fail(s, STAGE_SETUP, in < 0 ? ENOENT : errno);
@@ -770,6 +776,37 @@ static char **collect_strv(const struct msg *m, uint8_t want, size_t *count, boo
 	return v;
 }
 
+/* A pty pair: the master (non-blocking, CLOEXEC) and its slave (CLOEXEC; dup2()
+ * in the child clears that), sized rows x cols. /dev/pts is a private devpts
+ * instance mounted at boot. */
+static int open_pty(int *master, int *slave, int64_t rows, int64_t cols)
+{
+	*master = *slave = -1;
+	int mfd = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+	if (mfd < 0)
+		mfd = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+	if (mfd < 0)
+		return -1;
+	int unlock = 0;
+	struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+	if (ioctl(mfd, TIOCSPTLCK, &unlock) < 0 || ioctl(mfd, TIOCSWINSZ, &ws) < 0)
+		goto fail;
+	/* TIOCGPTPEER opens the slave through the master: no path lookup. */
+	int sfd = ioctl(mfd, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (sfd < 0)
+		goto fail;
+	*master = mfd;
+	*slave = sfd;
+	return 0;
+fail:;
+	int err = errno;
+	close(mfd);
+	errno = err;
+	return -1;
+}
+
+static bool valid_size(int64_t v) { return v >= 1 && v <= 0xFFFF; }
+
 static void h_exec(const struct msg *m)
 {
 	size_t argc = 0, envc = 0;
@@ -784,6 +821,10 @@ static void h_exec(const struct msg *m)
 	uint32_t n;
 	int64_t timeout = get_int_or(m, T_TIMEOUT_MS, 0);
 	int64_t stdin_mode = get_int_or(m, T_STDIN_MODE, 0);
+	int64_t rows = get_int_or(m, T_ROWS, 0), cols = get_int_or(m, T_COLS, 0);
+	int64_t window = get_int_or(m, T_WINDOW, 0);
+	bool tty = rows != 0 || cols != 0;
+	int ptm = -1, pts = -1;
 
 	if (bad) {
 		reply_error(m->id, EINVAL, "ARG and ENV must not contain NUL bytes");
@@ -795,6 +836,14 @@ static void h_exec(const struct msg *m)
 	}
 	if (timeout < 0 || (stdin_mode != 0 && stdin_mode != 1)) {
 		reply_error(m->id, EINVAL, "invalid TIMEOUT_MS or STDIN_MODE");
+		goto out;
+	}
+	if (window < 0) {
+		reply_error(m->id, EINVAL, "invalid WINDOW");
+		goto out;
+	}
+	if (tty && (!valid_size(rows) || !valid_size(cols))) {
+		reply_error(m->id, EINVAL, "ROWS and COLS must both be 1..65535");
 		goto out;
 	}
 	cwd = get_field(m, T_CWD, &p, &n) ? dup_cstr(p, n) : strdup("/");
@@ -812,17 +861,26 @@ static void h_exec(const struct msg *m)
 	}
 	if (!req_slot_free(m->id))
 		goto out;
-	if (stdin_mode == 0 && devnull_fd < 0)
-		devnull_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-	if (pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr_, O_CLOEXEC) < 0 ||
-	    (stdin_mode == 1 && pipe2(pin, O_CLOEXEC) < 0)) {
-		reply_error(m->id, errno, "pipe: %s", strerror(errno));
-		goto out;
+	if (tty) {
+		if (open_pty(&ptm, &pts, rows, cols) < 0) {
+			reply_error(m->id, errno, "pty: %s", strerror(errno));
+			goto out;
+		}
+		s.in_r = s.out_w = s.err_w = pts;
+		s.tty = true;
+	} else {
+		if (stdin_mode == 0 && devnull_fd < 0)
+			devnull_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+		if (pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr_, O_CLOEXEC) < 0 ||
+		    (stdin_mode == 1 && pipe2(pin, O_CLOEXEC) < 0)) {
+			reply_error(m->id, errno, "pipe: %s", strerror(errno));
+			goto out;
+		}
+		s.in_r = pin[0];
+		s.out_w = pout[1];
+		s.err_w = perr_[1];
 	}
 	s.cwd = cwd;
-	s.in_r = pin[0];
-	s.out_w = pout[1];
-	s.err_w = perr_[1];
 	/* vfork: no copy of the agent's page tables and no copy-on-write faults
 	 * in the agent afterwards, which are costly under TCG; the agent waits
 	 * (it would block on the report pipe anyway) until the child has exec'd. */
@@ -833,6 +891,7 @@ static void h_exec(const struct msg *m)
 	}
 	if (pid == 0)
 		child_exec(&s);
+	close_fd(&pts); /* the master reads EIO once the child's side is all closed */
 	close_fd(&pin[0]);
 	close_fd(&pout[1]);
 	close_fd(&perr_[1]);
@@ -853,16 +912,26 @@ static void h_exec(const struct msg *m)
 
 	struct req *q = new_req(m->id, R_EXEC);
 	q->pid = pid;
-	q->out_fd = pout[0];
-	q->err_fd = perr_[0];
-	q->in_fd = pin[1];
-	pout[0] = perr_[0] = pin[1] = -1;
-	fcntl(q->out_fd, F_SETFL, O_NONBLOCK);
-	fcntl(q->err_fd, F_SETFL, O_NONBLOCK);
+	if (tty) {
+		q->tty = true;
+		q->out_fd = ptm;
+		q->in_fd = fcntl(ptm, F_DUPFD_CLOEXEC, 0); /* closed apart from out_fd */
+		ptm = -1;
+		if (q->in_fd < 0)
+			logmsg("pty of id %u: no input (dup: %s)", m->id, strerror(errno));
+	} else {
+		q->out_fd = pout[0];
+		q->err_fd = perr_[0];
+		q->in_fd = pin[1];
+		pout[0] = perr_[0] = pin[1] = -1;
+		fcntl(q->out_fd, F_SETFL, O_NONBLOCK);
+		fcntl(q->err_fd, F_SETFL, O_NONBLOCK);
+	}
 	if (q->in_fd >= 0)
 		fcntl(q->in_fd, F_SETFL, O_NONBLOCK);
 	if (timeout > 0)
 		q->deadline = clock_ms(CLOCK_MONOTONIC) + timeout;
+	q->window = window;
 	msg_begin(m->id, M_STARTED);
 	f_int(T_PID, pid);
 	msg_end();
@@ -872,6 +941,8 @@ out:
 		close_fd(&pout[i]);
 		close_fd(&perr_[i]);
 	}
+	close_fd(&ptm);
+	close_fd(&pts);
 	free_strv(argv);
 	free_strv(envp);
 	free(cwd);
@@ -908,7 +979,8 @@ static void h_stdin(const struct msg *m, struct req *r)
 		return;
 	}
 	if (n == 0) {
-		r->in_eof = true;
+		if (!r->tty) /* a terminal has no EOF to close: its ^D is data */
+			r->in_eof = true;
 	} else {
 		if (r->inq_off > 0) {
 			memmove(r->inq, r->inq + r->inq_off, r->inq_len - r->inq_off);
@@ -953,16 +1025,57 @@ static void enlarge_pipes(struct req *r)
 		fcntl(r->err_fd, F_SETPIPE_SZ, (int)CHUNK);
 }
 
+static void h_resize(const struct msg *m, struct req *r)
+{
+	int64_t rows, cols;
+	if (!r || r->kind != R_EXEC || !r->tty || r->reaped || r->out_fd < 0)
+		return;
+	if (!get_int(m, T_ROWS, &rows) || !get_int(m, T_COLS, &cols) || !valid_size(rows) ||
+	    !valid_size(cols)) {
+		logmsg("RESIZE for id %u without valid ROWS and COLS ignored", m->id);
+		return;
+	}
+	/* The kernel sends SIGWINCH to the terminal's foreground process group. */
+	struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+	if (ioctl(r->out_fd, TIOCSWINSZ, &ws) < 0)
+		logmsg("RESIZE for id %u: %s", m->id, strerror(errno));
+}
+
+/* The host consumed SIZE bytes of an exec's output: that much more may be sent. */
+static void h_ack(const struct msg *m, struct req *r)
+{
+	int64_t n;
+	if (!r || r->kind != R_EXEC)
+		return;
+	if (!get_int(m, T_SIZE, &n) || n < 0) {
+		logmsg("ACK for id %u without a valid SIZE ignored", m->id);
+		return;
+	}
+	r->unacked = n >= r->unacked ? 0 : r->unacked - n;
+}
+
+/* Bytes of output an exec may send now. */
+static size_t out_room(const struct req *r)
+{
+	if (!r->window)
+		return CHUNK;
+	int64_t room = r->window - r->unacked;
+	return room <= 0 ? 0 : room < (int64_t)CHUNK ? (size_t)room : CHUNK;
+}
+
 /* Called once the exec's child is reaped: forward what is left in the
  * pipes, then report the exit.  Bounded, since orphaned grandchildren may
  * hold the pipes open and keep writing. */
 static void exec_finish(struct req *r)
 {
+	/* With a window, each read takes at most a window's worth: what the host
+	 * may hold unacknowledged is bounded by (1 + DRAIN_READS) windows. */
+	size_t max = r->window && r->window < (int64_t)CHUNK ? (size_t)r->window : CHUNK;
 	for (int i = 0; i < DRAIN_READS && r->out_fd >= 0; i++)
-		if (msg_read_data(r->id, M_STDOUT, r->out_fd, CHUNK) <= 0)
+		if (msg_read_data(r->id, M_STDOUT, r->out_fd, max) <= 0)
 			break;
 	for (int i = 0; i < DRAIN_READS && r->err_fd >= 0; i++)
-		if (msg_read_data(r->id, M_STDERR, r->err_fd, CHUNK) <= 0)
+		if (msg_read_data(r->id, M_STDERR, r->err_fd, max) <= 0)
 			break;
 	msg_begin(r->id, M_EXITED);
 	if (WIFEXITED(r->status))
@@ -1822,7 +1935,8 @@ static void h_shutdown(const struct msg *m)
 
 static bool no_reply_type(uint8_t t)
 {
-	return t == M_STDIN || t == M_SIGNAL || t == M_FS_CHUNK || t == M_FS_END;
+	return t == M_STDIN || t == M_SIGNAL || t == M_RESIZE || t == M_ACK || t == M_FS_CHUNK ||
+	       t == M_FS_END;
 }
 
 static void protocol_error(const struct msg *m, const char *why)
@@ -1846,7 +1960,8 @@ static void handle_frame(const uint8_t *f, uint32_t len)
 	struct msg m = {.id = be32(f), .type = f[4], .pl = f + 5, .pl_len = len - 5};
 	const char *why = validate(&m);
 	bool known = (m.type >= M_HELLO && m.type <= M_UMOUNT) || m.type == M_EXEC || m.type == M_STDIN ||
-		     m.type == M_SIGNAL || (m.type >= M_FS_READ && m.type <= M_FS_READLINK);
+		     m.type == M_SIGNAL || m.type == M_RESIZE || m.type == M_ACK ||
+		     (m.type >= M_FS_READ && m.type <= M_FS_READLINK);
 	if (!why && !known)
 		why = "unknown message type";
 	if (!why && m.id == 0)
@@ -1864,6 +1979,8 @@ static void handle_frame(const uint8_t *f, uint32_t len)
 	switch (m.type) {
 	case M_STDIN: h_stdin(&m, r); return;
 	case M_SIGNAL: h_signal(&m, r); return;
+	case M_RESIZE: h_resize(&m, r); return;
+	case M_ACK: h_ack(&m, r); return;
 	case M_FS_CHUNK: h_fs_chunk(&m, r); return;
 	case M_FS_END: h_fs_end(&m, r); return;
 	default: break;
@@ -1998,12 +2115,13 @@ static void serve(int sig_fd)
 			struct req *r = reqs[i];
 			if (r->dead || r->kind != R_EXEC)
 				continue;
-			if (!congested && r->out_fd >= 0) {
+			bool room = out_room(r) > 0; /* a windowed exec waits for its ACK */
+			if (!congested && room && r->out_fd >= 0) {
 				pfds[n] = (struct pollfd){.fd = r->out_fd, .events = POLLIN};
 				pmap[n].r = r;
 				pmap[n++].what = W_OUT;
 			}
-			if (!congested && r->err_fd >= 0) {
+			if (!congested && room && r->err_fd >= 0) {
 				pfds[n] = (struct pollfd){.fd = r->err_fd, .events = POLLIN};
 				pmap[n].r = r;
 				pmap[n++].what = W_ERR;
@@ -2037,8 +2155,13 @@ static void serve(int sig_fd)
 				int *fd = pmap[i].what == W_OUT ? &r->out_fd : &r->err_fd;
 				if (r->dead || *fd != pfds[i].fd)
 					break; /* finished earlier in this iteration */
+				size_t max = out_room(r);
+				if (!max)
+					break; /* the other output used the window up in this iteration */
 				ssize_t got = msg_read_data(r->id, pmap[i].what == W_OUT ? M_STDOUT : M_STDERR,
-							    *fd, CHUNK);
+							    *fd, max);
+				if (got > 0)
+					r->unacked += got;
 				if (got == 0 || (got < 0 && errno != EAGAIN))
 					close_fd(fd); /* EOF: the child (and its children) closed it */
 				else if (got >= PIPE_DEFAULT && !r->big_pipes)

@@ -50,6 +50,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 from .protocol import (
     CHUNK,
+    DRAIN_READS,
     MAX_FRAME,
     MIN_FRAME,
     PROTOCOL_VERSION,
@@ -93,6 +94,22 @@ class _Request:
     inbox: MemoryObjectSendStream[Frame]
     outbox: MemoryObjectReceiveStream[Frame]
     closed: bool = field(default=False)
+    #: An exec's output window (EXEC WINDOW): the most output bytes the guest may
+    #: have sent and the host not acknowledged (0: none), and the count.
+    window: int = 0
+    unacked: int = 0
+
+    @property
+    def unacked_limit(self) -> int:
+        """What an agent keeping the window can have sent unacknowledged: the
+        window, plus each of its reads after the exit (stdout and stderr) of at
+        most a window.
+        """
+        return self.window + 2 * DRAIN_READS * min(self.window, CHUNK)
+
+    async def ack(self, size: int) -> None:
+        self.unacked = max(0, self.unacked - size)
+        await self.send(MsgType.ACK, [int_field(Tag.SIZE, size)])
 
     async def send(self, type: MsgType, fields: Sequence[Field] = ()) -> None:
         await self.client._send(encode_frame(self.id, type, fields))
@@ -337,13 +354,24 @@ class AgentClient:
         user: str | int | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        tty: tuple[int, int] | None = None,
+        window: int | None = None,
     ) -> ExecProcess:
         """Start ``argv`` in the guest and return once it runs.
 
         ``env`` is the whole environment (none if None); ``user`` a name, uid
         or ``"uid:gid"``; ``timeout`` (seconds) makes the agent kill the
         process group; ``stdin=True`` gives the command a pipe for
-        :meth:`ExecProcess.write_stdin`. Raises ValueError for an empty argv
+        :meth:`ExecProcess.write_stdin`. ``tty=(rows, cols)`` runs it on a new
+        pseudo-terminal of that size instead (its controlling terminal: stdin,
+        stdout and stderr; output arrives as stdout, input goes through
+        ``write_stdin``, :meth:`ExecProcess.resize` resizes it; a ``\x03`` written
+        reaches the foreground process group as SIGINT, as on any terminal).
+        ``window`` (bytes) bounds the output the host holds unread: the agent
+        stops reading the command's output once it has sent that much not yet
+        acknowledged with :meth:`ExecProcess.ack`, and a guest that sends more
+        breaks the protocol. Raises ValueError for an empty argv, a size outside
+        1..65535, a window < 4096,
         or NUL bytes, ConfigError for a timeout that is not a finite number
         of seconds > 0, ExecError naming the argument or variable if one is
         over Linux's MAX_ARG_STRLEN or all together over one frame,
@@ -366,11 +394,21 @@ class AgentClient:
             fields.append(bytes_field(Tag.USER, _text(str(user), "user")))
         if timeout is not None:
             fields.append(int_field(Tag.TIMEOUT_MS, max(1, math.ceil(timeout * 1000))))
-        if stdin:
+        if tty is not None:
+            rows, cols = tty
+            if not (1 <= rows <= 0xFFFF and 1 <= cols <= 0xFFFF):
+                raise ValueError(f"a terminal of {rows}x{cols}: rows and cols must be 1..65535")
+            fields += [int_field(Tag.ROWS, rows), int_field(Tag.COLS, cols)]
+        elif stdin:
             fields.append(int_field(Tag.STDIN_MODE, 1))
+        if window is not None:
+            if window < 4096:
+                raise ValueError(f"an output window of {window} bytes: it must be >= 4096")
+            fields.append(int_field(Tag.WINDOW, window))
         _check_exec_size(program, fields)
         deadline = None if timeout is None else anyio.current_time() + timeout + self.exec_grace
         req = self._open()
+        req.window = window or 0
         try:
             await req.send(MsgType.EXEC, fields)
             if deadline is None:
@@ -383,8 +421,9 @@ class AgentClient:
                     req,
                     program=program,
                     pid=reply.require_int(Tag.PID),
-                    stdin_pipe=stdin,
+                    stdin_pipe=stdin or tty is not None,
                     deadline=deadline,
+                    tty=tty is not None,
                 )
             if reply.type == MsgType.ERROR:
                 err = reply.require_int(Tag.ERRNO)
@@ -866,8 +905,16 @@ class AgentClient:
         else:
             req = self._pending.get(frame.id)
             # Frames for ids we gave up on (timeouts, abandoned execs) are dropped.
-            if req is not None and not req.closed:
-                req.inbox.send_nowait(frame)
+            if req is None or req.closed:
+                return
+            if req.window and frame.type in (MsgType.STDOUT, MsgType.STDERR):
+                req.unacked += len(frame.get_bytes(Tag.DATA) or b"")
+                if req.unacked > req.unacked_limit:
+                    raise self._violation(
+                        f"{frame.type_name} (id {frame.id}): {req.unacked} bytes of output "
+                        f"not acknowledged, over the window of {req.window}"
+                    )
+            req.inbox.send_nowait(frame)
 
     def _violation(self, message: str) -> ProtocolError:
         exc = ProtocolError(message)

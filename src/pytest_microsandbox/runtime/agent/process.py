@@ -45,6 +45,10 @@ class RequestChannel(Protocol):
         """Stop routing frames to this id (later frames for it are dropped)."""
         ...
 
+    async def ack(self, size: int) -> None:
+        """Tell the agent ``size`` bytes of output were consumed (EXEC WINDOW)."""
+        ...
+
 
 class ExecProcess:
     """A started guest command (see ``AgentClient.exec_stream``).
@@ -70,6 +74,7 @@ class ExecProcess:
         pid: int,
         stdin_pipe: bool,
         deadline: float | None,
+        tty: bool = False,
     ) -> None:
         self._chan = channel
         self.program = program
@@ -77,6 +82,7 @@ class ExecProcess:
         self._stdin_pipe = stdin_pipe
         self._stdin_closed = not stdin_pipe
         self._deadline = deadline
+        self.tty = tty
         self._started_yielded = False
         self._exited: Exited | None = None
         self._result: ExecResult | None = None
@@ -163,6 +169,10 @@ class ExecProcess:
         if frame.type == MsgType.STDOUT:
             return Stdout(frame.require_bytes(Tag.DATA))
         if frame.type == MsgType.STDERR:
+            if self.tty:
+                # A terminal has one output: the agent never sends STDERR for it.
+                self._release()
+                raise self._chan.violation(f"STDERR (id {frame.id}) from a pseudo-terminal")
             return Stderr(frame.require_bytes(Tag.DATA))
         if frame.type == MsgType.EXITED:
             timed_out = frame.require_int(Tag.TIMED_OUT)
@@ -238,6 +248,28 @@ class ExecProcess:
     async def kill(self) -> None:
         """Send SIGKILL to the command's process group; a no-op once it exited."""
         await self.signal(_signal.SIGKILL)
+
+    async def ack(self, size: int) -> None:
+        """Acknowledge ``size`` bytes of output consumed, for an exec started with a
+        ``window``: the agent may send that much more. A no-op once it exited.
+        """
+        if not self._done and size > 0:
+            await self._chan.ack(size)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the pseudo-terminal's size (the guest's foreground process group
+        gets SIGWINCH); a no-op once it exited.
+
+        :raises ValueError: the command has no terminal, or a size is outside 1..65535.
+        """
+        if not self.tty:
+            raise ValueError("the command has no terminal; start the exec with tty=(rows, cols)")
+        if not (1 <= rows <= 0xFFFF and 1 <= cols <= 0xFFFF):
+            raise ValueError(f"a terminal of {rows}x{cols}: rows and cols must be 1..65535")
+        if self._done:
+            return
+        size = [int_field(Tag.ROWS, rows), int_field(Tag.COLS, cols)]
+        await self._chan.send(MsgType.RESIZE, size)
 
     # -- lifetime ---------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from .._exceptions import ProtocolError
 
 __all__ = [
     "CHUNK",
+    "DRAIN_READS",
     "GUEST_TO_HOST",
     "HEADER_SIZE",
     "HOST_TO_GUEST",
@@ -50,6 +51,8 @@ MIN_FRAME = 5
 CHUNK = 1024 * 1024
 #: Size of the ``length`` prefix.
 HEADER_SIZE = 4
+#: Reads of an exec's output the agent makes after reaping it (its DRAIN_READS).
+DRAIN_READS = 16
 
 _U32 = struct.Struct(">I")
 _FIELD_HEADER = struct.Struct(">BI")
@@ -73,6 +76,8 @@ class MsgType(enum.IntEnum):
     EXEC = 0x10
     STDIN = 0x11
     SIGNAL = 0x12
+    RESIZE = 0x13
+    ACK = 0x14
     FS_READ = 0x20
     FS_WRITE = 0x21
     FS_CHUNK = 0x22
@@ -130,6 +135,9 @@ class Tag(enum.IntEnum):
     UID = 32
     GID = 33
     OFFSET = 34
+    ROWS = 35
+    COLS = 36
+    WINDOW = 37
     UPTIME_MS = 40
     MEM_TOTAL = 41
     MEM_AVAILABLE = 42
@@ -160,6 +168,9 @@ INT_TAGS: frozenset[Tag] = frozenset(
         Tag.UID,
         Tag.GID,
         Tag.OFFSET,
+        Tag.ROWS,
+        Tag.COLS,
+        Tag.WINDOW,
         Tag.UPTIME_MS,
         Tag.MEM_TOTAL,
         Tag.MEM_AVAILABLE,
@@ -280,6 +291,8 @@ HOST_TO_GUEST: Mapping[MsgType, Schema] = {
     MsgType.EXEC: _s(Tag.ARG),
     MsgType.STDIN: _s(Tag.DATA),
     MsgType.SIGNAL: _s(Tag.SIGNAL),
+    MsgType.RESIZE: _s(Tag.ROWS, Tag.COLS),
+    MsgType.ACK: _s(Tag.SIZE),
     MsgType.FS_READ: _s(Tag.PATH),
     MsgType.FS_WRITE: _s(Tag.PATH),
     MsgType.FS_CHUNK: _s(Tag.DATA),
