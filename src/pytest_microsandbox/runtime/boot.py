@@ -18,7 +18,7 @@ from .agent.build import build_agent
 from .agent.client import AgentClient
 from .backend import Accel, Backend, DiskSpec, VMSpec
 from .config import SandboxConfig
-from .images import Layer, resolve_root_layers
+from .images import Layer, log_pull_progress, resolve_root_layers
 from .initramfs import InitramfsSpec, build_initramfs
 from .kernel import KernelInfo, find_kernel
 from .paths import cache_dir, make_run_dir
@@ -131,6 +131,9 @@ def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None)
         project_root=config.resolved_project_root() if config.image == "host" else None,
         cache_dir=cache,
         include_project=config.image_project,
+        pull_policy=config.pull_policy,
+        registry_auth=config.registry_auth,
+        progress=log_pull_progress,
     )
     return BootPlan(kernel=kernel, initrd=initrd, layers=tuple(layers), accel=accel, agent=agent)
 

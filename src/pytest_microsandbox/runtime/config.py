@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, ImageError
 from ._limits import (
     DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_MAX_READ_BYTES,
@@ -29,6 +29,8 @@ from ._limits import (
 )
 from .accel import ACCEL_ENV, AccelChoice, env_accel_choice
 from .agent.protocol import MAX_FRAME, MIN_FRAME
+from .images._auth import RegistryAuth
+from .images._reference import parse_reference
 
 __all__ = [
     "ACCEL_ENV",
@@ -226,8 +228,20 @@ class SandboxConfig(BaseModel):
     name: str = Field("sandbox", description="sandbox name; also the guest hostname")
     image: str = Field(
         "host",
-        description='root filesystem: "host" (the host userspace, same Python and venv) '
-        "or a path to a local directory",
+        description='root filesystem: "host" (the host userspace, same Python and venv), '
+        "a path to a local directory, or an OCI image reference "
+        '("registry:5000/team/app:1.4", "...@sha256:...")',
+    )
+    pull_policy: Literal["always", "if-missing", "never"] = Field(
+        "if-missing",
+        description='OCI images: "if-missing" uses the pinned digest and local layers when '
+        'present; "always" resolves the tag again; "never" uses only the local store',
+    )
+    registry_auth: RegistryAuth | None = Field(
+        None,
+        exclude=True,
+        description="OCI images: registry credentials (None: ~/.docker/config.json); "
+        "never written to JSON",
     )
     cpus: int = Field(1, ge=1, le=64, description="virtual CPUs")
     memory: int = Field(512, ge=128, le=65536, description="guest memory in MiB")
@@ -362,6 +376,13 @@ class SandboxConfig(BaseModel):
         # left to the image resolver (registry references, later).
         candidate = Path(value).expanduser()
         if not (value.startswith(("/", ".", "~")) or candidate.exists()):
+            try:
+                parse_reference(value)
+            except ImageError as exc:
+                raise ValueError(
+                    f'{exc.message}; an image is "host", a directory path, or an OCI '
+                    "image reference"
+                ) from None
             return value
         if not candidate.exists():
             raise ValueError(

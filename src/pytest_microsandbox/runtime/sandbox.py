@@ -63,7 +63,7 @@ from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
-from .images import imaged_venv
+from .images import ImageConfig, imaged_venv, is_oci_reference, local_image
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
@@ -499,6 +499,8 @@ class Sandbox:
         self._xfer_users = 0
         self._xfer_next = 0  # first free byte of the transfer disk
         self._xfer_lock = anyio.Lock()
+        #: The OCI image's config (env, workdir, user, entrypoint), or None.
+        self.image_config: ImageConfig | None = _image_config(config)
         self._recent = RecentExecs()
         self.boot_seconds = 0.0
 
@@ -711,9 +713,22 @@ class Sandbox:
 
     # -- commands ----------------------------------------------------------------------------
 
+    def _default_cwd(self) -> str:
+        # An explicit workdir wins; "/" (the default) yields to the image's.
+        image = self.image_config
+        if self.config.workdir == "/" and image is not None and image.workdir:
+            return image.workdir
+        return self.config.workdir
+
+    def _default_user(self) -> str | None:
+        image = self.image_config
+        return self.config.user or (image.user if image is not None else None)
+
     def _exec_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
         merged = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
         merged.update(_venv_env(self.config.image))
+        if self.image_config is not None:
+            merged.update(self.image_config.env)
         merged.update(self.config.env)
         if env:
             merged.update(env)
@@ -746,8 +761,8 @@ class Sandbox:
             process = await self._agent.exec_stream(
                 [cmd, *args],
                 env=self._exec_env(env),
-                cwd=cwd or self.config.workdir,
-                user=user or self.config.user,
+                cwd=cwd or self._default_cwd(),
+                user=user or self._default_user(),
                 timeout=timeout,
                 stdin=stdin,
             )
@@ -797,8 +812,8 @@ class Sandbox:
                 lambda: self._agent.exec(
                     argv,
                     env=self._exec_env(env),
-                    cwd=cwd or self.config.workdir,
-                    user=user or self.config.user,
+                    cwd=cwd or self._default_cwd(),
+                    user=user or self._default_user(),
                     timeout=timeout,
                     stdin=data,
                     max_output=limit,
@@ -1025,6 +1040,16 @@ def _outcome(result: ExecResult) -> str:
     if result.term_signal is not None:
         return f"killed by signal {result.term_signal}"
     return f"exit {result.returncode}"
+
+
+def _image_config(config: SandboxConfig) -> ImageConfig | None:
+    """The config of an OCI image as pinned in the local store (its pull ran
+    when the sandbox's root was built), or None for other images.
+    """
+    if not is_oci_reference(config.image):
+        return None
+    pulled = local_image(config.image, config.cache_dir)
+    return None if pulled is None else pulled.config
 
 
 def _venv_env(image: str) -> dict[str, str]:

@@ -11,12 +11,16 @@ from pathlib import Path
 
 from .._exceptions import ImageError
 from ..paths import cache_dir as default_cache_dir
+from ._auth import ProgressCallback, RegistryAuth
 from ._fingerprint import content_fingerprint, tree_fingerprint
 from ._host import DEFAULT_USR_EXCLUDES, PROJECT_SERIAL, plan_host_trees, plan_usr
 from ._layers import LayerSpec, build_layer
 from ._model import Layer
+from ._oci import PullPolicy, pull_image
+from ._reference import is_oci_reference
 from ._staging import MOUNT_POINTS, stage_base, stage_mount_points
 from ._store import image_intact
+from ._unpack import oci_layers
 
 __all__ = ["STABLE_LAYER_TTL", "images_dir", "project_layer", "resolve_root_layers"]
 
@@ -134,6 +138,9 @@ def resolve_root_layers(
     cache_dir: Path | None = None,
     usr_excludes: Sequence[str] | None = None,
     include_project: bool = True,
+    pull_policy: PullPolicy = "if-missing",
+    registry_auth: RegistryAuth | None = None,
+    progress: ProgressCallback | None = None,
 ) -> list[Layer]:
     """Return the read-only layers of a guest root, top layer first, building what is stale.
 
@@ -144,6 +151,11 @@ def resolve_root_layers(
     leaves out the project's own layer but still treats the project as imaged
     (editable installs inside it get no layer of their own): see
     :func:`project_layer`.
+
+    Anything else shaped like an image reference (``registry/repo:tag``,
+    ``...@sha256:...``) is an OCI image, pulled per ``pull_policy`` (with
+    ``registry_auth`` or ``~/.docker/config.json``; ``progress`` sees the
+    download), each layer an erofs image cached by its chain id.
     """
     images = images_dir(cache_dir)
     if image == "host":
@@ -166,9 +178,25 @@ def resolve_root_layers(
         if resolved == Path("/"):
             raise ImageError('refusing to image / as a directory; use image="host" instead')
         return _directory_layers(images, resolved)
+    if is_oci_reference(image):
+        pulled = pull_image(
+            image,
+            pull_policy=pull_policy,
+            auth=registry_auth,
+            cache_dir=images.parent,
+            progress=progress,
+        )
+        skel = _memoized(
+            (str(images), "l-skel"),
+            lambda: _staged_layer(
+                images, "l-skel", "skel", "mount points (generated)", stage_mount_points
+            ),
+        )
+        return [*oci_layers(pulled, images), skel]
     raise ImageError(
-        f'unsupported image {image!r}: use "host" or the path of a local directory '
-        f"(no directory {image!r} exists here; OCI images come later)"
+        f'unsupported image {image!r}: use "host", the path of a local directory, or an '
+        f"OCI image reference such as registry.example:5000/team/app:1.0 (no directory "
+        f"{image!r} exists here)"
     )
 
 

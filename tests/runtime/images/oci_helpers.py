@@ -1,0 +1,290 @@
+"""Build OCI test images from files and push them to a local registry with oras.
+
+Everything here talks to 127.0.0.1 only: the registries are Debian's
+``docker-registry`` started by the session fixtures in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import oras.provider
+import requests
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
+CONFIG = "application/vnd.oci.image.config.v1+json"
+LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+BUSYBOX = Path("/bin/busybox")
+APPLETS = ("sh", "ls", "cat", "echo", "id", "env", "pwd", "test", "stat", "dd", "df", "mkdir", "rm")
+
+
+@dataclass
+class Entry:
+    """One tar member: a file (``data``), a directory, a symlink or a hard link."""
+
+    kind: str = "file"
+    data: bytes = b""
+    mode: int = 0o644
+    target: str = ""
+    uid: int = 0
+    gid: int = 0
+
+
+def file(data: bytes | str, mode: int = 0o644, uid: int = 0) -> Entry:
+    return Entry("file", data.encode() if isinstance(data, str) else data, mode, uid=uid, gid=uid)
+
+
+def directory(mode: int = 0o755, uid: int = 0) -> Entry:
+    return Entry("dir", mode=mode, uid=uid, gid=uid)
+
+
+def symlink(target: str) -> Entry:
+    return Entry("symlink", target=target, mode=0o777)
+
+
+def layer_tar(entries: Mapping[str, Entry]) -> bytes:
+    """A gzipped layer tar with ``entries`` (paths relative to /), parents added."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        seen: set[str] = set()
+        for name in sorted(entries):
+            parts = name.split("/")
+            for i in range(1, len(parts)):
+                parent = "/".join(parts[:i])
+                if parent not in seen and parent not in entries:
+                    seen.add(parent)
+                    info = tarfile.TarInfo(parent)
+                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1700000000
+                    tar.addfile(info)
+            seen.add(name)
+            entry = entries[name]
+            info = tarfile.TarInfo(name)
+            info.mode, info.uid, info.gid, info.mtime = entry.mode, entry.uid, entry.gid, 1700000000
+            if entry.kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif entry.kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, entry.target
+                tar.addfile(info)
+            elif entry.kind == "hardlink":
+                info.type, info.linkname = tarfile.LNKTYPE, entry.target
+                tar.addfile(info)
+            else:
+                info.size = len(entry.data)
+                tar.addfile(info, io.BytesIO(entry.data))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def busybox_entries(extra_applets: tuple[str, ...] = ()) -> dict[str, Entry]:
+    """A busybox userspace: /bin/busybox, applet links, /etc/passwd with user app (1234)."""
+    out = {"bin/busybox": file(BUSYBOX.read_bytes(), 0o755)}
+    for applet in (*APPLETS, *extra_applets):
+        out[f"bin/{applet}"] = symlink("busybox")
+    out["etc/passwd"] = file(
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1234:1234:app:/home/app:/bin/sh\n"
+    )
+    out["etc/group"] = file("root:x:0:\napp:x:1234:\n")
+    out["home/app"] = directory(0o755, uid=1234)
+    return out
+
+
+def image_config(
+    *,
+    env: list[str] | None = None,
+    workdir: str = "",
+    user: str = "",
+    entrypoint: list[str] | None = None,
+    cmd: list[str] | None = None,
+    arch: str = "amd64",
+    diff_ids: list[str] | None = None,
+) -> dict[str, object]:
+    return {
+        "architecture": arch,
+        "os": "linux",
+        "config": {
+            "Env": env or ["PATH=/bin"],
+            "WorkingDir": workdir,
+            "User": user,
+            "Entrypoint": entrypoint,
+            "Cmd": cmd,
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids or []},
+    }
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Registry:
+    """A running ``docker-registry`` on 127.0.0.1 (``user``/``password`` when protected)."""
+
+    host: str
+    process: subprocess.Popen[bytes]
+    root: Path
+    user: str | None = None
+    password: str | None = None
+    pushed: dict[str, str] = field(default_factory=dict)
+
+    def ref(self, repo_tag: str) -> str:
+        return f"{self.host}/{repo_tag}"
+
+    def _client(self) -> oras.provider.Registry:
+        client = oras.provider.Registry(hostname=self.host, insecure=True, auth_backend="basic")
+        if self.user is not None:
+            client.auth.set_basic_auth(self.user, self.password or "")
+        return client
+
+    def _put(self, url: str, data: bytes, media_type: str) -> None:
+        auth = (self.user, self.password) if self.user is not None else None
+        r = requests.put(
+            url, data=data, headers={"Content-Type": media_type}, auth=auth, timeout=30
+        )
+        assert r.status_code in (200, 201), (r.status_code, r.text)
+
+    def push_blob(self, repo: str, data: bytes, media_type: str) -> dict[str, object]:
+        """Upload one blob through oras; returns its descriptor."""
+        client = self._client()
+        container = client.get_container(f"{self.host}/{repo}")
+        descriptor: dict[str, object] = {
+            "mediaType": media_type,
+            "digest": _digest(data),
+            "size": len(data),
+        }
+        with tempfile.NamedTemporaryFile() as tmp:
+            tmp.write(data)
+            tmp.flush()
+            response = client.upload_blob(tmp.name, container, descriptor)
+        assert response.status_code in (200, 201, 202), (response.status_code, response.text)
+        return descriptor
+
+    def push_image(
+        self,
+        repo_tag: str,
+        layers: list[Mapping[str, Entry]] | list[bytes],
+        config: dict[str, object] | None = None,
+        *,
+        tag: bool = True,
+    ) -> str:
+        """Push an image (layers bottom first); returns its manifest digest."""
+        repo, _, tag_name = repo_tag.partition(":")
+        blobs = [blob if isinstance(blob, bytes) else layer_tar(blob) for blob in layers]
+        cfg = dict(config or image_config())
+        cfg["rootfs"] = {"type": "layers", "diff_ids": [_digest(gzip.decompress(b)) for b in blobs]}
+        descriptors = [self.push_blob(repo, b, LAYER_GZ) for b in blobs]
+        cfg_desc = self.push_blob(repo, json.dumps(cfg).encode(), CONFIG)
+        manifest = json.dumps(
+            {"schemaVersion": 2, "mediaType": MANIFEST, "config": cfg_desc, "layers": descriptors}
+        ).encode()
+        digest = _digest(manifest)
+        self._put(f"http://{self.host}/v2/{repo}/manifests/{digest}", manifest, MANIFEST)
+        if tag:
+            self._put(
+                f"http://{self.host}/v2/{repo}/manifests/{tag_name or 'latest'}", manifest, MANIFEST
+            )
+        return digest
+
+    def push_index(self, repo_tag: str, entries: list[tuple[str, str]]) -> str:
+        """Tag an index of ``(manifest digest, arch)`` entries (pushed before)."""
+        repo, _, tag_name = repo_tag.partition(":")
+        manifests = []
+        for digest, arch in entries:
+            r = requests.head(
+                f"http://{self.host}/v2/{repo}/manifests/{digest}",
+                headers={"Accept": MANIFEST},
+                auth=(self.user, self.password) if self.user else None,
+                timeout=30,
+            )
+            manifests.append(
+                {
+                    "mediaType": MANIFEST,
+                    "digest": digest,
+                    "size": int(r.headers["Content-Length"]),
+                    "platform": {"architecture": arch, "os": "linux"},
+                }
+            )
+        index = json.dumps(
+            {"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}
+        ).encode()
+        self._put(f"http://{self.host}/v2/{repo}/manifests/{tag_name}", index, INDEX)
+        return _digest(index)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def run_registry(user: str | None = None, password: str | None = None) -> Iterator[Registry]:
+    """Start ``docker-registry`` on a free 127.0.0.1 port with temp storage; kill it after."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        raise RuntimeError("docker-registry is not installed: run ./scripts/setup")
+    root = Path(tempfile.mkdtemp(prefix="msb-registry-"))
+    try:
+        auth = ""
+        if user is not None:
+            line = subprocess.run(
+                ["htpasswd", "-Bbn", user, password or ""],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            (root / "htpasswd").write_text(line + "\n")
+            auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {root / 'htpasswd'}\n"
+        for _attempt in range(5):
+            port = free_port()
+            (root / "config.yml").write_text(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
+                f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+                "  delete:\n    enabled: true\n"
+                f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
+            )
+            proc = subprocess.Popen(
+                [binary, "serve", os.fspath(root / "config.yml")],
+                stdout=subprocess.DEVNULL,
+                stderr=open(root / "log", "wb"),  # noqa: SIM115 - closed with the process
+            )
+            deadline = time.monotonic() + 20
+            up = False
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1)
+                    up = True
+                    break
+                except requests.exceptions.ConnectionError:
+                    time.sleep(0.05)
+            if up:
+                break
+            proc.kill()
+            proc.wait()
+        else:
+            raise RuntimeError(
+                f"docker-registry did not start: {(root / 'log').read_text()[-2000:]}"
+            )
+        try:
+            yield Registry(f"127.0.0.1:{port}", proc, root, user, password)
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
