@@ -185,7 +185,8 @@ def unpack_layer(blob: LayerBlob, root: Path, lowers: list[LayerBlob]) -> None:
     try:
         with _open(blob) as tar:
             tar.extractall(root, filter=check, numeric_owner=True)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, KeyError) as exc:
+        # KeyError: a hard link to a member the layer does not hold.
         raise ImageError(f"unpacking layer {blob.digest} failed: {exc}") from exc
     for rel in whiteouts:
         _whiteout(root, rel)

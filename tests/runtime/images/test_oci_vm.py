@@ -1,0 +1,42 @@
+"""An OCI image end to end: pushed to a local registry, pulled, booted, exec'd."""
+
+from __future__ import annotations
+
+import pytest
+from oci_helpers import Registry, busybox_entries, file, image_config
+
+from pytest_microsandbox.runtime import SandboxConfig, SyncSandbox
+
+pytestmark = pytest.mark.vm
+
+
+def test_busybox_image_runs_with_its_config(registry: Registry) -> None:
+    base = busybox_entries()
+    base["etc/motd"] = file("base motd\n")
+    base["srv/old/a"] = file("a")
+    top = {
+        "etc/.wh.motd": file(""),
+        "srv/old/.wh..wh..opq": file(""),
+        "srv/old/b": file("b"),
+        "hello.txt": file("hi from the top layer\n"),
+    }
+    cfg = image_config(env=["PATH=/bin", "GREETING=hello"], workdir="/home/app", user="app")
+    registry.push_image("test/busybox:1", [base, top], cfg)
+    config = SandboxConfig(name="oci-busybox", image=registry.ref("test/busybox:1"))
+    with SyncSandbox.create(config) as sb:
+        out = sb.exec("sh", ["-c", 'echo "$GREETING"; pwd; id -u; cat /hello.txt'])
+        assert out.stdout_text.split("\n")[:4] == [
+            "hello",
+            "/home/app",
+            "1234",
+            "hi from the top layer",
+        ]
+        # Whiteout and opaque directory of the top layer hide the base's files.
+        gone = sb.exec(
+            "sh", ["-c", "test -e /etc/motd && echo present || echo absent; ls /srv/old"]
+        )
+        assert gone.stdout_text.split() == ["absent", "b"]
+        # The guest can still write over the read-only layers (tmpfs upper).
+        assert (
+            sb.exec("sh", ["-c", "echo x > /tmp/f && cat /tmp/f"], user="root").stdout_text == "x\n"
+        )
