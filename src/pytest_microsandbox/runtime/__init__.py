@@ -25,11 +25,15 @@ from ._exceptions import (
     GuestCrashedError,
     GuestTimeoutError,
     ImageError,
+    ImageNotFoundError,
+    ImagePlatformError,
     KernelNotFoundError,
     LockTimeoutError,
     OutputLimitError,
     PathNotFoundError,
     ProtocolError,
+    RegistryAuthError,
+    RegistryUnreachableError,
     SandboxError,
     SandboxNotRunningError,
     SnapshotError,
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
     from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
     from .boot import boot_identity
     from .config import SandboxConfig, Volume
+    from .images import ImageConfig, Patch, RegistryAuth, pull_image
     from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
     from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
 
@@ -63,12 +68,19 @@ __all__ = [
     "FilesystemError",
     "GuestCrashedError",
     "GuestTimeoutError",
+    "ImageConfig",
     "ImageError",
+    "ImageNotFoundError",
+    "ImagePlatformError",
     "KernelNotFoundError",
     "LockTimeoutError",
     "OutputLimitError",
+    "Patch",
     "PathNotFoundError",
     "ProtocolError",
+    "RegistryAuth",
+    "RegistryAuthError",
+    "RegistryUnreachableError",
     "Sandbox",
     "SandboxConfig",
     "SandboxError",
@@ -87,6 +99,7 @@ __all__ = [
     "UnsafeHostPathError",
     "Volume",
     "boot_identity",
+    "pull_image",
 ]
 
 _WHERE = {
@@ -96,6 +109,10 @@ _WHERE = {
     "Exited": ".agent.results",
     "FileKind": ".agent.results",
     "FileStat": ".agent.results",
+    "ImageConfig": ".images",
+    "Patch": ".images",
+    "RegistryAuth": ".images",
+    "pull_image": ".images",
     "Sandbox": ".sandbox",
     "SandboxConfig": ".config",
     "SandboxFs": ".sandbox",

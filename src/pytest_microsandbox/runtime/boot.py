@@ -134,6 +134,8 @@ def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None)
         pull_policy=config.pull_policy,
         registry_auth=config.registry_auth,
         progress=log_pull_progress,
+        patches=config.patches,
+        scripts=config.scripts,
     )
     return BootPlan(kernel=kernel, initrd=initrd, layers=tuple(layers), accel=accel, agent=agent)
 

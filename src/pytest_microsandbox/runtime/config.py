@@ -30,6 +30,7 @@ from ._limits import (
 from .accel import ACCEL_ENV, AccelChoice, env_accel_choice
 from .agent.protocol import MAX_FRAME, MIN_FRAME
 from .images._auth import RegistryAuth
+from .images._patches import SCRIPTS_DIR, Patch
 from .images._reference import parse_reference
 
 __all__ = [
@@ -54,6 +55,7 @@ MAX_VOLUMES = 4
 MAX_IMAGE_VOLUMES = 1
 _FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 #: Guest paths a volume may not cover: the agent and every exec rely on them.
+_SCRIPT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev")
 #: Set while :meth:`SandboxConfig.from_json` parses a stored config. A context
 #: variable, not pydantic's validation context: the custom ``__init__`` that
@@ -237,6 +239,16 @@ class SandboxConfig(BaseModel):
         description='OCI images: "if-missing" uses the pinned digest and local layers when '
         'present; "always" resolves the tag again; "never" uses only the local store',
     )
+    patches: tuple[Patch, ...] = Field(
+        (),
+        description="changes to the guest root applied before boot, in a layer of their "
+        "own (Patch.text/append/copy_dir/symlink/mkdir); the image is never modified",
+    )
+    scripts: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"executable scripts by name, installed in {SCRIPTS_DIR} (on every "
+        "exec's PATH)",
+    )
     registry_auth: RegistryAuth | None = Field(
         None,
         exclude=True,
@@ -397,6 +409,16 @@ class SandboxConfig(BaseModel):
             )
         if candidate.resolve() == Path("/"):
             raise ValueError('is the host\'s root "/": use image="host" instead')
+        return value
+
+    @field_validator("scripts")
+    @classmethod
+    def _check_scripts(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _SCRIPT_NAME_RE.match(name):
+                raise ValueError(
+                    f"script name {name!r} is not a plain file name (letters, digits, . _ -)"
+                )
         return value
 
     @field_validator("env")

@@ -63,7 +63,7 @@ from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
-from .images import ImageConfig, imaged_venv, is_oci_reference, local_image
+from .images import SCRIPTS_DIR, ImageConfig, imaged_venv, is_oci_reference, local_image
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
@@ -732,6 +732,8 @@ class Sandbox:
         merged.update(self.config.env)
         if env:
             merged.update(env)
+        if self.config.scripts:
+            merged["PATH"] = f"{merged.get('PATH', _DEFAULT_PATH)}:{SCRIPTS_DIR}"
         return merged
 
     async def exec_stream(

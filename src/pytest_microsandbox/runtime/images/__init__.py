@@ -18,6 +18,7 @@ from ._host import (
 )
 from ._model import Layer
 from ._oci import ImageConfig, PulledImage, PullPolicy, local_image, log_pull_progress, pull_image
+from ._patches import SCRIPTS_DIR, Patch
 from ._reference import ImageReference, is_oci_reference, parse_reference
 from ._resolve import images_dir, project_layer, resolve_root_layers
 from ._staging import ETC_COPY
@@ -29,9 +30,11 @@ __all__ = [
     "IMAGE_BUDGET_ENV",
     "PROJECT_EXCLUDE_NAMES",
     "PROJECT_EXCLUDE_TOP",
+    "SCRIPTS_DIR",
     "ImageConfig",
     "ImageReference",
     "Layer",
+    "Patch",
     "ProgressCallback",
     "PullPolicy",
     "PulledImage",

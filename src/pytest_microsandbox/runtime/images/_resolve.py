@@ -6,7 +6,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .._exceptions import ImageError
@@ -16,11 +16,12 @@ from ._fingerprint import content_fingerprint, tree_fingerprint
 from ._host import DEFAULT_USR_EXCLUDES, PROJECT_SERIAL, plan_host_trees, plan_usr
 from ._layers import LayerSpec, build_layer
 from ._model import Layer
-from ._oci import PullPolicy, pull_image
+from ._oci import PullPolicy, local_image, pull_image
+from ._patches import Patch, stage_patches
 from ._reference import is_oci_reference
 from ._staging import MOUNT_POINTS, stage_base, stage_mount_points
 from ._store import image_intact
-from ._unpack import oci_layers
+from ._unpack import oci_layers, read_image_file
 
 __all__ = ["STABLE_LAYER_TTL", "images_dir", "project_layer", "resolve_root_layers"]
 
@@ -141,6 +142,8 @@ def resolve_root_layers(
     pull_policy: PullPolicy = "if-missing",
     registry_auth: RegistryAuth | None = None,
     progress: ProgressCallback | None = None,
+    patches: Sequence[Patch] = (),
+    scripts: Mapping[str, str] | None = None,
 ) -> list[Layer]:
     """Return the read-only layers of a guest root, top layer first, building what is stale.
 
@@ -156,7 +159,70 @@ def resolve_root_layers(
     ``...@sha256:...``) is an OCI image, pulled per ``pull_policy`` (with
     ``registry_auth`` or ``~/.docker/config.json``; ``progress`` sees the
     download), each layer an erofs image cached by its chain id.
+
+    ``patches`` and ``scripts`` go into one more layer on top (``l-patch``),
+    built from their content; the image's own layers stay as they are.
     """
+    layers = _image_layers(
+        image,
+        project_root=project_root,
+        cache_dir=cache_dir,
+        usr_excludes=usr_excludes,
+        include_project=include_project,
+        pull_policy=pull_policy,
+        registry_auth=registry_auth,
+        progress=progress,
+    )
+    if not patches and not scripts:
+        return layers
+    images = images_dir(cache_dir)
+    read_base = _base_reader(image, cache_dir)
+    patch = _staged_layer(
+        images,
+        "l-patch",
+        "patch",
+        "patches and scripts",
+        lambda root: stage_patches(root, patches, scripts or {}, read_base),
+    )
+    return [patch, *layers]
+
+
+def _base_reader(image: str, cache_dir: Path | None) -> Callable[[str], bytes | None]:
+    """How an append patch reads the image's own version of a file."""
+
+    def read_file(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes() if path.is_file() else None
+        except OSError:
+            return None
+
+    def read(guest_path: str) -> bytes | None:
+        rel = guest_path.lstrip("/")
+        if image == "host":
+            if rel.startswith("etc/"):
+                with tempfile.TemporaryDirectory(prefix=".base-") as tmp:
+                    stage_base(Path(tmp))
+                    return read_file(Path(tmp) / rel)
+            return read_file(Path("/") / rel)
+        if is_oci_reference(image) and not image.startswith(("/", ".", "~")):
+            pulled = local_image(image, cache_dir)
+            return None if pulled is None else read_image_file(pulled, guest_path)
+        return read_file(Path(image).expanduser() / rel)
+
+    return read
+
+
+def _image_layers(
+    image: str,
+    *,
+    project_root: Path | None,
+    cache_dir: Path | None,
+    usr_excludes: Sequence[str] | None,
+    include_project: bool,
+    pull_policy: PullPolicy,
+    registry_auth: RegistryAuth | None,
+    progress: ProgressCallback | None,
+) -> list[Layer]:
     images = images_dir(cache_dir)
     if image == "host":
         excludes = DEFAULT_USR_EXCLUDES if usr_excludes is None else tuple(usr_excludes)

@@ -38,7 +38,7 @@ from ._model import Layer
 from ._oci import LayerBlob, PulledImage
 from ._store import ensure_image, logger
 
-__all__ = ["UNPACK_VERSION", "chain_ids", "oci_layers", "unpack_layer"]
+__all__ = ["UNPACK_VERSION", "chain_ids", "oci_layers", "read_image_file", "unpack_layer"]
 
 #: Bumped whenever the way layers are translated changes.
 UNPACK_VERSION = 1
@@ -239,3 +239,42 @@ def oci_layers(image: PulledImage, images: Path) -> list[Layer]:
         )
     out.reverse()
     return out
+
+
+#: The largest base file an append patch reads out of a layer.
+MAX_APPEND_BASE = 16 << 20
+
+
+def read_image_file(image: PulledImage, guest_path: str) -> bytes | None:
+    """The regular file ``guest_path`` as ``image`` shows it (top layer first,
+    whiteouts and opaque directories honoured), or None. For append patches.
+    """
+    rel = _clean_name(guest_path)
+    if rel is None:
+        return None
+    ancestors = []
+    parent = posixpath.dirname(rel)
+    while parent:
+        ancestors.append(parent)
+        parent = posixpath.dirname(parent)
+    for blob in reversed(image.layers):
+        hidden = False
+        with _open(blob) as tar:
+            for member in tar:
+                name = _clean_name(member.name)
+                if name is None:
+                    continue
+                head, base = posixpath.split(name)
+                if (base == _OPAQUE and head in ancestors) or (
+                    base.startswith(_WH)
+                    and posixpath.join(head, base[len(_WH) :]) in (rel, *ancestors)
+                ):
+                    hidden = True
+                elif name == rel:
+                    if not member.isfile() or member.size > MAX_APPEND_BASE:
+                        return None
+                    data = tar.extractfile(member)
+                    return None if data is None else data.read()
+        if hidden:
+            return None
+    return None
