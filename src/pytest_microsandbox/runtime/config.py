@@ -27,6 +27,7 @@ from ._limits import (
     MAX_ARG_STRLEN,
     OnOutputLimit,
 )
+from ._named_volumes import NamedVolumeInfo
 from .accel import ACCEL_ENV, AccelChoice, env_accel_choice
 from .agent.protocol import MAX_FRAME, MIN_FRAME
 from .images._auth import RegistryAuth
@@ -119,15 +120,20 @@ class Volume(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["bind", "image"] = "bind"
-    host_path: Path = Field(
-        description="existing host directory, or image file for kind='image' (stored "
-        "absolute, symlinks resolved)"
+    kind: Literal["bind", "image", "named", "tmpfs"] = "bind"
+    host_path: Path | None = Field(
+        default=None,
+        description="existing host directory, or image file for kind='image', or the "
+        "volume's directory for kind='named' (stored absolute, symlinks resolved); "
+        "None for tmpfs",
     )
     readonly: bool = Field(False, description="refuse guest writes (host and guest side)")
     fstype: str = Field(
         "erofs", description="file system of an image (erofs, ext4, ...); unused by binds"
     )
+    name: str | None = Field(default=None, description="a named volume's name")
+    quota_mb: int | None = Field(default=None, ge=1, description="a named volume's MiB")
+    size_mb: int | None = Field(default=None, ge=1, description="a tmpfs volume's MiB")
 
     # No __init__ override (unlike SandboxConfig): pydantic would call it for
     # nested values too, and the error would lose its field path
@@ -156,6 +162,59 @@ class Volume(BaseModel):
         except ValidationError as exc:
             raise ConfigError(_format_validation_error("Volume", exc)) from None
 
+    @classmethod
+    def named(
+        cls,
+        name: str,
+        *,
+        quota_mb: int = 256,
+        readonly: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> Volume:
+        """A volume that persists across sandboxes and runs, by ``name``: an ext4
+        disk of ``quota_mb`` MiB (created on first use) in the cache directory.
+        A full volume gives the guest ENOSPC. One sandbox mounts it at a time.
+
+        :raises ConfigError: bad name or quota, or it exists with another quota.
+        """
+        from ._named_volumes import create_named_volume
+
+        path = create_named_volume(
+            name, quota_mb, Path(cache_dir) if cache_dir is not None else None
+        )
+        try:
+            return cls(
+                kind="named", host_path=path, name=name, quota_mb=quota_mb, readonly=readonly,
+                fstype="ext4",
+            )  # fmt: skip
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("Volume", exc)) from None
+
+    @classmethod
+    def tmpfs(cls, size_mb: int = 64) -> Volume:
+        """A tmpfs of at most ``size_mb`` MiB (guest RAM, gone with the sandbox)."""
+        try:
+            return cls(kind="tmpfs", size_mb=size_mb, fstype="tmpfs", readonly=False)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("Volume", exc)) from None
+
+    @staticmethod
+    def list(cache_dir: str | os.PathLike[str] | None = None) -> list[NamedVolumeInfo]:
+        """The named volumes in the cache: name, quota, bytes used, last use."""
+        from ._named_volumes import list_named_volumes
+
+        return list_named_volumes(Path(cache_dir) if cache_dir is not None else None)
+
+    @staticmethod
+    def remove(name: str, cache_dir: str | os.PathLike[str] | None = None) -> bool:
+        """Delete named volume ``name`` and its data; False if it did not exist.
+
+        :raises FilesystemError: a running sandbox uses it.
+        """
+        from ._named_volumes import remove_named_volume
+
+        return remove_named_volume(name, Path(cache_dir) if cache_dir is not None else None)
+
     @model_validator(mode="before")
     @classmethod
     def _from_path(cls, data: Any) -> Any:
@@ -165,7 +224,9 @@ class Volume(BaseModel):
 
     @field_validator("host_path")
     @classmethod
-    def _check_host_path(cls, value: Path) -> Path:
+    def _check_host_path(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
         if "\0" in str(value):
             raise ValueError("contains a NUL byte")
         try:
@@ -181,6 +242,16 @@ class Volume(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> Volume:
+        if self.kind == "tmpfs":
+            if self.host_path is not None or self.size_mb is None:
+                raise ValueError("a tmpfs volume has a size_mb and no host_path")
+            return self
+        if self.host_path is None:
+            raise ValueError(f"a {self.kind} volume needs a host_path")
+        if self.kind == "named":
+            if not self.name or not self.quota_mb or not self.host_path.is_dir():
+                raise ValueError("a named volume needs its name, quota_mb and directory")
+            return self
         path = str(self.host_path)
         if self.kind == "bind" and not self.host_path.is_dir():
             raise ValueError(
@@ -199,7 +270,8 @@ class Volume(BaseModel):
 
 
 def _count_binds(volumes: dict[str, Volume]) -> int:
-    return sum(1 for v in volumes.values() if v.kind == "bind")
+    # Named volumes ride on a 9p device too (their disk image's directory).
+    return sum(1 for v in volumes.values() if v.kind in ("bind", "named"))
 
 
 def _normalize_guest_path(raw: str) -> str:
@@ -454,9 +526,10 @@ class SandboxConfig(BaseModel):
                 f"{binds} bind volumes given, at most {MAX_VOLUMES} are supported "
                 "(one spare 9p device each): bind a common parent directory instead"
             )
-        if len(value) - binds > MAX_IMAGE_VOLUMES:
+        images = sum(1 for v in value.values() if v.kind == "image")
+        if images > MAX_IMAGE_VOLUMES:
             raise ValueError(
-                f"{len(value) - binds} image volumes given, at most {MAX_IMAGE_VOLUMES} is "
+                f"{images} image volumes given, at most {MAX_IMAGE_VOLUMES} is "
                 "supported (the one spare disk): put their trees in one image"
             )
         out: dict[str, Volume] = {}

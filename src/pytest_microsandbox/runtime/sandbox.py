@@ -67,6 +67,7 @@ from .images import SCRIPTS_DIR, ImageConfig, imaged_venv, is_oci_reference, loc
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
+    lock_volumes,
     mount_volumes,
 )
 
@@ -574,6 +575,9 @@ class Sandbox:
                 timeout=self._request_timeout,
             )
             if self.config.volumes:
+                # Named volumes: one sandbox at a time, released when the session ends.
+                for fd in lock_volumes(self.config.volumes):
+                    self._session.stack.callback(os.close, fd)
                 await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
 
     # -- snapshots (pytest_microsandbox.snapshots, installed as an extension) -----------------

@@ -135,8 +135,8 @@ def _device_args(
     The 9p spares are only there when asked for: QEMU gives each 9p device a
     1 MiB inode-remapping table up front, ~1.2 MiB of host memory per clone.
     """
-    images = [v.host_path for v in volumes if v.kind == "image"]
-    binds = [v for v in volumes if v.kind == "bind"]
+    images = [v.host_path for v in volumes if v.kind == "image" and v.host_path is not None]
+    binds = [v for v in volumes if v.kind in ("bind", "named")]
     return (
         *image_disk_args("spare0", images[0] if images else spare),
         *volume_device_args(binds, run_dir, slots),
