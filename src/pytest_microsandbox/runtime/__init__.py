@@ -45,7 +45,7 @@ from ._exceptions import (
 if TYPE_CHECKING:
     from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
     from .boot import boot_identity
-    from .config import SandboxConfig, Volume
+    from .config import Image, SandboxConfig, Volume
     from .images import ImageConfig, Patch, RegistryAuth, pull_image
     from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
     from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
@@ -68,6 +68,7 @@ __all__ = [
     "FilesystemError",
     "GuestCrashedError",
     "GuestTimeoutError",
+    "Image",
     "ImageConfig",
     "ImageError",
     "ImageNotFoundError",
@@ -109,6 +110,7 @@ _WHERE = {
     "Exited": ".agent.results",
     "FileKind": ".agent.results",
     "FileStat": ".agent.results",
+    "Image": ".config",
     "ImageConfig": ".images",
     "Patch": ".images",
     "RegistryAuth": ".images",

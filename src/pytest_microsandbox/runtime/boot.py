@@ -63,7 +63,13 @@ class BootPlan:
         if tsc_khz:
             parts.append(f"tsc_early_khz={tsc_khz}")
         if self.layers:
-            parts.append("msb.layers=" + ",".join(layer.serial for layer in self.layers))
+            parts.append(
+                "msb.layers="
+                + ",".join(
+                    layer.serial if layer.fstype == "erofs" else f"{layer.serial}:{layer.fstype}"
+                    for layer in self.layers
+                )
+            )
         return " ".join(parts)
 
     def identity(self, config: SandboxConfig) -> str:
@@ -90,7 +96,9 @@ class BootPlan:
             memory_mib=config.memory,
             accel=self.accel,
             run_dir=run_dir,
-            disks=tuple(DiskSpec(layer.serial, layer.path) for layer in self.layers),
+            disks=tuple(
+                DiskSpec(layer.serial, layer.path, format=layer.format) for layer in self.layers
+            ),
         )
 
 
@@ -136,6 +144,7 @@ def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None)
         progress=log_pull_progress,
         patches=config.patches,
         scripts=config.scripts,
+        disk_fstype=config.disk_fstype,
     )
     return BootPlan(kernel=kernel, initrd=initrd, layers=tuple(layers), accel=accel, agent=agent)
 

@@ -291,6 +291,62 @@ def _normalize_guest_path(raw: str) -> str:
     return path
 
 
+class Image(BaseModel):
+    """An image with its options, for :attr:`SandboxConfig.image`::
+
+        SandboxConfig(image=Image.oci("127.0.0.1:5000/team/app:1.4", pull_policy="never"))
+        SandboxConfig(image=Image.disk("alpine.qcow2", fstype="ext4"))
+
+    A plain string works too (``"host"``, a directory or disk image path, an
+    OCI reference); this form carries the options that go with it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    pull_policy: Literal["always", "if-missing", "never"] | None = None
+    fstype: Literal["auto", "ext4", "ext3", "ext2", "erofs"] | None = None
+
+    @classmethod
+    def oci(
+        cls, reference: str, *, pull_policy: Literal["always", "if-missing", "never"] | None = None
+    ) -> Image:
+        """An OCI image by reference (``registry/repo:tag`` or ``...@sha256:...``).
+
+        :raises ConfigError: an option is invalid.
+        """
+        return cls._make(source=reference, pull_policy=pull_policy)
+
+    @classmethod
+    def disk(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        fstype: Literal["auto", "ext4", "ext3", "ext2", "erofs"] = "auto",
+    ) -> Image:
+        """A disk image file (raw, qcow2, vmdk) whose file system becomes ``/``;
+        never written (each sandbox writes into its own overlay).
+
+        :raises ConfigError: an option is invalid.
+        """
+        return cls._make(source=os.fspath(Path(path).expanduser().resolve()), fstype=fstype)
+
+    @classmethod
+    def _make(cls, **fields: Any) -> Image:
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("Image", exc)) from None
+
+    def config_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": self.source}
+        if self.pull_policy is not None:
+            out["pull_policy"] = self.pull_policy
+        if self.fstype is not None:
+            out["disk_fstype"] = self.fstype
+        return out
+
+
 class SandboxConfig(BaseModel):
     """How to build and run one sandbox.
 
@@ -305,6 +361,11 @@ class SandboxConfig(BaseModel):
         description='root filesystem: "host" (the host userspace, same Python and venv), '
         "a path to a local directory, or an OCI image reference "
         '("registry:5000/team/app:1.4", "...@sha256:...")',
+    )
+    disk_fstype: Literal["auto", "ext4", "ext3", "ext2", "erofs"] = Field(
+        "auto",
+        description="disk images: the root file system (auto: read from a raw image's "
+        "superblock, else tried by the guest)",
     )
     pull_policy: Literal["always", "if-missing", "never"] = Field(
         "if-missing",
@@ -407,6 +468,9 @@ class SandboxConfig(BaseModel):
     )
 
     def __init__(self, **data: Any) -> None:
+        image = data.get("image")
+        if isinstance(image, Image):
+            data = {**data, **image.config_fields()}
         try:
             super().__init__(**data)
         except ValidationError as exc:
@@ -473,11 +537,10 @@ class SandboxConfig(BaseModel):
                 f"image directory {value!r} does not exist: create it, fix the path, or "
                 'use image="host" (the host\'s own userspace)'
             )
-        if not candidate.is_dir():
+        if not candidate.is_dir() and not candidate.is_file():
             raise ValueError(
-                f"image {value!r} is not a directory: pass a directory whose contents "
-                "become the guest's root (disk images are not supported; a file-system "
-                "image file can be mounted with Volume.image)"
+                f"image {value!r} is neither a directory nor a disk image file: pass a "
+                "directory whose contents become the guest's root, or a disk image"
             )
         if candidate.resolve() == Path("/"):
             raise ValueError('is the host\'s root "/": use image="host" instead')

@@ -168,7 +168,7 @@ def _spec_from_meta(
         memory_mib=meta.memory_mib,
         accel=meta.accel,
         run_dir=run_dir,
-        disks=tuple(DiskSpec(d.serial, Path(d.path)) for d in meta.disks),
+        disks=tuple(DiskSpec(d.serial, Path(d.path), format=d.format) for d in meta.disks),
         extra_args=_device_args(run_dir, _store.spare_disk(cache), meta.volume_slots, volumes),
         memory_file=memory_file,
         memory_shared=shared,
@@ -311,7 +311,9 @@ async def _build_template(
             initrd_size=plan.initrd.stat().st_size,
             cmdline=plan.cmdline,
             disks=tuple(
-                DiskMeta(serial=d.serial, path=str(d.path), size=d.path.stat().st_size)
+                DiskMeta(
+                    serial=d.serial, path=str(d.path), size=d.path.stat().st_size, format=d.format
+                )
                 for d in spec.disks
             ),
             volume_slots=slots,

@@ -2180,7 +2180,24 @@ static bool find_disk(const char *serial, char *dev, size_t cap)
 	return found;
 }
 
-/* Builds the overlay root from the erofs layers and switches into it. */
+/* Mounts a read-only root layer: erofs, or a disk image's ext2/3/4 ("noload":
+ * no journal replay on a read-only device); "auto" tries ext4, then erofs. */
+static void mount_layer(const char *dev, const char *dir, const char *fstype)
+{
+	mkdir(dir, 0755);
+	if (!strcmp(fstype, "auto")) {
+		if (mount(dev, dir, "ext4", MS_RDONLY, "noload") == 0 ||
+		    mount(dev, dir, "erofs", MS_RDONLY, NULL) == 0)
+			return;
+		die("mount %s on %s: no ext4 or erofs file system found (pass fstype)", dev, dir);
+	}
+	bool ext = !strncmp(fstype, "ext", 3);
+	if (mount(dev, dir, fstype, MS_RDONLY, ext ? "noload" : NULL) < 0)
+		die("mount %s on %s (%s): %s", dev, dir, fstype, strerror(errno));
+}
+
+/* Builds the overlay root from the read-only layers and switches into it.
+ * Each entry is SERIAL or SERIAL:FSTYPE (erofs when absent). */
 static void build_root(char *layers, const char *tmpfs_size)
 {
 	char lower[3072] = "", opts[4096], dev[300], dir[PATH_MAX];
@@ -2188,11 +2205,20 @@ static void build_root(char *layers, const char *tmpfs_size)
 	mkdir("/layers", 0755);
 	for (char *save = NULL, *serial = strtok_r(layers, ",", &save); serial;
 	     serial = strtok_r(NULL, ",", &save)) {
+		const char *fstype = "erofs";
+		char *colon = strchr(serial, ':');
+		if (colon) {
+			*colon = 0;
+			fstype = colon + 1;
+		}
 		/* Serials end up in overlay's option string: keep them boring. */
 		for (const char *c = serial; *c; c++)
 			if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
 			      (*c >= '0' && *c <= '9') || *c == '-' || *c == '_' || *c == '.'))
 				die("invalid layer serial '%s'", serial);
+		for (const char *c = fstype; *c; c++)
+			if (!((*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9')))
+				die("invalid layer file system '%s'", fstype);
 		/* virtio-blk probes asynchronously after its module loads. */
 		while (!find_disk(serial, dev, sizeof dev)) {
 			if (clock_ms(CLOCK_MONOTONIC) > deadline)
@@ -2200,7 +2226,7 @@ static void build_root(char *layers, const char *tmpfs_size)
 			usleep(5000);
 		}
 		snprintf(dir, sizeof dir, "/layers/%s", serial);
-		mount_or_die(dev, dir, "erofs", MS_RDONLY, NULL);
+		mount_layer(dev, dir, fstype);
 		size_t l = strlen(lower);
 		if (snprintf(lower + l, sizeof lower - l, "%s%s", l ? ":" : "", dir) >= (int)(sizeof lower - l))
 			die("too many layers");

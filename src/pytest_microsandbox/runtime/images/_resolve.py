@@ -12,6 +12,7 @@ from pathlib import Path
 from .._exceptions import ImageError
 from ..paths import cache_dir as default_cache_dir
 from ._auth import ProgressCallback, RegistryAuth
+from ._disk import disk_layer
 from ._fingerprint import content_fingerprint, tree_fingerprint
 from ._host import DEFAULT_USR_EXCLUDES, PROJECT_SERIAL, plan_host_trees, plan_usr
 from ._layers import LayerSpec, build_layer
@@ -114,6 +115,16 @@ def _host_layers(
     return [*trees, base, usr]
 
 
+def _skel_layer(images: Path) -> Layer:
+    """Mount points only, below an image that may lack them (OCI, disk)."""
+    return _memoized(
+        (str(images), "l-skel"),
+        lambda: _staged_layer(
+            images, "l-skel", "skel", "mount points (generated)", stage_mount_points
+        ),
+    )
+
+
 def _directory_layers(images: Path, directory: Path) -> list[Layer]:
     spec = LayerSpec(
         serial="l-root",
@@ -144,6 +155,7 @@ def resolve_root_layers(
     progress: ProgressCallback | None = None,
     patches: Sequence[Patch] = (),
     scripts: Mapping[str, str] | None = None,
+    disk_fstype: str = "auto",
 ) -> list[Layer]:
     """Return the read-only layers of a guest root, top layer first, building what is stale.
 
@@ -172,6 +184,7 @@ def resolve_root_layers(
         pull_policy=pull_policy,
         registry_auth=registry_auth,
         progress=progress,
+        disk_fstype=disk_fstype,
     )
     if not patches and not scripts:
         return layers
@@ -222,6 +235,7 @@ def _image_layers(
     pull_policy: PullPolicy,
     registry_auth: RegistryAuth | None,
     progress: ProgressCallback | None,
+    disk_fstype: str,
 ) -> list[Layer]:
     images = images_dir(cache_dir)
     if image == "host":
@@ -235,10 +249,13 @@ def _image_layers(
             raise ImageError(
                 f"image directory {candidate} does not exist; create it or fix the path"
             )
+        if candidate.is_file():
+            disk = disk_layer(candidate, images, fstype=disk_fstype)
+            return [disk, _skel_layer(images)]
         if not candidate.is_dir():
             raise ImageError(
-                f"image {candidate} is not a directory; pass a directory whose contents "
-                "become the guest's root (disk images are not supported yet)"
+                f"image {candidate} is neither a directory nor a disk image file; pass a "
+                "directory whose contents become the guest's root, or a disk image"
             )
         resolved = candidate.resolve()
         if resolved == Path("/"):
@@ -252,13 +269,7 @@ def _image_layers(
             cache_dir=images.parent,
             progress=progress,
         )
-        skel = _memoized(
-            (str(images), "l-skel"),
-            lambda: _staged_layer(
-                images, "l-skel", "skel", "mount points (generated)", stage_mount_points
-            ),
-        )
-        return [*oci_layers(pulled, images), skel]
+        return [*oci_layers(pulled, images), _skel_layer(images)]
     raise ImageError(
         f'unsupported image {image!r}: use "host", the path of a local directory, or an '
         f"OCI image reference such as registry.example:5000/team/app:1.0 (no directory "
