@@ -63,7 +63,7 @@ from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
-from .images import SCRIPTS_DIR, ImageConfig, imaged_venv, is_oci_reference, local_image
+from .images import SCRIPTS_DIR, ImageConfig, image_config_for, imaged_venv
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
@@ -1052,10 +1052,7 @@ def _image_config(config: SandboxConfig) -> ImageConfig | None:
     """The config of an OCI image as pinned in the local store (its pull ran
     when the sandbox's root was built), or None for other images.
     """
-    if not is_oci_reference(config.image):
-        return None
-    pulled = local_image(config.image, config.cache_dir)
-    return None if pulled is None else pulled.config
+    return image_config_for(config.image, config.cache_dir)
 
 
 def _venv_env(image: str) -> dict[str, str]:

@@ -291,3 +291,51 @@ def run_registry(user: str | None = None, password: str | None = None) -> Iterat
             proc.wait()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def write_oci_layout(
+    root: Path, layers: list[Mapping[str, Entry]], config: dict[str, object]
+) -> str:
+    """An OCI image layout directory holding one image; returns its manifest digest."""
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes, media_type: str) -> dict[str, object]:
+        digest = _digest(data)
+        (blobs / digest.split(":")[1]).write_bytes(data)
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    descs = [put(layer_tar(layer), LAYER_GZ) for layer in layers]
+    cfg = put(json.dumps(config).encode(), CONFIG)
+    manifest = json.dumps(
+        {"schemaVersion": 2, "mediaType": MANIFEST, "config": cfg, "layers": descs}
+    ).encode()
+    mdesc = put(manifest, MANIFEST)
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [mdesc]}))
+    return str(mdesc["digest"])
+
+
+def write_docker_archive(
+    path: Path, layers: list[Mapping[str, Entry]], config: dict[str, object]
+) -> None:
+    """A ``docker save`` style archive (manifest.json, uncompressed layer tars)."""
+    with tarfile.open(path, "w") as tar:
+
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        names = []
+        for i, layer in enumerate(layers):
+            name = f"layer{i}/layer.tar"
+            add(name, gzip.decompress(layer_tar(layer)))
+            names.append(name)
+        cfg = json.dumps(config).encode()
+        cfg_name = hashlib.sha256(cfg).hexdigest() + ".json"
+        add(cfg_name, cfg)
+        add(
+            "manifest.json",
+            json.dumps([{"Config": cfg_name, "RepoTags": ["t:1"], "Layers": names}]).encode(),
+        )

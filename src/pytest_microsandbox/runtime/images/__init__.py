@@ -20,7 +20,7 @@ from ._model import Layer
 from ._oci import ImageConfig, PulledImage, PullPolicy, local_image, log_pull_progress, pull_image
 from ._patches import SCRIPTS_DIR, Patch
 from ._reference import ImageReference, is_oci_reference, parse_reference
-from ._resolve import images_dir, project_layer, resolve_root_layers
+from ._resolve import image_config_for, images_dir, project_layer, resolve_root_layers
 from ._staging import ETC_COPY
 from ._store import IMAGE_BUDGET_ENV, prune_images
 
@@ -39,6 +39,7 @@ __all__ = [
     "PullPolicy",
     "PulledImage",
     "RegistryAuth",
+    "image_config_for",
     "imaged_venv",
     "images_dir",
     "is_oci_reference",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import threading
@@ -16,15 +17,22 @@ from ._disk import disk_layer
 from ._fingerprint import content_fingerprint, tree_fingerprint
 from ._host import DEFAULT_USR_EXCLUDES, PROJECT_SERIAL, plan_host_trees, plan_usr
 from ._layers import LayerSpec, build_layer
+from ._local import import_local_image, is_docker_archive, is_oci_layout
 from ._model import Layer
-from ._oci import PullPolicy, local_image, pull_image
+from ._oci import ImageConfig, PullPolicy, local_image, pull_image
 from ._patches import Patch, stage_patches
 from ._reference import is_oci_reference
 from ._staging import MOUNT_POINTS, stage_base, stage_mount_points
 from ._store import image_intact
 from ._unpack import oci_layers, read_image_file
 
-__all__ = ["STABLE_LAYER_TTL", "images_dir", "project_layer", "resolve_root_layers"]
+__all__ = [
+    "STABLE_LAYER_TTL",
+    "image_config_for",
+    "images_dir",
+    "project_layer",
+    "resolve_root_layers",
+]
 
 #: Seconds a process trusts its last check of the slow-changing layers (/usr,
 #: Python prefix, venv, base). Checking them costs ~0.5 s, too much for every
@@ -249,6 +257,9 @@ def _image_layers(
             raise ImageError(
                 f"image directory {candidate} does not exist; create it or fix the path"
             )
+        if is_oci_layout(candidate) or is_docker_archive(candidate):
+            local = import_local_image(candidate, images.parent)
+            return [*oci_layers(local, images), _skel_layer(images)]
         if candidate.is_file():
             disk = disk_layer(candidate, images, fstype=disk_fstype)
             return [disk, _skel_layer(images)]
@@ -275,6 +286,36 @@ def _image_layers(
         f"OCI image reference such as registry.example:5000/team/app:1.0 (no directory "
         f"{image!r} exists here)"
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _local_config(
+    candidate: Path, _size: int, _mtime_ns: int, cache_dir: Path | None
+) -> ImageConfig | None:
+    # Keyed by size and mtime too: listing a docker archive reads all its headers.
+    if is_oci_layout(candidate) or is_docker_archive(candidate):
+        return import_local_image(candidate, cache_dir).config
+    return None
+
+
+def image_config_for(image: str, cache_dir: Path | None = None) -> ImageConfig | None:
+    """The OCI config (env, workdir, user, entrypoint) of ``image`` as the local
+    store has it (no network), or None for images without one (host, directories,
+    disk images) or not pulled yet.
+    """
+    if image == "host":
+        return None
+    candidate = Path(image).expanduser()
+    if image.startswith(("/", ".", "~")) or candidate.exists():
+        try:
+            st = candidate.stat()
+        except OSError:
+            return None
+        return _local_config(candidate, st.st_size, st.st_mtime_ns, cache_dir)
+    if not is_oci_reference(image):
+        return None
+    pulled = local_image(image, cache_dir)
+    return None if pulled is None else pulled.config
 
 
 def project_layer(project_root: Path, cache_dir: Path | None = None) -> Layer:
