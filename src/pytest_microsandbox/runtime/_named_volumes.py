@@ -125,7 +125,33 @@ def create_named_volume(name: str, quota_mb: int, cache_dir: Path | None = None)
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _apply_volume_budget(cache_dir, keep=name)
     return create_named_volume(name, quota_mb, cache_dir)
+
+
+def _apply_volume_budget(cache_dir: Path | None, keep: str) -> None:
+    """``$MICROSANDBOX_VOLUME_BUDGET_MB``, when set: oldest unused volumes go."""
+    raw = os.environ.get("MICROSANDBOX_VOLUME_BUDGET_MB", "").strip()
+    if not raw:
+        return
+    try:
+        budget = int(float(raw) * 2**20)
+    except ValueError:
+        raise ConfigError(
+            f"$MICROSANDBOX_VOLUME_BUDGET_MB={raw!r} is not a number of MiB; fix or unset it"
+        ) from None
+    volumes = sorted(list_named_volumes(cache_dir), key=lambda v: v.last_used)
+    total = sum(v.disk_bytes for v in volumes)
+    for volume in volumes:
+        if total <= budget:
+            break
+        if volume.name == keep:
+            continue
+        try:
+            remove_named_volume(volume.name, cache_dir)
+        except FilesystemError:
+            continue
+        total -= volume.disk_bytes
 
 
 def lock_named_volume(path: Path) -> int:

@@ -234,3 +234,30 @@ def test_unpack_refuses_escapes(tmp_path: Path) -> None:
             assert not (root / "lnk").exists()
     escape = {"link": file("")}
     assert layer_tar(escape)  # the helper itself stays usable
+
+
+def test_oci_store_budget(registry: Registry, tmp_path: Path) -> None:
+    from pytest_microsandbox.runtime.images import prune_oci_store
+
+    old = registry.push_image("t/budget:old", [{"a": file("x" * 4096)}])
+    new = registry.push_image("t/budget:new", [{"b": file("y" * 4096)}])
+    pull_image(registry.ref("t/budget:old"), cache_dir=tmp_path)
+    pull_image(registry.ref("t/budget:new"), cache_dir=tmp_path)
+    # Nothing goes while it was used in the grace period.
+    assert prune_oci_store(tmp_path, max_bytes=1).removed == ()
+    import os
+    import time
+
+    pins = sorted((tmp_path / "oci/pins").glob("*.json"))
+    for pin in pins:  # both used an hour ago, "old" before "new"
+        digest = json.loads(pin.read_text())["digest"]
+        age = 7200 if digest == old else 3600
+        os.utime(pin, (time.time() - age, time.time() - age))
+    for blob in (tmp_path / "oci/blobs/sha256").iterdir():
+        os.utime(blob, (time.time() - 7200, time.time() - 7200))
+    blobs = sum(b.stat().st_size for b in (tmp_path / "oci/blobs/sha256").iterdir())
+    result = prune_oci_store(tmp_path, max_bytes=blobs - 1)
+    assert len(result.removed) == 1 and result.freed_bytes > 0
+    assert local_image(registry.ref("t/budget:old"), tmp_path) is None
+    assert local_image(registry.ref("t/budget:new"), tmp_path) is not None
+    assert new

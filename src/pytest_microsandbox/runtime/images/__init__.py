@@ -19,6 +19,13 @@ from ._host import (
 from ._model import Layer
 from ._oci import ImageConfig, PulledImage, PullPolicy, local_image, log_pull_progress, pull_image
 from ._patches import SCRIPTS_DIR, Patch
+from ._prune import (
+    OCI_BUDGET_ENV,
+    VOLUME_BUDGET_ENV,
+    PruneSummary,
+    prune_oci_store,
+    prune_volumes,
+)
 from ._reference import ImageReference, is_oci_reference, parse_reference
 from ._resolve import image_config_for, images_dir, project_layer, resolve_root_layers
 from ._staging import ETC_COPY
@@ -28,14 +35,17 @@ __all__ = [
     "DEFAULT_USR_EXCLUDES",
     "ETC_COPY",
     "IMAGE_BUDGET_ENV",
+    "OCI_BUDGET_ENV",
     "PROJECT_EXCLUDE_NAMES",
     "PROJECT_EXCLUDE_TOP",
     "SCRIPTS_DIR",
+    "VOLUME_BUDGET_ENV",
     "ImageConfig",
     "ImageReference",
     "Layer",
     "Patch",
     "ProgressCallback",
+    "PruneSummary",
     "PullPolicy",
     "PulledImage",
     "RegistryAuth",
@@ -48,6 +58,8 @@ __all__ = [
     "parse_reference",
     "project_layer",
     "prune_images",
+    "prune_oci_store",
+    "prune_volumes",
     "pull_image",
     "resolve_root_layers",
 ]

@@ -10,6 +10,7 @@ sandbox created after the tag moved still gets the pinned digest;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -134,7 +135,8 @@ def _blob_path(store: Path, digest: str) -> Path:
 
 
 def _pin_path(store: Path, ref: ImageReference) -> Path:
-    return store / "pins" / f"{digest_parts(ref.name, ref.tag or '', length=32)}.json"
+    key = digest_parts(ref.name, ref.tag or "", ref.digest or "", length=32)
+    return store / "pins" / f"{key}.json"
 
 
 def _publish(data: bytes, dest: Path) -> None:
@@ -300,6 +302,11 @@ def _write_pin(store: Path, ref: ImageReference, digest: str) -> None:
     _publish(json.dumps({"reference": str(ref), "digest": digest}).encode(), _pin_path(store, ref))
 
 
+def _touch_pin(store: Path, ref: ImageReference) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(_pin_path(store, ref))  # last use, for pruning
+
+
 def local_image(reference: str, cache_dir: Path | None = None) -> PulledImage | None:
     """The image ``reference`` as pinned and stored locally, or None (no network)."""
     ref = parse_reference(reference)
@@ -386,6 +393,7 @@ def pull_image(
     if pull_policy != "always" and pinned is not None:
         image = _complete(store, pinned, str(ref))
         if image is not None:
+            _touch_pin(store, ref)
             return image
     if pull_policy == "never":
         raise ImageNotFoundError(
@@ -396,12 +404,15 @@ def pull_image(
 
     client = RegistryClient(ref, auth)
     digest = _fetch(client, store, ref, progress)
-    if ref.digest is None:
-        previous = _read_pin(store, ref)
-        if previous is not None and previous != digest:
-            logger.info("%s moved from %s to %s; pinned the new digest", ref, previous, digest)
-        _write_pin(store, ref, digest)
+    previous = _read_pin(store, ref)
+    if previous is not None and previous != digest:
+        logger.info("%s moved from %s to %s; pinned the new digest", ref, previous, digest)
+    # Digest references get a pin too: pruning keeps what pins reach.
+    _write_pin(store, ref, digest)
     image = _complete(store, digest, str(ref))
     if image is None:  # pragma: no cover - every blob was just stored
         raise ImageError(f"image {ref} is incomplete right after its pull; try again")
+    from ._prune import prune_oci_store  # the budget, after each pull
+
+    prune_oci_store(cache_dir)
     return image
