@@ -339,3 +339,45 @@ def write_docker_archive(
             "manifest.json",
             json.dumps([{"Config": cfg_name, "RepoTags": ["t:1"], "Layers": names}]).encode(),
         )
+
+
+def debian_layer(cache: Path) -> bytes:
+    """One gzipped layer merging the Debian packages ``scripts/setup`` downloaded
+    (a real distribution userspace: libc, dash, coreutils, Python 3.11), built
+    once and cached across runs in ``<cache>/test-images``.
+    """
+    debs = sorted((cache / "test-debs").glob("*.deb"))
+    if len(debs) < 10:
+        raise RuntimeError(
+            f"the test packages are missing in {cache / 'test-debs'}: run ./scripts/setup"
+        )
+    key = hashlib.sha256("\n".join(d.name for d in debs).encode()).hexdigest()[:16]
+    out = cache / "test-images" / f"debian-{key}.tar.gz"
+    if out.exists():
+        return out.read_bytes()
+    raw = io.BytesIO()
+    seen: set[str] = set()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as merged:
+        for deb in debs:
+            fsys = subprocess.run(
+                ["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True
+            )
+            with tarfile.open(fileobj=io.BytesIO(fsys.stdout)) as tar:
+                for member in tar:
+                    name = member.name.lstrip("./")
+                    if not name or name in seen:
+                        continue
+                    seen.add(name)
+                    member.name = name
+                    merged.addfile(member, tar.extractfile(member) if member.isfile() else None)
+        for name, target in (("bin/sh", "dash"), ("usr/bin/python3", "python3.11")):
+            if name not in seen:
+                info = tarfile.TarInfo(name)
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+                merged.addfile(info)
+    data = gzip.compress(raw.getvalue(), compresslevel=1, mtime=0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.rename(out)
+    return data
