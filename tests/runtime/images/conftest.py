@@ -20,3 +20,10 @@ def auth_registry() -> Iterator[Registry]:
     """A registry that wants Basic credentials (htpasswd, bcrypt): alice / s3cret."""
     with run_registry(user="alice", password="s3cret") as reg:
         yield reg
+
+
+@pytest.fixture(scope="session")
+def token_registry() -> Iterator[Registry]:
+    """A registry in bearer-token mode; its token server (127.0.0.1) takes alice / s3cret."""
+    with run_registry(user="alice", password="s3cret", token=True) as reg:
+        yield reg

@@ -6,9 +6,12 @@ Everything here talks to 127.0.0.1 only: the registries are Debian's
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -17,7 +20,9 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,26 +150,35 @@ class Registry:
     user: str | None = None
     password: str | None = None
     pushed: dict[str, str] = field(default_factory=dict)
+    #: For a token-auth registry: a push+pull bearer token per repository.
+    token_server: TokenServer | None = None
 
     def ref(self, repo_tag: str) -> str:
         return f"{self.host}/{repo_tag}"
 
-    def _client(self) -> oras.provider.Registry:
+    def _client(self, repo: str = "") -> oras.provider.Registry:
+        if self.token_server is not None:
+            client = oras.provider.Registry(hostname=self.host, insecure=True)
+            client.auth.set_token_auth(self.token_server.issue(repo, ["pull", "push"]))
+            return client
         client = oras.provider.Registry(hostname=self.host, insecure=True, auth_backend="basic")
         if self.user is not None:
             client.auth.set_basic_auth(self.user, self.password or "")
         return client
 
     def _put(self, url: str, data: bytes, media_type: str) -> None:
+        headers = {"Content-Type": media_type}
         auth = (self.user, self.password) if self.user is not None else None
-        r = requests.put(
-            url, data=data, headers={"Content-Type": media_type}, auth=auth, timeout=30
-        )
+        if self.token_server is not None:
+            repo = url.split("/v2/", 1)[1].split("/manifests/", 1)[0]
+            headers["Authorization"] = "Bearer " + self.token_server.issue(repo, ["pull", "push"])
+            auth = None
+        r = requests.put(url, data=data, headers=headers, auth=auth, timeout=30)
         assert r.status_code in (200, 201), (r.status_code, r.text)
 
     def push_blob(self, repo: str, data: bytes, media_type: str) -> dict[str, object]:
         """Upload one blob through oras; returns its descriptor."""
-        client = self._client()
+        client = self._client(repo)
         container = client.get_container(f"{self.host}/{repo}")
         descriptor: dict[str, object] = {
             "mediaType": media_type,
@@ -236,8 +250,96 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class TokenServer:
+    """A bearer-token issuer on 127.0.0.1 for a registry in token mode: Basic
+    credentials in, a JWT (RS256, x5c header) signed by a self-signed key out.
+    """
+
+    SERVICE = "msb-test-registry"
+    ISSUER = "msb-test-issuer"
+
+    def __init__(self, root: Path, user: str, password: str) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.user, self.password = user, password
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "msb-test-token")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_path = root / "token.pem"
+        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                expected = base64.b64encode(f"{server.user}:{server.password}".encode()).decode()
+                if self.headers.get("Authorization") != f"Basic {expected}":
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                scope = (query.get("scope") or ["repository::pull"])[0]
+                _, repo, actions = scope.split(":")
+                body = json.dumps({"token": server.issue(repo, actions.split(","))}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    def issue(self, repo: str, actions: list[str]) -> str:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        der = self.cert.public_bytes(serialization.Encoding.DER)
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+        now = int(time.time())
+        claims = {
+            "iss": self.ISSUER, "sub": self.user, "aud": self.SERVICE, "exp": now + 600,
+            "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(),
+            "access": [{"type": "repository", "name": repo, "actions": actions}],
+        }  # fmt: skip
+        signing = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        signature = self.key.sign(signing.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing}.{b64(signature)}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
 @contextlib.contextmanager
-def run_registry(user: str | None = None, password: str | None = None) -> Iterator[Registry]:
+def run_registry(
+    user: str | None = None, password: str | None = None, *, token: bool = False
+) -> Iterator[Registry]:
     """Start ``docker-registry`` on a free 127.0.0.1 port with temp storage; kill it after."""
     binary = shutil.which("docker-registry")
     if binary is None:
@@ -245,7 +347,15 @@ def run_registry(user: str | None = None, password: str | None = None) -> Iterat
     root = Path(tempfile.mkdtemp(prefix="msb-registry-"))
     try:
         auth = ""
-        if user is not None:
+        token_server = None
+        if token:
+            token_server = TokenServer(root, user or "", password or "")
+            auth = (
+                f"auth:\n  token:\n    realm: {token_server.realm}\n"
+                f"    service: {TokenServer.SERVICE}\n    issuer: {TokenServer.ISSUER}\n"
+                f"    rootcertbundle: {token_server.cert_path}\n"
+            )
+        elif user is not None:
             line = subprocess.run(
                 ["htpasswd", "-Bbn", user, password or ""],
                 capture_output=True,
@@ -285,10 +395,14 @@ def run_registry(user: str | None = None, password: str | None = None) -> Iterat
                 f"docker-registry did not start: {(root / 'log').read_text()[-2000:]}"
             )
         try:
-            yield Registry(f"127.0.0.1:{port}", proc, root, user, password)
+            yield Registry(
+                f"127.0.0.1:{port}", proc, root, user, password, token_server=token_server
+            )
         finally:
             proc.kill()
             proc.wait()
+            if token_server is not None:
+                token_server.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

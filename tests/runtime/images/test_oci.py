@@ -154,6 +154,24 @@ def test_basic_auth(auth_registry: Registry, tmp_path: Path) -> None:
         )
 
 
+def test_bearer_token_auth(token_registry: Registry, tmp_path: Path) -> None:
+    token_registry.push_image("t/bearer:1", [{"a": file("x")}])
+    ref = token_registry.ref("t/bearer:1")
+    # User and password exchanged for a token at the registry's realm.
+    good = RegistryAuth(username="alice", password="s3cret")
+    assert pull_image(ref, auth=good, cache_dir=tmp_path / "a").layers
+    # A token passed as such.
+    assert token_registry.token_server is not None
+    token = token_registry.token_server.issue("t/bearer", ["pull"])
+    assert pull_image(ref, auth=RegistryAuth(token=token), cache_dir=tmp_path / "b").layers
+    with pytest.raises(RegistryAuthError, match="refused the credentials"):
+        pull_image(
+            ref, auth=RegistryAuth(username="alice", password="nope"), cache_dir=tmp_path / "c"
+        )
+    with pytest.raises(RegistryAuthError):
+        pull_image(ref, auth=RegistryAuth(token="not.a.token"), cache_dir=tmp_path / "d")
+
+
 def test_auth_from_docker_config(
     auth_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
