@@ -15,8 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,14 @@ def prune_oci_store(
         return PruneSummary((), 0)
     budget = oci_budget_bytes() if max_bytes is None else max_bytes
     now = time.time() if now is None else now
+    for leftover in (*blobs_dir.glob(".tmp-*"), *store.glob(".layout-*")):
+        # Downloads and imports killed halfway; a day is far past any live one.
+        with contextlib.suppress(OSError):
+            if now - leftover.stat().st_mtime > 86400:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink()
     sizes = {}
     for blob in blobs_dir.iterdir():
         if not blob.name.startswith("."):

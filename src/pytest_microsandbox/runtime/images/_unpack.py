@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import shutil
 import stat
 import tarfile
 import tempfile
@@ -206,9 +207,13 @@ def unpack_layer(blob: LayerBlob, root: Path, lowers: list[LayerBlob]) -> None:
                     _whiteout(root, path)
 
 
-def _build(blob: LayerBlob, lowers: list[LayerBlob], images: Path, tmp: Path) -> None:
-    # Unpacked beside the images (a layer can be large: not in /dev/shm).
-    with tempfile.TemporaryDirectory(dir=images, prefix=".unpack-") as staging:
+def _build(blob: LayerBlob, lowers: list[LayerBlob], images: Path, family: str, tmp: Path) -> None:
+    # Unpacked beside the images (a layer can be large: not in /dev/shm). We
+    # hold the family's lock here, so a staging dir of the family left by a
+    # killed build is nobody's: removed first.
+    for stale in images.glob(f".unpack-{family}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=images, prefix=f".unpack-{family}-") as staging:
         root = Path(staging)
         root.chmod(0o755)
         unpack_layer(blob, root, lowers)
@@ -222,11 +227,12 @@ def oci_layers(image: PulledImage, images: Path) -> list[Layer]:
     out: list[Layer] = []
     for index, (blob, chain) in enumerate(zip(blobs, chain_ids(blobs), strict=True)):
         lowers = blobs[:index]
+        family = f"oci-{chain[:16]}"
         path = ensure_image(
             images,
-            f"oci-{chain[:16]}",
+            family,
             chain,
-            functools.partial(_build, blob, lowers, images),
+            functools.partial(_build, blob, lowers, images, family),
             description=f"layer {index + 1}/{len(blobs)} of {image.reference} ({blob.digest[:19]})",
         )
         out.append(
