@@ -33,6 +33,7 @@ from ._limits import OnOutputLimit
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
+from .images import ImageConfig
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
 __all__ = ["SyncExecHandle", "SyncSandbox", "SyncSandboxFs"]
@@ -123,6 +124,11 @@ class SyncSandbox:
     @property
     def config(self) -> SandboxConfig:
         return self._sandbox.config
+
+    @property
+    def image_config(self) -> ImageConfig | None:
+        """The OCI image's config (env, workdir, user, entrypoint, cmd), or None."""
+        return self._sandbox.image_config
 
     @property
     def running(self) -> bool:

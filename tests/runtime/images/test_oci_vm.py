@@ -36,6 +36,15 @@ def test_busybox_image_runs_with_its_config(registry: Registry) -> None:
             "sh", ["-c", "test -e /etc/motd && echo present || echo absent; ls /srv/old"]
         )
         assert gone.stdout_text.split() == ["absent", "b"]
+        # A clone of the image's template (as for image="host"), keyed by the layers.
+        assert sb.async_sandbox.session.origin is not None
+        assert sb.async_sandbox.plan is not None and [
+            layer.serial for layer in sb.async_sandbox.plan.layers
+        ] == [
+            "l-oci1",
+            "l-oci0",
+            "l-skel",
+        ]
         # The guest can still write over the read-only layers (tmpfs upper).
         assert (
             sb.exec("sh", ["-c", "echo x > /tmp/f && cat /tmp/f"], user="root").stdout_text == "x\n"
