@@ -279,3 +279,30 @@ def test_oci_store_budget(registry: Registry, tmp_path: Path) -> None:
     assert local_image(registry.ref("t/budget:old"), tmp_path) is None
     assert local_image(registry.ref("t/budget:new"), tmp_path) is not None
     assert new
+
+
+def test_patch_layer_appends_to_the_image_file(registry: Registry, tmp_path: Path) -> None:
+    from pytest_microsandbox.runtime.images import Patch
+
+    base = {"etc/app.conf": file("a=1\n"), "etc/gone.conf": file("x\n")}
+    top = {"etc/.wh.gone.conf": file("")}
+    registry.push_image("t/patch:1", [base, top])
+    layers = resolve_root_layers(
+        registry.ref("t/patch:1"),
+        cache_dir=tmp_path,
+        patches=[
+            Patch.append("/etc/app.conf", "b=2\n"),
+            Patch.append("/etc/gone.conf", "new\n"),  # whited out below: starts empty
+            Patch.text("/opt/run.sh", "#!/bin/sh\n", mode=0o755),
+        ],
+        scripts={"setup": "#!/bin/sh\necho hi\n"},
+    )
+    assert layers[0].serial == "l-patch"
+    tree = _extract(layers[0].path, tmp_path / "x")
+    assert (tree / "etc/app.conf").read_text() == "a=1\nb=2\n"
+    assert (tree / "etc/gone.conf").read_text() == "new\n"
+    assert (tree / "opt/run.sh").stat().st_mode & 0o777 == 0o755
+    assert (tree / ".msb/scripts/setup").stat().st_mode & 0o111
+    # The image's own layers are the same files as without patches.
+    plain = resolve_root_layers(registry.ref("t/patch:1"), cache_dir=tmp_path)
+    assert [layer.path for layer in layers[1:]] == [layer.path for layer in plain]
