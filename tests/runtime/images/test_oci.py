@@ -306,3 +306,28 @@ def test_patch_layer_appends_to_the_image_file(registry: Registry, tmp_path: Pat
     # The image's own layers are the same files as without patches.
     plain = resolve_root_layers(registry.ref("t/patch:1"), cache_dir=tmp_path)
     assert [layer.path for layer in layers[1:]] == [layer.path for layer in plain]
+
+
+def test_unpack_refuses_writes_through_symlinks(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        link = tarfile.TarInfo("a")
+        link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+        tar.addfile(link)
+        evil = tarfile.TarInfo("a/evil")
+        evil.size = 4
+        tar.addfile(evil, io.BytesIO(b"evil"))
+    blob = tmp_path / "layer.tar"
+    blob.write_bytes(raw.getvalue())
+    root = tmp_path / "root"
+    root.mkdir()
+    layer = LayerBlob("sha256:" + "1" * 64, "application/vnd.oci.image.layer.v1.tar", 0, blob)
+    with pytest.raises(ImageError, match="outside"):
+        unpack_layer(layer, root, [])
+    assert list(outside.iterdir()) == []
+    assert (root / "a").is_symlink()  # the link itself is fine: the guest resolves it

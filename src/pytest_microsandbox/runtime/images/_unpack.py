@@ -194,6 +194,8 @@ def unpack_layer(blob: LayerBlob, root: Path, lowers: list[LayerBlob]) -> None:
     if opaque:
         lower_paths = _merged_paths(lowers)
         for directory in opaque:
+            if not _inside(root, directory):
+                raise ImageError(f"opaque directory {directory!r} points outside the layer")
             (root / directory).mkdir(parents=True, exist_ok=True)
             shown = provided | {directory}
             for path in sorted(lower_paths):
