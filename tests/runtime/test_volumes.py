@@ -147,3 +147,13 @@ def test_named_volume_store(tmp_path: Path) -> None:
     assert prune_volumes(tmp_path, older_than_s=0, now=time.time() + 10).removed == ("cache",)
     assert Volume.list(cache_dir=tmp_path) == []
     assert Volume.tmpfs(size_mb=4).size_mb == 4
+
+
+def test_named_and_tmpfs_volumes_in_config(tmp_path: Path) -> None:
+    named = Volume.named("db", quota_mb=8, cache_dir=tmp_path)
+    config = SandboxConfig(volumes={"/data": named, "/scratch": Volume.tmpfs(size_mb=16)})
+    assert config.volume_slot_count() == MAX_VOLUMES  # the named volume rides on a 9p slot
+    again = SandboxConfig.from_json(config.to_json())
+    assert again.volumes == config.volumes
+    with pytest.raises(ConfigError):
+        Volume.tmpfs(size_mb=0)
