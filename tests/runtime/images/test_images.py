@@ -595,9 +595,9 @@ def test_missing_directory(tmp_path: Path) -> None:
         resolve_root_layers(str(missing), cache_dir=tmp_path)
 
 
-def test_file_is_not_a_directory(tmp_path: Path) -> None:
+def test_file_without_a_file_system(tmp_path: Path) -> None:
     f = write(tmp_path / "disk.img")
-    with pytest.raises(ImageError, match="not a directory"):
+    with pytest.raises(ImageError, match="no ext2/3/4 or erofs file system"):
         resolve_root_layers(str(f), cache_dir=tmp_path)
 
 

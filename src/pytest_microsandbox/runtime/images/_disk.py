@@ -133,6 +133,12 @@ def disk_layer(
     _check_self_contained(path, info)
     if fstype == "auto" and chosen == "raw":
         fstype = _sniff_fstype(path)
+        if fstype == "auto":
+            raise ImageError(
+                f"{path} has no ext2/3/4 or erofs file system at its start: a disk image "
+                "root needs one (a partitioned disk is not supported: extract the partition "
+                "with dd); a directory image must be a directory"
+            )
     st = path.stat()
     digest = digest_parts(
         "disk", os.fspath(path), str(st.st_size), str(st.st_mtime_ns), str(st.st_ino), chosen,
