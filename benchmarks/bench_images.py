@@ -46,11 +46,12 @@ def oras_pull(ref: str, dest: Path) -> float:
     parsed = parse_reference(ref)
     client = oras.provider.Registry(hostname=parsed.registry, insecure=True)
     start = time.monotonic()
-    manifest = client.get_manifest(f"{parsed.registry}/{parsed.repository}:{parsed.tag}")
-    for blob in [manifest["config"], *manifest["layers"]]:
-        client.download_blob(
-            f"{parsed.registry}/{parsed.repository}", blob["digest"], str(dest / blob["digest"])
-        )
+    with client.session:
+        manifest = client.get_manifest(f"{parsed.registry}/{parsed.repository}:{parsed.tag}")
+        for blob in [manifest["config"], *manifest["layers"]]:
+            client.download_blob(
+                f"{parsed.registry}/{parsed.repository}", blob["digest"], str(dest / blob["digest"])
+            )
     return time.monotonic() - start
 
 

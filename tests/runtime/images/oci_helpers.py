@@ -185,7 +185,7 @@ class Registry:
             "digest": _digest(data),
             "size": len(data),
         }
-        with tempfile.NamedTemporaryFile() as tmp:
+        with tempfile.NamedTemporaryFile() as tmp, client.session:
             tmp.write(data)
             tmp.flush()
             response = client.upload_blob(tmp.name, container, descriptor)
@@ -372,11 +372,12 @@ def run_registry(
                 "  delete:\n    enabled: true\n"
                 f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
             )
-            proc = subprocess.Popen(
-                [binary, "serve", os.fspath(root / "config.yml")],
-                stdout=subprocess.DEVNULL,
-                stderr=open(root / "log", "wb"),  # noqa: SIM115 - closed with the process
-            )
+            with open(root / "log", "wb") as log:
+                proc = subprocess.Popen(
+                    [binary, "serve", os.fspath(root / "config.yml")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
             deadline = time.monotonic() + 20
             up = False
             while time.monotonic() < deadline and proc.poll() is None:

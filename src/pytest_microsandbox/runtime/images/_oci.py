@@ -403,7 +403,10 @@ def pull_image(
     from ._registry import RegistryClient  # oras and requests load on a first pull only
 
     client = RegistryClient(ref, auth)
-    digest = _fetch(client, store, ref, progress)
+    try:
+        digest = _fetch(client, store, ref, progress)
+    finally:
+        client.close()
     previous = _read_pin(store, ref)
     if previous is not None and previous != digest:
         logger.info("%s moved from %s to %s; pinned the new digest", ref, previous, digest)

@@ -120,6 +120,10 @@ class RegistryClient:
                     "~/.docker/config.json or pass RegistryAuth explicitly"
                 ) from exc
 
+    def close(self) -> None:
+        """Close the HTTP session (its pooled connections)."""
+        self._oras.session.close()
+
     # -- requests ------------------------------------------------------------------------------
 
     def _url(self, kind: str, what: str) -> str:
