@@ -48,6 +48,7 @@ from ._diagnostics import (
 from ._exceptions import (
     ConfigError,
     CopyLimitError,
+    ExecError,
     ExecTimeoutError,
     FilesystemError,
     GuestCrashedError,
@@ -773,6 +774,24 @@ class Sandbox:
                 stdin=stdin,
             )
         return ExecHandle(self, process, timeout)
+
+    def entrypoint_argv(self, args: Sequence[str] | None = None) -> list[str]:
+        """The command line ``docker run IMAGE [ARGS]`` would start: the OCI
+        image's entrypoint followed by ``args`` (default: the image's cmd).
+
+        :raises ExecError: the image has neither an entrypoint nor a cmd (or is
+            not an OCI image).
+        """
+        image = self.image_config
+        argv = [*(image.entrypoint if image else ()), *(args if args is not None else (
+            image.cmd if image else ()
+        ))]  # fmt: skip
+        if not argv:
+            raise ExecError(
+                f"image {self.config.image!r} has no entrypoint or cmd to run: pass the "
+                "command to exec() instead"
+            )
+        return argv
 
     async def exec(
         self,

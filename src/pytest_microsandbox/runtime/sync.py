@@ -184,6 +184,12 @@ class SyncSandbox:
     def shell(self, script: str, **kwargs: Any) -> ExecOutput:
         return self.exec(self.config.shell, ["-c", script], **kwargs)
 
+    def entrypoint_argv(self, args: Sequence[str] | None = None) -> list[str]:
+        """The OCI image's entrypoint plus ``args`` (default: its cmd); see
+        :meth:`Sandbox.entrypoint_argv`. Run it with ``exec(argv[0], argv[1:])``.
+        """
+        return self._sandbox.entrypoint_argv(args)
+
     def exec_stream(
         self,
         cmd: str,

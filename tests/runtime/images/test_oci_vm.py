@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 from oci_helpers import Registry, busybox_entries, file, image_config
 
@@ -49,3 +53,29 @@ def test_busybox_image_runs_with_its_config(registry: Registry) -> None:
         assert (
             sb.exec("sh", ["-c", "echo x > /tmp/f && cat /tmp/f"], user="root").stdout_text == "x\n"
         )
+
+
+def test_distroless_static_binary(registry: Registry, tmp_path: Path) -> None:
+    """No shell, no libc, no /etc: the agent (static, in the initramfs) still runs
+    the image's one static binary, with the image's entrypoint at hand.
+    """
+    source = tmp_path / "hello.c"
+    source.write_text(
+        "#include <stdio.h>\n#include <stdlib.h>\n"
+        'int main(int c, char **v) { printf("static %s %s\\n", v[1], getenv("MODE")); return 0; }\n'
+    )
+    compiler = shutil.which("musl-gcc") or "cc"
+    binary = tmp_path / "hello"
+    subprocess.run([compiler, "-static", "-O2", "-o", str(binary), str(source)], check=True)
+    layer = {"app/hello": file(binary.read_bytes(), 0o755)}
+    cfg = image_config(env=["MODE=distroless"], entrypoint=["/app/hello"], cmd=["world"])
+    registry.push_image("test/distroless:1", [layer], cfg)
+    config = SandboxConfig(name="oci-distroless", image=registry.ref("test/distroless:1"))
+    with SyncSandbox.create(config) as sb:
+        image = sb.image_config
+        assert image is not None and image.entrypoint == ("/app/hello",)
+        argv = sb.entrypoint_argv()
+        assert argv == ["/app/hello", "world"]
+        assert sb.exec(argv[0], argv[1:]).stdout_text == "static world distroless\n"
+        argv = sb.entrypoint_argv(["there"])
+        assert sb.exec(argv[0], argv[1:]).stdout_text == "static there distroless\n"
