@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .._exceptions import ImageError, ImageNotFoundError, ImagePlatformError
 from .._keys import digest_parts
+from .._locks import cache_lock, cache_lock_timeout
 from ..paths import cache_dir as default_cache_dir
 from ._auth import ProgressCallback, RegistryAuth
 from ._reference import ImageReference, parse_reference
@@ -402,16 +403,29 @@ def pull_image(
         )
     from ._registry import RegistryClient  # oras and requests load on a first pull only
 
-    client = RegistryClient(ref, auth)
+    # One pull of a reference at a time (xdist workers start together): the
+    # others wait, then find it complete.
+    (store / "locks").mkdir(parents=True, exist_ok=True)
+    lock = cache_lock(store / "locks" / f"{_pin_path(store, ref).stem}.lock", f"the pull of {ref}")
+    lock.acquire(timeout=cache_lock_timeout(1800))
     try:
-        digest = _fetch(client, store, ref, progress)
+        pinned = ref.digest or _read_pin(store, ref)
+        if pull_policy != "always" and pinned is not None:
+            done = _complete(store, pinned, str(ref))
+            if done is not None:
+                return done
+        client = RegistryClient(ref, auth)
+        try:
+            digest = _fetch(client, store, ref, progress)
+        finally:
+            client.close()
+        previous = _read_pin(store, ref)
+        if previous is not None and previous != digest:
+            logger.info("%s moved from %s to %s; pinned the new digest", ref, previous, digest)
+        # Digest references get a pin too: pruning keeps what pins reach.
+        _write_pin(store, ref, digest)
     finally:
-        client.close()
-    previous = _read_pin(store, ref)
-    if previous is not None and previous != digest:
-        logger.info("%s moved from %s to %s; pinned the new digest", ref, previous, digest)
-    # Digest references get a pin too: pruning keeps what pins reach.
-    _write_pin(store, ref, digest)
+        lock.release(delete=True)
     image = _complete(store, digest, str(ref))
     if image is None:  # pragma: no cover - every blob was just stored
         raise ImageError(f"image {ref} is incomplete right after its pull; try again")
