@@ -69,6 +69,8 @@ INDEX_TYPES = (
 #: More layers than this do not fit the VM's virtio-mmio slots beside its
 #: other devices; such an image must be squashed.
 MAX_LAYERS = 12
+#: A layer blob a registry announces larger than this is refused (it is untrusted).
+MAX_LAYER_BYTES = 16 << 30
 
 
 class ImageConfig(BaseModel):
@@ -255,6 +257,11 @@ def _layers_of(store: Path, manifest: Mapping[str, Any], ref: str) -> list[Layer
             )
         if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
             raise ImageError(f"manifest of {ref} has a layer without digest or size")
+        if size > MAX_LAYER_BYTES:
+            raise ImageError(
+                f"image {ref} has a layer of {size} bytes, over the {MAX_LAYER_BYTES >> 30} GiB "
+                "a layer may have here: use a smaller image"
+            )
         out.append(LayerBlob(digest, media_type, size, _blob_path(store, digest)))
     return out
 

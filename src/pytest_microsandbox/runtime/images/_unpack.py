@@ -44,6 +44,9 @@ __all__ = ["UNPACK_VERSION", "chain_ids", "oci_layers", "read_image_file", "unpa
 #: Bumped whenever the way layers are translated changes.
 UNPACK_VERSION = 1
 
+#: Bytes of file data one layer may unpack to (a small gzip can claim far more).
+MAX_UNPACKED_BYTES = 64 << 30
+
 _WH = ".wh."
 _OPAQUE = ".wh..wh..opq"
 
@@ -150,6 +153,7 @@ def unpack_layer(blob: LayerBlob, root: Path, lowers: list[LayerBlob]) -> None:
     whiteouts: list[str] = []
     opaque: list[str] = []
     provided: set[str] = set()
+    unpacked = [0]
 
     def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         name = _clean_name(member.name)
@@ -162,6 +166,11 @@ def unpack_layer(blob: LayerBlob, root: Path, lowers: list[LayerBlob]) -> None:
         if base.startswith(_WH):
             whiteouts.append(posixpath.join(parent, base[len(_WH) :]))
             return None
+        unpacked[0] += member.size
+        if unpacked[0] > MAX_UNPACKED_BYTES:
+            raise ImageError(
+                f"layer {blob.digest} unpacks to more than {MAX_UNPACKED_BYTES >> 30} GiB: refused"
+            )
         if member.ischr() or member.isblk():
             logger.debug("layer %s: skipping device node %s", blob.digest, name)
             return None
