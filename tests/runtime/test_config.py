@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -168,9 +169,11 @@ def test_image_path_must_be_an_existing_directory(tmp_path: Path) -> None:
     missing = r"image: .*image directory '/nonexistent' does not exist"
     with pytest.raises(ConfigError, match=missing):
         SandboxConfig(image="/nonexistent")
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match=r"image: .* is not a directory"):
-        SandboxConfig(image=str(tmp_path / "file"))
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ConfigError, match=r"image: .* neither a directory nor a disk image"):
+        SandboxConfig(image=str(tmp_path / "fifo"))
+    (tmp_path / "file").write_text("x")  # a regular file may be a disk image: checked at boot
+    assert SandboxConfig(image=str(tmp_path / "file")).image == str(tmp_path / "file")
     with pytest.raises(ConfigError, match='image="host"'):
         SandboxConfig(image="/")
     assert SandboxConfig(image=str(tmp_path)).image == str(tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import anyio
@@ -118,3 +120,40 @@ def test_volume_slots_follow_the_bind_volumes_unless_set(tmp_path: Path) -> None
     assert _fsdevs(_device_args(tmp_path, spare, 0)) == []
     with pytest.raises(ConfigError, match="1 volumes but only 0 9p devices"):
         _device_args(tmp_path, spare, 0, (Volume.bind(tmp_path),))
+
+
+def test_named_volume_store(tmp_path: Path) -> None:
+    """Named volumes without a VM: created once, quota checked, listed, locked, pruned."""
+    from pytest_microsandbox.runtime import FilesystemError, Volume
+    from pytest_microsandbox.runtime.images import prune_volumes
+    from pytest_microsandbox.runtime.volumes import lock_volumes
+
+    vol = Volume.named("cache", quota_mb=8, cache_dir=tmp_path)
+    assert vol.host_path is not None and (vol.host_path / "disk.ext4").stat().st_size == 8 << 20
+    assert Volume.named("cache", quota_mb=8, cache_dir=tmp_path) == vol
+    with pytest.raises(ConfigError, match="quota_mb=8"):
+        Volume.named("cache", quota_mb=16, cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="not valid"):
+        Volume.named("../x", cache_dir=tmp_path)
+    fds = lock_volumes({"/data": vol})
+    try:
+        with pytest.raises(FilesystemError, match="in use"):
+            lock_volumes({"/other": vol})
+        assert prune_volumes(tmp_path, older_than_s=0).removed == ()  # in use: kept
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert [v.name for v in Volume.list(cache_dir=tmp_path)] == ["cache"]
+    assert prune_volumes(tmp_path, older_than_s=0, now=time.time() + 10).removed == ("cache",)
+    assert Volume.list(cache_dir=tmp_path) == []
+    assert Volume.tmpfs(size_mb=4).size_mb == 4
+
+
+def test_named_and_tmpfs_volumes_in_config(tmp_path: Path) -> None:
+    named = Volume.named("db", quota_mb=8, cache_dir=tmp_path)
+    config = SandboxConfig(volumes={"/data": named, "/scratch": Volume.tmpfs(size_mb=16)})
+    assert config.volume_slot_count() == MAX_VOLUMES  # the named volume rides on a 9p slot
+    again = SandboxConfig.from_json(config.to_json())
+    assert again.volumes == config.volumes
+    with pytest.raises(ConfigError):
+        Volume.tmpfs(size_mb=0)

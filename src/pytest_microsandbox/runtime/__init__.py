@@ -25,11 +25,15 @@ from ._exceptions import (
     GuestCrashedError,
     GuestTimeoutError,
     ImageError,
+    ImageNotFoundError,
+    ImagePlatformError,
     KernelNotFoundError,
     LockTimeoutError,
     OutputLimitError,
     PathNotFoundError,
     ProtocolError,
+    RegistryAuthError,
+    RegistryUnreachableError,
     SandboxDrainingError,
     SandboxError,
     SandboxExistsError,
@@ -47,7 +51,8 @@ if TYPE_CHECKING:
     from ._state import SandboxStatus
     from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
     from .boot import boot_identity
-    from .config import SandboxConfig, Volume
+    from .config import Image, SandboxConfig, Volume
+    from .images import ImageConfig, Patch, RegistryAuth, pull_image
     from .progress import BuildEvent, subscribe_progress
     from .pty import PtySession
     from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
@@ -79,13 +84,21 @@ __all__ = [
     "FilesystemError",
     "GuestCrashedError",
     "GuestTimeoutError",
+    "Image",
+    "ImageConfig",
     "ImageError",
+    "ImageNotFoundError",
+    "ImagePlatformError",
     "KernelNotFoundError",
     "LockTimeoutError",
     "OutputLimitError",
+    "Patch",
     "PathNotFoundError",
     "ProtocolError",
     "PtySession",
+    "RegistryAuth",
+    "RegistryAuthError",
+    "RegistryUnreachableError",
     "RemoteSandbox",
     "RemoteSandboxFs",
     "Sandbox",
@@ -115,6 +128,7 @@ __all__ = [
     "UnsafeHostPathError",
     "Volume",
     "boot_identity",
+    "pull_image",
     "subscribe_progress",
 ]
 
@@ -128,6 +142,11 @@ _WHERE = {
     "PtySession": ".pty",
     "RemoteSandbox": "._remote",
     "RemoteSandboxFs": "._remote",
+    "Image": ".config",
+    "ImageConfig": ".images",
+    "Patch": ".images",
+    "RegistryAuth": ".images",
+    "pull_image": ".images",
     "Sandbox": ".sandbox",
     "SandboxHandle": "._remote",
     "SandboxStatus": "._state",

@@ -7,6 +7,10 @@ Every error the runtime raises on purpose derives from :class:`SandboxError`::
     ├── BackendUnavailableError      no VM engine can run on this host
     │   └── KernelNotFoundError      the guest kernel has not been provisioned
     ├── ImageError                   a root filesystem image cannot be built
+    │   ├── ImageNotFoundError       the registry or local store has no such image
+    │   ├── RegistryAuthError        the registry refused the credentials
+    │   ├── RegistryUnreachableError the registry did not answer (connection, timeout)
+    │   └── ImagePlatformError       the image has no linux/amd64 variant
     ├── AgentBuildError              the guest agent cannot be compiled
     ├── BootError                    a VM did not reach its agent
     │   └── GuestCrashedError        the guest died (panic, power-off, QEMU exit)
@@ -50,11 +54,15 @@ __all__ = [
     "GuestCrashedError",
     "GuestTimeoutError",
     "ImageError",
+    "ImageNotFoundError",
+    "ImagePlatformError",
     "KernelNotFoundError",
     "LockTimeoutError",
     "OutputLimitError",
     "PathNotFoundError",
     "ProtocolError",
+    "RegistryAuthError",
+    "RegistryUnreachableError",
     "SandboxDrainingError",
     "SandboxError",
     "SandboxExistsError",
@@ -96,6 +104,28 @@ class KernelNotFoundError(BackendUnavailableError):
 
 class ImageError(SandboxError):
     """Raised when a root filesystem image cannot be built or found."""
+
+
+class ImageNotFoundError(ImageError):
+    """Raised when a registry has no such repository, tag or digest, or when
+    ``pull_policy="never"`` finds no local copy of the image.
+    """
+
+
+class RegistryAuthError(ImageError):
+    """Raised when a registry refuses the credentials given (or asks for some
+    and none were given).
+    """
+
+
+class RegistryUnreachableError(ImageError):
+    """Raised when a registry cannot be reached: refused connection, timeout,
+    or an answer that is not a registry's.
+    """
+
+
+class ImagePlatformError(ImageError):
+    """Raised when an image (or every entry of its index) is not linux/amd64."""
 
 
 class AgentBuildError(SandboxError):

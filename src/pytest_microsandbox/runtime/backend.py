@@ -58,6 +58,8 @@ class DiskSpec:
     serial: str
     path: Path
     readonly: bool = True
+    #: QEMU block driver of the file (raw, qcow2, vmdk).
+    format: str = "raw"
 
 
 @dataclass(frozen=True)

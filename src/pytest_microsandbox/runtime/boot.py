@@ -18,7 +18,7 @@ from .agent.build import build_agent
 from .agent.client import AgentClient
 from .backend import Accel, Backend, DiskSpec, VMSpec
 from .config import SandboxConfig
-from .images import Layer, resolve_root_layers
+from .images import Layer, log_pull_progress, resolve_root_layers
 from .initramfs import InitramfsSpec, build_initramfs
 from .kernel import KernelInfo, find_kernel
 from .paths import cache_dir, make_run_dir
@@ -63,7 +63,13 @@ class BootPlan:
         if tsc_khz:
             parts.append(f"tsc_early_khz={tsc_khz}")
         if self.layers:
-            parts.append("msb.layers=" + ",".join(layer.serial for layer in self.layers))
+            parts.append(
+                "msb.layers="
+                + ",".join(
+                    layer.serial if layer.fstype == "erofs" else f"{layer.serial}:{layer.fstype}"
+                    for layer in self.layers
+                )
+            )
         return " ".join(parts)
 
     def identity(self, config: SandboxConfig) -> str:
@@ -90,7 +96,9 @@ class BootPlan:
             memory_mib=config.memory,
             accel=self.accel,
             run_dir=run_dir,
-            disks=tuple(DiskSpec(layer.serial, layer.path) for layer in self.layers),
+            disks=tuple(
+                DiskSpec(layer.serial, layer.path, format=layer.format) for layer in self.layers
+            ),
         )
 
 
@@ -131,6 +139,12 @@ def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None)
         project_root=config.resolved_project_root() if config.image == "host" else None,
         cache_dir=cache,
         include_project=config.image_project,
+        pull_policy=config.pull_policy,
+        registry_auth=config.registry_auth,
+        progress=log_pull_progress,
+        patches=config.patches,
+        scripts=config.scripts,
+        disk_fstype=config.disk_fstype,
     )
     return BootPlan(kernel=kernel, initrd=initrd, layers=tuple(layers), accel=accel, agent=agent)
 

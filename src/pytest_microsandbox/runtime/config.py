@@ -20,15 +20,19 @@ from pydantic import (
     model_validator,
 )
 
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, ImageError
 from ._limits import (
     DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_MAX_READ_BYTES,
     MAX_ARG_STRLEN,
     OnOutputLimit,
 )
+from ._named_volumes import NamedVolumeInfo
 from .accel import ACCEL_ENV, AccelChoice, env_accel_choice
 from .agent.protocol import MAX_FRAME, MIN_FRAME
+from .images._auth import RegistryAuth
+from .images._patches import SCRIPTS_DIR, Patch
+from .images._reference import parse_reference
 
 __all__ = [
     "ACCEL_ENV",
@@ -52,6 +56,7 @@ MAX_VOLUMES = 4
 MAX_IMAGE_VOLUMES = 1
 _FSTYPE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 #: Guest paths a volume may not cover: the agent and every exec rely on them.
+_SCRIPT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _RESERVED_GUEST_PATHS = ("/proc", "/sys", "/dev")
 #: Set while :meth:`SandboxConfig.from_json` parses a stored config. A context
 #: variable, not pydantic's validation context: the custom ``__init__`` that
@@ -115,15 +120,20 @@ class Volume(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["bind", "image"] = "bind"
-    host_path: Path = Field(
-        description="existing host directory, or image file for kind='image' (stored "
-        "absolute, symlinks resolved)"
+    kind: Literal["bind", "image", "named", "tmpfs"] = "bind"
+    host_path: Path | None = Field(
+        default=None,
+        description="existing host directory, or image file for kind='image', or the "
+        "volume's directory for kind='named' (stored absolute, symlinks resolved); "
+        "None for tmpfs",
     )
     readonly: bool = Field(False, description="refuse guest writes (host and guest side)")
     fstype: str = Field(
         "erofs", description="file system of an image (erofs, ext4, ...); unused by binds"
     )
+    name: str | None = Field(default=None, description="a named volume's name")
+    quota_mb: int | None = Field(default=None, ge=1, description="a named volume's MiB")
+    size_mb: int | None = Field(default=None, ge=1, description="a tmpfs volume's MiB")
 
     # No __init__ override (unlike SandboxConfig): pydantic would call it for
     # nested values too, and the error would lose its field path
@@ -152,6 +162,59 @@ class Volume(BaseModel):
         except ValidationError as exc:
             raise ConfigError(_format_validation_error("Volume", exc)) from None
 
+    @classmethod
+    def named(
+        cls,
+        name: str,
+        *,
+        quota_mb: int = 256,
+        readonly: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> Volume:
+        """A volume that persists across sandboxes and runs, by ``name``: an ext4
+        disk of ``quota_mb`` MiB (created on first use) in the cache directory.
+        A full volume gives the guest ENOSPC. One sandbox mounts it at a time.
+
+        :raises ConfigError: bad name or quota, or it exists with another quota.
+        """
+        from ._named_volumes import create_named_volume
+
+        path = create_named_volume(
+            name, quota_mb, Path(cache_dir) if cache_dir is not None else None
+        )
+        try:
+            return cls(
+                kind="named", host_path=path, name=name, quota_mb=quota_mb, readonly=readonly,
+                fstype="ext4",
+            )  # fmt: skip
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("Volume", exc)) from None
+
+    @classmethod
+    def tmpfs(cls, size_mb: int = 64) -> Volume:
+        """A tmpfs of at most ``size_mb`` MiB (guest RAM, gone with the sandbox)."""
+        try:
+            return cls(kind="tmpfs", size_mb=size_mb, fstype="tmpfs", readonly=False)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("Volume", exc)) from None
+
+    @staticmethod
+    def list(cache_dir: str | os.PathLike[str] | None = None) -> list[NamedVolumeInfo]:
+        """The named volumes in the cache: name, quota, bytes used, last use."""
+        from ._named_volumes import list_named_volumes
+
+        return list_named_volumes(Path(cache_dir) if cache_dir is not None else None)
+
+    @staticmethod
+    def remove(name: str, cache_dir: str | os.PathLike[str] | None = None) -> bool:
+        """Delete named volume ``name`` and its data; False if it did not exist.
+
+        :raises FilesystemError: a running sandbox uses it.
+        """
+        from ._named_volumes import remove_named_volume
+
+        return remove_named_volume(name, Path(cache_dir) if cache_dir is not None else None)
+
     @model_validator(mode="before")
     @classmethod
     def _from_path(cls, data: Any) -> Any:
@@ -161,7 +224,9 @@ class Volume(BaseModel):
 
     @field_validator("host_path")
     @classmethod
-    def _check_host_path(cls, value: Path) -> Path:
+    def _check_host_path(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
         if "\0" in str(value):
             raise ValueError("contains a NUL byte")
         try:
@@ -177,6 +242,16 @@ class Volume(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> Volume:
+        if self.kind == "tmpfs":
+            if self.host_path is not None or self.size_mb is None:
+                raise ValueError("a tmpfs volume has a size_mb and no host_path")
+            return self
+        if self.host_path is None:
+            raise ValueError(f"a {self.kind} volume needs a host_path")
+        if self.kind == "named":
+            if not self.name or not self.quota_mb or not self.host_path.is_dir():
+                raise ValueError("a named volume needs its name, quota_mb and directory")
+            return self
         path = str(self.host_path)
         if self.kind == "bind" and not self.host_path.is_dir():
             raise ValueError(
@@ -195,7 +270,8 @@ class Volume(BaseModel):
 
 
 def _count_binds(volumes: dict[str, Volume]) -> int:
-    return sum(1 for v in volumes.values() if v.kind == "bind")
+    # Named volumes ride on a 9p device too (their disk image's directory).
+    return sum(1 for v in volumes.values() if v.kind in ("bind", "named"))
 
 
 def _normalize_guest_path(raw: str) -> str:
@@ -215,6 +291,62 @@ def _normalize_guest_path(raw: str) -> str:
     return path
 
 
+class Image(BaseModel):
+    """An image with its options, for :attr:`SandboxConfig.image`::
+
+        SandboxConfig(image=Image.oci("127.0.0.1:5000/team/app:1.4", pull_policy="never"))
+        SandboxConfig(image=Image.disk("alpine.qcow2", fstype="ext4"))
+
+    A plain string works too (``"host"``, a directory or disk image path, an
+    OCI reference); this form carries the options that go with it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    pull_policy: Literal["always", "if-missing", "never"] | None = None
+    fstype: Literal["auto", "ext4", "ext3", "ext2", "erofs"] | None = None
+
+    @classmethod
+    def oci(
+        cls, reference: str, *, pull_policy: Literal["always", "if-missing", "never"] | None = None
+    ) -> Image:
+        """An OCI image by reference (``registry/repo:tag`` or ``...@sha256:...``).
+
+        :raises ConfigError: an option is invalid.
+        """
+        return cls._make(source=reference, pull_policy=pull_policy)
+
+    @classmethod
+    def disk(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        fstype: Literal["auto", "ext4", "ext3", "ext2", "erofs"] = "auto",
+    ) -> Image:
+        """A disk image file (raw, qcow2, vmdk) whose file system becomes ``/``;
+        never written (each sandbox writes into its own overlay).
+
+        :raises ConfigError: an option is invalid.
+        """
+        return cls._make(source=os.fspath(Path(path).expanduser().resolve()), fstype=fstype)
+
+    @classmethod
+    def _make(cls, **fields: Any) -> Image:
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("Image", exc)) from None
+
+    def config_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": self.source}
+        if self.pull_policy is not None:
+            out["pull_policy"] = self.pull_policy
+        if self.fstype is not None:
+            out["disk_fstype"] = self.fstype
+        return out
+
+
 class SandboxConfig(BaseModel):
     """How to build and run one sandbox.
 
@@ -226,8 +358,35 @@ class SandboxConfig(BaseModel):
     name: str = Field("sandbox", description="sandbox name; also the guest hostname")
     image: str = Field(
         "host",
-        description='root filesystem: "host" (the host userspace, same Python and venv) '
-        "or a path to a local directory",
+        description='root filesystem: "host" (the host userspace, same Python and venv), '
+        "a path to a local directory, or an OCI image reference "
+        '("registry:5000/team/app:1.4", "...@sha256:...")',
+    )
+    disk_fstype: Literal["auto", "ext4", "ext3", "ext2", "erofs"] = Field(
+        "auto",
+        description="disk images: the root file system (auto: read from a raw image's "
+        "superblock, else tried by the guest)",
+    )
+    pull_policy: Literal["always", "if-missing", "never"] = Field(
+        "if-missing",
+        description='OCI images: "if-missing" uses the pinned digest and local layers when '
+        'present; "always" resolves the tag again; "never" uses only the local store',
+    )
+    patches: tuple[Patch, ...] = Field(
+        (),
+        description="changes to the guest root applied before boot, in a layer of their "
+        "own (Patch.text/append/copy_dir/symlink/mkdir); the image is never modified",
+    )
+    scripts: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"executable scripts by name, installed in {SCRIPTS_DIR} (on every "
+        "exec's PATH)",
+    )
+    registry_auth: RegistryAuth | None = Field(
+        None,
+        exclude=True,
+        description="OCI images: registry credentials (None: ~/.docker/config.json); "
+        "never written to JSON",
     )
     cpus: int = Field(1, ge=1, le=64, description="virtual CPUs")
     memory: int = Field(512, ge=128, le=65536, description="guest memory in MiB")
@@ -323,6 +482,9 @@ class SandboxConfig(BaseModel):
     )
 
     def __init__(self, **data: Any) -> None:
+        image = data.get("image")
+        if isinstance(image, Image):
+            data = {**data, **image.config_fields()}
         try:
             super().__init__(**data)
         except ValidationError as exc:
@@ -376,20 +538,36 @@ class SandboxConfig(BaseModel):
         # left to the image resolver (registry references, later).
         candidate = Path(value).expanduser()
         if not (value.startswith(("/", ".", "~")) or candidate.exists()):
+            try:
+                parse_reference(value)
+            except ImageError as exc:
+                raise ValueError(
+                    f'{exc.message}; an image is "host", a directory path, or an OCI '
+                    "image reference"
+                ) from None
             return value
         if not candidate.exists():
             raise ValueError(
                 f"image directory {value!r} does not exist: create it, fix the path, or "
                 'use image="host" (the host\'s own userspace)'
             )
-        if not candidate.is_dir():
+        if not candidate.is_dir() and not candidate.is_file():
             raise ValueError(
-                f"image {value!r} is not a directory: pass a directory whose contents "
-                "become the guest's root (disk images are not supported; a file-system "
-                "image file can be mounted with Volume.image)"
+                f"image {value!r} is neither a directory nor a disk image file: pass a "
+                "directory whose contents become the guest's root, or a disk image"
             )
         if candidate.resolve() == Path("/"):
             raise ValueError('is the host\'s root "/": use image="host" instead')
+        return value
+
+    @field_validator("scripts")
+    @classmethod
+    def _check_scripts(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _SCRIPT_NAME_RE.match(name):
+                raise ValueError(
+                    f"script name {name!r} is not a plain file name (letters, digits, . _ -)"
+                )
         return value
 
     @field_validator("env")
@@ -425,9 +603,10 @@ class SandboxConfig(BaseModel):
                 f"{binds} bind volumes given, at most {MAX_VOLUMES} are supported "
                 "(one spare 9p device each): bind a common parent directory instead"
             )
-        if len(value) - binds > MAX_IMAGE_VOLUMES:
+        images = sum(1 for v in value.values() if v.kind == "image")
+        if images > MAX_IMAGE_VOLUMES:
             raise ValueError(
-                f"{len(value) - binds} image volumes given, at most {MAX_IMAGE_VOLUMES} is "
+                f"{images} image volumes given, at most {MAX_IMAGE_VOLUMES} is "
                 "supported (the one spare disk): put their trees in one image"
             )
         out: dict[str, Volume] = {}

@@ -58,6 +58,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "9pnet_virtio",
     "9p",
     "ext4",
+    "loop",
 )
 
 _TRAILER = "TRAILER!!!"

@@ -166,7 +166,7 @@ class ColdBoot:
             binds = tuple(bind_volumes(config.volumes).values())
             vol_args = volume_device_args(binds, run_dir, len(binds))
             image = image_volume(config.volumes)
-            if image is not None:
+            if image is not None and image[1].host_path is not None:
                 vol_args += image_disk_args("image0", image[1].host_path)
             return dataclasses.replace(spec, extra_args=(*spec.extra_args, *vol_args))
 

@@ -125,7 +125,7 @@ def build_command(
         ro = "on" if disk.readonly else "off"
         argv += [
             "-drive",
-            f"id=disk{i},file={disk.path},format=raw,if=none,readonly={ro},cache=unsafe",
+            f"id=disk{i},file={disk.path},format={disk.format},if=none,readonly={ro},cache=unsafe",
             "-device",
             f"virtio-blk-device,drive=disk{i},serial={disk.serial}",
         ]

@@ -8,6 +8,7 @@ the tail of the guest console, since that usually says why the guest died.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import math
 import os
@@ -51,6 +52,7 @@ from ._diagnostics import (
 from ._exceptions import (
     ConfigError,
     CopyLimitError,
+    ExecError,
     ExecTimeoutError,
     FilesystemError,
     GuestCrashedError,
@@ -70,12 +72,13 @@ from .agent.process import ExecProcess
 from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
-from .images import imaged_venv
+from .images import SCRIPTS_DIR, ImageConfig, image_config_for, imaged_venv
 from .lifetime import current_runtime
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .pty import PTY_WINDOW, PtySession
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
+    lock_volumes,
     mount_volumes,
 )
 
@@ -519,6 +522,8 @@ class Sandbox:
         self._xfer_users = 0
         self._xfer_next = 0  # first free byte of the transfer disk
         self._xfer_lock = anyio.Lock()
+        #: The OCI image's config (env, workdir, user, entrypoint), or None.
+        self.image_config: ImageConfig | None = _image_config(config)
         self._recent = RecentExecs()
         self._base_env: dict[str, str] | None = None
         self.boot_seconds = 0.0
@@ -729,6 +734,9 @@ class Sandbox:
                 timeout=self._request_timeout,
             )
             if self.config.volumes:
+                # Named volumes: one sandbox at a time, released when the session ends.
+                for fd in lock_volumes(self.config.volumes):
+                    self._session.stack.callback(os.close, fd)
                 await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
 
     # -- snapshots (pytest_microsandbox.snapshots, installed as an extension) -----------------
@@ -1085,12 +1093,25 @@ class Sandbox:
 
     # -- commands ----------------------------------------------------------------------------
 
+    def _default_cwd(self) -> str:
+        # An explicit workdir wins; "/" (the default) yields to the image's.
+        image = self.image_config
+        if self.config.workdir == "/" and image is not None and image.workdir:
+            return image.workdir
+        return self.config.workdir
+
+    def _default_user(self) -> str | None:
+        image = self.image_config
+        return self.config.user or (image.user if image is not None else None)
+
     def _exec_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
         if self._base_env is None:  # once: the venv's path is resolved on the host
-            self._base_env = exec_environment(self.config)
+            self._base_env = exec_environment(self.config, self.image_config)
         merged = dict(self._base_env)
         if env:
             merged.update(env)
+        if self.config.scripts:
+            merged["PATH"] = f"{merged.get('PATH', _DEFAULT_PATH)}:{SCRIPTS_DIR}"
         return merged
 
     async def exec_stream(
@@ -1120,8 +1141,8 @@ class Sandbox:
             process = await self._agent.exec_stream(
                 [cmd, *args],
                 env=self._exec_env(env),
-                cwd=cwd or self.config.workdir,
-                user=user or self.config.user,
+                cwd=cwd or self._default_cwd(),
+                user=user or self._default_user(),
                 timeout=timeout,
                 stdin=stdin,
             )
@@ -1170,6 +1191,24 @@ class Sandbox:
             )
         return PtySession(self, process)
 
+    def entrypoint_argv(self, args: Sequence[str] | None = None) -> builtins.list[str]:
+        """The command line ``docker run IMAGE [ARGS]`` would start: the OCI
+        image's entrypoint followed by ``args`` (default: the image's cmd).
+
+        :raises ExecError: the image has neither an entrypoint nor a cmd (or is
+            not an OCI image).
+        """
+        image = self.image_config
+        argv = [*(image.entrypoint if image else ()), *(args if args is not None else (
+            image.cmd if image else ()
+        ))]  # fmt: skip
+        if not argv:
+            raise ExecError(
+                f"image {self.config.image!r} has no entrypoint or cmd to run: pass the "
+                "command to exec() instead"
+            )
+        return argv
+
     async def exec(
         self,
         cmd: str,
@@ -1214,8 +1253,8 @@ class Sandbox:
                 lambda: self._agent.exec(
                     argv,
                     env=self._exec_env(env),
-                    cwd=cwd or self.config.workdir,
-                    user=user or self.config.user,
+                    cwd=cwd or self._default_cwd(),
+                    user=user or self._default_user(),
                     timeout=timeout,
                     stdin=data,
                     max_output=limit,
@@ -1498,15 +1537,26 @@ def _outcome(result: ExecResult) -> str:
     return f"exit {result.returncode}"
 
 
-def exec_environment(config: SandboxConfig) -> dict[str, str]:
+def exec_environment(
+    config: SandboxConfig, image_config: ImageConfig | None = None
+) -> dict[str, str]:
     """The environment a command gets in a sandbox of ``config`` when the exec
     adds none: a plain PATH, HOME, LANG and TERM, the imaged virtualenv
-    activated (``image="host"``), then ``config.env``.
+    activated (``image="host"``), an OCI image's own ``Env``, then ``config.env``.
     """
     merged = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
     merged.update(_venv_env(config.image))
+    if image_config is not None:
+        merged.update(image_config.env)
     merged.update(config.env)
     return merged
+
+
+def _image_config(config: SandboxConfig) -> ImageConfig | None:
+    """The config of an OCI image as pinned in the local store (its pull ran
+    when the sandbox's root was built), or None for other images.
+    """
+    return image_config_for(config.image, config.cache_dir)
 
 
 def _venv_env(image: str) -> dict[str, str]:

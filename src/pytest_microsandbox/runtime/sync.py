@@ -35,6 +35,7 @@ from ._state import SandboxStatus
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
+from .images import ImageConfig
 from .pty import PtySession
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
@@ -188,6 +189,11 @@ class SyncSandbox:
         return self._sandbox.config
 
     @property
+    def image_config(self) -> ImageConfig | None:
+        """The OCI image's config (env, workdir, user, entrypoint, cmd), or None."""
+        return self._sandbox.image_config
+
+    @property
     def running(self) -> bool:
         return self._sandbox.running
 
@@ -240,6 +246,12 @@ class SyncSandbox:
 
     def shell(self, script: str, **kwargs: Any) -> ExecOutput:
         return self.exec(self.config.shell, ["-c", script], **kwargs)
+
+    def entrypoint_argv(self, args: Sequence[str] | None = None) -> list[str]:
+        """The OCI image's entrypoint plus ``args`` (default: its cmd); see
+        :meth:`Sandbox.entrypoint_argv`. Run it with ``exec(argv[0], argv[1:])``.
+        """
+        return self._sandbox.entrypoint_argv(args)
 
     def exec_stream(
         self,

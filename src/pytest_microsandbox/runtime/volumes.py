@@ -38,20 +38,24 @@ Security of a share (QEMU ``local`` fsdev, ``security_model=none``, QEMU 7.2):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ._exceptions import ConfigError, FilesystemError
+from ._named_volumes import DISK_NAME, lock_named_volume
 from .agent.client import AgentClient
 from .config import Volume
 
 __all__ = [
     "IMAGE_VOLUME_SERIAL",
+    "NAMED_SHARE_ROOT",
     "VOLUME_MOUNT_OPTIONS",
     "bind_volumes",
     "describe_mounted_volumes",
     "image_disk_args",
     "image_volume",
+    "lock_volumes",
     "mount_volumes",
     "volume_device_args",
     "volume_tag",
@@ -75,8 +79,14 @@ def _qemu_opt(value: str) -> str:
 
 
 def bind_volumes(volumes: Mapping[str, Volume]) -> dict[str, Volume]:
-    """The directory volumes, in order: bind volume ``i`` is on 9p slot ``i``."""
-    return {g: v for g, v in volumes.items() if v.kind == "bind"}
+    """The volumes on a 9p device, in order: volume ``i`` is on 9p slot ``i``
+    (bind volumes, and named volumes: the directory of their disk image).
+    """
+    return {g: v for g, v in volumes.items() if v.kind in ("bind", "named")}
+
+
+#: Where the guest mounts a named volume's 9p share (its disk image's directory).
+NAMED_SHARE_ROOT = "/.msb/volumes"
 
 
 def image_volume(volumes: Mapping[str, Volume]) -> tuple[str, Volume] | None:
@@ -120,7 +130,7 @@ def volume_device_args(volumes: Sequence[Volume], run_dir: Path, slots: int) -> 
     for slot in range(slots):
         if slot < len(volumes):
             path, readonly = volumes[slot].host_path, volumes[slot].readonly
-            if not path.is_dir():
+            if path is None or not path.is_dir():
                 raise ConfigError(
                     f"volumes: host directory {str(path)!r} no longer exists (it did when "
                     "the configuration was made): recreate it or drop the volume"
@@ -145,18 +155,29 @@ async def mount_volumes(
 
     :raises FilesystemError: the guest refused a mount; the message names the volume.
     """
-    mounts = [
-        (guest_path, volume, volume_tag(slot), "9p", VOLUME_MOUNT_OPTIONS)
-        for slot, (guest_path, volume) in enumerate(bind_volumes(volumes).items())
-    ]
+    mounts: list[tuple[str, Volume, str, str, str, bool]] = []
+    for slot, (guest_path, volume) in enumerate(bind_volumes(volumes).items()):
+        if volume.kind == "named":
+            share = f"{NAMED_SHARE_ROOT}/{slot}"
+            mounts.append((share, volume, volume_tag(slot), "9p", VOLUME_MOUNT_OPTIONS, False))
+            disk = f"loop:{share}/{DISK_NAME}"
+            mounts.append((guest_path, volume, disk, "ext4", "", volume.readonly))
+        else:
+            opts = VOLUME_MOUNT_OPTIONS
+            mounts.append((guest_path, volume, volume_tag(slot), "9p", opts, volume.readonly))
     image = image_volume(volumes)
     if image is not None:
         guest_path, volume = image
-        mounts.append((guest_path, volume, f"serial:{IMAGE_VOLUME_SERIAL}", volume.fstype, ""))
-    for guest_path, volume, source, fstype, options in mounts:
+        source = f"serial:{IMAGE_VOLUME_SERIAL}"
+        mounts.append((guest_path, volume, source, volume.fstype, "", volume.readonly))
+    for guest_path, volume in volumes.items():
+        if volume.kind == "tmpfs":
+            opts = f"size={volume.size_mb}m,mode=1777"
+            mounts.append((guest_path, volume, "tmpfs", "tmpfs", opts, volume.readonly))
+    for guest_path, volume, source, fstype, options, readonly in mounts:
         try:
             await agent.mount(
-                source, guest_path, fstype, options, readonly=volume.readonly, timeout=timeout
+                source, guest_path, fstype, options, readonly=readonly, timeout=timeout
             )
         except FilesystemError as exc:
             raise FilesystemError(
@@ -167,7 +188,28 @@ async def mount_volumes(
             ) from exc
 
 
+def lock_volumes(volumes: Mapping[str, Volume]) -> list[int]:
+    """Take the lock of every named volume (one sandbox at a time); the fds to close.
+
+    :raises FilesystemError: another sandbox uses one of them (none stays locked).
+    """
+    fds: list[int] = []
+    try:
+        for volume in volumes.values():
+            if volume.kind == "named" and volume.host_path is not None:
+                fds.append(lock_named_volume(volume.host_path))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def _describe(volume: Volume) -> str:
+    if volume.kind == "named":
+        return f"named volume {volume.name!r} ({volume.quota_mb} MiB)"
+    if volume.kind == "tmpfs":
+        return f"tmpfs of {volume.size_mb} MiB"
     if volume.kind == "image":
         return f"{volume.fstype} image {volume.host_path}"
     return f"host directory {volume.host_path}"

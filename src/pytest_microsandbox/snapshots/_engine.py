@@ -152,8 +152,8 @@ def _device_args(
     The 9p spares are only there when asked for: QEMU gives each 9p device a
     1 MiB inode-remapping table up front, ~1.2 MiB of host memory per clone.
     """
-    images = [v.host_path for v in volumes if v.kind == "image"]
-    binds = [v for v in volumes if v.kind == "bind"]
+    images = [v.host_path for v in volumes if v.kind == "image" and v.host_path is not None]
+    binds = [v for v in volumes if v.kind in ("bind", "named")]
     return (
         *image_disk_args("spare0", images[0] if images else spare),
         *volume_device_args(binds, run_dir, slots),
@@ -185,7 +185,7 @@ def _spec_from_meta(
         memory_mib=meta.memory_mib,
         accel=meta.accel,
         run_dir=run_dir,
-        disks=tuple(DiskSpec(d.serial, Path(d.path)) for d in meta.disks),
+        disks=tuple(DiskSpec(d.serial, Path(d.path), format=d.format) for d in meta.disks),
         extra_args=_device_args(run_dir, _store.spare_disk(cache), meta.volume_slots, volumes),
         memory_file=memory_file,
         memory_shared=shared,
@@ -364,7 +364,9 @@ async def _build_template(
             initrd_size=plan.initrd.stat().st_size,
             cmdline=plan.cmdline,
             disks=tuple(
-                DiskMeta(serial=d.serial, path=str(d.path), size=d.path.stat().st_size)
+                DiskMeta(
+                    serial=d.serial, path=str(d.path), size=d.path.stat().st_size, format=d.format
+                )
                 for d in spec.disks
             ),
             volume_slots=slots,

@@ -21,6 +21,7 @@ class DiskMeta(BaseModel):
     serial: str
     path: str
     size: int
+    format: str = "raw"
 
 
 class SnapshotMeta(BaseModel):

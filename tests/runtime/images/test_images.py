@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pytest_microsandbox.runtime._exceptions import ImageError
+from pytest_microsandbox.runtime._exceptions import ImageError, ImageNotFoundError
 from pytest_microsandbox.runtime._integrity import record_path
 from pytest_microsandbox.runtime.images import Layer, _resolve, project_layer, resolve_root_layers
 from pytest_microsandbox.runtime.images._fingerprint import (
@@ -576,10 +576,17 @@ def test_resolve_host_layer_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert resolve_root_layers("host", project_root=project, cache_dir=tmp_path / "cache") == layers
 
 
-@pytest.mark.parametrize("image", ["docker.io/library/python:3.12", "ubuntu", "oci://x"])
+@pytest.mark.parametrize("image", ["oci://x", "UPPER/case", "x:bad tag"])
 def test_unsupported_image_names(tmp_path: Path, image: str) -> None:
-    with pytest.raises(ImageError, match='"host" or the path of a local directory'):
+    with pytest.raises(ImageError, match='"host", the path of a local directory'):
         resolve_root_layers(image, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("image", ["docker.io/library/python:3.12", "ubuntu"])
+def test_registry_names_are_oci_images(tmp_path: Path, image: str) -> None:
+    # pull_policy="never": no connection to a registry off this host.
+    with pytest.raises(ImageNotFoundError, match="pull_policy is 'never'"):
+        resolve_root_layers(image, cache_dir=tmp_path, pull_policy="never")
 
 
 def test_missing_directory(tmp_path: Path) -> None:
@@ -588,9 +595,9 @@ def test_missing_directory(tmp_path: Path) -> None:
         resolve_root_layers(str(missing), cache_dir=tmp_path)
 
 
-def test_file_is_not_a_directory(tmp_path: Path) -> None:
+def test_file_without_a_file_system(tmp_path: Path) -> None:
     f = write(tmp_path / "disk.img")
-    with pytest.raises(ImageError, match="not a directory"):
+    with pytest.raises(ImageError, match="no ext2/3/4 or erofs file system"):
         resolve_root_layers(str(f), cache_dir=tmp_path)
 
 

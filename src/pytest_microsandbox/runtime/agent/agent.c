@@ -49,6 +49,24 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Loop devices (named volumes: an ext4 image file on a 9p share). Defined
+ * here, as musl's headers carry no <linux/loop.h>; values from the kernel ABI. */
+#define MSB_LOOP_CTL_GET_FREE 0x4C82
+#define MSB_LOOP_CONFIGURE 0x4C0A
+#define MSB_LO_FLAGS_READ_ONLY 1u
+#define MSB_LO_FLAGS_AUTOCLEAR 4u
+struct msb_loop_info64 {
+	uint64_t lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit;
+	uint32_t lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags;
+	uint8_t lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32];
+	uint64_t lo_init[2];
+};
+struct msb_loop_config {
+	uint32_t fd, block_size;
+	struct msb_loop_info64 info;
+	uint64_t reserved[8];
+};
+
 #define PROTO_VERSION 1
 #define AGENT_VERSION "1.0.0"
 #define MAX_FRAME (1048576u + 65536u)
@@ -1871,6 +1889,53 @@ static void h_metrics(const struct msg *m)
 	msg_end();
 }
 
+/* Attaches FILE to a free loop device (auto-cleared on its last unmount) and
+ * writes its path to DEV; returns the device's fd (to close after the mount)
+ * or -1 with errno set. */
+static int loop_attach(const char *file, bool readonly, char *dev, size_t cap)
+{
+	int ffd = open(file, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	if (ffd < 0)
+		return -1;
+	int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+	if (ctl < 0) {
+		int e = errno;
+		close(ffd);
+		errno = e;
+		return -1;
+	}
+	int lfd = -1;
+	for (int attempt = 0; attempt < 50 && lfd < 0; attempt++) {
+		int n = ioctl(ctl, MSB_LOOP_CTL_GET_FREE);
+		if (n < 0)
+			break;
+		snprintf(dev, cap, "/dev/loop%d", n);
+		lfd = open(dev, O_RDWR | O_CLOEXEC);
+		if (lfd < 0) { /* devtmpfs may lag a new device */
+			usleep(2000);
+			continue;
+		}
+		struct msb_loop_config cfg;
+		memset(&cfg, 0, sizeof cfg);
+		cfg.fd = (uint32_t)ffd;
+		cfg.info.lo_flags = MSB_LO_FLAGS_AUTOCLEAR | (readonly ? MSB_LO_FLAGS_READ_ONLY : 0);
+		if (ioctl(lfd, MSB_LOOP_CONFIGURE, &cfg) < 0) {
+			int e = errno;
+			close(lfd);
+			lfd = -1;
+			if (e != EBUSY) { /* EBUSY: another attach won the race; take the next */
+				errno = e;
+				break;
+			}
+		}
+	}
+	int e = errno;
+	close(ctl);
+	close(ffd);
+	errno = e;
+	return lfd;
+}
+
 static void h_mount(const struct msg *m)
 {
 	char target[PATH_MAX], dev[300];
@@ -1889,6 +1954,19 @@ static void h_mount(const struct msg *m)
 		reply_error(m->id, ENODEV, "no virtio-blk disk with serial '%s'", source + 7);
 	} else if (mkdir_p(target, 0755) < 0) {
 		reply_error(m->id, errno, "mkdir %s: %s", target, strerror(errno));
+	} else if (!strncmp(source, "loop:", 5)) {
+		/* "loop:FILE": the file system image FILE (a guest path) on a loop device. */
+		bool ro = get_int_or(m, T_FLAGS, 0) & 1;
+		int lfd = loop_attach(source + 5, ro, dev, sizeof dev);
+		if (lfd < 0)
+			reply_error(m->id, errno, "loop device for %s: %s", source + 5, strerror(errno));
+		else if (mount(dev, target, fstype, ro ? MS_RDONLY : 0, options) < 0)
+			reply_error(m->id, errno, "mount %s (%s) on %s (%s): %s", source + 5, dev, target,
+				    fstype, strerror(errno));
+		else
+			reply_ok(m->id);
+		if (lfd >= 0)
+			close(lfd);
 	} else if (mount(strncmp(source, "serial:", 7) ? source : dev, target, fstype,
 			 (get_int_or(m, T_FLAGS, 0) & 1) ? MS_RDONLY : 0, options) < 0) {
 		reply_error(m->id, errno, "mount %s on %s (%s): %s", source, target, fstype, strerror(errno));
@@ -2240,7 +2318,24 @@ static bool find_disk(const char *serial, char *dev, size_t cap)
 	return found;
 }
 
-/* Builds the overlay root from the erofs layers and switches into it. */
+/* Mounts a read-only root layer: erofs, or a disk image's ext2/3/4 ("noload":
+ * no journal replay on a read-only device); "auto" tries ext4, then erofs. */
+static void mount_layer(const char *dev, const char *dir, const char *fstype)
+{
+	mkdir(dir, 0755);
+	if (!strcmp(fstype, "auto")) {
+		if (mount(dev, dir, "ext4", MS_RDONLY, "noload") == 0 ||
+		    mount(dev, dir, "erofs", MS_RDONLY, NULL) == 0)
+			return;
+		die("mount %s on %s: no ext4 or erofs file system found (pass fstype)", dev, dir);
+	}
+	bool ext = !strncmp(fstype, "ext", 3);
+	if (mount(dev, dir, fstype, MS_RDONLY, ext ? "noload" : NULL) < 0)
+		die("mount %s on %s (%s): %s", dev, dir, fstype, strerror(errno));
+}
+
+/* Builds the overlay root from the read-only layers and switches into it.
+ * Each entry is SERIAL or SERIAL:FSTYPE (erofs when absent). */
 static void build_root(char *layers, const char *tmpfs_size)
 {
 	char lower[3072] = "", opts[4096], dev[300], dir[PATH_MAX];
@@ -2248,11 +2343,20 @@ static void build_root(char *layers, const char *tmpfs_size)
 	mkdir("/layers", 0755);
 	for (char *save = NULL, *serial = strtok_r(layers, ",", &save); serial;
 	     serial = strtok_r(NULL, ",", &save)) {
+		const char *fstype = "erofs";
+		char *colon = strchr(serial, ':');
+		if (colon) {
+			*colon = 0;
+			fstype = colon + 1;
+		}
 		/* Serials end up in overlay's option string: keep them boring. */
 		for (const char *c = serial; *c; c++)
 			if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
 			      (*c >= '0' && *c <= '9') || *c == '-' || *c == '_' || *c == '.'))
 				die("invalid layer serial '%s'", serial);
+		for (const char *c = fstype; *c; c++)
+			if (!((*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9')))
+				die("invalid layer file system '%s'", fstype);
 		/* virtio-blk probes asynchronously after its module loads. */
 		while (!find_disk(serial, dev, sizeof dev)) {
 			if (clock_ms(CLOCK_MONOTONIC) > deadline)
@@ -2260,7 +2364,7 @@ static void build_root(char *layers, const char *tmpfs_size)
 			usleep(5000);
 		}
 		snprintf(dir, sizeof dir, "/layers/%s", serial);
-		mount_or_die(dev, dir, "erofs", MS_RDONLY, NULL);
+		mount_layer(dev, dir, fstype);
 		size_t l = strlen(lower);
 		if (snprintf(lower + l, sizeof lower - l, "%s%s", l ? ":" : "", dir) >= (int)(sizeof lower - l))
 			die("too many layers");

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,3 +27,7 @@ class Layer(BaseModel):
     digest: str
     #: Human text, e.g. ``"/usr (host)"``.
     description: str
+    #: File system the guest mounts it as (``auto``: the guest tries ext4, then erofs).
+    fstype: str = Field(default="erofs", pattern=r"^[a-z0-9]{1,16}$")
+    #: QEMU block format of the file (disk images may be qcow2 or vmdk).
+    format: Literal["raw", "qcow2", "vmdk"] = "raw"

@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .._exceptions import ImageError
 from ..paths import cache_dir as default_cache_dir
+from ._auth import ProgressCallback, RegistryAuth
+from ._disk import disk_layer
 from ._fingerprint import content_fingerprint, tree_fingerprint
 from ._host import DEFAULT_USR_EXCLUDES, PROJECT_SERIAL, plan_host_trees, plan_usr
 from ._layers import LayerSpec, build_layer
+from ._local import import_local_image, is_docker_archive, is_oci_layout
 from ._model import Layer
+from ._oci import ImageConfig, PullPolicy, local_image, pull_image
+from ._patches import Patch, stage_patches
+from ._reference import is_oci_reference
 from ._staging import MOUNT_POINTS, stage_base, stage_mount_points
 from ._store import image_intact
+from ._unpack import oci_layers, read_image_file
 
-__all__ = ["STABLE_LAYER_TTL", "images_dir", "project_layer", "resolve_root_layers"]
+__all__ = [
+    "STABLE_LAYER_TTL",
+    "image_config_for",
+    "images_dir",
+    "project_layer",
+    "resolve_root_layers",
+]
 
 #: Seconds a process trusts its last check of the slow-changing layers (/usr,
 #: Python prefix, venv, base). Checking them costs ~0.5 s, too much for every
@@ -109,6 +123,16 @@ def _host_layers(
     return [*trees, base, usr]
 
 
+def _skel_layer(images: Path) -> Layer:
+    """Mount points only, below an image that may lack them (OCI, disk)."""
+    return _memoized(
+        (str(images), "l-skel"),
+        lambda: _staged_layer(
+            images, "l-skel", "skel", "mount points (generated)", stage_mount_points
+        ),
+    )
+
+
 def _directory_layers(images: Path, directory: Path) -> list[Layer]:
     spec = LayerSpec(
         serial="l-root",
@@ -134,6 +158,12 @@ def resolve_root_layers(
     cache_dir: Path | None = None,
     usr_excludes: Sequence[str] | None = None,
     include_project: bool = True,
+    pull_policy: PullPolicy = "if-missing",
+    registry_auth: RegistryAuth | None = None,
+    progress: ProgressCallback | None = None,
+    patches: Sequence[Patch] = (),
+    scripts: Mapping[str, str] | None = None,
+    disk_fstype: str = "auto",
 ) -> list[Layer]:
     """Return the read-only layers of a guest root, top layer first, building what is stale.
 
@@ -144,7 +174,77 @@ def resolve_root_layers(
     leaves out the project's own layer but still treats the project as imaged
     (editable installs inside it get no layer of their own): see
     :func:`project_layer`.
+
+    Anything else shaped like an image reference (``registry/repo:tag``,
+    ``...@sha256:...``) is an OCI image, pulled per ``pull_policy`` (with
+    ``registry_auth`` or ``~/.docker/config.json``; ``progress`` sees the
+    download), each layer an erofs image cached by its chain id.
+
+    ``patches`` and ``scripts`` go into one more layer on top (``l-patch``),
+    built from their content; the image's own layers stay as they are.
     """
+    layers = _image_layers(
+        image,
+        project_root=project_root,
+        cache_dir=cache_dir,
+        usr_excludes=usr_excludes,
+        include_project=include_project,
+        pull_policy=pull_policy,
+        registry_auth=registry_auth,
+        progress=progress,
+        disk_fstype=disk_fstype,
+    )
+    if not patches and not scripts:
+        return layers
+    images = images_dir(cache_dir)
+    read_base = _base_reader(image, cache_dir)
+    patch = _staged_layer(
+        images,
+        "l-patch",
+        "patch",
+        "patches and scripts",
+        lambda root: stage_patches(root, patches, scripts or {}, read_base),
+    )
+    return [patch, *layers]
+
+
+def _base_reader(image: str, cache_dir: Path | None) -> Callable[[str], bytes | None]:
+    """How an append patch reads the image's own version of a file."""
+
+    def read_file(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes() if path.is_file() else None
+        except OSError:
+            return None
+
+    def read(guest_path: str) -> bytes | None:
+        rel = guest_path.lstrip("/")
+        if image == "host":
+            if rel.startswith("etc/"):
+                with tempfile.TemporaryDirectory(prefix=".base-") as tmp:
+                    stage_base(Path(tmp))
+                    return read_file(Path(tmp) / rel)
+            return read_file(Path("/") / rel)
+        if is_oci_reference(image) and not image.startswith(("/", ".", "~")):
+            pulled = local_image(image, cache_dir)
+            return None if pulled is None else read_image_file(pulled, guest_path)
+        return read_file(Path(image).expanduser() / rel)
+
+    return read
+
+
+def _image_layers(
+    image: str,
+    *,
+    project_root: Path | None,
+    cache_dir: Path | None,
+    usr_excludes: Sequence[str] | None,
+    include_project: bool,
+    pull_policy: PullPolicy,
+    registry_auth: RegistryAuth | None,
+    progress: ProgressCallback | None,
+    disk_fstype: str,
+) -> list[Layer]:
     images = images_dir(cache_dir)
     if image == "host":
         excludes = DEFAULT_USR_EXCLUDES if usr_excludes is None else tuple(usr_excludes)
@@ -157,19 +257,65 @@ def resolve_root_layers(
             raise ImageError(
                 f"image directory {candidate} does not exist; create it or fix the path"
             )
+        if is_oci_layout(candidate) or is_docker_archive(candidate):
+            local = import_local_image(candidate, images.parent)
+            return [*oci_layers(local, images), _skel_layer(images)]
+        if candidate.is_file():
+            disk = disk_layer(candidate, images, fstype=disk_fstype)
+            return [disk, _skel_layer(images)]
         if not candidate.is_dir():
             raise ImageError(
-                f"image {candidate} is not a directory; pass a directory whose contents "
-                "become the guest's root (disk images are not supported yet)"
+                f"image {candidate} is neither a directory nor a disk image file; pass a "
+                "directory whose contents become the guest's root, or a disk image"
             )
         resolved = candidate.resolve()
         if resolved == Path("/"):
             raise ImageError('refusing to image / as a directory; use image="host" instead')
         return _directory_layers(images, resolved)
+    if is_oci_reference(image):
+        pulled = pull_image(
+            image,
+            pull_policy=pull_policy,
+            auth=registry_auth,
+            cache_dir=images.parent,
+            progress=progress,
+        )
+        return [*oci_layers(pulled, images), _skel_layer(images)]
     raise ImageError(
-        f'unsupported image {image!r}: use "host" or the path of a local directory '
-        f"(no directory {image!r} exists here; OCI images come later)"
+        f'unsupported image {image!r}: use "host", the path of a local directory, or an '
+        f"OCI image reference such as registry.example:5000/team/app:1.0 (no directory "
+        f"{image!r} exists here)"
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _local_config(
+    candidate: Path, _size: int, _mtime_ns: int, cache_dir: Path | None
+) -> ImageConfig | None:
+    # Keyed by size and mtime too: listing a docker archive reads all its headers.
+    if is_oci_layout(candidate) or is_docker_archive(candidate):
+        return import_local_image(candidate, cache_dir).config
+    return None
+
+
+def image_config_for(image: str, cache_dir: Path | None = None) -> ImageConfig | None:
+    """The OCI config (env, workdir, user, entrypoint) of ``image`` as the local
+    store has it (no network), or None for images without one (host, directories,
+    disk images) or not pulled yet.
+    """
+    if image == "host":
+        return None
+    candidate = Path(image).expanduser()
+    if image.startswith(("/", ".", "~")) or candidate.exists():
+        try:
+            st = candidate.stat()
+        except OSError:
+            return None
+        return _local_config(candidate, st.st_size, st.st_mtime_ns, cache_dir)
+    if not is_oci_reference(image):
+        return None
+    pulled = local_image(image, cache_dir)
+    return None if pulled is None else pulled.config
 
 
 def project_layer(project_root: Path, cache_dir: Path | None = None) -> Layer:
