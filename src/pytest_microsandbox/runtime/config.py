@@ -29,6 +29,7 @@ from ._limits import (
 )
 from .accel import ACCEL_ENV, AccelChoice, env_accel_choice
 from .agent.protocol import MAX_FRAME, MIN_FRAME
+from .network._policy import NetworkPolicy, normalize_name
 
 __all__ = [
     "ACCEL_ENV",
@@ -299,6 +300,17 @@ class SandboxConfig(BaseModel):
         "~1.2 MiB of host memory. Set it to snapshot a sandbox created without volumes "
         "whose restores bind some: Sandbox.restore(name, volumes=...) needs the slots",
     )
+    network: NetworkPolicy | None = Field(
+        None,
+        description="the guest's network: None (the default) gives it none (eth0 stays "
+        "down, nothing listens behind it); a NetworkPolicy, or 'none' / 'public-only' / "
+        "'allow-all', gives it one whose every flow the host decides (docs/network.md)",
+    )
+    hosts: dict[str, str] = Field(
+        default_factory=dict,
+        description="host-side name pinning: {'api.test': '127.0.0.1'} makes the guest's "
+        "DNS answer api.test with an address the host maps to 127.0.0.1",
+    )
     cold_boot: bool = Field(
         False, description="boot from scratch instead of restoring a clone of a template"
     )
@@ -430,6 +442,39 @@ class SandboxConfig(BaseModel):
                     f"volume {inner} is nested inside volume {outer}: nested volumes "
                     "are not supported; use sibling guest paths"
                 )
+        return out
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _check_network(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return NetworkPolicy.from_name(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: dict[str, str]) -> dict[str, str]:
+        import ipaddress
+
+        out: dict[str, str] = {}
+        for name, addr in value.items():
+            key = normalize_name(name)
+            if not key or len(key) > 253 or not all(c.isalnum() or c in "-._" for c in key):
+                raise ValueError(f"host name {name!r} is not a DNS name such as api.test")
+            try:
+                ip = ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(
+                    f"hosts[{name!r}]={addr!r} is not an IP address: pin names to addresses"
+                ) from None
+            if ip.version != 4:
+                raise ValueError(f"hosts[{name!r}]={addr!r}: only IPv4 pins are supported")
+            out[key] = str(ip)
+        if len(out) > 60000:
+            raise ValueError("more than 60000 pinned names")
         return out
 
     @field_validator("workdir", "shell")

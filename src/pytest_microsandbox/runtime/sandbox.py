@@ -64,6 +64,7 @@ from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
 from .images import imaged_venv
+from .network import NetworkPolicy, NetworkStack
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
@@ -500,6 +501,7 @@ class Sandbox:
         self._xfer_next = 0  # first free byte of the transfer disk
         self._xfer_lock = anyio.Lock()
         self._recent = RecentExecs()
+        self._network: NetworkStack | None = None
         self.boot_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -573,6 +575,37 @@ class Sandbox:
             )
             if self.config.volumes:
                 await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
+            if self.config.network is not None:
+                await self._start_network(self.config.network)
+
+    async def _start_network(self, policy: NetworkPolicy) -> None:
+        """Start this sandbox's host-side network and give the guest its interfaces
+        (fresh key, MAC and address on every restore: clones share no identity).
+        Done before the sandbox is handed out: the first command has the network.
+        """
+        stack = NetworkStack(policy, self.config.hosts, self._vm.spec.run_dir)
+        await stack.start()
+        self._session.stack.push_async_callback(stack.aclose)
+        self._network = stack
+        await self._agent.net_setup(stack.guest_blob(), timeout=self._request_timeout)
+        await self._agent.write_file(
+            "/etc/resolv.conf", stack.resolv_conf().encode(), mode=0o644,
+            timeout=self._request_timeout,
+        )  # fmt: skip
+
+    @property
+    def network(self) -> NetworkStack:
+        """This sandbox's network: ``network.events()`` lists every connection
+        attempt and DNS query with its verdict.
+
+        :raises ConfigError: the sandbox was created without ``network=``.
+        """
+        if self._network is None:
+            raise ConfigError(
+                f"sandbox {self.name!r} has no network: create it with network='public-only' "
+                "(or a NetworkPolicy)"
+            )
+        return self._network
 
     # -- snapshots (pytest_microsandbox.snapshots, installed as an extension) -----------------
 
@@ -647,6 +680,10 @@ class Sandbox:
         raises for a guest that cannot answer (the text says so).
         """
         parts = [self._recent.render()]
+        if self._network is not None:
+            events = self._network.events()[-50:]
+            parts.append("network events (newest last):" + ("" if events else " none"))
+            parts.extend(f"  {e.describe()}" for e in events)
         info = self._agent.hello_info or self._agent.ready_info
         since = None if info is None else info.uptime_ms / 1000
         heading = "guest kernel messages" + (

@@ -33,6 +33,7 @@ from ._limits import OnOutputLimit
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
+from .network import NetworkStack
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
 __all__ = ["SyncExecHandle", "SyncSandbox", "SyncSandboxFs"]
@@ -131,6 +132,11 @@ class SyncSandbox:
     @property
     def pid(self) -> int | None:
         return self._sandbox.pid
+
+    @property
+    def network(self) -> NetworkStack:
+        """The sandbox's network (``network.events()``); see :attr:`Sandbox.network`."""
+        return self._sandbox.network
 
     @property
     def console_path(self) -> Path:

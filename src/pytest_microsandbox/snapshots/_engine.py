@@ -140,9 +140,7 @@ def _device_args(
     return (
         *image_disk_args("spare0", images[0] if images else spare),
         *volume_device_args(binds, run_dir, slots),
-        # A hub port with nothing else on the hub: a NIC that goes nowhere yet.
-        "-netdev", "hubport,id=net0,hubid=0",
-        "-device", "virtio-net-device,netdev=net0",
+        # The NIC comes last, from the backend (qemu.nic_args).
     )  # fmt: skip
 
 

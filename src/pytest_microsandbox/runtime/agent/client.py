@@ -271,6 +271,15 @@ class AgentClient:
             fields.append(bytes_field(Tag.HOSTNAME, _text(hostname, "hostname")))
         _check_ok(await self._call(MsgType.CONFIGURE, fields, timeout, "CONFIGURE"), "CONFIGURE")
 
+    async def net_setup(self, blob: bytes, timeout: float | None = None) -> None:
+        """Give the guest its network interfaces (``NET``; the layout is
+        :func:`pytest_microsandbox.runtime.network.guest_net_blob`'s).
+
+        Raises SandboxError if the agent answers ERROR.
+        """
+        fields = [bytes_field(Tag.NET, blob)]
+        _check_ok(await self._call(MsgType.NET, fields, timeout, "NET"), "NET")
+
     async def metrics(self, timeout: float | None = None) -> GuestMetrics:
         """Return a snapshot of the guest's load; raises SandboxError on ERROR."""
         reply = _check_ok(await self._call(MsgType.METRICS, [], timeout, "METRICS"), "METRICS")
