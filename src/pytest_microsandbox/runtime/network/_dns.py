@@ -12,21 +12,24 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
 from ._policy import Destination, NetworkPolicy, normalize_name
 
-__all__ = ["DnsEvent", "answer_query"]
+__all__ = ["DnsEvent", "Resolver", "answer_query", "resolve_host"]
 
 #: (name, verdict, reason, addresses answered)
 DnsEvent = tuple[str, str, str, list[str]]
+#: name -> IPv4 addresses (empty: unknown name)
+Resolver = Callable[[str], Awaitable[list[str]]]
 _TTL = 60
 _RESOLVE_TIMEOUT_S = 5.0
 
 
-async def _resolve(name: str) -> list[str]:
+async def resolve_host(name: str) -> list[str]:
+    """The host's own resolver (getaddrinfo), IPv4 only, bounded in time."""
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(
@@ -38,15 +41,22 @@ async def _resolve(name: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
+def _allowed_answer(policy: NetworkPolicy, addr: str, name: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return ip.version == 4 and policy.decide(Destination(ip, None, "tcp", name)).allowed
+
+
 async def answer_query(
     data: bytes,
     policy: NetworkPolicy,
-    pins: Mapping[str, ipaddress.IPv4Address],
-    *,
-    resolve_upstream: bool,
+    pins: Mapping[str, tuple[ipaddress.IPv4Address, ipaddress.IPv4Address | ipaddress.IPv6Address]],
+    resolver: Resolver | None,
 ) -> tuple[bytes | None, list[DnsEvent]]:
     """The reply to one DNS query datagram (None: unparsable, dropped) and what
-    was decided for each question.
+    was decided for it. ``resolver`` None: names that are not pinned are unknown.
     """
     try:
         request = DNSRecord.parse(data)
@@ -65,18 +75,17 @@ async def answer_query(
         events.append((name, "deny", decision.reason, []))
         return reply.pack(), events
     if name in pins:
-        addrs = [str(pins[name])]
-        reason = "pinned (hosts=)"
-    elif not resolve_upstream:
+        guest_addr, real = pins[name]
+        if policy.decide(Destination(real, None, "tcp", name)).allowed:
+            addrs, reason = [str(guest_addr)], f"pinned to {real} (hosts=)"
+        else:
+            addrs, reason = [], f"pinned to {real} (hosts=), which the policy denies"
+    elif resolver is None:
         addrs = []
         reason = "not pinned, and upstream DNS is off (loopback-only)"
     else:
-        found = await _resolve(name)
-        addrs = [
-            a
-            for a in found
-            if policy.decide(Destination(ipaddress.ip_address(a), None, "tcp", name)).allowed
-        ]
+        found = await resolver(name)
+        addrs = [a for a in found if _allowed_answer(policy, a, name)]
         reason = "resolved" if addrs or not found else "every answer is in a denied range"
     if not addrs:
         reply.header.rcode = RCODE.NXDOMAIN

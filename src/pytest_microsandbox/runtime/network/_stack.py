@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import BackendUnavailableError
-from ._dns import answer_query
+from ._dns import answer_query, resolve_host
 from ._policy import Destination, IPAddress, NetworkPolicy, Protocol
 
 __all__ = [
@@ -316,7 +316,8 @@ class NetworkStack:
         try:
             await self._tcp(stream)
         finally:
-            stream.close()
+            with contextlib.suppress(OSError):  # "Server has been shut down"
+                stream.close()
 
     async def _tcp(self, stream: Any) -> None:
         # The guest's destination: "sockname" of a WireGuard flow ("original_dst"
@@ -368,7 +369,8 @@ class NetworkStack:
         try:
             await self._udp(stream)
         finally:
-            stream.close()
+            with contextlib.suppress(OSError):  # "Server has been shut down"
+                stream.close()
 
     async def _udp(self, stream: Any) -> None:
         # The guest's destination: "sockname" of a WireGuard flow ("original_dst"
@@ -441,8 +443,8 @@ class NetworkStack:
             reply, events = await answer_query(
                 query,
                 self.policy,
-                {name: pin for name, (pin, _) in self._pins.items()},
-                resolve_upstream=not _loopback_only(),
+                self._pins,
+                None if _loopback_only() else resolve_host,
             )
             for name, verdict, reason, addrs in events:
                 self._log(
