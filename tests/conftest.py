@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from pytest_microsandbox.runtime import SandboxConfig, SyncSandbox
+from pytest_microsandbox.runtime.network import LOOPBACK_ONLY_ENV
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +16,8 @@ def shared_sandbox() -> Iterator[SyncSandbox]:
     """A sandbox shared by read-mostly VM tests (each test cleans up after itself)."""
     with SyncSandbox.create(SandboxConfig(name="tests-shared", memory=1024, cpus=2)) as sb:
         yield sb
+
+
+# Every sandbox network in this suite dials only 127.0.0.0/8 and never asks a
+# real DNS resolver: the host side refuses anything else (runtime/network).
+os.environ[LOOPBACK_ONLY_ENV] = "1"

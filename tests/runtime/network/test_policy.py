@@ -125,3 +125,16 @@ def test_a_policy_round_trips_through_json() -> None:
     again = SandboxConfig.from_json(config.to_json())
     assert again.network == config.network
     assert again.hosts == {"api.test": "127.0.0.1"}
+
+
+def test_a_dns_answer_is_kept_if_some_port_or_protocol_is_allowed() -> None:
+    policy = (
+        NetworkPolicy.none()
+        .deny(Rule.host("api.test", ports=[22]))
+        .allow(Rule.host("api.test", ports=[443], protocol="tcp"))
+    )
+    answer = Destination(ipaddress.ip_address("127.0.0.1"), None, None, "api.test")
+    assert policy.decide(answer).allowed
+    assert not policy.decide(tcp("127.0.0.1", 22, name="api.test")).allowed
+    assert not policy.decide(tcp("127.0.0.1", 80, name="api.test")).allowed
+    assert policy.decide(tcp("127.0.0.1", 443, name="api.test")).allowed

@@ -46,7 +46,7 @@ def _allowed_answer(policy: NetworkPolicy, addr: str, name: str) -> bool:
         ip = ipaddress.ip_address(addr)
     except ValueError:
         return False
-    return ip.version == 4 and policy.decide(Destination(ip, None, "tcp", name)).allowed
+    return ip.version == 4 and policy.decide(Destination(ip, None, None, name)).allowed
 
 
 async def answer_query(
@@ -69,14 +69,14 @@ async def answer_query(
         return reply.pack(), events
     question = request.questions[0]
     name = normalize_name(str(question.qname))
-    decision = policy.decide(Destination(None, None, "udp", name))
+    decision = policy.decide(Destination(None, None, None, name))
     if not decision.allowed:
         reply.header.rcode = RCODE.NXDOMAIN
         events.append((name, "deny", decision.reason, []))
         return reply.pack(), events
     if name in pins:
         guest_addr, real = pins[name]
-        if policy.decide(Destination(real, None, "tcp", name)).allowed:
+        if policy.decide(Destination(real, None, None, name)).allowed:
             addrs, reason = [str(guest_addr)], f"pinned to {real} (hosts=)"
         else:
             addrs, reason = [], f"pinned to {real} (hosts=), which the policy denies"

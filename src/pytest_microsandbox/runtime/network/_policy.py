@@ -70,12 +70,13 @@ def normalize_name(name: str) -> str:
 @dataclass(frozen=True)
 class Destination:
     """What one flow or query goes to. ``ip`` is None for a DNS query (only
-    name rules match one); ``port`` None for a DNS answer (any port counts).
+    name rules match one); ``port`` and ``protocol`` None for a DNS answer: is
+    the address reachable on some port by some protocol?
     """
 
     ip: IPAddress | None
     port: int | None
-    protocol: Protocol
+    protocol: Protocol | None
     name: str | None = None
 
 
@@ -207,7 +208,10 @@ class Rule(BaseModel):
 
     def matches(self, dest: Destination) -> bool:
         """Does this rule apply to ``dest``?"""
-        if self.protocol is not None and dest.protocol != self.protocol:
+        narrowed = self.protocol is not None or bool(self.ports)
+        if narrowed and (dest.protocol is None or dest.port is None) and self.action == "deny":
+            return False  # a wildcard: other ports or protocols may still be allowed
+        if self.protocol is not None and dest.protocol not in (None, self.protocol):
             return False
         if self.ports and dest.port is not None and dest.port not in self.ports:
             return False

@@ -70,6 +70,7 @@ _MAX_NAMES = 4096
 _READ = 65536
 _UDP_IDLE_S = 30.0
 _CONNECT_TIMEOUT_S = 10.0
+_DENY_CLOSE_DELAY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -337,6 +338,11 @@ class NetworkStack:
         )
         self._log(event)
         if not decision.allowed or guard:
+            # smoltcp has already answered the SYN (mitmproxy_rs hands over a
+            # flow at its SYN and offers no reset); a close while the handshake
+            # is in flight never sends the FIN, so let it finish first. The
+            # guest sees a connection closed before any byte; nothing is dialled.
+            await asyncio.sleep(_DENY_CLOSE_DELAY_S)
             return
         try:
             with_timeout = asyncio.wait_for(
