@@ -311,6 +311,11 @@ class SandboxConfig(BaseModel):
         description="host-side name pinning: {'api.test': '127.0.0.1'} makes the guest's "
         "DNS answer api.test with an address the host maps to 127.0.0.1",
     )
+    ports: dict[int, int] = Field(
+        default_factory=dict,
+        description="publish guest TCP ports on the host's 127.0.0.1: {8080: 18080} makes "
+        "host 127.0.0.1:18080 reach guest port 8080 (host port 0: any free port)",
+    )
     cold_boot: bool = Field(
         False, description="boot from scratch instead of restoring a clone of a template"
     )
@@ -476,6 +481,20 @@ class SandboxConfig(BaseModel):
         if len(out) > 60000:
             raise ValueError("more than 60000 pinned names")
         return out
+
+    @field_validator("ports")
+    @classmethod
+    def _check_ports(cls, value: dict[int, int]) -> dict[int, int]:
+        hosts: set[int] = set()
+        for guest_port, host_port in value.items():
+            if not 1 <= guest_port <= 65535:
+                raise ValueError(f"guest port {guest_port} is outside 1..65535")
+            if not 0 <= host_port <= 65535:
+                raise ValueError(f"ports[{guest_port}]: host port {host_port} is outside 0..65535")
+            if host_port and host_port in hosts:
+                raise ValueError(f"host port {host_port} is given for two guest ports")
+            hosts.add(host_port)
+        return value
 
     @field_validator("workdir", "shell")
     @classmethod

@@ -64,7 +64,8 @@ from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
 from .images import imaged_venv
-from .network import NetworkPolicy, NetworkStack
+from .network import NetworkPolicy, NetworkStack, PortPublisher
+from .network._ports import RELAY_ARGS, RELAY_PROGRAM
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
@@ -502,6 +503,7 @@ class Sandbox:
         self._xfer_lock = anyio.Lock()
         self._recent = RecentExecs()
         self._network: NetworkStack | None = None
+        self._ports: PortPublisher | None = None
         self.boot_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -577,6 +579,24 @@ class Sandbox:
                 await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
             if self.config.network is not None:
                 await self._start_network(self.config.network)
+            if self.config.ports:
+                await self._publish_ports()
+
+    async def _publish_ports(self) -> None:
+        async def start_relay(guest_port: int) -> ExecHandle:
+            return await self.exec_stream(
+                RELAY_PROGRAM, [RELAY_ARGS, str(guest_port)], stdin=True, user="0"
+            )
+
+        publisher = PortPublisher(self.config.ports, start_relay)
+        await publisher.start()
+        self._session.stack.push_async_callback(publisher.aclose)
+        self._ports = publisher
+
+    @property
+    def published_ports(self) -> dict[int, int]:
+        """guest port -> the host 127.0.0.1 port that reaches it (``config.ports``)."""
+        return {} if self._ports is None else self._ports.bound
 
     async def _start_network(self, policy: NetworkPolicy) -> None:
         """Start this sandbox's host-side network and give the guest its interfaces
@@ -616,17 +636,27 @@ class Sandbox:
         *,
         name: str | None = None,
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
+        network: NetworkPolicy | str | None = None,
+        disable_network: bool = False,
     ) -> Sandbox:
         """Start a sandbox from a named snapshot (or a snapshot directory's path).
 
         ``volumes`` (guest path -> :meth:`Volume.bind`) are mounted in the restored
-        sandbox; a snapshot itself never carries any.
+        sandbox; a snapshot itself never carries any. ``network`` replaces the
+        captured network policy, ``disable_network=True`` drops it; each restore
+        gets a fresh network identity (key, MAC, address).
 
         :raises SnapshotNotFoundError: there is no such snapshot.
         :raises SnapshotError: it is broken or the restore failed.
         :raises ConfigError: a volume is invalid.
         """
-        return await _snapshotter().restore(name_or_path, name=name, volumes=volumes)
+        return await _snapshotter().restore(
+            name_or_path,
+            name=name,
+            volumes=volumes,
+            network=network,
+            disable_network=disable_network,
+        )
 
     async def snapshot(self, name: str) -> Path:
         """Capture this running sandbox (memory, devices, in-RAM overlay) as snapshot

@@ -33,7 +33,7 @@ from ._limits import OnOutputLimit
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
-from .network import NetworkStack
+from .network import NetworkPolicy, NetworkStack
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
 __all__ = ["SyncExecHandle", "SyncSandbox", "SyncSandboxFs"]
@@ -92,11 +92,19 @@ class SyncSandbox:
         *,
         name: str | None = None,
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
+        network: NetworkPolicy | str | None = None,
+        disable_network: bool = False,
     ) -> SyncSandbox:
         """Start a sandbox from a named snapshot (see :meth:`Sandbox.restore`)."""
 
         async def factory() -> Sandbox:
-            return await Sandbox.restore(name_or_path, name=name, volumes=volumes)
+            return await Sandbox.restore(
+                name_or_path,
+                name=name,
+                volumes=volumes,
+                network=network,
+                disable_network=disable_network,
+            )
 
         return cls._start(factory)
 
@@ -132,6 +140,11 @@ class SyncSandbox:
     @property
     def pid(self) -> int | None:
         return self._sandbox.pid
+
+    @property
+    def published_ports(self) -> dict[int, int]:
+        """guest port -> host 127.0.0.1 port (see :attr:`Sandbox.published_ports`)."""
+        return self._sandbox.published_ports
 
     @property
     def network(self) -> NetworkStack:

@@ -58,6 +58,7 @@ from ..runtime.backend import Backend, MonitoredVM, VMHandle, VMMonitor, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
 from ..runtime.lifetime import Runtime, current_runtime
+from ..runtime.network import NetworkPolicy
 from ..runtime.paths import make_run_dir
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
 from ..runtime.sandbox import Sandbox
@@ -523,8 +524,16 @@ class SnapshotService:
         *,
         name: str | None,
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None,
+        network: NetworkPolicy | str | None = None,
+        disable_network: bool = False,
     ) -> Sandbox:
-        return await restore_snapshot(name_or_path, name=name, volumes=volumes)
+        return await restore_snapshot(
+            name_or_path,
+            name=name,
+            volumes=volumes,
+            network=network,
+            disable_network=disable_network,
+        )
 
     async def snapshot(self, sandbox: Sandbox, name: str) -> Path:
         return (await snapshot_sandbox(sandbox, name)).path
@@ -541,6 +550,8 @@ async def restore_snapshot(
     cache: Path | None = None,
     volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
     warm_command: bool = True,
+    network: NetworkPolicy | str | None = None,
+    disable_network: bool = False,
 ) -> Sandbox:
     """Start a sandbox from a named snapshot (or a snapshot/template directory).
 
@@ -552,6 +563,10 @@ async def restore_snapshot(
     of the exec path under TCG; ``warm_command=False`` skips it for callers that
     talk to a process already running in the snapshot (the plugin's zygotes),
     where it would only cost CPU.
+
+    ``network`` (a policy or its name) replaces the captured configuration's,
+    ``disable_network`` drops it: a snapshot carries no network of its own, each
+    restore gets a fresh one (new key, MAC and address).
 
     :raises SnapshotNotFoundError: there is no such snapshot.
     :raises SnapshotError: it is broken or the restore failed.
@@ -569,6 +584,10 @@ async def restore_snapshot(
     config = SandboxConfig.from_json(entry.meta.config)
     if name is not None:
         config = config.model_copy(update={"name": name})
+    if disable_network:
+        config = config.model_copy(update={"network": None})
+    elif network is not None:
+        config = SandboxConfig(**{**config.model_dump(), "network": network})
     if volumes:
         # volume_slots of the capture's config is not the user's to raise: checked below.
         config = SandboxConfig(

@@ -174,3 +174,38 @@ def test_a_sandbox_without_network_has_no_stack() -> None:
         assert sb.fs().read("/sys/class/net/eth0/operstate").strip() == b"down"
         with pytest.raises(Exception, match="has no network"):
             sb.network  # noqa: B018
+
+
+GUEST_SERVER = r"""
+import socket
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 8080))
+srv.listen(4)
+while True:
+    conn, _ = srv.accept()
+    conn.sendall(b"guest:" + conn.recv(100))
+    conn.close()
+"""
+
+
+def test_a_published_port_reaches_the_guest_and_a_taken_one_is_refused() -> None:
+    config = SandboxConfig(name="net-ports", ports={8080: 0})
+    with SyncSandbox.create(config) as sb:
+        host_port = sb.published_ports[8080]
+        sb.fs().write("/tmp/srv.py", GUEST_SERVER.encode())
+        sb.exec("/bin/sh", ["-c", f"{sys.executable} /tmp/srv.py >/dev/null 2>&1 &"])
+        reply = b""
+        for _ in range(120):  # the guest's Python starts in seconds under TCG
+            with socket.create_connection(("127.0.0.1", host_port), timeout=30) as conn:
+                conn.sendall(b"hello")
+                reply = conn.recv(100)
+            if reply:
+                break
+            threading.Event().wait(0.5)  # nothing listens yet: the relay closed at once
+        assert reply == b"guest:hello"
+        # The same host port for another sandbox: a clear error, nothing left behind.
+        with pytest.raises(
+            Exception, match=rf"ports\[8080\]: host port 127.0.0.1:{host_port} is in use"
+        ):
+            SyncSandbox.create(SandboxConfig(name="net-ports-2", ports={8080: host_port}))

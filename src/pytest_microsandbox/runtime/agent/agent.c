@@ -2534,9 +2534,56 @@ static int connect_unix(const char *path)
 	return fd;
 }
 
+/*
+ * `agent --connect PORT`: relays stdin -> 127.0.0.1:PORT -> stdout.  The host
+ * publishes a guest port (SandboxConfig.ports) by running this through EXEC
+ * (as /proc/self/exe, which names the agent's binary in any root) for each
+ * connection it accepts on its own 127.0.0.1.  Exit 111: nothing listens.
+ */
+static int connect_relay(const char *port_text)
+{
+	char *end;
+	long port = strtol(port_text, &end, 10);
+	if (*end || port < 1 || port > 65535)
+		return 2;
+	int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (s < 0 || connect(s, (struct sockaddr *)&sin, sizeof sin) < 0)
+		return errno == ECONNREFUSED ? 111 : 1;
+	struct pollfd p[2] = {{.fd = 0, .events = POLLIN}, {.fd = s, .events = POLLIN}};
+	static char buf[65536];
+	bool in_open = true;
+	for (;;) {
+		p[0].fd = in_open ? 0 : -1;
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return 1;
+		}
+		if (in_open && p[0].revents) {
+			ssize_t n = read(0, buf, sizeof buf);
+			if (n <= 0) {
+				in_open = false;
+				shutdown(s, SHUT_WR);
+			} else {
+				write_all_fd(s, buf, (size_t)n);
+			}
+		}
+		if (p[1].revents) {
+			ssize_t n = read(s, buf, sizeof buf);
+			if (n <= 0)
+				return 0;
+			write_all_fd(1, buf, (size_t)n);
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	signal(SIGPIPE, SIG_IGN);
+	if (argc == 3 && !strcmp(argv[1], "--connect"))
+		return connect_relay(argv[2]);
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--serve-fd") && i + 1 < argc) {
 			port_fd = atoi(argv[++i]);

@@ -7,6 +7,7 @@ See docs/network.md. Public names: :class:`NetworkPolicy`, :class:`Rule`,
 from __future__ import annotations
 
 from ._policy import Decision, Destination, NetworkPolicy, Rule, classify
+from ._ports import PortPublisher
 from ._stack import DNS_IP, HOST_SOCKET, LOOPBACK_ONLY_ENV, QEMU_SOCKET, NetworkEvent, NetworkStack
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "NetworkEvent",
     "NetworkPolicy",
     "NetworkStack",
+    "PortPublisher",
     "Rule",
     "classify",
 ]
