@@ -37,9 +37,17 @@ def test_marked_with_network():
     assert info.value.errno == socket.EAI_NONAME
 
 
+@pytest.mark.sandbox(network="public-only", timeout=120)
+def test_marked_failure_shows_the_network_log():
+    with pytest.raises(socket.gaierror):
+        socket.gethostbyname("shown-in-the-report.test")
+    assert False, "deliberate"
+
+
 @pytest.mark.sandbox(timeout=120)
 def test_marked_without_network():
-    assert not os.path.exists("/sys/class/net/wg0")
+    # The template's NIC and wg0 exist, but no route leads anywhere.
+    assert open("/proc/net/route").read().splitlines()[1:] == []
 
 
 class Echo(socketserver.BaseRequestHandler):
@@ -84,5 +92,8 @@ def test_network_forms(tmp_path: Path) -> None:
         timeout=900,
         env=env,
     )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "3 passed" in proc.stdout
+    assert proc.returncode == 1, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "1 failed, 3 passed" in proc.stdout, proc.stdout[-6000:]
+    # The failed test's report carries its sandbox's network log.
+    assert "sandbox network events" in proc.stdout
+    assert "dns shown-in-the-report.test" in proc.stdout

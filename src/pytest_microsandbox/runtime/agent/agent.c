@@ -1891,6 +1891,45 @@ static int set_flags(int fd, const char *dev, short on, short off)
 	return ifreq_call(fd, SIOCSIFFLAGS, &ifr, dev);
 }
 
+static int wg_create(void)
+{
+	struct nl_buf nb;
+	uint8_t ifi[16] = {0}; /* struct ifinfomsg, family AF_UNSPEC */
+	nl_start(&nb, RTM_NEWLINK_, NLF_CREATE | NLF_EXCL);
+	nl_put(&nb, ifi, sizeof ifi);
+	nl_attr(&nb, IFLA_IFNAME_, "wg0", 4);
+	nl_nest(&nb, IFLA_LINKINFO_);
+	nl_attr(&nb, IFLA_INFO_KIND_, "wireguard", 10);
+	nl_end(&nb);
+	int rc = nl_call(NL_ROUTE, &nb, NULL, 0);
+	return rc == -EEXIST ? 0 : rc;
+}
+
+/*
+ * At boot, so it is in every template: eth0 up without ARP or IPv6 (the shim
+ * answers neither; frames reach the host whatever their destination MAC) and
+ * wg0 created, down, with no key.  A clone's first run of a kernel path is
+ * slow under TCG (its translation cache starts empty): bringing a NIC up and
+ * creating a WireGuard device cost ~350 ms there, so clones only set keys and
+ * addresses.  Without NET nothing has an address or a route: no path out.
+ */
+static void net_prepare(void)
+{
+	int fd = open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", O_WRONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		write_all_fd(fd, "1", 1);
+		close(fd);
+	}
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	int rc = s < 0 ? -errno : set_flags(s, "eth0", IFF_UP | IFF_NOARP, 0);
+	if (s >= 0)
+		close(s);
+	if (rc < 0)
+		logmsg("warning: eth0: %s", strerror(-rc));
+	if ((rc = wg_create()) < 0)
+		logmsg("warning: wg0: %s", strerror(-rc));
+}
+
 static int net_setup(const uint8_t *c, const char **step)
 {
 	const uint8_t *mac = c, *eth = c + 6, *gw = c + 11, *gw_port = c + 15, *wg = c + 17;
@@ -1901,11 +1940,8 @@ static int net_setup(const uint8_t *c, const char **step)
 		return -errno;
 	struct ifreq ifr;
 	int rc;
-	/* eth0: no ARP (the shim answers no ARP; frames go to the host whatever
-	 * their destination MAC), a fresh MAC, an address to send WireGuard from. */
-	*step = "eth0 down";
-	if ((rc = set_flags(fd, "eth0", IFF_NOARP, IFF_UP)) < 0)
-		goto out;
+	/* eth0: a fresh MAC (virtio-net changes it live), an address to send
+	 * WireGuard from; up and without ARP since boot (net_prepare). */
 	*step = "eth0 MAC";
 	memset(&ifr, 0, sizeof ifr);
 	ifr.ifr_hwaddr.sa_family = 1; /* ARPHRD_ETHER */
@@ -1913,28 +1949,20 @@ static int net_setup(const uint8_t *c, const char **step)
 	if ((rc = ifreq_call(fd, SIOCSIFHWADDR, &ifr, "eth0")) < 0)
 		goto out;
 	*step = "eth0 up";
-	if ((rc = set_flags(fd, "eth0", IFF_UP, 0)) < 0)
+	if ((rc = set_flags(fd, "eth0", IFF_UP | IFF_NOARP, 0)) < 0)
 		goto out;
 	*step = "eth0 address";
 	if ((rc = set_addr(fd, "eth0", eth, prefix)) < 0)
 		goto out;
-	/* wg0, kept across restores: a clone reconfigures its parent's. */
 	*step = "creating wg0";
-	struct nl_buf nb;
-	uint8_t ifi[16] = {0}; /* struct ifinfomsg, family AF_UNSPEC */
-	nl_start(&nb, RTM_NEWLINK_, NLF_CREATE | NLF_EXCL);
-	nl_put(&nb, ifi, sizeof ifi);
-	nl_attr(&nb, IFLA_IFNAME_, "wg0", 4);
-	nl_nest(&nb, IFLA_LINKINFO_);
-	nl_attr(&nb, IFLA_INFO_KIND_, "wireguard", 10);
-	nl_end(&nb);
-	if ((rc = nl_call(NL_ROUTE, &nb, NULL, 0)) < 0 && rc != -EEXIST)
+	if ((rc = wg_create()) < 0)
 		goto out;
 	*step = "wireguard family";
 	int fam = wg_family();
 	if ((rc = fam) < 0)
 		goto out;
 	*step = "configuring wg0";
+	struct nl_buf nb;
 	uint8_t genl[4] = {WG_SET_DEVICE, 1, 0, 0};
 	uint32_t dflags = WGD_F_REPLACE_PEERS, pflags = WGP_F_REPLACE_ALLOWEDIPS;
 	struct sockaddr_in ep = {.sin_family = AF_INET};
@@ -2490,6 +2518,7 @@ static void init_system(void)
 		logmsg("warning: sethostname: %s", strerror(errno));
 	hosts_map_hostname("sandbox", 7);
 	loopback_up();
+	net_prepare();
 	setenv("PATH", DEFAULT_PATH, 1);
 }
 
