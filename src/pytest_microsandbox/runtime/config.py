@@ -30,6 +30,7 @@ from ._limits import (
 from .accel import ACCEL_ENV, AccelChoice, env_accel_choice
 from .agent.protocol import MAX_FRAME, MIN_FRAME
 from .network._policy import NetworkPolicy, normalize_name
+from .network._secrets import Secret
 
 __all__ = [
     "ACCEL_ENV",
@@ -316,6 +317,12 @@ class SandboxConfig(BaseModel):
         description="publish guest TCP ports on the host's 127.0.0.1: {8080: 18080} makes "
         "host 127.0.0.1:18080 reach guest port 8080 (host port 0: any free port)",
     )
+    secrets: tuple[Secret, ...] = Field(
+        default=(),
+        exclude=True,  # never serialized: a stored config or snapshot holds no secret
+        description="Secret.env(...) values the guest sees only as placeholders; the host "
+        "substitutes them in traffic to each secret's allowed hosts (needs network=)",
+    )
     cold_boot: bool = Field(
         False, description="boot from scratch instead of restoring a clone of a template"
     )
@@ -502,6 +509,19 @@ class SandboxConfig(BaseModel):
         if not value.startswith("/"):
             raise ValueError("must be an absolute guest path")
         return value
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> SandboxConfig:
+        names = [s.env_var for s in self.secrets]
+        if self.secrets and self.network is None:
+            raise ValueError(
+                "secrets need a network: set network= (a secret only ever leaves the host "
+                "in traffic the host relays)"
+            )
+        for name in names:
+            if names.count(name) > 1 or name in self.env:
+                raise ValueError(f"secrets: {name} is given twice (secrets or env): keep one")
+        return self
 
     @model_validator(mode="after")
     def _check_volume_slots(self) -> SandboxConfig:

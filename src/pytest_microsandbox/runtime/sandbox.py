@@ -64,7 +64,7 @@ from .agent.results import DirEntry, ExecEvent, ExecResult, FileKind, FileStat
 from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
 from .images import imaged_venv
-from .network import NetworkPolicy, NetworkStack, PortPublisher
+from .network import NetworkPolicy, NetworkStack, PortPublisher, SecretSubstituter
 from .network._ports import RELAY_ARGS, RELAY_PROGRAM
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
@@ -603,7 +603,12 @@ class Sandbox:
         (fresh key, MAC and address on every restore: clones share no identity).
         Done before the sandbox is handed out: the first command has the network.
         """
-        stack = NetworkStack(policy, self.config.hosts, self._vm.spec.run_dir)
+        stack = NetworkStack(
+            policy,
+            self.config.hosts,
+            self._vm.spec.run_dir,
+            SecretSubstituter(self.config.secrets) if self.config.secrets else None,
+        )
         await stack.start()
         self._session.stack.push_async_callback(stack.aclose)
         self._network = stack
@@ -782,6 +787,8 @@ class Sandbox:
         merged = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
         merged.update(_venv_env(self.config.image))
         merged.update(self.config.env)
+        if self._network is not None and self._network.secrets is not None:
+            merged.update(self._network.secrets.env())  # placeholders, never the values
         if env:
             merged.update(env)
         return merged

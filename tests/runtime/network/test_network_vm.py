@@ -8,18 +8,22 @@ policy serves most tests; one guest Python run checks several destinations.
 
 from __future__ import annotations
 
+import http.server
 import json
+import mmap
 import select
 import socket
 import socketserver
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import anyio
 import pytest
 
-from pytest_microsandbox.runtime import SandboxConfig, SyncSandbox
-from pytest_microsandbox.runtime.network import NetworkPolicy, Rule
+from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SyncSandbox
+from pytest_microsandbox.runtime.network import NetworkPolicy, Rule, Secret
 
 pytestmark = pytest.mark.vm
 
@@ -212,3 +216,73 @@ def test_a_published_port_reaches_the_guest_and_a_taken_one_is_refused() -> None
             Exception, match=rf"ports\[8080\]: host port 127.0.0.1:{host_port} is in use"
         ):
             SyncSandbox.create(SandboxConfig(name="net-ports-2", ports={8080: host_port}))
+
+
+SECRET = "sk-test-Zq8RxW2vLp5KmN0aBcDeFgHi"
+
+GUEST_HTTP = r"""
+import json, os, sys, urllib.request
+out = []
+for url in sys.argv[1:]:
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer " + os.environ["API_KEY"]})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            out.append([resp.status, resp.read().decode()])
+    except urllib.error.HTTPError as exc:
+        out.append([exc.code, exc.read().decode()])
+    except Exception as exc:
+        out.append(["error", type(exc).__name__])
+print(json.dumps(out))
+"""
+
+
+class _Api(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        ok = self.headers.get("Authorization") == f"Bearer {SECRET}"
+        body = b"authorized" if ok else b"denied"  # never echoes the header
+        self.send_response(200 if ok else 403)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_secret_reaches_only_its_host_and_never_the_guest_memory(tmp_path: Path) -> None:
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    port = api.server_address[1]
+    config = SandboxConfig(
+        name="net-secret",
+        network=NetworkPolicy.public_only().allow(Rule.cidr("127.0.0.1/32", ports=[port])),
+        hosts={"api.test": "127.0.0.1", "other.test": "127.0.0.1"},
+        secrets=[Secret.env("API_KEY", value=SECRET, allow_hosts=["api.test"])],
+    )
+    dump = tmp_path / "guest.mem"
+
+    async def main() -> None:
+        async with await Sandbox.create(config) as sb:
+            urls = [f"http://api.test:{port}/", f"http://other.test:{port}/"]
+            out = await sb.exec(sys.executable, ["-c", GUEST_HTTP, *urls], timeout=180)
+            results = json.loads(out.stdout_bytes)
+            assert results[0] == [200, "authorized"]  # substituted on the host
+            assert results[1][0] == "error"  # the placeholder was headed elsewhere: cut
+            events = [e for e in sb.network.events() if e.protocol == "tcp"]
+            assert "secret(s) substituted" in events[0].reason
+            assert events[1].verdict == "deny" and "API_KEY" in events[1].reason
+            placeholder = (await sb.exec("/bin/sh", ["-c", "printf %s $API_KEY"])).stdout_bytes
+            assert sb.session.monitor is not None
+            await sb.session.monitor.execute(
+                "dump-guest-memory", {"paging": False, "protocol": f"file:{dump}"}
+            )
+            with open(dump, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                assert m.find(placeholder) != -1  # the dump holds guest memory
+                assert m.find(SECRET.encode()) == -1  # and not one copy of the secret
+
+    try:
+        anyio.run(main)
+    finally:
+        api.shutdown()
+        api.server_close()
+        dump.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._policy import Decision, Destination, NetworkPolicy, Rule, classify
 from ._ports import PortPublisher
+from ._secrets import Secret, SecretSubstituter
 from ._stack import DNS_IP, HOST_SOCKET, LOOPBACK_ONLY_ENV, QEMU_SOCKET, NetworkEvent, NetworkStack
 
 __all__ = [
@@ -22,5 +23,7 @@ __all__ = [
     "NetworkStack",
     "PortPublisher",
     "Rule",
+    "Secret",
+    "SecretSubstituter",
     "classify",
 ]

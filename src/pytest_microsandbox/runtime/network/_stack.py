@@ -33,6 +33,7 @@ from typing import Any
 from .._exceptions import BackendUnavailableError
 from ._dns import answer_query, resolve_host
 from ._policy import Destination, IPAddress, NetworkPolicy, Protocol
+from ._secrets import SecretSubstituter, SubstitutionError
 
 __all__ = [
     "DNS_IP",
@@ -189,8 +190,11 @@ class NetworkStack:
         policy: NetworkPolicy,
         hosts: Mapping[str, str],
         run_dir: Path,
+        substituter: SecretSubstituter | None = None,
     ) -> None:
         self.policy = policy
+        #: The sandbox's secret placeholders and their substitution, if it has secrets.
+        self.secrets = substituter
         self.run_dir = run_dir
         self._pins: dict[str, tuple[ipaddress.IPv4Address, IPAddress]] = {}
         for i, (name, addr) in enumerate(sorted(hosts.items())):
@@ -353,15 +357,24 @@ class NetworkStack:
             self._update(event, verdict="error", reason=f"{event.reason}; connect: {exc}")
             return
         counts = [0, 0]
+        rewriter = self.secrets.stream(dest.name) if self.secrets is not None else None
+        violation: list[str] = []
 
         async def pump(src: Any, dst: Any, i: int) -> None:
             try:
                 while data := await src.read(_READ):
                     counts[i] += len(data)
+                    if i == 0 and rewriter is not None:
+                        data = rewriter.feed(data)
                     dst.write(data)
                     await dst.drain()
-                if dst.can_write_eof() if hasattr(dst, "can_write_eof") else True:
-                    dst.write_eof()
+                if i == 0 and rewriter is not None:
+                    dst.write(rewriter.flush())
+                dst.write_eof()
+            except SubstitutionError as exc:
+                violation.append(str(exc))
+                writer.close()
+                stream.close()
             except (OSError, ConnectionError):
                 pass
 
@@ -369,7 +382,12 @@ class NetworkStack:
             await asyncio.gather(pump(stream, writer, 0), pump(reader, stream, 1))
         finally:
             writer.close()
-            self._update(event, bytes_out=counts[0], bytes_in=counts[1])
+            changes: dict[str, Any] = {"bytes_out": counts[0], "bytes_in": counts[1]}
+            if violation:
+                changes.update(verdict="deny", reason=violation[0])
+            elif rewriter is not None and rewriter.substituted:
+                changes["reason"] = f"{event.reason}; {rewriter.substituted} secret(s) substituted"
+            self._update(event, **changes)
 
     async def _on_udp(self, stream: Any) -> None:
         try:
