@@ -323,6 +323,11 @@ class SandboxConfig(BaseModel):
         description="Secret.env(...) values the guest sees only as placeholders; the host "
         "substitutes them in traffic to each secret's allowed hosts (needs network=)",
     )
+    upstream_ca_certs: tuple[Path, ...] = Field(
+        default=(),
+        description="CA files the host trusts, besides the system's, for the TLS it "
+        "opens to a secret's hosts after intercepting the guest's (a test server's CA)",
+    )
     cold_boot: bool = Field(
         False, description="boot from scratch instead of restoring a clone of a template"
     )

@@ -66,6 +66,7 @@ from .config import SandboxConfig, Volume
 from .images import imaged_venv
 from .network import NetworkPolicy, NetworkStack, PortPublisher, SecretSubstituter
 from .network._ports import RELAY_ARGS, RELAY_PROGRAM
+from .network._tls import ensure_ca
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
@@ -166,6 +167,17 @@ class SandboxMetrics:
     uptime_ms: int
     processes: int
     load1: float
+
+
+#: Where a sandbox with secrets finds the interception CA (its overlay only).
+_GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+_GUEST_CA_FILE = "/etc/ssl/certs/pytest-microsandbox-ca.pem"
+_CA_ENV = {
+    "SSL_CERT_FILE": _GUEST_CA_BUNDLE,  # OpenSSL, Python's ssl
+    "REQUESTS_CA_BUNDLE": _GUEST_CA_BUNDLE,
+    "CURL_CA_BUNDLE": _GUEST_CA_BUNDLE,
+    "NODE_EXTRA_CA_CERTS": _GUEST_CA_FILE,
+}
 
 
 class ExecHandle:
@@ -608,6 +620,8 @@ class Sandbox:
             self.config.hosts,
             self._vm.spec.run_dir,
             SecretSubstituter(self.config.secrets) if self.config.secrets else None,
+            cache_dir=self.config.cache_dir,
+            upstream_ca_certs=self.config.upstream_ca_certs,
         )
         await stack.start()
         self._session.stack.push_async_callback(stack.aclose)
@@ -617,6 +631,24 @@ class Sandbox:
             "/etc/resolv.conf", stack.resolv_conf().encode(), mode=0o644,
             timeout=self._request_timeout,
         )  # fmt: skip
+        if stack.secrets is not None:
+            await self._trust_interception_ca()
+
+    async def _trust_interception_ca(self) -> None:
+        """Add the cache directory's interception CA to the guest's trust store
+        (its overlay only) and point the usual variables at it (see _exec_env).
+        """
+        ca = await anyio.to_thread.run_sync(ensure_ca, self.config.cache_dir)
+        try:
+            bundle = await self._agent.read_file(
+                _GUEST_CA_BUNDLE, timeout=self._request_timeout, max_size=16 << 20
+            )
+        except SandboxError:
+            bundle = b""  # an image without a CA bundle: ours alone
+        if bundle and not bundle.endswith(b"\n"):
+            bundle += b"\n"
+        for path, data in ((_GUEST_CA_FILE, ca.cert_pem), (_GUEST_CA_BUNDLE, bundle + ca.cert_pem)):
+            await self._agent.write_file(path, data, mode=0o644, timeout=self._request_timeout)
 
     @property
     def network(self) -> NetworkStack:
@@ -789,6 +821,7 @@ class Sandbox:
         merged.update(self.config.env)
         if self._network is not None and self._network.secrets is not None:
             merged.update(self._network.secrets.env())  # placeholders, never the values
+            merged.update(_CA_ENV)
         if env:
             merged.update(env)
         return merged

@@ -14,6 +14,7 @@ import mmap
 import select
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+import trustme
 
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SyncSandbox
 from pytest_microsandbox.runtime.network import NetworkPolicy, Rule, Secret
@@ -251,26 +253,47 @@ class _Api(http.server.BaseHTTPRequestHandler):
 
 def test_a_secret_reaches_only_its_host_and_never_the_guest_memory(tmp_path: Path) -> None:
     api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
-    threading.Thread(target=api.serve_forever, daemon=True).start()
-    port = api.server_address[1]
+    tls_api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    ca = trustme.CA()  # the HTTPS server's CA: the host trusts it, the guest never sees it
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("api.test", "other.test").configure_cert(ctx)
+    tls_api.socket = ctx.wrap_socket(tls_api.socket, server_side=True)
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    for server in (api, tls_api):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    port, tls_port = api.server_address[1], tls_api.server_address[1]
     config = SandboxConfig(
         name="net-secret",
-        network=NetworkPolicy.public_only().allow(Rule.cidr("127.0.0.1/32", ports=[port])),
+        network=NetworkPolicy.public_only().allow(
+            Rule.cidr("127.0.0.1/32", ports=[port, tls_port])
+        ),
         hosts={"api.test": "127.0.0.1", "other.test": "127.0.0.1"},
         secrets=[Secret.env("API_KEY", value=SECRET, allow_hosts=["api.test"])],
+        upstream_ca_certs=(ca_file,),
     )
     dump = tmp_path / "guest.mem"
 
     async def main() -> None:
         async with await Sandbox.create(config) as sb:
-            urls = [f"http://api.test:{port}/", f"http://other.test:{port}/"]
-            out = await sb.exec(sys.executable, ["-c", GUEST_HTTP, *urls], timeout=180)
+            urls = [
+                f"http://api.test:{port}/",
+                f"http://other.test:{port}/",
+                f"https://api.test:{tls_port}/",  # TLS intercepted with the cache's CA
+                f"https://other.test:{tls_port}/",
+            ]
+            out = await sb.exec(sys.executable, ["-c", GUEST_HTTP, *urls], timeout=300)
+            assert out.exit_code == 0, out.stderr_bytes[-3000:]
             results = json.loads(out.stdout_bytes)
             assert results[0] == [200, "authorized"]  # substituted on the host
             assert results[1][0] == "error"  # the placeholder was headed elsewhere: cut
+            assert results[2] == [200, "authorized"], results
+            assert results[3][0] == "error"
             events = [e for e in sb.network.events() if e.protocol == "tcp"]
             assert "secret(s) substituted" in events[0].reason
             assert events[1].verdict == "deny" and "API_KEY" in events[1].reason
+            assert "secret(s) substituted" in events[2].reason
+            assert events[3].verdict == "deny" and "API_KEY" in events[3].reason
             placeholder = (await sb.exec("/bin/sh", ["-c", "printf %s $API_KEY"])).stdout_bytes
             assert sb.session.monitor is not None
             await sb.session.monitor.execute(
@@ -283,6 +306,7 @@ def test_a_secret_reaches_only_its_host_and_never_the_guest_memory(tmp_path: Pat
     try:
         anyio.run(main)
     finally:
-        api.shutdown()
-        api.server_close()
+        for server in (api, tls_api):
+            server.shutdown()
+            server.server_close()
         dump.unlink(missing_ok=True)

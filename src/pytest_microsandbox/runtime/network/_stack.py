@@ -22,6 +22,7 @@ import ipaddress
 import os
 import secrets
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -34,6 +35,7 @@ from .._exceptions import BackendUnavailableError
 from ._dns import answer_query, resolve_host
 from ._policy import Destination, IPAddress, NetworkPolicy, Protocol
 from ._secrets import SecretSubstituter, SubstitutionError
+from ._tls import TlsServer, ensure_ca, looks_like_tls
 
 __all__ = [
     "DNS_IP",
@@ -169,6 +171,23 @@ class _Shim:
             self.qemu.sendto(self._eth + ip + udp + payload, self.qemu_path)
 
 
+class _Prefixed:
+    """The guest's stream whose first read is already in flight (``pending``)."""
+
+    def __init__(self, stream: Any, pending: asyncio.Future[bytes]) -> None:
+        self._stream = stream
+        self._pending: asyncio.Future[bytes] | None = pending
+
+    async def read(self, n: int) -> bytes:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return await pending
+        return bytes(await self._stream.read(n))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 class _Datagrams(asyncio.DatagramProtocol):
     def __init__(self, on_datagram: Any) -> None:
         self._on = on_datagram
@@ -191,7 +210,14 @@ class NetworkStack:
         hosts: Mapping[str, str],
         run_dir: Path,
         substituter: SecretSubstituter | None = None,
+        *,
+        cache_dir: Path | None = None,
+        upstream_ca_certs: tuple[Path, ...] = (),
     ) -> None:
+        self.cache_dir = cache_dir
+        #: Extra CAs the host trusts for intercepted upstream TLS (tests: trustme).
+        self.upstream_ca_certs = upstream_ca_certs
+        self._tls: TlsServer | None = None
         self.policy = policy
         #: The sandbox's secret placeholders and their substitution, if it has secrets.
         self.secrets = substituter
@@ -356,38 +382,96 @@ class NetworkStack:
         except (OSError, asyncio.TimeoutError) as exc:
             self._update(event, verdict="error", reason=f"{event.reason}; connect: {exc}")
             return
+        guest: Any = stream
+        name = dest.name
+        first_in: asyncio.Future[bytes] | None = None
+        first_out = b""
+        if self.secrets is not None:
+            # Intercept TLS (the guest speaks first) so secrets can be substituted;
+            # a server-first protocol is relayed as it comes. The guest's pending
+            # read is never cancelled: mitmproxy_rs allows one read at a time.
+            guest_first = asyncio.ensure_future(stream.read(_READ))
+            server_first = asyncio.ensure_future(reader.read(_READ))
+            await asyncio.wait({guest_first, server_first}, return_when=asyncio.FIRST_COMPLETED)
+            if guest_first.done():
+                first_out = guest_first.result()
+                first_in = server_first
+                if looks_like_tls(first_out):
+                    server_first.cancel()
+                    first_in = None
+                    writer.close()
+                    try:
+                        guest, name = await self._tls_server().accept(
+                            stream, first_out, dest.name or str(dest.ip)
+                        )
+                        reader, writer = await asyncio.wait_for(
+                            asyncio.open_connection(
+                                str(dest.ip),
+                                dest.port,
+                                ssl=self._upstream_tls(),
+                                server_hostname=name,
+                            ),
+                            _CONNECT_TIMEOUT_S,
+                        )
+                    except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+                        self._update(event, verdict="error", reason=f"{event.reason}; TLS: {exc}")
+                        return
+                    first_out = b""
+            else:
+                first_in = server_first
+                guest_first_pending = guest_first
+                first_out = b""
+                guest = _Prefixed(stream, guest_first_pending)
         counts = [0, 0]
-        rewriter = self.secrets.stream(dest.name) if self.secrets is not None else None
+        rewriter = self.secrets.stream(name) if self.secrets is not None else None
         violation: list[str] = []
 
-        async def pump(src: Any, dst: Any, i: int) -> None:
+        async def pump(src: Any, dst: Any, i: int, first: bytes, pending: Any) -> None:
             try:
-                while data := await src.read(_READ):
+                data = first if pending is None else await pending
+                while data or (pending is None and (data := await src.read(_READ))):
+                    pending = None
                     counts[i] += len(data)
                     if i == 0 and rewriter is not None:
                         data = rewriter.feed(data)
                     dst.write(data)
                     await dst.drain()
+                    data = b""
                 if i == 0 and rewriter is not None:
                     dst.write(rewriter.flush())
                 dst.write_eof()
             except SubstitutionError as exc:
                 violation.append(str(exc))
                 writer.close()
-                stream.close()
-            except (OSError, ConnectionError):
+                guest.close()
+            except (OSError, ConnectionError, ssl.SSLError):
                 pass
 
         try:
-            await asyncio.gather(pump(stream, writer, 0), pump(reader, stream, 1))
+            await asyncio.gather(
+                pump(guest, writer, 0, first_out, None), pump(reader, guest, 1, b"", first_in)
+            )
         finally:
             writer.close()
             changes: dict[str, Any] = {"bytes_out": counts[0], "bytes_in": counts[1]}
+            if name != dest.name:
+                changes["name"] = name
             if violation:
                 changes.update(verdict="deny", reason=violation[0])
             elif rewriter is not None and rewriter.substituted:
                 changes["reason"] = f"{event.reason}; {rewriter.substituted} secret(s) substituted"
             self._update(event, **changes)
+
+    def _tls_server(self) -> TlsServer:
+        if self._tls is None:
+            self._tls = TlsServer(ensure_ca(self.cache_dir), self.run_dir)
+        return self._tls
+
+    def _upstream_tls(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        for path in self.upstream_ca_certs:
+            ctx.load_verify_locations(cafile=str(path))
+        return ctx
 
     async def _on_udp(self, stream: Any) -> None:
         try:
