@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
     from .boot import boot_identity
     from .config import SandboxConfig, Volume
+    from .network import NetworkEvent, NetworkPolicy, Rule, Secret
     from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
     from .sync import SyncExecHandle, SyncSandbox, SyncSandboxFs
 
@@ -66,15 +67,19 @@ __all__ = [
     "ImageError",
     "KernelNotFoundError",
     "LockTimeoutError",
+    "NetworkEvent",
+    "NetworkPolicy",
     "OutputLimitError",
     "PathNotFoundError",
     "ProtocolError",
+    "Rule",
     "Sandbox",
     "SandboxConfig",
     "SandboxError",
     "SandboxFs",
     "SandboxMetrics",
     "SandboxNotRunningError",
+    "Secret",
     "SnapshotError",
     "SnapshotLockTimeoutError",
     "SnapshotNotFoundError",
@@ -96,6 +101,10 @@ _WHERE = {
     "Exited": ".agent.results",
     "FileKind": ".agent.results",
     "FileStat": ".agent.results",
+    "NetworkEvent": ".network",
+    "NetworkPolicy": ".network",
+    "Rule": ".network",
+    "Secret": ".network",
     "Sandbox": ".sandbox",
     "SandboxConfig": ".config",
     "SandboxFs": ".sandbox",
