@@ -8,6 +8,7 @@ policy serves most tests; one guest Python run checks several destinations.
 
 from __future__ import annotations
 
+import functools
 import http.server
 import json
 import mmap
@@ -17,6 +18,7 @@ import socketserver
 import ssl
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -310,3 +312,53 @@ def test_a_secret_reaches_only_its_host_and_never_the_guest_memory(tmp_path: Pat
             server.shutdown()
             server.server_close()
         dump.unlink(missing_ok=True)
+
+
+def test_pip_installs_a_wheel_from_an_index_on_the_host_loopback(tmp_path: Path) -> None:
+    simple = tmp_path / "index" / "simple" / "msbtiny"
+    simple.mkdir(parents=True)
+    wheel = "msbtiny-1.0-py3-none-any.whl"
+    info = "msbtiny-1.0.dist-info"
+    with zipfile.ZipFile(simple / wheel, "w") as whl:  # the smallest valid wheel
+        whl.writestr("msbtiny/__init__.py", "ANSWER = 42\n")
+        whl.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: msbtiny\nVersion: 1.0\n")
+        whl.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        whl.writestr(f"{info}/RECORD", "")
+    (simple / "index.html").write_text(f'<a href="{wheel}">{wheel}</a>\n')
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "index")
+    )
+    index = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=index.serve_forever, daemon=True).start()
+    port = index.server_address[1]
+    config = SandboxConfig(
+        name="net-pip",
+        network=NetworkPolicy.public_only().allow(Rule.host("pypi.test", ports=[port])),
+        hosts={"pypi.test": "127.0.0.1"},
+    )
+    try:
+        with SyncSandbox.create(config) as sb:
+            out = sb.exec(
+                sys.executable,
+                ["-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+                 "--index-url", f"http://pypi.test:{port}/simple/", "--trusted-host", "pypi.test",
+                 "--target", "/tmp/site",
+                 "msbtiny"],
+                timeout=600,
+            )  # fmt: skip
+            assert out.exit_code == 0, out.stdout_bytes[-2000:] + out.stderr_bytes[-2000:]
+            check = sb.exec(
+                sys.executable,
+                ["-c", "import sys; sys.path.insert(0, '/tmp/site'); import msbtiny; "
+                 "print(msbtiny.ANSWER)"],
+                timeout=120,
+            )  # fmt: skip
+            assert check.stdout_text.strip() == "42"
+            names = {(e.protocol, e.name, e.verdict) for e in sb.network.events()}
+            assert ("tcp", "pypi.test", "allow") in names
+    finally:
+        index.shutdown()
+        index.server_close()
