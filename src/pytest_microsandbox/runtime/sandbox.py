@@ -626,11 +626,9 @@ class Sandbox:
         await stack.start()
         self._session.stack.push_async_callback(stack.aclose)
         self._network = stack
-        await self._agent.net_setup(stack.guest_blob(), timeout=self._request_timeout)
-        await self._agent.write_file(
-            "/etc/resolv.conf", stack.resolv_conf().encode(), mode=0o644,
-            timeout=self._request_timeout,
-        )  # fmt: skip
+        await self._agent.net_setup(
+            stack.guest_blob(), stack.resolv_conf().encode(), timeout=self._request_timeout
+        )
         if stack.secrets is not None:
             await self._trust_interception_ca()
 

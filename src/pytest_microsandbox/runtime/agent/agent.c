@@ -1928,6 +1928,12 @@ static void net_prepare(void)
 		logmsg("warning: eth0: %s", strerror(-rc));
 	if ((rc = wg_create()) < 0)
 		logmsg("warning: wg0: %s", strerror(-rc));
+	/* Up with no key, peer, address or route: it carries nothing until NET. */
+	s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s >= 0 && (rc = set_flags(s, "wg0", IFF_UP, 0)) < 0)
+		logmsg("warning: wg0 up: %s", strerror(-rc));
+	if (s >= 0)
+		close(s);
 }
 
 static int net_setup(const uint8_t *c, const char **step)
@@ -2026,10 +2032,28 @@ static void h_net(const struct msg *m)
 	}
 	const char *step = "";
 	int rc = net_setup(p, &step);
-	if (rc < 0)
+	if (rc < 0) {
 		reply_error(m->id, -rc, "network set-up, %s: %s", step, strerror(-rc));
-	else
-		reply_ok(m->id);
+		return;
+	}
+	/* DATA: the resolver configuration, written here to save a round trip. */
+	if (get_field(m, T_DATA, &p, &n) && n > 0 && n <= 4096) {
+		int fd = open("/etc/.resolv.conf.msb", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		if (fd < 0) {
+			reply_error(m->id, errno, "/etc/resolv.conf: %s", strerror(errno));
+			return;
+		}
+		write_all_fd(fd, (const char *)p, n);
+		fchmod(fd, 0644);
+		close(fd);
+		unlink("/etc/resolv.conf"); /* images often make it a symlink */
+		if (rename("/etc/.resolv.conf.msb", "/etc/resolv.conf") < 0) {
+			reply_error(m->id, errno, "/etc/resolv.conf: %s", strerror(errno));
+			unlink("/etc/.resolv.conf.msb");
+			return;
+		}
+	}
+	reply_ok(m->id);
 }
 
 static void h_metrics(const struct msg *m)
