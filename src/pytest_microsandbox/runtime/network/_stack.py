@@ -24,6 +24,7 @@ import secrets
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -69,6 +70,8 @@ DNS_IP = ipaddress.IPv4Address("198.18.0.53")
 _PIN_NET = ipaddress.IPv4Network("198.19.0.0/16")
 
 _MAX_EVENTS = 10_000
+#: Flows open at once per sandbox: each holds host sockets; past it, denied.
+MAX_FLOWS = 1024
 _MAX_NAMES = 4096
 _READ = 65536
 _UDP_IDLE_S = 30.0
@@ -229,7 +232,10 @@ class NetworkStack:
         #: Names this sandbox's DNS answered, by address (domain rules for flows).
         self._names: dict[IPAddress, str] = {}
         self._events: deque[NetworkEvent] = deque(maxlen=_MAX_EVENTS)
-        self._tasks: set[asyncio.Task[None]] = set()
+        # events() is read from other threads (SyncSandbox's callers).
+        self._events_lock = threading.Lock()
+        self._flows = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Any = None
         self._transports: list[asyncio.BaseTransport] = []
         self.guest_mac = bytes([0x02, *secrets.token_bytes(5)])
@@ -312,19 +318,23 @@ class NetworkStack:
         )
 
     def events(self) -> list[NetworkEvent]:
-        """Every connection attempt and DNS query so far, oldest first."""
-        return list(self._events)
+        """Every connection attempt and DNS query so far, oldest first (the
+        newest 10,000).
+        """
+        with self._events_lock:
+            return list(self._events)
 
-    def _log(self, event: NetworkEvent) -> int:
-        self._events.append(event)
-        return len(self._events) - 1
+    def _log(self, event: NetworkEvent) -> None:
+        with self._events_lock:
+            self._events.append(event)
 
     def _update(self, event: NetworkEvent, **changes: Any) -> None:
         # Replace in place (the deque may have rotated: search from the right).
-        for i in range(len(self._events) - 1, -1, -1):
-            if self._events[i] is event:
-                self._events[i] = replace(event, **changes)
-                return
+        with self._events_lock:
+            for i in range(len(self._events) - 1, -1, -1):
+                if self._events[i] is event:
+                    self._events[i] = replace(event, **changes)
+                    return
 
     def _resolve_dest(self, ip_text: str, port: int, protocol: Protocol) -> Destination:
         ip = ipaddress.ip_address(ip_text)
@@ -334,19 +344,31 @@ class NetworkStack:
         return Destination(ip, port, protocol, self._names.get(ip))
 
     def _guard(self, dest: Destination) -> str | None:
+        if self._flows > MAX_FLOWS:
+            return f"more than {MAX_FLOWS} flows open at once"
         if _loopback_only() and (dest.ip is None or not dest.ip.is_loopback):
             return f"{LOOPBACK_ONLY_ENV} is set: only 127.0.0.0/8 is dialled"
         return None
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _track(self) -> asyncio.Task[Any] | None:
+        # Flow handlers are tasks mitmproxy_rs starts on our loop: aclose cancels them.
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._flows += 1
+        return task
+
+    def _untrack(self, task: asyncio.Task[Any] | None) -> None:
+        self._flows -= 1
+        if task is not None:
+            self._tasks.discard(task)
 
     async def _on_tcp(self, stream: Any) -> None:
+        task = self._track()
         try:
             await self._tcp(stream)
         finally:
+            self._untrack(task)
             with contextlib.suppress(OSError):  # "Server has been shut down"
                 stream.close()
 
@@ -474,9 +496,11 @@ class NetworkStack:
         return ctx
 
     async def _on_udp(self, stream: Any) -> None:
+        task = self._track()
         try:
             await self._udp(stream)
         finally:
+            self._untrack(task)
             with contextlib.suppress(OSError):  # "Server has been shut down"
                 stream.close()
 
@@ -575,8 +599,10 @@ class NetworkStack:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        with_socket = self.run_dir / HOST_SOCKET
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()  # their host sockets close in their finally blocks
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
         with contextlib.suppress(OSError):
-            with_socket.unlink()
+            (self.run_dir / HOST_SOCKET).unlink()
