@@ -157,10 +157,15 @@ def test_network_none_has_an_interface_and_denies_everything(servers: dict[str, 
     with SyncSandbox.create(config) as sb:
         pin = sb.network.pinned("echo.test")
         results = run(sb, [("dns", "echo.test", 0), ("tcp", str(pin), servers["tcp"])])
+        # No route: the lookup and the connect fail at once in the guest.
+        assert results == [["error", "gaierror"], ["error", "OSError"]]
+        assert sb.fs().read("/sys/class/net/wg0/operstate")  # the interface exists
+        # A guest root that adds the route gains nothing: the host denies.
+        sb.exec("ip", ["route", "add", "default", "dev", "wg0"], user="0")
+        results = run(sb, [("dns", "echo.test", 0), ("tcp", str(pin), servers["tcp"])])
         assert results[0][0] == "error"
         assert results[1] in (["ok", ""], ["error", "ConnectionResetError"])
         assert {e.verdict for e in sb.network.events()} == {"deny"}
-        assert sb.fs().read("/sys/class/net/wg0/operstate")  # the interface exists
 
 
 def test_live_clones_share_no_identity_and_a_fork_has_network(

@@ -1717,7 +1717,8 @@ static void h_configure(const struct msg *m)
  * flow, whatever a guest root does to these interfaces.  The netlink
  * structures are spelled out because musl-gcc has no linux/ headers.
  */
-#define NET_LEN 85 /* mac 6, eth addr 4, prefix 1, gw 4, gw port 2, wg addr 4, keys 32+32 */
+#define NET_LEN 86 /* mac 6, eth addr 4, prefix 1, gw 4, gw port 2, wg addr 4, keys 32+32, flags 1 */
+#define NET_F_NO_ROUTE 1 /* nothing is allowed: no default route, connects fail at once */
 #define NL_ROUTE 0
 #define NL_GENERIC 16
 #define NLF_REQUEST 0x1
@@ -2004,6 +2005,8 @@ static int net_setup(const uint8_t *c, const char **step)
 	if ((rc = set_addr(fd, "wg0", wg, 32)) < 0)
 		goto out;
 	*step = "default route";
+	if (c[85] & NET_F_NO_ROUTE)
+		goto out;
 	struct rtentry rt;
 	memset(&rt, 0, sizeof rt);
 	struct sockaddr_in zero = {.sin_family = AF_INET};

@@ -297,11 +297,17 @@ class NetworkStack:
 
     def guest_blob(self) -> bytes:
         """The agent's ``NET`` payload: MAC, eth0 address and prefix, the
-        WireGuard endpoint, wg0's address, the guest's key and the server's.
+        WireGuard endpoint, wg0's address, the guest's key and the server's,
+        flags (1: no default route, for a policy that allows nothing: the
+        guest's connects then fail at once instead of being accepted by the
+        stack and closed; the host still denies whatever a guest root routes).
         """
+        allows_nothing = self.policy.base == "none" and not any(
+            r.action == "allow" for r in self.policy.rules
+        )
         wg_ip = ipaddress.IPv4Address("100.64.0.0") + secrets.randbelow(1 << 22) + 1
         return struct.pack(
-            "!6s4sB4sH4s32s32s",
+            "!6s4sB4sH4s32s32sB",
             self.guest_mac,
             _GUEST_ETH_IP.packed,
             _ETH_PREFIX,
@@ -310,6 +316,7 @@ class NetworkStack:
             wg_ip.packed,
             base64.b64decode(self._guest_key),
             base64.b64decode(self._server_pub),
+            1 if allows_nothing else 0,
         )
 
     def resolv_conf(self) -> str:
