@@ -404,10 +404,9 @@ class NetworkStack:
             await asyncio.sleep(_DENY_CLOSE_DELAY_S)
             return
         try:
-            with_timeout = asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(str(dest.ip), dest.port), _CONNECT_TIMEOUT_S
             )
-            reader, writer = await with_timeout
         except (OSError, asyncio.TimeoutError) as exc:
             self._update(event, verdict="error", reason=f"{event.reason}; connect: {exc}")
             return
@@ -446,11 +445,9 @@ class NetworkStack:
                         self._update(event, verdict="error", reason=f"{event.reason}; TLS: {exc}")
                         return
                     first_out = b""
-            else:
+            else:  # the server spoke first: the guest's read stays pending
                 first_in = server_first
-                guest_first_pending = guest_first
-                first_out = b""
-                guest = _Prefixed(stream, guest_first_pending)
+                guest = _Prefixed(stream, guest_first)
         counts = [0, 0]
         rewriter = self.secrets.stream(name) if self.secrets is not None else None
         violation: list[str] = []
