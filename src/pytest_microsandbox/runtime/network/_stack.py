@@ -40,6 +40,7 @@ from ._tls import TlsServer, ensure_ca, looks_like_tls
 
 __all__ = [
     "DNS_IP",
+    "GUARD_REFUSALS",
     "HOST_SOCKET",
     "LOOPBACK_ONLY_ENV",
     "QEMU_SOCKET",
@@ -104,6 +105,11 @@ class NetworkEvent:
             f"{self.protocol} {where}:{self.port} {self.verdict} [{self.reason}] "
             f"out={self.bytes_out} in={self.bytes_in}"
         )
+
+
+#: Destinations the loopback-only guard refused in this process (newest 100):
+#: a test suite fails its run if any appear (tests/conftest.py).
+GUARD_REFUSALS: deque[str] = deque(maxlen=100)
 
 
 def _loopback_only() -> bool:
@@ -354,6 +360,7 @@ class NetworkStack:
         if self._flows > MAX_FLOWS:
             return f"more than {MAX_FLOWS} flows open at once"
         if _loopback_only() and (dest.ip is None or not dest.ip.is_loopback):
+            GUARD_REFUSALS.append(f"{dest.protocol} {dest.name or dest.ip}:{dest.port}")
             return f"{LOOPBACK_ONLY_ENV} is set: only 127.0.0.0/8 is dialled"
         return None
 
