@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.sandbox(memory=512, network="none", timeout=60)
+pytestmark = pytest.mark.sandbox(memory=512, network="none", timeout=60)  # denies all
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def test_settings_precedence_cmdline_over_ini_over_default(pytester: pytest.Pyte
     pytester.makeini("[pytest]\nsandbox_memory = 1024\nsandbox_cpus = 2\n")
     config = pytester.parseconfig("--sandbox-memory=768")
     s = resolve_settings(config)
-    assert (s.memory, s.cpus, s.image, s.network, s.isolation) == (768, 2, "host", "none", "auto")
+    assert (s.memory, s.cpus, s.image, s.network, s.isolation) == (768, 2, "host", "off", "auto")
     assert not s.keep_failed and not s.no_sandbox and not s.require
 
 
@@ -55,7 +55,7 @@ def test_settings_bool_flags_and_ini(pytester: pytest.Pytester):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--sandbox-network=public"], "only policy is 'none'"),
+        (["--sandbox-network=public"], "not a network setting; use one of off, none"),
         (["--sandbox-memory=lots"], "--sandbox-memory must be an integer"),
         (["--sandbox-cpus=0"], "--sandbox-cpus must be between 1 and 64"),
         (["--sandbox-accel=hvf"], "--sandbox-accel must be one of auto, kvm, tcg"),
@@ -82,7 +82,7 @@ def test_marker_spec_precedence_marker_over_settings():
 @pytest.mark.parametrize(
     ("kw", "needle"),
     [
-        ({"network": "public"}, "network='public' is not supported yet"),
+        ({"network": "public"}, "network='public' is not a network setting"),
         ({"memroy": 5}, "unknown @pytest.mark.sandbox argument(s) memroy"),
         ({"timeout": -1}, "timeout=...) must be a positive number"),
         ({"env": {"A": 1}}, "the value of A must be a str without NUL bytes"),
@@ -117,7 +117,7 @@ def test_bad_marker_fails_the_run_with_a_clear_error(pytester: pytest.Pytester):
     )
     result = pytester.runpytest("--no-sandbox")
     assert result.ret != 0
-    result.stderr.re_match_lines([r".*test_x: network='public' is not supported yet.*"])
+    result.stderr.re_match_lines([r".*test_x: network='public' is not a network setting.*"])
 
 
 def test_marker_is_registered(pytester: pytest.Pytester):

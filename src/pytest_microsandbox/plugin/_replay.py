@@ -39,6 +39,7 @@ class Outcome:
     console: str = ""
     sandbox_name: str = ""
     kept: str | None = None  # what --sandbox-keep-failed did with the VM
+    network_events: str = ""  # the sandbox's network log, for a failed test
 
     @property
     def failed(self) -> bool:
@@ -152,6 +153,8 @@ def _fail(
 def _add_sections(report: pytest.TestReport, config: SandboxConfig, outcome: Outcome) -> None:
     if outcome.console:
         report.sections.append(("guest console", outcome.console))
+    if outcome.network_events:
+        report.sections.append(("sandbox network events", outcome.network_events))
     summary = config.model_dump(mode="json", exclude={"name"})
     summary["sandbox"] = outcome.sandbox_name
     report.sections.append(("sandbox config", json.dumps(summary, indent=1, default=str)))

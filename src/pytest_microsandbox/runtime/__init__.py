@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from .boot import boot_identity
     from .config import Image, SandboxConfig, Volume
     from .images import ImageConfig, Patch, RegistryAuth, pull_image
+    from .network import NetworkEvent, NetworkPolicy, Rule, Secret
     from .progress import BuildEvent, subscribe_progress
     from .pty import PtySession
     from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
@@ -91,6 +92,8 @@ __all__ = [
     "ImagePlatformError",
     "KernelNotFoundError",
     "LockTimeoutError",
+    "NetworkEvent",
+    "NetworkPolicy",
     "OutputLimitError",
     "Patch",
     "PathNotFoundError",
@@ -101,6 +104,7 @@ __all__ = [
     "RegistryUnreachableError",
     "RemoteSandbox",
     "RemoteSandboxFs",
+    "Rule",
     "Sandbox",
     "SandboxConfig",
     "SandboxDrainingError",
@@ -113,6 +117,7 @@ __all__ = [
     "SandboxNotRunningError",
     "SandboxPausedError",
     "SandboxStatus",
+    "Secret",
     "SnapshotError",
     "SnapshotLockTimeoutError",
     "SnapshotNotFoundError",
@@ -147,6 +152,10 @@ _WHERE = {
     "Patch": ".images",
     "RegistryAuth": ".images",
     "pull_image": ".images",
+    "NetworkEvent": ".network",
+    "NetworkPolicy": ".network",
+    "Rule": ".network",
+    "Secret": ".network",
     "Sandbox": ".sandbox",
     "SandboxHandle": "._remote",
     "SandboxStatus": "._state",

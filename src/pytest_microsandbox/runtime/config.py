@@ -33,6 +33,8 @@ from .agent.protocol import MAX_FRAME, MIN_FRAME
 from .images._auth import RegistryAuth
 from .images._patches import SCRIPTS_DIR, Patch
 from .images._reference import parse_reference
+from .network._policy import NetworkPolicy, normalize_name
+from .network._secrets import Secret
 
 __all__ = [
     "ACCEL_ENV",
@@ -472,6 +474,33 @@ class SandboxConfig(BaseModel):
         description="seconds without a call from the host (commands, files, metrics) "
         "after which the host stops the sandbox (None: never); paused time counts as idle",
     )
+    network: NetworkPolicy | None = Field(
+        None,
+        description="the guest's network: None (the default) gives it none (eth0 stays "
+        "down, nothing listens behind it); a NetworkPolicy, or 'none' / 'public-only' / "
+        "'allow-all', gives it one whose every flow the host decides (docs/network.md)",
+    )
+    hosts: dict[str, str] = Field(
+        default_factory=dict,
+        description="host-side name pinning: {'api.test': '127.0.0.1'} makes the guest's "
+        "DNS answer api.test with an address the host maps to 127.0.0.1",
+    )
+    ports: dict[int, int] = Field(
+        default_factory=dict,
+        description="publish guest TCP ports on the host's 127.0.0.1: {8080: 18080} makes "
+        "host 127.0.0.1:18080 reach guest port 8080 (host port 0: any free port)",
+    )
+    secrets: tuple[Secret, ...] = Field(
+        default=(),
+        exclude=True,  # never serialized: a stored config or snapshot holds no secret
+        description="Secret.env(...) values the guest sees only as placeholders; the host "
+        "substitutes them in traffic to each secret's allowed hosts (needs network=)",
+    )
+    upstream_ca_certs: tuple[Path, ...] = Field(
+        default=(),
+        description="CA files the host trusts, besides the system's, for the TLS it "
+        "opens to a secret's hosts after intercepting the guest's (a test server's CA)",
+    )
     cold_boot: bool = Field(
         False, description="boot from scratch instead of restoring a clone of a template"
     )
@@ -625,12 +654,72 @@ class SandboxConfig(BaseModel):
                 )
         return out
 
+    @field_validator("network", mode="before")
+    @classmethod
+    def _check_network(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return NetworkPolicy.from_name(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: dict[str, str]) -> dict[str, str]:
+        import ipaddress
+
+        out: dict[str, str] = {}
+        for name, addr in value.items():
+            key = normalize_name(name)
+            if not key or len(key) > 253 or not all(c.isalnum() or c in "-._" for c in key):
+                raise ValueError(f"host name {name!r} is not a DNS name such as api.test")
+            try:
+                ip = ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(
+                    f"hosts[{name!r}]={addr!r} is not an IP address: pin names to addresses"
+                ) from None
+            if ip.version != 4:
+                raise ValueError(f"hosts[{name!r}]={addr!r}: only IPv4 pins are supported")
+            out[key] = str(ip)
+        if len(out) > 60000:
+            raise ValueError("more than 60000 pinned names")
+        return out
+
+    @field_validator("ports")
+    @classmethod
+    def _check_ports(cls, value: dict[int, int]) -> dict[int, int]:
+        hosts: set[int] = set()
+        for guest_port, host_port in value.items():
+            if not 1 <= guest_port <= 65535:
+                raise ValueError(f"guest port {guest_port} is outside 1..65535")
+            if not 0 <= host_port <= 65535:
+                raise ValueError(f"ports[{guest_port}]: host port {host_port} is outside 0..65535")
+            if host_port and host_port in hosts:
+                raise ValueError(f"host port {host_port} is given for two guest ports")
+            hosts.add(host_port)
+        return value
+
     @field_validator("workdir", "shell")
     @classmethod
     def _check_abs(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError("must be an absolute guest path")
         return value
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> SandboxConfig:
+        names = [s.env_var for s in self.secrets]
+        if self.secrets and self.network is None:
+            raise ValueError(
+                "secrets need a network: set network= (a secret only ever leaves the host "
+                "in traffic the host relays)"
+            )
+        for name in names:
+            if names.count(name) > 1 or name in self.env:
+                raise ValueError(f"secrets: {name} is given twice (secrets or env): keep one")
+        return self
 
     @model_validator(mode="after")
     def _check_volume_slots(self) -> SandboxConfig:

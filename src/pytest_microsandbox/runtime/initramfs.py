@@ -52,6 +52,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_console",
     "virtio_rng",
     "virtio_net",
+    "wireguard",
     "crc32c_generic",
     "erofs",
     "overlay",

@@ -39,6 +39,7 @@ from .backend import Backend, VMHandle, VMMonitor, VMSpec, describe_exit
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig, Volume
 from .lifetime import current_runtime
+from .network import NetworkPolicy
 from .paths import make_run_dir
 from .volumes import bind_volumes, image_disk_args, image_volume, volume_device_args
 
@@ -119,6 +120,8 @@ class Snapshotter(Protocol):
         *,
         name: str | None,
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None,
+        network: NetworkPolicy | str | None = None,
+        disable_network: bool = False,
     ) -> Sandbox:
         """Start a sandbox from a named snapshot (or a snapshot directory)."""
 

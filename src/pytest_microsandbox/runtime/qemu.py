@@ -15,6 +15,7 @@ import functools
 import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -27,6 +28,7 @@ from ._exceptions import (
 )
 from .backend import Backend, ProcessVMHandle, VMHandle, VMMonitor, VMSpec, describe_exit
 from .launcher import CONSOLE_FD, launch_prefix
+from .network._stack import HOST_SOCKET, QEMU_SOCKET
 
 __all__ = [
     "CHANNEL_PORT_NAME",
@@ -35,6 +37,7 @@ __all__ = [
     "QemuVM",
     "build_command",
     "find_qemu",
+    "nic_args",
 ]
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -59,7 +62,7 @@ XFER_DISK_BYTES = 1 << 40
 
 #: Names the guest-visible device set of build_command; part of every
 #: template key, so bump it whenever a device is added or changed.
-DEVICE_SET = "serial+chan,rng,xferblk:3"
+DEVICE_SET = "serial+chan,rng,xferblk:3,net:dgram"
 
 
 def find_qemu() -> str:
@@ -143,7 +146,24 @@ def build_command(
     if spec.incoming:
         argv += ["-incoming", "defer"]
     argv += list(spec.extra_args)
+    argv += nic_args(spec.run_dir)
     return argv
+
+
+def nic_args(run_dir: Path) -> list[str]:
+    """The guest's one NIC, in every VM, last in the device order: its frames go
+    to ``run_dir``'s :data:`~.network.HOST_SOCKET` as unix datagrams, where a
+    sandbox with network on runs its shim (:class:`~.network.NetworkStack`).
+    With network off nothing listens there and the guest keeps eth0 down. The
+    backing is per VM, the device the same, so templates and clones match.
+    """
+    return [
+        "-netdev",
+        f"dgram,id=net0,local.type=unix,local.path={run_dir / QEMU_SOCKET},"
+        f"remote.type=unix,remote.path={run_dir / HOST_SOCKET}",
+        "-device",
+        "virtio-net-device,netdev=net0",
+    ]
 
 
 class QemuVM(ProcessVMHandle):

@@ -74,6 +74,9 @@ from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
 from .images import SCRIPTS_DIR, ImageConfig, image_config_for, imaged_venv
 from .lifetime import current_runtime
+from .network import NetworkPolicy, NetworkStack, PortPublisher, SecretSubstituter
+from .network._ports import RELAY_ARGS, RELAY_PROGRAM
+from .network._tls import ensure_ca
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .pty import PTY_WINDOW, PtySession
 from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
@@ -187,6 +190,17 @@ class SandboxMetrics:
     uptime_ms: int
     processes: int
     load1: float
+
+
+#: Where a sandbox with secrets finds the interception CA (its overlay only).
+_GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+_GUEST_CA_FILE = "/etc/ssl/certs/pytest-microsandbox-ca.pem"
+_CA_ENV = {
+    "SSL_CERT_FILE": _GUEST_CA_BUNDLE,  # OpenSSL, Python's ssl
+    "REQUESTS_CA_BUNDLE": _GUEST_CA_BUNDLE,
+    "CURL_CA_BUNDLE": _GUEST_CA_BUNDLE,
+    "NODE_EXTRA_CA_CERTS": _GUEST_CA_FILE,
+}
 
 
 class ExecHandle:
@@ -526,6 +540,8 @@ class Sandbox:
         self.image_config: ImageConfig | None = _image_config(config)
         self._recent = RecentExecs()
         self._base_env: dict[str, str] | None = None
+        self._network: NetworkStack | None = None
+        self._ports: PortPublisher | None = None
         self.boot_seconds = 0.0
         # Lifecycle (pause, drain, host timers, the state store).
         self._paused = False
@@ -738,6 +754,78 @@ class Sandbox:
                 for fd in lock_volumes(self.config.volumes):
                     self._session.stack.callback(os.close, fd)
                 await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
+            if self.config.network is not None:
+                await self._start_network(self.config.network)
+            if self.config.ports:
+                await self._publish_ports()
+
+    async def _publish_ports(self) -> None:
+        async def start_relay(guest_port: int) -> ExecHandle:
+            return await self.exec_stream(
+                RELAY_PROGRAM, [RELAY_ARGS, str(guest_port)], stdin=True, user="0"
+            )
+
+        publisher = PortPublisher(self.config.ports, start_relay)
+        await publisher.start()
+        self._session.stack.push_async_callback(publisher.aclose)
+        self._ports = publisher
+
+    @property
+    def published_ports(self) -> dict[int, int]:
+        """guest port -> the host 127.0.0.1 port that reaches it (``config.ports``)."""
+        return {} if self._ports is None else self._ports.bound
+
+    async def _start_network(self, policy: NetworkPolicy) -> None:
+        """Start this sandbox's host-side network and give the guest its interfaces
+        (fresh key, MAC and address on every restore: clones share no identity).
+        Done before the sandbox is handed out: the first command has the network.
+        """
+        stack = NetworkStack(
+            policy,
+            self.config.hosts,
+            self._vm.spec.run_dir,
+            SecretSubstituter(self.config.secrets) if self.config.secrets else None,
+            cache_dir=self.config.cache_dir,
+            upstream_ca_certs=self.config.upstream_ca_certs,
+        )
+        await stack.start()
+        self._session.stack.push_async_callback(stack.aclose)
+        self._network = stack
+        await self._agent.net_setup(
+            stack.guest_blob(), stack.resolv_conf().encode(), timeout=self._request_timeout
+        )
+        if stack.secrets is not None:
+            await self._trust_interception_ca()
+
+    async def _trust_interception_ca(self) -> None:
+        """Add the cache directory's interception CA to the guest's trust store
+        (its overlay only) and point the usual variables at it (see _exec_env).
+        """
+        ca = await anyio.to_thread.run_sync(ensure_ca, self.config.cache_dir)
+        try:
+            bundle = await self._agent.read_file(
+                _GUEST_CA_BUNDLE, timeout=self._request_timeout, max_size=16 << 20
+            )
+        except SandboxError:
+            bundle = b""  # an image without a CA bundle: ours alone
+        if bundle and not bundle.endswith(b"\n"):
+            bundle += b"\n"
+        for path, data in ((_GUEST_CA_FILE, ca.cert_pem), (_GUEST_CA_BUNDLE, bundle + ca.cert_pem)):
+            await self._agent.write_file(path, data, mode=0o644, timeout=self._request_timeout)
+
+    @property
+    def network(self) -> NetworkStack:
+        """This sandbox's network: ``network.events()`` lists every connection
+        attempt and DNS query with its verdict.
+
+        :raises ConfigError: the sandbox was created without ``network=``.
+        """
+        if self._network is None:
+            raise ConfigError(
+                f"sandbox {self.name!r} has no network: create it with network='public-only' "
+                "(or a NetworkPolicy)"
+            )
+        return self._network
 
     # -- snapshots (pytest_microsandbox.snapshots, installed as an extension) -----------------
 
@@ -748,17 +836,27 @@ class Sandbox:
         *,
         name: str | None = None,
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
+        network: NetworkPolicy | str | None = None,
+        disable_network: bool = False,
     ) -> Sandbox:
         """Start a sandbox from a named snapshot (or a snapshot directory's path).
 
         ``volumes`` (guest path -> :meth:`Volume.bind`) are mounted in the restored
-        sandbox; a snapshot itself never carries any.
+        sandbox; a snapshot itself never carries any. ``network`` replaces the
+        captured network policy, ``disable_network=True`` drops it; each restore
+        gets a fresh network identity (key, MAC, address).
 
         :raises SnapshotNotFoundError: there is no such snapshot.
         :raises SnapshotError: it is broken or the restore failed.
         :raises ConfigError: a volume is invalid.
         """
-        return await _snapshotter().restore(name_or_path, name=name, volumes=volumes)
+        return await _snapshotter().restore(
+            name_or_path,
+            name=name,
+            volumes=volumes,
+            network=network,
+            disable_network=disable_network,
+        )
 
     async def snapshot(self, name: str) -> Path:
         """Capture this running sandbox (memory, devices, in-RAM overlay) as snapshot
@@ -862,6 +960,10 @@ class Sandbox:
         raises for a guest that cannot answer (the text says so).
         """
         parts = [self._recent.render()]
+        if self._network is not None:
+            events = self._network.events()[-50:]
+            parts.append("network events (newest last):" + ("" if events else " none"))
+            parts.extend(f"  {e.describe()}" for e in events)
         info = self._agent.hello_info or self._agent.ready_info
         since = None if info is None else info.uptime_ms / 1000
         heading = "guest kernel messages" + (
@@ -1108,6 +1210,9 @@ class Sandbox:
         if self._base_env is None:  # once: the venv's path is resolved on the host
             self._base_env = exec_environment(self.config, self.image_config)
         merged = dict(self._base_env)
+        if self._network is not None and self._network.secrets is not None:
+            merged.update(self._network.secrets.env())  # placeholders, never the values
+            merged.update(_CA_ENV)
         if env:
             merged.update(env)
         if self.config.scripts:

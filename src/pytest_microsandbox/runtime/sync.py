@@ -36,6 +36,7 @@ from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
 from .images import ImageConfig
+from .network import NetworkPolicy, NetworkStack
 from .pty import PtySession
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
@@ -155,11 +156,19 @@ class SyncSandbox:
         *,
         name: str | None = None,
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
+        network: NetworkPolicy | str | None = None,
+        disable_network: bool = False,
     ) -> SyncSandbox:
         """Start a sandbox from a named snapshot (see :meth:`Sandbox.restore`)."""
 
         async def factory() -> Sandbox:
-            return await Sandbox.restore(name_or_path, name=name, volumes=volumes)
+            return await Sandbox.restore(
+                name_or_path,
+                name=name,
+                volumes=volumes,
+                network=network,
+                disable_network=disable_network,
+            )
 
         return cls._start(factory)
 
@@ -200,6 +209,16 @@ class SyncSandbox:
     @property
     def pid(self) -> int | None:
         return self._sandbox.pid
+
+    @property
+    def published_ports(self) -> dict[int, int]:
+        """guest port -> host 127.0.0.1 port (see :attr:`Sandbox.published_ports`)."""
+        return self._sandbox.published_ports
+
+    @property
+    def network(self) -> NetworkStack:
+        """The sandbox's network (``network.events()``); see :attr:`Sandbox.network`."""
+        return self._sandbox.network
 
     @property
     def console_path(self) -> Path:

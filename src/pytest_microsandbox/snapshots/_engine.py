@@ -58,6 +58,7 @@ from ..runtime.backend import Backend, MonitoredVM, VMHandle, VMMonitor, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
 from ..runtime.lifetime import Runtime, current_runtime
+from ..runtime.network import NetworkPolicy
 from ..runtime.paths import make_run_dir
 from ..runtime.progress import Stage, stage
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
@@ -157,9 +158,7 @@ def _device_args(
     return (
         *image_disk_args("spare0", images[0] if images else spare),
         *volume_device_args(binds, run_dir, slots),
-        # A hub port with nothing else on the hub: a NIC that goes nowhere yet.
-        "-netdev", "hubport,id=net0,hubid=0",
-        "-device", "virtio-net-device,netdev=net0",
+        # The NIC comes last, from the backend (qemu.nic_args).
     )  # fmt: skip
 
 
@@ -601,8 +600,16 @@ class SnapshotService:
         *,
         name: str | None,
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None,
+        network: NetworkPolicy | str | None = None,
+        disable_network: bool = False,
     ) -> Sandbox:
-        return await restore_snapshot(name_or_path, name=name, volumes=volumes)
+        return await restore_snapshot(
+            name_or_path,
+            name=name,
+            volumes=volumes,
+            network=network,
+            disable_network=disable_network,
+        )
 
     async def snapshot(self, sandbox: Sandbox, name: str) -> Path:
         return (await snapshot_sandbox(sandbox, name)).path
@@ -623,6 +630,8 @@ async def restore_snapshot(
     volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
     warm_command: bool = True,
     pooled: bool = True,
+    network: NetworkPolicy | str | None = None,
+    disable_network: bool = False,
 ) -> Sandbox:
     """Start a sandbox from a named snapshot (or a snapshot/template directory).
 
@@ -637,6 +646,10 @@ async def restore_snapshot(
     leaves the snapshot's pool alone, for a caller that restores a snapshot
     once and keeps the sandbox (a pooled clone nobody takes costs a restore's
     CPU and ~32 MiB of memory).
+
+    ``network`` (a policy or its name) replaces the captured configuration's,
+    ``disable_network`` drops it: a snapshot carries no network of its own, each
+    restore gets a fresh one (new key, MAC and address).
 
     :raises SnapshotNotFoundError: there is no such snapshot.
     :raises SnapshotError: it is broken or the restore failed.
@@ -654,6 +667,10 @@ async def restore_snapshot(
     config = SandboxConfig.from_json(entry.meta.config)
     if name is not None:
         config = config.model_copy(update={"name": name})
+    if disable_network:
+        config = config.model_copy(update={"network": None})
+    elif network is not None:
+        config = SandboxConfig(**{**config.model_dump(), "network": network})
     if volumes:
         # volume_slots of the capture's config is not the user's to raise: checked below.
         config = SandboxConfig(

@@ -24,7 +24,10 @@
 #include <ftw.h>
 #include <grp.h>
 #include <limits.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -94,12 +97,12 @@ enum tag {
 	T_AGENT_VERSION = 30, T_HOSTNAME = 31, T_UID = 32, T_GID = 33, T_OFFSET = 34,
 	T_ROWS = 35, T_COLS = 36, T_WINDOW = 37, T_UPTIME_MS = 40,
 	T_MEM_TOTAL = 41, T_MEM_AVAILABLE = 42, T_CPU_BUSY_MS = 43, T_CPU_IDLE_MS = 44,
-	T_NPROCS = 45, T_LOAD1_MILLI = 46,
+	T_NPROCS = 45, T_LOAD1_MILLI = 46, T_NET = 47,
 };
 
 enum mtype {
 	M_READY = 0x01, M_LOG = 0x02, M_HELLO = 0x03, M_PING = 0x04, M_SHUTDOWN = 0x05,
-	M_CONFIGURE = 0x06, M_METRICS = 0x07, M_MOUNT = 0x08, M_UMOUNT = 0x09,
+	M_CONFIGURE = 0x06, M_METRICS = 0x07, M_MOUNT = 0x08, M_UMOUNT = 0x09, M_NET = 0x0A,
 	M_EXEC = 0x10, M_STDIN = 0x11, M_SIGNAL = 0x12, M_RESIZE = 0x13, M_ACK = 0x14,
 	M_FS_READ = 0x20, M_FS_WRITE = 0x21, M_FS_CHUNK = 0x22, M_FS_END = 0x23,
 	M_FS_LIST = 0x24, M_FS_STAT = 0x25, M_FS_MKDIR = 0x26, M_FS_REMOVE = 0x27,
@@ -117,7 +120,7 @@ static int tag_kind(uint8_t tag)
 		return K_REPEATED;
 	case T_CWD: case T_USER: case T_DATA: case T_PATH: case T_PATH2: case T_MESSAGE:
 	case T_NAME: case T_FSTYPE: case T_OPTIONS: case T_SOURCE: case T_SEED:
-	case T_AGENT_VERSION: case T_HOSTNAME:
+	case T_AGENT_VERSION: case T_HOSTNAME: case T_NET:
 		return K_BYTES;
 	case T_VERSION: case T_TIMEOUT_MS: case T_STDIN_MODE: case T_SIGNAL: case T_MODE:
 	case T_FLAGS: case T_PID: case T_EXIT_CODE: case T_TERM_SIGNAL: case T_TIMED_OUT:
@@ -1846,6 +1849,360 @@ static void h_configure(const struct msg *m)
 	reply_ok(m->id);
 }
 
+/* ------------------------------------------------------------- network */
+
+/*
+ * NET gives this guest its network (docs/network.md): eth0, the virtio NIC
+ * whose frames QEMU hands to the host's shim, gets a MAC and a /30; wg0, a
+ * WireGuard interface whose one peer is the host's user-mode TCP/IP stack
+ * behind that shim, carries the default route.  Sent after every restore
+ * with a fresh key, MAC and addresses, so live clones share no identity.
+ * Nothing here is a security boundary: the host enforces the policy on every
+ * flow, whatever a guest root does to these interfaces.  The netlink
+ * structures are spelled out because musl-gcc has no linux/ headers.
+ */
+#define NET_LEN 86 /* mac 6, eth addr 4, prefix 1, gw 4, gw port 2, wg addr 4, keys 32+32, flags 1 */
+#define NET_F_NO_ROUTE 1 /* nothing is allowed: no default route, connects fail at once */
+#define NL_ROUTE 0
+#define NL_GENERIC 16
+#define NLF_REQUEST 0x1
+#define NLF_ACK 0x4
+#define NLF_EXCL 0x200
+#define NLF_CREATE 0x400
+#define NLMSG_ERR 2
+#define RTM_NEWLINK_ 16
+#define IFLA_IFNAME_ 3
+#define IFLA_LINKINFO_ 18
+#define IFLA_INFO_KIND_ 1
+#define GENL_ID_CTRL_ 0x10
+#define CTRL_CMD_GETFAMILY_ 3
+#define CTRL_ATTR_FAMILY_ID_ 1
+#define CTRL_ATTR_FAMILY_NAME_ 2
+#define NLA_NESTED 0x8000
+#define WG_SET_DEVICE 1
+#define WGD_IFNAME 2
+#define WGD_PRIVATE_KEY 3
+#define WGD_FLAGS 5
+#define WGD_PEERS 8
+#define WGD_F_REPLACE_PEERS 1
+#define WGP_PUBLIC_KEY 1
+#define WGP_FLAGS 3
+#define WGP_ENDPOINT 4
+#define WGP_ALLOWEDIPS 9
+#define WGP_F_REPLACE_ALLOWEDIPS 2
+#define WGA_FAMILY 1
+#define WGA_IPADDR 2
+#define WGA_CIDR_MASK 3
+
+struct nl_hdr { uint32_t len; uint16_t type, flags; uint32_t seq, pid; };
+struct nl_attr { uint16_t len, type; };
+struct nl_buf { uint8_t b[1024]; uint32_t len; uint32_t nest[4]; int depth; };
+
+static void nl_start(struct nl_buf *nb, uint16_t type, uint16_t flags)
+{
+	memset(nb, 0, sizeof *nb);
+	struct nl_hdr *h = (struct nl_hdr *)nb->b;
+	h->type = type;
+	h->flags = flags | NLF_REQUEST | NLF_ACK;
+	h->seq = 1;
+	nb->len = sizeof *h;
+}
+
+static void nl_put(struct nl_buf *nb, const void *p, uint32_t n)
+{
+	memcpy(nb->b + nb->len, p, n);
+	nb->len += (n + 3) & ~3u;
+}
+
+static void nl_attr(struct nl_buf *nb, uint16_t type, const void *p, uint16_t n)
+{
+	struct nl_attr a = {.len = (uint16_t)(sizeof a + n), .type = type};
+	memcpy(nb->b + nb->len, &a, sizeof a);
+	memcpy(nb->b + nb->len + sizeof a, p, n);
+	nb->len += (sizeof a + n + 3) & ~3u;
+}
+
+static void nl_nest(struct nl_buf *nb, uint16_t type)
+{
+	nb->nest[nb->depth++] = nb->len;
+	nl_attr(nb, type | NLA_NESTED, NULL, 0);
+}
+
+static void nl_end(struct nl_buf *nb)
+{
+	struct nl_attr *a = (struct nl_attr *)(nb->b + nb->nest[--nb->depth]);
+	a->len = (uint16_t)(nb->len - nb->nest[nb->depth]);
+}
+
+/* Sends one request and reads its answer; returns 0, -errno, or (with
+ * `reply`) copies the first non-error message into it. */
+static int nl_call(int proto, struct nl_buf *nb, uint8_t *reply, size_t cap)
+{
+	((struct nl_hdr *)nb->b)->len = nb->len;
+	int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, proto);
+	if (fd < 0)
+		return -errno;
+	int rc = -EPROTO;
+	if (send(fd, nb->b, nb->len, 0) != (ssize_t)nb->len) {
+		rc = -errno;
+		goto out;
+	}
+	uint8_t in[4096];
+	for (;;) {
+		ssize_t n = recv(fd, in, sizeof in, 0);
+		if (n < (ssize_t)sizeof(struct nl_hdr)) {
+			rc = n < 0 ? -errno : -EPROTO;
+			goto out;
+		}
+		struct nl_hdr *h = (struct nl_hdr *)in;
+		if (h->len > (uint32_t)n || h->len < sizeof *h)
+			goto out;
+		if (h->type == NLMSG_ERR) {
+			if (h->len < sizeof *h + 4)
+				goto out;
+			int32_t e;
+			memcpy(&e, in + sizeof *h, 4);
+			rc = e;
+			goto out;
+		}
+		if (reply && h->len <= cap) {
+			memcpy(reply, in, h->len);
+			reply = NULL;
+		}
+	}
+out:
+	close(fd);
+	return rc;
+}
+
+/* The id of generic-netlink family "wireguard", or -errno. */
+static int wg_family(void)
+{
+	struct nl_buf nb;
+	uint8_t genl[4] = {CTRL_CMD_GETFAMILY_, 1, 0, 0};
+	nl_start(&nb, GENL_ID_CTRL_, 0);
+	nl_put(&nb, genl, sizeof genl);
+	nl_attr(&nb, CTRL_ATTR_FAMILY_NAME_, "wireguard", 10);
+	uint8_t reply[4096] = {0};
+	int rc = nl_call(NL_GENERIC, &nb, reply, sizeof reply);
+	if (rc < 0)
+		return rc;
+	struct nl_hdr *h = (struct nl_hdr *)reply;
+	for (uint32_t off = sizeof *h + 4; off + sizeof(struct nl_attr) <= h->len && h->len <= sizeof reply;) {
+		struct nl_attr *a = (struct nl_attr *)(reply + off);
+		if (a->len < sizeof *a || off + a->len > h->len)
+			break;
+		if ((a->type & ~NLA_NESTED) == CTRL_ATTR_FAMILY_ID_ && a->len >= sizeof *a + 2) {
+			uint16_t id;
+			memcpy(&id, reply + off + sizeof *a, 2);
+			return id;
+		}
+		off += (a->len + 3u) & ~3u;
+	}
+	return -ENOENT;
+}
+
+static int ifreq_call(int fd, unsigned long req, struct ifreq *ifr, const char *name)
+{
+	snprintf(ifr->ifr_name, sizeof ifr->ifr_name, "%s", name);
+	return ioctl(fd, req, ifr) < 0 ? -errno : 0;
+}
+
+static int set_addr(int fd, const char *dev, const uint8_t addr[4], int prefix)
+{
+	struct ifreq ifr;
+	struct sockaddr_in sin = {.sin_family = AF_INET};
+	memset(&ifr, 0, sizeof ifr);
+	memcpy(&sin.sin_addr, addr, 4);
+	memcpy(&ifr.ifr_addr, &sin, sizeof sin);
+	int rc = ifreq_call(fd, SIOCSIFADDR, &ifr, dev);
+	if (rc < 0)
+		return rc;
+	uint32_t mask = prefix ? htonl(~0u << (32 - prefix)) : 0;
+	memcpy(&sin.sin_addr, &mask, 4);
+	memset(&ifr, 0, sizeof ifr);
+	memcpy(&ifr.ifr_netmask, &sin, sizeof sin);
+	return ifreq_call(fd, SIOCSIFNETMASK, &ifr, dev);
+}
+
+static int set_flags(int fd, const char *dev, short on, short off)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	int rc = ifreq_call(fd, SIOCGIFFLAGS, &ifr, dev);
+	if (rc < 0)
+		return rc;
+	ifr.ifr_flags = (short)((ifr.ifr_flags | on) & ~off);
+	return ifreq_call(fd, SIOCSIFFLAGS, &ifr, dev);
+}
+
+static int wg_create(void)
+{
+	struct nl_buf nb;
+	uint8_t ifi[16] = {0}; /* struct ifinfomsg, family AF_UNSPEC */
+	nl_start(&nb, RTM_NEWLINK_, NLF_CREATE | NLF_EXCL);
+	nl_put(&nb, ifi, sizeof ifi);
+	nl_attr(&nb, IFLA_IFNAME_, "wg0", 4);
+	nl_nest(&nb, IFLA_LINKINFO_);
+	nl_attr(&nb, IFLA_INFO_KIND_, "wireguard", 10);
+	nl_end(&nb);
+	int rc = nl_call(NL_ROUTE, &nb, NULL, 0);
+	return rc == -EEXIST ? 0 : rc;
+}
+
+/*
+ * At boot, so it is in every template: eth0 up without ARP or IPv6 (the shim
+ * answers neither; frames reach the host whatever their destination MAC) and
+ * wg0 created, down, with no key.  A clone's first run of a kernel path is
+ * slow under TCG (its translation cache starts empty): bringing a NIC up and
+ * creating a WireGuard device cost ~350 ms there, so clones only set keys and
+ * addresses.  Without NET nothing has an address or a route: no path out.
+ */
+static void net_prepare(void)
+{
+	int fd = open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", O_WRONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		write_all_fd(fd, "1", 1);
+		close(fd);
+	}
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	int rc = s < 0 ? -errno : set_flags(s, "eth0", IFF_UP | IFF_NOARP, 0);
+	if (s >= 0)
+		close(s);
+	if (rc < 0)
+		logmsg("warning: eth0: %s", strerror(-rc));
+	if ((rc = wg_create()) < 0)
+		logmsg("warning: wg0: %s", strerror(-rc));
+	/* Up with no key, peer, address or route: it carries nothing until NET. */
+	s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s >= 0 && (rc = set_flags(s, "wg0", IFF_UP, 0)) < 0)
+		logmsg("warning: wg0 up: %s", strerror(-rc));
+	if (s >= 0)
+		close(s);
+}
+
+static int net_setup(const uint8_t *c, const char **step)
+{
+	const uint8_t *mac = c, *eth = c + 6, *gw = c + 11, *gw_port = c + 15, *wg = c + 17;
+	const uint8_t *key = c + 21, *peer = c + 53;
+	int prefix = c[10];
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	struct ifreq ifr;
+	int rc;
+	/* eth0: a fresh MAC (virtio-net changes it live), an address to send
+	 * WireGuard from; up and without ARP since boot (net_prepare). */
+	*step = "eth0 MAC";
+	memset(&ifr, 0, sizeof ifr);
+	ifr.ifr_hwaddr.sa_family = 1; /* ARPHRD_ETHER */
+	memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+	if ((rc = ifreq_call(fd, SIOCSIFHWADDR, &ifr, "eth0")) < 0)
+		goto out;
+	*step = "eth0 up";
+	if ((rc = set_flags(fd, "eth0", IFF_UP | IFF_NOARP, 0)) < 0)
+		goto out;
+	*step = "eth0 address";
+	if ((rc = set_addr(fd, "eth0", eth, prefix)) < 0)
+		goto out;
+	*step = "creating wg0";
+	if ((rc = wg_create()) < 0)
+		goto out;
+	*step = "wireguard family";
+	int fam = wg_family();
+	if ((rc = fam) < 0)
+		goto out;
+	*step = "configuring wg0";
+	struct nl_buf nb;
+	uint8_t genl[4] = {WG_SET_DEVICE, 1, 0, 0};
+	uint32_t dflags = WGD_F_REPLACE_PEERS, pflags = WGP_F_REPLACE_ALLOWEDIPS;
+	struct sockaddr_in ep = {.sin_family = AF_INET};
+	memcpy(&ep.sin_addr, gw, 4);
+	memcpy(&ep.sin_port, gw_port, 2); /* both network order */
+	uint16_t family = AF_INET;
+	uint8_t any[4] = {0}, mask = 0;
+	nl_start(&nb, (uint16_t)fam, 0);
+	nl_put(&nb, genl, sizeof genl);
+	nl_attr(&nb, WGD_IFNAME, "wg0", 4);
+	nl_attr(&nb, WGD_PRIVATE_KEY, key, 32);
+	nl_attr(&nb, WGD_FLAGS, &dflags, 4);
+	nl_nest(&nb, WGD_PEERS);
+	nl_nest(&nb, 0);
+	nl_attr(&nb, WGP_PUBLIC_KEY, peer, 32);
+	nl_attr(&nb, WGP_FLAGS, &pflags, 4);
+	nl_attr(&nb, WGP_ENDPOINT, &ep, sizeof ep);
+	nl_nest(&nb, WGP_ALLOWEDIPS);
+	nl_nest(&nb, 0);
+	nl_attr(&nb, WGA_FAMILY, &family, 2);
+	nl_attr(&nb, WGA_IPADDR, any, 4);
+	nl_attr(&nb, WGA_CIDR_MASK, &mask, 1);
+	nl_end(&nb);
+	nl_end(&nb);
+	nl_end(&nb);
+	nl_end(&nb);
+	if ((rc = nl_call(NL_GENERIC, &nb, NULL, 0)) < 0)
+		goto out;
+	*step = "wg0 up";
+	if ((rc = set_flags(fd, "wg0", IFF_UP, 0)) < 0)
+		goto out;
+	*step = "wg0 address";
+	if ((rc = set_addr(fd, "wg0", wg, 32)) < 0)
+		goto out;
+	*step = "default route";
+	if (c[85] & NET_F_NO_ROUTE)
+		goto out;
+	struct rtentry rt;
+	memset(&rt, 0, sizeof rt);
+	struct sockaddr_in zero = {.sin_family = AF_INET};
+	memcpy(&rt.rt_dst, &zero, sizeof zero);
+	memcpy(&rt.rt_genmask, &zero, sizeof zero);
+	rt.rt_flags = RTF_UP;
+	rt.rt_dev = (char *)"wg0";
+	if (ioctl(fd, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+		rc = -errno;
+out:
+	close(fd);
+	return rc;
+}
+
+static void h_net(const struct msg *m)
+{
+	const uint8_t *p;
+	uint32_t n;
+	if (!get_field(m, T_NET, &p, &n) || n != NET_LEN) {
+		reply_error(m->id, EINVAL, "NET must be %d bytes", NET_LEN);
+		return;
+	}
+	if (!pid1) {
+		reply_error(m->id, ENOTSUP, "the agent runs as a host process: no guest network");
+		return;
+	}
+	const char *step = "";
+	int rc = net_setup(p, &step);
+	if (rc < 0) {
+		reply_error(m->id, -rc, "network set-up, %s: %s", step, strerror(-rc));
+		return;
+	}
+	/* DATA: the resolver configuration, written here to save a round trip. */
+	if (get_field(m, T_DATA, &p, &n) && n > 0 && n <= 4096) {
+		int fd = open("/etc/.resolv.conf.msb", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		if (fd < 0) {
+			reply_error(m->id, errno, "/etc/resolv.conf: %s", strerror(errno));
+			return;
+		}
+		write_all_fd(fd, (const char *)p, n);
+		fchmod(fd, 0644);
+		close(fd);
+		unlink("/etc/resolv.conf"); /* images often make it a symlink */
+		if (rename("/etc/.resolv.conf.msb", "/etc/resolv.conf") < 0) {
+			reply_error(m->id, errno, "/etc/resolv.conf: %s", strerror(errno));
+			unlink("/etc/.resolv.conf.msb");
+			return;
+		}
+	}
+	reply_ok(m->id);
+}
+
 static void h_metrics(const struct msg *m)
 {
 	char buf[4096];
@@ -2037,7 +2394,7 @@ static void handle_frame(const uint8_t *f, uint32_t len)
 {
 	struct msg m = {.id = be32(f), .type = f[4], .pl = f + 5, .pl_len = len - 5};
 	const char *why = validate(&m);
-	bool known = (m.type >= M_HELLO && m.type <= M_UMOUNT) || m.type == M_EXEC || m.type == M_STDIN ||
+	bool known = (m.type >= M_HELLO && m.type <= M_NET) || m.type == M_EXEC || m.type == M_STDIN ||
 		     m.type == M_SIGNAL || m.type == M_RESIZE || m.type == M_ACK ||
 		     (m.type >= M_FS_READ && m.type <= M_FS_READLINK);
 	if (!why && !known)
@@ -2075,6 +2432,7 @@ static void handle_frame(const uint8_t *f, uint32_t len)
 	case M_METRICS: h_metrics(&m); break;
 	case M_MOUNT: h_mount(&m); break;
 	case M_UMOUNT: h_umount(&m); break;
+	case M_NET: h_net(&m); break;
 	case M_EXEC: h_exec(&m); break;
 	case M_FS_READ: h_fs_read(&m); break;
 	case M_FS_WRITE: h_fs_write(&m); break;
@@ -2429,6 +2787,7 @@ static void init_system(void)
 		logmsg("warning: sethostname: %s", strerror(errno));
 	hosts_map_hostname("sandbox", 7);
 	loopback_up();
+	net_prepare();
 	setenv("PATH", DEFAULT_PATH, 1);
 }
 
@@ -2473,9 +2832,56 @@ static int connect_unix(const char *path)
 	return fd;
 }
 
+/*
+ * `agent --connect PORT`: relays stdin -> 127.0.0.1:PORT -> stdout.  The host
+ * publishes a guest port (SandboxConfig.ports) by running this through EXEC
+ * (as /proc/self/exe, which names the agent's binary in any root) for each
+ * connection it accepts on its own 127.0.0.1.  Exit 111: nothing listens.
+ */
+static int connect_relay(const char *port_text)
+{
+	char *end;
+	long port = strtol(port_text, &end, 10);
+	if (*end || port < 1 || port > 65535)
+		return 2;
+	int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (s < 0 || connect(s, (struct sockaddr *)&sin, sizeof sin) < 0)
+		return errno == ECONNREFUSED ? 111 : 1;
+	struct pollfd p[2] = {{.fd = 0, .events = POLLIN}, {.fd = s, .events = POLLIN}};
+	static char buf[65536];
+	bool in_open = true;
+	for (;;) {
+		p[0].fd = in_open ? 0 : -1;
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return 1;
+		}
+		if (in_open && p[0].revents) {
+			ssize_t n = read(0, buf, sizeof buf);
+			if (n <= 0) {
+				in_open = false;
+				shutdown(s, SHUT_WR);
+			} else {
+				write_all_fd(s, buf, (size_t)n);
+			}
+		}
+		if (p[1].revents) {
+			ssize_t n = read(s, buf, sizeof buf);
+			if (n <= 0)
+				return 0;
+			write_all_fd(1, buf, (size_t)n);
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	signal(SIGPIPE, SIG_IGN);
+	if (argc == 3 && !strcmp(argv[1], "--connect"))
+		return connect_relay(argv[2]);
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--serve-fd") && i + 1 < argc) {
 			port_fd = atoi(argv[++i]);

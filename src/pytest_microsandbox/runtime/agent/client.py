@@ -288,6 +288,20 @@ class AgentClient:
             fields.append(bytes_field(Tag.HOSTNAME, _text(hostname, "hostname")))
         _check_ok(await self._call(MsgType.CONFIGURE, fields, timeout, "CONFIGURE"), "CONFIGURE")
 
+    async def net_setup(
+        self, blob: bytes, resolv_conf: bytes = b"", timeout: float | None = None
+    ) -> None:
+        """Give the guest its network interfaces (``NET``; the layout is
+        :meth:`pytest_microsandbox.runtime.network.NetworkStack.guest_blob`'s)
+        and, if given, its /etc/resolv.conf (at most 4 KiB).
+
+        Raises SandboxError if the agent answers ERROR.
+        """
+        fields = [bytes_field(Tag.NET, blob)]
+        if resolv_conf:
+            fields.append(bytes_field(Tag.DATA, resolv_conf))
+        _check_ok(await self._call(MsgType.NET, fields, timeout, "NET"), "NET")
+
     async def metrics(self, timeout: float | None = None) -> GuestMetrics:
         """Return a snapshot of the guest's load; raises SandboxError on ERROR."""
         reply = _check_ok(await self._call(MsgType.METRICS, [], timeout, "METRICS"), "METRICS")

@@ -73,6 +73,7 @@ class MsgType(enum.IntEnum):
     METRICS = 0x07
     MOUNT = 0x08
     UMOUNT = 0x09
+    NET = 0x0A
     EXEC = 0x10
     STDIN = 0x11
     SIGNAL = 0x12
@@ -145,6 +146,7 @@ class Tag(enum.IntEnum):
     CPU_IDLE_MS = 44
     NPROCS = 45
     LOAD1_MILLI = 46
+    NET = 47
 
 
 #: Tags whose value is a signed 64-bit big-endian integer (len must be 8).
@@ -288,6 +290,7 @@ HOST_TO_GUEST: Mapping[MsgType, Schema] = {
     MsgType.METRICS: _s(),
     MsgType.MOUNT: _s(Tag.SOURCE, Tag.PATH, Tag.FSTYPE),
     MsgType.UMOUNT: _s(Tag.PATH),
+    MsgType.NET: _s(Tag.NET),
     MsgType.EXEC: _s(Tag.ARG),
     MsgType.STDIN: _s(Tag.DATA),
     MsgType.SIGNAL: _s(Tag.SIGNAL),

@@ -1,0 +1,29 @@
+"""Host-controlled networking: policies, the user-mode stack, DNS, the event log.
+
+See docs/network.md. Public names: :class:`NetworkPolicy`, :class:`Rule`,
+:class:`NetworkEvent`; :class:`NetworkStack` is what a sandbox runs.
+"""
+
+from __future__ import annotations
+
+from ._policy import Decision, Destination, NetworkPolicy, Rule, classify
+from ._ports import PortPublisher
+from ._secrets import Secret, SecretSubstituter
+from ._stack import DNS_IP, HOST_SOCKET, LOOPBACK_ONLY_ENV, QEMU_SOCKET, NetworkEvent, NetworkStack
+
+__all__ = [
+    "DNS_IP",
+    "HOST_SOCKET",
+    "LOOPBACK_ONLY_ENV",
+    "QEMU_SOCKET",
+    "Decision",
+    "Destination",
+    "NetworkEvent",
+    "NetworkPolicy",
+    "NetworkStack",
+    "PortPublisher",
+    "Rule",
+    "Secret",
+    "SecretSubstituter",
+    "classify",
+]

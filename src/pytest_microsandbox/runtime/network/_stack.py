@@ -1,0 +1,619 @@
+"""The host side of one sandbox's network: a rootless user-mode TCP/IP stack.
+
+Data path (docs/network.md)::
+
+    guest socket -> wg0 (WireGuard, guest kernel) -> eth0 (virtio-net)
+      -> QEMU -netdev dgram (one Ethernet frame per unix datagram, run_dir/net.*)
+      -> the shim below (passes only UDP to the WireGuard endpoint, drops the rest)
+      -> mitmproxy_rs's WireGuard server (smoltcp) on 127.0.0.1
+      -> one asyncio stream per TCP connection / UDP flow -> policy -> host socket
+
+No tap device, no CAP_NET_ADMIN, no iptables: every guest flow ends in this
+process, which decides it against the :class:`NetworkPolicy` before it opens
+any host socket. DNS to :data:`DNS_IP` is answered here (``_dns.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ipaddress
+import os
+import secrets
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .._exceptions import BackendUnavailableError
+from ._dns import answer_query, resolve_host
+from ._policy import Destination, IPAddress, NetworkPolicy, Protocol
+from ._secrets import SecretSubstituter, SubstitutionError
+from ._tls import TlsServer, ensure_ca, looks_like_tls
+
+__all__ = [
+    "DNS_IP",
+    "GUARD_REFUSALS",
+    "HOST_SOCKET",
+    "LOOPBACK_ONLY_ENV",
+    "QEMU_SOCKET",
+    "NetworkEvent",
+    "NetworkStack",
+]
+
+#: The shim's socket (QEMU's ``remote.path``) and QEMU's own (``local.path``),
+#: inside the VM's run directory.
+HOST_SOCKET = "net.sock"
+QEMU_SOCKET = "net.qemu"
+#: Set to 1 (the test suite does) to refuse every host dial outside 127.0.0.0/8
+#: and never ask a real DNS resolver: a guard for machines that must stay local.
+LOOPBACK_ONLY_ENV = "MICROSANDBOX_NETWORK_LOOPBACK_ONLY"
+
+# The guest's link to the shim: a /30 of the benchmarking range 198.18.0.0/15,
+# which no real destination uses; the shim is .1, the guest .2.
+_GW_IP = ipaddress.IPv4Address("198.18.0.1")
+_GUEST_ETH_IP = ipaddress.IPv4Address("198.18.0.2")
+_ETH_PREFIX = 30
+_WG_PORT = 51820
+_GW_MAC = bytes.fromhex("020000000001")
+#: The resolver the guest is told about (/etc/resolv.conf); routed through wg0.
+DNS_IP = ipaddress.IPv4Address("198.18.0.53")
+#: Names pinned with ``hosts=`` resolve, in the guest, to addresses of this
+#: range; the host maps them back to the pinned address (the guest's own
+#: 127.0.0.1 is its loopback, so it cannot be handed out as is).
+_PIN_NET = ipaddress.IPv4Network("198.19.0.0/16")
+
+_MAX_EVENTS = 10_000
+#: Flows open at once per sandbox: each holds host sockets; past it, denied.
+MAX_FLOWS = 1024
+_MAX_NAMES = 4096
+_READ = 65536
+_UDP_IDLE_S = 30.0
+_CONNECT_TIMEOUT_S = 10.0
+_DENY_CLOSE_DELAY_S = 0.5
+
+
+@dataclass(frozen=True)
+class NetworkEvent:
+    """One connection attempt or DNS query and its verdict.
+
+    ``verdict`` is ``allow``, ``deny`` or ``error`` (allowed, but the host
+    could not reach the destination); ``bytes_out`` went guest -> destination,
+    ``bytes_in`` back (final once the flow closed).
+    """
+
+    time: float
+    protocol: str  # tcp, udp, dns
+    destination: str  # the address the host dialled (or would have)
+    port: int
+    name: str | None
+    verdict: str
+    reason: str
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+    def describe(self) -> str:
+        where = f"{self.name} ({self.destination})" if self.name else self.destination
+        return (
+            f"{self.protocol} {where}:{self.port} {self.verdict} [{self.reason}] "
+            f"out={self.bytes_out} in={self.bytes_in}"
+        )
+
+
+#: Destinations the loopback-only guard refused in this process (newest 100):
+#: a test suite fails its run if any appear (tests/conftest.py).
+GUARD_REFUSALS: deque[str] = deque(maxlen=100)
+
+
+def _loopback_only() -> bool:
+    return os.environ.get(LOOPBACK_ONLY_ENV, "") not in ("", "0")
+
+
+def _ip_checksum(header: bytes) -> int:
+    total: int = sum(struct.unpack("!10H", header))
+    total = (total & 0xFFFF) + (total >> 16)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+class _Shim:
+    """Passes WireGuard datagrams between QEMU's Ethernet frames and the
+    WireGuard server's UDP socket; every other frame is dropped. Frames are
+    guest data: parsed with bounds checks, never trusted.
+    """
+
+    def __init__(self, guest_mac: bytes, qemu_path: str) -> None:
+        self.guest_mac = guest_mac
+        self.qemu_path = qemu_path
+        self.guest_port: bytes | None = None
+        self.qemu: asyncio.DatagramTransport | None = None
+        self.wg: asyncio.DatagramTransport | None = None
+        self._eth = guest_mac + _GW_MAC + b"\x08\x00"
+        self._gw = _GW_IP.packed
+        self._guest = _GUEST_ETH_IP.packed
+
+    def from_guest(self, frame: bytes) -> None:
+        if len(frame) < 42 or frame[12:14] != b"\x08\x00" or self.wg is None:
+            return
+        vihl = frame[14]
+        ihl = (vihl & 0x0F) * 4
+        if vihl >> 4 != 4 or ihl < 20:
+            return
+        total = int.from_bytes(frame[16:18], "big")
+        if total > len(frame) - 14 or total < ihl + 8:
+            return
+        # UDP to the endpoint, not a fragment.
+        if (
+            frame[23] != 17
+            or frame[30:34] != self._gw
+            or frame[20:22] not in (b"\x00\x00", b"\x40\x00")
+        ):
+            return
+        udp = 14 + ihl
+        if int.from_bytes(frame[udp + 2 : udp + 4], "big") != _WG_PORT:
+            return
+        ulen = int.from_bytes(frame[udp + 4 : udp + 6], "big")
+        if ulen < 8 or ulen > total - ihl:
+            return
+        self.guest_port = frame[udp : udp + 2]
+        self.wg.sendto(frame[udp + 8 : udp + ulen])
+
+    def to_guest(self, payload: bytes) -> None:
+        if self.qemu is None or self.guest_port is None or len(payload) > 1472:
+            return
+        total = 28 + len(payload)
+        ip = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0, self._gw, self._guest
+        )
+        ip = ip[:10] + _ip_checksum(ip).to_bytes(2, "big") + ip[12:]
+        udp = struct.pack("!2sHH", self.guest_port, len(payload) + 8, 0)
+        udp = _WG_PORT.to_bytes(2, "big") + udp
+        # QEMU gone or its socket full: drop, the guest retransmits.
+        with contextlib.suppress(OSError):
+            self.qemu.sendto(self._eth + ip + udp + payload, self.qemu_path)
+
+
+class _Prefixed:
+    """The guest's stream whose first read is already in flight (``pending``)."""
+
+    def __init__(self, stream: Any, pending: asyncio.Future[bytes]) -> None:
+        self._stream = stream
+        self._pending: asyncio.Future[bytes] | None = pending
+
+    async def read(self, n: int) -> bytes:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return await pending
+        return bytes(await self._stream.read(n))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Any) -> None:
+        self._on = on_datagram
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._on(data)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # the peer socket is not there (yet, or any more)
+
+
+class NetworkStack:
+    """The network of one sandbox: start it, send :meth:`guest_blob` to the
+    agent (``NET``), read :meth:`events`, close it with the VM.
+    """
+
+    def __init__(
+        self,
+        policy: NetworkPolicy,
+        hosts: Mapping[str, str],
+        run_dir: Path,
+        substituter: SecretSubstituter | None = None,
+        *,
+        cache_dir: Path | None = None,
+        upstream_ca_certs: tuple[Path, ...] = (),
+    ) -> None:
+        self.cache_dir = cache_dir
+        #: Extra CAs the host trusts for intercepted upstream TLS (tests: trustme).
+        self.upstream_ca_certs = upstream_ca_certs
+        self._tls: TlsServer | None = None
+        self.policy = policy
+        #: The sandbox's secret placeholders and their substitution, if it has secrets.
+        self.secrets = substituter
+        self.run_dir = run_dir
+        self._pins: dict[str, tuple[ipaddress.IPv4Address, IPAddress]] = {}
+        for i, (name, addr) in enumerate(sorted(hosts.items())):
+            self._pins[name] = (_PIN_NET[i + 1], ipaddress.ip_address(addr))
+        self._by_pin = {pin: (name, real) for name, (pin, real) in self._pins.items()}
+        #: Names this sandbox's DNS answered, by address (domain rules for flows).
+        self._names: dict[IPAddress, str] = {}
+        self._events: deque[NetworkEvent] = deque(maxlen=_MAX_EVENTS)
+        # events() is read from other threads (SyncSandbox's callers).
+        self._events_lock = threading.Lock()
+        self._flows = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: Any = None
+        self._transports: list[asyncio.BaseTransport] = []
+        self.guest_mac = bytes([0x02, *secrets.token_bytes(5)])
+        self._guest_key = ""
+        self._server_pub = ""
+        self._closed = False
+
+    @property
+    def dns_ip(self) -> str:
+        return str(DNS_IP)
+
+    def pinned(self, name: str) -> str | None:
+        """The guest-side address of a pinned name."""
+        pin = self._pins.get(name)
+        return str(pin[0]) if pin else None
+
+    async def start(self) -> None:
+        """Start the WireGuard server and the shim.
+
+        :raises BackendUnavailableError: mitmproxy_rs is missing or fails to start.
+        """
+        try:
+            from mitmproxy_rs import wireguard
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"network needs mitmproxy_rs<0.11 ({exc}): pip install 'mitmproxy_rs<0.11'"
+            ) from exc
+        server_key = wireguard.genkey()
+        self._guest_key = wireguard.genkey()
+        self._server_pub = wireguard.pubkey(server_key)
+        loop = asyncio.get_running_loop()
+        shim = _Shim(self.guest_mac, str(self.run_dir / QEMU_SOCKET))
+        try:
+            self._server = await wireguard.start_wireguard_server(
+                "127.0.0.1",
+                0,
+                server_key,
+                [wireguard.pubkey(self._guest_key)],
+                self._on_tcp,
+                self._on_udp,
+            )
+            host, port = self._server.getsockname()
+            wg, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagrams(shim.to_guest), remote_addr=(host, port)
+            )
+            self._transports.append(wg)
+            shim.wg = wg
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(str(self.run_dir / HOST_SOCKET))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+            qemu, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagrams(shim.from_guest), sock=sock
+            )
+            self._transports.append(qemu)
+            shim.qemu = qemu
+        except BaseException:
+            await self.aclose()
+            raise
+
+    def guest_blob(self) -> bytes:
+        """The agent's ``NET`` payload: MAC, eth0 address and prefix, the
+        WireGuard endpoint, wg0's address, the guest's key and the server's,
+        flags (1: no default route, for a policy that allows nothing: the
+        guest's connects then fail at once instead of being accepted by the
+        stack and closed; the host still denies whatever a guest root routes).
+        """
+        allows_nothing = self.policy.base == "none" and not any(
+            r.action == "allow" for r in self.policy.rules
+        )
+        wg_ip = ipaddress.IPv4Address("100.64.0.0") + secrets.randbelow(1 << 22) + 1
+        return struct.pack(
+            "!6s4sB4sH4s32s32sB",
+            self.guest_mac,
+            _GUEST_ETH_IP.packed,
+            _ETH_PREFIX,
+            _GW_IP.packed,
+            _WG_PORT,
+            wg_ip.packed,
+            base64.b64decode(self._guest_key),
+            base64.b64decode(self._server_pub),
+            1 if allows_nothing else 0,
+        )
+
+    def resolv_conf(self) -> str:
+        return (
+            f"# pytest-microsandbox: answered by the host through the policy\nnameserver {DNS_IP}\n"
+        )
+
+    def events(self) -> list[NetworkEvent]:
+        """Every connection attempt and DNS query so far, oldest first (the
+        newest 10,000).
+        """
+        with self._events_lock:
+            return list(self._events)
+
+    def _log(self, event: NetworkEvent) -> None:
+        with self._events_lock:
+            self._events.append(event)
+
+    def _update(self, event: NetworkEvent, **changes: Any) -> None:
+        # Replace in place (the deque may have rotated: search from the right).
+        with self._events_lock:
+            for i in range(len(self._events) - 1, -1, -1):
+                if self._events[i] is event:
+                    self._events[i] = replace(event, **changes)
+                    return
+
+    def _resolve_dest(self, ip_text: str, port: int, protocol: Protocol) -> Destination:
+        ip = ipaddress.ip_address(ip_text)
+        if isinstance(ip, ipaddress.IPv4Address) and ip in self._by_pin:
+            name, real = self._by_pin[ip]
+            return Destination(real, port, protocol, name)
+        return Destination(ip, port, protocol, self._names.get(ip))
+
+    def _guard(self, dest: Destination) -> str | None:
+        if self._flows > MAX_FLOWS:
+            return f"more than {MAX_FLOWS} flows open at once"
+        if _loopback_only() and (dest.ip is None or not dest.ip.is_loopback):
+            GUARD_REFUSALS.append(f"{dest.protocol} {dest.name or dest.ip}:{dest.port}")
+            return f"{LOOPBACK_ONLY_ENV} is set: only 127.0.0.0/8 is dialled"
+        return None
+
+    def _track(self) -> asyncio.Task[Any] | None:
+        # Flow handlers are tasks mitmproxy_rs starts on our loop: aclose cancels them.
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        self._flows += 1
+        return task
+
+    def _untrack(self, task: asyncio.Task[Any] | None) -> None:
+        self._flows -= 1
+        if task is not None:
+            self._tasks.discard(task)
+
+    async def _on_tcp(self, stream: Any) -> None:
+        task = self._track()
+        try:
+            await self._tcp(stream)
+        finally:
+            self._untrack(task)
+            with contextlib.suppress(OSError):  # "Server has been shut down"
+                stream.close()
+
+    async def _tcp(self, stream: Any) -> None:
+        # The guest's destination: "sockname" of a WireGuard flow ("original_dst"
+        # is the server's own UDP socket).
+        dst_ip, dst_port = stream.get_extra_info("sockname")
+        dest = self._resolve_dest(dst_ip, int(dst_port), "tcp")
+        decision = self.policy.decide(dest)
+        guard = self._guard(dest) if decision.allowed else None
+        event = NetworkEvent(
+            time.time(),
+            "tcp",
+            str(dest.ip),
+            int(dst_port),
+            dest.name,
+            "allow" if decision.allowed and not guard else "deny",
+            guard or decision.reason,
+        )
+        self._log(event)
+        if not decision.allowed or guard:
+            # smoltcp has already answered the SYN (mitmproxy_rs hands over a
+            # flow at its SYN and offers no reset); a close while the handshake
+            # is in flight never sends the FIN, so let it finish first. The
+            # guest sees a connection closed before any byte; nothing is dialled.
+            await asyncio.sleep(_DENY_CLOSE_DELAY_S)
+            return
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(str(dest.ip), dest.port), _CONNECT_TIMEOUT_S
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._update(event, verdict="error", reason=f"{event.reason}; connect: {exc}")
+            return
+        guest: Any = stream
+        name = dest.name
+        first_in: asyncio.Future[bytes] | None = None
+        first_out = b""
+        if self.secrets is not None:
+            # Intercept TLS (the guest speaks first) so secrets can be substituted;
+            # a server-first protocol is relayed as it comes. The guest's pending
+            # read is never cancelled: mitmproxy_rs allows one read at a time.
+            guest_first = asyncio.ensure_future(stream.read(_READ))
+            server_first = asyncio.ensure_future(reader.read(_READ))
+            await asyncio.wait({guest_first, server_first}, return_when=asyncio.FIRST_COMPLETED)
+            if guest_first.done():
+                first_out = guest_first.result()
+                first_in = server_first
+                if looks_like_tls(first_out):
+                    server_first.cancel()
+                    first_in = None
+                    writer.close()
+                    try:
+                        guest, name = await self._tls_server().accept(
+                            stream, first_out, dest.name or str(dest.ip)
+                        )
+                        reader, writer = await asyncio.wait_for(
+                            asyncio.open_connection(
+                                str(dest.ip),
+                                dest.port,
+                                ssl=self._upstream_tls(),
+                                server_hostname=name,
+                            ),
+                            _CONNECT_TIMEOUT_S,
+                        )
+                    except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+                        self._update(event, verdict="error", reason=f"{event.reason}; TLS: {exc}")
+                        return
+                    first_out = b""
+            else:  # the server spoke first: the guest's read stays pending
+                first_in = server_first
+                guest = _Prefixed(stream, guest_first)
+        counts = [0, 0]
+        rewriter = self.secrets.stream(name) if self.secrets is not None else None
+        violation: list[str] = []
+
+        async def pump(src: Any, dst: Any, i: int, first: bytes, pending: Any) -> None:
+            try:
+                data = first if pending is None else await pending
+                while data or (pending is None and (data := await src.read(_READ))):
+                    pending = None
+                    counts[i] += len(data)
+                    if i == 0 and rewriter is not None:
+                        data = rewriter.feed(data)
+                    dst.write(data)
+                    await dst.drain()
+                    data = b""
+                if i == 0 and rewriter is not None:
+                    dst.write(rewriter.flush())
+                dst.write_eof()
+            except SubstitutionError as exc:
+                violation.append(str(exc))
+                writer.close()
+                guest.close()
+            except (OSError, ConnectionError, ssl.SSLError):
+                pass
+
+        try:
+            await asyncio.gather(
+                pump(guest, writer, 0, first_out, None), pump(reader, guest, 1, b"", first_in)
+            )
+        finally:
+            writer.close()
+            changes: dict[str, Any] = {"bytes_out": counts[0], "bytes_in": counts[1]}
+            if name != dest.name:
+                changes["name"] = name
+            if violation:
+                changes.update(verdict="deny", reason=violation[0])
+            elif rewriter is not None and rewriter.substituted:
+                changes["reason"] = f"{event.reason}; {rewriter.substituted} secret(s) substituted"
+            self._update(event, **changes)
+
+    def _tls_server(self) -> TlsServer:
+        if self._tls is None:
+            self._tls = TlsServer(ensure_ca(self.cache_dir), self.run_dir)
+        return self._tls
+
+    def _upstream_tls(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        for path in self.upstream_ca_certs:
+            ctx.load_verify_locations(cafile=str(path))
+        return ctx
+
+    async def _on_udp(self, stream: Any) -> None:
+        task = self._track()
+        try:
+            await self._udp(stream)
+        finally:
+            self._untrack(task)
+            with contextlib.suppress(OSError):  # "Server has been shut down"
+                stream.close()
+
+    async def _udp(self, stream: Any) -> None:
+        # The guest's destination: "sockname" of a WireGuard flow ("original_dst"
+        # is the server's own UDP socket).
+        dst_ip, dst_port = stream.get_extra_info("sockname")
+        if ipaddress.ip_address(dst_ip) == DNS_IP and int(dst_port) == 53:
+            await self._dns(stream)
+            return
+        dest = self._resolve_dest(dst_ip, int(dst_port), "udp")
+        decision = self.policy.decide(dest)
+        guard = self._guard(dest) if decision.allowed else None
+        event = NetworkEvent(
+            time.time(),
+            "udp",
+            str(dest.ip),
+            int(dst_port),
+            dest.name,
+            "allow" if decision.allowed and not guard else "deny",
+            guard or decision.reason,
+        )
+        self._log(event)
+        if not decision.allowed or guard:
+            return
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+
+        def on_reply(data: bytes) -> None:
+            if not replies.full():
+                replies.put_nowait(data)
+
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagrams(on_reply), remote_addr=(str(dest.ip), int(dst_port))
+            )
+        except OSError as exc:
+            self._update(event, verdict="error", reason=f"{event.reason}; {exc}")
+            return
+        counts = [0, 0]
+
+        async def outbound() -> None:
+            while True:
+                data = await asyncio.wait_for(stream.read(_READ), _UDP_IDLE_S)
+                if not data:
+                    return
+                counts[0] += len(data)
+                transport.sendto(data)
+
+        async def inbound() -> None:
+            while True:
+                data = await asyncio.wait_for(replies.get(), _UDP_IDLE_S)
+                counts[1] += len(data)
+                stream.write(data)
+
+        try:
+            await asyncio.gather(outbound(), inbound())
+        except (asyncio.TimeoutError, OSError, ConnectionError):
+            pass
+        finally:
+            transport.close()
+            self._update(event, bytes_out=counts[0], bytes_in=counts[1])
+
+    async def _dns(self, stream: Any) -> None:
+        while True:
+            try:
+                query = await asyncio.wait_for(stream.read(_READ), _UDP_IDLE_S)
+            except (asyncio.TimeoutError, OSError, ConnectionError):
+                return
+            if not query:
+                return
+            reply, events = await answer_query(
+                query,
+                self.policy,
+                self._pins,
+                None if _loopback_only() else resolve_host,
+            )
+            for name, verdict, reason, addrs in events:
+                self._log(
+                    NetworkEvent(time.time(), "dns", ",".join(addrs), 53, name, verdict, reason)
+                )
+                for addr in addrs:
+                    ip = ipaddress.ip_address(addr)
+                    if ip not in self._by_pin and len(self._names) < _MAX_NAMES:
+                        self._names[ip] = name
+            if reply is not None:
+                stream.write(reply)
+
+    async def aclose(self) -> None:
+        """Stop accepting flows, close every host socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for transport in self._transports:
+            transport.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()  # their host sockets close in their finally blocks
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        with contextlib.suppress(OSError):
+            (self.run_dir / HOST_SOCKET).unlink()

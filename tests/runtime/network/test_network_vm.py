@@ -1,0 +1,370 @@
+"""Host-controlled networking against real QEMU VMs (TCG here).
+
+Every server listens on the host's 127.0.0.1 and the guest reaches it through
+names pinned with ``hosts=``; the suite's conftest sets the loopback-only
+guard, so the host side never dials anything else. One sandbox with a mixed
+policy serves most tests; one guest Python run checks several destinations.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import mmap
+import select
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import trustme
+
+from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SyncSandbox
+from pytest_microsandbox.runtime.network import NetworkPolicy, Rule, Secret
+
+pytestmark = pytest.mark.vm
+
+GUEST = r"""
+import json, socket, sys
+out = []
+for kind, host, port in json.loads(sys.argv[1]):
+    try:
+        if kind == "tcp":
+            s = socket.create_connection((host, port), timeout=10)
+            s.sendall(b"ping")
+            out.append(["ok", s.recv(100).decode()])
+            s.close()
+        elif kind == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(10)
+            s.sendto(b"ping", (host, port))
+            out.append(["ok", s.recv(100).decode()])
+        else:
+            out.append(["ok", socket.gethostbyname(host)])
+    except Exception as exc:
+        out.append(["error", type(exc).__name__])
+print(json.dumps(out))
+"""
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        if isinstance(self.request, tuple):  # UDP: (data, socket)
+            data, sock = self.request
+            sock.sendto(b"udp:" + data, self.client_address)
+            return
+        while data := self.request.recv(65536):
+            self.request.sendall(b"tcp:" + data)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, socket.socket | int]]:
+    tcp = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), _Echo)
+    # A listener nobody accepts on: a denied connection must never reach it.
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", 0))
+    trap.listen(8)
+    for server in (tcp, udp):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {
+        "tcp": tcp.server_address[1],
+        "udp": udp.server_address[1],
+        "trap": trap.getsockname()[1],
+        "trap_socket": trap,
+    }
+    for server in (tcp, udp):
+        server.shutdown()
+        server.server_close()
+    trap.close()
+
+
+HOSTS = {
+    "echo.test": "127.0.0.1",
+    "trap.test": "127.0.0.1",
+    "x.ads.test": "127.0.0.1",
+    "udp.test": "127.0.0.1",
+}
+
+
+@pytest.fixture(scope="module")
+def net_sandbox(servers: dict[str, int]) -> Iterator[SyncSandbox]:
+    policy = (
+        NetworkPolicy.public_only()
+        .deny(Rule.domain_suffix(".ads.test"))
+        .allow(Rule.host("echo.test", ports=[servers["tcp"]], protocol="tcp"))
+        .allow(Rule.host("udp.test", protocol="udp"))
+    )
+    config = SandboxConfig(name="net", network=policy, hosts=HOSTS)
+    with SyncSandbox.create(config) as sb:
+        yield sb
+
+
+def run(sb: SyncSandbox, actions: list[tuple[str, str, int]]) -> list[list[str]]:
+    out = sb.exec(sys.executable, ["-c", GUEST, json.dumps(actions)], timeout=180)
+    assert out.exit_code == 0, out.stderr_bytes[-2000:]
+    return json.loads(out.stdout_bytes)  # type: ignore[no-any-return]
+
+
+def test_policy_decides_every_flow_before_a_host_socket_opens(
+    net_sandbox: SyncSandbox, servers: dict[str, int]
+) -> None:
+    trap = servers["trap_socket"]
+    trap_pin = net_sandbox.network.pinned("trap.test")
+    results = run(
+        net_sandbox,
+        [
+            ("tcp", "echo.test", servers["tcp"]),  # allowed by name, port, protocol
+            ("udp", "udp.test", servers["udp"]),  # allowed, UDP
+            ("dns", "trap.test", 0),  # pinned to loopback, no rule: NXDOMAIN
+            ("dns", "x.ads.test", 0),  # blocked suffix: NXDOMAIN
+            ("tcp", str(trap_pin), servers["trap"]),  # by address: denied
+            ("tcp", "echo.test", servers["trap"]),  # allowed name, wrong port
+        ],
+    )
+    assert results[0] == ["ok", "tcp:ping"]
+    assert results[1] == ["ok", "udp:ping"]
+    assert results[2][0] == "error" and results[3][0] == "error"
+    # smoltcp completes the handshake before the host decides: a denied flow is
+    # accepted by the stack, then closed with no byte, and never dialled.
+    assert results[4] in (["ok", ""], ["error", "ConnectionResetError"])
+    assert results[5] in (["ok", ""], ["error", "ConnectionResetError"])
+    readable, _, _ = select.select([trap], [], [], 0)
+    assert not readable, "a denied connection reached the host listener"
+
+    events = net_sandbox.network.events()
+    by = {(e.protocol, e.name, e.port, e.verdict) for e in events}
+    assert ("tcp", "echo.test", servers["tcp"], "allow") in by
+    assert ("udp", "udp.test", servers["udp"], "allow") in by
+    assert ("dns", "trap.test", 53, "deny") in by
+    assert ("dns", "x.ads.test", 53, "deny") in by
+    assert ("tcp", "trap.test", servers["trap"], "deny") in by
+    assert ("tcp", "echo.test", servers["trap"], "deny") in by
+    echo = next(e for e in events if e.protocol == "tcp" and e.verdict == "allow")
+    assert (echo.bytes_out, echo.bytes_in) == (4, 8)
+    assert echo.destination == "127.0.0.1"
+
+
+def test_network_none_has_an_interface_and_denies_everything(servers: dict[str, int]) -> None:
+    config = SandboxConfig(name="net-none", network="none", hosts=HOSTS)
+    with SyncSandbox.create(config) as sb:
+        pin = sb.network.pinned("echo.test")
+        results = run(sb, [("dns", "echo.test", 0), ("tcp", str(pin), servers["tcp"])])
+        # No route: the lookup and the connect fail at once in the guest.
+        assert results == [["error", "gaierror"], ["error", "OSError"]]
+        assert sb.fs().read("/sys/class/net/wg0/operstate")  # the interface exists
+        # A guest root that adds the route gains nothing: the host denies.
+        sb.exec("ip", ["route", "add", "default", "dev", "wg0"], user="0")
+        results = run(sb, [("dns", "echo.test", 0), ("tcp", str(pin), servers["tcp"])])
+        assert results[0][0] == "error"
+        assert results[1] in (["ok", ""], ["error", "ConnectionResetError"])
+        assert {e.verdict for e in sb.network.events()} == {"deny"}
+
+
+def test_live_clones_share_no_identity_and_a_fork_has_network(
+    net_sandbox: SyncSandbox, servers: dict[str, int]
+) -> None:
+    with net_sandbox.fork() as child:
+        # Ready at the child's first command.
+        assert run(child, [("tcp", "echo.test", servers["tcp"])]) == [["ok", "tcp:ping"]]
+        macs = {sb.fs().read("/sys/class/net/eth0/address") for sb in (net_sandbox, child)}
+        assert len(macs) == 2
+        assert child.network is not net_sandbox.network
+    # The parent's network still works after its child went away.
+    assert run(net_sandbox, [("tcp", "echo.test", servers["tcp"])]) == [["ok", "tcp:ping"]]
+
+
+def test_a_sandbox_without_network_has_no_stack() -> None:
+    config = SandboxConfig(name="net-off")
+    with SyncSandbox.create(config) as sb:
+        # The NIC and wg0 exist in every template, but nothing has a route.
+        routes = sb.fs().read("/proc/net/route").decode().splitlines()[1:]
+        assert routes == []
+        addresses = sb.fs().read("/proc/net/fib_trie").decode()
+        assert "198.18.0.2" not in addresses  # eth0 has no address
+        with pytest.raises(Exception, match="has no network"):
+            sb.network  # noqa: B018
+
+
+GUEST_SERVER = r"""
+import socket
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 8080))
+srv.listen(4)
+while True:
+    conn, _ = srv.accept()
+    conn.sendall(b"guest:" + conn.recv(100))
+    conn.close()
+"""
+
+
+def test_a_published_port_reaches_the_guest_and_a_taken_one_is_refused() -> None:
+    config = SandboxConfig(name="net-ports", ports={8080: 0})
+    with SyncSandbox.create(config) as sb:
+        host_port = sb.published_ports[8080]
+        sb.fs().write("/tmp/srv.py", GUEST_SERVER.encode())
+        sb.exec("/bin/sh", ["-c", f"{sys.executable} /tmp/srv.py >/dev/null 2>&1 &"])
+        reply = b""
+        for _ in range(120):  # the guest's Python starts in seconds under TCG
+            with socket.create_connection(("127.0.0.1", host_port), timeout=30) as conn:
+                conn.sendall(b"hello")
+                reply = conn.recv(100)
+            if reply:
+                break
+            threading.Event().wait(0.5)  # nothing listens yet: the relay closed at once
+        assert reply == b"guest:hello"
+        # The same host port for another sandbox: a clear error, nothing left behind.
+        with pytest.raises(
+            Exception, match=rf"ports\[8080\]: host port 127.0.0.1:{host_port} is in use"
+        ):
+            SyncSandbox.create(SandboxConfig(name="net-ports-2", ports={8080: host_port}))
+
+
+SECRET = "sk-test-Zq8RxW2vLp5KmN0aBcDeFgHi"
+
+GUEST_HTTP = r"""
+import json, os, sys, urllib.request
+out = []
+for url in sys.argv[1:]:
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer " + os.environ["API_KEY"]})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            out.append([resp.status, resp.read().decode()])
+    except urllib.error.HTTPError as exc:
+        out.append([exc.code, exc.read().decode()])
+    except Exception as exc:
+        out.append(["error", type(exc).__name__])
+print(json.dumps(out))
+"""
+
+
+class _Api(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        ok = self.headers.get("Authorization") == f"Bearer {SECRET}"
+        body = b"authorized" if ok else b"denied"  # never echoes the header
+        self.send_response(200 if ok else 403)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_secret_reaches_only_its_host_and_never_the_guest_memory(tmp_path: Path) -> None:
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    tls_api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    ca = trustme.CA()  # the HTTPS server's CA: the host trusts it, the guest never sees it
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("api.test", "other.test").configure_cert(ctx)
+    tls_api.socket = ctx.wrap_socket(tls_api.socket, server_side=True)
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    for server in (api, tls_api):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    port, tls_port = api.server_address[1], tls_api.server_address[1]
+    config = SandboxConfig(
+        name="net-secret",
+        network=NetworkPolicy.public_only().allow(
+            Rule.cidr("127.0.0.1/32", ports=[port, tls_port])
+        ),
+        hosts={"api.test": "127.0.0.1", "other.test": "127.0.0.1"},
+        secrets=[Secret.env("API_KEY", value=SECRET, allow_hosts=["api.test"])],
+        upstream_ca_certs=(ca_file,),
+    )
+    dump = tmp_path / "guest.mem"
+
+    async def main() -> None:
+        async with await Sandbox.create(config) as sb:
+            urls = [
+                f"http://api.test:{port}/",
+                f"http://other.test:{port}/",
+                f"https://api.test:{tls_port}/",  # TLS intercepted with the cache's CA
+                f"https://other.test:{tls_port}/",
+            ]
+            out = await sb.exec(sys.executable, ["-c", GUEST_HTTP, *urls], timeout=300)
+            assert out.exit_code == 0, out.stderr_bytes[-3000:]
+            results = json.loads(out.stdout_bytes)
+            assert results[0] == [200, "authorized"]  # substituted on the host
+            assert results[1][0] == "error"  # the placeholder was headed elsewhere: cut
+            assert results[2] == [200, "authorized"], results
+            assert results[3][0] == "error"
+            events = [e for e in sb.network.events() if e.protocol == "tcp"]
+            assert "secret(s) substituted" in events[0].reason
+            assert events[1].verdict == "deny" and "API_KEY" in events[1].reason
+            assert "secret(s) substituted" in events[2].reason
+            assert events[3].verdict == "deny" and "API_KEY" in events[3].reason
+            placeholder = (await sb.exec("/bin/sh", ["-c", "printf %s $API_KEY"])).stdout_bytes
+            assert sb.session.monitor is not None
+            await sb.session.monitor.execute(
+                "dump-guest-memory", {"paging": False, "protocol": f"file:{dump}"}
+            )
+            with open(dump, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                assert m.find(placeholder) != -1  # the dump holds guest memory
+                assert m.find(SECRET.encode()) == -1  # and not one copy of the secret
+
+    try:
+        anyio.run(main)
+    finally:
+        for server in (api, tls_api):
+            server.shutdown()
+            server.server_close()
+        dump.unlink(missing_ok=True)
+
+
+def test_pip_installs_a_wheel_from_an_index_on_the_host_loopback(tmp_path: Path) -> None:
+    simple = tmp_path / "index" / "simple" / "msbtiny"
+    simple.mkdir(parents=True)
+    wheel = "msbtiny-1.0-py3-none-any.whl"
+    info = "msbtiny-1.0.dist-info"
+    with zipfile.ZipFile(simple / wheel, "w") as whl:  # the smallest valid wheel
+        whl.writestr("msbtiny/__init__.py", "ANSWER = 42\n")
+        whl.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: msbtiny\nVersion: 1.0\n")
+        whl.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        whl.writestr(f"{info}/RECORD", "")
+    (simple / "index.html").write_text(f'<a href="{wheel}">{wheel}</a>\n')
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "index")
+    )
+    index = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=index.serve_forever, daemon=True).start()
+    port = index.server_address[1]
+    config = SandboxConfig(
+        name="net-pip",
+        network=NetworkPolicy.public_only().allow(Rule.host("pypi.test", ports=[port])),
+        hosts={"pypi.test": "127.0.0.1"},
+    )
+    try:
+        with SyncSandbox.create(config) as sb:
+            out = sb.exec(
+                sys.executable,
+                ["-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+                 "--index-url", f"http://pypi.test:{port}/simple/", "--trusted-host", "pypi.test",
+                 "--target", "/tmp/site",
+                 "msbtiny"],
+                timeout=600,
+            )  # fmt: skip
+            assert out.exit_code == 0, out.stdout_bytes[-2000:] + out.stderr_bytes[-2000:]
+            check = sb.exec(
+                sys.executable,
+                ["-c", "import sys; sys.path.insert(0, '/tmp/site'); import msbtiny; "
+                 "print(msbtiny.ANSWER)"],
+                timeout=120,
+            )  # fmt: skip
+            assert check.stdout_text.strip() == "42"
+            names = {(e.protocol, e.name, e.verdict) for e in sb.network.events()}
+            assert ("tcp", "pypi.test", "allow") in names
+    finally:
+        index.shutdown()
+        index.server_close()

@@ -1,0 +1,98 @@
+"""The shim between QEMU's frames and the WireGuard server: hostile frames are
+dropped, replies are well-formed (no VM; the event log's bounds too).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_microsandbox.runtime.network import NetworkPolicy, NetworkStack
+from pytest_microsandbox.runtime.network._stack import _GUEST_ETH_IP, _GW_IP, _ip_checksum, _Shim
+
+MAC = bytes.fromhex("02aabbccddee")
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self.sent.append((data, addr))
+
+
+def frame(
+    payload: bytes,
+    *,
+    dport: int = 51820,
+    proto: int = 17,
+    flags: int = 0x4000,
+    total: int | None = None,
+    ulen: int | None = None,
+    ethertype: bytes = b"\x08\x00",
+) -> bytes:
+    udp = struct.pack("!HHHH", 40000, dport, ulen if ulen is not None else 8 + len(payload), 0)
+    length = total if total is not None else 20 + len(udp) + len(payload)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, length, 0, flags, 64, proto, 0,
+        _GUEST_ETH_IP.packed, _GW_IP.packed,
+    )  # fmt: skip
+    return bytes(6) + MAC + ethertype + ip + udp + payload
+
+
+@pytest.fixture
+def shim() -> tuple[_Shim, _Sink, _Sink]:
+    s = _Shim(MAC, "/nonexistent/net.qemu")
+    wg, qemu = _Sink(), _Sink()
+    s.wg, s.qemu = wg, qemu  # type: ignore[assignment]
+    return s, wg, qemu
+
+
+def test_only_udp_to_the_endpoint_passes(shim: tuple[_Shim, _Sink, _Sink]) -> None:
+    s, wg, _ = shim
+    for bad in (
+        b"",
+        b"\x00" * 41,
+        frame(b"x", ethertype=b"\x86\xdd"),  # IPv6
+        frame(b"x", proto=6),  # TCP
+        frame(b"x", dport=53),
+        frame(b"x", flags=0x2000),  # a fragment
+        frame(b"x", total=9000),  # longer than the frame
+        frame(b"x", ulen=4000),  # UDP length past the packet
+        frame(b"x", ulen=3),
+    ):
+        s.from_guest(bad)
+    assert wg.sent == []
+    s.from_guest(frame(b"handshake"))
+    assert wg.sent == [(b"handshake", None)]
+
+
+def test_replies_are_well_formed_frames(shim: tuple[_Shim, _Sink, _Sink]) -> None:
+    s, _, qemu = shim
+    s.to_guest(b"early")  # no guest port known yet: dropped
+    assert qemu.sent == []
+    s.from_guest(frame(b"hello"))
+    s.to_guest(b"reply")
+    s.to_guest(b"x" * 2000)  # larger than the link: dropped
+    [(out, addr)] = qemu.sent
+    assert addr == "/nonexistent/net.qemu"
+    assert out[:6] == MAC and out[12:14] == b"\x08\x00"
+    assert _ip_checksum(out[14:34]) == 0  # a valid header sums to zero
+    assert ipaddress.IPv4Address(out[30:34]) == _GUEST_ETH_IP
+    assert struct.unpack("!HH", out[34:38]) == (51820, 40000)
+    assert out[42:] == b"reply"
+
+
+def test_the_event_log_is_bounded(tmp_path: Path) -> None:
+    from pytest_microsandbox.runtime.network import NetworkEvent
+
+    stack = NetworkStack(NetworkPolicy.none(), {"a.test": "127.0.0.1"}, tmp_path)
+    for i in range(10_050):
+        stack._log(NetworkEvent(float(i), "tcp", "1.2.3.4", 80, None, "deny", "x"))
+    events = stack.events()
+    assert len(events) == 10_000 and events[0].time == 50.0
+    assert stack.pinned("a.test") == "198.19.0.1"
