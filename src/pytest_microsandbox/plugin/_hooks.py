@@ -182,7 +182,7 @@ class MicrosandboxPlugin:
             return
         specs = list(dict.fromkeys(i.stash[SPEC_KEY] for i in session.items if SPEC_KEY in i.stash))
         if specs and availability().ok:
-            self.runner().prepare(specs)
+            self.runner().prepare([(spec, self._isolation(spec.isolation)) for spec in specs])
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -225,6 +227,24 @@ def imaged_venv(prefix: Path | None = None, base_prefix: Path | None = None) -> 
     return None if venv == base else venv
 
 
+def _own_output_files() -> list[Path]:
+    """Regular files this process's stdout and stderr write to (``pytest > log``,
+    pytester's captured output): one inside the project grows while the project
+    is imaged, so it stays out of the project's layer.
+    """
+    files = []
+    for fd in (1, 2):
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+        if target.is_absolute() and target.exists():
+            files.append(target.resolve())
+    return files
+
+
 def plan_host_trees(
     *,
     project_root: Path | None,
@@ -258,6 +278,7 @@ def plan_host_trees(
         if _under(cache, root) and cache != root:
             inside.append(cache)
         inside += [root / n for n in PROJECT_EXCLUDE_TOP]
+        inside += [f for f in _own_output_files() if _under(f, root) and f != root]
         specs.insert(
             0,
             _tree_spec(
