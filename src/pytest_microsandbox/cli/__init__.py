@@ -16,13 +16,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import _doctor, _prune, _run, _sandboxes, _snapshot, _target
+from . import _doctor, _prune, _run, _sandboxes, _snapshot, _storage, _target
 from ._common import EXIT_FAILURE, EXIT_INTERRUPTED, error
 
 __all__ = ["COMMANDS", "build_parser", "doctor_main", "main"]
 
 #: The modules whose ``register(subparsers)`` adds the subcommands, in help order.
-COMMANDS = (_run, _target, _sandboxes, _snapshot, _prune, _doctor)
+COMMANDS = (_run, _target, _sandboxes, _snapshot, _storage, _prune, _doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
