@@ -28,9 +28,21 @@ _READ_SIZE = 64 * 1024
 
 
 def terminal_size() -> tuple[int, int]:
-    """(rows, cols) of this process's terminal; 24x80 when there is none."""
-    size = shutil.get_terminal_size((80, 24))
-    return max(1, size.lines), max(1, size.columns)
+    """(rows, cols) of this process's terminal; 24x80 when there is none.
+
+    The terminal itself first, as ssh asks it: ``shutil.get_terminal_size``
+    prefers $LINES/$COLUMNS, which an outer program (pytest, a CI runner) may
+    have exported for a different terminal.
+    """
+    for fd in (1, 0, 2):
+        try:
+            size = os.get_terminal_size(fd)
+        except OSError:
+            continue
+        if size.lines > 0 and size.columns > 0:
+            return size.lines, size.columns
+    fallback = shutil.get_terminal_size((80, 24))
+    return max(1, fallback.lines), max(1, fallback.columns)
 
 
 @contextlib.contextmanager
