@@ -386,24 +386,33 @@ class NetworkStack:
             with contextlib.suppress(OSError):  # "Server has been shut down"
                 stream.close()
 
-    async def _tcp(self, stream: Any) -> None:
-        # The guest's destination: "sockname" of a WireGuard flow ("original_dst"
-        # is the server's own UDP socket).
-        dst_ip, dst_port = stream.get_extra_info("sockname")
-        dest = self._resolve_dest(dst_ip, int(dst_port), "tcp")
+    def _admit(
+        self, dst_ip: str, dst_port: int, proto: Protocol
+    ) -> tuple[Destination, NetworkEvent]:
+        """Decide a flow by the policy and the loopback guard, before any host
+        socket opens; the destination and the logged event (verdict allow/deny).
+        """
+        dest = self._resolve_dest(dst_ip, dst_port, proto)
         decision = self.policy.decide(dest)
         guard = self._guard(dest) if decision.allowed else None
         event = NetworkEvent(
             time.time(),
-            "tcp",
+            proto,
             str(dest.ip),
-            int(dst_port),
+            dst_port,
             dest.name,
             "allow" if decision.allowed and not guard else "deny",
             guard or decision.reason,
         )
         self._log(event)
-        if not decision.allowed or guard:
+        return dest, event
+
+    async def _tcp(self, stream: Any) -> None:
+        # The guest's destination: "sockname" of a WireGuard flow ("original_dst"
+        # is the server's own UDP socket).
+        dst_ip, dst_port = stream.get_extra_info("sockname")
+        dest, event = self._admit(dst_ip, int(dst_port), "tcp")
+        if event.verdict != "allow":
             # smoltcp has already answered the SYN (mitmproxy_rs hands over a
             # flow at its SYN and offers no reset); a close while the handshake
             # is in flight never sends the FIN, so let it finish first. The
@@ -522,20 +531,8 @@ class NetworkStack:
         if ipaddress.ip_address(dst_ip) == DNS_IP and int(dst_port) == 53:
             await self._dns(stream)
             return
-        dest = self._resolve_dest(dst_ip, int(dst_port), "udp")
-        decision = self.policy.decide(dest)
-        guard = self._guard(dest) if decision.allowed else None
-        event = NetworkEvent(
-            time.time(),
-            "udp",
-            str(dest.ip),
-            int(dst_port),
-            dest.name,
-            "allow" if decision.allowed and not guard else "deny",
-            guard or decision.reason,
-        )
-        self._log(event)
-        if not decision.allowed or guard:
+        dest, event = self._admit(dst_ip, int(dst_port), "udp")
+        if event.verdict != "allow":
             return
         loop = asyncio.get_running_loop()
         replies: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
