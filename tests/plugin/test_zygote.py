@@ -182,9 +182,26 @@ def test_a_runner_that_cannot_start_writes_its_exit_and_error_at_once(tmp_path):
     deadline = time.monotonic() + 30
     while not (control / "exited").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.2)  # the exit status is written after the file is created
+    # No wait here: the marker appears whole (written aside, then renamed), so a
+    # host that polls never reads it empty. CI once did, with an empty status.
     assert (control / "exited").read_text().strip() not in ("", "0")
     assert "missing" in (control / "log").read_text()
+
+
+def test_the_exit_marker_carries_the_runner_status_the_moment_it_exists(tmp_path):
+    import subprocess
+    import time
+
+    control = tmp_path / "control"
+    command = _zygote.runner_command(str(tmp_path), ["x"], control=str(control))
+    # The bootstrap cannot run with argument "x": pretend a runner that exits 3.
+    command = command.replace(str(_zygote.GUEST_BOOTSTRAP), '-c "raise SystemExit(3)"')
+    for _ in range(5):
+        assert subprocess.run(["sh", "-c", command], timeout=30).returncode == 0
+        deadline = time.monotonic() + 30
+        while not (control / "exited").exists() and time.monotonic() < deadline:
+            pass
+        assert (control / "exited").read_text().strip() == "3"
 
 
 def test_a_directory_image_is_refused_before_any_vm(tmp_path):
