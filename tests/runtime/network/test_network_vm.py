@@ -46,6 +46,24 @@ for kind, host, port in json.loads(sys.argv[1]):
             s.settimeout(10)
             s.sendto(b"ping", (host, port))
             out.append(["ok", s.recv(100).decode()])
+        elif kind == "dnstcp":  # an A query over TCP to the resolver in resolv.conf
+            ns = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")]
+            qname = b"".join(bytes([len(p)]) + p.encode() for p in host.split(".")) + b"\0"
+            query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + qname + b"\0\1\0\1"
+            s = socket.create_connection((ns[0], 53), timeout=10)
+            for _ in range(2):  # two queries on one connection
+                s.sendall(len(query).to_bytes(2, "big") + query)
+                reply = b""
+                while len(reply) < 2 or len(reply) < 2 + int.from_bytes(reply[:2], "big"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    reply += chunk
+            reply = reply[2:]
+            rcode, answers = reply[3] & 15, int.from_bytes(reply[6:8], "big")
+            addr = socket.inet_ntoa(reply[-4:]) if answers else ""
+            out.append(["ok", f"rcode={rcode} {addr}"])
+            s.close()
         else:
             out.append(["ok", socket.gethostbyname(host)])
     except Exception as exc:
@@ -150,6 +168,19 @@ def test_policy_decides_every_flow_before_a_host_socket_opens(
     echo = next(e for e in events if e.protocol == "tcp" and e.verdict == "allow")
     assert (echo.bytes_out, echo.bytes_in) == (4, 8)
     assert echo.destination == "127.0.0.1"
+
+
+def test_dns_over_tcp_gets_the_same_answers_as_over_udp(net_sandbox: SyncSandbox) -> None:
+    results = run(
+        net_sandbox,
+        [("dnstcp", "echo.test", 0), ("dnstcp", "x.ads.test", 0), ("dns", "echo.test", 0)],
+    )
+    pin = net_sandbox.network.pinned("echo.test")
+    assert results[0] == ["ok", f"rcode=0 {pin}"]
+    assert results[1] == ["ok", "rcode=3 "]  # NXDOMAIN: the blocked suffix
+    assert results[2] == ["ok", pin]
+    dns = [(e.name, e.verdict) for e in net_sandbox.network.events() if e.protocol == "dns"]
+    assert dns.count(("x.ads.test", "deny")) >= 2  # both TCP queries were decided
 
 
 def test_network_none_has_an_interface_and_denies_everything(servers: dict[str, int]) -> None:

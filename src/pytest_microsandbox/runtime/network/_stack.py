@@ -411,6 +411,9 @@ class NetworkStack:
         # The guest's destination: "sockname" of a WireGuard flow ("original_dst"
         # is the server's own UDP socket).
         dst_ip, dst_port = stream.get_extra_info("sockname")
+        if ipaddress.ip_address(dst_ip) == DNS_IP and int(dst_port) == 53:
+            await self._dns_tcp(stream)
+            return
         dest, event = self._admit(dst_ip, int(dst_port), "tcp")
         if event.verdict != "allow":
             # smoltcp has already answered the SYN (mitmproxy_rs hands over a
@@ -580,22 +583,50 @@ class NetworkStack:
                 return
             if not query:
                 return
-            reply, events = await answer_query(
-                query,
-                self.policy,
-                self._pins,
-                None if _loopback_only() else resolve_host,
-            )
-            for name, verdict, reason, addrs in events:
-                self._log(
-                    NetworkEvent(time.time(), "dns", ",".join(addrs), 53, name, verdict, reason)
-                )
-                for addr in addrs:
-                    ip = ipaddress.ip_address(addr)
-                    if ip not in self._by_pin and len(self._names) < _MAX_NAMES:
-                        self._names[ip] = name
+            reply = await self._answer_dns(query)
             if reply is not None:
                 stream.write(reply)
+
+    async def _dns_tcp(self, stream: Any) -> None:
+        """DNS over TCP (RFC 7766: each message after its 2-byte length), the
+        resolver a guest falls back to for a truncated answer or asks outright
+        (``dig +tcp``, ``options use-vc``). The same answers as over UDP.
+        """
+        buf = b""
+        try:
+            while True:
+                while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
+                    data = await asyncio.wait_for(stream.read(_READ), _UDP_IDLE_S)
+                    if not data:
+                        return
+                    buf += data
+                size = int.from_bytes(buf[:2], "big")
+                query, buf = buf[2 : 2 + size], buf[2 + size :]
+                reply = await self._answer_dns(query)
+                if reply is None:
+                    return  # not DNS: the stream is out of step, close it
+                stream.write(len(reply).to_bytes(2, "big") + reply)
+                await stream.drain()
+        except (asyncio.TimeoutError, OSError, ConnectionError):
+            return
+
+    async def _answer_dns(self, query: bytes) -> bytes | None:
+        """The reply to one DNS message (None: unparsable), its events logged and
+        the names it answered remembered for domain rules.
+        """
+        reply, events = await answer_query(
+            query,
+            self.policy,
+            self._pins,
+            None if _loopback_only() else resolve_host,
+        )
+        for name, verdict, reason, addrs in events:
+            self._log(NetworkEvent(time.time(), "dns", ",".join(addrs), 53, name, verdict, reason))
+            for addr in addrs:
+                ip = ipaddress.ip_address(addr)
+                if ip not in self._by_pin and len(self._names) < _MAX_NAMES:
+                    self._names[ip] = name
+        return reply
 
     async def aclose(self) -> None:
         """Stop accepting flows, close every host socket. Idempotent."""
