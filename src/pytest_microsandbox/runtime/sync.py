@@ -36,7 +36,7 @@ from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
 from .images import ImageConfig
-from .network import NetworkPolicy, NetworkStack
+from .network import NetworkPolicy, NetworkStack, Secret
 from .pty import PtySession
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
@@ -158,6 +158,7 @@ class SyncSandbox:
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
         network: NetworkPolicy | str | None = None,
         disable_network: bool = False,
+        secrets: Sequence[Secret] | None = None,
     ) -> SyncSandbox:
         """Start a sandbox from a named snapshot (see :meth:`Sandbox.restore`)."""
 
@@ -168,6 +169,7 @@ class SyncSandbox:
                 volumes=volumes,
                 network=network,
                 disable_network=disable_network,
+                secrets=secrets,
             )
 
         return cls._start(factory)

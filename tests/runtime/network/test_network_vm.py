@@ -8,10 +8,12 @@ policy serves most tests; one guest Python run checks several destinations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
 import mmap
+import os
 import select
 import socket
 import socketserver
@@ -26,7 +28,7 @@ import anyio
 import pytest
 import trustme
 
-from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SyncSandbox
+from pytest_microsandbox.runtime import ConfigError, Sandbox, SandboxConfig, SyncSandbox
 from pytest_microsandbox.runtime.network import NetworkPolicy, Rule, Secret
 
 pytestmark = pytest.mark.vm
@@ -349,6 +351,71 @@ def test_a_secret_reaches_only_its_host_and_never_the_guest_memory(tmp_path: Pat
             server.shutdown()
             server.server_close()
         dump.unlink(missing_ok=True)
+
+
+GUEST_HTTP_FILE = r"""
+import sys, urllib.request
+key = open("/tmp/key").read()  # the placeholder the capture's guest wrote
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + key})
+try:
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        print(resp.status, resp.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
+
+
+def test_secrets_are_passed_again_to_a_restore_and_its_placeholders_keep_working() -> None:
+    from pytest_microsandbox.snapshots import get_snapshot, remove_snapshot
+
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    port = api.server_address[1]
+    secret = Secret.env("API_KEY", value=SECRET, allow_hosts=["api.test"])
+    config = SandboxConfig(
+        name="net-secret-restore",
+        network=NetworkPolicy.public_only().allow(Rule.cidr("127.0.0.1/32", ports=[port])),
+        hosts={"api.test": "127.0.0.1"},
+        secrets=[secret],
+    )
+    snap = f"net-secret-{os.getpid()}"
+    url = f"http://api.test:{port}/"
+
+    def call(sb: SyncSandbox) -> str:
+        out = sb.exec(sys.executable, ["-c", GUEST_HTTP_FILE, url], timeout=300)
+        assert out.exit_code == 0, out.stderr_bytes[-2000:]
+        return out.stdout_text.strip()
+
+    try:
+        with SyncSandbox.create(config) as sb:
+            sb.exec("/bin/sh", ["-c", "printf %s $API_KEY > /tmp/key"])
+            with sb.fork(snap) as child:  # a fork keeps its parent's secrets
+                assert call(child) == "200 authorized"
+            # The capture holds the placeholder, and no file of it the value.
+            entry = get_snapshot(snap)
+            assert entry.meta.secret_placeholders == {
+                "API_KEY": sb.network.secrets.env()["API_KEY"]
+            }
+            for path in entry.path.iterdir():
+                if path.is_file() and path.stat().st_size:
+                    with (
+                        open(path, "rb") as f,
+                        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m,
+                    ):
+                        assert m.find(SECRET.encode()) == -1, path
+        # A restore must be given the secrets again: their values are on no disk.
+        with pytest.raises(ConfigError, match=r"captured with secret\(s\) API_KEY"):
+            SyncSandbox.restore(snap)
+        with SyncSandbox.restore(snap, secrets=[secret]) as restored:
+            assert call(restored) == "200 authorized"
+            placeholder = restored.fs().read("/tmp/key")
+            env = restored.exec("/bin/sh", ["-c", "printf %s $API_KEY"]).stdout_bytes
+            assert env == placeholder  # new commands get the same placeholder
+    finally:
+        with contextlib.suppress(Exception):
+            remove_snapshot(snap)
+        api.shutdown()
+        api.server_close()
 
 
 def test_pip_installs_a_wheel_from_an_index_on_the_host_loopback(tmp_path: Path) -> None:
