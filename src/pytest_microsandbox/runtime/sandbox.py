@@ -75,7 +75,7 @@ from .config import SandboxConfig, Volume
 from .images import SCRIPTS_DIR, ImageConfig, image_config_for, imaged_venv
 from .lifetime import current_runtime
 from .network import NetworkPolicy, NetworkStack, PortPublisher, Secret, SecretSubstituter
-from .network._ports import RELAY_ARGS, RELAY_PROGRAM
+from .network._ports import RELAY_ARGS, RELAY_PROGRAM, RELAY_UDP_ARGS
 from .network._tls import ensure_ca
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .pty import PTY_WINDOW, PtySession
@@ -773,9 +773,10 @@ class Sandbox:
                 await self._publish_ports()
 
     async def _publish_ports(self) -> None:
-        async def start_relay(guest_port: int) -> ExecHandle:
+        async def start_relay(guest_port: int, protocol: str) -> ExecHandle:
+            flag = RELAY_UDP_ARGS if protocol == "udp" else RELAY_ARGS
             return await self.exec_stream(
-                RELAY_PROGRAM, [RELAY_ARGS, str(guest_port)], stdin=True, user="0"
+                RELAY_PROGRAM, [flag, str(guest_port)], stdin=True, user="0"
             )
 
         publisher = PortPublisher(self.config.ports, start_relay)
@@ -784,8 +785,10 @@ class Sandbox:
         self._ports = publisher
 
     @property
-    def published_ports(self) -> dict[int, int]:
-        """guest port -> the host 127.0.0.1 port that reaches it (``config.ports``)."""
+    def published_ports(self) -> dict[int | str, int]:
+        """guest port (a ``config.ports`` key: 8080 for TCP, "5353/udp") -> the host
+        127.0.0.1 port that reaches it.
+        """
         return {} if self._ports is None else self._ports.bound
 
     async def _start_network(self, policy: NetworkPolicy) -> None:

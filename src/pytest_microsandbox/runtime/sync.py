@@ -213,7 +213,7 @@ class SyncSandbox:
         return self._sandbox.pid
 
     @property
-    def published_ports(self) -> dict[int, int]:
+    def published_ports(self) -> dict[int | str, int]:
         """guest port -> host 127.0.0.1 port (see :attr:`Sandbox.published_ports`)."""
         return self._sandbox.published_ports
 

@@ -261,6 +261,42 @@ def test_a_published_port_reaches_the_guest_and_a_taken_one_is_refused() -> None
             SyncSandbox.create(SandboxConfig(name="net-ports-2", ports={8080: host_port}))
 
 
+GUEST_UDP_SERVER = r"""
+import socket
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.bind(("127.0.0.1", 5353))
+while True:
+    data, peer = srv.recvfrom(65535)
+    srv.sendto(b"guest:" + data, peer)
+"""
+
+
+def test_a_published_udp_port_relays_each_host_peers_datagrams() -> None:
+    config = SandboxConfig(name="net-udp", ports={"5353/udp": 0})
+    with SyncSandbox.create(config) as sb:
+        host_port = sb.published_ports["5353/udp"]
+        sb.fs().write("/tmp/udp.py", GUEST_UDP_SERVER.encode())
+        sb.exec("/bin/sh", ["-c", f"{sys.executable} /tmp/udp.py >/dev/null 2>&1 &"])
+        peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        try:
+            for i, peer in enumerate(peers):
+                peer.settimeout(2)
+                reply = b""
+                for _ in range(90):  # until the guest's server is up (datagrams before are lost)
+                    peer.sendto(b"hello%d" % i, ("127.0.0.1", host_port))
+                    with contextlib.suppress(TimeoutError, socket.timeout):
+                        reply = peer.recv(100)
+                        break
+                assert reply == b"guest:hello%d" % i  # to this peer, not the other
+            big = bytes(range(256)) * 200  # one 51200-byte datagram, whole
+            peers[0].settimeout(30)
+            peers[0].sendto(big, ("127.0.0.1", host_port))
+            assert peers[0].recv(65535) == b"guest:" + big
+        finally:
+            for peer in peers:
+                peer.close()
+
+
 SECRET = "sk-test-Zq8RxW2vLp5KmN0aBcDeFgHi"
 
 GUEST_HTTP = r"""

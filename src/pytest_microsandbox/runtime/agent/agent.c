@@ -2877,11 +2877,67 @@ static int connect_relay(const char *port_text)
 	}
 }
 
+/*
+ * `agent --connect-udp PORT`: the UDP form of --connect, for one host peer of
+ * a published UDP port.  Datagrams cross stdin/stdout each after its 2-byte
+ * big-endian length; a connected socket to 127.0.0.1:PORT sends them and
+ * reads the replies.  Ends when stdin closes (the host's idle timeout).
+ */
+static int connect_udp_relay(const char *port_text)
+{
+	char *end;
+	long port = strtol(port_text, &end, 10);
+	if (*end || port < 1 || port > 65535)
+		return 2;
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (s < 0 || connect(s, (struct sockaddr *)&sin, sizeof sin) < 0)
+		return 1;
+	struct pollfd p[2] = {{.fd = 0, .events = POLLIN}, {.fd = s, .events = POLLIN}};
+	static char in[2 * 65538], out[2 + 65535];
+	size_t have = 0;
+	for (;;) {
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return 1;
+		}
+		if (p[0].revents) {
+			ssize_t n = read(0, in + have, sizeof in - have);
+			if (n <= 0)
+				return 0;
+			have += (size_t)n;
+			size_t at = 0;
+			while (have - at >= 2) {
+				size_t len = ((size_t)(unsigned char)in[at] << 8) | (unsigned char)in[at + 1];
+				if (have - at < 2 + len)
+					break;
+				/* Nothing listens (yet): the datagram is lost, as UDP's would be. */
+				(void)send(s, in + at + 2, len, 0);
+				at += 2 + len;
+			}
+			memmove(in, in + at, have - at);
+			have -= at;
+		}
+		if (p[1].revents) {
+			ssize_t n = recv(s, out + 2, sizeof out - 2, 0);
+			if (n < 0)
+				continue; /* ECONNREFUSED from an earlier send: ignore */
+			out[0] = (char)((n >> 8) & 0xff);
+			out[1] = (char)(n & 0xff);
+			write_all_fd(1, out, (size_t)n + 2);
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	signal(SIGPIPE, SIG_IGN);
 	if (argc == 3 && !strcmp(argv[1], "--connect"))
 		return connect_relay(argv[2]);
+	if (argc == 3 && !strcmp(argv[1], "--connect-udp"))
+		return connect_udp_relay(argv[2]);
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--serve-fd") && i + 1 < argc) {
 			port_fd = atoi(argv[++i]);
