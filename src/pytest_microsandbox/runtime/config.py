@@ -682,8 +682,6 @@ class SandboxConfig(BaseModel):
                 raise ValueError(
                     f"hosts[{name!r}]={addr!r} is not an IP address: pin names to addresses"
                 ) from None
-            if ip.version != 4:
-                raise ValueError(f"hosts[{name!r}]={addr!r}: only IPv4 pins are supported")
             out[key] = str(ip)
         if len(out) > 60000:
             raise ValueError("more than 60000 pinned names")

@@ -43,6 +43,14 @@ for kind, host, port in json.loads(sys.argv[1]):
             s.sendall(b"ping")
             out.append(["ok", s.recv(100).decode()])
             s.close()
+        elif kind == "tcp6":  # by name (AAAA) or literal, over IPv6 only
+            addr = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_STREAM)[0][4]
+            s = socket.socket(socket.AF_INET6)
+            s.settimeout(10)
+            s.connect(addr)
+            s.sendall(b"ping")
+            out.append(["ok", s.recv(100).decode()])
+            s.close()
         elif kind == "udp":
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.settimeout(10)
@@ -84,23 +92,29 @@ class _Echo(socketserver.BaseRequestHandler):
             self.request.sendall(b"tcp:" + data)
 
 
+class _Tcp6Server(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
+
+
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, socket.socket | int]]:
     tcp = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    tcp6 = _Tcp6Server(("::1", 0), _Echo)
     udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), _Echo)
     # A listener nobody accepts on: a denied connection must never reach it.
     trap = socket.socket()
     trap.bind(("127.0.0.1", 0))
     trap.listen(8)
-    for server in (tcp, udp):
+    for server in (tcp, udp, tcp6):
         threading.Thread(target=server.serve_forever, daemon=True).start()
     yield {
         "tcp": tcp.server_address[1],
+        "tcp6": tcp6.server_address[1],
         "udp": udp.server_address[1],
         "trap": trap.getsockname()[1],
         "trap_socket": trap,
     }
-    for server in (tcp, udp):
+    for server in (tcp, udp, tcp6):
         server.shutdown()
         server.server_close()
     trap.close()
@@ -111,6 +125,7 @@ HOSTS = {
     "trap.test": "127.0.0.1",
     "x.ads.test": "127.0.0.1",
     "udp.test": "127.0.0.1",
+    "v6.test": "::1",  # the host's IPv6 loopback, reached from the guest's IPv6
 }
 
 
@@ -121,6 +136,7 @@ def net_sandbox(servers: dict[str, int]) -> Iterator[SyncSandbox]:
         .deny(Rule.domain_suffix(".ads.test"))
         .allow(Rule.host("echo.test", ports=[servers["tcp"]], protocol="tcp"))
         .allow(Rule.host("udp.test", protocol="udp"))
+        .allow(Rule.host("v6.test", protocol="tcp"))
     )
     config = SandboxConfig(name="net", network=policy, hosts=HOSTS)
     with SyncSandbox.create(config) as sb:
@@ -185,6 +201,39 @@ def test_dns_over_tcp_gets_the_same_answers_as_over_udp(net_sandbox: SyncSandbox
     assert dns.count(("x.ads.test", "deny")) >= 2  # both TCP queries were decided
 
 
+def test_ipv6_in_the_guest_is_decided_by_the_host_like_ipv4(
+    net_sandbox: SyncSandbox, servers: dict[str, int]
+) -> None:
+    addrs = net_sandbox.fs().read("/proc/net/if_inet6").decode()
+    wg0 = [line.split()[0] for line in addrs.splitlines() if line.split()[-1] == "wg0"]
+    assert len(wg0) == 1 and wg0[0].startswith("2001000200000000")  # 2001:2::/64
+    routes = net_sandbox.fs().read("/proc/net/ipv6_route").decode().splitlines()
+    assert any(r.startswith("0" * 32 + " 00 ") and r.split()[-1] == "wg0" for r in routes)
+    trap_pin6 = net_sandbox.network.pinned("trap.test", ipv6=True)
+    results = run(
+        net_sandbox,
+        [
+            ("tcp6", "v6.test", servers["tcp6"]),  # AAAA pin -> host ::1, allowed by name
+            ("tcp6", "fd00::1", servers["tcp6"]),  # ULA: private
+            ("tcp6", "2001:db8::1", servers["tcp6"]),  # documentation: special
+            ("tcp6", str(trap_pin6), servers["trap"]),  # pinned to 127.0.0.1, no rule
+        ],
+    )
+    assert results[0] == ["ok", "tcp:ping"], results
+    for denied in results[1:]:
+        assert denied in (["ok", ""], ["error", "ConnectionResetError"]), results
+    readable, _, _ = select.select([servers["trap_socket"]], [], [], 0)
+    assert not readable, "a denied connection reached the host listener"
+    events = net_sandbox.network.events()
+    by = {(e.protocol, e.destination, e.port, e.verdict) for e in events}
+    assert ("tcp", "::1", servers["tcp6"], "allow") in by
+    assert ("tcp", "fd00::1", servers["tcp6"], "deny") in by
+    assert ("tcp", "2001:db8::1", servers["tcp6"], "deny") in by
+    assert ("tcp", "127.0.0.1", servers["trap"], "deny") in by
+    reasons = {e.destination: e.reason for e in events if e.verdict == "deny"}
+    assert "private" in reasons["fd00::1"] and "special" in reasons["2001:db8::1"]
+
+
 def test_network_none_has_an_interface_and_denies_everything(servers: dict[str, int]) -> None:
     config = SandboxConfig(name="net-none", network="none", hosts=HOSTS)
     with SyncSandbox.create(config) as sb:
@@ -209,6 +258,16 @@ def test_live_clones_share_no_identity_and_a_fork_has_network(
         assert run(child, [("tcp", "echo.test", servers["tcp"])]) == [["ok", "tcp:ping"]]
         macs = {sb.fs().read("/sys/class/net/eth0/address") for sb in (net_sandbox, child)}
         assert len(macs) == 2
+        # wg0's IPv6 address is fresh too, the parent's gone from the child's wg0.
+        v6 = [
+            [
+                line.split()[0]
+                for line in sb.fs().read("/proc/net/if_inet6").decode().splitlines()
+                if line.split()[-1] == "wg0"
+            ]
+            for sb in (net_sandbox, child)
+        ]
+        assert len(v6[0]) == len(v6[1]) == 1 and v6[0] != v6[1], v6
         assert child.network is not net_sandbox.network
     # The parent's network still works after its child went away.
     assert run(net_sandbox, [("tcp", "echo.test", servers["tcp"])]) == [["ok", "tcp:ping"]]
