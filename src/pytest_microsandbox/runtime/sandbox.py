@@ -74,8 +74,8 @@ from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
 from .images import SCRIPTS_DIR, ImageConfig, image_config_for, imaged_venv
 from .lifetime import current_runtime
-from .network import NetworkPolicy, NetworkStack, PortPublisher, SecretSubstituter
-from .network._ports import RELAY_ARGS, RELAY_PROGRAM
+from .network import NetworkPolicy, NetworkStack, PortPublisher, Secret, SecretSubstituter
+from .network._ports import RELAY_ARGS, RELAY_PROGRAM, RELAY_UDP_ARGS
 from .network._tls import ensure_ca
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .pty import PTY_WINDOW, PtySession
@@ -541,6 +541,8 @@ class Sandbox:
         self._recent = RecentExecs()
         self._base_env: dict[str, str] | None = None
         self._network: NetworkStack | None = None
+        #: Secret placeholders to keep (env var -> placeholder): a restore's or fork's.
+        self._placeholders: dict[str, str] = {}
         self._ports: PortPublisher | None = None
         self.boot_seconds = 0.0
         # Lifecycle (pause, drain, host timers, the state store).
@@ -720,12 +722,23 @@ class Sandbox:
         await handle.remove(timeout=timeout)
 
     @classmethod
-    async def from_session(cls, config: SandboxConfig, session: GuestSession) -> Sandbox:
+    async def from_session(
+        cls,
+        config: SandboxConfig,
+        session: GuestSession,
+        *,
+        secret_placeholders: Mapping[str, str] | None = None,
+    ) -> Sandbox:
         """Take over a provisioned guest: give it the host clock, a fresh RNG seed
         and its hostname, mount ``config.volumes``, return the sandbox. The
         session is closed if that fails.
+
+        ``secret_placeholders`` (env var -> placeholder) are those the guest
+        already holds (a restored snapshot's, a fork's parent's): the secrets of
+        ``config`` keep them instead of drawing new ones.
         """
         sandbox = cls(config, session)
+        sandbox._placeholders = dict(secret_placeholders or {})
         try:
             await sandbox._configure_guest()
         except BaseException:
@@ -760,9 +773,10 @@ class Sandbox:
                 await self._publish_ports()
 
     async def _publish_ports(self) -> None:
-        async def start_relay(guest_port: int) -> ExecHandle:
+        async def start_relay(guest_port: int, protocol: str) -> ExecHandle:
+            flag = RELAY_UDP_ARGS if protocol == "udp" else RELAY_ARGS
             return await self.exec_stream(
-                RELAY_PROGRAM, [RELAY_ARGS, str(guest_port)], stdin=True, user="0"
+                RELAY_PROGRAM, [flag, str(guest_port)], stdin=True, user="0"
             )
 
         publisher = PortPublisher(self.config.ports, start_relay)
@@ -771,8 +785,10 @@ class Sandbox:
         self._ports = publisher
 
     @property
-    def published_ports(self) -> dict[int, int]:
-        """guest port -> the host 127.0.0.1 port that reaches it (``config.ports``)."""
+    def published_ports(self) -> dict[int | str, int]:
+        """guest port (a ``config.ports`` key: 8080 for TCP, "5353/udp") -> the host
+        127.0.0.1 port that reaches it.
+        """
         return {} if self._ports is None else self._ports.bound
 
     async def _start_network(self, policy: NetworkPolicy) -> None:
@@ -784,7 +800,9 @@ class Sandbox:
             policy,
             self.config.hosts,
             self._vm.spec.run_dir,
-            SecretSubstituter(self.config.secrets) if self.config.secrets else None,
+            SecretSubstituter(self.config.secrets, self._placeholders)
+            if self.config.secrets
+            else None,
             cache_dir=self.config.cache_dir,
             upstream_ca_certs=self.config.upstream_ca_certs,
         )
@@ -838,6 +856,7 @@ class Sandbox:
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
         network: NetworkPolicy | str | None = None,
         disable_network: bool = False,
+        secrets: Sequence[Secret] | None = None,
     ) -> Sandbox:
         """Start a sandbox from a named snapshot (or a snapshot directory's path).
 
@@ -846,9 +865,15 @@ class Sandbox:
         captured network policy, ``disable_network=True`` drops it; each restore
         gets a fresh network identity (key, MAC, address).
 
+        ``secrets``: a snapshot stores no secret value (only the placeholders the
+        guest holds), so a snapshot of a sandbox with secrets is restored with
+        them passed again (same ``env_var``; the placeholders in the guest keep
+        working), or with ``disable_network=True``.
+
         :raises SnapshotNotFoundError: there is no such snapshot.
         :raises SnapshotError: it is broken or the restore failed.
-        :raises ConfigError: a volume is invalid.
+        :raises ConfigError: a volume is invalid, or a secret of the capture is
+            not passed again.
         """
         return await _snapshotter().restore(
             name_or_path,
@@ -856,6 +881,7 @@ class Sandbox:
             volumes=volumes,
             network=network,
             disable_network=disable_network,
+            secrets=secrets,
         )
 
     async def snapshot(self, name: str) -> Path:

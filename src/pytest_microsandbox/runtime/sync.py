@@ -36,7 +36,7 @@ from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
 from .images import ImageConfig
-from .network import NetworkPolicy, NetworkStack
+from .network import NetworkPolicy, NetworkStack, Secret
 from .pty import PtySession
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
@@ -158,6 +158,7 @@ class SyncSandbox:
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
         network: NetworkPolicy | str | None = None,
         disable_network: bool = False,
+        secrets: Sequence[Secret] | None = None,
     ) -> SyncSandbox:
         """Start a sandbox from a named snapshot (see :meth:`Sandbox.restore`)."""
 
@@ -168,6 +169,7 @@ class SyncSandbox:
                 volumes=volumes,
                 network=network,
                 disable_network=disable_network,
+                secrets=secrets,
             )
 
         return cls._start(factory)
@@ -211,7 +213,7 @@ class SyncSandbox:
         return self._sandbox.pid
 
     @property
-    def published_ports(self) -> dict[int, int]:
+    def published_ports(self) -> dict[int | str, int]:
         """guest port -> host 127.0.0.1 port (see :attr:`Sandbox.published_ports`)."""
         return self._sandbox.published_ports
 
