@@ -4,8 +4,10 @@ puts the real value into traffic to the secret's allowed hosts only.
 The placeholder is random per sandbox and as long as the value (at least 24
 characters), so substituting it keeps HTTP lengths right. A flow to any other
 host that carries a placeholder is closed and logged. Substitution works on
-the bytes the host relays: plain TCP, and TLS only once it is intercepted (not
-done yet: see docs/network.md).
+the bytes the host relays: plain TCP, and TLS once the host intercepts it
+with its per-cache CA (``_tls.py``). A restore keeps the snapshot's
+placeholders (recorded in its metadata, never the values) and takes the
+values again from its caller.
 """
 
 from __future__ import annotations
