@@ -31,6 +31,7 @@ from ._confined import DEFAULT_COPY_MAX_BYTES, DEFAULT_COPY_MAX_ENTRIES
 from ._diagnostics import DIAGNOSTICS_TIMEOUT_S
 from ._limits import OnOutputLimit
 from ._remote import RemoteSandbox, RemoteSandboxFs, SandboxHandle
+from ._remote_stream import RemoteExecHandle, RemotePtySession
 from ._state import SandboxStatus
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
@@ -411,7 +412,7 @@ class SyncSandbox:
 class SyncExecHandle:
     """Blocking twin of :class:`ExecHandle`: iterate events, feed stdin, signal, wait."""
 
-    def __init__(self, portal: BlockingPortal, handle: ExecHandle) -> None:
+    def __init__(self, portal: BlockingPortal, handle: ExecHandle | RemoteExecHandle) -> None:
         self._portal = portal
         self._handle = handle
         self._events = handle.__aiter__()
@@ -451,7 +452,7 @@ class SyncExecHandle:
 class SyncPtySession:
     """Blocking twin of :class:`~.pty.PtySession` (``with`` kills a command still running)."""
 
-    def __init__(self, portal: BlockingPortal, session: PtySession) -> None:
+    def __init__(self, portal: BlockingPortal, session: PtySession | RemotePtySession) -> None:
         self._portal = portal
         self._session = session
 
@@ -640,6 +641,58 @@ class SyncRemoteSandbox:
 
     def shell(self, script: str, **kwargs: Any) -> ExecOutput:
         return self.exec(self.config.shell, ["-c", script], **kwargs)
+
+    def exec_stream(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> SyncExecHandle:
+        """Blocking :meth:`RemoteSandbox.exec_stream`."""
+
+        async def run() -> RemoteExecHandle:
+            return await self._remote.exec_stream(
+                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
+            )
+
+        return SyncExecHandle(self._portal, self._portal.call(run))
+
+    def pty(
+        self,
+        cmd: str = "/bin/sh",
+        args: Sequence[str] = (),
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> SyncPtySession:
+        """Blocking :meth:`RemoteSandbox.pty`."""
+
+        async def run() -> RemotePtySession:
+            return await self._remote.pty(
+                cmd, args, rows=rows, cols=cols, env=env, cwd=cwd, user=user, timeout=timeout
+            )
+
+        return SyncPtySession(self._portal, self._portal.call(run))
+
+    def snapshot(self, name: str) -> Path:
+        return self._portal.call(self._remote.snapshot, name)
+
+    def fork(
+        self, name: str | None = None, *, sandbox_name: str | None = None
+    ) -> SyncRemoteSandbox:
+        async def run() -> RemoteSandbox:
+            return await self._remote.fork(name, sandbox_name=sandbox_name)
+
+        return SyncRemoteSandbox(self._portal, self._portal.call(run))
 
     def fs(self) -> SyncRemoteSandboxFs:
         return SyncRemoteSandboxFs(self._portal, self._remote.fs())
