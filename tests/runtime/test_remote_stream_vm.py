@@ -77,7 +77,7 @@ def test_pty_session_through_the_supervisor(remote: SyncRemoteSandbox) -> None:
         session.write(b"\x03")  # Ctrl-C ends the sleep, not the shell
         session.write("exit 5\n")
         assert session.wait() == 5
-    with pytest.raises(ValueError, match="1..65535"):
+    with pytest.raises(ValueError, match=r"1\.\.65535"):
         remote.pty("/bin/sh", rows=0)
 
 
