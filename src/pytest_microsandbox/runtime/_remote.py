@@ -96,7 +96,10 @@ def _b64(data: bytes) -> str:
 def _unb64(text: object) -> bytes:
     if not isinstance(text, str):
         raise ProtocolError("expected base64 text in a control message")
-    return base64.b64decode(text, validate=True)
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error
+        raise ProtocolError(f"bad base64 in a control message: {exc}") from None
 
 
 def error_from(message: Mapping[str, Any]) -> SandboxError:
