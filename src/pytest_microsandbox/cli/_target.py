@@ -128,10 +128,10 @@ async def open_target(name: str) -> AsyncIterator[Sandbox | RemoteSandbox]:
         return
     try:
         sandbox = await restore_snapshot(name, name=f"msb-cli-{os.getpid()}")
-    except SnapshotNotFoundError:
+    except SnapshotNotFoundError as exc:
         raise SnapshotNotFoundError(
             f"{name!r} is neither a running sandbox (microsandbox ls lists them) nor a "
-            "snapshot (microsandbox snapshot ls lists them)"
+            f"snapshot ({exc.message}; microsandbox snapshot ls lists them)"
         ) from None
     try:
         yield sandbox
