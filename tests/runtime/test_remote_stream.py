@@ -24,6 +24,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from pytest_microsandbox.runtime import (
     CommandNotFoundError,
     Exited,
+    OutputLimitError,
     ProtocolError,
     Sandbox,
     SandboxConfig,
@@ -205,3 +206,18 @@ def test_the_client_validates_what_the_supervisor_sends() -> None:
         with pytest.raises(ProtocolError):
             _exit_of({"x": exit_})
     assert issubclass(ProtocolError, SandboxError) and json.dumps(Stdout.__name__)
+
+
+def test_remote_exec_output_cap_is_applied_and_its_error_kept(tmp_path: Path) -> None:
+    async def body(sb: Sandbox, remote: RemoteSandbox) -> None:
+        cut = await remote.exec("head", ["-c", "100", "/dev/zero"], max_output=10,
+                                on_output_limit="truncate")  # fmt: skip
+        assert (len(cut.stdout), cut.truncated) == (10, True)
+        with pytest.raises(OutputLimitError) as info:
+            await remote.exec("head", ["-c", "100", "/dev/zero"], max_output=10)
+        assert info.value.limit == 10
+        async with await remote.exec_stream("head", ["-c", "100", "/dev/zero"]) as handle:
+            with pytest.raises(OutputLimitError):
+                await handle.wait(max_output=10)
+
+    run(tmp_path, body)

@@ -38,12 +38,14 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from . import _exceptions
 from ._exceptions import (
+    OutputLimitError,
     ProtocolError,
     SandboxError,
     SandboxExistsError,
     SandboxNotFoundError,
     SandboxNotRunningError,
 )
+from ._limits import OnOutputLimit
 from ._state import SandboxRecord, SandboxStatus, StateStore, process_alive, process_start
 from .agent.results import DirEntry, FileKind
 from .config import SandboxConfig
@@ -107,6 +109,9 @@ def error_from(message: Mapping[str, Any]) -> SandboxError:
     kind = message.get("error")
     text = str(message.get("message", "the supervisor reported an error"))
     cls = getattr(_exceptions, kind, None) if isinstance(kind, str) else None
+    if isinstance(cls, type) and issubclass(cls, OutputLimitError):
+        limit = message.get("limit")
+        return cls(text, limit=limit if type(limit) is int else 0)
     if isinstance(cls, type) and issubclass(cls, SandboxError):
         with contextlib.suppress(TypeError):
             return cls(text)
@@ -393,8 +398,12 @@ class RemoteSandbox:
         user: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | None = None,
+        max_output: int | None = None,
+        on_output_limit: OnOutputLimit | None = None,
     ) -> ExecOutput:
-        """Run a command to completion (see :meth:`Sandbox.exec`)."""
+        """Run a command to completion (see :meth:`Sandbox.exec`; the output cap
+        applies in the supervisor).
+        """
         from .sandbox import ExecOutput
 
         data = stdin.encode() if isinstance(stdin, str) else stdin
@@ -407,6 +416,8 @@ class RemoteSandbox:
             user=user,
             timeout=timeout,
             stdin=None if data is None else _b64(data),
+            max_output=max_output,
+            on_output_limit=on_output_limit,
         )
         if not isinstance(result, dict):
             raise ProtocolError("the supervisor's exec answer is not an object")

@@ -33,7 +33,7 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from ._exceptions import ConfigError, ProtocolError, SandboxError
+from ._exceptions import ConfigError, OutputLimitError, ProtocolError, SandboxError
 from ._remote import _b64, _unb64, read_line, write_line
 from ._remote_stream import STREAM_OPS, open_relay
 from ._state import StateStore
@@ -80,6 +80,8 @@ class _Server:
                 result = await self.dispatch(str(op), request)
             except SandboxError as exc:
                 answer = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+                if isinstance(exc, OutputLimitError):
+                    answer["limit"] = exc.limit
             except (TypeError, ValueError, KeyError) as exc:
                 answer = {"ok": False, "error": "ProtocolError", "message": f"bad {op}: {exc!r}"}
             else:
@@ -124,6 +126,8 @@ class _Server:
                 user=args.get("user"),
                 timeout=args.get("timeout"),
                 stdin=None if stdin is None else _unb64(stdin),
+                max_output=args.get("max_output"),
+                on_output_limit=args.get("on_output_limit"),
             )
             return {
                 "exit_code": out.exit_code,

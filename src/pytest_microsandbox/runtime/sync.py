@@ -68,13 +68,104 @@ class _Lifetime:
         await self._stack.aclose()
 
 
-class SyncSandbox:
+class _SyncCommands:
+    """The command methods :class:`SyncSandbox` and :class:`SyncRemoteSandbox`
+    share: the same signatures over a local or a detached sandbox.
+    """
+
+    _portal: BlockingPortal
+
+    @property
+    def _target(self) -> Sandbox | RemoteSandbox:
+        raise NotImplementedError
+
+    def exec(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+        max_output: int | None = None,
+        on_output_limit: OnOutputLimit | None = None,
+    ) -> ExecOutput:
+        """Blocking :meth:`Sandbox.exec`: run a command to completion."""
+
+        async def run() -> ExecOutput:
+            return await self._target.exec(
+                cmd,
+                args,
+                env=env,
+                cwd=cwd,
+                user=user,
+                timeout=timeout,
+                stdin=stdin,
+                max_output=max_output,
+                on_output_limit=on_output_limit,
+            )
+
+        return self._portal.call(run)
+
+    def shell(self, script: str, **kwargs: Any) -> ExecOutput:
+        """Run ``script`` with the configured shell (``sh -c``)."""
+        return self.exec(self._target.config.shell, ["-c", script], **kwargs)
+
+    def exec_stream(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> SyncExecHandle:
+        """Blocking :meth:`Sandbox.exec_stream`: a handle on a running command."""
+
+        async def run() -> ExecHandle | RemoteExecHandle:
+            return await self._target.exec_stream(
+                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
+            )
+
+        return SyncExecHandle(self._portal, self._portal.call(run))
+
+    def pty(
+        self,
+        cmd: str = "/bin/sh",
+        args: Sequence[str] = (),
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> SyncPtySession:
+        """Blocking :meth:`Sandbox.pty`: a command on a pseudo-terminal in the guest."""
+
+        async def run() -> PtySession | RemotePtySession:
+            return await self._target.pty(
+                cmd, args, rows=rows, cols=cols, env=env, cwd=cwd, user=user, timeout=timeout
+            )
+
+        return SyncPtySession(self._portal, self._portal.call(run))
+
+
+class SyncSandbox(_SyncCommands):
     """Blocking twin of :class:`Sandbox`; same methods, no ``await``."""
 
     def __init__(self, portal: BlockingPortal, cm: AbstractContextManager[Sandbox]) -> None:
         self._portal = portal
         self._cm: AbstractContextManager[Sandbox] | None = cm
         self._sandbox = cm.__enter__()
+
+    @property
+    def _target(self) -> Sandbox:
+        return self._sandbox
 
     @overload
     @classmethod
@@ -236,81 +327,11 @@ class SyncSandbox:
     def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return self._portal.call(fn, *args)
 
-    def exec(
-        self,
-        cmd: str,
-        args: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | str | None = None,
-        max_output: int | None = None,
-        on_output_limit: OnOutputLimit | None = None,
-    ) -> ExecOutput:
-        async def run() -> ExecOutput:
-            return await self._sandbox.exec(
-                cmd,
-                args,
-                env=env,
-                cwd=cwd,
-                user=user,
-                timeout=timeout,
-                stdin=stdin,
-                max_output=max_output,
-                on_output_limit=on_output_limit,
-            )
-
-        return self._call(run)
-
-    def shell(self, script: str, **kwargs: Any) -> ExecOutput:
-        return self.exec(self.config.shell, ["-c", script], **kwargs)
-
     def entrypoint_argv(self, args: Sequence[str] | None = None) -> list[str]:
         """The OCI image's entrypoint plus ``args`` (default: its cmd); see
         :meth:`Sandbox.entrypoint_argv`. Run it with ``exec(argv[0], argv[1:])``.
         """
         return self._sandbox.entrypoint_argv(args)
-
-    def exec_stream(
-        self,
-        cmd: str,
-        args: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-        stdin: bool = False,
-    ) -> SyncExecHandle:
-        async def run() -> ExecHandle:
-            return await self._sandbox.exec_stream(
-                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
-            )
-
-        return SyncExecHandle(self._portal, self._call(run))
-
-    def pty(
-        self,
-        cmd: str = "/bin/sh",
-        args: Sequence[str] = (),
-        *,
-        rows: int = 24,
-        cols: int = 80,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-    ) -> SyncPtySession:
-        """Blocking :meth:`Sandbox.pty`: a command on a pseudo-terminal in the guest."""
-
-        async def run() -> PtySession:
-            return await self._sandbox.pty(
-                cmd, args, rows=rows, cols=cols, env=env, cwd=cwd, user=user, timeout=timeout
-            )
-
-        return SyncPtySession(self._portal, self._call(run))
 
     def fs(self) -> SyncSandboxFs:
         return SyncSandboxFs(self._portal, self._sandbox.fs())
@@ -598,12 +619,16 @@ class SyncSandboxFs:
         return self._portal.call(run)
 
 
-class SyncRemoteSandbox:
+class SyncRemoteSandbox(_SyncCommands):
     """Blocking twin of :class:`~._remote.RemoteSandbox` (a detached sandbox)."""
 
     def __init__(self, portal: BlockingPortal, remote: RemoteSandbox) -> None:
         self._portal = portal
         self._remote = remote
+
+    @property
+    def _target(self) -> RemoteSandbox:
+        return self._remote
 
     @property
     def async_sandbox(self) -> RemoteSandbox:
@@ -620,68 +645,6 @@ class SyncRemoteSandbox:
     @property
     def pid(self) -> int | None:
         return self._remote.pid
-
-    def exec(
-        self,
-        cmd: str,
-        args: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | str | None = None,
-    ) -> ExecOutput:
-        async def run() -> ExecOutput:
-            return await self._remote.exec(
-                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
-            )
-
-        return self._portal.call(run)
-
-    def shell(self, script: str, **kwargs: Any) -> ExecOutput:
-        return self.exec(self.config.shell, ["-c", script], **kwargs)
-
-    def exec_stream(
-        self,
-        cmd: str,
-        args: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-        stdin: bool = False,
-    ) -> SyncExecHandle:
-        """Blocking :meth:`RemoteSandbox.exec_stream`."""
-
-        async def run() -> RemoteExecHandle:
-            return await self._remote.exec_stream(
-                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
-            )
-
-        return SyncExecHandle(self._portal, self._portal.call(run))
-
-    def pty(
-        self,
-        cmd: str = "/bin/sh",
-        args: Sequence[str] = (),
-        *,
-        rows: int = 24,
-        cols: int = 80,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-    ) -> SyncPtySession:
-        """Blocking :meth:`RemoteSandbox.pty`."""
-
-        async def run() -> RemotePtySession:
-            return await self._remote.pty(
-                cmd, args, rows=rows, cols=cols, env=env, cwd=cwd, user=user, timeout=timeout
-            )
-
-        return SyncPtySession(self._portal, self._portal.call(run))
 
     def snapshot(self, name: str) -> Path:
         return self._portal.call(self._remote.snapshot, name)
