@@ -41,11 +41,11 @@ from ._exceptions import (
     SandboxError,
     SandboxNotRunningError,
 )
+from ._remote import RemoteSandbox, _b64, _unb64, error_from, read_line, write_line
 from .agent.results import Exited, Stderr, Stdout
 from .pty import PTY_WINDOW
 
 if TYPE_CHECKING:
-    from ._remote import RemoteSandbox
     from .agent.results import ExecEvent
     from .pty import PtySession
     from .sandbox import ExecHandle, ExecOutput, Sandbox
@@ -80,7 +80,6 @@ def _pieces(data: bytes) -> list[bytes]:
 
 
 def _piece(message: Mapping[str, Any], key: str) -> bytes:
-    from ._remote import _unb64
 
     data = _unb64(message[key])
     if len(data) > PIECE:
@@ -140,7 +139,6 @@ class _Relay:
 
     async def run(self, stream: anyio.abc.SocketStream, reader: BufferedByteReceiveStream) -> None:
         """Relay until the command exits or the client goes; the command is dead after."""
-        from ._remote import _b64, write_line
 
         try:
             async with anyio.create_task_group() as tg:
@@ -170,7 +168,6 @@ class _Relay:
                 await self.aclose()
 
     async def _control(self, reader: BufferedByteReceiveStream, scope: anyio.CancelScope) -> None:
-        from ._remote import read_line
 
         try:
             while True:
@@ -297,7 +294,6 @@ class _Session:
         self._closed = False
 
     async def send(self, message: Mapping[str, Any]) -> None:
-        from ._remote import write_line
 
         if self.exited is not None or self._closed:
             return  # the command is gone: input for it is dropped
@@ -308,7 +304,6 @@ class _Session:
 
     async def next(self) -> tuple[str, bytes] | Exited:
         """The next output piece (acknowledged), or the exit."""
-        from ._remote import read_line
 
         if self.exited is not None:
             return self.exited
@@ -335,7 +330,6 @@ class _Session:
         raise ProtocolError(f"an unknown stream message from the supervisor: {sorted(message)}")
 
     async def write(self, data: bytes) -> None:
-        from ._remote import _b64
 
         for piece in _pieces(data):
             if piece:
@@ -349,7 +343,6 @@ class _Session:
 
 async def open_stream(sandbox: RemoteSandbox, op: str, args: Mapping[str, Any]) -> _Session:
     """Send a stream request and return its session once the command started."""
-    from ._remote import error_from, read_line, write_line
 
     stream = await sandbox._connect()
     try:
