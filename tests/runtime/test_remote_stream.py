@@ -221,3 +221,49 @@ def test_remote_exec_output_cap_is_applied_and_its_error_kept(tmp_path: Path) ->
                 await handle.wait(max_output=10)
 
     run(tmp_path, body)
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b'{"zzz": 1}'],  # an unknown message
+        [b'{"o": "AAAA", "e": "AAAA"}'],  # two at once
+        [b"[1, 2]"],  # not an object
+        [b"{" + b" " * STREAM_LINE + b"}"],  # past the line bound
+        [b'{"x": {"exit_code": 0, "term_signal": 9, "timed_out": false}}'],
+    ],
+)
+def test_a_supervisor_breaking_the_session_raises_protocol_error(
+    tmp_path: Path, lines: list[bytes]
+) -> None:
+    """A fake supervisor: the client's own checks, whatever the server says."""
+
+    async def fake(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await read_line(BufferedByteReceiveStream(stream))
+            await stream.send(b'{"ok": true, "result": {"pid": 7}}\n')
+            for line in lines:
+                await stream.send(line + b"\n")
+            await anyio.sleep(5)
+
+    async def main() -> None:
+        sock = tmp_path / "f.sock"
+        listener = await anyio.create_unix_listener(sock)
+        config = SandboxConfig(name="fake", cache_dir=tmp_path)
+        record = SandboxRecord(
+            "fake", SandboxStatus.RUNNING, time.time(), config.to_json(), os.getpid(), 0,
+            control=str(sock), detached=True,
+        )  # fmt: skip
+        remote = RemoteSandbox(StateStore(tmp_path), record, TOKEN)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, fake)
+            with anyio.fail_after(10):
+                term = await remote.pty("sh")
+                assert term.pid == 7
+                with pytest.raises(ProtocolError):
+                    await term.read()
+                await term.aclose()
+            tg.cancel_scope.cancel()
+        await listener.aclose()
+
+    anyio.run(main)
