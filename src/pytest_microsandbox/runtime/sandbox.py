@@ -550,6 +550,7 @@ class Sandbox:
         self._draining = False
         self._active = 0  # guest operations in flight
         self._streams: weakref.WeakSet[ExecHandle] = weakref.WeakSet()
+        self._ptys: weakref.WeakSet[PtySession] = weakref.WeakSet()
         self._last_activity = time.monotonic()
         self._stopped_event = anyio.Event()
         self._timers = anyio.CancelScope()
@@ -1179,9 +1180,10 @@ class Sandbox:
 
     def _busy(self) -> bool:
         """Whether a host call or a streamed command is in flight."""
-        return self._active > 0 or any(
-            h._process.exited is None and not h._process._done for h in self._streams
-        )
+        # A terminal session counts like a streamed command: a shell waiting for
+        # a person must not be stopped by idle_timeout under them.
+        processes = [h._process for h in self._streams] + [p._process for p in self._ptys]
+        return self._active > 0 or any(p.exited is None and not p._done for p in processes)
 
     async def _enforce_limits(self) -> None:
         """The host timers of ``max_duration`` and ``idle_timeout``: they stop the
@@ -1320,7 +1322,9 @@ class Sandbox:
                 tty=(rows, cols),
                 window=PTY_WINDOW,
             )
-        return PtySession(self, process)
+        session = PtySession(self, process)
+        self._ptys.add(session)
+        return session
 
     def entrypoint_argv(self, args: Sequence[str] | None = None) -> builtins.list[str]:
         """The command line ``docker run IMAGE [ARGS]`` would start: the OCI
