@@ -71,7 +71,7 @@ from ..runtime.volumes import (
     volume_device_args,
 )
 from . import _store
-from ._demand import PoolDemand
+from ._demand import CreateForecast, PoolDemand
 from ._model import FORMAT_VERSION, DiskMeta, SnapshotMeta
 
 __all__ = [
@@ -87,6 +87,7 @@ __all__ = [
     "auto_snapshot_budget_bytes",
     "close_pools",
     "ensure_template",
+    "expect_creates",
     "fork_sandbox",
     "restore_snapshot",
     "snapshot_sandbox",
@@ -1076,6 +1077,23 @@ class _Pool:
 
 
 _POOL = "snapshot-pool"
+#: Creates expected soon in this process (process state, like the default
+#: runtimes: the plugin says it from the tests' thread, the pools of every
+#: runtime read it).
+_FORECAST = CreateForecast()
+
+
+def expect_creates(count: int) -> None:
+    """Say that about ``count`` sandbox creates will come back to back (the
+    plugin: the collected tests using the ``sandbox`` fixture), so the pool of
+    pre-started clones fills to that depth (within ``POOL_MAX_ENV`` and
+    ``POOL_MEMORY_ENV``) from the first create instead of deepening only once
+    the rate shows. A hint: wrong counts cost memory or speed, never
+    correctness; 0 clears it.
+
+    :raises ValueError: ``count`` is negative.
+    """
+    _FORECAST.expect(count)
 
 
 async def _pool_for(
@@ -1088,7 +1106,7 @@ async def _pool_for(
     key = (_POOL, str(entry.path))
 
     def make() -> _Pool:
-        demand = PoolDemand(base, _pool_cap(base), _POOL_IDLE_S)
+        demand = PoolDemand(base, _pool_cap(base), _POOL_IDLE_S, _FORECAST)
         return _Pool(runtime, entry, backend, cache, demand, warm_command, _prestart_concurrency())
 
     pool = runtime.resource(key, make)
