@@ -20,7 +20,7 @@ import anyio
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig
 from pytest_microsandbox.runtime.boot import prepare_boot, resolve_accel
 from pytest_microsandbox.runtime.qemu import QemuBackend
-from pytest_microsandbox.snapshots import POOL_MAX_ENV, close_pools, ensure_template
+from pytest_microsandbox.snapshots import close_pools, ensure_template, expect_creates
 from pytest_microsandbox.snapshots._engine import _restore_entry, _start_incoming
 
 
@@ -40,39 +40,55 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-async def back_to_back(config: SandboxConfig, creates: int, fixed_depth: bool) -> list[float]:
-    """``creates`` times in a row: ``Sandbox.create`` -> first exec -> kill, nothing
+async def _graceful_stop(sb: Sandbox) -> None:
+    """The stop before clones without volumes were killed at once: the guest's power-off."""
+    with anyio.move_on_after(10):
+        await sb.session.agent.shutdown(timeout=10)
+        await sb.session.vm.wait()
+    await sb.stop()
+
+
+async def back_to_back(config: SandboxConfig, creates: int, before: bool) -> list[float]:
+    """``creates`` times in a row: ``Sandbox.create`` -> first exec -> stop, nothing
     in between (what the ``sandbox`` fixture does for a run of fast tests).
-    ``fixed_depth`` keeps the pool at one clone, as before the pool followed the demand.
+    ``before``: the pool follows the rate only (no forecast of the creates to
+    come) and a used clone is shut down gracefully, as before issue #16.
+    Otherwise the run is announced first, as the plugin does from the tests it
+    collected.
     """
-    if fixed_depth:
-        os.environ[POOL_MAX_ENV] = "1"
+    expect_creates(0 if before else creates + 1)
     try:
         await close_pools()
-        async with await Sandbox.create(config) as sb:  # template checked, pool started
-            await sb.exec("true")
-        await anyio.sleep(1.0)  # spaced out so far: the pool is at its base depth
+        sb = await Sandbox.create(config)  # template checked, pool started
+        await sb.exec("true")
+        await (_graceful_stop(sb) if before else sb.stop())
+        await anyio.sleep(1.0)  # the first test ran: spaced out so far
         times = []
         for _ in range(creates):
             t0 = time.monotonic()
-            async with await Sandbox.create(config) as sb:
-                await sb.exec("true")
-                times.append(time.monotonic() - t0)
+            sb = await Sandbox.create(config)
+            await sb.exec("true")
+            times.append(time.monotonic() - t0)
+            await (_graceful_stop(sb) if before else sb.stop())
         return times
     finally:
-        os.environ.pop(POOL_MAX_ENV, None)
+        expect_creates(0)
         await close_pools()
 
 
 async def b2b_rows(config: SandboxConfig, creates: int, rounds: int) -> list[tuple[str, str]]:
-    """Alternating rounds of the pool at a fixed depth of one and the adaptive pool."""
-    fixed: list[float] = []
-    adaptive: list[float] = []
+    """Alternating rounds of the behaviour before issue #16 and now."""
+    before: list[float] = []
+    now: list[float] = []
     for _ in range(rounds):
-        fixed += await back_to_back(config, creates, fixed_depth=True)
-        adaptive += await back_to_back(config, creates, fixed_depth=False)
+        before += await back_to_back(config, creates, before=True)
+        now += await back_to_back(config, creates, before=False)
     rows = []
-    for label, times in (("pool of one (before)", fixed), ("pool following demand", adaptive)):
+    labels = (
+        ("pool following the rate, graceful stop (before)", before),
+        ("+ forecast of the creates, clones killed at stop", now),
+    )
+    for label, times in labels:
         rows.append(
             (
                 f"back-to-back create->first exec, {label} ({rounds}x{creates})",
@@ -81,9 +97,9 @@ async def b2b_rows(config: SandboxConfig, creates: int, rounds: int) -> list[tup
         )
     rows.append(
         (
-            "  ratio pool of one / following demand",
-            f"p50 {pct(fixed, 0.5) / pct(adaptive, 0.5):.1f}x, "
-            f"p95 {pct(fixed, 0.95) / pct(adaptive, 0.95):.1f}x",
+            "  ratio before / now",
+            f"p50 {pct(before, 0.5) / pct(now, 0.5):.1f}x, "
+            f"p95 {pct(before, 0.95) / pct(now, 0.95):.1f}x",
         )
     )
     return rows
