@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import anyio
 
-from pytest_microsandbox.runtime import Sandbox, SandboxConfig
+from pytest_microsandbox.runtime import Sandbox, SandboxConfig, provision
 from pytest_microsandbox.runtime.boot import prepare_boot, resolve_accel
 from pytest_microsandbox.runtime.qemu import QemuBackend
 from pytest_microsandbox.snapshots import close_pools, ensure_template, expect_creates
@@ -48,21 +49,38 @@ async def _graceful_stop(sb: Sandbox) -> None:
     await sb.stop()
 
 
-async def back_to_back(config: SandboxConfig, creates: int, before: bool) -> list[float]:
+def cpu_seconds() -> float:
+    """CPU of this process and of its reaped children (every QEMU it killed)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+async def back_to_back(
+    config: SandboxConfig, creates: int, before: bool, cpu: list[float] | None = None
+) -> list[float]:
     """``creates`` times in a row: ``Sandbox.create`` -> first exec -> stop, nothing
     in between (what the ``sandbox`` fixture does for a run of fast tests).
     ``before``: the pool follows the rate only (no forecast of the creates to
-    come) and a used clone is shut down gracefully, as before issue #16.
+    come), every create makes its boot plan again, and a used clone is shut
+    down gracefully, as before issue #16. ``cpu`` gets the CPU seconds the
+    creates cost, the pool's pre-starts and the clones left over included
+    (less sensitive to the other users of the machine than the latency).
     Otherwise the run is announced first, as the plugin does from the tests it
     collected.
     """
     expect_creates(0 if before else creates + 1)
+    reuse = provision.PLAN_REUSE_S
+    provision.PLAN_REUSE_S = 0.0 if before else reuse
     try:
         await close_pools()
         sb = await Sandbox.create(config)  # template checked, pool started
         await sb.exec("true")
         await (_graceful_stop(sb) if before else sb.stop())
         await anyio.sleep(1.0)  # the first test ran: spaced out so far
+        cpu0 = cpu_seconds()
         times = []
         for _ in range(creates):
             t0 = time.monotonic()
@@ -70,8 +88,12 @@ async def back_to_back(config: SandboxConfig, creates: int, before: bool) -> lis
             await sb.exec("true")
             times.append(time.monotonic() - t0)
             await (_graceful_stop(sb) if before else sb.stop())
+        await close_pools()
+        if cpu is not None:
+            cpu.append(cpu_seconds() - cpu0)
         return times
     finally:
+        provision.PLAN_REUSE_S = reuse
         expect_creates(0)
         await close_pools()
 
@@ -80,13 +102,15 @@ async def b2b_rows(config: SandboxConfig, creates: int, rounds: int) -> list[tup
     """Alternating rounds of the behaviour before issue #16 and now."""
     before: list[float] = []
     now: list[float] = []
+    cpu_before: list[float] = []
+    cpu_now: list[float] = []
     for _ in range(rounds):
-        before += await back_to_back(config, creates, before=True)
-        now += await back_to_back(config, creates, before=False)
+        before += await back_to_back(config, creates, before=True, cpu=cpu_before)
+        now += await back_to_back(config, creates, before=False, cpu=cpu_now)
     rows = []
     labels = (
         ("pool following the rate, graceful stop (before)", before),
-        ("+ forecast of the creates, clones killed at stop", now),
+        ("+ forecast, plan reuse, clones killed at stop", now),
     )
     for label, times in labels:
         rows.append(
@@ -95,6 +119,14 @@ async def b2b_rows(config: SandboxConfig, creates: int, rounds: int) -> list[tup
                 f"p50 {pct(times, 0.5) * 1000:.0f} ms, p95 {pct(times, 0.95) * 1000:.0f} ms",
             )
         )
+    per_before = sum(cpu_before) / (rounds * creates)
+    per_now = sum(cpu_now) / (rounds * creates)
+    rows.append(
+        (
+            "  CPU per create (host + QEMUs, pre-starts included), before / now",
+            f"{per_before * 1000:.0f} / {per_now * 1000:.0f} ms ({per_before / per_now:.2f}x)",
+        )
+    )
     rows.append(
         (
             "  ratio before / now",
