@@ -104,3 +104,24 @@ def test_a_forecast_is_ignored_when_creates_are_slower_than_prestarts() -> None:
 def test_a_negative_forecast_is_refused() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         CreateForecast().expect(-1)
+
+
+def test_a_prefill_fills_to_the_forecast_before_any_take() -> None:
+    forecast = CreateForecast()
+    forecast.expect(5)
+    demand = PoolDemand(base=1, cap=8, idle_s=5.0, forecast=forecast)
+    assert demand.target(0.0) == 1
+    demand.note_prefill(0.0)
+    assert demand.target(0.0) == 5
+    assert forecast.left == 5  # announced, none taken yet
+    demand.note_take(3.0)  # the first create, 3 s later: no rate from that gap
+    assert forecast.left == 4
+    assert demand.target(3.0) == 4
+
+
+def test_a_prefill_nobody_uses_shrinks_back() -> None:
+    forecast = CreateForecast()
+    forecast.expect(5)
+    demand = PoolDemand(base=1, cap=8, idle_s=5.0, forecast=forecast)
+    demand.note_prefill(0.0)
+    assert demand.target(5.0) == 1

@@ -81,12 +81,27 @@ class PoolDemand:
         self._last_gap: float | None = None
         self._prestart = _FIRST_PRESTART_S
         self._forecast = forecast
+        #: Filled ahead by :meth:`note_prefill`, no take since.
+        self._primed = False
+
+    def note_prefill(self, now: float) -> None:
+        """Creates are announced (the forecast) before the first: fill now, as
+        for a first take, and count the next take as a first one too (its gap
+        is the time the announcement gave, not a rate).
+        """
+        self._last_take = now
+        self._last_gap = self._gap = None
+        self._primed = True
 
     def note_take(self, now: float) -> None:
         """A create took (or asked for) a clone at ``now``."""
         if self._forecast is not None:
             self._forecast.took()
         self._last_gap = None
+        if self._primed:
+            self._primed = False
+            self._last_take = now
+            return
         if self._last_take is not None:
             gap = max(now - self._last_take, 1e-3)
             self._last_gap = gap

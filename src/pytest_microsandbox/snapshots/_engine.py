@@ -89,6 +89,7 @@ __all__ = [
     "ensure_template",
     "expect_creates",
     "fork_sandbox",
+    "prefill_pool",
     "restore_snapshot",
     "snapshot_sandbox",
     "template_key",
@@ -998,6 +999,11 @@ class _Pool:
         self.refill()
         return None
 
+    def prefill(self) -> None:
+        """Start filling to the forecast now, before the first create takes a clone."""
+        self.demand.note_prefill(time.monotonic())
+        self.refill()
+
     def refill(self) -> None:
         if self._closed:
             return
@@ -1094,6 +1100,33 @@ def expect_creates(count: int) -> None:
     :raises ValueError: ``count`` is negative.
     """
     _FORECAST.expect(count)
+
+
+async def prefill_pool(config: SandboxConfig, count: int, backend: Backend | None = None) -> None:
+    """Announce ``count`` creates of ``config`` (:func:`expect_creates`) and start
+    filling its template's pool now, in the background of the current runtime:
+    for a caller that knows a run of creates is coming before the first (the
+    plugin, once the tests are collected). Builds or checks the template first,
+    so this takes as long as a first create's template step; the clones then
+    come while the caller does other work. Clones nobody takes within the
+    pool's idle time are discarded. No-op for volumes (their clones are never
+    pooled), ``cold_boot`` or a pool size of 0.
+
+    :raises ValueError: ``count`` is negative.
+    :raises SnapshotError: the template could not be built.
+    """
+    expect_creates(count)
+    if count == 0 or config.cold_boot or config.volumes:
+        return
+    if backend is None:
+        from ..runtime.qemu import QemuBackend
+
+        backend = QemuBackend()
+    plan = await plan_for(config, backend)
+    entry = await ensure_template(config, backend, plan, config.cache_dir)
+    pool = await _pool_for(entry, backend, config.cache_dir)
+    if pool is not None:
+        pool.prefill()
 
 
 async def _pool_for(
