@@ -29,7 +29,7 @@ from pathlib import Path
 
 import anyio
 
-from pytest_microsandbox.runtime import Sandbox, SandboxConfig
+from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SandboxError
 from pytest_microsandbox.runtime.agent.client import AgentClient
 from pytest_microsandbox.runtime.boot import BootPlan, prepare_boot, resolve_accel
 from pytest_microsandbox.runtime.paths import make_run_dir
@@ -69,22 +69,54 @@ async def bare_boot(plan: BootPlan) -> float:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+async def exec_with_task_group(sb: Sandbox) -> None:
+    """``exec("true")`` plus what each exec paid before issue #16: a task group and
+    a heartbeat task spawned and cancelled around the call (now one watchdog
+    task per sandbox serves every call).
+    """
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.sleep, 3600)
+        await sb.exec("true")
+        tg.cancel_scope.cancel()
+
+
 async def exec_rows(sb: Sandbox, execs: int) -> None:
     """Exec round trip of ``true`` against a bare PING and a host spawn, interleaved
-    (one of each per round) so that a load change on the host hits all three alike.
+    (one of each per round) so that a load change on the host hits all of them
+    alike; plus a static ``true`` (busybox, when the guest has it: no ld.so) and
+    the per-call heartbeat task group of before.
     """
     print(f"exec round trip of `true` on a live sandbox (load average {os.getloadavg()[0]:.1f})")
     agent = sb.session.agent
+    static: list[str] | None = ["/bin/busybox", "true"]
+    try:
+        await sb.exec(*static[:1], static[1:])
+    except SandboxError:
+        static = None
     for _ in range(20):  # warm the guest's translation cache
         await sb.exec("true")
+        await exec_with_task_group(sb)
+        if static is not None:
+            await sb.exec(static[0], static[1:])
         await agent.ping()
     rtt: list[float] = []
+    old: list[float] = []
+    stat: list[float] = []
     ping: list[float] = []
     host: list[float] = []
+    cpu = 0.0
     for _ in range(execs):
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         await sb.exec("true")
         rtt.append(time.perf_counter() - start)
+        cpu += time.process_time() - cpu0
+        start = time.perf_counter()
+        await exec_with_task_group(sb)
+        old.append(time.perf_counter() - start)
+        if static is not None:
+            start = time.perf_counter()
+            await sb.exec(static[0], static[1:])
+            stat.append(time.perf_counter() - start)
         start = time.perf_counter()
         await agent.ping()
         ping.append(time.perf_counter() - start)
@@ -92,9 +124,14 @@ async def exec_rows(sb: Sandbox, execs: int) -> None:
         subprocess.run(["true"], check=True)
         host.append(time.perf_counter() - start)
     e50, _ = row("sandbox.exec('true')", rtt, "ms", 1000)
+    o50, _ = row("before: + a heartbeat task group per call", old, "ms", 1000)
+    if stat:
+        row("sandbox.exec('/bin/busybox', ['true']) (static)", stat, "ms", 1000)
     p50, _ = row("baseline: bare agent PING, same sandbox", ping, "ms", 1000)
     h50, _ = row("baseline: subprocess.run(['true']) on host", host, "ms", 1000)
+    print(f"  host CPU per exec('true'): {cpu / execs * 1000:.2f} ms")
     print(f"  exec - PING (the guest's spawn, exec, exit + host bookkeeping): {e50 - p50:.2f} ms")
+    print(f"  ratio before / now: {o50 / e50:.2f}x")
     print(f"  ratio exec / PING: {e50 / p50:.1f}x; exec / host spawn: {e50 / h50:.2f}x\n")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 from collections.abc import Sequence
@@ -17,10 +18,15 @@ from pathlib import Path
 
 import anyio
 
-from pytest_microsandbox.runtime import Sandbox, SandboxConfig
+from pytest_microsandbox.runtime import Sandbox, SandboxConfig, provision
 from pytest_microsandbox.runtime.boot import prepare_boot, resolve_accel
 from pytest_microsandbox.runtime.qemu import QemuBackend
-from pytest_microsandbox.snapshots import POOL_MAX_ENV, close_pools, ensure_template
+from pytest_microsandbox.snapshots import (
+    close_pools,
+    ensure_template,
+    expect_creates,
+    prefill_pool,
+)
 from pytest_microsandbox.snapshots._engine import _restore_entry, _start_incoming
 
 
@@ -40,50 +46,101 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-async def back_to_back(config: SandboxConfig, creates: int, fixed_depth: bool) -> list[float]:
-    """``creates`` times in a row: ``Sandbox.create`` -> first exec -> kill, nothing
+async def _graceful_stop(sb: Sandbox) -> None:
+    """The stop before clones without volumes were killed at once: the guest's power-off."""
+    with anyio.move_on_after(10):
+        await sb.session.agent.shutdown(timeout=10)
+        await sb.session.vm.wait()
+    await sb.stop()
+
+
+def cpu_seconds() -> float:
+    """CPU of this process and of its reaped children (every QEMU it killed)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+async def back_to_back(
+    config: SandboxConfig, creates: int, before: bool, cpu: list[float] | None = None
+) -> list[float]:
+    """``creates`` times in a row: ``Sandbox.create`` -> first exec -> stop, nothing
     in between (what the ``sandbox`` fixture does for a run of fast tests).
-    ``fixed_depth`` keeps the pool at one clone, as before the pool followed the demand.
+    ``before``: the pool follows the rate only (no forecast of the creates to
+    come), every create makes its boot plan again, and a used clone is shut
+    down gracefully, as before issue #16. ``cpu`` gets the CPU seconds the
+    creates cost, the pool's pre-starts and the clones left over included
+    (less sensitive to the other users of the machine than the latency).
+    Otherwise the run is announced first, as the plugin does from the tests it
+    collected (:func:`prefill_pool`: the pool fills during that second instead
+    of after a first create).
     """
-    if fixed_depth:
-        os.environ[POOL_MAX_ENV] = "1"
+    expect_creates(0)
+    reuse = provision.PLAN_REUSE_S
+    provision.PLAN_REUSE_S = 0.0 if before else reuse
     try:
         await close_pools()
-        async with await Sandbox.create(config) as sb:  # template checked, pool started
+        if before:
+            sb = await Sandbox.create(config)  # template checked, pool started
             await sb.exec("true")
-        await anyio.sleep(1.0)  # spaced out so far: the pool is at its base depth
+            await _graceful_stop(sb)
+        else:
+            await prefill_pool(config, creates)  # what the plugin can do once it collected
+        await anyio.sleep(1.0)  # the first test ran (or collection went on): 1 s ahead
+        cpu0 = cpu_seconds()
         times = []
         for _ in range(creates):
             t0 = time.monotonic()
-            async with await Sandbox.create(config) as sb:
-                await sb.exec("true")
-                times.append(time.monotonic() - t0)
+            sb = await Sandbox.create(config)
+            await sb.exec("true")
+            times.append(time.monotonic() - t0)
+            await (_graceful_stop(sb) if before else sb.stop())
+        await close_pools()
+        if cpu is not None:
+            cpu.append(cpu_seconds() - cpu0)
         return times
     finally:
-        os.environ.pop(POOL_MAX_ENV, None)
+        provision.PLAN_REUSE_S = reuse
+        expect_creates(0)
         await close_pools()
 
 
 async def b2b_rows(config: SandboxConfig, creates: int, rounds: int) -> list[tuple[str, str]]:
-    """Alternating rounds of the pool at a fixed depth of one and the adaptive pool."""
-    fixed: list[float] = []
-    adaptive: list[float] = []
+    """Alternating rounds of the behaviour before issue #16 and now."""
+    before: list[float] = []
+    now: list[float] = []
+    cpu_before: list[float] = []
+    cpu_now: list[float] = []
     for _ in range(rounds):
-        fixed += await back_to_back(config, creates, fixed_depth=True)
-        adaptive += await back_to_back(config, creates, fixed_depth=False)
+        before += await back_to_back(config, creates, before=True, cpu=cpu_before)
+        now += await back_to_back(config, creates, before=False, cpu=cpu_now)
     rows = []
-    for label, times in (("pool of one (before)", fixed), ("pool following demand", adaptive)):
+    labels = (
+        ("pool following the rate, graceful stop (before)", before),
+        ("+ forecast, plan reuse, clones killed at stop", now),
+    )
+    for label, times in labels:
         rows.append(
             (
                 f"back-to-back create->first exec, {label} ({rounds}x{creates})",
                 f"p50 {pct(times, 0.5) * 1000:.0f} ms, p95 {pct(times, 0.95) * 1000:.0f} ms",
             )
         )
+    per_before = sum(cpu_before) / (rounds * creates)
+    per_now = sum(cpu_now) / (rounds * creates)
     rows.append(
         (
-            "  ratio pool of one / following demand",
-            f"p50 {pct(fixed, 0.5) / pct(adaptive, 0.5):.1f}x, "
-            f"p95 {pct(fixed, 0.95) / pct(adaptive, 0.95):.1f}x",
+            "  CPU per create (host + QEMUs, pre-starts included), before / now",
+            f"{per_before * 1000:.0f} / {per_now * 1000:.0f} ms ({per_before / per_now:.2f}x)",
+        )
+    )
+    rows.append(
+        (
+            "  ratio before / now",
+            f"p50 {pct(before, 0.5) / pct(now, 0.5):.1f}x, "
+            f"p95 {pct(before, 0.95) / pct(now, 0.95):.1f}x",
         )
     )
     return rows

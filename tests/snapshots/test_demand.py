@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_microsandbox.snapshots._demand import PoolDemand
+from pytest_microsandbox.snapshots._demand import CreateForecast, PoolDemand
 
 
 def test_spaced_out_creates_keep_the_base_depth() -> None:
@@ -67,3 +67,61 @@ def test_slower_prestarts_ask_for_a_deeper_pool() -> None:
 def test_bad_bounds_are_refused(base: int, cap: int, idle_s: float) -> None:
     with pytest.raises(ValueError, match="base <= cap"):
         PoolDemand(base, cap, idle_s)
+
+
+def test_a_forecast_fills_the_pool_from_the_first_take() -> None:
+    forecast = CreateForecast()
+    forecast.expect(20)
+    demand = PoolDemand(base=1, cap=8, idle_s=5.0, forecast=forecast)
+    demand.note_take(0.0)
+    assert forecast.left == 19
+    assert demand.target(0.0) == 8  # the cap, not the 19 still expected
+
+
+def test_a_forecast_shrinks_with_the_creates_left() -> None:
+    forecast = CreateForecast()
+    forecast.expect(3)
+    demand = PoolDemand(base=1, cap=8, idle_s=5.0, forecast=forecast)
+    demand.note_take(0.0)
+    assert demand.target(0.0) == 2
+    demand.note_take(0.01)
+    demand.note_take(0.02)
+    assert forecast.left == 0
+    assert demand.target(5.1) == 1  # idle: the base depth
+
+
+def test_a_forecast_is_ignored_when_creates_are_slower_than_prestarts() -> None:
+    forecast = CreateForecast()
+    forecast.expect(50)
+    demand = PoolDemand(base=1, cap=8, idle_s=5.0, forecast=forecast)
+    demand.note_take(0.0)
+    demand.note_take(2.0)  # a test of 2 s: one clone made meanwhile is enough
+    assert demand.target(2.0) == 2  # Little's law on the rate only
+    assert demand.idle(7.5)
+    assert demand.target(7.5) == 1
+
+
+def test_a_negative_forecast_is_refused() -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        CreateForecast().expect(-1)
+
+
+def test_a_prefill_fills_to_the_forecast_before_any_take() -> None:
+    forecast = CreateForecast()
+    forecast.expect(5)
+    demand = PoolDemand(base=1, cap=8, idle_s=5.0, forecast=forecast)
+    assert demand.target(0.0) == 1
+    demand.note_prefill(0.0)
+    assert demand.target(0.0) == 5
+    assert forecast.left == 5  # announced, none taken yet
+    demand.note_take(3.0)  # the first create, 3 s later: no rate from that gap
+    assert forecast.left == 4
+    assert demand.target(3.0) == 4
+
+
+def test_a_prefill_nobody_uses_shrinks_back() -> None:
+    forecast = CreateForecast()
+    forecast.expect(5)
+    demand = PoolDemand(base=1, cap=8, idle_s=5.0, forecast=forecast)
+    demand.note_prefill(0.0)
+    assert demand.target(5.0) == 1

@@ -357,3 +357,26 @@ def test_create_stop_cycles_leak_nothing() -> None:
         [sys.executable, "-c", _CYCLES], capture_output=True, text=True, env=env, timeout=600
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_prefill_fills_the_pool_before_the_first_create() -> None:
+    from pytest_microsandbox.runtime.provision import plan_for
+    from pytest_microsandbox.snapshots import expect_creates, prefill_pool
+    from pytest_microsandbox.snapshots._engine import _pool_for
+
+    async def body() -> None:
+        backend = QemuBackend()
+        try:
+            await prefill_pool(CONFIG, 3, backend)
+            entry = await ensure_template(CONFIG, backend, await plan_for(CONFIG, backend))
+            pool = await _pool_for(entry, backend, None)
+            assert pool is not None
+            with anyio.fail_after(120):  # slow under load, never hanging
+                while len(pool._ready) < 2:  # two clones: more than the base depth of one
+                    await anyio.sleep(0.1)
+            async with await Sandbox.create(CONFIG) as sb:
+                assert (await sb.exec("true")).success
+        finally:
+            expect_creates(0)
+
+    run(body)

@@ -15,7 +15,9 @@ without them cold-boots every sandbox and has no snapshots.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -145,14 +147,65 @@ class Extensions:
     snapshots: Snapshotter | None = None
 
 
+#: A create within this many seconds of the previous one with the same
+#: configuration (its name aside) reuses that one's boot plan. Making a plan
+#: fingerprints the project's and the venv's trees and hashes the initramfs:
+#: 6-40 ms of host CPU on every create's path, which back-to-back creates (the
+#: ``sandbox`` fixture over fast tests) paid again and again (issue #16). So a
+#: file changed in the project shows in sandboxes created from a second later.
+#: The plan's own files are checked on reuse (a few stats): one rewritten or
+#: replaced since (a corrupt image found and rebuilt) makes a new plan.
+PLAN_REUSE_S = 1.0
+_MAX_RECENT_PLANS = 8
+
+
+@dataclass(frozen=True)
+class _RecentPlan:
+    made: float
+    plan: BootPlan
+    stamps: tuple[tuple[int, int, int, int], ...]
+
+
+#: The most recent plans, by configuration (process state: a cache).
+_RECENT_PLANS: dict[str, _RecentPlan] = {}
+
+
+def _stamps(plan: BootPlan) -> tuple[tuple[int, int, int, int], ...] | None:
+    """Identity of the files a plan boots from (None: one is gone)."""
+    paths = (plan.kernel.vmlinux, plan.initrd, plan.agent, *(layer.path for layer in plan.layers))
+    try:
+        stats = [os.stat(path) for path in paths]
+    except OSError:
+        return None
+    return tuple((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for st in stats)
+
+
 async def plan_for(config: SandboxConfig, backend: Backend) -> BootPlan:
     """Resolve the accelerator and build (or find cached) what ``config`` boots from.
+
+    A plan made for the same configuration less than :data:`PLAN_REUSE_S`
+    ago, whose files are unchanged, is reused.
 
     :raises ConfigError: ``memory`` or ``cpus`` is more than this host has.
     """
     config.check_host_capacity()
     accel = await resolve_accel(config, backend)
-    return await anyio.to_thread.run_sync(prepare_boot, config, accel.accel, config.cache_dir)
+    key = f"{backend.name}:{accel.accel}:{config.model_dump_json(exclude={'name'})}"
+    now = time.monotonic()
+    recent = _RECENT_PLANS.get(key)
+    if (
+        recent is not None
+        and now - recent.made < PLAN_REUSE_S
+        and _stamps(recent.plan) == recent.stamps
+    ):
+        return recent.plan
+    plan = await anyio.to_thread.run_sync(prepare_boot, config, accel.accel, config.cache_dir)
+    for stale in [k for k, r in _RECENT_PLANS.items() if now - r.made >= PLAN_REUSE_S]:
+        _RECENT_PLANS.pop(stale, None)
+    stamps = _stamps(plan)
+    if stamps is not None and len(_RECENT_PLANS) < _MAX_RECENT_PLANS:
+        _RECENT_PLANS[key] = _RecentPlan(time.monotonic(), plan, stamps)
+    return plan
 
 
 class ColdBoot:

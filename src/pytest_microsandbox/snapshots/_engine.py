@@ -71,7 +71,7 @@ from ..runtime.volumes import (
     volume_device_args,
 )
 from . import _store
-from ._demand import PoolDemand
+from ._demand import CreateForecast, PoolDemand
 from ._model import FORMAT_VERSION, DiskMeta, SnapshotMeta
 
 __all__ = [
@@ -87,7 +87,9 @@ __all__ = [
     "auto_snapshot_budget_bytes",
     "close_pools",
     "ensure_template",
+    "expect_creates",
     "fork_sandbox",
+    "prefill_pool",
     "restore_snapshot",
     "snapshot_sandbox",
     "template_key",
@@ -997,6 +999,11 @@ class _Pool:
         self.refill()
         return None
 
+    def prefill(self) -> None:
+        """Start filling to the forecast now, before the first create takes a clone."""
+        self.demand.note_prefill(time.monotonic())
+        self.refill()
+
     def refill(self) -> None:
         if self._closed:
             return
@@ -1076,6 +1083,50 @@ class _Pool:
 
 
 _POOL = "snapshot-pool"
+#: Creates expected soon in this process (process state, like the default
+#: runtimes: the plugin says it from the tests' thread, the pools of every
+#: runtime read it).
+_FORECAST = CreateForecast()
+
+
+def expect_creates(count: int) -> None:
+    """Say that about ``count`` sandbox creates will come back to back (the
+    plugin: the collected tests using the ``sandbox`` fixture), so the pool of
+    pre-started clones fills to that depth (within ``POOL_MAX_ENV`` and
+    ``POOL_MEMORY_ENV``) from the first create instead of deepening only once
+    the rate shows. A hint: wrong counts cost memory or speed, never
+    correctness; 0 clears it.
+
+    :raises ValueError: ``count`` is negative.
+    """
+    _FORECAST.expect(count)
+
+
+async def prefill_pool(config: SandboxConfig, count: int, backend: Backend | None = None) -> None:
+    """Announce ``count`` creates of ``config`` (:func:`expect_creates`) and start
+    filling its template's pool now, in the background of the current runtime:
+    for a caller that knows a run of creates is coming before the first (the
+    plugin, once the tests are collected). Builds or checks the template first,
+    so this takes as long as a first create's template step; the clones then
+    come while the caller does other work. Clones nobody takes within the
+    pool's idle time are discarded. No-op for volumes (their clones are never
+    pooled), ``cold_boot`` or a pool size of 0.
+
+    :raises ValueError: ``count`` is negative.
+    :raises SnapshotError: the template could not be built.
+    """
+    expect_creates(count)
+    if count == 0 or config.cold_boot or config.volumes:
+        return
+    if backend is None:
+        from ..runtime.qemu import QemuBackend
+
+        backend = QemuBackend()
+    plan = await plan_for(config, backend)
+    entry = await ensure_template(config, backend, plan, config.cache_dir)
+    pool = await _pool_for(entry, backend, config.cache_dir)
+    if pool is not None:
+        pool.prefill()
 
 
 async def _pool_for(
@@ -1088,7 +1139,7 @@ async def _pool_for(
     key = (_POOL, str(entry.path))
 
     def make() -> _Pool:
-        demand = PoolDemand(base, _pool_cap(base), _POOL_IDLE_S)
+        demand = PoolDemand(base, _pool_cap(base), _POOL_IDLE_S, _FORECAST)
         return _Pool(runtime, entry, backend, cache, demand, warm_command, _prestart_concurrency())
 
     pool = runtime.resource(key, make)
