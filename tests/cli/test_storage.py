@@ -6,8 +6,8 @@ through ``subprocess`` against a private cache; the pull from a real
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
