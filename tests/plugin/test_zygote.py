@@ -5,6 +5,7 @@ the zygote key and its hook, the build lock. (Builds: test_zygote_vm.py.)
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -213,6 +214,21 @@ def test_a_directory_image_is_refused_before_any_vm(tmp_path):
     plan = _zygote.GuestPlan(config=config, cwd="/", args=(), env={}, watched=())
     with pytest.raises(_zygote.ZygoteError, match=r"only image='host' provides"):
         anyio.run(_zygote.ensure_zygote, plan, "b")
+
+
+def test_an_oci_image_is_refused_with_what_works_instead(tmp_path):
+    import anyio
+
+    from pytest_microsandbox.runtime import SandboxConfig
+
+    # Refused before any pull: nothing listens on this port.
+    config = SandboxConfig(name="zygote", image="127.0.0.1:9/x/y:1", cache_dir=tmp_path)
+    plan = _zygote.GuestPlan(config=config, cwd="/", args=(), env={}, watched=())
+    with pytest.raises(_zygote.ZygoteError) as info:
+        anyio.run(_zygote.ensure_zygote, plan, "b")
+    message = str(info.value)
+    assert "is an OCI image" in message and sys.prefix in message
+    assert "sandbox_factory(image=...)" in message and "'Marked tests in an image'" in message
 
 
 def test_a_failed_build_is_recorded_for_its_run_only(tmp_path, monkeypatch: pytest.MonkeyPatch):
