@@ -407,6 +407,13 @@ class SandboxConfig(BaseModel):
         "root; False leaves them out (trees inside the project that have their own layer, "
         "such as its venv, stay) for callers that copy the project in after a restore",
     )
+    host_python: bool = Field(
+        False,
+        description='with an image other than "host", stack the host\'s project (per '
+        "image_project), venv and Python prefix over it at their host paths, and the host's "
+        "loader and libraries in /.msb/hostlib: what the guest runner of marked tests needs "
+        "(start it with images.HOST_LOADER_ARGV); refused for a Python under /usr",
+    )
     accel: AccelChoice | None = Field(
         None, description=f"accelerator; None reads ${ACCEL_ENV}, else auto"
     )

@@ -16,6 +16,7 @@ from ._host import (
     PROJECT_EXCLUDE_TOP,
     imaged_venv,
 )
+from ._hostlib import HOST_FSCK_EROFS_ARGV, HOST_LOADER_ARGV, HOST_SETSID_ARGV
 from ._model import Layer
 from ._oci import ImageConfig, PulledImage, PullPolicy, local_image, log_pull_progress, pull_image
 from ._patches import SCRIPTS_DIR, Patch
@@ -34,6 +35,9 @@ from ._store import IMAGE_BUDGET_ENV, image_budget_bytes, prune_images
 __all__ = [
     "DEFAULT_USR_EXCLUDES",
     "ETC_COPY",
+    "HOST_FSCK_EROFS_ARGV",
+    "HOST_LOADER_ARGV",
+    "HOST_SETSID_ARGV",
     "IMAGE_BUDGET_ENV",
     "OCI_BUDGET_ENV",
     "PROJECT_EXCLUDE_NAMES",
