@@ -16,7 +16,12 @@ from ._host import (
     PROJECT_EXCLUDE_TOP,
     imaged_venv,
 )
-from ._hostlib import HOST_FSCK_EROFS_ARGV, HOST_LOADER_ARGV, HOST_SETSID_ARGV
+from ._hostlib import (
+    HOST_FSCK_EROFS_ARGV,
+    HOST_LOADER_ARGV,
+    HOST_SETSID_ARGV,
+    host_python_roots,
+)
 from ._model import Layer
 from ._oci import ImageConfig, PulledImage, PullPolicy, local_image, log_pull_progress, pull_image
 from ._patches import SCRIPTS_DIR, Patch
@@ -53,6 +58,7 @@ __all__ = [
     "PullPolicy",
     "PulledImage",
     "RegistryAuth",
+    "host_python_roots",
     "image_budget_bytes",
     "image_config_for",
     "imaged_venv",
