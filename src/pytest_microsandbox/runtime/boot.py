@@ -147,6 +147,7 @@ def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None)
         patches=config.patches,
         scripts=config.scripts,
         disk_fstype=config.disk_fstype,
+        disk_partition=config.disk_partition,
         host_python=config.host_python,
     )
     return BootPlan(kernel=kernel, initrd=initrd, layers=tuple(layers), accel=accel, agent=agent)

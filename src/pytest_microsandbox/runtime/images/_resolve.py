@@ -194,6 +194,7 @@ def resolve_root_layers(
     patches: Sequence[Patch] = (),
     scripts: Mapping[str, str] | None = None,
     disk_fstype: str = "auto",
+    disk_partition: int | None = None,
     host_python: bool = False,
 ) -> list[Layer]:
     """Return the read-only layers of a guest root, top layer first, building what is stale.
@@ -229,6 +230,7 @@ def resolve_root_layers(
         registry_auth=registry_auth,
         progress=progress,
         disk_fstype=disk_fstype,
+        disk_partition=disk_partition,
     )
     if host_python and image != "host":
         images = images_dir(cache_dir)
@@ -286,6 +288,7 @@ def _image_layers(
     registry_auth: RegistryAuth | None,
     progress: ProgressCallback | None,
     disk_fstype: str,
+    disk_partition: int | None = None,
 ) -> list[Layer]:
     images = images_dir(cache_dir)
     if image == "host":
@@ -303,7 +306,7 @@ def _image_layers(
             local = import_local_image(candidate, images.parent)
             return [*oci_layers(local, images), _skel_layer(images)]
         if candidate.is_file():
-            disk = disk_layer(candidate, images, fstype=disk_fstype)
+            disk = disk_layer(candidate, images, fstype=disk_fstype, partition=disk_partition)
             return [disk, _skel_layer(images)]
         if not candidate.is_dir():
             raise ImageError(
