@@ -71,6 +71,11 @@ def test_runs_in_an_image_without_libc():
     assert not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")  # none in the image
     assert sys.prefix == {prefix!r}
     assert subprocess.run(["ls", "/"], capture_output=True, text=True).returncode == 0
+    # The image has no loader at all: sys.executable goes through the host's.
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True
+    )
+    assert child.stdout.strip() == sys.prefix, child.stderr
 """
 
 

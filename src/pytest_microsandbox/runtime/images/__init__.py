@@ -19,6 +19,7 @@ from ._host import (
 from ._hostlib import (
     HOST_FSCK_EROFS_ARGV,
     HOST_LOADER_ARGV,
+    HOST_PYTHON_WRAPPER,
     HOST_SETSID_ARGV,
     host_python_roots,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ETC_COPY",
     "HOST_FSCK_EROFS_ARGV",
     "HOST_LOADER_ARGV",
+    "HOST_PYTHON_WRAPPER",
     "HOST_SETSID_ARGV",
     "IMAGE_BUDGET_ENV",
     "OCI_BUDGET_ENV",

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ __all__ = [
     "HOSTLIB_DIR",
     "HOST_FSCK_EROFS_ARGV",
     "HOST_LOADER_ARGV",
+    "HOST_PYTHON_WRAPPER",
     "HOST_SETSID_ARGV",
     "host_python_roots",
     "stage_host_libs",
@@ -41,6 +43,9 @@ HOSTLIB_DIR = "/.msb/hostlib"
 _LOADER_NAME = "ld-linux-x86-64.so.2"
 #: What starts a host program in such a guest: the host's loader, our libraries first.
 HOST_LOADER_ARGV = (f"{HOSTLIB_DIR}/{_LOADER_NAME}", "--library-path", HOSTLIB_DIR)
+#: A shell script starting the host's Python the same way: the guest runner's
+#: ``sys.executable``, so ``subprocess.run([sys.executable, ...])`` works too.
+HOST_PYTHON_WRAPPER = f"{HOSTLIB_DIR}/python"
 #: Host programs the runner needs that an image may lack (setsid: util-linux;
 #: fsck.erofs extracts the project copied in), run the same way.
 _TOOLS = ("setsid", "fsck.erofs")
@@ -151,6 +156,14 @@ def stage_host_libs(root: Path, memo: Path | None = None) -> None:
     shutil.copyfile(os.path.realpath(loader), dest / _LOADER_NAME)
     (dest / _LOADER_NAME).chmod(0o755)
     files = list(dict.fromkeys(_elf_files(base, venv)))
+    wrapper = dest / "python"
+    # The venv's own path as argv[0]: Python finds its pyvenv.cfg from there.
+    wrapper.write_text(
+        "#!/bin/sh\nexec "
+        + " ".join(shlex.quote(a) for a in (*HOST_LOADER_ARGV, sys.executable))
+        + ' "$@"\n'
+    )
+    wrapper.chmod(0o755)
     for tool in _TOOLS:
         found = shutil.which(tool)
         if found is None:
