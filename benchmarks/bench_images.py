@@ -7,6 +7,8 @@ Measured in the same run, alternating:
   fresh cache: ``pull_image`` + the erofs layers, against the baseline of
   ``oras`` downloading the same blobs alone;
 * the cached second use of that image (pinned digest, layers already built);
+* converting its 4 layers to erofs with one worker per CPU (the default)
+  against one at a time (``workers=1``), blobs already local;
 * create -> first exec -> close of a sandbox from a busybox OCI image's
   template, against ``image="host"`` (both templates built before timing).
 
@@ -31,7 +33,7 @@ from oci_helpers import busybox_entries, file, image_config, run_registry
 from pytest_microsandbox.runtime import SandboxConfig, SyncSandbox
 from pytest_microsandbox.runtime.images import pull_image
 from pytest_microsandbox.runtime.images._reference import parse_reference
-from pytest_microsandbox.runtime.images._unpack import oci_layers
+from pytest_microsandbox.runtime.images._unpack import layer_workers, oci_layers
 
 
 def pct(values: list[float], q: float) -> float:
@@ -62,6 +64,15 @@ def pull_convert(ref: str, cache: Path) -> float:
     return time.monotonic() - start
 
 
+def convert(ref: str, cache: Path, images: Path, workers: int | None) -> float:
+    image = pull_image(ref, cache_dir=cache)  # local: pinned and complete
+    start = time.monotonic()
+    oci_layers(image, images, workers=workers)
+    elapsed = time.monotonic() - start
+    shutil.rmtree(images)
+    return elapsed
+
+
 def vm_round(config: SandboxConfig) -> float:
     start = time.monotonic()
     with SyncSandbox.create(config) as sb:
@@ -87,7 +98,15 @@ def main(args: argparse.Namespace) -> None:
             cache = Path(tmp) / f"cache{round_no}"
             times.setdefault("pull + convert", []).append(pull_convert(big_ref, cache))
             times.setdefault("cached second use", []).append(pull_convert(big_ref, cache))
+            cases = (("convert, sequential (baseline)", 1), ("convert, parallel", None))
+            for case, workers in cases:
+                times.setdefault(case, []).append(
+                    convert(big_ref, cache, Path(tmp) / f"conv{round_no}", workers)
+                )
             shutil.rmtree(cache)
+        if args.no_vm:
+            report(times, layer_mb, args.rounds)
+            return
 
         oci = SandboxConfig(name="bench-oci", image=small_ref)
         host = SandboxConfig(name="bench-host")
@@ -97,19 +116,41 @@ def main(args: argparse.Namespace) -> None:
             times.setdefault("create->exec, OCI busybox", []).append(vm_round(oci))
             times.setdefault('create->exec, image="host" (baseline)', []).append(vm_round(host))
 
-    print(f"\nimage of {4 * layer_mb} MiB in 4 layers; {args.rounds} rounds")
+    report(times, layer_mb, args.rounds)
+
+
+def report(times: dict[str, list[float]], layer_mb: int, rounds: int) -> None:
+    print(
+        f"\nimage of {4 * layer_mb} MiB in 4 layers; {rounds} rounds; "
+        f"{layer_workers()} conversion workers"
+    )
     print(f"{'case':44} {'p50 s':>8} {'p95 s':>8}")
     for case, values in times.items():
         print(f"{case:44} {pct(values, 0.5):8.3f} {pct(values, 0.95):8.3f}")
-    med = [statistics.median(values) for values in times.values()]
-    oras_s, pull_s, cached_s, oci_s, host_s = med
-    print(f"\npull + convert / oras alone: {pull_s / oras_s:.2f}")
-    print(f"cached second use / pull + convert: {cached_s / pull_s:.3f}")
-    print(f"OCI create->exec / host create->exec: {oci_s / host_s:.2f}")
+    med = {case: statistics.median(values) for case, values in times.items()}
+
+    def ratio(label: str, case: str, baseline: str, digits: int = 2) -> None:
+        if case in med and baseline in med:
+            print(f"{label}: {med[case] / med[baseline]:.{digits}f}")
+
+    print()
+    ratio("pull + convert / oras alone", "pull + convert", "oras pull alone (baseline)")
+    ratio("cached second use / pull + convert", "cached second use", "pull + convert", 3)
+    ratio(
+        "convert parallel / sequential",
+        "convert, parallel",
+        "convert, sequential (baseline)",
+    )
+    ratio(
+        "OCI create->exec / host create->exec",
+        "create->exec, OCI busybox",
+        'create->exec, image="host" (baseline)',
+    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mb", type=int, default=100, help="image size in MiB")
+    parser.add_argument("--no-vm", action="store_true", help="skip the sandbox cases")
     main(parser.parse_args())

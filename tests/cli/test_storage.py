@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,62 @@ def test_image_ls_and_rm_after_pulls(tmp_path: Path) -> None:
     finally:
         if registry_cm is not None:
             registry_cm.__exit__(None, None, None)
+
+
+def _big_layers(count: int, mib: int) -> list[dict[str, object]]:
+    # Incompressible, so the download takes several chunks (one progress step per MiB).
+    return [{f"data/{i}.bin": file(os.urandom(mib << 20))} for i in range(count)]
+
+
+def test_image_pull_prints_plain_progress_lines_off_a_terminal(tmp_path: Path) -> None:
+    try:
+        registry_cm = run_registry()
+        registry = registry_cm.__enter__()
+    except Exception as exc:
+        pytest.skip(f"no docker-registry: {exc}")
+    try:
+        registry.push_image("cli/progress:1", _big_layers(2, 2))  # type: ignore[arg-type]
+        pulled = _cli(tmp_path, "image", "pull", registry.ref("cli/progress:1"))
+        assert pulled.returncode == 0, pulled.stderr
+        ref = registry.ref("cli/progress:1")
+        lines = pulled.stderr.splitlines()
+        # One line as each stage starts and one as it ends; no bar, no carriage return.
+        assert f"pulling image {ref} ..." in lines
+        assert any(line.startswith(f"done image {ref} in ") and "MiB" in line for line in lines)
+        assert f"pulling image {ref} (converting 2 layers to erofs) ..." in lines
+        assert sum(line.startswith("building root layer layer ") for line in lines) == 2
+        assert "\r" not in pulled.stderr and "[#" not in pulled.stderr
+        # The layers are erofs images in the cache now: a sandbox boots at once.
+        assert len(list((tmp_path / "images").glob("oci-*.erofs"))) == 2
+    finally:
+        registry_cm.__exit__(None, None, None)
+
+
+def test_image_pull_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    from terminal import Terminal  # tests/cli/terminal.py
+
+    try:
+        registry_cm = run_registry()
+        registry = registry_cm.__enter__()
+    except Exception as exc:
+        pytest.skip(f"no docker-registry: {exc}")
+    try:
+        registry.push_image("cli/bar:1", _big_layers(2, 4))  # type: ignore[arg-type]
+        ref = registry.ref("cli/bar:1")
+        env = {**os.environ, "MICROSANDBOX_CACHE_DIR": str(tmp_path)}
+        term = Terminal(
+            [sys.executable, "-m", "pytest_microsandbox.cli", "image", "pull", ref], env, cols=200
+        )
+        try:
+            bar = term.expect(b"%").decode(errors="replace")
+            assert "\r\x1b[K" in bar and f"image {ref} [" in bar  # redrawn in place
+            pulled = term.expect(f"pulled image {ref} in ".encode()).decode(errors="replace")
+            # Bytes done of the layer downloading, on the bar (redrawn at most 10 times a second).
+            assert re.search(r"layer [12]/2: [0-9.]+ of 4\.0 MiB", bar + pulled), bar + pulled
+            term.expect(b"layers to erofs) in ")  # the conversion's stage, finished
+            term.expect(b"2 layers, 8.0 MiB)")  # the summary on stdout
+            assert term.wait(timeout=60) == 0
+        finally:
+            term.close()
+    finally:
+        registry_cm.__exit__(None, None, None)

@@ -5,6 +5,7 @@ the zygote key and its hook, the build lock. (Builds: test_zygote_vm.py.)
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -211,8 +212,27 @@ def test_a_directory_image_is_refused_before_any_vm(tmp_path):
 
     config = SandboxConfig(name="zygote", image=str(tmp_path), cache_dir=tmp_path)
     plan = _zygote.GuestPlan(config=config, cwd="/", args=(), env={}, watched=())
-    with pytest.raises(_zygote.ZygoteError, match=r"only image='host' provides"):
+    with pytest.raises(_zygote.ZygoteError, match=r"needs\s+SandboxConfig\(host_python=True\)"):
         anyio.run(_zygote.ensure_zygote, plan, "b")
+
+
+def test_an_image_over_a_system_python_is_refused_before_any_vm(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    import anyio
+
+    from pytest_microsandbox.runtime import SandboxConfig
+
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    # Refused before any pull: nothing listens on this port.
+    config = SandboxConfig(
+        name="zygote", image="127.0.0.1:9/x/y:1", host_python=True, cache_dir=tmp_path
+    )
+    plan = _zygote.GuestPlan(config=config, cwd="/", args=(), env={}, watched=())
+    with pytest.raises(_zygote.ZygoteError) as info:
+        anyio.run(_zygote.ensure_zygote, plan, "b")
+    message = str(info.value)
+    assert "hide the image's /usr" in message and "image='host'" in message
 
 
 def test_a_failed_build_is_recorded_for_its_run_only(tmp_path, monkeypatch: pytest.MonkeyPatch):

@@ -95,16 +95,23 @@ def _volume_rm(args: argparse.Namespace) -> int:
 
 
 def _image_pull(args: argparse.Namespace) -> int:
-    from ..runtime import pull_image
+    from ..runtime.images import is_oci_reference, local_image, resolve_root_layers
+    from ..runtime.progress import subscribe
+    from ._pullview import PullView
 
-    def progress(what: str, done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            share = f"{100 * done // total:3d}%" if total else human_bytes(done)
-            print(f"\r{what[:60]:<60} {share}", end="", file=sys.stderr, flush=True)
-
-    pulled = pull_image(args.reference, pull_policy="always", progress=progress)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+    if not is_oci_reference(args.reference):
+        return error(f"{args.reference!r} is not an OCI image reference (registry/repo:tag)")
+    # Pulled and converted to erofs layers, so the first sandbox boots at once.
+    view = PullView(sys.stderr, live=sys.stderr.isatty())
+    unsubscribe = subscribe(view)
+    try:
+        resolve_root_layers(args.reference, pull_policy="always")
+    finally:
+        unsubscribe()
+        view.close()
+    pulled = local_image(args.reference)
+    if pulled is None:  # pragma: no cover - pruned in between
+        return error(f"{args.reference} vanished from the cache right after its pull; try again")
     layers = sum(layer.size for layer in pulled.layers)
     print(f"{args.reference}: {pulled.digest} ({len(pulled.layers)} layers, {human_bytes(layers)})")
     return EXIT_OK

@@ -38,6 +38,13 @@ if not getattr(sys.flags, "safe_path", False) and sys.path:  # 3.11+
 
 import pytest
 
+# Over another image the host's Python runs through the host's loader
+# (docs/images.md): its children started with sys.executable must too, so the
+# host names a wrapper script that does (plugin/_zygote.py SYS_EXECUTABLE_ENV).
+_executable = os.environ.pop("MICROSANDBOX_SYS_EXECUTABLE", "")
+if _executable:
+    sys.executable = _executable
+
 
 class _Attach:
     """Registers the runner's server plugin once pytest has parsed its options."""

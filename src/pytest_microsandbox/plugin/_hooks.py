@@ -158,7 +158,12 @@ class MicrosandboxPlugin:
         terminal = config.pluginmanager.get_plugin("terminalreporter")
         quiet = config.option.verbose < 0 or hasattr(config, "workerinput")
         if terminal is not None and not quiet:
-            self._view = ProgressView(terminal, live=terminal.isatty())
+            # Builds inside a test report while pytest captures its output.
+            capman = config.pluginmanager.get_plugin("capturemanager")
+            uncaptured = (
+                capman.global_and_fixture_disabled if capman is not None else contextlib.nullcontext
+            )
+            self._view = ProgressView(terminal, live=terminal.isatty(), uncaptured=uncaptured)
         workerinput = getattr(config, "workerinput", {})
         if workerinput.get(RELAY_DIR_KEY):
             self._relay_out = WorkerRelay(workerinput[RELAY_DIR_KEY], workerinput["workerid"])

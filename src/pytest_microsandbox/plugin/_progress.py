@@ -11,8 +11,11 @@ and in xdist workers (whose output nobody sees; the summary counts their builds)
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ..runtime.progress import BuildEvent
@@ -21,6 +24,13 @@ __all__ = ["ProgressView", "describe_size"]
 
 #: Seconds between updates of the live line while nothing else happens.
 _TICK = 0.5
+
+
+def _verbs(kind: str) -> tuple[str, str, str]:
+    """(doing, done, failed to) for a kind of stage: an image is pulled, the rest built."""
+    if kind == "pull":
+        return "pulling", "pulled", "failed to pull"
+    return "building", "built", "failed to build"
 
 
 def describe_size(size: int | None) -> str:
@@ -36,9 +46,18 @@ class ProgressView:
     come from the event-loop thread and worker threads).
     """
 
-    def __init__(self, terminal: Any, live: bool) -> None:
+    def __init__(
+        self,
+        terminal: Any,
+        live: bool,
+        uncaptured: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    ) -> None:
         self.terminal = terminal
         self.live = live
+        # A pull or build inside a test (sandbox_factory) reports while pytest
+        # captures the test's output: the capture manager's
+        # global_and_fixture_disabled, as live logging does, gets it to the screen.
+        self._uncaptured = uncaptured
         self._lock = threading.Lock()
         self._active: dict[int, BuildEvent] = {}  # id -> latest event, in start order
         self._steps: dict[int, str] = {}
@@ -58,25 +77,27 @@ class ProgressView:
                 self._active.pop(event.id, None)
                 self._steps.pop(event.id, None)
                 self._started.pop(event.id, None)
-            if self.live:
-                self._live(event)
-            else:
-                self._plain(event)
+            with self._uncaptured():
+                if self.live:
+                    self._live(event)
+                else:
+                    self._plain(event)
 
     def close(self) -> None:
         self._stop.set()
-        with self._lock:
+        with self._lock, self._uncaptured():
             self._active.clear()
             self._erase()
 
     # -- plain lines (a log) ---------------------------------------------------------------------
 
     def _plain(self, event: BuildEvent) -> None:
+        doing = _verbs(event.kind)[0]
         if event.state == "start":
-            self.terminal.write_line(f"microsandbox: building {event.what} ...")
+            self.terminal.write_line(f"microsandbox: {doing} {event.what} ...")
         elif event.state == "failed":
             self.terminal.write_line(
-                f"microsandbox: building {event.what} failed after {event.elapsed:.1f} s"
+                f"microsandbox: {doing} {event.what} failed after {event.elapsed:.1f} s"
             )
 
     # -- the live line (a terminal) --------------------------------------------------------------
@@ -84,7 +105,8 @@ class ProgressView:
     def _live(self, event: BuildEvent) -> None:
         if event.state in ("done", "failed") and event.parent == 0:
             self._erase()
-            verb = "built" if event.state == "done" else "failed to build"
+            _, built, failed = _verbs(event.kind)
+            verb = built if event.state == "done" else failed
             self.terminal.write_line(
                 f"microsandbox: {verb} {event.what} in {event.elapsed:.1f} s"
                 + describe_size(event.size)
@@ -105,7 +127,8 @@ class ProgressView:
         chain = " > ".join(f"{e.kind} {now - self._started[e.id]:.0f}s" for e in events)
         inner = events[-1]
         step = self._steps.get(inner.id, "")
-        return f"microsandbox: building {chain}: {inner.what}" + (f" ({step})" if step else "")
+        doing = _verbs(events[0].kind)[0]
+        return f"microsandbox: {doing} {chain}: {inner.what}" + (f" ({step})" if step else "")
 
     def _draw(self) -> None:
         if not self._showing:
@@ -126,4 +149,5 @@ class ProgressView:
             with self._lock:
                 if not self._active or not self._showing:
                     return
-                self._draw()
+                with self._uncaptured():
+                    self._draw()

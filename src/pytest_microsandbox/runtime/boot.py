@@ -136,7 +136,9 @@ def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None)
     kernel, agent, initrd = _base_files(cache)
     layers = resolve_root_layers(
         config.image,
-        project_root=config.resolved_project_root() if config.image == "host" else None,
+        project_root=(
+            config.resolved_project_root() if config.image == "host" or config.host_python else None
+        ),
         cache_dir=cache,
         include_project=config.image_project,
         pull_policy=config.pull_policy,
@@ -145,6 +147,8 @@ def prepare_boot(config: SandboxConfig, accel: Accel, cache: Path | None = None)
         patches=config.patches,
         scripts=config.scripts,
         disk_fstype=config.disk_fstype,
+        disk_partition=config.disk_partition,
+        host_python=config.host_python,
     )
     return BootPlan(kernel=kernel, initrd=initrd, layers=tuple(layers), accel=accel, agent=agent)
 

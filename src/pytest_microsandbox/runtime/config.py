@@ -309,6 +309,7 @@ class Image(BaseModel):
     source: str
     pull_policy: Literal["always", "if-missing", "never"] | None = None
     fstype: Literal["auto", "ext4", "ext3", "ext2", "erofs"] | None = None
+    partition: int | None = Field(None, ge=1, le=128)
 
     @classmethod
     def oci(
@@ -326,13 +327,17 @@ class Image(BaseModel):
         path: str | os.PathLike[str],
         *,
         fstype: Literal["auto", "ext4", "ext3", "ext2", "erofs"] = "auto",
+        partition: int | None = None,
     ) -> Image:
         """A disk image file (raw, qcow2, vmdk) whose file system becomes ``/``;
-        never written (each sandbox writes into its own overlay).
+        never written (each sandbox writes into its own overlay). A partitioned
+        disk boots from its first Linux partition, or from ``partition`` (1-based).
 
         :raises ConfigError: an option is invalid.
         """
-        return cls._make(source=os.fspath(Path(path).expanduser().resolve()), fstype=fstype)
+        return cls._make(
+            source=os.fspath(Path(path).expanduser().resolve()), fstype=fstype, partition=partition
+        )
 
     @classmethod
     def _make(cls, **fields: Any) -> Image:
@@ -347,6 +352,8 @@ class Image(BaseModel):
             out["pull_policy"] = self.pull_policy
         if self.fstype is not None:
             out["disk_fstype"] = self.fstype
+        if self.partition is not None:
+            out["disk_partition"] = self.partition
         return out
 
 
@@ -369,6 +376,14 @@ class SandboxConfig(BaseModel):
         "auto",
         description="disk images: the root file system (auto: read from a raw image's "
         "superblock, else tried by the guest)",
+    )
+    disk_partition: int | None = Field(
+        None,
+        ge=1,
+        le=128,
+        description="disk images: the partition (1-based) whose file system is the root; "
+        "None: the whole disk, or its first Linux partition when it has a partition table "
+        "and no file system at its start",
     )
     pull_policy: Literal["always", "if-missing", "never"] = Field(
         "if-missing",
@@ -407,6 +422,13 @@ class SandboxConfig(BaseModel):
         description='with image="host", image the project\'s own files into the guest '
         "root; False leaves them out (trees inside the project that have their own layer, "
         "such as its venv, stay) for callers that copy the project in after a restore",
+    )
+    host_python: bool = Field(
+        False,
+        description='with an image other than "host", stack the host\'s project (per '
+        "image_project), venv and Python prefix over it at their host paths, and the host's "
+        "loader and libraries in /.msb/hostlib: what the guest runner of marked tests needs "
+        "(start it with images.HOST_LOADER_ARGV); refused for a Python under /usr",
     )
     accel: AccelChoice | None = Field(
         None, description=f"accelerator; None reads ${ACCEL_ENV}, else auto"

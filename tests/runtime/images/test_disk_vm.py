@@ -44,3 +44,24 @@ def test_disk_root_copy_on_write(tmp_path: Path, fmt: str) -> None:
     with SyncSandbox.create(config) as sb:  # a new sandbox: the change is gone
         assert sb.exec("cat", ["/etc/release"]).stdout_text == "disk image\n"
     assert _sha(disk) == before
+
+
+def test_partitioned_qcow2_boots_its_linux_partition(tmp_path: Path) -> None:
+    from test_disk import _partitioned
+
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin/busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (tree / "bin/busybox").chmod(0o755)
+    for applet in ("sh", "cat"):
+        (tree / "bin" / applet).symlink_to("busybox")
+    (tree / "etc").mkdir()
+    (tree / "etc/release").write_text("partition 2\n")
+    raw = _partitioned(tmp_path / "disk.img", tree, "gpt")
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)], check=True)
+    before = _sha(disk)
+    config = SandboxConfig(name="disk-part", image=Image.disk(disk), env={"PATH": "/bin"})
+    with SyncSandbox.create(config) as sb:
+        assert sb.exec("cat", ["/etc/release"]).stdout_text == "partition 2\n"
+    assert _sha(disk) == before

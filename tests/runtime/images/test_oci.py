@@ -331,3 +331,75 @@ def test_unpack_refuses_writes_through_symlinks(tmp_path: Path) -> None:
         unpack_layer(layer, root, [])
     assert list(outside.iterdir()) == []
     assert (root / "a").is_symlink()  # the link itself is fine: the guest resolves it
+
+
+# -- progress and parallel conversion ---------------------------------------------------------
+
+
+def test_pull_reports_bytes_per_layer_and_the_conversion(
+    registry: Registry, tmp_path: Path
+) -> None:
+    import os
+
+    from pytest_microsandbox.runtime.progress import BuildEvent, subscribe
+
+    layers = [{f"d/{i}.bin": file(os.urandom(3 << 20))} for i in range(2)]
+    registry.push_image("t/progress:1", layers)
+    ref = registry.ref("t/progress:1")
+    events: list[BuildEvent] = []
+    unsubscribe = subscribe(events.append)
+    try:
+        resolve_root_layers(ref, cache_dir=tmp_path)
+        resolve_root_layers(ref, cache_dir=tmp_path)  # cached: silent
+    finally:
+        unsubscribe()
+    pulls = [e for e in events if e.kind == "pull" and e.state == "start"]
+    assert [e.what for e in pulls] == [
+        f"image {ref}",
+        f"image {ref} (converting 2 layers to erofs)",
+    ]
+    download, convert = (e.id for e in pulls)
+    steps = [e for e in events if e.id == download and e.state == "step" and e.total]
+    assert {e.step.split(":")[0] for e in steps} >= {"layer 1/2", "layer 2/2"}
+    pulled = local_image(ref, tmp_path)
+    assert pulled is not None
+    sizes = {f"layer {i + 1}/2": blob.size for i, blob in enumerate(pulled.layers)}
+    assert all(e.total == sizes[e.step.split(":")[0]] for e in steps if e.step.startswith("layer"))
+    assert any(e.done == e.total for e in steps if e.step.startswith("layer 2/2"))
+    done = [e for e in events if e.id == download and e.state == "done"]
+    assert len(done) == 1 and done[0].size is not None and done[0].size > 6 << 20
+    # Each layer's build is a child stage of the conversion, even from worker threads.
+    builds = [e for e in events if e.state == "start" and f"/2 of {ref}" in e.what]
+    assert len(builds) == 2 and all(e.parent == convert for e in builds)
+    counted = [e.done for e in events if e.id == convert and e.state == "step"]
+    assert counted[0] == 0 and counted[-1] == 2
+
+
+def test_parallel_and_sequential_conversion_build_the_same_images(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_microsandbox.runtime.images._unpack import layer_workers, oci_layers
+
+    layers = [{f"f{i}": file(f"layer {i}"), f"dir{i}/x": file("x")} for i in range(4)]
+    layers.append({"f0": file("top"), ".wh.dir1": file("")})
+    registry.push_image("t/parallel:1", layers)
+    image = pull_image(registry.ref("t/parallel:1"), cache_dir=tmp_path)
+    sequential = oci_layers(image, tmp_path / "seq", workers=1)
+    parallel = oci_layers(image, tmp_path / "par", workers=4)
+    assert [layer.digest for layer in parallel] == [layer.digest for layer in sequential]
+
+    def tree(image: Path, dest: Path) -> dict[str, tuple[int, bytes]]:
+        root = _extract(image, dest)
+        return {
+            str(p.relative_to(root)): (p.lstat().st_mode, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(root.rglob("*"))
+        }
+
+    for n, (a, b) in enumerate(zip(parallel, sequential, strict=True)):
+        assert a.serial == b.serial and a.path.name == b.path.name
+        assert tree(a.path, tmp_path / f"a{n}") == tree(b.path, tmp_path / f"b{n}")
+    monkeypatch.setenv("MICROSANDBOX_LAYER_WORKERS", "3")
+    assert layer_workers() == 3
+    monkeypatch.setenv("MICROSANDBOX_LAYER_WORKERS", "0")
+    with pytest.raises(ImageError, match="MICROSANDBOX_LAYER_WORKERS='0' is not a whole number"):
+        layer_workers()

@@ -17,6 +17,13 @@ from ._host import (
     PROJECT_EXCLUDE_TOP,
     imaged_venv,
 )
+from ._hostlib import (
+    HOST_FSCK_EROFS_ARGV,
+    HOST_LOADER_ARGV,
+    HOST_PYTHON_WRAPPER,
+    HOST_SETSID_ARGV,
+    host_python_roots,
+)
 from ._model import Layer
 from ._oci import ImageConfig, PulledImage, PullPolicy, local_image, log_pull_progress, pull_image
 from ._patches import SCRIPTS_DIR, Patch
@@ -35,6 +42,10 @@ from ._store import IMAGE_BUDGET_ENV, image_budget_bytes, prune_images
 __all__ = [
     "DEFAULT_USR_EXCLUDES",
     "ETC_COPY",
+    "HOST_FSCK_EROFS_ARGV",
+    "HOST_LOADER_ARGV",
+    "HOST_PYTHON_WRAPPER",
+    "HOST_SETSID_ARGV",
     "IMAGE_BUDGET_ENV",
     "OCI_BUDGET_ENV",
     "PROJECT_EXCLUDE_NAMES",
@@ -53,6 +64,7 @@ __all__ = [
     "RemovedImage",
     "StoredImage",
     "find_image",
+    "host_python_roots",
     "image_budget_bytes",
     "image_config_for",
     "imaged_venv",

@@ -30,6 +30,7 @@ from .._exceptions import ImageError, ImageNotFoundError, ImagePlatformError
 from .._keys import digest_parts
 from .._locks import cache_lock, cache_lock_timeout
 from ..paths import cache_dir as default_cache_dir
+from ..progress import Stage, stage
 from ._auth import ProgressCallback, RegistryAuth
 from ._reference import ImageReference, parse_reference
 
@@ -328,9 +329,11 @@ def _fetch(
     store: Path,
     ref: ImageReference,
     progress: ProgressCallback | None,
+    reporter: Stage,
 ) -> str:
     """Resolve ``ref`` on the registry, store its manifests, config and layers;
-    return the top-level digest (what the tag is pinned to).
+    return the top-level digest (what the tag is pinned to). ``reporter`` gets a
+    step per chunk of every blob downloaded (bytes done and total of that blob).
     """
     what = ref.digest or ref.tag or "latest"
     body, media_type = client.get_manifest(what)
@@ -353,6 +356,13 @@ def _fetch(
     blobs = [(cfg["digest"], int(cfg.get("size") or 0), "config")]
     layers = _layers_of(store, doc, str(ref))
     blobs += [(b.digest, b.size, f"layer {i + 1}/{len(layers)}") for i, b in enumerate(layers)]
+    downloaded = 0
+
+    def report(label: str, done: int, total: int) -> None:
+        reporter.step(f"{label}: {done / 2**20:.1f} of {total / 2**20:.1f} MiB", done, total)
+        if progress is not None:
+            progress(f"{ref} {label}", done, total)
+
     for blob_digest, size, label in blobs:
         path = _blob_path(store, blob_digest)
         if path.exists():
@@ -365,12 +375,12 @@ def _fetch(
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         os.close(fd)
         try:
-            client.download_blob(
-                blob_digest, size, Path(tmp), progress=progress, label=f"{ref} {label}"
-            )
+            client.download_blob(blob_digest, size, Path(tmp), progress=report, label=label)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        downloaded += size
+    reporter.size = downloaded
     return digest
 
 
@@ -388,7 +398,9 @@ def pull_image(
     local blobs when all are there, and asks the registry otherwise;
     ``"always"`` resolves the tag again (re-pinning it) and fetches missing
     blobs; ``"never"`` never connects. ``progress(what, done, total)`` is
-    called as blobs arrive.
+    called as blobs arrive. A pull that asks the registry is reported as a
+    ``pull`` stage (:mod:`..progress`) whose steps carry each blob's bytes done
+    and total.
 
     :raises ImageNotFoundError: no such image (or, with ``"never"``, no local copy).
     :raises RegistryAuthError: credentials missing or refused.
@@ -421,11 +433,14 @@ def pull_image(
             done = _complete(store, pinned, str(ref))
             if done is not None:
                 return done
-        client = RegistryClient(ref, auth)
-        try:
-            digest = _fetch(client, store, ref, progress)
-        finally:
-            client.close()
+        # A stage only when the registry is asked: a cached image stays silent.
+        with stage("pull", f"image {ref}") as reporter:
+            reporter.step("resolving the reference")
+            client = RegistryClient(ref, auth)
+            try:
+                digest = _fetch(client, store, ref, progress, reporter)
+            finally:
+                client.close()
         previous = _read_pin(store, ref)
         if previous is not None and previous != digest:
             logger.info("%s moved from %s to %s; pinned the new digest", ref, previous, digest)

@@ -16,6 +16,7 @@ from ._auth import ProgressCallback, RegistryAuth
 from ._disk import disk_layer
 from ._fingerprint import content_fingerprint, tree_fingerprint
 from ._host import DEFAULT_USR_EXCLUDES, PROJECT_SERIAL, plan_host_trees, plan_usr
+from ._hostlib import host_python_roots, stage_host_libs
 from ._layers import LayerSpec, build_layer
 from ._local import import_local_image, is_docker_archive, is_oci_layout
 from ._model import Layer
@@ -93,18 +94,16 @@ def _staged_layer(
         return build_layer(spec, images)
 
 
-def _host_layers(
-    images: Path,
-    project_root: Path | None,
-    cache: Path,
-    usr_excludes: Sequence[str],
-    include_project: bool = True,
+def _host_tree_layers(
+    images: Path, project_root: Path | None, cache: Path, include_project: bool
 ) -> list[Layer]:
+    """Project, editable installs, venv, Python prefix (those not under /usr)."""
+
     def stable(spec: LayerSpec) -> Layer:
         key = (str(images), spec.serial, spec.family(), *spec.exclude_names)
         return _memoized(key, lambda: build_layer(spec, images))
 
-    trees = [
+    return [
         # Source trees that change with every edit are checked on every resolve.
         build_layer(spec, images)
         if spec.serial.startswith((PROJECT_SERIAL, "l-edit"))
@@ -112,6 +111,16 @@ def _host_layers(
         for spec in plan_host_trees(project_root=project_root, cache_dir=cache)
         if include_project or spec.serial != PROJECT_SERIAL
     ]
+
+
+def _host_layers(
+    images: Path,
+    project_root: Path | None,
+    cache: Path,
+    usr_excludes: Sequence[str],
+    include_project: bool = True,
+) -> list[Layer]:
+    trees = _host_tree_layers(images, project_root, cache, include_project)
     base = _memoized(
         (str(images), "l-base"),
         lambda: _staged_layer(
@@ -121,6 +130,27 @@ def _host_layers(
     usr_spec = plan_usr(usr_excludes=usr_excludes)
     usr = _memoized((str(images), "l-usr", *usr_excludes), lambda: build_layer(usr_spec, images))
     return [*trees, base, usr]
+
+
+def _host_python_layers(
+    images: Path, project_root: Path | None, cache: Path, include_project: bool
+) -> list[Layer]:
+    """The host's project, venv and Python prefix (as ``"host"`` stacks them) and
+    its loader and libraries (``l-hostlib``), to stack over another image.
+    """
+    host_python_roots()  # refuses a Python under /usr before anything is built
+    layers = _host_tree_layers(images, project_root, cache, include_project)
+    hostlib = _memoized(
+        (str(images), "l-hostlib"),
+        lambda: _staged_layer(
+            images,
+            "l-hostlib",
+            "hostlib",
+            "host loader and libraries",
+            functools.partial(stage_host_libs, memo=images / "hostlib-ldd.json"),
+        ),
+    )
+    return [*layers, hostlib]
 
 
 def _skel_layer(images: Path) -> Layer:
@@ -164,6 +194,8 @@ def resolve_root_layers(
     patches: Sequence[Patch] = (),
     scripts: Mapping[str, str] | None = None,
     disk_fstype: str = "auto",
+    disk_partition: int | None = None,
+    host_python: bool = False,
 ) -> list[Layer]:
     """Return the read-only layers of a guest root, top layer first, building what is stale.
 
@@ -182,6 +214,11 @@ def resolve_root_layers(
 
     ``patches`` and ``scripts`` go into one more layer on top (``l-patch``),
     built from their content; the image's own layers stay as they are.
+
+    ``host_python`` (an image other than ``"host"``): the host's project (per
+    ``include_project``), venv and Python prefix go on top of the image at
+    their host paths, and the host's loader and libraries in ``/.msb/hostlib``
+    (see :mod:`._hostlib`): what the guest runner of marked tests needs.
     """
     layers = _image_layers(
         image,
@@ -193,7 +230,14 @@ def resolve_root_layers(
         registry_auth=registry_auth,
         progress=progress,
         disk_fstype=disk_fstype,
+        disk_partition=disk_partition,
     )
+    if host_python and image != "host":
+        images = images_dir(cache_dir)
+        layers = [
+            *_host_python_layers(images, project_root, images.parent, include_project),
+            *layers,
+        ]
     if not patches and not scripts:
         return layers
     images = images_dir(cache_dir)
@@ -244,6 +288,7 @@ def _image_layers(
     registry_auth: RegistryAuth | None,
     progress: ProgressCallback | None,
     disk_fstype: str,
+    disk_partition: int | None = None,
 ) -> list[Layer]:
     images = images_dir(cache_dir)
     if image == "host":
@@ -261,7 +306,7 @@ def _image_layers(
             local = import_local_image(candidate, images.parent)
             return [*oci_layers(local, images), _skel_layer(images)]
         if candidate.is_file():
-            disk = disk_layer(candidate, images, fstype=disk_fstype)
+            disk = disk_layer(candidate, images, fstype=disk_fstype, partition=disk_partition)
             return [disk, _skel_layer(images)]
         if not candidate.is_dir():
             raise ImageError(

@@ -22,6 +22,7 @@ devtmpfs on /dev).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import posixpath
@@ -29,17 +30,27 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .._exceptions import ImageError
 from .._keys import digest_parts
+from ..progress import stage
 from ._mkfs import build_erofs
 from ._model import Layer
 from ._oci import LayerBlob, PulledImage
-from ._store import ensure_image, logger
+from ._store import ensure_image, image_path, logger, usable_image
 
-__all__ = ["UNPACK_VERSION", "chain_ids", "oci_layers", "read_image_file", "unpack_layer"]
+__all__ = [
+    "LAYER_WORKERS_ENV",
+    "UNPACK_VERSION",
+    "chain_ids",
+    "layer_workers",
+    "oci_layers",
+    "read_image_file",
+    "unpack_layer",
+]
 
 #: Bumped whenever the way layers are translated changes.
 UNPACK_VERSION = 1
@@ -232,28 +243,83 @@ def _build(blob: LayerBlob, lowers: list[LayerBlob], images: Path, family: str, 
         build_erofs(root, tmp, all_root=os.geteuid() != 0)
 
 
-def oci_layers(image: PulledImage, images: Path) -> list[Layer]:
-    """The erofs layers of ``image``, top first (as the guest stacks them)."""
+#: How many layers are converted at once: ``$MICROSANDBOX_LAYER_WORKERS``, or
+#: the CPUs this process may run on. Each conversion is mostly one process
+#: (gzip in Python, then ``mkfs.erofs``) that uses one core.
+LAYER_WORKERS_ENV = "MICROSANDBOX_LAYER_WORKERS"
+
+
+def layer_workers() -> int:
+    """How many layers :func:`oci_layers` converts at once (at least 1).
+
+    :raises ImageError: ``$MICROSANDBOX_LAYER_WORKERS`` is not a whole number >= 1.
+    """
+    raw = os.environ.get(LAYER_WORKERS_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ImageError(
+                f"{LAYER_WORKERS_ENV}={raw!r} is not a whole number >= 1 (layers converted "
+                "at once); unset it to use one per CPU"
+            )
+        return int(raw)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def oci_layers(image: PulledImage, images: Path, *, workers: int | None = None) -> list[Layer]:
+    """The erofs layers of ``image``, top first (as the guest stacks them).
+
+    Layers not cached yet are converted in parallel, ``workers`` at a time
+    (default :func:`layer_workers`), under one ``pull`` stage whose steps count
+    the layers done; each conversion is a ``layer`` stage inside it. A layer
+    depends only on the blobs below it (opaque directories read them), never
+    on their images, so any order is fine.
+    """
     blobs = list(image.layers)
-    out: list[Layer] = []
+    jobs: list[tuple[str, str, Callable[[Path], None], str]] = []
     for index, (blob, chain) in enumerate(zip(blobs, chain_ids(blobs), strict=True)):
-        lowers = blobs[:index]
         family = f"oci-{chain[:16]}"
-        path = ensure_image(
-            images,
-            family,
-            chain,
-            functools.partial(_build, blob, lowers, images, family),
-            description=f"layer {index + 1}/{len(blobs)} of {image.reference} ({blob.digest[:19]})",
-        )
-        out.append(
-            Layer(
-                serial=f"l-oci{index}",
-                path=path,
-                digest=chain,
-                description=f"{image.reference} layer {index + 1}",
+        jobs.append(
+            (
+                family,
+                chain,
+                functools.partial(_build, blob, blobs[:index], images, family),
+                f"layer {index + 1}/{len(blobs)} of {image.reference} ({blob.digest[:19]})",
             )
         )
+
+    def ensure(job: tuple[str, str, Callable[[Path], None], str]) -> Path:
+        family, chain, build, description = job
+        return ensure_image(images, family, chain, build, description=description)
+
+    missing = [j for j in jobs if not usable_image(image_path(images, j[0], j[1]))]
+    if missing:
+        count = min(len(missing), workers or layer_workers())
+        what = f"image {image.reference} (converting {len(missing)} layers to erofs)"
+        with stage("pull", what) as reporter:
+            reporter.step(f"0 of {len(missing)} layers converted", 0, len(missing))
+            # Each task runs in a copy of this context: its layer stage is a
+            # child of this one (a Context cannot be entered by two threads).
+            with ThreadPoolExecutor(count, thread_name_prefix="msb-layer") as pool:
+                futures = [
+                    pool.submit(contextvars.copy_context().run, ensure, job) for job in missing
+                ]
+                for done, _ in enumerate(as_completed(futures), 1):
+                    reporter.step(f"{done} of {len(missing)} layers converted", done, len(missing))
+                for future in futures:
+                    future.result()  # the first failure, after the others finished
+            reporter.size = sum(image_path(images, j[0], j[1]).stat().st_size for j in missing)
+    out = [
+        Layer(
+            serial=f"l-oci{index}",
+            path=ensure(job),  # cached now: marks it used, rebuilds one evicted meanwhile
+            digest=job[1],
+            description=f"{image.reference} layer {index + 1}",
+        )
+        for index, job in enumerate(jobs)
+    ]
     out.reverse()
     return out
 
