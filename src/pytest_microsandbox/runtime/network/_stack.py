@@ -46,6 +46,8 @@ __all__ = [
     "QEMU_SOCKET",
     "NetworkEvent",
     "NetworkStack",
+    "network_used",
+    "rehearsal_blob",
 ]
 
 #: The shim's socket (QEMU's ``remote.path``) and QEMU's own (``local.path``),
@@ -78,6 +80,9 @@ _READ = 65536
 _UDP_IDLE_S = 30.0
 _CONNECT_TIMEOUT_S = 10.0
 _DENY_CLOSE_DELAY_S = 0.5
+# NET flags (agent.c): no default route; a rehearsal (undone at the end).
+_F_NO_ROUTE = 1
+_F_REHEARSAL = 2
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,50 @@ class NetworkEvent:
 #: Destinations the loopback-only guard refused in this process (newest 100):
 #: a test suite fails its run if any appear (tests/conftest.py).
 GUARD_REFUSALS: deque[str] = deque(maxlen=100)
+
+
+_used = False
+
+
+def network_used() -> bool:
+    """Whether this process has started a sandbox network: pooled clones then
+    rehearse ``NET`` while they wait (:func:`rehearsal_blob`).
+    """
+    return _used
+
+
+def _net_blob(
+    mac: bytes, wg_ip: ipaddress.IPv4Address, key: bytes, peer: bytes, flags: int
+) -> bytes:
+    return struct.pack(
+        "!6s4sB4sH4s32s32sB",
+        mac,
+        _GUEST_ETH_IP.packed,
+        _ETH_PREFIX,
+        _GW_IP.packed,
+        _WG_PORT,
+        wg_ip.packed,
+        key,
+        peer,
+        flags,
+    )
+
+
+def rehearsal_blob() -> bytes:
+    """A ``NET`` payload with a throwaway identity that the agent applies and
+    then undoes (the default route and the peer removed: no path out). A restored TCG clone
+    runs every kernel path cold (empty translation cache): a pooled clone that
+    rehearses while it waits gives its sandbox's own ``NET`` translated code
+    (measured: docs/network.md). Random keys (any 32 bytes are a valid X25519
+    private key; the peer is never reached: nothing listens for a pooled clone).
+    """
+    return _net_blob(
+        bytes([0x02, *secrets.token_bytes(5)]),
+        ipaddress.IPv4Address("100.64.0.1"),
+        secrets.token_bytes(32),
+        secrets.token_bytes(32),
+        _F_REHEARSAL,
+    )
 
 
 def _loopback_only() -> bool:
@@ -178,6 +227,20 @@ class _Shim:
         # QEMU gone or its socket full: drop, the guest retransmits.
         with contextlib.suppress(OSError):
             self.qemu.sendto(self._eth + ip + udp + payload, self.qemu_path)
+
+
+async def _refuse(stream: Any) -> None:
+    """End a denied TCP flow as soon as the guest can see it end.
+
+    smoltcp has answered the SYN before the flow reaches us (mitmproxy_rs hands
+    a flow over at its SYN and offers no reset), and a close while the
+    handshake is still in flight never sends the FIN. The guest's first bytes
+    (or its FIN) prove the handshake done: close then, one round trip after a
+    client-first connect (HTTP, TLS); a silent guest gets the FIN after
+    ``_DENY_CLOSE_DELAY_S``. Nothing is dialled either way.
+    """
+    with contextlib.suppress(asyncio.TimeoutError, OSError, ConnectionError):
+        await asyncio.wait_for(stream.read(1), _DENY_CLOSE_DELAY_S)
 
 
 class _Prefixed:
@@ -269,6 +332,8 @@ class NetworkStack:
             raise BackendUnavailableError(
                 f"network needs mitmproxy_rs<0.11 ({exc}): pip install 'mitmproxy_rs<0.11'"
             ) from exc
+        global _used
+        _used = True
         server_key = wireguard.genkey()
         self._guest_key = wireguard.genkey()
         self._server_pub = wireguard.pubkey(server_key)
@@ -312,17 +377,12 @@ class NetworkStack:
             r.action == "allow" for r in self.policy.rules
         )
         wg_ip = ipaddress.IPv4Address("100.64.0.0") + secrets.randbelow(1 << 22) + 1
-        return struct.pack(
-            "!6s4sB4sH4s32s32sB",
+        return _net_blob(
             self.guest_mac,
-            _GUEST_ETH_IP.packed,
-            _ETH_PREFIX,
-            _GW_IP.packed,
-            _WG_PORT,
-            wg_ip.packed,
+            wg_ip,
             base64.b64decode(self._guest_key),
             base64.b64decode(self._server_pub),
-            1 if allows_nothing else 0,
+            _F_NO_ROUTE if allows_nothing else 0,
         )
 
     def resolv_conf(self) -> str:
@@ -413,11 +473,7 @@ class NetworkStack:
         dst_ip, dst_port = stream.get_extra_info("sockname")
         dest, event = self._admit(dst_ip, int(dst_port), "tcp")
         if event.verdict != "allow":
-            # smoltcp has already answered the SYN (mitmproxy_rs hands over a
-            # flow at its SYN and offers no reset); a close while the handshake
-            # is in flight never sends the FIN, so let it finish first. The
-            # guest sees a connection closed before any byte; nothing is dialled.
-            await asyncio.sleep(_DENY_CLOSE_DELAY_S)
+            await _refuse(stream)
             return
         try:
             reader, writer = await asyncio.wait_for(
