@@ -58,7 +58,7 @@ from ..runtime.backend import Backend, MonitoredVM, VMHandle, VMMonitor, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
 from ..runtime.lifetime import Runtime, current_runtime
-from ..runtime.network import NetworkPolicy, network_used, rehearsal_blob
+from ..runtime.network import NetworkPolicy, guest_resolv_conf, network_used, rehearsal_blob
 from ..runtime.paths import make_run_dir
 from ..runtime.progress import Stage, stage
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
@@ -530,7 +530,8 @@ async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) 
     if network_used():
         # Once this process has used a network: rehearse NET with a throwaway
         # identity the agent undoes: a create's NET then runs on translated code.
-        requests.append((MsgType.NET, [bytes_field(Tag.NET, rehearsal_blob())], {MsgType.OK}))
+        net = [bytes_field(Tag.NET, rehearsal_blob()), bytes_field(Tag.DATA, guest_resolv_conf())]
+        requests.append((MsgType.NET, net, {MsgType.OK}))
     with anyio.fail_after(timeout):
         for request_id, (type_, fields, final) in enumerate(requests, start=1):
             await inc.stream.send(encode_frame(request_id, type_, fields))

@@ -2205,6 +2205,24 @@ out:
 	return rc;
 }
 
+/* Writes /etc/resolv.conf by a rename (images often make it a symlink); 0 or errno. */
+static int write_resolv(const uint8_t *p, uint32_t n)
+{
+	int fd = open("/etc/.resolv.conf.msb", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return errno;
+	write_all_fd(fd, (const char *)p, n);
+	fchmod(fd, 0644);
+	close(fd);
+	unlink("/etc/resolv.conf");
+	if (rename("/etc/.resolv.conf.msb", "/etc/resolv.conf") < 0) {
+		int e = errno;
+		unlink("/etc/.resolv.conf.msb");
+		return e;
+	}
+	return 0;
+}
+
 static void h_net(const struct msg *m)
 {
 	const uint8_t *p;
@@ -2217,26 +2235,38 @@ static void h_net(const struct msg *m)
 		reply_error(m->id, ENOTSUP, "the agent runs as a host process: no guest network");
 		return;
 	}
+	bool rehearsal = p[85] & NET_F_REHEARSAL;
 	const char *step = "";
 	int rc = net_setup(p, &step);
 	if (rc < 0) {
 		reply_error(m->id, -rc, "network set-up, %s: %s", step, strerror(-rc));
 		return;
 	}
-	/* DATA: the resolver configuration, written here to save a round trip. */
+	/* DATA: the resolver configuration, written here to save a round trip. A
+	 * rehearsal writes it too (the path is slow cold) with the image's own
+	 * kept aside, and puts that back; if it cannot be kept, no rehearsal. */
 	if (get_field(m, T_DATA, &p, &n) && n > 0 && n <= 4096) {
-		int fd = open("/etc/.resolv.conf.msb", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-		if (fd < 0) {
-			reply_error(m->id, errno, "/etc/resolv.conf: %s", strerror(errno));
-			return;
+		int aside = 0; /* 1: linked aside, -1: the image has none */
+		if (rehearsal) {
+			/* A link, not a rename: the write below then unlinks an existing
+			 * file, as a sandbox's NET will. */
+			unlink("/etc/.resolv.conf.msb-image");
+			if (link("/etc/resolv.conf", "/etc/.resolv.conf.msb-image") == 0)
+				aside = 1;
+			else if (errno == ENOENT)
+				aside = -1;
+			else {
+				reply_ok(m->id);
+				return;
+			}
 		}
-		write_all_fd(fd, (const char *)p, n);
-		fchmod(fd, 0644);
-		close(fd);
-		unlink("/etc/resolv.conf"); /* images often make it a symlink */
-		if (rename("/etc/.resolv.conf.msb", "/etc/resolv.conf") < 0) {
-			reply_error(m->id, errno, "/etc/resolv.conf: %s", strerror(errno));
-			unlink("/etc/.resolv.conf.msb");
+		int e = write_resolv(p, n);
+		if (aside == 1)
+			rename("/etc/.resolv.conf.msb-image", "/etc/resolv.conf");
+		else if (aside == -1)
+			unlink("/etc/resolv.conf");
+		if (e) {
+			reply_error(m->id, e, "/etc/resolv.conf: %s", strerror(e));
 			return;
 		}
 	}

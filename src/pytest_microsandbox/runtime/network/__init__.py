@@ -16,6 +16,7 @@ from ._stack import (
     QEMU_SOCKET,
     NetworkEvent,
     NetworkStack,
+    guest_resolv_conf,
     network_used,
     rehearsal_blob,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Secret",
     "SecretSubstituter",
     "classify",
+    "guest_resolv_conf",
     "network_used",
     "rehearsal_blob",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "QEMU_SOCKET",
     "NetworkEvent",
     "NetworkStack",
+    "guest_resolv_conf",
     "network_used",
     "rehearsal_blob",
 ]
@@ -144,9 +145,15 @@ def _net_blob(
     )
 
 
+def guest_resolv_conf() -> str:
+    """The guest's /etc/resolv.conf with network on (sent with ``NET``)."""
+    return f"# pytest-microsandbox: answered by the host through the policy\nnameserver {DNS_IP}\n"
+
+
 def rehearsal_blob() -> bytes:
     """A ``NET`` payload with a throwaway identity that the agent applies and
-    then undoes (the default route and the peer removed: no path out). A restored TCG clone
+    then undoes (the default route, the peer and the addresses removed, the
+    image's resolv.conf put back: no path out). A restored TCG clone
     runs every kernel path cold (empty translation cache): a pooled clone that
     rehearses while it waits gives its sandbox's own ``NET`` translated code
     (measured: docs/network.md). Random keys (any 32 bytes are a valid X25519
@@ -396,9 +403,7 @@ class NetworkStack:
         )
 
     def resolv_conf(self) -> str:
-        return (
-            f"# pytest-microsandbox: answered by the host through the policy\nnameserver {DNS_IP}\n"
-        )
+        return guest_resolv_conf()
 
     def events(self) -> list[NetworkEvent]:
         """Every connection attempt and DNS query so far, oldest first (the
