@@ -58,7 +58,13 @@ from ..runtime.backend import Backend, MonitoredVM, VMHandle, VMMonitor, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
 from ..runtime.lifetime import Runtime, current_runtime
-from ..runtime.network import NetworkPolicy, guest_resolv_conf, network_used, rehearsal_blob
+from ..runtime.network import (
+    NetworkPolicy,
+    guest_resolv_conf,
+    network_used,
+    rehearsal_blob,
+    stop_rehearsals,
+)
 from ..runtime.paths import make_run_dir
 from ..runtime.progress import Stage, stage
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
@@ -541,7 +547,9 @@ async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) 
                     if frame.id == request_id and frame.type in final | {MsgType.ERROR}:
                         done = True
                         if frame.type == MsgType.ERROR and type_ == MsgType.NET:
-                            # Half a rehearsal may leave a route: not a clone to hand out.
+                            # Half a rehearsal may leave a route: not a clone to
+                            # hand out; and no more rehearsals, or none would be.
+                            stop_rehearsals()
                             raise RuntimeError("the pooled clone's NET rehearsal failed")
     inc.warmed = True
 

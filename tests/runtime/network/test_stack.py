@@ -135,3 +135,17 @@ def test_a_denied_flow_ends_at_the_guests_first_byte_or_after_the_delay(
         stream = _Stream(data)
         asyncio.run(_stack._refuse(stream))  # returns (then the caller closes): never hangs
         assert stream.reads == 1
+
+
+def test_pooled_clones_rehearse_once_a_network_started_until_a_rehearsal_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pytest_microsandbox.runtime.network import _stack, network_used, stop_rehearsals
+
+    monkeypatch.setattr(_stack, "_used", False)
+    monkeypatch.setattr(_stack, "_rehearsals_failed", False)
+    assert not network_used()
+    monkeypatch.setattr(_stack, "_used", True)  # as NetworkStack.start does
+    assert network_used()
+    stop_rehearsals()
+    assert not network_used()

@@ -19,6 +19,7 @@ from ._stack import (
     guest_resolv_conf,
     network_used,
     rehearsal_blob,
+    stop_rehearsals,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "guest_resolv_conf",
     "network_used",
     "rehearsal_blob",
+    "stop_rehearsals",
 ]

@@ -49,6 +49,7 @@ __all__ = [
     "guest_resolv_conf",
     "network_used",
     "rehearsal_blob",
+    "stop_rehearsals",
 ]
 
 #: The shim's socket (QEMU's ``remote.path``) and QEMU's own (``local.path``),
@@ -121,11 +122,23 @@ GUARD_REFUSALS: deque[str] = deque(maxlen=100)
 _used = False
 
 
+_rehearsals_failed = False
+
+
 def network_used() -> bool:
-    """Whether this process has started a sandbox network: pooled clones then
-    rehearse ``NET`` while they wait (:func:`rehearsal_blob`).
+    """Whether this process has started a sandbox network (and no rehearsal
+    failed): pooled clones then rehearse ``NET`` while they wait
+    (:func:`rehearsal_blob`).
     """
-    return _used
+    return _used and not _rehearsals_failed
+
+
+def stop_rehearsals() -> None:
+    """A rehearsal failed (an image the agent cannot rehearse in): stop them
+    for this process, or every pooled clone would be discarded.
+    """
+    global _rehearsals_failed
+    _rehearsals_failed = True
 
 
 def _net_blob(
