@@ -8,6 +8,7 @@ the tail of the guest console, since that usually says why the guest died.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import math
@@ -756,19 +757,34 @@ class Sandbox:
 
     async def _configure_guest(self) -> None:
         async with self._guest_errors():
-            await self._agent.configure(
-                time_ns=time.time_ns(),
-                seed=os.urandom(64),
-                hostname=self.name,
-                timeout=self._request_timeout,
-            )
-            if self.config.volumes:
-                # Named volumes: one sandbox at a time, released when the session ends.
-                for fd in lock_volumes(self.config.volumes):
-                    self._session.stack.callback(os.close, fd)
-                await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
+            # The network's host side (host work only) starts while the guest
+            # runs CONFIGURE.
+            starting = None
             if self.config.network is not None:
-                await self._start_network(self.config.network)
+                stack = self._network_stack(self.config.network)
+                starting = asyncio.ensure_future(stack.start())
+            try:
+                await self._agent.configure(
+                    time_ns=time.time_ns(),
+                    seed=os.urandom(64),
+                    hostname=self.name,
+                    timeout=self._request_timeout,
+                )
+                if self.config.volumes:
+                    # Named volumes: one sandbox at a time, released when the session ends.
+                    for fd in lock_volumes(self.config.volumes):
+                        self._session.stack.callback(os.close, fd)
+                    await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
+                if starting is not None:
+                    await starting
+            except BaseException:
+                if starting is not None:  # stopped, its error (if any) retrieved
+                    starting.cancel()
+                    with contextlib.suppress(BaseException):
+                        await starting
+                raise
+            if starting is not None:
+                await self._start_network(stack)
             if self.config.ports:
                 await self._publish_ports()
 
@@ -791,11 +807,8 @@ class Sandbox:
         """
         return {} if self._ports is None else self._ports.bound
 
-    async def _start_network(self, policy: NetworkPolicy) -> None:
-        """Start this sandbox's host-side network and give the guest its interfaces
-        (fresh key, MAC and address on every restore: clones share no identity).
-        Done before the sandbox is handed out: the first command has the network.
-        """
+    def _network_stack(self, policy: NetworkPolicy) -> NetworkStack:
+        """This sandbox's host-side network, not started; closed with the session."""
         stack = NetworkStack(
             policy,
             self.config.hosts,
@@ -806,8 +819,14 @@ class Sandbox:
             cache_dir=self.config.cache_dir,
             upstream_ca_certs=self.config.upstream_ca_certs,
         )
-        await stack.start()
         self._session.stack.push_async_callback(stack.aclose)
+        return stack
+
+    async def _start_network(self, stack: NetworkStack) -> None:
+        """Give the guest its interfaces for the started ``stack`` (fresh key,
+        MAC and address on every restore: clones share no identity). Done
+        before the sandbox is handed out: the first command has the network.
+        """
         self._network = stack
         await self._agent.net_setup(
             stack.guest_blob(), stack.resolv_conf().encode(), timeout=self._request_timeout

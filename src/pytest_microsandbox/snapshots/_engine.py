@@ -58,7 +58,14 @@ from ..runtime.backend import Backend, MonitoredVM, VMHandle, VMMonitor, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
 from ..runtime.lifetime import Runtime, current_runtime
-from ..runtime.network import NetworkPolicy, Secret
+from ..runtime.network import (
+    NetworkPolicy,
+    Secret,
+    guest_resolv_conf,
+    network_used,
+    rehearsal_blob,
+    stop_rehearsals,
+)
 from ..runtime.paths import make_run_dir
 from ..runtime.progress import Stage, stage
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
@@ -529,6 +536,11 @@ async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) 
     ]
     if command:
         requests.append((MsgType.EXEC, exec_fields, {MsgType.EXITED}))
+    if network_used():
+        # Once this process has used a network: rehearse NET with a throwaway
+        # identity the agent undoes: a create's NET then runs on translated code.
+        net = [bytes_field(Tag.NET, rehearsal_blob()), bytes_field(Tag.DATA, guest_resolv_conf())]
+        requests.append((MsgType.NET, net, {MsgType.OK}))
     with anyio.fail_after(timeout):
         for request_id, (type_, fields, final) in enumerate(requests, start=1):
             await inc.stream.send(encode_frame(request_id, type_, fields))
@@ -537,6 +549,11 @@ async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) 
                 for frame in decoder.feed(await inc.stream.receive()):
                     if frame.id == request_id and frame.type in final | {MsgType.ERROR}:
                         done = True
+                        if frame.type == MsgType.ERROR and type_ == MsgType.NET:
+                            # Half a rehearsal may leave a route: not a clone to
+                            # hand out; and no more rehearsals, or none would be.
+                            stop_rehearsals()
+                            raise RuntimeError("the pooled clone's NET rehearsal failed")
     inc.warmed = True
 
 

@@ -281,6 +281,10 @@ def test_a_sandbox_without_network_has_no_stack() -> None:
         assert routes == []
         addresses = sb.fs().read("/proc/net/fib_trie").decode()
         assert "198.18.0.2" not in addresses  # eth0 has no address
+        # A pooled clone may have rehearsed NET (this process used a network):
+        # it undid it, resolv.conf included.
+        resolv = sb.exec("cat", ["/etc/resolv.conf"]).stdout_bytes
+        assert b"answered by the host" not in resolv
         with pytest.raises(Exception, match="has no network"):
             sb.network  # noqa: B018
 

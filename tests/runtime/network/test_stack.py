@@ -4,6 +4,7 @@ dropped, replies are well-formed (no VM; the event log's bounds too).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 from pathlib import Path
@@ -96,3 +97,55 @@ def test_the_event_log_is_bounded(tmp_path: Path) -> None:
     events = stack.events()
     assert len(events) == 10_000 and events[0].time == 50.0
     assert stack.pinned("a.test") == "198.19.0.1"
+
+
+def test_a_rehearsal_has_a_throwaway_identity_and_asks_to_be_undone(tmp_path: Path) -> None:
+    from pytest_microsandbox.runtime.network import rehearsal_blob
+
+    stack = NetworkStack(NetworkPolicy.public_only(), {}, tmp_path)
+    stack._guest_key = stack._server_pub = "A" * 44  # base64 of 32 bytes
+    real = stack.guest_blob()
+    one, two = rehearsal_blob(), rehearsal_blob()
+    assert len(one) == len(real) == 86  # the agent's NET_LEN
+    assert one[-1] == 2 and real[-1] == 0  # NET_F_REHEARSAL; a real NET keeps its route
+    assert one[:6] != two[:6] and one[21:85] != two[21:85]  # MAC, keys: fresh each time
+    assert one[6:17] == real[6:17]  # same eth0 address and endpoint: the same kernel paths
+    assert NetworkStack(NetworkPolicy.none(), {}, tmp_path).guest_blob()[-1] == 1  # no route
+
+
+class _Stream:
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+        self.reads = 0
+
+    async def read(self, n: int) -> bytes:
+        self.reads += 1
+        if self.data is None:
+            await asyncio.Event().wait()  # a silent guest
+        return self.data or b""
+
+
+def test_a_denied_flow_ends_at_the_guests_first_byte_or_after_the_delay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pytest_microsandbox.runtime.network import _stack
+
+    monkeypatch.setattr(_stack, "_DENY_CLOSE_DELAY_S", 0.05)
+    for data in (b"GET", b"", None):  # client-first, an early FIN, server-first
+        stream = _Stream(data)
+        asyncio.run(_stack._refuse(stream))  # returns (then the caller closes): never hangs
+        assert stream.reads == 1
+
+
+def test_pooled_clones_rehearse_once_a_network_started_until_a_rehearsal_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pytest_microsandbox.runtime.network import _stack, network_used, stop_rehearsals
+
+    monkeypatch.setattr(_stack, "_used", False)
+    monkeypatch.setattr(_stack, "_rehearsals_failed", False)
+    assert not network_used()
+    monkeypatch.setattr(_stack, "_used", True)  # as NetworkStack.start does
+    assert network_used()
+    stop_rehearsals()
+    assert not network_used()

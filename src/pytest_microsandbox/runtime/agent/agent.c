@@ -1864,6 +1864,14 @@ static void h_configure(const struct msg *m)
 #define NET_LEN 102 /* mac 6, eth addr 4, prefix 1, gw 4, gw port 2, wg addr 4, keys 32+32, flags 1,
 			wg IPv6 addr 16 (all zero: no IPv6) */
 #define NET_F_NO_ROUTE 1 /* nothing is allowed: no default route, connects fail at once */
+/* A rehearsal (a pooled clone, throwaway identity): every step, then the
+ * route and the peer (its session) removed, wg0 left up: a sandbox's own NET
+ * later runs the same paths, translated.  (Down and up again would not: wg0's
+ * open and stop paths are slow under TCG, RCU grace periods.) */
+#define NET_F_REHEARSAL 2
+/* wg0's persistent keepalive: setting it sends one at once, which starts the
+ * WireGuard handshake while NET returns instead of at the first connect. */
+#define NET_KEEPALIVE_S 25
 #define NL_ROUTE 0
 #define NL_GENERIC 16
 #define NLF_REQUEST 0x1
@@ -1889,6 +1897,7 @@ static void h_configure(const struct msg *m)
 #define WGP_PUBLIC_KEY 1
 #define WGP_FLAGS 3
 #define WGP_ENDPOINT 4
+#define WGP_PERSISTENT_KEEPALIVE 5
 #define WGP_ALLOWEDIPS 9
 #define WGP_F_REPLACE_ALLOWEDIPS 2
 #define WGA_FAMILY 1
@@ -2024,6 +2033,15 @@ static int set_addr(int fd, const char *dev, const uint8_t addr[4], int prefix)
 	memset(&ifr, 0, sizeof ifr);
 	memcpy(&ifr.ifr_netmask, &sin, sizeof sin);
 	return ifreq_call(fd, SIOCSIFNETMASK, &ifr, dev);
+}
+
+static int clear_addr(int fd, const char *dev)
+{
+	struct ifreq ifr;
+	struct sockaddr_in sin = {.sin_family = AF_INET};
+	memset(&ifr, 0, sizeof ifr);
+	memcpy(&ifr.ifr_addr, &sin, sizeof sin);
+	return ifreq_call(fd, SIOCSIFADDR, &ifr, dev);
 }
 
 static int set_flags(int fd, const char *dev, short on, short off)
@@ -2170,6 +2188,11 @@ static int net_setup(const uint8_t *c, const char **step)
 	int fam = wg_family();
 	if ((rc = fam) < 0)
 		goto out;
+	/* Up before the key and peer are set: the keepalive below then goes out
+	 * at once (a rehearsal left wg0 down). */
+	*step = "wg0 up";
+	if ((rc = set_flags(fd, "wg0", IFF_UP, 0)) < 0)
+		goto out;
 	*step = "configuring wg0";
 	struct nl_buf nb;
 	uint8_t genl[4] = {WG_SET_DEVICE, 1, 0, 0};
@@ -2179,6 +2202,7 @@ static int net_setup(const uint8_t *c, const char **step)
 	memcpy(&ep.sin_port, gw_port, 2); /* both network order */
 	uint16_t family = AF_INET, family6 = AF_INET6;
 	uint8_t any[16] = {0}, mask = 0;
+	uint16_t keepalive = NET_KEEPALIVE_S;
 	nl_start(&nb, (uint16_t)fam, 0);
 	nl_put(&nb, genl, sizeof genl);
 	nl_attr(&nb, WGD_IFNAME, "wg0", 4);
@@ -2189,6 +2213,7 @@ static int net_setup(const uint8_t *c, const char **step)
 	nl_attr(&nb, WGP_PUBLIC_KEY, peer, 32);
 	nl_attr(&nb, WGP_FLAGS, &pflags, 4);
 	nl_attr(&nb, WGP_ENDPOINT, &ep, sizeof ep);
+	nl_attr(&nb, WGP_PERSISTENT_KEEPALIVE, &keepalive, 2);
 	nl_nest(&nb, WGP_ALLOWEDIPS);
 	nl_nest(&nb, 0);
 	nl_attr(&nb, WGA_FAMILY, &family, 2);
@@ -2204,9 +2229,6 @@ static int net_setup(const uint8_t *c, const char **step)
 	nl_end(&nb);
 	nl_end(&nb);
 	if ((rc = nl_call(NL_GENERIC, &nb, NULL, 0)) < 0)
-		goto out;
-	*step = "wg0 up";
-	if ((rc = set_flags(fd, "wg0", IFF_UP, 0)) < 0)
 		goto out;
 	*step = "wg0 address";
 	if ((rc = set_addr(fd, "wg0", wg, 32)) < 0)
@@ -2226,9 +2248,45 @@ static int net_setup(const uint8_t *c, const char **step)
 	rt.rt_dev = (char *)"wg0";
 	if (ioctl(fd, SIOCADDRT, &rt) < 0 && errno != EEXIST)
 		rc = -errno;
+	if (rc == 0 && (c[85] & NET_F_REHEARSAL)) {
+		*step = "removing the rehearsal's route";
+		if (ioctl(fd, SIOCDELRT, &rt) < 0) {
+			rc = -errno;
+			goto out;
+		}
+		*step = "removing the rehearsal's peer";
+		nl_start(&nb, (uint16_t)fam, 0);
+		nl_put(&nb, genl, sizeof genl);
+		nl_attr(&nb, WGD_IFNAME, "wg0", 4);
+		nl_attr(&nb, WGD_FLAGS, &dflags, 4);
+		if ((rc = nl_call(NL_GENERIC, &nb, NULL, 0)) < 0)
+			goto out;
+		/* Address 0.0.0.0 deletes it (and eth0's /30 route). */
+		*step = "removing the rehearsal's addresses";
+		if ((rc = clear_addr(fd, "wg0")) < 0 || (rc = clear_addr(fd, "eth0")) < 0)
+			goto out;
+	}
 out:
 	close(fd);
 	return rc;
+}
+
+/* Writes /etc/resolv.conf by a rename (images often make it a symlink); 0 or errno. */
+static int write_resolv(const uint8_t *p, uint32_t n)
+{
+	int fd = open("/etc/.resolv.conf.msb", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return errno;
+	write_all_fd(fd, (const char *)p, n);
+	fchmod(fd, 0644);
+	close(fd);
+	unlink("/etc/resolv.conf");
+	if (rename("/etc/.resolv.conf.msb", "/etc/resolv.conf") < 0) {
+		int e = errno;
+		unlink("/etc/.resolv.conf.msb");
+		return e;
+	}
+	return 0;
 }
 
 static void h_net(const struct msg *m)
@@ -2243,26 +2301,38 @@ static void h_net(const struct msg *m)
 		reply_error(m->id, ENOTSUP, "the agent runs as a host process: no guest network");
 		return;
 	}
+	bool rehearsal = p[85] & NET_F_REHEARSAL;
 	const char *step = "";
 	int rc = net_setup(p, &step);
 	if (rc < 0) {
 		reply_error(m->id, -rc, "network set-up, %s: %s", step, strerror(-rc));
 		return;
 	}
-	/* DATA: the resolver configuration, written here to save a round trip. */
+	/* DATA: the resolver configuration, written here to save a round trip. A
+	 * rehearsal writes it too (the path is slow cold) with the image's own
+	 * kept aside, and puts that back; if it cannot be kept, no rehearsal. */
 	if (get_field(m, T_DATA, &p, &n) && n > 0 && n <= 4096) {
-		int fd = open("/etc/.resolv.conf.msb", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-		if (fd < 0) {
-			reply_error(m->id, errno, "/etc/resolv.conf: %s", strerror(errno));
-			return;
+		int aside = 0; /* 1: linked aside, -1: the image has none */
+		if (rehearsal) {
+			/* A link, not a rename: the write below then unlinks an existing
+			 * file, as a sandbox's NET will. */
+			unlink("/etc/.resolv.conf.msb-image");
+			if (link("/etc/resolv.conf", "/etc/.resolv.conf.msb-image") == 0)
+				aside = 1;
+			else if (errno == ENOENT)
+				aside = -1;
+			else {
+				reply_ok(m->id);
+				return;
+			}
 		}
-		write_all_fd(fd, (const char *)p, n);
-		fchmod(fd, 0644);
-		close(fd);
-		unlink("/etc/resolv.conf"); /* images often make it a symlink */
-		if (rename("/etc/.resolv.conf.msb", "/etc/resolv.conf") < 0) {
-			reply_error(m->id, errno, "/etc/resolv.conf: %s", strerror(errno));
-			unlink("/etc/.resolv.conf.msb");
+		int e = write_resolv(p, n);
+		if (aside == 1)
+			rename("/etc/.resolv.conf.msb-image", "/etc/resolv.conf");
+		else if (aside == -1)
+			unlink("/etc/resolv.conf");
+		if (e) {
+			reply_error(m->id, e, "/etc/resolv.conf: %s", strerror(e));
 			return;
 		}
 	}

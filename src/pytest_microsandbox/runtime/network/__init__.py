@@ -9,7 +9,18 @@ from __future__ import annotations
 from ._policy import Decision, Destination, NetworkPolicy, Rule, classify
 from ._ports import PortPublisher
 from ._secrets import Secret, SecretSubstituter
-from ._stack import DNS_IP, HOST_SOCKET, LOOPBACK_ONLY_ENV, QEMU_SOCKET, NetworkEvent, NetworkStack
+from ._stack import (
+    DNS_IP,
+    HOST_SOCKET,
+    LOOPBACK_ONLY_ENV,
+    QEMU_SOCKET,
+    NetworkEvent,
+    NetworkStack,
+    guest_resolv_conf,
+    network_used,
+    rehearsal_blob,
+    stop_rehearsals,
+)
 
 __all__ = [
     "DNS_IP",
@@ -26,4 +37,8 @@ __all__ = [
     "Secret",
     "SecretSubstituter",
     "classify",
+    "guest_resolv_conf",
+    "network_used",
+    "rehearsal_blob",
+    "stop_rehearsals",
 ]

@@ -47,6 +47,10 @@ __all__ = [
     "QEMU_SOCKET",
     "NetworkEvent",
     "NetworkStack",
+    "guest_resolv_conf",
+    "network_used",
+    "rehearsal_blob",
+    "stop_rehearsals",
 ]
 
 #: The shim's socket (QEMU's ``remote.path``) and QEMU's own (``local.path``),
@@ -84,6 +88,9 @@ _READ = 65536
 _UDP_IDLE_S = 30.0
 _CONNECT_TIMEOUT_S = 10.0
 _DENY_CLOSE_DELAY_S = 0.5
+# NET flags (agent.c): no default route; a rehearsal (undone at the end).
+_F_NO_ROUTE = 1
+_F_REHEARSAL = 2
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,75 @@ class NetworkEvent:
 #: Destinations the loopback-only guard refused in this process (newest 100):
 #: a test suite fails its run if any appear (tests/conftest.py).
 GUARD_REFUSALS: deque[str] = deque(maxlen=100)
+
+
+_used = False
+
+
+_rehearsals_failed = False
+
+
+def network_used() -> bool:
+    """Whether this process has started a sandbox network (and no rehearsal
+    failed): pooled clones then rehearse ``NET`` while they wait
+    (:func:`rehearsal_blob`).
+    """
+    return _used and not _rehearsals_failed
+
+
+def stop_rehearsals() -> None:
+    """A rehearsal failed (an image the agent cannot rehearse in): stop them
+    for this process, or every pooled clone would be discarded.
+    """
+    global _rehearsals_failed
+    _rehearsals_failed = True
+
+
+def _net_blob(
+    mac: bytes,
+    wg_ip: ipaddress.IPv4Address,
+    key: bytes,
+    peer: bytes,
+    flags: int,
+    wg_ip6: ipaddress.IPv6Address | None = None,
+) -> bytes:
+    """The ``NET`` payload; ``wg_ip6`` None is all zero: no IPv6 in the guest."""
+    return struct.pack(
+        "!6s4sB4sH4s32s32sB16s",
+        mac,
+        _GUEST_ETH_IP.packed,
+        _ETH_PREFIX,
+        _GW_IP.packed,
+        _WG_PORT,
+        wg_ip.packed,
+        key,
+        peer,
+        flags,
+        wg_ip6.packed if wg_ip6 is not None else bytes(16),
+    )
+
+
+def guest_resolv_conf() -> str:
+    """The guest's /etc/resolv.conf with network on (sent with ``NET``)."""
+    return f"# pytest-microsandbox: answered by the host through the policy\nnameserver {DNS_IP}\n"
+
+
+def rehearsal_blob() -> bytes:
+    """A ``NET`` payload with a throwaway identity that the agent applies and
+    then undoes (the default route, the peer and the addresses removed, the
+    image's resolv.conf put back: no path out). A restored TCG clone
+    runs every kernel path cold (empty translation cache): a pooled clone that
+    rehearses while it waits gives its sandbox's own ``NET`` translated code
+    (measured: docs/network.md). Random keys (any 32 bytes are a valid X25519
+    private key; the peer is never reached: nothing listens for a pooled clone).
+    """
+    return _net_blob(
+        bytes([0x02, *secrets.token_bytes(5)]),
+        ipaddress.IPv4Address("100.64.0.1"),
+        secrets.token_bytes(32),
+        secrets.token_bytes(32),
+        _F_REHEARSAL,
+    )
 
 
 def _loopback_only() -> bool:
@@ -197,6 +273,20 @@ class _Shim:
         # QEMU gone or its socket full: drop, the guest retransmits.
         with contextlib.suppress(OSError):
             self.qemu.sendto(self._eth + ip + udp + payload, self.qemu_path)
+
+
+async def _refuse(stream: Any) -> None:
+    """End a denied TCP flow as soon as the guest can see it end.
+
+    smoltcp has answered the SYN before the flow reaches us (mitmproxy_rs hands
+    a flow over at its SYN and offers no reset), and a close while the
+    handshake is still in flight never sends the FIN. The guest's first bytes
+    (or its FIN) prove the handshake done: close then, one round trip after a
+    client-first connect (HTTP, TLS); a silent guest gets the FIN after
+    ``_DENY_CLOSE_DELAY_S``. Nothing is dialled either way.
+    """
+    with contextlib.suppress(asyncio.TimeoutError, OSError, ConnectionError):
+        await asyncio.wait_for(stream.read(1), _DENY_CLOSE_DELAY_S)
 
 
 class _Prefixed:
@@ -296,6 +386,8 @@ class NetworkStack:
             raise BackendUnavailableError(
                 f"network needs mitmproxy_rs<0.11 ({exc}): pip install 'mitmproxy_rs<0.11'"
             ) from exc
+        global _used
+        _used = True
         server_key = wireguard.genkey()
         self._guest_key = wireguard.genkey()
         self._server_pub = wireguard.pubkey(server_key)
@@ -311,9 +403,19 @@ class NetworkStack:
                 self._on_udp,
             )
             host, port = self._server.getsockname()
-            wg, _ = await loop.create_datagram_endpoint(
-                lambda: _Datagrams(shim.to_guest), remote_addr=(host, port)
-            )
+            # A window of replies arrives at once (measured: the default buffer
+            # dropped some under load, each drop a guest-side retransmission).
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+                udp.setblocking(False)
+                udp.connect((host, port))
+                wg, _ = await loop.create_datagram_endpoint(
+                    lambda: _Datagrams(shim.to_guest), sock=udp
+                )
+            except BaseException:
+                udp.close()
+                raise
             self._transports.append(wg)
             shim.wg = wg
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -340,25 +442,17 @@ class NetworkStack:
             r.action == "allow" for r in self.policy.rules
         )
         wg_ip = ipaddress.IPv4Address("100.64.0.0") + secrets.randbelow(1 << 22) + 1
-        wg_ip6 = _WG6_NET[secrets.randbelow(1 << 63) + 1]
-        return struct.pack(
-            "!6s4sB4sH4s32s32sB16s",
+        return _net_blob(
             self.guest_mac,
-            _GUEST_ETH_IP.packed,
-            _ETH_PREFIX,
-            _GW_IP.packed,
-            _WG_PORT,
-            wg_ip.packed,
+            wg_ip,
             base64.b64decode(self._guest_key),
             base64.b64decode(self._server_pub),
-            1 if allows_nothing else 0,
-            wg_ip6.packed,
+            _F_NO_ROUTE if allows_nothing else 0,
+            _WG6_NET[secrets.randbelow(1 << 63) + 1],
         )
 
     def resolv_conf(self) -> str:
-        return (
-            f"# pytest-microsandbox: answered by the host through the policy\nnameserver {DNS_IP}\n"
-        )
+        return guest_resolv_conf()
 
     def events(self) -> list[NetworkEvent]:
         """Every connection attempt and DNS query so far, oldest first (the
@@ -446,11 +540,7 @@ class NetworkStack:
             return
         dest, event = self._admit(dst_ip, int(dst_port), "tcp")
         if event.verdict != "allow":
-            # smoltcp has already answered the SYN (mitmproxy_rs hands over a
-            # flow at its SYN and offers no reset); a close while the handshake
-            # is in flight never sends the FIN, so let it finish first. The
-            # guest sees a connection closed before any byte; nothing is dialled.
-            await asyncio.sleep(_DENY_CLOSE_DELAY_S)
+            await _refuse(stream)
             return
         try:
             reader, writer = await asyncio.wait_for(
