@@ -106,11 +106,12 @@ def test_a_rehearsal_has_a_throwaway_identity_and_asks_to_be_undone(tmp_path: Pa
     stack._guest_key = stack._server_pub = "A" * 44  # base64 of 32 bytes
     real = stack.guest_blob()
     one, two = rehearsal_blob(), rehearsal_blob()
-    assert len(one) == len(real) == 86  # the agent's NET_LEN
-    assert one[-1] == 2 and real[-1] == 0  # NET_F_REHEARSAL; a real NET keeps its route
+    assert len(one) == len(real) == 102  # the agent's NET_LEN
+    assert one[85] == 2 and real[85] == 0  # NET_F_REHEARSAL; a real NET keeps its route
+    assert one[86:] == bytes(16) and real[86:] != bytes(16)  # IPv6: only a real NET has it
     assert one[:6] != two[:6] and one[21:85] != two[21:85]  # MAC, keys: fresh each time
     assert one[6:17] == real[6:17]  # same eth0 address and endpoint: the same kernel paths
-    assert NetworkStack(NetworkPolicy.none(), {}, tmp_path).guest_blob()[-1] == 1  # no route
+    assert NetworkStack(NetworkPolicy.none(), {}, tmp_path).guest_blob()[85] == 1  # no route
 
 
 class _Stream:
