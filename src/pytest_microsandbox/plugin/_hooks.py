@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytest
 
 from ._backend import accel_decision, availability, in_guest, isolation_for
-from ._options import MarkerSpec, Settings, item_spec
+from ._options import MarkerSpec, Settings, item_spec, marker_spec
 from ._progress import ProgressView
 from ._stats import Stats
 
@@ -157,6 +157,28 @@ class MicrosandboxPlugin:
         if terminal is not None and not quiet:
             self._view = ProgressView(terminal, live=terminal.isatty())
         self._unsubscribe = subscribe(self._on_build)
+        self._prestart(config)
+
+    def _prestart(self, config: pytest.Config) -> None:
+        """Start the first process-isolated test's VM beside the collection when the
+        last run of this project served one live (``_hint``); not in xdist's
+        controller (its workers run the tests and prestart their own).
+        """
+        settings = self.settings
+        if settings.no_sandbox or config.option.collectonly or settings.keep_failed:
+            return
+        if config.pluginmanager.has_plugin("dsession"):
+            return
+        from ._hint import has_live_hint
+        from ._zygote import live_enabled
+
+        if not live_enabled() or not has_live_hint(config.rootpath, settings.cache_dir):
+            return
+        spec = marker_spec(pytest.mark.sandbox.mark, settings, "the settings")
+        if spec.network != "off" or self._isolation(spec.isolation) != "process":
+            return
+        if availability().ok:
+            self.runner().prestart(spec)
 
     def _on_build(self, event: BuildEvent) -> None:
         if event.state == "done":
@@ -201,6 +223,13 @@ class MicrosandboxPlugin:
             level = "guest" if guest else self._isolation(spec.isolation)
             self.sandboxed[level] = self.sandboxed.get(level, 0) + 1
         self.marked_files = sorted(files)
+        if self._runner is not None:  # started before the collection (_prestart)
+            self._runner.set_files(self.marked_files)
+            if not self.sandboxed.get("process"):
+                from ._hint import drop_live_hint
+
+                drop_live_hint(config.rootpath, self.settings.cache_dir)
+                self._runner.drop_prestart()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(

@@ -1,0 +1,28 @@
+"""The hint that makes a run start its VM before the collection (plugin/_hint.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pytest_microsandbox.plugin._hint import drop_live_hint, has_live_hint, write_live_hint
+
+
+def test_a_hint_is_per_project_and_can_be_dropped(tmp_path: Path) -> None:
+    cache, one, other = tmp_path / "cache", tmp_path / "one", tmp_path / "other"
+    one.mkdir()
+    other.mkdir()
+    assert not has_live_hint(one, cache)
+    write_live_hint(one, cache)
+    write_live_hint(one, cache)  # idempotent
+    assert has_live_hint(one, cache)
+    assert has_live_hint(one / "." / "", cache)  # the same root, spelled otherwise
+    assert not has_live_hint(other, cache)
+    drop_live_hint(one, cache)
+    drop_live_hint(one, cache)  # nothing to drop: no error
+    assert not has_live_hint(one, cache)
+
+
+def test_no_project_root_has_no_hint(tmp_path: Path) -> None:
+    write_live_hint(None, tmp_path)
+    assert not has_live_hint(None, tmp_path)
+    assert list(tmp_path.iterdir()) == []
