@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pytest_microsandbox.plugin._hint import drop_live_hint, has_live_hint, write_live_hint
+from pytest_microsandbox.plugin._hint import (
+    drop_live_hint,
+    has_live_hint,
+    live_hint,
+    write_live_hint,
+)
 
 
 def test_a_hint_is_per_project_and_can_be_dropped(tmp_path: Path) -> None:
@@ -26,3 +31,19 @@ def test_no_project_root_has_no_hint(tmp_path: Path) -> None:
     write_live_hint(None, tmp_path)
     assert not has_live_hint(None, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_hint_names_the_base_it_used_and_nothing_else(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    assert live_hint(root, tmp_path) is None
+    write_live_hint(root, tmp_path, "zygote-base-0123abcd")
+    assert live_hint(root, tmp_path) == "zygote-base-0123abcd"
+    write_live_hint(root, tmp_path, "zygote-base-4567")
+    assert live_hint(root, tmp_path) == "zygote-base-4567"
+    # Not a snapshot name (a damaged or hand-edited file): a hint without a guess.
+    [path] = (tmp_path / "hints").iterdir()
+    path.write_text("../../etc/passwd")
+    assert live_hint(root, tmp_path) == ""
+    assert has_live_hint(root, tmp_path)
+    assert [p.name for p in (tmp_path / "hints").iterdir()] == [path.name]  # no temp file left

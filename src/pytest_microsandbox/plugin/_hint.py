@@ -6,15 +6,23 @@ loop: edit, run, edit, run) leaves a hint in the cache, a file named by a digest
 of its root; a run of that project then restores the base VM and copies the
 project in while pytest starts and collects. A run that finds no such test
 drops the hint, so a project that stopped having them pays this at most once.
+The hint holds the name of the base zygote that run used: its restore starts
+at once, beside the digests that name the base (it is kept only if they name
+the same one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import re
 from pathlib import Path
 
-__all__ = ["drop_live_hint", "has_live_hint", "write_live_hint"]
+__all__ = ["drop_live_hint", "has_live_hint", "live_hint", "write_live_hint"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NAME_MAX = 128
 
 
 def _hint_path(root: Path | None, cache: Path | None) -> Path | None:
@@ -32,14 +40,34 @@ def has_live_hint(root: Path | None, cache: Path | None) -> bool:
     return path is not None and path.exists()
 
 
-def write_live_hint(root: Path | None, cache: Path | None) -> None:
-    """Record that a run of the project at ``root`` served a test from a live VM."""
+def live_hint(root: Path | None, cache: Path | None) -> str | None:
+    """The base zygote's name the last run of the project at ``root`` used ("" if
+    it did not say), or None without a hint.
+    """
     path = _hint_path(root, cache)
-    if path is None or path.exists():
+    if path is None:
+        return None
+    try:
+        text = path.read_text(errors="replace")[:_NAME_MAX]
+    except OSError:
+        return None
+    return text if _NAME.fullmatch(text) else ""
+
+
+def write_live_hint(root: Path | None, cache: Path | None, base: str = "") -> None:
+    """Record that a run of the project at ``root`` served a test from a live VM
+    restored from base zygote ``base``.
+    """
+    path = _hint_path(root, cache)
+    if path is None:
         return
     with contextlib.suppress(OSError):
+        if path.exists() and path.read_text(errors="replace") == base:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+        partial.write_text(base)
+        partial.replace(path)
 
 
 def drop_live_hint(root: Path | None, cache: Path | None) -> None:

@@ -169,16 +169,17 @@ class MicrosandboxPlugin:
             return
         if config.pluginmanager.has_plugin("dsession"):
             return
-        from ._hint import has_live_hint
+        from ._hint import live_hint
         from ._zygote import live_enabled
 
-        if not live_enabled() or not has_live_hint(config.rootpath, settings.cache_dir):
+        guess = live_hint(config.rootpath, settings.cache_dir) if live_enabled() else None
+        if guess is None:
             return
         spec = marker_spec(pytest.mark.sandbox.mark, settings, "the settings")
         if spec.network != "off" or self._isolation(spec.isolation) != "process":
             return
         if availability().ok:
-            self.runner().prestart(spec)
+            self.runner().prestart(spec, guess)
 
     def _on_build(self, event: BuildEvent) -> None:
         if event.state == "done":
