@@ -123,7 +123,9 @@ def test_exec_and_shell_of_a_missing_snapshot_say_what_to_do(tmp_path: Path):
     for args in (("exec", "nope", "--", "true"), ("shell", "nope")):
         result = cli(*args, cache=tmp_path)
         assert result.returncode == 1
+        assert "neither a running sandbox" in result.stderr
         assert "no snapshot at " in result.stderr and "/nope;" in result.stderr
+        assert "microsandbox ls" in result.stderr
         assert "microsandbox snapshot ls" in result.stderr
 
 

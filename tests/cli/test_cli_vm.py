@@ -130,3 +130,70 @@ def test_shell_reads_a_script_from_a_pipe(saved: str):
         [CLI, "shell", saved], input=b"true\n", capture_output=True, timeout=300, env=ENV
     )
     assert eof.returncode == 0, eof.stderr
+
+
+@pytest.fixture(scope="module")
+def detached() -> Iterator[str]:
+    """A running detached sandbox with a file written in it; removed afterwards."""
+    name = f"cli-det-{os.getpid()}"
+    sb = SyncSandbox.create(SandboxConfig(name=name), detached=True)
+    try:
+        sb.fs().write("/root/live.txt", "in the running sandbox\n")
+        yield name
+    finally:
+        sb.remove()
+
+
+def test_exec_runs_in_the_running_detached_sandbox(detached: str):
+    result = cli("exec", detached, "--", "cat", "/root/live.txt")
+    assert (result.returncode, result.stdout) == (0, "in the running sandbox\n"), result.stderr
+    # The sandbox itself, not a clone: a write stays for the next command.
+    assert cli("exec", detached, "--", "sh", "-c", "echo 2 > /root/two").returncode == 0
+    again = cli("exec", detached, "--", "sh", "-c", "cat /root/two; exit 4")
+    assert (again.returncode, again.stdout) == (4, "2\n")
+    fed = subprocess.run(
+        [CLI, "exec", "-i", detached, "--", "wc", "-c"],
+        input="12345",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert (fed.returncode, fed.stdout.strip()) == (0, "5"), fed.stderr
+
+
+def test_shell_opens_the_running_detached_sandbox_through_a_terminal(detached: str):
+    term = Terminal([CLI, "shell", detached], ENV, rows=30, cols=100)
+    try:
+        term.type(b"stty size; cat /root/live.txt; hostname\n")
+        term.expect(b"30 100")
+        term.expect(b"in the running sandbox")
+        term.expect(detached.encode())
+        term.resize(40, 120)
+        time.sleep(1)
+        term.type(b"stty size\n")
+        term.expect(b"40 120")
+        term.type(b"sleep 60\n")
+        time.sleep(1)
+        term.type(b"\x03")
+        term.type(b"echo status=$?\n")
+        term.expect(b"status=130", timeout=50)
+        term.type(b"exit 5\n")
+        assert term.wait() == 5
+    finally:
+        term.close()
+    # Leaving the shell leaves the sandbox running.
+    assert cli("exec", detached, "--", "true").returncode == 0
+
+
+def test_exec_names_what_it_looked_for_when_name_is_unknown():
+    result = cli("exec", "no-such-sandbox-or-snapshot", "--", "true")
+    assert result.returncode == 1
+    assert "microsandbox ls" in result.stderr and "microsandbox snapshot ls" in result.stderr
+
+
+def test_an_attached_sandbox_of_another_process_is_refused_with_the_fix():
+    with SyncSandbox.create(SandboxConfig(name=f"cli-att-{os.getpid()}"), register=True) as sb:
+        result = cli("shell", sb.name)
+        assert result.returncode == 1
+        assert "attached to process" in result.stderr and "detached=True" in result.stderr

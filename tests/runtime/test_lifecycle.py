@@ -254,3 +254,19 @@ def test_list_get_remove_across_two_processes(tmp_path: Path) -> None:
     finally:
         owner.kill()
         owner.wait()
+
+
+def test_an_open_terminal_session_is_activity(tmp_path: Path) -> None:
+    """A shell waiting for a person is not idle: before, only streamed execs counted."""
+
+    async def body() -> None:
+        sb = await _create(tmp_path, idle_timeout=0.3)
+        term = await sb.pty("sh", env={"PS1": "$ ", "PATH": "/usr/bin:/bin"})
+        await anyio.sleep(1.0)
+        assert sb.running
+        await term.write(b"exit 0\n")
+        assert await term.wait() == 0
+        await sb.wait()
+        assert sb.stop_reason == "idle_timeout"
+
+    run(body)

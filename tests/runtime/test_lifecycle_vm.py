@@ -54,7 +54,7 @@ def test_pause_stops_the_guest_cpu_and_clock(shared_sandbox: SyncSandbox) -> Non
     assert sb.pid is not None
     spin = sb.shell("sh -c 'while :; do :; done' >/dev/null 2>&1 & echo $!")
     try:
-        running = _cpu_over(sb.pid, 1.0)
+        running = _cpu_over(sb.pid, 2.0)
         uptime_before = sb.metrics().uptime_ms
         sb.pause()
         try:
@@ -68,8 +68,11 @@ def test_pause_stops_the_guest_cpu_and_clock(shared_sandbox: SyncSandbox) -> Non
     finally:
         sb.shell(f"kill {spin.stdout_text.strip()}")
     # A spinning vCPU burns host CPU; a stopped one none (QEMU's idle main loop ~0).
-    assert running > 0.2, f"the spinning guest used only {running:.2f} s of CPU in 1 s"
+    # Both windows are 2 s; a loaded CI machine gives the spinner far less than a
+    # core (0.19 s in 1 s was seen), so the paused figure is judged against it.
+    assert running > 0.1, f"the spinning guest used only {running:.2f} s of CPU in 2 s"
     assert paused < 0.1, f"the paused guest used {paused:.2f} s of CPU in 2 s"
+    assert paused * 4 < running, (running, paused)
     # The guest clock stood still for the 2 s pause (it ran ~1 s of metrics calls).
     assert uptime_after - uptime_before < 1500, (uptime_before, uptime_after)
 

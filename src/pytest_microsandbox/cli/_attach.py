@@ -20,7 +20,14 @@ import anyio
 from ._common import exit_status
 
 if TYPE_CHECKING:
-    from ..runtime import ExecHandle, PtySession, Sandbox
+    from ..runtime import (
+        ExecHandle,
+        PtySession,
+        RemoteExecHandle,
+        RemotePtySession,
+        RemoteSandbox,
+        Sandbox,
+    )
 
 __all__ = ["run_command", "run_terminal", "terminal_size"]
 
@@ -68,7 +75,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 async def run_terminal(
-    sandbox: Sandbox,
+    sandbox: Sandbox | RemoteSandbox,
     argv: Sequence[str],
     *,
     cwd: str | None = None,
@@ -93,7 +100,7 @@ async def run_terminal(
     return exit_status(code)
 
 
-async def _keys(session: PtySession, fd: int) -> None:
+async def _keys(session: PtySession | RemotePtySession, fd: int) -> None:
     os.set_blocking(fd, False)
     try:
         while True:
@@ -112,14 +119,14 @@ async def _keys(session: PtySession, fd: int) -> None:
         os.set_blocking(fd, True)
 
 
-async def _window(session: PtySession) -> None:
+async def _window(session: PtySession | RemotePtySession) -> None:
     with anyio.open_signal_receiver(signal.SIGWINCH) as signals:
         async for _ in signals:
             await session.resize(*terminal_size())
 
 
 async def run_command(
-    sandbox: Sandbox,
+    sandbox: Sandbox | RemoteSandbox,
     argv: Sequence[str],
     *,
     cwd: str | None = None,
@@ -150,7 +157,7 @@ async def run_command(
     return status
 
 
-async def _feed(handle: ExecHandle, fd: int) -> None:
+async def _feed(handle: ExecHandle | RemoteExecHandle, fd: int) -> None:
     while data := await anyio.to_thread.run_sync(os.read, fd, _READ_SIZE, abandon_on_cancel=True):
         await handle.write_stdin(data)
     await handle.close_stdin()

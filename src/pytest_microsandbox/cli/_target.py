@@ -1,10 +1,14 @@
 """``microsandbox exec NAME -- CMD`` and ``microsandbox shell NAME``: a command or
 an interactive shell in the VM called NAME.
 
-NAME is a snapshot (``microsandbox snapshot ls``; what ``pytest
+NAME is first a running detached sandbox (``microsandbox ls``): the command
+runs in it, through its supervisor, and it runs on afterwards. Otherwise NAME
+is a snapshot (``microsandbox snapshot ls``; what ``pytest
 --sandbox-keep-failed`` saves a failed test's VM as): a copy-on-write clone of
 it is started, so the shell sees the VM as it was when it was saved, and the
-clone is thrown away on exit (the snapshot stays as it is).
+clone is thrown away on exit (the snapshot stays as it is). A sandbox running
+attached to another process cannot be reached: only detached ones serve other
+processes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import anyio
 from ._attach import run_command, run_terminal
 
 if TYPE_CHECKING:
-    from ..runtime import Sandbox
+    from ..runtime import RemoteSandbox, Sandbox
 
 __all__ = [
     "command_argv",
@@ -36,22 +40,30 @@ __all__ = [
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "exec",
-        help="run a command in a VM (a clone of snapshot NAME), return its exit code",
+        help="run a command in running sandbox NAME (or a clone of snapshot NAME); its exit code",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("name", metavar="NAME", help="snapshot name (see: microsandbox snapshot ls)")
+    p.add_argument(
+        "name",
+        metavar="NAME",
+        help="a detached sandbox (microsandbox ls) or a snapshot (microsandbox snapshot ls)",
+    )
     command_options(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     p.set_defaults(handler=_exec)
 
     p = subparsers.add_parser(
         "shell",
-        help="open an interactive shell in a VM (a clone of snapshot NAME)",
+        help="open a shell in running sandbox NAME (or a clone of snapshot NAME)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("name", metavar="NAME", help="snapshot name (see: microsandbox snapshot ls)")
+    p.add_argument(
+        "name",
+        metavar="NAME",
+        help="a detached sandbox (microsandbox ls) or a snapshot (microsandbox snapshot ls)",
+    )
     p.add_argument("-w", "--workdir", help="start in this guest directory (default: the project's)")
     p.add_argument("--shell", default="/bin/sh", help="the shell to run (default: /bin/sh)")
     p.set_defaults(handler=_shell)
@@ -86,20 +98,40 @@ def env_of(entries: list[str]) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def open_target(name: str) -> AsyncIterator[Sandbox]:
-    """A sandbox for NAME: a clone of the snapshot, killed on the way out.
+async def open_target(name: str) -> AsyncIterator[Sandbox | RemoteSandbox]:
+    """A sandbox for NAME: the running detached sandbox of that name, connected
+    to and left running; else a clone of the snapshot NAME, killed on the way out.
 
-    (Named running sandboxes, once the state store exists, come first here: a
-    running NAME is connected to and left running.)
+    :raises SandboxError: NAME is a running sandbox attached to another process
+        (only a detached one serves other processes).
+    :raises SnapshotNotFoundError: NAME is neither a live sandbox nor a snapshot.
     """
-    from ..runtime import SnapshotNotFoundError
+    from ..runtime import Sandbox as _Sandbox
+    from ..runtime import SandboxNotFoundError, SnapshotNotFoundError
     from ..snapshots import restore_snapshot
 
+    try:
+        handle = await _Sandbox.get(name)
+    except SandboxNotFoundError:
+        handle = None
+    if handle is not None:
+        if not handle.detached:
+            from ..runtime import SandboxError
+
+            raise SandboxError(
+                f"sandbox {name!r} is running attached to process {handle.owner_pid}, which "
+                "alone can drive it: create it with detached=True (or call its detach()) to "
+                "reach it from here, or snapshot it and open the snapshot"
+            )
+        # Connected, not owned: leaving the command leaves the sandbox running.
+        yield await handle.connect()
+        return
     try:
         sandbox = await restore_snapshot(name, name=f"msb-cli-{os.getpid()}")
     except SnapshotNotFoundError as exc:
         raise SnapshotNotFoundError(
-            f"{exc.message}; list the snapshots with: microsandbox snapshot ls"
+            f"{name!r} is neither a running sandbox (microsandbox ls lists them) nor a "
+            f"snapshot ({exc.message}; microsandbox snapshot ls lists them)"
         ) from None
     try:
         yield sandbox
@@ -108,7 +140,7 @@ async def open_target(name: str) -> AsyncIterator[Sandbox]:
             await sandbox.kill()
 
 
-async def default_workdir(sandbox: Sandbox) -> str | None:
+async def default_workdir(sandbox: Sandbox | RemoteSandbox) -> str | None:
     """Where a shell starts: the project directory of a test's VM, if it has one."""
     root = sandbox.config.project_root
     if root is None or not await sandbox.fs().exists(str(root)):
@@ -116,7 +148,9 @@ async def default_workdir(sandbox: Sandbox) -> str | None:
     return str(root)
 
 
-async def run_in(sandbox: Sandbox, args: argparse.Namespace, argv: list[str]) -> int:
+async def run_in(
+    sandbox: Sandbox | RemoteSandbox, args: argparse.Namespace, argv: list[str]
+) -> int:
     env = env_of(args.env)
     if args.tty:
         return await run_terminal(sandbox, argv, cwd=args.workdir, env=env)

@@ -17,6 +17,7 @@ from ._backend import accel_decision, availability, in_guest, isolation_for
 from ._options import MarkerSpec, Settings, item_spec, marker_spec
 from ._progress import ProgressView
 from ._stats import Stats
+from ._xdist import RELAY_DIR_KEY, ControllerRelay, WorkerRelay, sandboxed_line
 
 if TYPE_CHECKING:
     from ..runtime import SyncSandbox
@@ -59,6 +60,10 @@ class MicrosandboxPlugin:
         self._runner: HostRunner | None = None
         self._view: ProgressView | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        # Under xdist: the controller's reader of what workers report, or a worker's writer.
+        self._relay: ControllerRelay | None = None
+        self._relay_out: WorkerRelay | None = None
+        self._relayed_counts = False
 
     def runner(self) -> HostRunner:
         if self._runner is None:
@@ -111,8 +116,8 @@ class MicrosandboxPlugin:
         self, config: pytest.Config, items: list[pytest.Item]
     ) -> list[str]:
         """After "collected N items": how many run sandboxed, by isolation (quiet under -q,
-        like pytest's own header lines; under xdist the workers collect, so only the
-        header's line shows).
+        like pytest's own header lines; under xdist the workers collect, and the
+        controller prints the line they report: ``pytest_xdist_node_collection_finished``).
         """
         if in_guest() or config.option.verbose < 0 or not self.sandboxed:
             return []
@@ -120,9 +125,7 @@ class MicrosandboxPlugin:
         if self.settings.no_sandbox:
             return [f"microsandbox: --no-sandbox: {total} of {len(items)} tests would be "
                     "sandboxed; all run on the host"]  # fmt: skip
-        how = ", ".join(f"{n} {level}" for level, n in sorted(self.sandboxed.items()))
-        host = f"; {self.on_host} on the host" if self.on_host else ""
-        return [f"microsandbox: {total} of {len(items)} tests sandboxed (isolation: {how}){host}"]
+        return [sandboxed_line(self.sandboxed, self.on_host, len(items))]
 
     def pytest_terminal_summary(
         self, terminalreporter: Any, exitstatus: int, config: pytest.Config
@@ -156,6 +159,9 @@ class MicrosandboxPlugin:
         quiet = config.option.verbose < 0 or hasattr(config, "workerinput")
         if terminal is not None and not quiet:
             self._view = ProgressView(terminal, live=terminal.isatty())
+        workerinput = getattr(config, "workerinput", {})
+        if workerinput.get(RELAY_DIR_KEY):
+            self._relay_out = WorkerRelay(workerinput[RELAY_DIR_KEY], workerinput["workerid"])
         self._unsubscribe = subscribe(self._on_build)
         self._prestart(config)
 
@@ -186,13 +192,47 @@ class MicrosandboxPlugin:
             self.stats.record_build(event.kind, event.elapsed, outermost=event.parent == 0)
         if self._view is not None:
             self._view(event)
+        if self._relay_out is not None:
+            self._relay_out(event)
+
+    def _on_worker_build(self, event: BuildEvent) -> None:
+        # Shown only: the worker's own stats reach the summary through workeroutput.
+        if self._view is not None:
+            self._view(event)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
         if self._view is not None:
             self._view.close()
+
+    # -- xdist's controller ------------------------------------------------------------------
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """Name the directory the new worker reports its counts and builds in."""
+        if in_guest():
+            return
+        if self._relay is None:
+            self._relay = ControllerRelay(self._on_worker_build)
+        node.workerinput[RELAY_DIR_KEY] = str(self._relay.directory)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        """The workers' "N of M tests sandboxed" line, once, on the controller."""
+        if self._relayed_counts or self._relay is None or self.settings.no_sandbox:
+            return
+        counts = self._relay.counts()
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        if counts is None or terminal is None or self.config.option.verbose < 0:
+            return
+        self._relayed_counts = True
+        if counts[0]:
+            terminal.write_line(sandboxed_line(*counts))
 
     # -- marked tests ------------------------------------------------------------------------
 
@@ -224,6 +264,8 @@ class MicrosandboxPlugin:
             level = "guest" if guest else self._isolation(spec.isolation)
             self.sandboxed[level] = self.sandboxed.get(level, 0) + 1
         self.marked_files = sorted(files)
+        if self._relay_out is not None:
+            self._relay_out.write_counts(self.sandboxed, self.on_host, len(items))
         if self._runner is not None:  # started before the collection (_prestart)
             self._runner.set_files(self.marked_files)
             if not self.sandboxed.get("process"):

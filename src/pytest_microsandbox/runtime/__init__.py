@@ -25,6 +25,7 @@ from ._exceptions import (
     GuestCrashedError,
     GuestTimeoutError,
     ImageError,
+    ImageInUseError,
     ImageNotFoundError,
     ImagePlatformError,
     KernelNotFoundError,
@@ -48,6 +49,7 @@ from ._exceptions import (
 
 if TYPE_CHECKING:
     from ._remote import RemoteSandbox, RemoteSandboxFs, SandboxHandle
+    from ._remote_stream import RemoteExecHandle, RemotePtySession
     from ._state import SandboxStatus
     from .agent.results import DirEntry, Exited, FileKind, FileStat, Started, Stderr, Stdout
     from .boot import boot_identity
@@ -88,6 +90,7 @@ __all__ = [
     "Image",
     "ImageConfig",
     "ImageError",
+    "ImageInUseError",
     "ImageNotFoundError",
     "ImagePlatformError",
     "KernelNotFoundError",
@@ -102,6 +105,8 @@ __all__ = [
     "RegistryAuth",
     "RegistryAuthError",
     "RegistryUnreachableError",
+    "RemoteExecHandle",
+    "RemotePtySession",
     "RemoteSandbox",
     "RemoteSandboxFs",
     "Rule",
@@ -145,6 +150,8 @@ _WHERE = {
     "FileKind": ".agent.results",
     "FileStat": ".agent.results",
     "PtySession": ".pty",
+    "RemoteExecHandle": "._remote_stream",
+    "RemotePtySession": "._remote_stream",
     "RemoteSandbox": "._remote",
     "RemoteSandboxFs": "._remote",
     "Image": ".config",

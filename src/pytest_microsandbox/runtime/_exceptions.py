@@ -10,7 +10,8 @@ Every error the runtime raises on purpose derives from :class:`SandboxError`::
     │   ├── ImageNotFoundError       the registry or local store has no such image
     │   ├── RegistryAuthError        the registry refused the credentials
     │   ├── RegistryUnreachableError the registry did not answer (connection, timeout)
-    │   └── ImagePlatformError       the image has no linux/amd64 variant
+    │   ├── ImagePlatformError       the image has no linux/amd64 variant
+    │   └── ImageInUseError          a stored image is removed while a live sandbox uses it
     ├── AgentBuildError              the guest agent cannot be compiled
     ├── BootError                    a VM did not reach its agent
     │   └── GuestCrashedError        the guest died (panic, power-off, QEMU exit)
@@ -54,6 +55,7 @@ __all__ = [
     "GuestCrashedError",
     "GuestTimeoutError",
     "ImageError",
+    "ImageInUseError",
     "ImageNotFoundError",
     "ImagePlatformError",
     "KernelNotFoundError",
@@ -126,6 +128,12 @@ class RegistryUnreachableError(ImageError):
 
 class ImagePlatformError(ImageError):
     """Raised when an image (or every entry of its index) is not linux/amd64."""
+
+
+class ImageInUseError(ImageError):
+    """Raised when a stored OCI image is removed while a live named sandbox was
+    created from it (stop the sandbox, or force the removal).
+    """
 
 
 class AgentBuildError(SandboxError):

@@ -11,8 +11,10 @@ directory 0700) and answers only requests carrying the sandbox's secret token
 (a 0600 file beside it). :class:`RemoteSandbox` speaks to it: one JSON line per
 request and per answer, bytes in base64, one connection per call so calls can
 run concurrently. The supervisor holds the agent connection and relays the
-agent's operations (exec, files, metrics) and the lifecycle (pause, resume,
-drain, stop, wait); its answers are bounded (:data:`MAX_LINE`).
+agent's operations (exec, files, metrics), the lifecycle (pause, resume,
+drain, stop, wait) and snapshots; its answers are bounded (:data:`MAX_LINE`).
+A streamed exec or a terminal keeps its connection as a windowed session
+(``_remote_stream.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextlib
 import datetime
 import json
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -35,17 +38,20 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from . import _exceptions
 from ._exceptions import (
+    OutputLimitError,
     ProtocolError,
     SandboxError,
     SandboxExistsError,
     SandboxNotFoundError,
     SandboxNotRunningError,
 )
+from ._limits import OnOutputLimit
 from ._state import SandboxRecord, SandboxStatus, StateStore, process_alive, process_start
 from .agent.results import DirEntry, FileKind
 from .config import SandboxConfig
 
 if TYPE_CHECKING:
+    from ._remote_stream import RemoteExecHandle, RemotePtySession
     from .sandbox import ExecOutput, Sandbox, SandboxMetrics
 
 __all__ = [
@@ -70,12 +76,12 @@ async def write_line(stream: anyio.abc.ByteStream, message: Mapping[str, Any]) -
     await stream.send(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
 
-async def read_line(reader: BufferedByteReceiveStream) -> dict[str, Any]:
+async def read_line(reader: BufferedByteReceiveStream, limit: int = MAX_LINE) -> dict[str, Any]:
     """One JSON object line; :raises ProtocolError: too long, not JSON or no object."""
     try:
-        raw = await reader.receive_until(b"\n", MAX_LINE)
+        raw = await reader.receive_until(b"\n", limit)
     except anyio.DelimiterNotFound as exc:
-        raise ProtocolError(f"a control message is longer than {MAX_LINE} bytes") from exc
+        raise ProtocolError(f"a control message is longer than {limit} bytes") from exc
     try:
         message = json.loads(raw)
     except ValueError as exc:
@@ -92,7 +98,10 @@ def _b64(data: bytes) -> str:
 def _unb64(text: object) -> bytes:
     if not isinstance(text, str):
         raise ProtocolError("expected base64 text in a control message")
-    return base64.b64decode(text, validate=True)
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error
+        raise ProtocolError(f"bad base64 in a control message: {exc}") from None
 
 
 def error_from(message: Mapping[str, Any]) -> SandboxError:
@@ -100,6 +109,9 @@ def error_from(message: Mapping[str, Any]) -> SandboxError:
     kind = message.get("error")
     text = str(message.get("message", "the supervisor reported an error"))
     cls = getattr(_exceptions, kind, None) if isinstance(kind, str) else None
+    if isinstance(cls, type) and issubclass(cls, OutputLimitError):
+        limit = message.get("limit")
+        return cls(text, limit=limit if type(limit) is int else 0)
     if isinstance(cls, type) and issubclass(cls, SandboxError):
         with contextlib.suppress(TypeError):
             return cls(text)
@@ -318,8 +330,10 @@ async def create_detached(
 class RemoteSandbox:
     """A detached sandbox, driven through its supervisor (any process may hold one).
 
-    Names follow :class:`~.sandbox.Sandbox`; what needs the VM's devices in
-    this process (``open_channel``, snapshots, forks, streamed execs) is not offered.
+    Names follow :class:`~.sandbox.Sandbox`; streamed execs and terminals are
+    relayed by the supervisor (``_remote_stream.py``), snapshots and forks taken
+    by it; what needs the VM's devices in this process (``open_channel``) is
+    not offered.
     """
 
     def __init__(self, store: StateStore, record: SandboxRecord, token: str) -> None:
@@ -347,16 +361,19 @@ class RemoteSandbox:
     def pid(self) -> int | None:
         return self.record.vm_pid
 
-    async def _call(self, op: str, **args: Any) -> Any:
+    async def _connect(self) -> anyio.abc.SocketStream:
         path = self.record.control
         assert path is not None
         try:
-            stream = await anyio.connect_unix(path)
+            return await anyio.connect_unix(path)
         except OSError as exc:
             raise SandboxNotRunningError(
                 f"sandbox {self.name!r}: its supervisor does not answer ({exc.strerror}); "
                 "it stopped: Sandbox.list() shows the live ones"
             ) from exc
+
+    async def _call(self, op: str, **args: Any) -> Any:
+        stream = await self._connect()
         async with stream:
             await write_line(stream, {"token": self._token, "op": op, **args})
             try:
@@ -381,8 +398,12 @@ class RemoteSandbox:
         user: str | None = None,
         timeout: float | None = None,
         stdin: bytes | str | None = None,
+        max_output: int | None = None,
+        on_output_limit: OnOutputLimit | None = None,
     ) -> ExecOutput:
-        """Run a command to completion (see :meth:`Sandbox.exec`)."""
+        """Run a command to completion (see :meth:`Sandbox.exec`; the output cap
+        applies in the supervisor).
+        """
         from .sandbox import ExecOutput
 
         data = stdin.encode() if isinstance(stdin, str) else stdin
@@ -395,6 +416,8 @@ class RemoteSandbox:
             user=user,
             timeout=timeout,
             stdin=None if data is None else _b64(data),
+            max_output=max_output,
+            on_output_limit=on_output_limit,
         )
         if not isinstance(result, dict):
             raise ProtocolError("the supervisor's exec answer is not an object")
@@ -410,6 +433,86 @@ class RemoteSandbox:
     async def shell(self, script: str, **kwargs: Any) -> ExecOutput:
         """Run ``script`` with the configured shell (``sh -c``)."""
         return await self.exec(self.config.shell, ["-c", script], **kwargs)
+
+    async def exec_stream(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> RemoteExecHandle:
+        """Start a command and return a handle streaming its events (see
+        :meth:`Sandbox.exec_stream`); the output is windowed on the wire
+        (``_remote_stream.py``). Leaving ``async with`` kills it if it runs.
+        """
+        from ._remote_stream import RemoteExecHandle, open_stream, stream_args
+
+        request = stream_args(cmd, args, env, cwd, user, timeout) | {"stdin": stdin}
+        session = await open_stream(self, "exec_stream", request)
+        return RemoteExecHandle(session, cmd, timeout)
+
+    async def pty(
+        self,
+        cmd: str = "/bin/sh",
+        args: Sequence[str] = (),
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> RemotePtySession:
+        """Start ``cmd`` on a new pseudo-terminal in the guest (see :meth:`Sandbox.pty`),
+        relayed by the supervisor; leaving ``async with`` kills it if it runs.
+
+        :raises ValueError: a size outside 1..65535.
+        """
+        from ._remote_stream import RemotePtySession, open_stream, stream_args
+
+        if not (0 < rows <= 65535 and 0 < cols <= 65535):
+            raise ValueError(f"a terminal of {rows}x{cols}: each side must be in 1..65535")
+        request = stream_args(cmd, args, env, cwd, user, timeout) | {"rows": rows, "cols": cols}
+        return RemotePtySession(await open_stream(self, "pty", request))
+
+    async def snapshot(self, name: str) -> Path:
+        """Capture the detached sandbox as snapshot ``name`` (see :meth:`Sandbox.snapshot`;
+        the supervisor takes it, the sandbox runs on). Returns the snapshot's path.
+
+        :raises SnapshotError: a mounted volume, a full disk, a QEMU error.
+        """
+        result = await self._call("snapshot", name=name)
+        if not isinstance(result, str):
+            raise ProtocolError("the supervisor's snapshot answer is not a path")
+        return Path(result)
+
+    async def fork(
+        self, name: str | None = None, *, sandbox_name: str | None = None
+    ) -> RemoteSandbox:
+        """A detached child carrying this sandbox's state, under a supervisor of its own,
+        called ``sandbox_name`` (default: this name and a random suffix). With a ``name``
+        the capture is kept as that snapshot for more children
+        (``Sandbox.restore(name)``); without, it is deleted once the child runs.
+
+        :raises SnapshotError: like :meth:`snapshot`.
+        :raises SandboxExistsError: a live sandbox is already called ``sandbox_name``.
+        """
+        from .sandbox import _snapshotter
+
+        capture = name or f"fork-{secrets.token_hex(8)}"
+        child = sandbox_name or f"{self.name}-{secrets.token_hex(3)}"
+        path = await self.snapshot(capture)
+        try:
+            config = self.config.model_copy(update={"name": child})
+            return await create_detached(config, replace=False, restore=path)
+        finally:
+            if name is None:
+                with anyio.CancelScope(shield=True), contextlib.suppress(SandboxError, OSError):
+                    await _snapshotter().remove(capture, self.config.cache_dir)
 
     def fs(self) -> RemoteSandboxFs:
         return RemoteSandboxFs(self)

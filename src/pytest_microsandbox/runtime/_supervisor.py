@@ -33,8 +33,9 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from ._exceptions import ConfigError, ProtocolError, SandboxError
+from ._exceptions import ConfigError, OutputLimitError, ProtocolError, SandboxError
 from ._remote import _b64, _unb64, read_line, write_line
+from ._remote_stream import STREAM_OPS, open_relay
 from ._state import StateStore
 from .config import SandboxConfig
 from .sandbox import Sandbox
@@ -59,8 +60,9 @@ class _Server:
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
+            reader = BufferedByteReceiveStream(stream)
             try:
-                request = await read_line(BufferedByteReceiveStream(stream))
+                request = await read_line(reader)
             except (ProtocolError, anyio.EndOfStream, anyio.IncompleteRead, OSError):
                 return
             token = request.pop("token", "")
@@ -71,16 +73,44 @@ class _Server:
                 )
                 return
             op = request.pop("op", None)
+            if op in STREAM_OPS:
+                await self.relay(str(op), request, stream, reader)
+                return
             try:
                 result = await self.dispatch(str(op), request)
             except SandboxError as exc:
                 answer = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+                if isinstance(exc, OutputLimitError):
+                    answer["limit"] = exc.limit
             except (TypeError, ValueError, KeyError) as exc:
                 answer = {"ok": False, "error": "ProtocolError", "message": f"bad {op}: {exc!r}"}
             else:
                 answer = {"ok": True, "result": result}
             with contextlib.suppress(OSError, anyio.BrokenResourceError):
                 await write_line(stream, answer)
+
+    async def relay(
+        self,
+        op: str,
+        args: dict[str, Any],
+        stream: anyio.abc.SocketStream,
+        reader: BufferedByteReceiveStream,
+    ) -> None:
+        """Start a streamed command or a terminal and relay it on this connection."""
+        try:
+            relay = await open_relay(self.sandbox, op, args)
+        except (SandboxError, ValueError) as exc:
+            kind = type(exc).__name__ if isinstance(exc, SandboxError) else "ProtocolError"
+            with contextlib.suppress(OSError, anyio.BrokenResourceError):
+                await write_line(stream, {"ok": False, "error": kind, "message": str(exc)})
+            return
+        try:
+            await write_line(stream, {"ok": True, "result": {"pid": relay.pid}})
+        except (OSError, anyio.BrokenResourceError):
+            await relay.aclose()
+            return
+        with contextlib.suppress(SandboxError, OSError, anyio.BrokenResourceError):
+            await relay.run(stream, reader)
 
     async def dispatch(self, op: str, args: dict[str, Any]) -> Any:
         sb = self.sandbox
@@ -96,6 +126,8 @@ class _Server:
                 user=args.get("user"),
                 timeout=args.get("timeout"),
                 stdin=None if stdin is None else _unb64(stdin),
+                max_output=args.get("max_output"),
+                on_output_limit=args.get("on_output_limit"),
             )
             return {
                 "exit_code": out.exit_code,
@@ -152,6 +184,11 @@ class _Server:
         if op == "kill":
             await sb.kill()
             return None
+        if op == "snapshot":
+            name = args["name"]
+            if not isinstance(name, str):
+                raise ProtocolError("a snapshot name is a string")
+            return str(await sb.snapshot(name))
         if op == "wait":
             return (await sb.wait()).value
         raise ProtocolError(f"unknown operation {op!r}")

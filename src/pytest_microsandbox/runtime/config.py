@@ -34,6 +34,7 @@ from .images._auth import RegistryAuth
 from .images._patches import SCRIPTS_DIR, Patch
 from .images._reference import parse_reference
 from .network._policy import NetworkPolicy, normalize_name
+from .network._ports import parse_port_key
 from .network._secrets import Secret
 
 __all__ = [
@@ -485,10 +486,11 @@ class SandboxConfig(BaseModel):
         description="host-side name pinning: {'api.test': '127.0.0.1'} makes the guest's "
         "DNS answer api.test with an address the host maps to 127.0.0.1",
     )
-    ports: dict[int, int] = Field(
+    ports: dict[int | str, int] = Field(
         default_factory=dict,
-        description="publish guest TCP ports on the host's 127.0.0.1: {8080: 18080} makes "
-        "host 127.0.0.1:18080 reach guest port 8080 (host port 0: any free port)",
+        description="publish guest ports on the host's 127.0.0.1: {8080: 18080} makes "
+        "host 127.0.0.1:18080 reach guest TCP port 8080 (host port 0: any free port); "
+        "a key '5353/udp' publishes a UDP port ('8080/tcp' is the same as 8080)",
     )
     secrets: tuple[Secret, ...] = Field(
         default=(),
@@ -680,8 +682,6 @@ class SandboxConfig(BaseModel):
                 raise ValueError(
                     f"hosts[{name!r}]={addr!r} is not an IP address: pin names to addresses"
                 ) from None
-            if ip.version != 4:
-                raise ValueError(f"hosts[{name!r}]={addr!r}: only IPv4 pins are supported")
             out[key] = str(ip)
         if len(out) > 60000:
             raise ValueError("more than 60000 pinned names")
@@ -689,17 +689,22 @@ class SandboxConfig(BaseModel):
 
     @field_validator("ports")
     @classmethod
-    def _check_ports(cls, value: dict[int, int]) -> dict[int, int]:
-        hosts: set[int] = set()
-        for guest_port, host_port in value.items():
-            if not 1 <= guest_port <= 65535:
-                raise ValueError(f"guest port {guest_port} is outside 1..65535")
+    def _check_ports(cls, value: dict[int | str, int]) -> dict[int | str, int]:
+        # Keys normalized: an int for TCP (8080, "8080", "8080/tcp"), "N/udp" for UDP.
+        out: dict[int | str, int] = {}
+        hosts: set[tuple[str, int]] = set()
+        for key, host_port in value.items():
+            guest_port, protocol = parse_port_key(key)
             if not 0 <= host_port <= 65535:
-                raise ValueError(f"ports[{guest_port}]: host port {host_port} is outside 0..65535")
-            if host_port and host_port in hosts:
-                raise ValueError(f"host port {host_port} is given for two guest ports")
-            hosts.add(host_port)
-        return value
+                raise ValueError(f"ports[{key!r}]: host port {host_port} is outside 0..65535")
+            if host_port and (protocol, host_port) in hosts:
+                raise ValueError(f"host port {host_port}/{protocol} is given for two guest ports")
+            hosts.add((protocol, host_port))
+            norm: int | str = guest_port if protocol == "tcp" else f"{guest_port}/udp"
+            if norm in out:
+                raise ValueError(f"ports[{key!r}]: guest port {norm} is given twice")
+            out[norm] = host_port
+        return out
 
     @field_validator("workdir", "shell")
     @classmethod

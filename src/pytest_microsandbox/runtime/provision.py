@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from .backend import Backend, VMHandle, VMMonitor, VMSpec, describe_exit
 from .boot import BootPlan, prepare_boot, resolve_accel
 from .config import SandboxConfig, Volume
 from .lifetime import current_runtime
-from .network import NetworkPolicy
+from .network import NetworkPolicy, Secret
 from .paths import make_run_dir
 from .volumes import bind_volumes, image_disk_args, image_volume, volume_device_args
 
@@ -122,6 +122,7 @@ class Snapshotter(Protocol):
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None,
         network: NetworkPolicy | str | None = None,
         disable_network: bool = False,
+        secrets: Sequence[Secret] | None = None,
     ) -> Sandbox:
         """Start a sandbox from a named snapshot (or a snapshot directory)."""
 

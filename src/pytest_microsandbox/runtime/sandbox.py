@@ -74,8 +74,8 @@ from .backend import Backend, DirectTransferVM, describe_exit
 from .config import SandboxConfig, Volume
 from .images import SCRIPTS_DIR, ImageConfig, image_config_for, imaged_venv
 from .lifetime import current_runtime
-from .network import NetworkPolicy, NetworkStack, PortPublisher, SecretSubstituter
-from .network._ports import RELAY_ARGS, RELAY_PROGRAM
+from .network import NetworkPolicy, NetworkStack, PortPublisher, Secret, SecretSubstituter
+from .network._ports import RELAY_ARGS, RELAY_PROGRAM, RELAY_UDP_ARGS
 from .network._tls import ensure_ca
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .pty import PTY_WINDOW, PtySession
@@ -541,6 +541,8 @@ class Sandbox:
         self._recent = RecentExecs()
         self._base_env: dict[str, str] | None = None
         self._network: NetworkStack | None = None
+        #: Secret placeholders to keep (env var -> placeholder): a restore's or fork's.
+        self._placeholders: dict[str, str] = {}
         self._ports: PortPublisher | None = None
         self.boot_seconds = 0.0
         # Lifecycle (pause, drain, host timers, the state store).
@@ -548,6 +550,7 @@ class Sandbox:
         self._draining = False
         self._active = 0  # guest operations in flight
         self._streams: weakref.WeakSet[ExecHandle] = weakref.WeakSet()
+        self._ptys: weakref.WeakSet[PtySession] = weakref.WeakSet()
         self._last_activity = time.monotonic()
         self._stopped_event = anyio.Event()
         self._timers = anyio.CancelScope()
@@ -720,12 +723,23 @@ class Sandbox:
         await handle.remove(timeout=timeout)
 
     @classmethod
-    async def from_session(cls, config: SandboxConfig, session: GuestSession) -> Sandbox:
+    async def from_session(
+        cls,
+        config: SandboxConfig,
+        session: GuestSession,
+        *,
+        secret_placeholders: Mapping[str, str] | None = None,
+    ) -> Sandbox:
         """Take over a provisioned guest: give it the host clock, a fresh RNG seed
         and its hostname, mount ``config.volumes``, return the sandbox. The
         session is closed if that fails.
+
+        ``secret_placeholders`` (env var -> placeholder) are those the guest
+        already holds (a restored snapshot's, a fork's parent's): the secrets of
+        ``config`` keep them instead of drawing new ones.
         """
         sandbox = cls(config, session)
+        sandbox._placeholders = dict(secret_placeholders or {})
         try:
             await sandbox._configure_guest()
         except BaseException:
@@ -760,9 +774,10 @@ class Sandbox:
                 await self._publish_ports()
 
     async def _publish_ports(self) -> None:
-        async def start_relay(guest_port: int) -> ExecHandle:
+        async def start_relay(guest_port: int, protocol: str) -> ExecHandle:
+            flag = RELAY_UDP_ARGS if protocol == "udp" else RELAY_ARGS
             return await self.exec_stream(
-                RELAY_PROGRAM, [RELAY_ARGS, str(guest_port)], stdin=True, user="0"
+                RELAY_PROGRAM, [flag, str(guest_port)], stdin=True, user="0"
             )
 
         publisher = PortPublisher(self.config.ports, start_relay)
@@ -771,8 +786,10 @@ class Sandbox:
         self._ports = publisher
 
     @property
-    def published_ports(self) -> dict[int, int]:
-        """guest port -> the host 127.0.0.1 port that reaches it (``config.ports``)."""
+    def published_ports(self) -> dict[int | str, int]:
+        """guest port (a ``config.ports`` key: 8080 for TCP, "5353/udp") -> the host
+        127.0.0.1 port that reaches it.
+        """
         return {} if self._ports is None else self._ports.bound
 
     async def _start_network(self, policy: NetworkPolicy) -> None:
@@ -784,7 +801,9 @@ class Sandbox:
             policy,
             self.config.hosts,
             self._vm.spec.run_dir,
-            SecretSubstituter(self.config.secrets) if self.config.secrets else None,
+            SecretSubstituter(self.config.secrets, self._placeholders)
+            if self.config.secrets
+            else None,
             cache_dir=self.config.cache_dir,
             upstream_ca_certs=self.config.upstream_ca_certs,
         )
@@ -838,6 +857,7 @@ class Sandbox:
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
         network: NetworkPolicy | str | None = None,
         disable_network: bool = False,
+        secrets: Sequence[Secret] | None = None,
     ) -> Sandbox:
         """Start a sandbox from a named snapshot (or a snapshot directory's path).
 
@@ -846,9 +866,15 @@ class Sandbox:
         captured network policy, ``disable_network=True`` drops it; each restore
         gets a fresh network identity (key, MAC, address).
 
+        ``secrets``: a snapshot stores no secret value (only the placeholders the
+        guest holds), so a snapshot of a sandbox with secrets is restored with
+        them passed again (same ``env_var``; the placeholders in the guest keep
+        working), or with ``disable_network=True``.
+
         :raises SnapshotNotFoundError: there is no such snapshot.
         :raises SnapshotError: it is broken or the restore failed.
-        :raises ConfigError: a volume is invalid.
+        :raises ConfigError: a volume is invalid, or a secret of the capture is
+            not passed again.
         """
         return await _snapshotter().restore(
             name_or_path,
@@ -856,6 +882,7 @@ class Sandbox:
             volumes=volumes,
             network=network,
             disable_network=disable_network,
+            secrets=secrets,
         )
 
     async def snapshot(self, name: str) -> Path:
@@ -1153,9 +1180,10 @@ class Sandbox:
 
     def _busy(self) -> bool:
         """Whether a host call or a streamed command is in flight."""
-        return self._active > 0 or any(
-            h._process.exited is None and not h._process._done for h in self._streams
-        )
+        # A terminal session counts like a streamed command: a shell waiting for
+        # a person must not be stopped by idle_timeout under them.
+        processes = [h._process for h in self._streams] + [p._process for p in self._ptys]
+        return self._active > 0 or any(p.exited is None and not p._done for p in processes)
 
     async def _enforce_limits(self) -> None:
         """The host timers of ``max_duration`` and ``idle_timeout``: they stop the
@@ -1294,7 +1322,9 @@ class Sandbox:
                 tty=(rows, cols),
                 window=PTY_WINDOW,
             )
-        return PtySession(self, process)
+        session = PtySession(self, process)
+        self._ptys.add(session)
+        return session
 
     def entrypoint_argv(self, args: Sequence[str] | None = None) -> builtins.list[str]:
         """The command line ``docker run IMAGE [ARGS]`` would start: the OCI

@@ -31,12 +31,13 @@ from ._confined import DEFAULT_COPY_MAX_BYTES, DEFAULT_COPY_MAX_ENTRIES
 from ._diagnostics import DIAGNOSTICS_TIMEOUT_S
 from ._limits import OnOutputLimit
 from ._remote import RemoteSandbox, RemoteSandboxFs, SandboxHandle
+from ._remote_stream import RemoteExecHandle, RemotePtySession
 from ._state import SandboxStatus
 from .agent.results import DirEntry, ExecEvent, FileStat
 from .backend import Backend
 from .config import SandboxConfig, Volume
 from .images import ImageConfig
-from .network import NetworkPolicy, NetworkStack
+from .network import NetworkPolicy, NetworkStack, Secret
 from .pty import PtySession
 from .sandbox import ExecHandle, ExecOutput, Sandbox, SandboxFs, SandboxMetrics
 
@@ -67,13 +68,104 @@ class _Lifetime:
         await self._stack.aclose()
 
 
-class SyncSandbox:
+class _SyncCommands:
+    """The command methods :class:`SyncSandbox` and :class:`SyncRemoteSandbox`
+    share: the same signatures over a local or a detached sandbox.
+    """
+
+    _portal: BlockingPortal
+
+    @property
+    def _target(self) -> Sandbox | RemoteSandbox:
+        raise NotImplementedError
+
+    def exec(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+        max_output: int | None = None,
+        on_output_limit: OnOutputLimit | None = None,
+    ) -> ExecOutput:
+        """Blocking :meth:`Sandbox.exec`: run a command to completion."""
+
+        async def run() -> ExecOutput:
+            return await self._target.exec(
+                cmd,
+                args,
+                env=env,
+                cwd=cwd,
+                user=user,
+                timeout=timeout,
+                stdin=stdin,
+                max_output=max_output,
+                on_output_limit=on_output_limit,
+            )
+
+        return self._portal.call(run)
+
+    def shell(self, script: str, **kwargs: Any) -> ExecOutput:
+        """Run ``script`` with the configured shell (``sh -c``)."""
+        return self.exec(self._target.config.shell, ["-c", script], **kwargs)
+
+    def exec_stream(
+        self,
+        cmd: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> SyncExecHandle:
+        """Blocking :meth:`Sandbox.exec_stream`: a handle on a running command."""
+
+        async def run() -> ExecHandle | RemoteExecHandle:
+            return await self._target.exec_stream(
+                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
+            )
+
+        return SyncExecHandle(self._portal, self._portal.call(run))
+
+    def pty(
+        self,
+        cmd: str = "/bin/sh",
+        args: Sequence[str] = (),
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> SyncPtySession:
+        """Blocking :meth:`Sandbox.pty`: a command on a pseudo-terminal in the guest."""
+
+        async def run() -> PtySession | RemotePtySession:
+            return await self._target.pty(
+                cmd, args, rows=rows, cols=cols, env=env, cwd=cwd, user=user, timeout=timeout
+            )
+
+        return SyncPtySession(self._portal, self._portal.call(run))
+
+
+class SyncSandbox(_SyncCommands):
     """Blocking twin of :class:`Sandbox`; same methods, no ``await``."""
 
     def __init__(self, portal: BlockingPortal, cm: AbstractContextManager[Sandbox]) -> None:
         self._portal = portal
         self._cm: AbstractContextManager[Sandbox] | None = cm
         self._sandbox = cm.__enter__()
+
+    @property
+    def _target(self) -> Sandbox:
+        return self._sandbox
 
     @overload
     @classmethod
@@ -158,6 +250,7 @@ class SyncSandbox:
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None = None,
         network: NetworkPolicy | str | None = None,
         disable_network: bool = False,
+        secrets: Sequence[Secret] | None = None,
     ) -> SyncSandbox:
         """Start a sandbox from a named snapshot (see :meth:`Sandbox.restore`)."""
 
@@ -168,6 +261,7 @@ class SyncSandbox:
                 volumes=volumes,
                 network=network,
                 disable_network=disable_network,
+                secrets=secrets,
             )
 
         return cls._start(factory)
@@ -211,7 +305,7 @@ class SyncSandbox:
         return self._sandbox.pid
 
     @property
-    def published_ports(self) -> dict[int, int]:
+    def published_ports(self) -> dict[int | str, int]:
         """guest port -> host 127.0.0.1 port (see :attr:`Sandbox.published_ports`)."""
         return self._sandbox.published_ports
 
@@ -235,81 +329,11 @@ class SyncSandbox:
     def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return self._portal.call(fn, *args)
 
-    def exec(
-        self,
-        cmd: str,
-        args: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | str | None = None,
-        max_output: int | None = None,
-        on_output_limit: OnOutputLimit | None = None,
-    ) -> ExecOutput:
-        async def run() -> ExecOutput:
-            return await self._sandbox.exec(
-                cmd,
-                args,
-                env=env,
-                cwd=cwd,
-                user=user,
-                timeout=timeout,
-                stdin=stdin,
-                max_output=max_output,
-                on_output_limit=on_output_limit,
-            )
-
-        return self._call(run)
-
-    def shell(self, script: str, **kwargs: Any) -> ExecOutput:
-        return self.exec(self.config.shell, ["-c", script], **kwargs)
-
     def entrypoint_argv(self, args: Sequence[str] | None = None) -> list[str]:
         """The OCI image's entrypoint plus ``args`` (default: its cmd); see
         :meth:`Sandbox.entrypoint_argv`. Run it with ``exec(argv[0], argv[1:])``.
         """
         return self._sandbox.entrypoint_argv(args)
-
-    def exec_stream(
-        self,
-        cmd: str,
-        args: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-        stdin: bool = False,
-    ) -> SyncExecHandle:
-        async def run() -> ExecHandle:
-            return await self._sandbox.exec_stream(
-                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
-            )
-
-        return SyncExecHandle(self._portal, self._call(run))
-
-    def pty(
-        self,
-        cmd: str = "/bin/sh",
-        args: Sequence[str] = (),
-        *,
-        rows: int = 24,
-        cols: int = 80,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-    ) -> SyncPtySession:
-        """Blocking :meth:`Sandbox.pty`: a command on a pseudo-terminal in the guest."""
-
-        async def run() -> PtySession:
-            return await self._sandbox.pty(
-                cmd, args, rows=rows, cols=cols, env=env, cwd=cwd, user=user, timeout=timeout
-            )
-
-        return SyncPtySession(self._portal, self._call(run))
 
     def fs(self) -> SyncSandboxFs:
         return SyncSandboxFs(self._portal, self._sandbox.fs())
@@ -411,7 +435,7 @@ class SyncSandbox:
 class SyncExecHandle:
     """Blocking twin of :class:`ExecHandle`: iterate events, feed stdin, signal, wait."""
 
-    def __init__(self, portal: BlockingPortal, handle: ExecHandle) -> None:
+    def __init__(self, portal: BlockingPortal, handle: ExecHandle | RemoteExecHandle) -> None:
         self._portal = portal
         self._handle = handle
         self._events = handle.__aiter__()
@@ -451,7 +475,7 @@ class SyncExecHandle:
 class SyncPtySession:
     """Blocking twin of :class:`~.pty.PtySession` (``with`` kills a command still running)."""
 
-    def __init__(self, portal: BlockingPortal, session: PtySession) -> None:
+    def __init__(self, portal: BlockingPortal, session: PtySession | RemotePtySession) -> None:
         self._portal = portal
         self._session = session
 
@@ -597,12 +621,16 @@ class SyncSandboxFs:
         return self._portal.call(run)
 
 
-class SyncRemoteSandbox:
+class SyncRemoteSandbox(_SyncCommands):
     """Blocking twin of :class:`~._remote.RemoteSandbox` (a detached sandbox)."""
 
     def __init__(self, portal: BlockingPortal, remote: RemoteSandbox) -> None:
         self._portal = portal
         self._remote = remote
+
+    @property
+    def _target(self) -> RemoteSandbox:
+        return self._remote
 
     @property
     def async_sandbox(self) -> RemoteSandbox:
@@ -620,26 +648,16 @@ class SyncRemoteSandbox:
     def pid(self) -> int | None:
         return self._remote.pid
 
-    def exec(
-        self,
-        cmd: str,
-        args: Sequence[str] = (),
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | str | None = None,
-    ) -> ExecOutput:
-        async def run() -> ExecOutput:
-            return await self._remote.exec(
-                cmd, args, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin
-            )
+    def snapshot(self, name: str) -> Path:
+        return self._portal.call(self._remote.snapshot, name)
 
-        return self._portal.call(run)
+    def fork(
+        self, name: str | None = None, *, sandbox_name: str | None = None
+    ) -> SyncRemoteSandbox:
+        async def run() -> RemoteSandbox:
+            return await self._remote.fork(name, sandbox_name=sandbox_name)
 
-    def shell(self, script: str, **kwargs: Any) -> ExecOutput:
-        return self.exec(self.config.shell, ["-c", script], **kwargs)
+        return SyncRemoteSandbox(self._portal, self._portal.call(run))
 
     def fs(self) -> SyncRemoteSandboxFs:
         return SyncRemoteSandboxFs(self._portal, self._remote.fs())

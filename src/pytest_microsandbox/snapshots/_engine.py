@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +58,7 @@ from ..runtime.backend import Backend, MonitoredVM, VMHandle, VMMonitor, VMSpec
 from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
 from ..runtime.lifetime import Runtime, current_runtime
-from ..runtime.network import NetworkPolicy
+from ..runtime.network import NetworkPolicy, Secret
 from ..runtime.paths import make_run_dir
 from ..runtime.progress import Stage, stage
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
@@ -567,9 +567,10 @@ async def _restore_entry(
     cache: Path | None,
     pooled: bool,
     warm_command: bool = True,
+    secret_placeholders: Mapping[str, str] | None = None,
 ) -> Sandbox:
     session = await _restore_session(entry, config, backend, plan, cache, pooled, warm_command)
-    return await Sandbox.from_session(config, session)
+    return await Sandbox.from_session(config, session, secret_placeholders=secret_placeholders)
 
 
 class TemplateProvisioner:
@@ -602,6 +603,7 @@ class SnapshotService:
         volumes: Mapping[str, Volume | str | os.PathLike[str]] | None,
         network: NetworkPolicy | str | None = None,
         disable_network: bool = False,
+        secrets: Sequence[Secret] | None = None,
     ) -> Sandbox:
         return await restore_snapshot(
             name_or_path,
@@ -609,6 +611,7 @@ class SnapshotService:
             volumes=volumes,
             network=network,
             disable_network=disable_network,
+            secrets=secrets,
         )
 
     async def snapshot(self, sandbox: Sandbox, name: str) -> Path:
@@ -632,6 +635,7 @@ async def restore_snapshot(
     pooled: bool = True,
     network: NetworkPolicy | str | None = None,
     disable_network: bool = False,
+    secrets: Sequence[Secret] | None = None,
 ) -> Sandbox:
     """Start a sandbox from a named snapshot (or a snapshot/template directory).
 
@@ -651,9 +655,13 @@ async def restore_snapshot(
     ``disable_network`` drops it: a snapshot carries no network of its own, each
     restore gets a fresh one (new key, MAC and address).
 
+    ``secrets``: a snapshot keeps its secrets' placeholders, never their
+    values; a restore with network passes each of them again (by ``env_var``)
+    and the guest's placeholders keep working. More secrets may be added.
+
     :raises SnapshotNotFoundError: there is no such snapshot.
     :raises SnapshotError: it is broken or the restore failed.
-    :raises ConfigError: a volume is invalid.
+    :raises ConfigError: a volume is invalid, a secret of the capture is missing.
     """
     raw = os.fspath(name_or_path)
     if os.sep in raw or isinstance(name_or_path, os.PathLike):
@@ -667,10 +675,16 @@ async def restore_snapshot(
     config = SandboxConfig.from_json(entry.meta.config)
     if name is not None:
         config = config.model_copy(update={"name": name})
+    placeholders = entry.meta.secret_placeholders
     if disable_network:
         config = config.model_copy(update={"network": None})
+        placeholders = {}
     elif network is not None:
         config = SandboxConfig(**{**config.model_dump(), "network": network})
+    if placeholders:
+        _check_secrets_passed(entry.meta.name, placeholders, secrets or ())
+    if secrets:
+        config = SandboxConfig(**{**config.model_dump(), "secrets": tuple(secrets)})
     if volumes:
         # volume_slots of the capture's config is not the user's to raise: checked below.
         config = SandboxConfig(
@@ -690,8 +704,9 @@ async def restore_snapshot(
             )
         config = config.model_copy(update={"volume_slots": slots})
     return await _restore_entry(
-        entry, config, backend, None, cache, pooled=pooled, warm_command=warm_command
-    )
+        entry, config, backend, None, cache, pooled=pooled, warm_command=warm_command,
+        secret_placeholders=placeholders,
+    )  # fmt: skip
 
 
 # -- snapshot and fork of a running sandbox ---------------------------------------------------
@@ -786,6 +801,7 @@ async def snapshot_sandbox(sandbox: Sandbox, name: str, cache: Path | None = Non
                 # No volume is mounted in the capture (checked above): restores bind
                 # their own with Sandbox.restore(name, volumes=...).
                 "config": sandbox.config.model_copy(update={"volumes": {}}).to_json(),
+                "secret_placeholders": _placeholders(sandbox),
             }
         )
         _check_sizes(tmp, meta)
@@ -833,6 +849,31 @@ async def _helper(
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _placeholders(sandbox: Sandbox) -> dict[str, str]:
+    """The secret placeholders ``sandbox``'s guest holds (env var -> placeholder)."""
+    if sandbox.config.network is None or sandbox.network.secrets is None:
+        return {}
+    return sandbox.network.secrets.env()
+
+
+def _check_secrets_passed(
+    snapshot: str, placeholders: Mapping[str, str], secrets: Sequence[Secret]
+) -> None:
+    """A snapshot whose guest holds placeholders is restored with their secrets:
+    else they would reach their hosts unsubstituted (requests failing for no
+    visible reason) while a test believes it has its credentials.
+    """
+    missing = sorted(set(placeholders) - {s.env_var for s in secrets})
+    if missing:
+        names = ", ".join(missing)
+        raise ConfigError(
+            f"snapshot {snapshot!r} was captured with secret(s) {names}, whose values "
+            "are never stored: pass them again, Sandbox.restore(name, secrets=["
+            f"Secret.env({missing[0]!r}, value=..., allow_hosts=[...])]) (the guest's "
+            "placeholders keep working), or restore with disable_network=True"
+        )
+
+
 async def fork_sandbox(
     sandbox: Sandbox, name: str | None = None, *, count: int = 1
 ) -> list[Sandbox]:
@@ -857,7 +898,8 @@ async def fork_sandbox(
             config = sandbox.config.model_copy(update={"name": child_name, "volumes": {}})
             children.append(
                 await _restore_entry(entry, config, sandbox.session.backend, None,
-                                     sandbox.config.cache_dir, pooled=False)
+                                     sandbox.config.cache_dir, pooled=False,
+                                     secret_placeholders=entry.meta.secret_placeholders)
             )  # fmt: skip
     except BaseException:
         # Each child holds an agent task group: unwind them in reverse (LIFO) order.

@@ -47,6 +47,9 @@ class SnapshotMeta(BaseModel):
     volume_slots: int  # spare 9p devices for bind volumes (SandboxConfig.volume_slots)
     state_size: int
     config: str  # SandboxConfig JSON of the captured sandbox
+    #: env var -> placeholder of each secret of the captured sandbox: the guest
+    #: holds them, a restore keeps them. Never a secret's value.
+    secret_placeholders: dict[str, str] = {}
 
 
 _SHA256 = r"^[0-9a-f]{64}$"

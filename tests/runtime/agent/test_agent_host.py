@@ -688,3 +688,46 @@ def test_resize_of_an_exec_without_a_terminal_is_ignored(agent: Agent) -> None:
     agent.send(req_id, STDIN, [(DATA, b"")])
     res = finish(agent, req_id)
     assert (res.stdout, res.code) == (b"x", 0)
+
+
+# --- the relays of published ports -------------------------------------------
+
+
+def test_the_udp_relay_frames_datagrams_both_ways(agent_binary: Path) -> None:
+    # `--connect-udp PORT`: what a published UDP port runs in the guest, here
+    # against a real UDP echo server on the host's 127.0.0.1.
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(10)
+    port = echo.getsockname()[1]
+    relay = subprocess.Popen(
+        [str(agent_binary), "--connect-udp", str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert relay.stdin is not None and relay.stdout is not None
+    try:
+        big = bytes(range(256)) * 200
+        datagrams = [b"one", b"", big]
+        # Several frames in one write, the last split across two.
+        framed = b"".join(len(d).to_bytes(2, "big") + d for d in datagrams)
+        relay.stdin.write(framed[:-100])
+        relay.stdin.flush()
+        time.sleep(0.2)
+        relay.stdin.write(framed[-100:])
+        relay.stdin.flush()
+        for expected in datagrams:
+            data, peer = echo.recvfrom(65535)
+            assert data == expected  # each datagram whole, in order
+            echo.sendto(b"re:" + data, peer)
+        for expected in datagrams:
+            size = int.from_bytes(relay.stdout.read(2), "big")
+            assert relay.stdout.read(size) == b"re:" + expected
+        relay.stdin.close()  # the host's idle timeout: the relay ends
+        assert relay.wait(timeout=10) == 0
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait()
+        echo.close()
+    assert subprocess.run([str(agent_binary), "--connect-udp", "0"]).returncode == 2

@@ -61,3 +61,38 @@ def test_garbage_is_dropped() -> None:
         answer_query, b"\x00\x01garbage", NetworkPolicy.allow_all(), PINS, None
     )
     assert reply is None and events == []
+
+
+def test_aaaa_gets_the_pins_ipv6_guest_address_only_when_the_guest_has_ipv6() -> None:
+    pins6 = {"api.test": ipaddress.IPv6Address("2001:2:0:1::1")}
+    allowed = NetworkPolicy.public_only().allow(Rule.host("api.test"))
+
+    async def run(v6: bool) -> DNSRecord:
+        data = DNSRecord.question("api.test", "AAAA").pack()
+        reply, _ = await answer_query(data, allowed, PINS, None, v6_pins=pins6 if v6 else None)
+        assert reply is not None
+        return DNSRecord.parse(reply)
+
+    with_v6 = anyio.run(run, True)
+    assert [str(rr.rdata) for rr in with_v6.rr if rr.rtype == QTYPE.AAAA] == ["2001:2:0:1::1"]
+    without = anyio.run(run, False)
+    assert without.header.rcode == RCODE.NOERROR and not without.rr  # the name exists
+
+
+def test_upstream_aaaa_answers_into_denied_ranges_are_dropped() -> None:
+    async def resolver(name: str) -> list[str]:
+        return ["93.184.216.34"]
+
+    async def resolver6(name: str) -> list[str]:
+        return ["::1", "fd00::1", "::ffff:10.0.0.1", "2606:4700::1"]
+
+    async def run() -> DNSRecord:
+        data = DNSRecord.question("site.test", "AAAA").pack()
+        reply, _ = await answer_query(
+            data, NetworkPolicy.public_only(), {}, resolver, v6_pins={}, resolver6=resolver6
+        )
+        assert reply is not None
+        return DNSRecord.parse(reply)
+
+    reply = anyio.run(run)
+    assert [str(rr.rdata) for rr in reply.rr] == ["2606:4700::1"]

@@ -8,10 +8,12 @@ policy serves most tests; one guest Python run checks several destinations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
 import mmap
+import os
 import select
 import socket
 import socketserver
@@ -26,7 +28,7 @@ import anyio
 import pytest
 import trustme
 
-from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SyncSandbox
+from pytest_microsandbox.runtime import ConfigError, Sandbox, SandboxConfig, SyncSandbox
 from pytest_microsandbox.runtime.network import NetworkPolicy, Rule, Secret
 
 pytestmark = pytest.mark.vm
@@ -41,11 +43,37 @@ for kind, host, port in json.loads(sys.argv[1]):
             s.sendall(b"ping")
             out.append(["ok", s.recv(100).decode()])
             s.close()
+        elif kind == "tcp6":  # by name (AAAA) or literal, over IPv6 only
+            addr = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_STREAM)[0][4]
+            s = socket.socket(socket.AF_INET6)
+            s.settimeout(10)
+            s.connect(addr)
+            s.sendall(b"ping")
+            out.append(["ok", s.recv(100).decode()])
+            s.close()
         elif kind == "udp":
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.settimeout(10)
             s.sendto(b"ping", (host, port))
             out.append(["ok", s.recv(100).decode()])
+        elif kind == "dnstcp":  # an A query over TCP to the resolver in resolv.conf
+            ns = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")]
+            qname = b"".join(bytes([len(p)]) + p.encode() for p in host.split(".")) + b"\0"
+            query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + qname + b"\0\1\0\1"
+            s = socket.create_connection((ns[0], 53), timeout=10)
+            for _ in range(2):  # two queries on one connection
+                s.sendall(len(query).to_bytes(2, "big") + query)
+                reply = b""
+                while len(reply) < 2 or len(reply) < 2 + int.from_bytes(reply[:2], "big"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    reply += chunk
+            reply = reply[2:]
+            rcode, answers = reply[3] & 15, int.from_bytes(reply[6:8], "big")
+            addr = socket.inet_ntoa(reply[-4:]) if answers else ""
+            out.append(["ok", f"rcode={rcode} {addr}"])
+            s.close()
         else:
             out.append(["ok", socket.gethostbyname(host)])
     except Exception as exc:
@@ -64,23 +92,29 @@ class _Echo(socketserver.BaseRequestHandler):
             self.request.sendall(b"tcp:" + data)
 
 
+class _Tcp6Server(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
+
+
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, socket.socket | int]]:
     tcp = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    tcp6 = _Tcp6Server(("::1", 0), _Echo)
     udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), _Echo)
     # A listener nobody accepts on: a denied connection must never reach it.
     trap = socket.socket()
     trap.bind(("127.0.0.1", 0))
     trap.listen(8)
-    for server in (tcp, udp):
+    for server in (tcp, udp, tcp6):
         threading.Thread(target=server.serve_forever, daemon=True).start()
     yield {
         "tcp": tcp.server_address[1],
+        "tcp6": tcp6.server_address[1],
         "udp": udp.server_address[1],
         "trap": trap.getsockname()[1],
         "trap_socket": trap,
     }
-    for server in (tcp, udp):
+    for server in (tcp, udp, tcp6):
         server.shutdown()
         server.server_close()
     trap.close()
@@ -91,6 +125,7 @@ HOSTS = {
     "trap.test": "127.0.0.1",
     "x.ads.test": "127.0.0.1",
     "udp.test": "127.0.0.1",
+    "v6.test": "::1",  # the host's IPv6 loopback, reached from the guest's IPv6
 }
 
 
@@ -101,6 +136,7 @@ def net_sandbox(servers: dict[str, int]) -> Iterator[SyncSandbox]:
         .deny(Rule.domain_suffix(".ads.test"))
         .allow(Rule.host("echo.test", ports=[servers["tcp"]], protocol="tcp"))
         .allow(Rule.host("udp.test", protocol="udp"))
+        .allow(Rule.host("v6.test", protocol="tcp"))
     )
     config = SandboxConfig(name="net", network=policy, hosts=HOSTS)
     with SyncSandbox.create(config) as sb:
@@ -152,6 +188,52 @@ def test_policy_decides_every_flow_before_a_host_socket_opens(
     assert echo.destination == "127.0.0.1"
 
 
+def test_dns_over_tcp_gets_the_same_answers_as_over_udp(net_sandbox: SyncSandbox) -> None:
+    results = run(
+        net_sandbox,
+        [("dnstcp", "echo.test", 0), ("dnstcp", "x.ads.test", 0), ("dns", "echo.test", 0)],
+    )
+    pin = net_sandbox.network.pinned("echo.test")
+    assert results[0] == ["ok", f"rcode=0 {pin}"]
+    assert results[1] == ["ok", "rcode=3 "]  # NXDOMAIN: the blocked suffix
+    assert results[2] == ["ok", pin]
+    dns = [(e.name, e.verdict) for e in net_sandbox.network.events() if e.protocol == "dns"]
+    assert dns.count(("x.ads.test", "deny")) >= 2  # both TCP queries were decided
+
+
+def test_ipv6_in_the_guest_is_decided_by_the_host_like_ipv4(
+    net_sandbox: SyncSandbox, servers: dict[str, int]
+) -> None:
+    addrs = net_sandbox.fs().read("/proc/net/if_inet6").decode()
+    wg0 = [line.split()[0] for line in addrs.splitlines() if line.split()[-1] == "wg0"]
+    assert len(wg0) == 1 and wg0[0].startswith("2001000200000000")  # 2001:2::/64
+    routes = net_sandbox.fs().read("/proc/net/ipv6_route").decode().splitlines()
+    assert any(r.startswith("0" * 32 + " 00 ") and r.split()[-1] == "wg0" for r in routes)
+    trap_pin6 = net_sandbox.network.pinned("trap.test", ipv6=True)
+    results = run(
+        net_sandbox,
+        [
+            ("tcp6", "v6.test", servers["tcp6"]),  # AAAA pin -> host ::1, allowed by name
+            ("tcp6", "fd00::1", servers["tcp6"]),  # ULA: private
+            ("tcp6", "2001:db8::1", servers["tcp6"]),  # documentation: special
+            ("tcp6", str(trap_pin6), servers["trap"]),  # pinned to 127.0.0.1, no rule
+        ],
+    )
+    assert results[0] == ["ok", "tcp:ping"], results
+    for denied in results[1:]:
+        assert denied in (["ok", ""], ["error", "ConnectionResetError"]), results
+    readable, _, _ = select.select([servers["trap_socket"]], [], [], 0)
+    assert not readable, "a denied connection reached the host listener"
+    events = net_sandbox.network.events()
+    by = {(e.protocol, e.destination, e.port, e.verdict) for e in events}
+    assert ("tcp", "::1", servers["tcp6"], "allow") in by
+    assert ("tcp", "fd00::1", servers["tcp6"], "deny") in by
+    assert ("tcp", "2001:db8::1", servers["tcp6"], "deny") in by
+    assert ("tcp", "127.0.0.1", servers["trap"], "deny") in by
+    reasons = {e.destination: e.reason for e in events if e.verdict == "deny"}
+    assert "private" in reasons["fd00::1"] and "special" in reasons["2001:db8::1"]
+
+
 def test_network_none_has_an_interface_and_denies_everything(servers: dict[str, int]) -> None:
     config = SandboxConfig(name="net-none", network="none", hosts=HOSTS)
     with SyncSandbox.create(config) as sb:
@@ -176,6 +258,16 @@ def test_live_clones_share_no_identity_and_a_fork_has_network(
         assert run(child, [("tcp", "echo.test", servers["tcp"])]) == [["ok", "tcp:ping"]]
         macs = {sb.fs().read("/sys/class/net/eth0/address") for sb in (net_sandbox, child)}
         assert len(macs) == 2
+        # wg0's IPv6 address is fresh too, the parent's gone from the child's wg0.
+        v6 = [
+            [
+                line.split()[0]
+                for line in sb.fs().read("/proc/net/if_inet6").decode().splitlines()
+                if line.split()[-1] == "wg0"
+            ]
+            for sb in (net_sandbox, child)
+        ]
+        assert len(v6[0]) == len(v6[1]) == 1 and v6[0] != v6[1], v6
         assert child.network is not net_sandbox.network
     # The parent's network still works after its child went away.
     assert run(net_sandbox, [("tcp", "echo.test", servers["tcp"])]) == [["ok", "tcp:ping"]]
@@ -226,6 +318,42 @@ def test_a_published_port_reaches_the_guest_and_a_taken_one_is_refused() -> None
             Exception, match=rf"ports\[8080\]: host port 127.0.0.1:{host_port} is in use"
         ):
             SyncSandbox.create(SandboxConfig(name="net-ports-2", ports={8080: host_port}))
+
+
+GUEST_UDP_SERVER = r"""
+import socket
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.bind(("127.0.0.1", 5353))
+while True:
+    data, peer = srv.recvfrom(65535)
+    srv.sendto(b"guest:" + data, peer)
+"""
+
+
+def test_a_published_udp_port_relays_each_host_peers_datagrams() -> None:
+    config = SandboxConfig(name="net-udp", ports={"5353/udp": 0})
+    with SyncSandbox.create(config) as sb:
+        host_port = sb.published_ports["5353/udp"]
+        sb.fs().write("/tmp/udp.py", GUEST_UDP_SERVER.encode())
+        sb.exec("/bin/sh", ["-c", f"{sys.executable} /tmp/udp.py >/dev/null 2>&1 &"])
+        peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        try:
+            for i, peer in enumerate(peers):
+                peer.settimeout(2)
+                reply = b""
+                for _ in range(90):  # until the guest's server is up (datagrams before are lost)
+                    peer.sendto(b"hello%d" % i, ("127.0.0.1", host_port))
+                    with contextlib.suppress(TimeoutError, socket.timeout):
+                        reply = peer.recv(100)
+                        break
+                assert reply == b"guest:hello%d" % i  # to this peer, not the other
+            big = bytes(range(256)) * 200  # one 51200-byte datagram, whole
+            peers[0].settimeout(30)
+            peers[0].sendto(big, ("127.0.0.1", host_port))
+            assert peers[0].recv(65535) == b"guest:" + big
+        finally:
+            for peer in peers:
+                peer.close()
 
 
 SECRET = "sk-test-Zq8RxW2vLp5KmN0aBcDeFgHi"
@@ -318,6 +446,71 @@ def test_a_secret_reaches_only_its_host_and_never_the_guest_memory(tmp_path: Pat
             server.shutdown()
             server.server_close()
         dump.unlink(missing_ok=True)
+
+
+GUEST_HTTP_FILE = r"""
+import sys, urllib.request
+key = open("/tmp/key").read()  # the placeholder the capture's guest wrote
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + key})
+try:
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        print(resp.status, resp.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
+
+
+def test_secrets_are_passed_again_to_a_restore_and_its_placeholders_keep_working() -> None:
+    from pytest_microsandbox.snapshots import get_snapshot, remove_snapshot
+
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    port = api.server_address[1]
+    secret = Secret.env("API_KEY", value=SECRET, allow_hosts=["api.test"])
+    config = SandboxConfig(
+        name="net-secret-restore",
+        network=NetworkPolicy.public_only().allow(Rule.cidr("127.0.0.1/32", ports=[port])),
+        hosts={"api.test": "127.0.0.1"},
+        secrets=[secret],
+    )
+    snap = f"net-secret-{os.getpid()}"
+    url = f"http://api.test:{port}/"
+
+    def call(sb: SyncSandbox) -> str:
+        out = sb.exec(sys.executable, ["-c", GUEST_HTTP_FILE, url], timeout=300)
+        assert out.exit_code == 0, out.stderr_bytes[-2000:]
+        return out.stdout_text.strip()
+
+    try:
+        with SyncSandbox.create(config) as sb:
+            sb.exec("/bin/sh", ["-c", "printf %s $API_KEY > /tmp/key"])
+            with sb.fork(snap) as child:  # a fork keeps its parent's secrets
+                assert call(child) == "200 authorized"
+            # The capture holds the placeholder, and no file of it the value.
+            entry = get_snapshot(snap)
+            assert entry.meta.secret_placeholders == {
+                "API_KEY": sb.network.secrets.env()["API_KEY"]
+            }
+            for path in entry.path.iterdir():
+                if path.is_file() and path.stat().st_size:
+                    with (
+                        open(path, "rb") as f,
+                        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m,
+                    ):
+                        assert m.find(SECRET.encode()) == -1, path
+        # A restore must be given the secrets again: their values are on no disk.
+        with pytest.raises(ConfigError, match=r"captured with secret\(s\) API_KEY"):
+            SyncSandbox.restore(snap)
+        with SyncSandbox.restore(snap, secrets=[secret]) as restored:
+            assert call(restored) == "200 authorized"
+            placeholder = restored.fs().read("/tmp/key")
+            env = restored.exec("/bin/sh", ["-c", "printf %s $API_KEY"]).stdout_bytes
+            assert env == placeholder  # new commands get the same placeholder
+    finally:
+        with contextlib.suppress(Exception):
+            remove_snapshot(snap)
+        api.shutdown()
+        api.server_close()
 
 
 def test_pip_installs_a_wheel_from_an_index_on_the_host_loopback(tmp_path: Path) -> None:

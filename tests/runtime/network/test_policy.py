@@ -33,6 +33,20 @@ def tcp(ip: str, port: int = 80, name: str | None = None) -> Destination:
         ("0.0.0.0", "special"),
         ("93.184.216.34", "public"),
         ("2606:4700::1", "public"),
+        # IPv6 forms of other ranges and IANA's special-purpose addresses.
+        ("fd00:ec2::254", "metadata"),
+        ("fd12:3456::1", "private"),  # ULA
+        ("fec0::1", "private"),  # site-local
+        ("::", "special"),
+        ("::ffff:127.0.0.1", "special"),  # v4-mapped
+        ("::7f00:1", "special"),  # v4-compatible (::127.0.0.1)
+        ("64:ff9b::a00:1", "special"),  # NAT64 of 10.0.0.1
+        ("2002:7f00:1::1", "special"),  # 6to4 of 127.0.0.1
+        ("2001:0:4136:e378::1", "special"),  # Teredo
+        ("2001:db8::1", "special"),  # documentation
+        ("2001:2::1", "special"),  # benchmarking (the guest's own wg0)
+        ("100::1", "special"),  # discard
+        ("192.0.2.1", "special"),  # TEST-NET-1
     ],
 )
 def test_classify(ip: str, group: str) -> None:

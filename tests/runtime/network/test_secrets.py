@@ -57,3 +57,16 @@ def test_a_secret_is_never_serialized() -> None:
     config = SandboxConfig(network="public-only", secrets=[secret])
     assert VALUE not in config.to_json() and VALUE not in repr(config)
     assert SandboxConfig.from_json(config.to_json()).secrets == ()
+
+
+def test_a_restore_keeps_the_captured_placeholders_and_draws_the_rest() -> None:
+    first = substituter().env()["API_KEY"]
+    other = Secret.env("OTHER", value="v" * 30, allow_hosts=["other.test"])
+    secret = Secret.env("API_KEY", value="a-new-value-of-another-length", allow_hosts=["api.test"])
+    restored = SecretSubstituter([secret, other], {"API_KEY": first})
+    assert restored.env()["API_KEY"] == first  # what the guest already holds
+    assert restored.env()["OTHER"].startswith("MSB_")
+    rewriter = restored.stream("api.test")
+    assert rewriter.feed(first.encode()) + rewriter.flush() == b"a-new-value-of-another-length"
+    # A kept placeholder that is not one of ours (a tampered snapshot): a fresh one.
+    assert SecretSubstituter([secret], {"API_KEY": "a"}).env()["API_KEY"] != "a"

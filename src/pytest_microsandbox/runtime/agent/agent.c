@@ -1861,7 +1861,8 @@ static void h_configure(const struct msg *m)
  * flow, whatever a guest root does to these interfaces.  The netlink
  * structures are spelled out because musl-gcc has no linux/ headers.
  */
-#define NET_LEN 86 /* mac 6, eth addr 4, prefix 1, gw 4, gw port 2, wg addr 4, keys 32+32, flags 1 */
+#define NET_LEN 102 /* mac 6, eth addr 4, prefix 1, gw 4, gw port 2, wg addr 4, keys 32+32, flags 1,
+			wg IPv6 addr 16 (all zero: no IPv6) */
 #define NET_F_NO_ROUTE 1 /* nothing is allowed: no default route, connects fail at once */
 #define NL_ROUTE 0
 #define NL_GENERIC 16
@@ -2036,6 +2037,63 @@ static int set_flags(int fd, const char *dev, short on, short off)
 	return ifreq_call(fd, SIOCSIFFLAGS, &ifr, dev);
 }
 
+/* The kernel's struct in6_ifreq and in6_rtmsg (linux/ipv6.h, ipv6_route.h). */
+struct msb_in6_ifreq { struct in6_addr addr; uint32_t prefixlen; int ifindex; };
+struct msb_in6_rtmsg {
+	struct in6_addr dst, src, gateway;
+	uint32_t type;
+	uint16_t dst_len, src_len;
+	uint32_t metric;
+	unsigned long info;
+	uint32_t flags;
+	int ifindex;
+};
+
+/*
+ * wg0's IPv6: drop the addresses it has (a fork's parent's), add `addr`/128
+ * (no DAD: wg0 is NOARP), and a default route unless `route` is false.
+ */
+static int wg_ipv6(const uint8_t addr[16], bool route, const char **step)
+{
+	int ifindex = (int)if_nametoindex("wg0");
+	int fd = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || !ifindex)
+		return fd < 0 ? -errno : -ENODEV;
+	int rc = 0;
+	*step = "wg0 IPv6 address";
+	FILE *f = fopen("/proc/net/if_inet6", "re");
+	char hex[33], dev[32];
+	unsigned idx, plen, scope, flags;
+	while (f && fscanf(f, "%32s %x %x %x %x %31s", hex, &idx, &plen, &scope, &flags, dev) == 6) {
+		if (strcmp(dev, "wg0"))
+			continue;
+		struct msb_in6_ifreq old = {.prefixlen = plen, .ifindex = ifindex};
+		for (int i = 0; i < 16; i++) {
+			unsigned byte;
+			sscanf(hex + 2 * i, "%2x", &byte);
+			old.addr.s6_addr[i] = (uint8_t)byte;
+		}
+		(void)ioctl(fd, SIOCDIFADDR, &old);
+	}
+	if (f)
+		fclose(f);
+	struct msb_in6_ifreq ifr = {.prefixlen = 128, .ifindex = ifindex};
+	memcpy(ifr.addr.s6_addr, addr, 16);
+	if (ioctl(fd, SIOCSIFADDR, &ifr) < 0 && errno != EEXIST) {
+		rc = -errno;
+		goto out;
+	}
+	*step = "IPv6 default route";
+	if (route) {
+		struct msb_in6_rtmsg rt = {.flags = RTF_UP, .metric = 1, .ifindex = ifindex};
+		if (ioctl(fd, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+			rc = -errno;
+	}
+out:
+	close(fd);
+	return rc;
+}
+
 static int wg_create(void)
 {
 	struct nl_buf nb;
@@ -2119,8 +2177,8 @@ static int net_setup(const uint8_t *c, const char **step)
 	struct sockaddr_in ep = {.sin_family = AF_INET};
 	memcpy(&ep.sin_addr, gw, 4);
 	memcpy(&ep.sin_port, gw_port, 2); /* both network order */
-	uint16_t family = AF_INET;
-	uint8_t any[4] = {0}, mask = 0;
+	uint16_t family = AF_INET, family6 = AF_INET6;
+	uint8_t any[16] = {0}, mask = 0;
 	nl_start(&nb, (uint16_t)fam, 0);
 	nl_put(&nb, genl, sizeof genl);
 	nl_attr(&nb, WGD_IFNAME, "wg0", 4);
@@ -2137,6 +2195,11 @@ static int net_setup(const uint8_t *c, const char **step)
 	nl_attr(&nb, WGA_IPADDR, any, 4);
 	nl_attr(&nb, WGA_CIDR_MASK, &mask, 1);
 	nl_end(&nb);
+	nl_nest(&nb, 0); /* ::/0: the host decides IPv6 flows like the rest */
+	nl_attr(&nb, WGA_FAMILY, &family6, 2);
+	nl_attr(&nb, WGA_IPADDR, any, 16);
+	nl_attr(&nb, WGA_CIDR_MASK, &mask, 1);
+	nl_end(&nb);
 	nl_end(&nb);
 	nl_end(&nb);
 	nl_end(&nb);
@@ -2147,6 +2210,9 @@ static int net_setup(const uint8_t *c, const char **step)
 		goto out;
 	*step = "wg0 address";
 	if ((rc = set_addr(fd, "wg0", wg, 32)) < 0)
+		goto out;
+	static const uint8_t no_v6[16];
+	if (memcmp(c + 86, no_v6, 16) && (rc = wg_ipv6(c + 86, !(c[85] & NET_F_NO_ROUTE), step)) < 0)
 		goto out;
 	*step = "default route";
 	if (c[85] & NET_F_NO_ROUTE)
@@ -2877,11 +2943,67 @@ static int connect_relay(const char *port_text)
 	}
 }
 
+/*
+ * `agent --connect-udp PORT`: the UDP form of --connect, for one host peer of
+ * a published UDP port.  Datagrams cross stdin/stdout each after its 2-byte
+ * big-endian length; a connected socket to 127.0.0.1:PORT sends them and
+ * reads the replies.  Ends when stdin closes (the host's idle timeout).
+ */
+static int connect_udp_relay(const char *port_text)
+{
+	char *end;
+	long port = strtol(port_text, &end, 10);
+	if (*end || port < 1 || port > 65535)
+		return 2;
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (s < 0 || connect(s, (struct sockaddr *)&sin, sizeof sin) < 0)
+		return 1;
+	struct pollfd p[2] = {{.fd = 0, .events = POLLIN}, {.fd = s, .events = POLLIN}};
+	static char in[2 * 65538], out[2 + 65535];
+	size_t have = 0;
+	for (;;) {
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return 1;
+		}
+		if (p[0].revents) {
+			ssize_t n = read(0, in + have, sizeof in - have);
+			if (n <= 0)
+				return 0;
+			have += (size_t)n;
+			size_t at = 0;
+			while (have - at >= 2) {
+				size_t len = ((size_t)(unsigned char)in[at] << 8) | (unsigned char)in[at + 1];
+				if (have - at < 2 + len)
+					break;
+				/* Nothing listens (yet): the datagram is lost, as UDP's would be. */
+				(void)send(s, in + at + 2, len, 0);
+				at += 2 + len;
+			}
+			memmove(in, in + at, have - at);
+			have -= at;
+		}
+		if (p[1].revents) {
+			ssize_t n = recv(s, out + 2, sizeof out - 2, 0);
+			if (n < 0)
+				continue; /* ECONNREFUSED from an earlier send: ignore */
+			out[0] = (char)((n >> 8) & 0xff);
+			out[1] = (char)(n & 0xff);
+			write_all_fd(1, out, (size_t)n + 2);
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	signal(SIGPIPE, SIG_IGN);
 	if (argc == 3 && !strcmp(argv[1], "--connect"))
 		return connect_relay(argv[2]);
+	if (argc == 3 && !strcmp(argv[1], "--connect-udp"))
+		return connect_udp_relay(argv[2]);
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--serve-fd") && i + 1 < argc) {
 			port_fd = atoi(argv[++i]);

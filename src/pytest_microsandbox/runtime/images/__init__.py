@@ -10,6 +10,7 @@ an image name into that stack, building only the images whose tree changed.
 from __future__ import annotations
 
 from ._auth import ProgressCallback, RegistryAuth
+from ._catalog import RemovedImage, StoredImage, find_image, list_images, remove_image
 from ._host import (
     DEFAULT_USR_EXCLUDES,
     PROJECT_EXCLUDE_NAMES,
@@ -49,11 +50,15 @@ __all__ = [
     "PullPolicy",
     "PulledImage",
     "RegistryAuth",
+    "RemovedImage",
+    "StoredImage",
+    "find_image",
     "image_budget_bytes",
     "image_config_for",
     "imaged_venv",
     "images_dir",
     "is_oci_reference",
+    "list_images",
     "local_image",
     "log_pull_progress",
     "parse_reference",
@@ -62,5 +67,6 @@ __all__ = [
     "prune_oci_store",
     "prune_volumes",
     "pull_image",
+    "remove_image",
     "resolve_root_layers",
 ]

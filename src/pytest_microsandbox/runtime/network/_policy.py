@@ -39,14 +39,36 @@ _METADATA = (ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00
 _GROUP_NETS: tuple[tuple[Group, tuple[str, ...]], ...] = (
     ("loopback", ("127.0.0.0/8", "::1/128")),
     # CGNAT counts as private: it is someone's internal network, not the internet.
-    ("private", ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")),
+    (
+        "private",
+        (
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+            "fc00::/7",
+            "fec0::/10",  # IPv6 site-local (deprecated, still routed by some)
+        ),
+    ),
     ("link-local", ("169.254.0.0/16", "fe80::/10")),
     ("multicast", ("224.0.0.0/4", "ff00::/8")),
     # Unspecified, "this network", benchmarking (our own links), reserved and
-    # broadcast addresses are reachable by nothing but an explicit rule.
+    # broadcast addresses are reachable by nothing but an explicit rule; so are
+    # IPv6 forms that embed an IPv4 address (mapped, compatible, NAT64, 6to4,
+    # Teredo): ::ffff:127.0.0.1 must not pass for a public address.
     (
         "special",
-        ("0.0.0.0/8", "198.18.0.0/15", "240.0.0.0/4", "::/128", "::ffff:0:0/96", "64:ff9b::/96"),
+        (
+            "0.0.0.0/8",
+            "198.18.0.0/15",
+            "240.0.0.0/4",
+            "::/96",
+            "::ffff:0:0/96",
+            "64:ff9b::/96",
+            "64:ff9b:1::/48",
+            "2002::/16",
+            "2001::/32",
+        ),
     ),
 )
 _NETS = tuple((group, tuple(ipaddress.ip_network(n) for n in nets)) for group, nets in _GROUP_NETS)
@@ -59,7 +81,9 @@ def classify(ip: IPAddress) -> Group:
     for group, nets in _NETS:
         if any(ip.version == net.version and ip in net for net in nets):
             return group
-    return "public"
+    # The rest of IANA's special-purpose registries (documentation, benchmarking,
+    # discard, ORCHID, ...), as the standard library knows them.
+    return "public" if ip.is_global else "special"
 
 
 def normalize_name(name: str) -> str:

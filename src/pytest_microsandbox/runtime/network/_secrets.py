@@ -4,8 +4,10 @@ puts the real value into traffic to the secret's allowed hosts only.
 The placeholder is random per sandbox and as long as the value (at least 24
 characters), so substituting it keeps HTTP lengths right. A flow to any other
 host that carries a placeholder is closed and logged. Substitution works on
-the bytes the host relays: plain TCP, and TLS only once it is intercepted (not
-done yet: see docs/network.md).
+the bytes the host relays: plain TCP, and TLS once the host intercepts it
+with its per-cache CA (``_tls.py``). A restore keeps the snapshot's
+placeholders (recorded in its metadata, never the values) and takes the
+values again from its caller.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 import secrets
 import string
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -24,6 +27,7 @@ __all__ = ["Secret", "SecretSubstituter", "SubstitutionError"]
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ALPHABET = string.ascii_letters + string.digits
 _MIN_PLACEHOLDER = 24
+_PLACEHOLDER_RE = re.compile(rf"^MSB_[A-Za-z0-9]{{{_MIN_PLACEHOLDER - 4},4096}}$")
 
 
 class Secret(BaseModel):
@@ -85,12 +89,27 @@ class SubstitutionError(Exception):
 
 
 class SecretSubstituter:
-    """Placeholders of one sandbox and the rewriting of one direction of a flow."""
+    """Placeholders of one sandbox and the rewriting of one direction of a flow.
 
-    def __init__(self, items: tuple[Secret, ...] | list[Secret]) -> None:
+    ``placeholders`` (env var -> placeholder) are reused instead of drawn: a
+    sandbox restored from a snapshot or forked keeps its capture's, which
+    processes and files in the guest already hold.
+    """
+
+    def __init__(
+        self,
+        items: tuple[Secret, ...] | list[Secret],
+        placeholders: Mapping[str, str] | None = None,
+    ) -> None:
         self.secrets = tuple(items)
         self.placeholders: dict[str, bytes] = {}
         for secret in self.secrets:
+            kept = (placeholders or {}).get(secret.env_var)
+            # A kept placeholder must look like one we drew: a short or common
+            # string would be "substituted" wherever it happens to appear.
+            if kept is not None and _PLACEHOLDER_RE.match(kept):
+                self.placeholders[secret.env_var] = kept.encode()
+                continue
             size = max(_MIN_PLACEHOLDER, len(secret.value.get_secret_value().encode()))
             token = "".join(secrets.choice(_ALPHABET) for _ in range(size - 4))
             self.placeholders[secret.env_var] = ("MSB_" + token).encode()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import ipaddress
 import os
 import secrets
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exceptions import BackendUnavailableError
-from ._dns import answer_query, resolve_host
+from ._dns import answer_query, resolve_host, resolve_host6
 from ._policy import Destination, IPAddress, NetworkPolicy, Protocol
 from ._secrets import SecretSubstituter, SubstitutionError
 from ._tls import TlsServer, ensure_ca, looks_like_tls
@@ -69,6 +70,11 @@ DNS_IP = ipaddress.IPv4Address("198.18.0.53")
 #: range; the host maps them back to the pinned address (the guest's own
 #: 127.0.0.1 is its loopback, so it cannot be handed out as is).
 _PIN_NET = ipaddress.IPv4Network("198.19.0.0/16")
+#: IPv6 (RFC 5180's benchmarking range, which no real destination uses
+#: either): wg0's own address is random in the first /64, a pinned name's
+#: IPv6 guest address is in the second (AAAA answers), mapped back likewise.
+_WG6_NET = ipaddress.IPv6Network("2001:2::/64")
+_PIN_NET6 = ipaddress.IPv6Network("2001:2:0:1::/64")
 
 _MAX_EVENTS = 10_000
 #: Flows open at once per sandbox: each holds host sockets; past it, denied.
@@ -114,6 +120,19 @@ GUARD_REFUSALS: deque[str] = deque(maxlen=100)
 
 def _loopback_only() -> bool:
     return os.environ.get(LOOPBACK_ONLY_ENV, "") not in ("", "0")
+
+
+@functools.cache
+def _host_has_ipv6() -> bool:
+    """Does the host route IPv6 to the internet? (A UDP connect picks a route
+    and sends nothing.) Without, the guest is given no upstream AAAA answer.
+    """
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.connect(("2001:4860:4860::8888", 53))
+            return bool(ipaddress.ip_address(probe.getsockname()[0]).is_global)
+    except OSError:
+        return False
 
 
 def _ip_checksum(header: bytes) -> int:
@@ -232,9 +251,15 @@ class NetworkStack:
         self.secrets = substituter
         self.run_dir = run_dir
         self._pins: dict[str, tuple[ipaddress.IPv4Address, IPAddress]] = {}
+        self._pins6: dict[str, ipaddress.IPv6Address] = {}
         for i, (name, addr) in enumerate(sorted(hosts.items())):
             self._pins[name] = (_PIN_NET[i + 1], ipaddress.ip_address(addr))
-        self._by_pin = {pin: (name, real) for name, (pin, real) in self._pins.items()}
+            self._pins6[name] = _PIN_NET6[i + 1]
+        self._by_pin: dict[IPAddress, tuple[str, IPAddress]] = {
+            pin: (name, real) for name, (pin, real) in self._pins.items()
+        }
+        for name, pin6 in self._pins6.items():
+            self._by_pin[pin6] = (name, self._pins[name][1])
         #: Names this sandbox's DNS answered, by address (domain rules for flows).
         self._names: dict[IPAddress, str] = {}
         self._events: deque[NetworkEvent] = deque(maxlen=_MAX_EVENTS)
@@ -253,10 +278,12 @@ class NetworkStack:
     def dns_ip(self) -> str:
         return str(DNS_IP)
 
-    def pinned(self, name: str) -> str | None:
-        """The guest-side address of a pinned name."""
+    def pinned(self, name: str, *, ipv6: bool = False) -> str | None:
+        """The guest-side address of a pinned name (its IPv6 one with ``ipv6``)."""
         pin = self._pins.get(name)
-        return str(pin[0]) if pin else None
+        if pin is None:
+            return None
+        return str(self._pins6[name]) if ipv6 else str(pin[0])
 
     async def start(self) -> None:
         """Start the WireGuard server and the shim.
@@ -306,14 +333,16 @@ class NetworkStack:
         WireGuard endpoint, wg0's address, the guest's key and the server's,
         flags (1: no default route, for a policy that allows nothing: the
         guest's connects then fail at once instead of being accepted by the
-        stack and closed; the host still denies whatever a guest root routes).
+        stack and closed; the host still denies whatever a guest root routes),
+        then wg0's IPv6 address (its default route follows the same flag).
         """
         allows_nothing = self.policy.base == "none" and not any(
             r.action == "allow" for r in self.policy.rules
         )
         wg_ip = ipaddress.IPv4Address("100.64.0.0") + secrets.randbelow(1 << 22) + 1
+        wg_ip6 = _WG6_NET[secrets.randbelow(1 << 63) + 1]
         return struct.pack(
-            "!6s4sB4sH4s32s32sB",
+            "!6s4sB4sH4s32s32sB16s",
             self.guest_mac,
             _GUEST_ETH_IP.packed,
             _ETH_PREFIX,
@@ -323,6 +352,7 @@ class NetworkStack:
             base64.b64decode(self._guest_key),
             base64.b64decode(self._server_pub),
             1 if allows_nothing else 0,
+            wg_ip6.packed,
         )
 
     def resolv_conf(self) -> str:
@@ -350,8 +380,8 @@ class NetworkStack:
                     return
 
     def _resolve_dest(self, ip_text: str, port: int, protocol: Protocol) -> Destination:
-        ip = ipaddress.ip_address(ip_text)
-        if isinstance(ip, ipaddress.IPv4Address) and ip in self._by_pin:
+        ip = ipaddress.ip_address(ip_text.partition("%")[0])
+        if ip in self._by_pin:
             name, real = self._by_pin[ip]
             return Destination(real, port, protocol, name)
         return Destination(ip, port, protocol, self._names.get(ip))
@@ -411,6 +441,9 @@ class NetworkStack:
         # The guest's destination: "sockname" of a WireGuard flow ("original_dst"
         # is the server's own UDP socket).
         dst_ip, dst_port = stream.get_extra_info("sockname")
+        if ipaddress.ip_address(dst_ip) == DNS_IP and int(dst_port) == 53:
+            await self._dns_tcp(stream)
+            return
         dest, event = self._admit(dst_ip, int(dst_port), "tcp")
         if event.verdict != "allow":
             # smoltcp has already answered the SYN (mitmproxy_rs hands over a
@@ -580,22 +613,53 @@ class NetworkStack:
                 return
             if not query:
                 return
-            reply, events = await answer_query(
-                query,
-                self.policy,
-                self._pins,
-                None if _loopback_only() else resolve_host,
-            )
-            for name, verdict, reason, addrs in events:
-                self._log(
-                    NetworkEvent(time.time(), "dns", ",".join(addrs), 53, name, verdict, reason)
-                )
-                for addr in addrs:
-                    ip = ipaddress.ip_address(addr)
-                    if ip not in self._by_pin and len(self._names) < _MAX_NAMES:
-                        self._names[ip] = name
+            reply = await self._answer_dns(query)
             if reply is not None:
                 stream.write(reply)
+
+    async def _dns_tcp(self, stream: Any) -> None:
+        """DNS over TCP (RFC 7766: each message after its 2-byte length), the
+        resolver a guest falls back to for a truncated answer or asks outright
+        (``dig +tcp``, ``options use-vc``). The same answers as over UDP.
+        """
+        buf = b""
+        try:
+            while True:
+                while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
+                    data = await asyncio.wait_for(stream.read(_READ), _UDP_IDLE_S)
+                    if not data:
+                        return
+                    buf += data
+                size = int.from_bytes(buf[:2], "big")
+                query, buf = buf[2 : 2 + size], buf[2 + size :]
+                reply = await self._answer_dns(query)
+                if reply is None:
+                    return  # not DNS: the stream is out of step, close it
+                stream.write(len(reply).to_bytes(2, "big") + reply)
+                await stream.drain()
+        except (asyncio.TimeoutError, OSError, ConnectionError):
+            return
+
+    async def _answer_dns(self, query: bytes) -> bytes | None:
+        """The reply to one DNS message (None: unparsable), its events logged and
+        the names it answered remembered for domain rules.
+        """
+        upstream = not _loopback_only()
+        reply, events = await answer_query(
+            query,
+            self.policy,
+            self._pins,
+            resolve_host if upstream else None,
+            v6_pins=self._pins6,
+            resolver6=resolve_host6 if upstream and _host_has_ipv6() else None,
+        )
+        for name, verdict, reason, addrs in events:
+            self._log(NetworkEvent(time.time(), "dns", ",".join(addrs), 53, name, verdict, reason))
+            for addr in addrs:
+                ip = ipaddress.ip_address(addr)
+                if ip not in self._by_pin and len(self._names) < _MAX_NAMES:
+                    self._names[ip] = name
+        return reply
 
     async def aclose(self) -> None:
         """Stop accepting flows, close every host socket. Idempotent."""
