@@ -19,7 +19,24 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["drop_live_hint", "has_live_hint", "live_hint", "write_live_hint"]
+__all__ = [
+    "LIVE_ENV",
+    "drop_live_hint",
+    "has_live_hint",
+    "live_enabled",
+    "live_hint",
+    "write_live_hint",
+]
+
+#: ``0``: snapshot a project's zygote before its first test even under process
+#: isolation (the design before #16; kept to measure against).
+LIVE_ENV = "MICROSANDBOX_LIVE_ZYGOTE"
+
+
+def live_enabled() -> bool:
+    """Whether ``_zygote.start_live`` may serve a project without snapshotting it."""
+    return os.environ.get(LIVE_ENV, "1").strip() != "0"
+
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _NAME_MAX = 128

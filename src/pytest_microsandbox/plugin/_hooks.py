@@ -175,8 +175,7 @@ class MicrosandboxPlugin:
             return
         if config.pluginmanager.has_plugin("dsession"):
             return
-        from ._hint import live_hint
-        from ._zygote import live_enabled
+        from ._hint import live_enabled, live_hint
 
         guess = live_hint(config.rootpath, settings.cache_dir) if live_enabled() else None
         if guess is None:
