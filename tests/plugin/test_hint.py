@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
+
+from pytest_microsandbox.plugin import _hint
 from pytest_microsandbox.plugin._hint import (
     drop_live_hint,
     has_live_hint,
@@ -47,3 +51,16 @@ def test_the_hint_names_the_base_it_used_and_nothing_else(tmp_path: Path) -> Non
     assert live_hint(root, tmp_path) == ""
     assert has_live_hint(root, tmp_path)
     assert [p.name for p in (tmp_path / "hints").iterdir()] == [path.name]  # no temp file left
+
+
+def test_only_the_newest_hints_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_hint, "HINTS_MAX", 3)
+    roots = [tmp_path / f"p{i}" for i in range(5)]
+    for i, root in enumerate(roots):
+        root.mkdir()
+        write_live_hint(root, tmp_path, f"zygote-base-{i}")
+        path = _hint._hint_path(root, tmp_path)
+        assert path is not None
+        os.utime(path, (1000 + i, 1000 + i))  # written in this order
+    write_live_hint(roots[4], tmp_path, "zygote-base-new")  # trims to the newest 3
+    assert [has_live_hint(r, tmp_path) for r in roots] == [False, False, True, True, True]

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 __all__ = [
+    "HINTS_MAX",
     "LIVE_ENV",
     "drop_live_hint",
     "has_live_hint",
@@ -40,6 +41,8 @@ def live_enabled() -> bool:
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _NAME_MAX = 128
+#: Hints kept, newest first.
+HINTS_MAX = 256
 
 
 def _hint_path(root: Path | None, cache: Path | None) -> Path | None:
@@ -85,6 +88,26 @@ def write_live_hint(root: Path | None, cache: Path | None, base: str = "") -> No
         partial = path.with_name(f"{path.name}.{os.getpid()}.part")
         partial.write_text(base)
         partial.replace(path)
+    _forget_oldest(path.parent)
+
+
+def _forget_oldest(directory: Path) -> None:
+    """Keep the :data:`HINTS_MAX` newest hints (one per project root ever run: temporary
+    test projects would otherwise pile up).
+    """
+    with contextlib.suppress(OSError):
+        hints = list(directory.glob("live-*"))
+        if len(hints) <= HINTS_MAX:
+            return
+        for old in sorted(hints, key=_mtime)[: len(hints) - HINTS_MAX]:
+            old.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def drop_live_hint(root: Path | None, cache: Path | None) -> None:
