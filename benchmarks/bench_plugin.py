@@ -21,7 +21,9 @@ of every pytest process (~1 s here, paid again by each xdist worker and by
 every fresh-process baseline run). That measures hypothesis, not us, and a
 user's venv need not have it; ``--keep-hypothesis`` measures with it loaded.
 
-    .venv/bin/python benchmarks/bench_plugin.py [--baseline-runs 50] [--rounds 3]
+    .venv/bin/python benchmarks/bench_plugin.py [--baseline-runs 50] [--rounds 3] [--xdist-only]
+
+``--xdist-only`` runs the ``-n`` comparison alone.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep-hypothesis", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--xdist-only", action="store_true", help="only the -n 2 vs -n 0 rounds")
     args = parser.parse_args()
     if args.keep_hypothesis:
         EXTRA_ARGS.clear()
@@ -138,57 +141,81 @@ def main() -> int:
         plain, marked = _write(root, False), _write(root, True)
         out = root / "times.txt"
 
-        _run(plain, "-k", "not test_c", out=out)
-        unmarked = _per_test(out)
-        results["unmarked_p50_ms"] = statistics.median(unmarked) * 1000
-
-        # Same environment as the measured runs: the environment is part of the zygote key.
-        build = _run(marked, "--sandbox-isolation=process", "test_bench.py::test_b[0]", out=out)
-        results["zygote_build_run_s"] = build
-        # The plugin's defaults (cpus=2), then one vCPU: process isolation forks
-        # the next test's process on the second vCPU while a test runs.
-        for key, level, extra in (
-            ("process", "process", ()),
-            ("vm", "vm", ()),
-            ("process_cpus1", "process", ("--sandbox-cpus=1",)),
-            ("vm_cpus1", "vm", ("--sandbox-cpus=1",)),
-        ):
-            _run(marked, f"--sandbox-isolation={level}", *extra, "test_bench.py::test_b[0]")
-            total = _run(
-                marked, f"--sandbox-isolation={level}", *extra, "-k", "not test_c", out=out
-            )
-            times = _per_test(out)
-            results[f"{key}_p50_ms"] = statistics.median(times) * 1000
-            results[f"{key}_p95_ms"] = _p(times, 0.95) * 1000
-            results[f"{key}_total_s"] = total
-            results[f"{key}_overhead_p50_ms"] = (
-                statistics.median(times) - statistics.median(unmarked)
-            ) * 1000
-
-        fresh = []
-        for i in range(args.baseline_runs):
-            case = f"test_bench.py::test_a[{i}]" if i < 40 else f"test_bench.py::test_b[{i - 40}]"
-            fresh.append(_run(plain, case))
-        results["fresh_process_p50_ms"] = statistics.median(fresh) * 1000
-
-        for name in ("test_a", "test_c"):
-            _run(marked, "-k", name, "-n", "2")  # builds the zygote for these arguments
-            n0s, n2s = [], []
-            for _ in range(args.rounds):
-                n0s.append(_run(marked, "-k", name, "-n", "0"))
-                n2s.append(_run(marked, "-k", name, "-n", "2"))
-            n0, n2 = statistics.median(n0s), statistics.median(n2s)
-            results[f"n0_{name}_s"] = n0
-            results[f"n2_{name}_s"] = n2
-            results[f"n0_{name}_all_s"] = n0s
-            results[f"n2_{name}_all_s"] = n2s
-            results[f"n0_over_n2_{name}"] = n0 / n2
+        if not args.xdist_only:
+            _per_test_part(args, results, plain, marked, out)
+        _xdist_part(args, results, marked)
 
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     print("pytest-microsandbox plugin benchmark (host wall time per test, p50)")
     print(f"  extra pytest arguments: {' '.join(EXTRA_ARGS) or '(none)'}")
+    if not args.xdist_only:
+        _print_per_test(results)
+    for name, what in (("test_a", "trivial"), ("test_c", "with ~1 s of guest CPU each")):
+        print(
+            f"  40 marked tests, {what}, {args.rounds} rounds: "
+            f"-n 0 p50 {results[f'n0_{name}_s']:.1f} s p95 {results[f'n0_{name}_p95_s']:.1f} s, "
+            f"-n 2 p50 {results[f'n2_{name}_s']:.1f} s p95 {results[f'n2_{name}_p95_s']:.1f} s "
+            f"(-n 2 is {results[f'n0_over_n2_{name}']:.2f}x as fast, p50; rounds -n 0 "
+            f"{_fmt(results[f'n0_{name}_all_s'])}, -n 2 {_fmt(results[f'n2_{name}_all_s'])})"
+        )
+    return 0
+
+
+def _per_test_part(
+    args: argparse.Namespace, results: dict[str, object], plain: Path, marked: Path, out: Path
+) -> None:
+    _run(plain, "-k", "not test_c", out=out)
+    unmarked = _per_test(out)
+    results["unmarked_p50_ms"] = statistics.median(unmarked) * 1000
+
+    # Same environment as the measured runs: the environment is part of the zygote key.
+    build = _run(marked, "--sandbox-isolation=process", "test_bench.py::test_b[0]", out=out)
+    results["zygote_build_run_s"] = build
+    # The plugin's defaults (cpus=2), then one vCPU: process isolation forks
+    # the next test's process on the second vCPU while a test runs.
+    for key, level, extra in (
+        ("process", "process", ()),
+        ("vm", "vm", ()),
+        ("process_cpus1", "process", ("--sandbox-cpus=1",)),
+        ("vm_cpus1", "vm", ("--sandbox-cpus=1",)),
+    ):
+        _run(marked, f"--sandbox-isolation={level}", *extra, "test_bench.py::test_b[0]")
+        total = _run(marked, f"--sandbox-isolation={level}", *extra, "-k", "not test_c", out=out)
+        times = _per_test(out)
+        results[f"{key}_p50_ms"] = statistics.median(times) * 1000
+        results[f"{key}_p95_ms"] = _p(times, 0.95) * 1000
+        results[f"{key}_total_s"] = total
+        results[f"{key}_overhead_p50_ms"] = (
+            statistics.median(times) - statistics.median(unmarked)
+        ) * 1000
+
+    fresh = []
+    for i in range(args.baseline_runs):
+        case = f"test_bench.py::test_a[{i}]" if i < 40 else f"test_bench.py::test_b[{i - 40}]"
+        fresh.append(_run(plain, case))
+    results["fresh_process_p50_ms"] = statistics.median(fresh) * 1000
+
+
+def _xdist_part(args: argparse.Namespace, results: dict[str, object], marked: Path) -> None:
+    for name in ("test_a", "test_c"):
+        _run(marked, "-k", name, "-n", "2")  # base zygote, the project's hint
+        n0s, n2s = [], []
+        for _ in range(args.rounds):
+            n0s.append(_run(marked, "-k", name, "-n", "0"))
+            n2s.append(_run(marked, "-k", name, "-n", "2"))
+        n0, n2 = statistics.median(n0s), statistics.median(n2s)
+        results[f"n0_{name}_s"] = n0
+        results[f"n2_{name}_s"] = n2
+        results[f"n0_{name}_all_s"] = n0s
+        results[f"n2_{name}_all_s"] = n2s
+        results[f"n0_{name}_p95_s"] = _p(n0s, 0.95)
+        results[f"n2_{name}_p95_s"] = _p(n2s, 0.95)
+        results[f"n0_over_n2_{name}"] = n0 / n2
+
+
+def _print_per_test(results: dict[str, object]) -> None:
     print(f"  unmarked (host pytest)           {results['unmarked_p50_ms']:8.1f} ms")
     for key, label in (
         ("process", "process (cpus=2)"),
@@ -203,15 +230,7 @@ def main() -> int:
             f"{results[f'{key}_total_s']:.1f} s)"
         )
     print(f"  fresh host `python -m pytest`    {results['fresh_process_p50_ms']:8.1f} ms")
-    for name, what in (("test_a", "trivial"), ("test_c", "with ~1 s of guest CPU each")):
-        print(
-            f"  40 marked tests, {what}, median of {args.rounds} rounds: "
-            f"-n 0 {results[f'n0_{name}_s']:.1f} s, -n 2 {results[f'n2_{name}_s']:.1f} s "
-            f"(-n 2 is {results[f'n0_over_n2_{name}']:.2f}x as fast; rounds -n 0 "
-            f"{_fmt(results[f'n0_{name}_all_s'])}, -n 2 {_fmt(results[f'n2_{name}_all_s'])})"
-        )
     print(f"  (first run incl. zygote build: {results['zygote_build_run_s']:.1f} s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,16 +19,22 @@ registers itself there. ``-p no:...``, ``-W`` and the ini then act as locally.
 ``--base`` first runs pytest once on an empty directory (see
 :func:`pytest_microsandbox.guest.runner.wait_for_go`); that run loads the
 entry-point plugins, the package included, so what is imported between it and
-the real run is already known to pytest's rewrite hook.
+the real run is already known to pytest's rewrite hook. It also keeps what
+pytest and pluggy read of the installed distributions (:class:`MetadataMemo`)
+for the real run's start: under emulation, scanning every distribution's
+metadata again is a good part of a collection after an edit.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
 import shutil
 import sys
 import tempfile
 import traceback
+from typing import Any
 
 # Run by path, Python put this file's directory first on sys.path, where it
 # would make the runner's modules importable under bare names; ``python -m
@@ -46,14 +52,82 @@ if _executable:
     sys.executable = _executable
 
 
-class _Attach:
-    """Registers the runner's server plugin once pytest has parsed its options."""
+class _CachedDistribution(importlib.metadata.Distribution):
+    """A distribution whose files are read, and whose entry points and file list
+    are parsed, once per process.
+    """
 
-    def __init__(self, control: str) -> None:
+    def __init__(self, dist: importlib.metadata.Distribution) -> None:
+        self._dist = dist
+        self._texts: dict[str, str | None] = {}
+
+    def read_text(self, filename: str) -> str | None:
+        if filename not in self._texts:
+            self._texts[filename] = self._dist.read_text(filename)
+        return self._texts[filename]
+
+    def locate_file(self, path: Any) -> Any:
+        return self._dist.locate_file(path)
+
+    @functools.cached_property
+    def entry_points(self) -> importlib.metadata.EntryPoints:
+        return importlib.metadata.Distribution.entry_points.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    @functools.cached_property
+    def files(self) -> list[importlib.metadata.PackagePath] | None:
+        return importlib.metadata.Distribution.files.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+
+class MetadataMemo:
+    """``importlib.metadata.distributions()`` (no arguments: what pytest's rewrite
+    marking and pluggy's entry-point loading call), memoized per ``sys.path``
+    entry and its modification time, from the base runner's warm-up to the real
+    run's start (:meth:`uninstall`): the environment cannot change in between
+    (the base zygote's key covers it), and an entry that appears or changes (the
+    project's directory) is read anew.
+    """
+
+    def __init__(self) -> None:
+        self.original = importlib.metadata.distributions
+        self.by_entry: dict[tuple[str, int | None], list[_CachedDistribution]] = {}
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if kwargs:
+            return self.original(**kwargs)
+        found: list[importlib.metadata.Distribution] = []
+        for entry in sys.path:
+            try:
+                mtime: int | None = os.stat(entry or ".").st_mtime_ns
+            except OSError:
+                mtime = None
+            key = (os.path.abspath(entry), mtime)
+            dists = self.by_entry.get(key)
+            if dists is None:
+                dists = [_CachedDistribution(d) for d in self.original(path=[entry])]
+                self.by_entry[key] = dists
+            found.extend(dists)
+        return iter(found)
+
+    def install(self) -> None:
+        importlib.metadata.distributions = self
+
+    def uninstall(self) -> None:
+        importlib.metadata.distributions = self.original
+
+
+class _Attach:
+    """Registers the runner's server plugin once pytest has parsed its options
+    (and so loaded its plugins): the metadata memo, if any, is done then.
+    """
+
+    def __init__(self, control: str, memo: MetadataMemo | None = None) -> None:
         self.control = control
+        self.memo = memo
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_cmdline_main(self, config: pytest.Config) -> None:
+        if self.memo is not None:
+            self.memo.uninstall()
         from pytest_microsandbox.guest import runner
 
         runner.attach(config, self.control)
@@ -73,14 +147,17 @@ def prewarm() -> None:
         shutil.rmtree(empty, ignore_errors=True)
 
 
-def run(control: str, args: list[str]) -> int:
+def run(control: str, args: list[str], memo: MetadataMemo | None = None) -> int:
     """pytest with ``args``, serving the host from its run loop (see the runner)."""
     os.makedirs(control, exist_ok=True)
     try:
-        code = int(pytest.main(args, plugins=[_Attach(control)]))
+        code = int(pytest.main(args, plugins=[_Attach(control, memo)]))
     except BaseException:
         traceback.print_exc()
         code = 70
+    finally:
+        if memo is not None:
+            memo.uninstall()
     from pytest_microsandbox.guest import runner
 
     # pytest.main returned: the loop never started (usage error, a conftest that
@@ -93,11 +170,13 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "--base":
         control = argv[1]
         os.makedirs(control, exist_ok=True)
+        memo = MetadataMemo()
+        memo.install()
         prewarm()
         from pytest_microsandbox.guest import runner
 
         args = runner.wait_for_go(control)
-        return run(control, args)
+        return run(control, args, memo)
     if not argv:
         print("usage: bootstrap.py CONTROL [pytest args] | --base CONTROL", file=sys.stderr)
         return 2

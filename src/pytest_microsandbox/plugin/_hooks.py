@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytest
 
 from ._backend import accel_decision, availability, in_guest, isolation_for
-from ._options import MarkerSpec, Settings, item_spec
+from ._options import MarkerSpec, Settings, item_spec, marker_spec
 from ._progress import ProgressView
 from ._stats import Stats
 from ._xdist import RELAY_DIR_KEY, ControllerRelay, WorkerRelay, sandboxed_line
@@ -168,6 +168,28 @@ class MicrosandboxPlugin:
         if workerinput.get(RELAY_DIR_KEY):
             self._relay_out = WorkerRelay(workerinput[RELAY_DIR_KEY], workerinput["workerid"])
         self._unsubscribe = subscribe(self._on_build)
+        self._prestart(config)
+
+    def _prestart(self, config: pytest.Config) -> None:
+        """Start the first process-isolated test's VM beside the collection when the
+        last run of this project served one live (``_hint``); not in xdist's
+        controller (its workers run the tests and prestart their own).
+        """
+        settings = self.settings
+        if settings.no_sandbox or config.option.collectonly or settings.keep_failed:
+            return
+        if config.pluginmanager.has_plugin("dsession"):
+            return
+        from ._hint import live_enabled, live_hint
+
+        guess = live_hint(config.rootpath, settings.cache_dir) if live_enabled() else None
+        if guess is None:
+            return
+        spec = marker_spec(pytest.mark.sandbox.mark, settings, "the settings")
+        if spec.network != "off" or self._isolation(spec.isolation) != "process":
+            return
+        if availability().ok:
+            self.runner().prestart(spec, guess)
 
     def _on_build(self, event: BuildEvent) -> None:
         if event.state == "done":
@@ -248,6 +270,13 @@ class MicrosandboxPlugin:
         self.marked_files = sorted(files)
         if self._relay_out is not None:
             self._relay_out.write_counts(self.sandboxed, self.on_host, len(items))
+        if self._runner is not None:  # started before the collection (_prestart)
+            self._runner.set_files(self.marked_files)
+            if not self.sandboxed.get("process"):
+                from ._hint import drop_live_hint
+
+                drop_live_hint(config.rootpath, self.settings.cache_dir)
+                self._runner.drop_prestart()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(
