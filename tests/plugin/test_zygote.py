@@ -193,15 +193,16 @@ def test_the_exit_marker_carries_the_runner_status_the_moment_it_exists(tmp_path
     import subprocess
     import time
 
-    control = tmp_path / "control"
-    command = _zygote.runner_command(str(tmp_path), ["x"], control=str(control))
-    # The bootstrap cannot run with argument "x": pretend a runner that exits 3.
-    command = command.replace(str(_zygote.GUEST_BOOTSTRAP), '-c "raise SystemExit(3)"')
-    for _ in range(5):
+    for attempt in range(5):
+        # A control dir each: a previous attempt's outer shell may still be ending.
+        control = tmp_path / f"control{attempt}"
+        command = _zygote.runner_command(str(tmp_path), ["x"], control=str(control))
+        # The bootstrap cannot run with argument "x": pretend a runner that exits 3.
+        command = command.replace(str(_zygote.GUEST_BOOTSTRAP), '-c "raise SystemExit(3)"')
         assert subprocess.run(["sh", "-c", command], timeout=30).returncode == 0
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not (control / "exited").exists() and time.monotonic() < deadline:
-            pass
+            time.sleep(0.001)
         assert (control / "exited").read_text().strip() == "3"
 
 
