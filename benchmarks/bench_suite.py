@@ -9,9 +9,11 @@ runs its tests from the extracted tree:
 * sandboxed: the same with ``--sandbox-all --sandbox-require``, warm: it is run
   until a run builds nothing (a process-isolation suite's first run serves its
   tests from a live VM, the second snapshots the zygote), then measured;
-* with ``--compare-prefault``, sandboxed again with ``$MICROSANDBOX_NO_PREFAULT=1``
-  (the behaviour before the spare pre-copied a test's pages; its own zygote),
-  alternating with the others in every round.
+* with ``--compare-before``, sandboxed again as the per-test path was before:
+  with ``$MICROSANDBOX_WAIT_TEST_EXIT=1`` (the guest runner waits for each test
+  process's exit before it reads the next request), then with that and
+  ``$MICROSANDBOX_NO_PREFAULT=1`` (no spare copies a test's pages in advance);
+  each its own zygote, alternating with the others in every round.
 
 Every run writes ``--junitxml``; its outcome per test id is compared with the
 first local run's. ANY difference fails the benchmark (the ids are listed, exit
@@ -26,7 +28,7 @@ sandboxed test's time goes. hypothesis's pytest plugin is disabled in every run
 (see bench_plugin.py).
 
     .venv/bin/python benchmarks/bench_suite.py [--package toolz==0.12.1] [--tests toolz]
-        [--rounds 2] [--isolation process|vm] [--workers 0] [--compare-prefault]
+        [--rounds 2] [--isolation process|vm] [--workers 0] [--compare-before]
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ class Config:
 def run(
     root: Path, tests: str, config: Config, report: Path, timings: Path | None
 ) -> tuple[float, str]:
-    ours = ("MICROSANDBOX_TIMINGS", "MICROSANDBOX_NO_PREFAULT")
+    ours = ("MICROSANDBOX_TIMINGS", "MICROSANDBOX_NO_PREFAULT", "MICROSANDBOX_WAIT_TEST_EXIT")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k not in ours}
     env.update(config.env)
     if timings is not None:
@@ -198,9 +200,10 @@ def main() -> int:
     parser.add_argument("--isolation", choices=("process", "vm"), default="process")
     parser.add_argument("--workers", type=int, default=0, help="-n for every run")
     parser.add_argument(
-        "--compare-prefault",
+        "--compare-before",
         action="store_true",
-        help="also run with $MICROSANDBOX_NO_PREFAULT=1 (the spare copies nothing in advance)",
+        help="also run the per-test path as before: $MICROSANDBOX_WAIT_TEST_EXIT=1 (the runner "
+        "waits for each test process's exit), then also $MICROSANDBOX_NO_PREFAULT=1",
     )
     opts = parser.parse_args()
     common = ["-n", str(opts.workers)] if opts.workers else []
@@ -214,11 +217,13 @@ def main() -> int:
         Config("local", common, sandboxed=False),
         Config(f"sandboxed ({opts.isolation})", sandbox),
     ]
-    if opts.compare_prefault:
-        configs.append(
-            Config(f"sandboxed ({opts.isolation}), no prefault", sandbox,
-                   {"MICROSANDBOX_NO_PREFAULT": "1"})
-        )  # fmt: skip
+    if opts.compare_before:
+        wait = {"MICROSANDBOX_WAIT_TEST_EXIT": "1"}
+        configs += [
+            Config(f"{opts.isolation}, waits for exit", sandbox, wait),
+            Config(f"{opts.isolation}, waits, no prefault", sandbox,
+                   {**wait, "MICROSANDBOX_NO_PREFAULT": "1"}),
+        ]  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="msb-bench-suite-") as tmp:
         work = Path(tmp)
