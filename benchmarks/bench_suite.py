@@ -11,9 +11,9 @@ runs its tests from the extracted tree:
   tests from a live VM, the second snapshots the zygote), then measured;
 * with ``--compare-before``, sandboxed again as the per-test path was before:
   with ``$MICROSANDBOX_WAIT_TEST_EXIT=1`` (the guest runner waits for each test
-  process's exit before it reads the next request), then with that and
+  process's exit before it reads the next request) and
   ``$MICROSANDBOX_NO_PREFAULT=1`` (no spare copies a test's pages in advance);
-  each its own zygote, alternating with the others in every round.
+  its own zygote, alternating with the others in every round.
 
 Every run writes ``--junitxml``; its outcome per test id is compared with the
 first local run's. ANY difference fails the benchmark (the ids are listed, exit
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -145,8 +146,14 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     sandboxed: bool = True
     walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)  # pytest's and its VMs' CPU seconds
     per_test: list[float] = field(default_factory=list)
     timings: list[dict[str, float]] = field(default_factory=list)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run(
@@ -203,7 +210,7 @@ def main() -> int:
         "--compare-before",
         action="store_true",
         help="also run the per-test path as before: $MICROSANDBOX_WAIT_TEST_EXIT=1 (the runner "
-        "waits for each test process's exit), then also $MICROSANDBOX_NO_PREFAULT=1",
+        "waits for each test process's exit) and $MICROSANDBOX_NO_PREFAULT=1",
     )
     opts = parser.parse_args()
     common = ["-n", str(opts.workers)] if opts.workers else []
@@ -218,12 +225,8 @@ def main() -> int:
         Config(f"sandboxed ({opts.isolation})", sandbox),
     ]
     if opts.compare_before:
-        wait = {"MICROSANDBOX_WAIT_TEST_EXIT": "1"}
-        configs += [
-            Config(f"{opts.isolation}, waits for exit", sandbox, wait),
-            Config(f"{opts.isolation}, waits, no prefault", sandbox,
-                   {**wait, "MICROSANDBOX_NO_PREFAULT": "1"}),
-        ]  # fmt: skip
+        before = {"MICROSANDBOX_WAIT_TEST_EXIT": "1", "MICROSANDBOX_NO_PREFAULT": "1"}
+        configs.append(Config(f"{opts.isolation}, as before", sandbox, before))
 
     with tempfile.TemporaryDirectory(prefix="msb-bench-suite-") as tmp:
         work = Path(tmp)
@@ -261,7 +264,9 @@ def main() -> int:
 
         for _ in range(opts.rounds):
             for config in configs:
+                cpu = children_cpu()
                 seconds, _, got, times, rows = one(config)
+                config.cpus.append(children_cpu() - cpu)
                 config.walls.append(seconds)
                 config.per_test = times
                 config.timings = rows
@@ -271,14 +276,16 @@ def main() -> int:
                     failures.setdefault(config.label, []).append(line)
 
         local = statistics.median(configs[0].walls)
-        print(f"\n{'run':<36} {'wall p50 s':>10} {'ratio':>6} {'test p50 ms':>11} "
-              f"{'p95 ms':>8}  rounds")  # fmt: skip
+        print(f"\n{'run':<30} {'wall p50 s':>10} {'ratio':>6} {'CPU s':>6} {'test p50 ms':>11} "
+              f"{'p95 ms':>8}  wall per round")  # fmt: skip
         for config in configs:
             wall = statistics.median(config.walls)
             p50, p95 = 1000 * pct(config.per_test, 0.5), 1000 * pct(config.per_test, 0.95)
-            print(f"{config.label:<36} {wall:10.2f} {wall / local:5.1f}x {p50:11.1f} {p95:8.1f}  "
-                  + " ".join(f"{v:.2f}" for v in config.walls))  # fmt: skip
-        print("(test p50/p95: local = pytest's phase durations; sandboxed = the host's run_item)")
+            cpu = statistics.median(config.cpus)
+            print(f"{config.label:<30} {wall:10.2f} {wall / local:5.1f}x {cpu:6.1f} {p50:11.1f} "
+                  f"{p95:8.1f}  " + " ".join(f"{v:.2f}" for v in config.walls))  # fmt: skip
+        print("(test p50/p95: local = pytest's phase durations; sandboxed = the host's run_item;")
+        print(" CPU s: pytest's and its VMs' CPU time, p50: less load-sensitive than wall time)")
         for config in configs[1:]:
             print_breakdown(config, config.walls[-1])
 
