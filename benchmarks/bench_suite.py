@@ -9,11 +9,9 @@ runs its tests from the extracted tree:
 * sandboxed: the same with ``--sandbox-all --sandbox-require``, warm: it is run
   until a run builds nothing (a process-isolation suite's first run serves its
   tests from a live VM, the second snapshots the zygote), then measured;
-* with ``--compare-before``, sandboxed again as the per-test path was before:
-  with ``$MICROSANDBOX_WAIT_TEST_EXIT=1`` (the guest runner waits for each test
-  process's exit before it reads the next request) and
-  ``$MICROSANDBOX_NO_PREFAULT=1`` (no spare copies a test's pages in advance);
-  its own zygote, alternating with the others in every round.
+* with ``--compare-env NAME=VALUE``, sandboxed again with those variables set
+  (a switch keeping an old behaviour; a variable the zygote keeps gets its own
+  zygote), alternating with the others in every round.
 
 Every run writes ``--junitxml``; its outcome per test id is compared with the
 first local run's. ANY difference fails the benchmark (the ids are listed, exit
@@ -28,7 +26,7 @@ sandboxed test's time goes. hypothesis's pytest plugin is disabled in every run
 (see bench_plugin.py).
 
     .venv/bin/python benchmarks/bench_suite.py [--package toolz==0.12.1] [--tests toolz]
-        [--rounds 2] [--isolation process|vm] [--workers 0] [--compare-before]
+        [--rounds 2] [--isolation process|vm] [--workers 0] [--compare-env NAME=VALUE]
 """
 
 from __future__ import annotations
@@ -159,8 +157,8 @@ def children_cpu() -> float:
 def run(
     root: Path, tests: str, config: Config, report: Path, timings: Path | None
 ) -> tuple[float, str]:
-    ours = ("MICROSANDBOX_TIMINGS", "MICROSANDBOX_NO_PREFAULT", "MICROSANDBOX_WAIT_TEST_EXIT")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k not in ours}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.pop("MICROSANDBOX_TIMINGS", None)
     env.update(config.env)
     if timings is not None:
         env["MICROSANDBOX_TIMINGS"] = str(timings)
@@ -207,10 +205,12 @@ def main() -> int:
     parser.add_argument("--isolation", choices=("process", "vm"), default="process")
     parser.add_argument("--workers", type=int, default=0, help="-n for every run")
     parser.add_argument(
-        "--compare-before",
-        action="store_true",
-        help="also run the per-test path as before: $MICROSANDBOX_WAIT_TEST_EXIT=1 (the runner "
-        "waits for each test process's exit) and $MICROSANDBOX_NO_PREFAULT=1",
+        "--compare-env",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="also run sandboxed with these variables set (repeatable): a switch that keeps an "
+        "old behaviour, measured against the default in the same rounds",
     )
     opts = parser.parse_args()
     common = ["-n", str(opts.workers)] if opts.workers else []
@@ -224,9 +224,9 @@ def main() -> int:
         Config("local", common, sandboxed=False),
         Config(f"sandboxed ({opts.isolation})", sandbox),
     ]
-    if opts.compare_before:
-        before = {"MICROSANDBOX_WAIT_TEST_EXIT": "1", "MICROSANDBOX_NO_PREFAULT": "1"}
-        configs.append(Config(f"{opts.isolation}, as before", sandbox, before))
+    if opts.compare_env:
+        extra = dict(item.partition("=")[::2] for item in opts.compare_env)
+        configs.append(Config(f"{opts.isolation}, {' '.join(opts.compare_env)}", sandbox, extra))
 
     with tempfile.TemporaryDirectory(prefix="msb-bench-suite-") as tmp:
         work = Path(tmp)
