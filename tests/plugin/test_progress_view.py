@@ -84,3 +84,23 @@ def test_the_live_line_ticks_while_nothing_happens():
     assert len(terminal.rewrites) > before  # the elapsed seconds move on
     view.close()
     assert terminal.rewrites[-1] == ""
+
+
+def test_a_log_line_after_progress_dots_starts_a_line_of_its_own():
+    """xdist writes its dots without the reporter knowing the line is open."""
+    import io
+
+    from _pytest._io import TerminalWriter
+
+    out = io.StringIO()
+    writer = TerminalWriter(out)
+
+    class Terminal(FakeTerminal):
+        def write_line(self, line: str) -> None:
+            writer.line(line)
+
+    terminal = Terminal()
+    terminal._tw = writer  # type: ignore[assignment]
+    writer.write("....")
+    ProgressView(terminal, live=False)(ev(1, "start"))
+    assert out.getvalue().splitlines() == ["....", "microsandbox: building zygote 1 ..."]

@@ -93,6 +93,11 @@ class ProgressView:
 
     def _plain(self, event: BuildEvent) -> None:
         doing = _verbs(event.kind)[0]
+        # xdist's progress dots leave the line open without telling the reporter
+        # (its ensure_newline does not know): start a line of our own.
+        opened = getattr(self.terminal._tw, "width_of_current_line", 0)
+        if event.state in ("start", "failed") and opened:
+            self.terminal._tw.line()
         if event.state == "start":
             self.terminal.write_line(f"microsandbox: {doing} {event.what} ...")
         elif event.state == "failed":
