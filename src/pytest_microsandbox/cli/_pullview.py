@@ -11,12 +11,12 @@ rather than with a progress-bar library: one redrawn line is all it takes.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from typing import TextIO
 
 from ..runtime.progress import BuildEvent
+from ._attach import terminal_size
 from ._common import human_bytes
 
 __all__ = ["PullView"]
@@ -106,7 +106,8 @@ class PullView:
         return text
 
     def _draw(self) -> None:
-        width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+        # The terminal's own width: $COLUMNS may be an outer program's (a CI runner's).
+        width = max(20, terminal_size()[1] - 1)
         self.out.write("\r\x1b[K" + self._line()[:width])
         self.out.flush()
         self._showing = True
