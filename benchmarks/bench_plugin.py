@@ -13,7 +13,11 @@ Per-test wall time is taken on the host between consecutive
 restore/fork and report round trip, not just the guest's own durations.
 
 The ``-n`` comparison alternates ``-n 0`` and ``-n 2`` for ``--rounds`` rounds
-(this machine is noisy) and compares the medians.
+(default 5; this machine is noisy) and prints, for each, the wall time's p50
+and p95, the ratio of each round's two runs (p50 and the range: a round's
+two runs see about the same load) and the host CPU time of each run (the
+pytest processes, their xdist workers and their QEMUs, ``RUSAGE_CHILDREN``),
+which the machine's other load changes less than the wall time.
 
 Every run disables hypothesis's pytest plugin: our test extras install
 hypothesis, and its plugin imports all of hypothesis in the terminal summary
@@ -21,7 +25,7 @@ of every pytest process (~1 s here, paid again by each xdist worker and by
 every fresh-process baseline run). That measures hypothesis, not us, and a
 user's venv need not have it; ``--keep-hypothesis`` measures with it loaded.
 
-    .venv/bin/python benchmarks/bench_plugin.py [--baseline-runs 50] [--rounds 3] [--xdist-only]
+    .venv/bin/python benchmarks/bench_plugin.py [--baseline-runs 50] [--rounds 5] [--xdist-only]
 
 ``--xdist-only`` runs the ``-n`` comparison alone.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -93,12 +98,22 @@ def _write(root: Path, marked: bool) -> Path:
 EXTRA_ARGS: list[str] = ["-p", "no:hypothesispytest"]
 
 
+#: Host CPU seconds (user + system) of the last :func:`_run`'s process tree.
+LAST_CPU: list[float] = [0.0]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _run(d: Path, *args: str, out: Path | None = None) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = str(d)
     if out is not None:
         out.unlink(missing_ok=True)
         env["MSB_BENCH_OUT"] = str(out)
+    cpu = _children_cpu()
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
@@ -106,6 +121,7 @@ def _run(d: Path, *args: str, out: Path | None = None) -> float:
         cwd=d, env=env, capture_output=True, text=True,
     )  # fmt: skip
     took = time.monotonic() - start
+    LAST_CPU[0] = _children_cpu() - cpu  # QEMUs count when reaped below the pytest
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({args}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return took
@@ -128,7 +144,7 @@ def _p(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline-runs", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--keep-hypothesis", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--xdist-only", action="store_true", help="only the -n 2 vs -n 0 rounds")
@@ -153,12 +169,20 @@ def main() -> int:
     if not args.xdist_only:
         _print_per_test(results)
     for name, what in (("test_a", "trivial"), ("test_c", "with ~1 s of guest CPU each")):
+        print(f"  40 marked tests, {what}, {args.rounds} alternating rounds:")
+        for n in ("n0", "n2"):
+            print(
+                f"    -n {n[1]}: wall p50 {results[f'{n}_{name}_s']:.1f} s "
+                f"p95 {results[f'{n}_{name}_p95_s']:.1f} s, host CPU p50 "
+                f"{results[f'{n}_{name}_cpu_s']:.1f} s "
+                f"(rounds {_fmt(results[f'{n}_{name}_all_s'])} s; "
+                f"CPU {_fmt(results[f'{n}_{name}_cpu_all_s'])} s)"
+            )
         print(
-            f"  40 marked tests, {what}, {args.rounds} rounds: "
-            f"-n 0 p50 {results[f'n0_{name}_s']:.1f} s p95 {results[f'n0_{name}_p95_s']:.1f} s, "
-            f"-n 2 p50 {results[f'n2_{name}_s']:.1f} s p95 {results[f'n2_{name}_p95_s']:.1f} s "
-            f"(-n 2 is {results[f'n0_over_n2_{name}']:.2f}x as fast, p50; rounds -n 0 "
-            f"{_fmt(results[f'n0_{name}_all_s'])}, -n 2 {_fmt(results[f'n2_{name}_all_s'])})"
+            f"    -n 2 is {results[f'n0_over_n2_{name}']:.2f}x as fast (p50 of the rounds' "
+            f"same-run ratios, range {results[f'n0_over_n2_{name}_min']:.2f}-"
+            f"{results[f'n0_over_n2_{name}_max']:.2f}); CPU -n 2 / -n 0: "
+            f"{results[f'n2_over_n0_cpu_{name}']:.2f}"
         )
     return 0
 
@@ -200,19 +224,28 @@ def _per_test_part(
 
 def _xdist_part(args: argparse.Namespace, results: dict[str, object], marked: Path) -> None:
     for name in ("test_a", "test_c"):
-        _run(marked, "-k", name, "-n", "2")  # base zygote, the project's hint
-        n0s, n2s = [], []
+        # The base zygote and the project's hint; then the zygote a -n 2 run after
+        # a -n 0 run builds (see _zygote.start_live): the rounds measure reruns.
+        _run(marked, "-k", name, "-n", "2")
+        _run(marked, "-k", name, "-n", "0")
+        _run(marked, "-k", name, "-n", "2")
+        n0s, n2s, n0cpu, n2cpu, ratios = [], [], [], [], []
         for _ in range(args.rounds):
             n0s.append(_run(marked, "-k", name, "-n", "0"))
+            n0cpu.append(LAST_CPU[0])
             n2s.append(_run(marked, "-k", name, "-n", "2"))
-        n0, n2 = statistics.median(n0s), statistics.median(n2s)
-        results[f"n0_{name}_s"] = n0
-        results[f"n2_{name}_s"] = n2
-        results[f"n0_{name}_all_s"] = n0s
-        results[f"n2_{name}_all_s"] = n2s
-        results[f"n0_{name}_p95_s"] = _p(n0s, 0.95)
-        results[f"n2_{name}_p95_s"] = _p(n2s, 0.95)
-        results[f"n0_over_n2_{name}"] = n0 / n2
+            n2cpu.append(LAST_CPU[0])
+            ratios.append(n0s[-1] / n2s[-1])
+        for n, walls, cpus in (("n0", n0s, n0cpu), ("n2", n2s, n2cpu)):
+            results[f"{n}_{name}_s"] = statistics.median(walls)
+            results[f"{n}_{name}_p95_s"] = _p(walls, 0.95)
+            results[f"{n}_{name}_all_s"] = walls
+            results[f"{n}_{name}_cpu_s"] = statistics.median(cpus)
+            results[f"{n}_{name}_cpu_all_s"] = cpus
+        results[f"n0_over_n2_{name}"] = statistics.median(ratios)
+        results[f"n0_over_n2_{name}_min"] = min(ratios)
+        results[f"n0_over_n2_{name}_max"] = max(ratios)
+        results[f"n2_over_n0_cpu_{name}"] = statistics.median(n2cpu) / statistics.median(n0cpu)
 
 
 def _print_per_test(results: dict[str, object]) -> None:

@@ -13,6 +13,8 @@ from pytest_microsandbox.plugin._hint import (
     has_live_hint,
     live_hint,
     write_live_hint,
+    write_zygote_hint,
+    zygote_hint,
 )
 
 
@@ -64,3 +66,40 @@ def test_only_the_newest_hints_are_kept(tmp_path: Path, monkeypatch: pytest.Monk
         os.utime(path, (1000 + i, 1000 + i))  # written in this order
     write_live_hint(roots[4], tmp_path, "zygote-base-new")  # trims to the newest 3
     assert [has_live_hint(r, tmp_path) for r in roots] == [False, False, True, True, True]
+
+
+def _args(files: list[str]) -> list[str]:
+    return ["-q", *files]
+
+
+def test_the_zygote_hint_holds_while_files_and_arguments_are_unchanged(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    test, conftest = root / "test_x.py", root / "conftest.py"
+    test.write_text("def test_x(): pass\n")
+    conftest.write_text("")
+    assert zygote_hint(root, tmp_path, _args) is None
+    files = [str(test)]
+    write_zygote_hint(root, tmp_path, "zygote-0123", files, [test, conftest], _args(files))
+    assert zygote_hint(root, tmp_path, _args) == "zygote-0123"
+    # Other arguments for the same files (another option): another zygote.
+    assert zygote_hint(root, tmp_path, lambda f: ["-v", *f]) is None
+    conftest.write_text("import os\n")  # an edit: the name would change
+    assert zygote_hint(root, tmp_path, _args) is None
+    write_zygote_hint(root, tmp_path, "zygote-4567", files, [test, conftest], _args(files))
+    assert zygote_hint(root, tmp_path, _args) == "zygote-4567"
+    conftest.unlink()
+    assert zygote_hint(root, tmp_path, _args) is None
+    assert zygote_hint(tmp_path / "other", tmp_path, _args) is None  # per project
+
+
+def test_a_damaged_zygote_hint_is_no_hint(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    write_zygote_hint(root, tmp_path, "zygote-0123", [], [], _args([]))
+    [path] = (tmp_path / "hints").iterdir()
+    for text in ("{", "[]", '{"zygote": "../x", "files": [], "watched": [], "digest": ""}',
+                 '{"zygote": "z", "files": [1], "watched": [], "digest": ""}'):  # fmt: skip
+        path.write_text(text)
+        assert zygote_hint(root, tmp_path, _args) is None
+    assert [p.name for p in (tmp_path / "hints").iterdir()] == [path.name]  # no temp file left

@@ -9,14 +9,23 @@ drops the hint, so a project that stopped having them pays this at most once.
 The hint holds the name of the base zygote that run used: its restore starts
 at once, beside the digests that name the base (it is kept only if they name
 the same one).
+
+A second hint names the project's zygote the last run used and a digest of
+its test files and arguments (:func:`write_zygote_hint`): when those are
+unchanged and that zygote is in the store, the run restores it instead
+(:func:`zygote_hint`), the VM its first test would restore after the
+collection, so the first test starts at once and no project is copied in
+and collected for nothing (the steady state of reruns under xdist).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = [
@@ -27,6 +36,8 @@ __all__ = [
     "live_enabled",
     "live_hint",
     "write_live_hint",
+    "write_zygote_hint",
+    "zygote_hint",
 ]
 
 #: ``0``: snapshot a project's zygote before its first test even under process
@@ -45,13 +56,92 @@ _NAME_MAX = 128
 HINTS_MAX = 256
 
 
-def _hint_path(root: Path | None, cache: Path | None) -> Path | None:
+def _hint_path(root: Path | None, cache: Path | None, kind: str = "live") -> Path | None:
     if root is None:
         return None
     from ..runtime.paths import cache_dir
 
     digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]
-    return cache_dir(cache) / "hints" / f"live-{digest}"
+    return cache_dir(cache) / "hints" / f"{kind}-{digest}"
+
+
+#: Longest zygote hint read (a few hundred test files' paths).
+_ZYGOTE_HINT_MAX = 256 * 1024
+
+
+def _files_digest(watched: Iterable[str], args: Iterable[str]) -> str:
+    """What a zygote's name depends on that can change without a rebuild of the
+    layers: its test files, conftests and ini file (by content) and the guest's
+    pytest arguments.
+    """
+    from ..runtime._keys import KeyHasher
+
+    h = KeyHasher()
+    h.add(*args)
+    for name in sorted(set(watched)):
+        try:
+            h.add(name, "file", Path(name).read_bytes())
+        except OSError:
+            h.add(name, "missing")
+    return h.hexdigest()
+
+
+def write_zygote_hint(
+    root: Path | None,
+    cache: Path | None,
+    zygote: str,
+    files: Iterable[str],
+    watched: Iterable[Path],
+    args: Iterable[str],
+) -> None:
+    """Record that a run of the project at ``root`` used zygote ``zygote``: its
+    marked test ``files``, the ``watched`` files its name depends on and the
+    guest's pytest ``args``.
+    """
+    path = _hint_path(root, cache, "zygote")
+    if path is None:
+        return
+    names = [str(f) for f in watched]
+    digest = _files_digest(names, args)
+    text = json.dumps({"zygote": zygote, "files": list(files), "watched": names, "digest": digest})
+    with contextlib.suppress(OSError):
+        if path.exists() and path.read_text(errors="replace") == text:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+        partial.write_text(text)
+        partial.replace(path)
+    _forget_oldest(path.parent, "zygote-*")
+
+
+def zygote_hint(
+    root: Path | None, cache: Path | None, args_for: Callable[[list[str]], list[str]]
+) -> str | None:
+    """The zygote the last run of the project at ``root`` used, if its files are
+    unchanged and ``args_for`` (the guest's arguments for a list of marked
+    files, in this run) gives the same arguments for its files; else None.
+    (Whether the zygote is still in the store is the caller's question.)
+    """
+    path = _hint_path(root, cache, "zygote")
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as src:
+            data = json.loads(src.read(_ZYGOTE_HINT_MAX))
+        zygote, files, watched, digest = (
+            data["zygote"],
+            data["files"],
+            data["watched"],
+            data["digest"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (isinstance(zygote, str) and len(zygote) <= _NAME_MAX and _NAME.fullmatch(zygote)):
+        return None
+    for names in (files, watched):
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
+    return zygote if digest == _files_digest(watched, args_for(files)) else None
 
 
 def has_live_hint(root: Path | None, cache: Path | None) -> bool:
@@ -88,15 +178,15 @@ def write_live_hint(root: Path | None, cache: Path | None, base: str = "") -> No
         partial = path.with_name(f"{path.name}.{os.getpid()}.part")
         partial.write_text(base)
         partial.replace(path)
-    _forget_oldest(path.parent)
+    _forget_oldest(path.parent, "live-*")
 
 
-def _forget_oldest(directory: Path) -> None:
+def _forget_oldest(directory: Path, pattern: str) -> None:
     """Keep the :data:`HINTS_MAX` newest hints (one per project root ever run: temporary
     test projects would otherwise pile up).
     """
     with contextlib.suppress(OSError):
-        hints = list(directory.glob("live-*"))
+        hints = list(directory.glob(pattern))
         if len(hints) <= HINTS_MAX:
             return
         for old in sorted(hints, key=_mtime)[: len(hints) - HINTS_MAX]:
