@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_microsandbox.guest import runner
-from pytest_microsandbox.guest.messages import CHANNEL_PORT_NAME, READY, Ready
+from pytest_microsandbox.guest.messages import CHANNEL_PORT_NAME, READY, Ready, Request
 from pytest_microsandbox.plugin._zygote import GUEST_BOOTSTRAP
 
 
@@ -72,3 +72,47 @@ def test_the_bootstrap_starts_pytest_as_a_local_run_does(tmp_path: Path):
     # Nothing of the package before pytest.main; pytest exited with a usage error.
     assert "exit 4 before []" in out, out
     assert Ready.decode((control / READY).read_text()).errors == ("pytest exited 4",)
+
+
+def _read_all(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    os.close(fd)
+    return data
+
+
+def test_the_spare_takes_a_request_and_passes_its_line_on():
+    channel_r, channel_w = os.pipe()
+    taken_r, taken_w = os.pipe()
+    request = Request("tests/test_a.py::test_x", "ab" * 16, True, {"A": "1"})
+    os.write(channel_w, request.encode())
+    try:
+        server = runner._Server("/nonexistent", channel_r)
+        assert server.take_request(taken_w) == request
+        # The runner gets the line (without its newline) and then end of file.
+        assert _read_all(taken_r) == request.encode().rstrip(b"\n")
+    finally:
+        os.close(channel_r)
+        os.close(channel_w)
+
+
+def test_the_spare_ignores_a_line_that_is_not_a_request_and_stops_at_eof():
+    channel_r, channel_w = os.pipe()
+    taken_r, taken_w = os.pipe()
+    os.write(channel_w, b"not json\n")
+    try:
+        server = runner._Server("/nonexistent", channel_r)
+        assert server.take_request(taken_w) is None
+        # Passed on all the same: the runner decodes it, ignores it, forks another spare.
+        assert _read_all(taken_r) == b"not json"
+        os.close(channel_w)
+        channel_w = -1
+        taken_r, taken_w = os.pipe()
+        assert server.take_request(taken_w) is None  # the host closed its side
+        os.close(taken_w)  # (the spare exits, which closes it)
+        assert _read_all(taken_r) == b""  # nothing passed on: the runner exits
+    finally:
+        os.close(channel_r)
+        if channel_w >= 0:
+            os.close(channel_w)
