@@ -17,6 +17,7 @@ import inspect
 import io
 import math
 import os
+import socket
 import sys
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._confined import entry_name_problem
@@ -118,6 +120,15 @@ class _Request:
         if self.closed:
             raise RuntimeError(f"request {self.id} is closed")
         try:
+            # A frame already routed is taken without the checkpoint (an event
+            # loop iteration) that receive() pays first: EXITED often comes in
+            # one read with the output before it (issue #16).
+            return self.outbox.receive_nowait()
+        except anyio.WouldBlock:
+            pass
+        except anyio.EndOfStream:
+            raise self.client._dead_error() from None
+        try:
             return await self.outbox.receive()
         except anyio.EndOfStream:
             # The reader closed our inbox because the connection failed.
@@ -162,6 +173,8 @@ class AgentClient:
         write_timeout: float = 60.0,
     ) -> None:
         self._stream = stream
+        self._sock = _plain_socket(stream)
+        self._burst = 0  # reads in a row that found data without waiting
         self._on_log = on_log
         self.logs: deque[str] = deque(maxlen=log_lines)
         self.exec_grace = exec_grace
@@ -864,6 +877,31 @@ class AgentClient:
             raise GuestTimeoutError(f"agent did not answer {what} within {timeout:g} s") from None
 
     async def _send(self, data: bytes) -> None:
+        self._check_alive()
+        if self._sock is not None and not self._write_lock.locked():
+            # Nothing else is being written: the frame goes straight into the
+            # socket, without the lock's and the stream's checkpoints and the two
+            # cancel scopes below (each an event loop iteration or more of host CPU
+            # per request; issue #16). What the socket does not take now is sent
+            # below, under the lock, before any other frame.
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as err:
+                self._fail(SandboxNotRunningError(f"guest connection closed: {err!r}"))
+                raise self._dead_error() from err
+            if sent == len(data):
+                return
+            data = data[sent:]
+            if sent:
+                # Part of a frame is out: a cancellation now would cut it short.
+                with anyio.CancelScope(shield=True):
+                    await self._send_locked(data)
+                return
+        await self._send_locked(data)
+
+    async def _send_locked(self, data: bytes) -> None:
         async with self._write_lock:
             self._check_alive()
             try:
@@ -881,11 +919,37 @@ class AgentClient:
                 self._fail(SandboxNotRunningError(f"guest connection closed: {err!r}"))
                 raise self._dead_error() from err
 
+    async def _receive_bytes(self) -> bytes:
+        """The next bytes from the agent (raises anyio.EndOfStream at its end).
+
+        On a plain socket, read it directly: anyio's ``receive`` passes a
+        checkpoint (an event loop iteration) before every read, even when a
+        reply is already waiting (issue #16). A read that finds data right
+        after one that did (no wait in between) passes a checkpoint first, so a
+        guest that never stops sending cannot starve the host's other tasks.
+        """
+        sock = self._sock
+        if sock is None:
+            return await self._stream.receive(_READ_SIZE)
+        while True:
+            try:
+                data = sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                self._burst = 0
+                await anyio.wait_readable(sock)
+                continue
+            if not data:
+                raise anyio.EndOfStream
+            if self._burst:
+                await anyio.lowlevel.checkpoint()
+            self._burst += 1
+            return data
+
     async def _read_loop(self) -> None:
         try:
             while True:
                 try:
-                    data = await self._stream.receive(_READ_SIZE)
+                    data = await self._receive_bytes()
                 except anyio.EndOfStream:
                     break
                 for frame in self._decoder.feed(data):
@@ -954,6 +1018,17 @@ class AgentClient:
         exc = type(self._error)(self._error.message)
         exc.__cause__ = self._error
         return exc
+
+
+def _plain_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
+    """The socket under ``stream`` if the client may read and write it directly:
+    a UNIX socket stream, which keeps no buffer of its own between the socket
+    and its callers (a TCP stream on asyncio writes through a transport).
+    """
+    if not isinstance(stream, anyio.abc.UNIXSocketStream):
+        return None
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def _agent_info(frame: Frame) -> HelloInfo:
