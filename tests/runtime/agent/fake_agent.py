@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import signal
@@ -64,13 +65,11 @@ class FakeAgent:
 
     async def send_raw(self, data: bytes) -> None:
         async with self._send_lock:
-            try:
+            # The host hung up with replies still to send (a client that gave up
+            # on a request, as tests make it do): dropped, as the real agent
+            # drops them; the next recv() sees the end of the stream.
+            with contextlib.suppress(anyio.BrokenResourceError):
                 await self.stream.send(data)
-            except anyio.BrokenResourceError:
-                # The host hung up with replies still to send (a client that gave
-                # up on a request, as tests make it do): dropped, as the real
-                # agent drops them; the next recv() sees the end of the stream.
-                pass
 
     def of_type(self, type_: MsgType) -> list[Frame]:
         return [f for f in self.received if f.type == type_]

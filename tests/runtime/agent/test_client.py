@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
+import socket
 import struct
+import termios
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 from fake_agent import FakeAgent, connect, err
 
@@ -24,6 +28,8 @@ from pytest_microsandbox.runtime._exceptions import (
     SandboxError,
     SandboxNotRunningError,
 )
+from pytest_microsandbox.runtime.agent import client as client_module
+from pytest_microsandbox.runtime.agent.client import AgentClient
 from pytest_microsandbox.runtime.agent.protocol import (
     CHUNK,
     MsgType,
@@ -150,6 +156,79 @@ async def test_shutdown_then_connection_closed() -> None:
         await client.shutdown()
         with pytest.raises(SandboxNotRunningError, match="after SHUTDOWN"):
             await client.ping()
+
+
+async def test_a_guest_flooding_the_connection_does_not_starve_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client reads its socket directly, without anyio's checkpoint per read:
+    reads that keep finding data must still let the host's other tasks run."""
+    # Small reads, so that many in a row find the socket's buffer non-empty.
+    monkeypatch.setattr(client_module, "_READ_SIZE", 4096)
+    frame = encode_frame(0, MsgType.LOG, [bytes_field(Tag.MESSAGE, b"x" * 1000)])
+    count = 3000
+    host, guest = socket.socketpair()
+    logs = 0
+    since_tick = 0  # frames routed since the ticker last ran
+    longest = 0
+
+    def on_log(_: str) -> None:
+        nonlocal logs, since_tick, longest
+        logs += 1
+        since_tick += 1
+        longest = max(longest, since_tick)
+
+    async def tick() -> None:
+        nonlocal since_tick
+        while logs < count:
+            since_tick = 0
+            await anyio.sleep(0)
+
+    stream = await anyio.abc.UNIXSocketStream.from_socket(host)
+    try:
+        with anyio.fail_after(30):
+            async with AgentClient(stream, on_log=on_log), anyio.create_task_group() as tg:
+                tg.start_soon(tick)
+                await anyio.to_thread.run_sync(guest.sendall, frame * count)
+                while logs < count:
+                    await anyio.sleep(0.01)
+    finally:
+        guest.close()
+    assert logs == count
+    # A read of 4 KiB holds about four frames; the socket buffers ~200 of them,
+    # which one task reading without a checkpoint would route in one go.
+    assert longest <= 20
+
+
+async def test_a_frame_the_socket_took_in_part_is_finished_after_a_cancel() -> None:
+    """A frame the socket took only in part is finished under the write lock even
+    if its caller is cancelled: a frame cut short would desynchronize the stream."""
+    data = os.urandom(CHUNK)  # one FS_CHUNK frame, far more than a socketpair buffers
+    stalled, resume = anyio.Event(), anyio.Event()
+
+    async def agent(a: FakeAgent) -> None:
+        f = await a.recv()
+        assert f.type == MsgType.FS_WRITE
+        await a.send(f.id, MsgType.OK)
+        stalled.set()
+        await resume.wait()
+        chunk = await a.recv()  # the strict decoder: a cut frame fails here
+        assert chunk.type == MsgType.FS_CHUNK and chunk.require_bytes(Tag.DATA) == data
+        await a.serve()
+
+    async with connect(agent) as (client, a):
+        sock = a.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.write_file, "/f", data)
+                await stalled.wait()
+                # Wait until the chunk's first bytes are in the agent's socket.
+                while struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0] == 0:
+                    await anyio.sleep(0.001)
+                scope.cancel()  # the write is cancelled; its frame must still go out whole
+                resume.set()
+        await client.ping(timeout=10)
+        assert client.error is None
 
 
 # --- exec ----------------------------------------------------------------------------------
