@@ -2,8 +2,9 @@
 
 One client owns one connected byte stream to the agent. A background reader
 task decodes frames and routes them by request id to per-request channels;
-requests run concurrently, and their frames are written under one lock, one
-frame at a time, so a large file write never blocks other requests for long.
+requests run concurrently, and their frames are written one frame at a time
+(straight into a UNIX socket when no other frame is being written, else under
+one lock), so a large file write never blocks other requests for long.
 
 The first protocol violation or the end of the stream fails every pending
 request and every later call with the same error (ProtocolError or
