@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from pytest_microsandbox.runtime._exceptions import BootError
 from pytest_microsandbox.runtime.backend import DiskSpec, VMSpec, read_console_tail
-from pytest_microsandbox.runtime.qemu import TCG_TB_SIZE_MIB, build_command
+from pytest_microsandbox.runtime.qemu import (
+    TCG_CPU,
+    TCG_CPU_ENV,
+    TCG_TB_SIZE_MIB,
+    build_command,
+    tcg_cpu,
+)
 
 
 def spec(tmp_path: Path, accel: str = "tcg") -> VMSpec:
@@ -26,9 +35,23 @@ def test_tcg_command_line(tmp_path: Path) -> None:
     argv = build_command(spec(tmp_path))
     joined = " ".join(argv)
     assert f"tcg,tb-size={TCG_TB_SIZE_MIB}" in joined
-    assert "-cpu max" in joined and "-no-reboot" in joined
+    assert argv[argv.index("-cpu") + 1] == TCG_CPU and "-no-reboot" in joined
     assert "serial=l-usr" in joined and "readonly=on" in joined
     assert f"path={tmp_path / 'agent.sock'},server=off" in joined
+
+
+def test_tcg_cpu_drops_erms_and_can_be_overridden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ERMS makes the guest kernel clear and copy memory a byte per emulated
+    # iteration: the default model leaves it out.
+    assert TCG_CPU == "max,-erms" and tcg_cpu() == TCG_CPU
+    monkeypatch.setenv(TCG_CPU_ENV, "max")
+    argv = build_command(spec(tmp_path))
+    assert argv[argv.index("-cpu") + 1] == "max"
+    monkeypatch.setenv(TCG_CPU_ENV, "max -S")
+    with pytest.raises(BootError, match=TCG_CPU_ENV):
+        build_command(spec(tmp_path))
 
 
 def test_kvm_uses_host_cpu(tmp_path: Path) -> None:

@@ -29,6 +29,8 @@ from pytest_microsandbox.runtime import (
     Stdout,
     SyncSandbox,
 )
+from pytest_microsandbox.runtime.boot import resolve_accel
+from pytest_microsandbox.runtime.qemu import QemuBackend
 
 pytestmark = pytest.mark.vm
 
@@ -39,6 +41,16 @@ def test_exit_codes(shared_sandbox: SyncSandbox) -> None:
     assert out.exit_code == 3 and not out.success
     killed = shared_sandbox.shell("kill -9 $$")
     assert killed.exit_code == -9 and killed.term_signal == 9
+
+
+def test_tcg_guest_cpu_has_no_erms(shared_sandbox: SyncSandbox) -> None:
+    # Under TCG the guest CPU leaves ERMS out (qemu.TCG_CPU): the kernel then
+    # clears and copies memory eight bytes per emulated iteration, not one.
+    decision = anyio.run(resolve_accel, SandboxConfig(name="tests-shared"), QemuBackend())
+    flags = shared_sandbox.shell("grep -m1 '^flags' /proc/cpuinfo").stdout_text.split()
+    assert "sse4_2" in flags and "avx2" in flags  # the rest of `max` is there
+    if decision.accel == "tcg":
+        assert "erms" not in flags
 
 
 def test_python_runs_same_interpreter(shared_sandbox: SyncSandbox) -> None:

@@ -22,7 +22,7 @@ from .images import Layer, log_pull_progress, resolve_root_layers
 from .initramfs import InitramfsSpec, build_initramfs
 from .kernel import KernelInfo, find_kernel
 from .paths import cache_dir, make_run_dir
-from .qemu import DEVICE_SET, QemuBackend
+from .qemu import DEVICE_SET, QemuBackend, tcg_cpu
 
 __all__ = ["BootPlan", "boot_identity", "prepare_boot", "resolve_accel"]
 
@@ -79,6 +79,7 @@ class BootPlan:
             self.initrd.name,
             *(layer.digest for layer in self.layers),
             self.accel,
+            tcg_cpu() if self.accel == "tcg" else "host",
             DEVICE_SET,
             str(config.cpus),
             str(config.memory),
@@ -192,7 +193,8 @@ async def boot_identity(config: SandboxConfig) -> str:
 
     It covers the kernel, the initramfs (hence the guest agent), the root layers
     (for ``image="host"`` the project's files and the host prefixes), the
-    accelerator, the device set, cpus, memory and the kernel command line: equal
+    accelerator and its CPU model, the device set, cpus, memory and the kernel
+    command line: equal
     digests mean equal guest memory at boot. Use it to key caches of things
     derived from a booted guest. Builds (or finds cached) the initramfs and
     images and resolves the accelerator like :meth:`Sandbox.create` does (a KVM
