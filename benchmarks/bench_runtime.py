@@ -1,6 +1,7 @@
 """Runtime core benchmark: cold create, exec round trip, file transfer.
 
     .venv/bin/python benchmarks/bench_runtime.py [--runs 10] [--execs 200] [--mb 64] [--only-exec]
+    .venv/bin/python benchmarks/bench_runtime.py --cpu-ab max [--execs 200]
 
 Prints p50/p95 and, because absolute times drift on these noisy machines, a
 ratio against a baseline measured in the same run:
@@ -12,6 +13,14 @@ ratio against a baseline measured in the same run:
   process start, exec and exit under emulation, plus the host's exec bookkeeping);
 - file transfer host->guest and guest->host vs. a host-side copy of the same bytes.
 
+``--cpu-ab MODEL`` compares the TCG guest CPU model (``qemu.TCG_CPU``) with
+MODEL (``max``: the model before issue #16's third pass) in one run: a
+sandbox of each, the exec round trip alternating between them, then loops
+inside each guest (``sh`` forking ``/usr/bin/true``, a forked Python child
+writing 4096 inherited pages, a zero-filled 32 MiB allocation). MODEL goes
+through ``$MICROSANDBOX_TCG_CPU`` while its sandbox is created (the model is
+in the template key, so each gets its own template).
+
 Targets under TCG (issue #2): cold create <= 2.5 s p50, exec <= 5 ms p50,
 >= 100 MB/s each way; issue #16: exec <= 3 ms p50. Benchmarks report; they
 never fail on time.
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -35,7 +45,7 @@ from pytest_microsandbox.runtime import Sandbox, SandboxConfig, SandboxError
 from pytest_microsandbox.runtime.agent.client import AgentClient
 from pytest_microsandbox.runtime.boot import BootPlan, prepare_boot, resolve_accel
 from pytest_microsandbox.runtime.paths import make_run_dir
-from pytest_microsandbox.runtime.qemu import QemuBackend
+from pytest_microsandbox.runtime.qemu import TCG_CPU, TCG_CPU_ENV, QemuBackend
 
 
 def pct(values: list[float], p: float) -> float:
@@ -153,6 +163,74 @@ async def exec_rows(sb: Sandbox, execs: int) -> None:
     print(f"  ratio exec / PING: {e50 / p50:.1f}x; exec / host spawn: {e50 / h50:.2f}x\n")
 
 
+#: Loops timed inside a guest, each printing milliseconds per iteration.
+GUEST_LOOPS = {
+    "sh: fork+exec of /usr/bin/true": (
+        "sh",
+        [
+            "-c",
+            "s=$(cut -d' ' -f1 /proc/uptime); n=0; while [ $n -lt 100 ]; do /usr/bin/true; "
+            "n=$((n+1)); done; e=$(cut -d' ' -f1 /proc/uptime); "
+            "awk \"BEGIN{print ($e - $s) * 10}\"",
+        ],
+    ),
+    "python: a fork writing 4096 inherited pages": (
+        "python3",
+        [
+            "-c",
+            "import os, time\nb = bytearray(os.urandom(16 << 20))\nt = time.monotonic()\n"
+            "for _ in range(3):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        for i in range(0, len(b), 4096): b[i] = 1\n        os._exit(0)\n"
+            "    os.waitpid(pid, 0)\nprint((time.monotonic() - t) / 3 * 1000)",
+        ],
+    ),
+    "python: a zero-filled 32 MiB allocation": (
+        "python3",
+        ["-c", "import time; t = time.monotonic(); b = bytearray(32 << 20); "
+         "print((time.monotonic() - t) * 1000)"],
+    ),
+}  # fmt: skip
+
+
+async def cpu_ab(old_model: str, execs: int) -> None:
+    """The default TCG CPU model against ``old_model``, alternating in one run."""
+    new = await Sandbox.create(SandboxConfig(name="bench-cpu-now"))
+    os.environ[TCG_CPU_ENV] = old_model
+    try:
+        old = await Sandbox.create(SandboxConfig(name="bench-cpu-before"))
+    finally:
+        del os.environ[TCG_CPU_ENV]
+    try:
+        for _ in range(20):
+            await new.exec("true")
+            await old.exec("true")
+        times: dict[str, list[float]] = {"now": [], "before": []}
+        for i in range(execs):
+            for key, sb in (("now", new), ("before", old))[:: 1 if i % 2 else -1]:
+                start = time.perf_counter()
+                await sb.exec("true")
+                times[key].append(time.perf_counter() - start)
+        print(
+            f"TCG CPU {TCG_CPU!r} (now) vs {old_model!r} (before), "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
+        n50, _ = row("sandbox.exec('true'), now", times["now"], "ms", 1000)
+        b50, _ = row("sandbox.exec('true'), before", times["before"], "ms", 1000)
+        print(f"  ratio before / now: {b50 / n50:.2f}x")
+        for name, (cmd, args) in GUEST_LOOPS.items():
+            loops: dict[str, list[float]] = {"now": [], "before": []}
+            for i in range(6):
+                for key, sb in (("now", new), ("before", old))[:: 1 if i % 2 else -1]:
+                    out = await sb.exec(cmd, args)
+                    loops[key].append(float(out.stdout_text))
+            n50 = statistics.median(loops["now"])
+            b50 = statistics.median(loops["before"])
+            print(f"  in the guest, {name}: {n50:.2f} vs {b50:.2f} ms p50 ({b50 / n50:.2f}x)")
+    finally:
+        await new.kill()
+        await old.kill()
+
+
 async def main(runs: int, execs: int, mb: int, only_exec: bool = False) -> None:
     if only_exec:
         async with await Sandbox.create(SandboxConfig(name="bench")) as sb:
@@ -212,5 +290,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--only-exec", action="store_true", help="only the exec rows, on a template clone"
     )
+    parser.add_argument(
+        "--cpu-ab", metavar="MODEL", help="the TCG CPU model against MODEL (e.g. max)"
+    )
     args = parser.parse_args()
-    anyio.run(main, args.runs, args.execs, args.mb, args.only_exec)
+    if args.cpu_ab:
+        anyio.run(cpu_ab, args.cpu_ab, args.execs)
+    else:
+        anyio.run(main, args.runs, args.execs, args.mb, args.only_exec)
