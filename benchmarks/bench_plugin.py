@@ -27,7 +27,11 @@ user's venv need not have it; ``--keep-hypothesis`` measures with it loaded.
 
     .venv/bin/python benchmarks/bench_plugin.py [--baseline-runs 50] [--rounds 5] [--xdist-only]
 
-``--xdist-only`` runs the ``-n`` comparison alone.
+``--xdist-only`` runs the ``-n`` comparison alone. ``--process-ab VAR=VALUE``
+runs only the marked tests under ``process`` isolation, ``--rounds`` times
+each, alternating runs without and with VAR=VALUE in the environment (e.g.
+``MICROSANDBOX_TCG_CPU=max``, the guest CPU before issue #16's third pass),
+and prints each round's overhead over unmarked and the ratio.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SUITE = """
@@ -148,6 +154,7 @@ def main() -> int:
     parser.add_argument("--keep-hypothesis", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--xdist-only", action="store_true", help="only the -n 2 vs -n 0 rounds")
+    parser.add_argument("--process-ab", metavar="VAR=VALUE", help="process isolation A/B")
     args = parser.parse_args()
     if args.keep_hypothesis:
         EXTRA_ARGS.clear()
@@ -156,6 +163,9 @@ def main() -> int:
         root = Path(tmp)
         plain, marked = _write(root, False), _write(root, True)
         out = root / "times.txt"
+        if args.process_ab:
+            _process_ab(args, plain, marked, out)
+            return 0
 
         if not args.xdist_only:
             _per_test_part(args, results, plain, marked, out)
@@ -220,6 +230,54 @@ def _per_test_part(
         case = f"test_bench.py::test_a[{i}]" if i < 40 else f"test_bench.py::test_b[{i - 40}]"
         fresh.append(_run(plain, case))
     results["fresh_process_p50_ms"] = statistics.median(fresh) * 1000
+
+
+def _process_ab(args: argparse.Namespace, plain: Path, marked: Path, out: Path) -> None:
+    name, _, value = args.process_ab.partition("=")
+    _run(plain, "-k", "not test_c", out=out)
+    unmarked = statistics.median(_per_test(out))
+    runs: dict[str, list[float]] = {"default": [], args.process_ab: []}
+    every: dict[str, list[float]] = {"default": [], args.process_ab: []}
+    for key in runs:  # each variant's zygote, built before the rounds
+        with _env(name, value if key != "default" else None):
+            _run(marked, "--sandbox-isolation=process", "test_bench.py::test_b[0]")
+    for i in range(args.rounds):
+        for key in list(runs)[:: 1 if i % 2 == 0 else -1]:
+            with _env(name, value if key != "default" else None):
+                _run(marked, "--sandbox-isolation=process", "-k", "not test_c", out=out)
+            times = _per_test(out)[1:]  # the first includes the worker's VM start
+            runs[key].append((statistics.median(times) - unmarked) * 1000)
+            every[key] += times
+    print(f"process isolation, 50 trivial tests, {args.rounds} alternating rounds")
+    print(f"  unmarked (host pytest) p50 {unmarked * 1000:.2f} ms")
+    for key, overheads in runs.items():
+        print(
+            f"  {key}: overhead p50 {statistics.median(overheads):.1f} ms per round "
+            f"({_fmt(overheads)}); per test p50 {statistics.median(every[key]) * 1000:.1f} ms, "
+            f"p95 {_p(every[key], 0.95) * 1000:.1f} ms"
+        )
+    ratios = [b / a for a, b in zip(runs["default"], runs[args.process_ab], strict=True)]
+    print(
+        f"  rounds' ratios {args.process_ab} / default: "
+        f"{'/'.join(f'{r:.2f}' for r in ratios)} "
+        f"(p50 {statistics.median(ratios):.2f}); load average {os.getloadavg()[0]:.1f}"
+    )
+
+
+@contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _xdist_part(args: argparse.Namespace, results: dict[str, object], marked: Path) -> None:
