@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,14 @@ def test_tcg_cpu_drops_erms_and_can_be_overridden(
     monkeypatch.setenv(TCG_CPU_ENV, "max -S")
     with pytest.raises(BootError, match=TCG_CPU_ENV):
         build_command(spec(tmp_path))
+
+
+def test_a_clone_runs_on_its_templates_cpu_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TCG_CPU_ENV, "max,-erms,-smap")
+    argv = build_command(dataclasses.replace(spec(tmp_path), cpu_model="max"))
+    assert argv[argv.index("-cpu") + 1] == "max"
 
 
 def test_kvm_uses_host_cpu(tmp_path: Path) -> None:

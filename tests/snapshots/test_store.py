@@ -67,6 +67,15 @@ def _fake_entry(
     return final
 
 
+def test_an_entry_keeps_the_cpu_model_it_was_made_on(tmp_path: Path) -> None:
+    # Entries made before the TCG CPU model was recorded ran on `max`: their
+    # clones keep running on it, whatever the default is now.
+    entry = _store.check_entry(_fake_entry(tmp_path, "old"))
+    assert entry.meta.cpu_model == "max"
+    recorded = entry.meta.model_copy(update={"cpu_model": "max,-erms"})
+    assert SnapshotMeta.model_validate_json(recorded.model_dump_json()).cpu_model == "max,-erms"
+
+
 def test_publish_check_list_remove(tmp_path: Path) -> None:
     path = _fake_entry(tmp_path, "one")
     entry = _store.check_entry(path)

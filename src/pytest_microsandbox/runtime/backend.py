@@ -83,6 +83,9 @@ class VMSpec:
     memory_shared: bool = True
     qmp: bool = False
     incoming: bool = False
+    #: The TCG guest's ``-cpu`` model; None: :func:`~.qemu.tcg_cpu` (a clone
+    #: runs on the model its template was made with).
+    cpu_model: str | None = None
 
     @property
     def console_path(self) -> Path:

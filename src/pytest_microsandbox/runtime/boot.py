@@ -96,6 +96,7 @@ class BootPlan:
             cpus=config.cpus,
             memory_mib=config.memory,
             accel=self.accel,
+            cpu_model=tcg_cpu() if self.accel == "tcg" else None,
             run_dir=run_dir,
             disks=tuple(
                 DiskSpec(layer.serial, layer.path, format=layer.format) for layer in self.layers

@@ -119,7 +119,7 @@ def build_command(
     console keeper) instead of straight to ``spec.console_path``.
     """
     accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={TCG_TB_SIZE_MIB}"
-    cpu = "host" if spec.accel == "kvm" else tcg_cpu()
+    cpu = "host" if spec.accel == "kvm" else (spec.cpu_model or tcg_cpu())
     agent_sock = spec.run_dir / "agent.sock"
     chan_sock = spec.run_dir / "chan.sock"
     machine = "microvm,acpi=on,rtc=on,x-option-roms=off"

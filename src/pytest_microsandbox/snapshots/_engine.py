@@ -69,6 +69,7 @@ from ..runtime.network import (
 from ..runtime.paths import make_run_dir
 from ..runtime.progress import Stage, stage
 from ..runtime.provision import GuestSession, plan_for, start_agent_client
+from ..runtime.qemu import tcg_cpu
 from ..runtime.sandbox import Sandbox, exec_environment
 from ..runtime.volumes import (
     bind_volumes,
@@ -192,6 +193,7 @@ def _spec_from_meta(
         cpus=meta.cpus,
         memory_mib=meta.memory_mib,
         accel=meta.accel,
+        cpu_model=meta.cpu_model if meta.accel == "tcg" else None,
         run_dir=run_dir,
         disks=tuple(DiskSpec(d.serial, Path(d.path), format=d.format) for d in meta.disks),
         extra_args=_device_args(run_dir, _store.spare_disk(cache), meta.volume_slots, volumes),
@@ -371,6 +373,7 @@ async def _build_template(
             initrd=str(plan.initrd),
             initrd_size=plan.initrd.stat().st_size,
             cmdline=plan.cmdline,
+            cpu_model=(spec.cpu_model or tcg_cpu()) if plan.accel == "tcg" else "host",
             disks=tuple(
                 DiskMeta(
                     serial=d.serial, path=str(d.path), size=d.path.stat().st_size, format=d.format

@@ -50,6 +50,9 @@ class SnapshotMeta(BaseModel):
     #: env var -> placeholder of each secret of the captured sandbox: the guest
     #: holds them, a restore keeps them. Never a secret's value.
     secret_placeholders: dict[str, str] = {}
+    #: The TCG ``-cpu`` model the memory was made on, which its clones run on
+    #: (entries made before the model was recorded ran on ``max``).
+    cpu_model: str = "max"
 
 
 _SHA256 = r"^[0-9a-f]{64}$"
