@@ -41,12 +41,13 @@ def test_tcg_command_line(tmp_path: Path) -> None:
     assert f"path={tmp_path / 'agent.sock'},server=off" in joined
 
 
-def test_tcg_cpu_drops_erms_and_can_be_overridden(
+def test_tcg_cpu_drops_erms_and_smap_and_can_be_overridden(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # ERMS makes the guest kernel clear and copy memory a byte per emulated
-    # iteration: the default model leaves it out.
-    assert TCG_CPU == "max,-erms" and tcg_cpu() == TCG_CPU
+    # iteration, SMAP ends a translation block at each user access: the default
+    # model leaves both out.
+    assert TCG_CPU == "max,-erms,-smap" and tcg_cpu() == TCG_CPU
     monkeypatch.setenv(TCG_CPU_ENV, "max")
     argv = build_command(spec(tmp_path))
     assert argv[argv.index("-cpu") + 1] == "max"

@@ -43,14 +43,15 @@ def test_exit_codes(shared_sandbox: SyncSandbox) -> None:
     assert killed.exit_code == -9 and killed.term_signal == 9
 
 
-def test_tcg_guest_cpu_has_no_erms(shared_sandbox: SyncSandbox) -> None:
-    # Under TCG the guest CPU leaves ERMS out (qemu.TCG_CPU): the kernel then
-    # clears and copies memory eight bytes per emulated iteration, not one.
+def test_tcg_guest_cpu_has_no_erms_nor_smap(shared_sandbox: SyncSandbox) -> None:
+    # Under TCG the guest CPU leaves ERMS and SMAP out (qemu.TCG_CPU): the kernel
+    # then clears and copies memory eight bytes per emulated iteration, not one,
+    # and its user accesses do not end translation blocks.
     decision = anyio.run(resolve_accel, SandboxConfig(name="tests-shared"), QemuBackend())
     flags = shared_sandbox.shell("grep -m1 '^flags' /proc/cpuinfo").stdout_text.split()
     assert "sse4_2" in flags and "avx2" in flags  # the rest of `max` is there
     if decision.accel == "tcg":
-        assert "erms" not in flags
+        assert "erms" not in flags and "smap" not in flags
 
 
 def test_python_runs_same_interpreter(shared_sandbox: SyncSandbox) -> None:

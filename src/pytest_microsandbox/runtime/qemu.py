@@ -58,8 +58,15 @@ TCG_TB_SIZE_MIB = 64
 #: here, same run, two guests side by side (issue #16): a 32 MiB zero-filled
 #: allocation 163 -> 60 ms, a forked child writing 4096 inherited pages 77 ->
 #: 51 ms, a fork+exec of ``/usr/bin/true`` from ``sh`` 1.35x as fast, a marked
-#: test under ``process`` isolation (copy-on-write faults) 1.07-1.9x.
-TCG_CPU = "max,-erms"
+#: test under ``process`` isolation (copy-on-write faults) 0.66-1.9x per
+#: round, 1.19x p50. Less SMAP too: QEMU ends a translation block at every
+#: ``stac``/``clac``, which the guest kernel wraps around each access to user
+#: memory, so each syscall's copies leave translated code for a lookup;
+#: without it (two same-run A/Bs, load average 2.6 and 4.4) an exec round trip
+#: is 1.06-1.11x and ``sh``'s fork+exec 1.11-1.15x as fast. SMAP only hardens
+#: the guest kernel against itself, which the threat model (guest root is
+#: hostile) gives nothing to; programs cannot tell it is off.
+TCG_CPU = "max,-erms,-smap"
 #: Overrides :data:`TCG_CPU` (e.g. ``max`` for the CPU of before); part of every
 #: template key (:func:`tcg_cpu` is in the boot identity).
 TCG_CPU_ENV = "MICROSANDBOX_TCG_CPU"
