@@ -50,6 +50,7 @@ from ._diagnostics import (
     printable,
 )
 from ._exceptions import (
+    CommandNotFoundError,
     ConfigError,
     CopyLimitError,
     ExecError,
@@ -76,6 +77,7 @@ from .images import SCRIPTS_DIR, ImageConfig, image_config_for, imaged_venv
 from .lifetime import current_runtime
 from .network import NetworkPolicy, NetworkStack, PortPublisher, Secret, SecretSubstituter
 from .network._ports import RELAY_ARGS, RELAY_PROGRAM, RELAY_UDP_ARGS
+from .network._streams import STREAM_ARGS, STREAM_PORT
 from .network._tls import ensure_ca
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .pty import PTY_WINDOW, PtySession
@@ -191,6 +193,10 @@ class SandboxMetrics:
 
 #: Where a sandbox with secrets finds the interception CA (its overlay only).
 _GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+#: Where the guest's nft may be (the stream path's redirect; none: WireGuard only).
+_NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")
+#: Output of ``agent --stream`` the host holds unacknowledged (its frames).
+_STREAM_WINDOW = 4 << 20
 _GUEST_CA_FILE = "/etc/ssl/certs/pytest-microsandbox-ca.pem"
 _CA_ENV = {
     "SSL_CERT_FILE": _GUEST_CA_BUNDLE,  # OpenSSL, Python's ssl
@@ -833,6 +839,36 @@ class Sandbox:
         )
         if stack.secrets is not None:
             await self._trust_interception_ca()
+        stack.start_stream_path(self._start_stream_mux, self._apply_nft)
+
+    async def _start_stream_mux(self) -> Any:
+        """The guest end of the stream path (``agent --stream``): no timeout, its
+        output bounded by a window the host acknowledges as it reads.
+        """
+        return await self._agent.exec_stream(
+            [RELAY_PROGRAM, STREAM_ARGS, str(STREAM_PORT)],
+            env={},
+            cwd="/",
+            user="0",
+            stdin=True,
+            window=_STREAM_WINDOW,
+        )
+
+    async def _apply_nft(self, commands: str) -> bool:
+        """Run ``nft`` commands in the guest as root; False when it cannot (an
+        image without nft, a kernel without its modules).
+        """
+        for nft in _NFT_PATHS:
+            try:
+                result = await self._agent.exec(
+                    [nft, commands], env={}, cwd="/", user="0", timeout=60, max_output=1 << 16
+                )
+            except CommandNotFoundError:
+                continue
+            except SandboxError:
+                return False
+            return result.ok
+        return False
 
     async def _trust_interception_ca(self) -> None:
         """Add the cache directory's interception CA to the guest's trust store

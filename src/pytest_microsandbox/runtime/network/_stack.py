@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from .._exceptions import BackendUnavailableError
 from ._dns import answer_query, resolve_host, resolve_host6
 from ._policy import Destination, IPAddress, NetworkPolicy, Protocol
 from ._secrets import SecretSubstituter, SubstitutionError
+from ._streams import NFT_TABLE, GuestStream, StreamMux, StreamProtocolError, nft_ruleset
 from ._tls import TlsServer, ensure_ca, looks_like_tls
 
 __all__ = [
@@ -88,9 +89,17 @@ _READ = 65536
 _UDP_IDLE_S = 30.0
 _CONNECT_TIMEOUT_S = 10.0
 _DENY_CLOSE_DELAY_S = 0.5
+#: How long the guest's stream listener may take to say READY.
+_STREAM_START_S = 30.0
 # NET flags (agent.c): no default route; a rehearsal (undone at the end).
 _F_NO_ROUTE = 1
 _F_REHEARSAL = 2
+
+
+#: Starts ``agent --stream`` in the guest (an exec handle, see start_stream_path).
+StartMux = Callable[[], Awaitable[Any]]
+#: Runs ``nft`` commands in the guest: True when they succeeded.
+ApplyRule = Callable[[str], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -111,12 +120,15 @@ class NetworkEvent:
     reason: str
     bytes_out: int = 0
     bytes_in: int = 0
+    #: How the flow reached the host: ``wireguard`` or ``stream`` (TCP only).
+    path: str = "wireguard"
 
     def describe(self) -> str:
         where = f"{self.name} ({self.destination})" if self.name else self.destination
         return (
             f"{self.protocol} {where}:{self.port} {self.verdict} [{self.reason}] "
             f"out={self.bytes_out} in={self.bytes_in}"
+            + (" via stream" if self.path == "stream" else "")
         )
 
 
@@ -363,6 +375,11 @@ class NetworkStack:
         self._guest_key = ""
         self._server_pub = ""
         self._closed = False
+        self._stream_task: asyncio.Task[None] | None = None
+        self._stream_up = asyncio.Event()
+        #: The stream path's state: "off" (not started), "starting", "on", or
+        #: "off: why" (it ended or could not start: TCP goes over WireGuard).
+        self.stream_state = "off"
 
     @property
     def dns_ip(self) -> str:
@@ -511,7 +528,7 @@ class NetworkStack:
                 stream.close()
 
     def _admit(
-        self, dst_ip: str, dst_port: int, proto: Protocol
+        self, dst_ip: str, dst_port: int, proto: Protocol, path: str = "wireguard"
     ) -> tuple[Destination, NetworkEvent]:
         """Decide a flow by the policy and the loopback guard, before any host
         socket opens; the destination and the logged event (verdict allow/deny).
@@ -527,6 +544,7 @@ class NetworkStack:
             dest.name,
             "allow" if decision.allowed and not guard else "deny",
             guard or decision.reason,
+            path=path,
         )
         self._log(event)
         return dest, event
@@ -538,9 +556,13 @@ class NetworkStack:
         if ipaddress.ip_address(dst_ip) == DNS_IP and int(dst_port) == 53:
             await self._dns_tcp(stream)
             return
-        dest, event = self._admit(dst_ip, int(dst_port), "tcp")
+        path = "stream" if isinstance(stream, GuestStream) else "wireguard"
+        dest, event = self._admit(dst_ip, int(dst_port), "tcp", path)
         if event.verdict != "allow":
-            await _refuse(stream)
+            if isinstance(stream, GuestStream):
+                stream.abort()  # the stream path can reset: the guest sees it at once
+            else:
+                await _refuse(stream)
             return
         try:
             reader, writer = await asyncio.wait_for(
@@ -751,11 +773,103 @@ class NetworkStack:
                     self._names[ip] = name
         return reply
 
+    def start_stream_path(self, start_mux: StartMux, apply_rule: ApplyRule) -> None:
+        """Start the stream path in the background (docs/network.md): until it
+        is on, and whenever it is off, guest TCP goes over WireGuard. Both
+        paths end in :meth:`_on_tcp`: one policy decision per flow, before any
+        host socket opens.
+
+        ``start_mux`` starts ``agent --stream PORT`` in the guest (a handle with
+        ``write_stdin``, ``kill`` and async iteration over its events);
+        ``apply_rule`` runs ``nft`` commands in the guest, True when they
+        succeeded (False: no nft, no nftables modules: the path stays off).
+        """
+        self.stream_state = "starting"
+        self._stream_task = asyncio.ensure_future(self._stream_path(start_mux, apply_rule))
+
+    async def wait_stream_path(self, timeout: float) -> bool:
+        """Wait until the stream path is on (True) or has failed or timed out (False)."""
+        if self._stream_task is None:
+            return False
+        up = asyncio.ensure_future(self._stream_up.wait())
+        try:
+            await asyncio.wait(
+                {up, self._stream_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            up.cancel()
+        return self.stream_state == "on"
+
+    async def _stream_path(self, start_mux: StartMux, apply_rule: ApplyRule) -> None:
+        from ..agent.results import Stdout
+
+        handle: Any = None
+        mux: StreamMux | None = None
+        ruled = False
+        try:
+            handle = await start_mux()
+            mux = StreamMux(handle.write_stdin, self._on_tcp, max_flows=MAX_FLOWS)
+            mux.start()
+
+            async def read() -> None:
+                async for event in handle:
+                    data = getattr(event, "data", b"")
+                    if isinstance(event, Stdout):
+                        mux.feed(data)
+                    if data:
+                        await handle.ack(len(data))
+
+            reader = asyncio.ensure_future(read())
+            ready = asyncio.ensure_future(mux.ready.wait())
+            await asyncio.wait(
+                {reader, ready}, timeout=_STREAM_START_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not ready.done():
+                ready.cancel()
+                reader.cancel()
+                self.stream_state = "off: the guest's stream listener did not start"
+                return
+            ruled = await apply_rule(nft_ruleset())
+            if not ruled:
+                reader.cancel()
+                self.stream_state = (
+                    "off: the guest could not redirect TCP (nft or its modules missing)"
+                )
+                return
+            self.stream_state = "on"
+            self._stream_up.set()
+            try:
+                await reader
+                self.stream_state = "off: the guest's stream listener ended"
+            except StreamProtocolError as exc:
+                self.stream_state = f"off: {exc}"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the guest failed to start it: WireGuard carries TCP
+            self.stream_state = f"off: {exc}"
+        finally:
+            self._stream_up.set()
+            if mux is not None:
+                mux.end(self.stream_state)
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    await handle.kill()
+            if ruled and not self._closed and self.stream_state != "on":
+                # Connections would be redirected to nothing: back to WireGuard.
+                with contextlib.suppress(Exception):
+                    await apply_rule(f"delete table inet {NFT_TABLE}")
+            if mux is not None:
+                await mux.aclose()
+
     async def aclose(self) -> None:
         """Stop accepting flows, close every host socket. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._stream_task is not None:
+            self._stream_task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._stream_task, 5)
         for transport in self._transports:
             transport.close()
         if self._server is not None:

@@ -1,0 +1,321 @@
+"""The stream path: the guest's TCP connections as byte streams over the agent.
+
+The guest's nftables rule (set here, through the agent) redirects its
+outbound IPv4 TCP to the agent's ``--stream`` listener, which reads each
+connection's original destination and moves its bytes over the agent channel
+as frames (``agent.c``: ``stream_mux``), IPv4 and IPv6. Each connection becomes a
+:class:`GuestStream` handed to the same per-flow handler as a WireGuard flow
+(:meth:`~._stack.NetworkStack`'s), which decides it before any host socket
+opens. Everything read here comes from the guest: frame sizes, windows and
+the number of connections are bounded, and any breach ends the flow (or, for
+a frame out of step, the whole path; flows then go over WireGuard again).
+
+Frame: type u8, connection id u32, length u32 (big endian), then that many
+bytes (at most :data:`MAX_DATA`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = [
+    "MAX_DATA",
+    "NFT_TABLE",
+    "STREAM_ARGS",
+    "STREAM_PORT",
+    "WINDOW",
+    "GuestStream",
+    "StreamMux",
+    "StreamProtocolError",
+    "nft_ruleset",
+]
+
+READY, OPEN, DATA, EOF, CLOSE, ACK = range(6)
+#: Largest frame payload either side sends (agent.c: SM_MAX_DATA).
+MAX_DATA = 65536
+#: Bytes either side may have unacknowledged per connection (agent.c: SM_WINDOW).
+WINDOW = 512 * 1024
+#: The guest port of the agent's listener (127.0.0.1 in the guest).
+STREAM_PORT = 15001
+#: The agent's flag (``/proc/self/exe --stream PORT``).
+STREAM_ARGS = "--stream"
+_HEADER = struct.Struct("!BII")
+#: The nftables table the agent's rule lives in.
+NFT_TABLE = "msb_stream"
+
+
+class StreamProtocolError(Exception):
+    """The guest's stream frames are out of step (internal: the path ends)."""
+
+
+def nft_ruleset(port: int = STREAM_PORT) -> str:
+    """The guest's rule (``nft`` commands, one transaction, replacing any
+    earlier one): outbound TCP, except to the guest's own loopback and to the
+    host's link (198.18.0.0/16: DNS over TCP stays on WireGuard), is
+    redirected to the agent's listener (127.0.0.1 or [::1]). Pinned names'
+    addresses (198.19.0.0/16, 2001:2:0:1::/64) are redirected like any other.
+    """
+    t = f"inet {NFT_TABLE}"
+    return (
+        f"add table {t}; delete table {t}; add table {t}; "
+        f"add chain {t} out {{ type nat hook output priority -100; }}; "
+        f"add rule {t} out meta nfproto ipv4 meta l4proto tcp "
+        f"ip daddr != {{ 127.0.0.0/8, 198.18.0.0/16 }} redirect to :{port}; "
+        f"add rule {t} out meta nfproto ipv6 meta l4proto tcp "
+        f"ip6 daddr != ::1 redirect to :{port}"
+    )
+
+
+class GuestStream:
+    """One guest connection: the reader/writer surface the flow handler uses
+    (``read``, ``write``, ``drain``, ``write_eof``, ``close``,
+    ``get_extra_info("sockname")`` for the original destination).
+    """
+
+    def __init__(self, mux: StreamMux, conn_id: int, dst: tuple[str, int]) -> None:
+        self._mux = mux
+        self.id = conn_id
+        self._dst = dst
+        self._in: deque[bytes] = deque()
+        self._in_bytes = 0
+        self._in_eof = False
+        self._consumed = 0
+        self._readable = asyncio.Event()
+        self._pending = bytearray()  # host -> guest, not yet framed (window full)
+        self._unacked = 0
+        self._eof_wanted = False
+        self._eof_sent = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._host_done = False
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._dst if name in ("sockname", "original_dst") else default
+
+    # -- guest -> host
+    def _feed(self, data: bytes) -> None:
+        if self._in_bytes + len(data) > WINDOW:
+            raise StreamProtocolError(f"connection {self.id}: more than the window unacknowledged")
+        self._in.append(data)
+        self._in_bytes += len(data)
+        self._readable.set()
+
+    def _feed_eof(self) -> None:
+        self._in_eof = True
+        self._readable.set()
+
+    async def read(self, n: int = -1) -> bytes:
+        while not self._in and not self._in_eof and not self.closed and not self._host_done:
+            self._readable.clear()
+            await self._readable.wait()
+        if not self._in:
+            return b""
+        data = self._in.popleft()
+        if 0 < n < len(data):
+            data, rest = data[:n], data[n:]
+            self._in.appendleft(rest)
+        self._in_bytes -= len(data)
+        self._consumed += len(data)
+        if self._consumed >= WINDOW // 4:  # in quarters, as the guest does
+            self._mux._send(ACK, self.id, self._consumed.to_bytes(4, "big"))
+            self._consumed = 0
+        return data
+
+    # -- host -> guest
+    def write(self, data: bytes) -> None:
+        if self.closed or self._eof_wanted:
+            return
+        self._pending += data
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._pending and self._unacked < WINDOW and not self.closed:
+            size = min(MAX_DATA, WINDOW - self._unacked, len(self._pending))
+            chunk = bytes(self._pending[:size])
+            del self._pending[:size]
+            self._unacked += size
+            self._mux._send(DATA, self.id, chunk)
+        if self._eof_wanted and not self._pending and not self._eof_sent and not self.closed:
+            self._eof_sent = True
+            self._mux._send(EOF, self.id, b"")
+            if self._host_done:  # nothing more to send or read: the guest frees its end
+                self.closed = True
+                self._mux._forget(self.id)
+        if not self._pending or self.closed:
+            self._drained.set()
+        else:
+            self._drained.clear()
+
+    def _ack(self, n: int) -> None:
+        self._unacked = max(0, self._unacked - n)
+        self._pump()
+
+    async def drain(self) -> None:
+        await self._drained.wait()
+        if self.closed:
+            raise ConnectionResetError(f"guest connection {self.id} closed")
+
+    def write_eof(self) -> None:
+        self._eof_wanted = True
+        self._pump()
+
+    def close(self) -> None:
+        """The host is done: what it wrote still reaches the guest, then EOF."""
+        if self.closed or self._host_done:
+            return
+        self._host_done = True
+        self._eof_wanted = True
+        self._readable.set()
+        self._pump()
+
+    def abort(self) -> None:
+        """Reset the guest's connection now (a denied flow: it sees the reset)."""
+        if not self.closed:
+            self._mux._send(CLOSE, self.id, b"")
+        self._closed_by_guest()
+
+    def _closed_by_guest(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._mux._forget(self.id)
+        self._readable.set()
+        self._drained.set()
+
+
+#: Handles one guest connection (the stack's TCP flow handler).
+OnFlow = Callable[[GuestStream], Awaitable[None]]
+
+
+class StreamMux:
+    """The host end of one ``agent --stream``: demultiplexes its stdout into
+    :class:`GuestStream` flows and multiplexes their writes into its stdin.
+
+    ``write_stdin`` sends bytes to the agent process; :meth:`feed` takes its
+    stdout as it comes; ``on_flow`` runs per connection (the caller tracks
+    and bounds the tasks, as for WireGuard flows).
+    """
+
+    def __init__(
+        self,
+        write_stdin: Callable[[bytes], Awaitable[None]],
+        on_flow: OnFlow,
+        *,
+        max_flows: int = 1024,
+    ) -> None:
+        self._write_stdin = write_stdin
+        self._on_flow = on_flow
+        self._max_flows = max_flows
+        self._streams: dict[int, GuestStream] = {}
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._out_ready = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ready = asyncio.Event()
+        self.failed: str | None = None
+        self._last_id = 0
+
+    def start(self) -> None:
+        self._writer = asyncio.ensure_future(self._write_loop())
+
+    def _send(self, kind: int, conn_id: int, payload: bytes) -> None:
+        self._out.append(_HEADER.pack(kind, conn_id, len(payload)) + payload)
+        self._out_ready.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._out_ready.wait()
+            self._out_ready.clear()
+            batch, self._out = b"".join(self._out), []
+            if batch:
+                await self._write_stdin(batch)
+
+    def _forget(self, conn_id: int) -> None:
+        self._streams.pop(conn_id, None)
+
+    def feed(self, data: bytes) -> None:
+        """Take the agent's stdout; frames complete so far are dispatched.
+
+        :raises StreamProtocolError: a frame is out of step or breaks a bound.
+        """
+        self._buf += data
+        while len(self._buf) >= _HEADER.size:
+            kind, conn_id, size = _HEADER.unpack_from(self._buf)
+            if size > MAX_DATA:
+                raise StreamProtocolError(f"frame of {size} bytes (at most {MAX_DATA})")
+            if len(self._buf) < _HEADER.size + size:
+                return
+            payload = bytes(self._buf[_HEADER.size : _HEADER.size + size])
+            del self._buf[: _HEADER.size + size]
+            self._dispatch(kind, conn_id, payload)
+
+    def _dispatch(self, kind: int, conn_id: int, payload: bytes) -> None:
+        if kind == READY:
+            self.ready.set()
+            return
+        if kind == OPEN:
+            self._open(conn_id, payload)
+            return
+        stream = self._streams.get(conn_id)
+        if stream is None:
+            return  # closed by the host meanwhile
+        if kind == DATA:
+            try:
+                stream._feed(payload)
+            except StreamProtocolError:
+                stream.abort()
+        elif kind == EOF:
+            stream._feed_eof()
+        elif kind == CLOSE:
+            stream._closed_by_guest()
+        elif kind == ACK and len(payload) == 4:
+            stream._ack(int.from_bytes(payload, "big"))
+
+    def _open(self, conn_id: int, payload: bytes) -> None:
+        family = payload[0] if payload else 0
+        if (family, len(payload)) not in ((4, 7), (6, 19)) or conn_id <= self._last_id:
+            raise StreamProtocolError(f"bad OPEN for connection {conn_id}")
+        self._last_id = conn_id
+        if len(self._streams) >= self._max_flows:
+            self._send(CLOSE, conn_id, b"")
+            return
+        addr = payload[1:-2]
+        ip = str(ipaddress.IPv4Address(addr) if family == 4 else ipaddress.IPv6Address(addr))
+        port = int.from_bytes(payload[-2:], "big")
+        stream = GuestStream(self, conn_id, (ip, port))
+        self._streams[conn_id] = stream
+        task = asyncio.ensure_future(self._run_flow(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_flow(self, stream: GuestStream) -> None:
+        try:
+            await self._on_flow(stream)
+        finally:
+            stream.close()
+
+    def end(self, reason: str) -> None:
+        """The agent process ended (or broke the protocol): every flow ends."""
+        self.failed = self.failed or reason
+        for stream in list(self._streams.values()):
+            stream._closed_by_guest()
+
+    async def aclose(self) -> None:
+        self.end("closed")
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
