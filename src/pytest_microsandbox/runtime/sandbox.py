@@ -50,6 +50,7 @@ from ._diagnostics import (
     printable,
 )
 from ._exceptions import (
+    BackendUnavailableError,
     CommandNotFoundError,
     ConfigError,
     CopyLimitError,
@@ -77,11 +78,17 @@ from .images import SCRIPTS_DIR, ImageConfig, image_config_for, imaged_venv
 from .lifetime import current_runtime
 from .network import NetworkPolicy, NetworkStack, PortPublisher, Secret, SecretSubstituter
 from .network._ports import RELAY_ARGS, RELAY_PROGRAM, RELAY_UDP_ARGS
-from .network._streams import STREAM_ARGS, STREAM_PORT
+from .network._streams import (
+    STREAM_ARGS,
+    STREAM_PORT,
+    ExecTransport,
+    MuxTransport,
+    PortTransport,
+)
 from .network._tls import ensure_ca
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .pty import PTY_WINDOW, PtySession
-from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
+from .qemu import STREAM_PORT_NAME, XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
     lock_volumes,
     mount_volumes,
@@ -841,18 +848,30 @@ class Sandbox:
             await self._trust_interception_ca()
         stack.start_stream_path(self._start_stream_mux, self._apply_nft)
 
-    async def _start_stream_mux(self) -> Any:
-        """The guest end of the stream path (``agent --stream``): no timeout, its
-        output bounded by a window the host acknowledges as it reads.
+    async def _start_stream_mux(self) -> MuxTransport:
+        """The guest end of the stream path (``agent --stream``, no timeout) and
+        the transport to it: the VM's stream port, else the agent channel
+        (the exec's stdin/stdout, its output bounded by a window).
         """
-        return await self._agent.exec_stream(
-            [RELAY_PROGRAM, STREAM_ARGS, str(STREAM_PORT)],
-            env={},
-            cwd="/",
-            user="0",
-            stdin=True,
-            window=_STREAM_WINDOW,
-        )
+        argv = [RELAY_PROGRAM, STREAM_ARGS, str(STREAM_PORT)]
+        try:
+            port = await self._vm.connect_stream_port(self._request_timeout)
+        except (BackendUnavailableError, SandboxNotRunningError):
+            port = None
+        try:
+            handle = await self._agent.exec_stream(
+                [*argv, STREAM_PORT_NAME] if port is not None else argv,
+                env={},
+                cwd="/",
+                user="0",
+                stdin=port is None,
+                window=_STREAM_WINDOW,
+            )
+        except BaseException:
+            if port is not None:
+                await port.aclose()
+            raise
+        return ExecTransport(handle) if port is None else PortTransport(handle, port)
 
     async def _apply_nft(self, commands: str) -> bool:
         """Run ``nft`` commands in the guest as root; False when it cannot (an

@@ -37,7 +37,14 @@ from .._exceptions import BackendUnavailableError
 from ._dns import answer_query, resolve_host, resolve_host6
 from ._policy import Destination, IPAddress, NetworkPolicy, Protocol
 from ._secrets import SecretSubstituter, SubstitutionError
-from ._streams import NFT_TABLE, GuestStream, StreamMux, StreamProtocolError, nft_ruleset
+from ._streams import (
+    NFT_TABLE,
+    GuestStream,
+    MuxTransport,
+    StreamMux,
+    StreamProtocolError,
+    nft_ruleset,
+)
 from ._tls import TlsServer, ensure_ca, looks_like_tls
 
 __all__ = [
@@ -96,8 +103,8 @@ _F_NO_ROUTE = 1
 _F_REHEARSAL = 2
 
 
-#: Starts ``agent --stream`` in the guest (an exec handle, see start_stream_path).
-StartMux = Callable[[], Awaitable[Any]]
+#: Starts ``agent --stream`` in the guest: the transport to it.
+StartMux = Callable[[], Awaitable[MuxTransport]]
 #: Runs ``nft`` commands in the guest: True when they succeeded.
 ApplyRule = Callable[[str], Awaitable[bool]]
 
@@ -380,6 +387,9 @@ class NetworkStack:
         #: The stream path's state: "off" (not started), "starting", "on", or
         #: "off: why" (it ended or could not start: TCP goes over WireGuard).
         self.stream_state = "off"
+        #: Which transport carries it once on (``PortTransport``: the VM's own
+        #: virtio-serial port; ``ExecTransport``: the agent channel).
+        self.stream_transport = ""
 
     @property
     def dns_ip(self) -> str:
@@ -779,8 +789,8 @@ class NetworkStack:
         paths end in :meth:`_on_tcp`: one policy decision per flow, before any
         host socket opens.
 
-        ``start_mux`` starts ``agent --stream PORT`` in the guest (a handle with
-        ``write_stdin``, ``kill`` and async iteration over its events);
+        ``start_mux`` starts ``agent --stream PORT`` in the guest and returns
+        the transport to it (:mod:`._streams`);
         ``apply_rule`` runs ``nft`` commands in the guest, True when they
         succeeded (False: no nft, no nftables modules: the path stays off).
         """
@@ -801,25 +811,19 @@ class NetworkStack:
         return self.stream_state == "on"
 
     async def _stream_path(self, start_mux: StartMux, apply_rule: ApplyRule) -> None:
-        from ..agent.results import Stdout
-
-        handle: Any = None
+        transport: MuxTransport | None = None
         mux: StreamMux | None = None
         ruled = False
         try:
-            handle = await start_mux()
-            mux = StreamMux(handle.write_stdin, self._on_tcp, max_flows=MAX_FLOWS)
+            transport = await start_mux()
+            mux = StreamMux(transport.send, self._on_tcp, max_flows=MAX_FLOWS)
             mux.start()
 
-            async def read() -> None:
-                async for event in handle:
-                    data = getattr(event, "data", b"")
-                    if isinstance(event, Stdout):
-                        mux.feed(data)
-                    if data:
-                        await handle.ack(len(data))
+            async def read(transport: MuxTransport, mux: StreamMux) -> None:
+                async for data in transport.chunks():
+                    mux.feed(data)
 
-            reader = asyncio.ensure_future(read())
+            reader = asyncio.ensure_future(read(transport, mux))
             ready = asyncio.ensure_future(mux.ready.wait())
             await asyncio.wait(
                 {reader, ready}, timeout=_STREAM_START_S, return_when=asyncio.FIRST_COMPLETED
@@ -837,6 +841,7 @@ class NetworkStack:
                 )
                 return
             self.stream_state = "on"
+            self.stream_transport = type(transport).__name__
             self._stream_up.set()
             try:
                 await reader
@@ -851,9 +856,8 @@ class NetworkStack:
             self._stream_up.set()
             if mux is not None:
                 mux.end(self.stream_state)
-            if handle is not None:
-                with contextlib.suppress(Exception):
-                    await handle.kill()
+            if transport is not None:
+                await transport.aclose()
             if ruled and not self._closed and self.stream_state != "on":
                 # Connections would be redirected to nothing: back to WireGuard.
                 with contextlib.suppress(Exception):

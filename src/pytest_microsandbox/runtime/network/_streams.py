@@ -21,8 +21,8 @@ import contextlib
 import ipaddress
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 __all__ = [
     "MAX_DATA",
@@ -30,7 +30,10 @@ __all__ = [
     "STREAM_ARGS",
     "STREAM_PORT",
     "WINDOW",
+    "ExecTransport",
     "GuestStream",
+    "MuxTransport",
+    "PortTransport",
     "StreamMux",
     "StreamProtocolError",
     "nft_ruleset",
@@ -48,6 +51,70 @@ STREAM_ARGS = "--stream"
 _HEADER = struct.Struct("!BII")
 #: The nftables table the agent's rule lives in.
 NFT_TABLE = "msb_stream"
+
+
+class MuxTransport(Protocol):
+    """The bytes between the host and ``agent --stream``."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ExecTransport:
+    """Frames over the agent process's stdin and stdout (the agent channel):
+    the fallback where the VM has no stream port.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    async def send(self, data: bytes) -> None:
+        await self._handle.write_stdin(data)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        from ..agent.results import Stdout
+
+        async for event in self._handle:
+            data = getattr(event, "data", b"")
+            if isinstance(event, Stdout) and data:
+                yield data
+            if data:  # the exec's output window
+                await self._handle.ack(len(data))
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._handle.kill()
+
+
+class PortTransport:
+    """Frames over the VM's own virtio-serial port (``msb.stream``); the agent
+    process (``handle``) only holds it.
+    """
+
+    def __init__(self, handle: Any, port: Any) -> None:
+        self._handle = handle
+        self._port = port
+
+    async def send(self, data: bytes) -> None:
+        await self._port.send(data)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        import anyio
+
+        while True:
+            try:
+                yield await self._port.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._port.aclose()
+        with contextlib.suppress(Exception):
+            await self._handle.kill()
 
 
 class StreamProtocolError(Exception):
