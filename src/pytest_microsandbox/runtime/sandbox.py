@@ -551,6 +551,7 @@ class Sandbox:
         self._recent = RecentExecs()
         self._base_env: dict[str, str] | None = None
         self._network: NetworkStack | None = None
+        self._captured_network = False
         #: Secret placeholders to keep (env var -> placeholder): a restore's or fork's.
         self._placeholders: dict[str, str] = {}
         self._ports: PortPublisher | None = None
@@ -742,6 +743,7 @@ class Sandbox:
         session: GuestSession,
         *,
         secret_placeholders: Mapping[str, str] | None = None,
+        captured_network: bool = False,
     ) -> Sandbox:
         """Take over a provisioned guest: give it the host clock, a fresh RNG seed
         and its hostname, mount ``config.volumes``, return the sandbox. The
@@ -749,10 +751,14 @@ class Sandbox:
 
         ``secret_placeholders`` (env var -> placeholder) are those the guest
         already holds (a restored snapshot's, a fork's parent's): the secrets of
-        ``config`` keep them instead of drawing new ones.
+        ``config`` keep them instead of drawing new ones. ``captured_network``:
+        the guest was captured with a network on, so it may hold the captured
+        sandbox's stream path (its redirect and its listener, whose host end is
+        gone): the new one replaces it before the sandbox is handed out.
         """
         sandbox = cls(config, session)
         sandbox._placeholders = dict(secret_placeholders or {})
+        sandbox._captured_network = captured_network
         try:
             await sandbox._configure_guest()
         except BaseException:
@@ -846,14 +852,20 @@ class Sandbox:
         )
         if stack.secrets is not None:
             await self._trust_interception_ca()
-        stack.start_stream_path(self._start_stream_mux, self._apply_nft)
+        stack.start_stream_path(
+            self._start_stream_mux, self._apply_nft, stale=self._captured_network
+        )
+        if self._captured_network:
+            # The captured redirect leads to a listener whose host end is gone:
+            # the first command must find the new one (or WireGuard) in place.
+            await stack.wait_stream_path(self._request_timeout)
 
-    async def _start_stream_mux(self) -> MuxTransport:
+    async def _start_stream_mux(self, token: str) -> MuxTransport:
         """The guest end of the stream path (``agent --stream``, no timeout) and
         the transport to it: the VM's stream port, else the agent channel
         (the exec's stdin/stdout, its output bounded by a window).
         """
-        argv = [RELAY_PROGRAM, STREAM_ARGS, str(STREAM_PORT)]
+        argv = [RELAY_PROGRAM, STREAM_ARGS, str(STREAM_PORT), token]
         try:
             port = await self._vm.connect_stream_port(self._request_timeout)
         except (BackendUnavailableError, SandboxNotRunningError):

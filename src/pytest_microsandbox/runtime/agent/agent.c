@@ -3068,7 +3068,7 @@ static int connect_udp_relay(const char *port_text)
 }
 
 /*
- * `agent --stream PORT [VPORT]`: the guest end of the stream path (docs/network.md,
+ * `agent --stream PORT TOKEN [VPORT]`: the guest end of the stream path (docs/network.md,
  * "Stream path").  Listens on 127.0.0.1:PORT, where the guest's nftables
  * rule (set by the host) redirects outbound TCP; each accepted connection's
  * original destination (SO_ORIGINAL_DST) goes to the host, which decides it
@@ -3076,7 +3076,7 @@ static int connect_udp_relay(const char *port_text)
  * the virtio-serial port named VPORT (else this process's stdin/stdout, the
  * agent channel: ~6x slower under TCG) as frames:
  *   type u8, id u32, len u32 (big endian), then len bytes (<= SM_MAX_DATA).
- * Guest -> host: READY, OPEN (family 4, address, port), DATA, EOF, CLOSE,
+ * Guest -> host: READY (TOKEN), OPEN (family 4 or 6, address, port), DATA, EOF, CLOSE,
  * ACK (u32: bytes of the host's DATA written to the socket).  Host -> guest:
  * DATA, EOF (shutdown), CLOSE (reset), ACK (u32: guest bytes consumed).
  * Either side keeps at most SM_WINDOW bytes unacknowledged per connection,
@@ -3220,7 +3220,7 @@ static int open_vport(const char *name)
 	return fd;
 }
 
-static int stream_mux(const char *port_text, const char *vport)
+static int stream_mux(const char *port_text, const char *token, const char *vport)
 {
 	char *end;
 	long port = strtol(port_text, &end, 10);
@@ -3275,7 +3275,9 @@ static int stream_mux(const char *port_text, const char *vport)
 	uint32_t next_id = 1;
 	for (int i = 0; i < SM_MAX_CONNS; i++)
 		conns[i].fd = -1;
-	sm_send(SM_READY, 0, NULL, 0);
+	/* The host drops whatever precedes this (a captured predecessor's frames). */
+	size_t tl = strlen(token);
+	sm_send(SM_READY, 0, token, (uint32_t)(tl < 256 ? tl : 256));
 	for (;;) {
 		int n = 3;
 		pfds[0] = (struct pollfd){.fd = sm_in, .events = POLLIN};
@@ -3420,8 +3422,8 @@ static int stream_mux(const char *port_text, const char *vport)
 int main(int argc, char **argv)
 {
 	signal(SIGPIPE, SIG_IGN);
-	if ((argc == 3 || argc == 4) && !strcmp(argv[1], "--stream"))
-		return stream_mux(argv[2], argc == 4 ? argv[3] : NULL);
+	if ((argc == 4 || argc == 5) && !strcmp(argv[1], "--stream"))
+		return stream_mux(argv[2], argv[3], argc == 5 ? argv[4] : NULL);
 	if (argc == 3 && !strcmp(argv[1], "--connect"))
 		return connect_relay(argv[2]);
 	if (argc == 3 && !strcmp(argv[1], "--connect-udp"))

@@ -104,7 +104,7 @@ _F_REHEARSAL = 2
 
 
 #: Starts ``agent --stream`` in the guest: the transport to it.
-StartMux = Callable[[], Awaitable[MuxTransport]]
+StartMux = Callable[[str], Awaitable[MuxTransport]]
 #: Runs ``nft`` commands in the guest: True when they succeeded.
 ApplyRule = Callable[[str], Awaitable[bool]]
 
@@ -783,19 +783,23 @@ class NetworkStack:
                     self._names[ip] = name
         return reply
 
-    def start_stream_path(self, start_mux: StartMux, apply_rule: ApplyRule) -> None:
+    def start_stream_path(
+        self, start_mux: StartMux, apply_rule: ApplyRule, *, stale: bool = False
+    ) -> None:
         """Start the stream path in the background (docs/network.md): until it
         is on, and whenever it is off, guest TCP goes over WireGuard. Both
         paths end in :meth:`_on_tcp`: one policy decision per flow, before any
         host socket opens.
 
-        ``start_mux`` starts ``agent --stream PORT`` in the guest and returns
-        the transport to it (:mod:`._streams`);
+        ``start_mux(token)`` starts ``agent --stream PORT VPORT TOKEN`` in the
+        guest and returns the transport to it (:mod:`._streams`);
         ``apply_rule`` runs ``nft`` commands in the guest, True when they
         succeeded (False: no nft, no nftables modules: the path stays off).
+        ``stale``: the guest may hold a captured sandbox's redirect, removed if
+        the new path does not come up.
         """
         self.stream_state = "starting"
-        self._stream_task = asyncio.ensure_future(self._stream_path(start_mux, apply_rule))
+        self._stream_task = asyncio.ensure_future(self._stream_path(start_mux, apply_rule, stale))
 
     async def wait_stream_path(self, timeout: float) -> bool:
         """Wait until the stream path is on (True) or has failed or timed out (False)."""
@@ -810,13 +814,14 @@ class NetworkStack:
             up.cancel()
         return self.stream_state == "on"
 
-    async def _stream_path(self, start_mux: StartMux, apply_rule: ApplyRule) -> None:
+    async def _stream_path(self, start_mux: StartMux, apply_rule: ApplyRule, stale: bool) -> None:
         transport: MuxTransport | None = None
         mux: StreamMux | None = None
         ruled = False
         try:
-            transport = await start_mux()
-            mux = StreamMux(transport.send, self._on_tcp, max_flows=MAX_FLOWS)
+            token = secrets.token_hex(16)
+            transport = await start_mux(token)
+            mux = StreamMux(transport.send, self._on_tcp, token=token, max_flows=MAX_FLOWS)
             mux.start()
 
             async def read(transport: MuxTransport, mux: StreamMux) -> None:
@@ -858,7 +863,7 @@ class NetworkStack:
                 mux.end(self.stream_state)
             if transport is not None:
                 await transport.aclose()
-            if ruled and not self._closed and self.stream_state != "on":
+            if (ruled or stale) and not self._closed and self.stream_state != "on":
                 # Connections would be redirected to nothing: back to WireGuard.
                 with contextlib.suppress(Exception):
                     await apply_rule(f"delete table inet {NFT_TABLE}")

@@ -25,8 +25,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 __all__ = [
+    "ACK",
+    "CLOSE",
+    "DATA",
+    "EOF",
     "MAX_DATA",
     "NFT_TABLE",
+    "OPEN",
+    "READY",
     "STREAM_ARGS",
     "STREAM_PORT",
     "WINDOW",
@@ -265,9 +271,10 @@ class StreamMux:
     """The host end of one ``agent --stream``: demultiplexes its stdout into
     :class:`GuestStream` flows and multiplexes their writes into its stdin.
 
-    ``write_stdin`` sends bytes to the agent process; :meth:`feed` takes its
-    stdout as it comes; ``on_flow`` runs per connection (the caller tracks
-    and bounds the tasks, as for WireGuard flows).
+    ``write_stdin`` sends bytes to the agent process; :meth:`feed` takes what
+    it sends as it comes, nothing before its READY frame carrying ``token``;
+    ``on_flow`` runs per connection (the caller tracks and bounds the tasks,
+    as for WireGuard flows).
     """
 
     def __init__(
@@ -275,6 +282,7 @@ class StreamMux:
         write_stdin: Callable[[bytes], Awaitable[None]],
         on_flow: OnFlow,
         *,
+        token: str,
         max_flows: int = 1024,
     ) -> None:
         self._write_stdin = write_stdin
@@ -287,6 +295,8 @@ class StreamMux:
         self._writer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready = asyncio.Event()
+        token_bytes = token.encode()
+        self._ready_frame = _HEADER.pack(READY, 0, len(token_bytes)) + token_bytes
         self.failed: str | None = None
         self._last_id = 0
 
@@ -314,6 +324,15 @@ class StreamMux:
         :raises StreamProtocolError: a frame is out of step or breaks a bound.
         """
         self._buf += data
+        if not self.ready.is_set():
+            # Whatever precedes this agent's READY (its token) is not its own:
+            # a captured predecessor's frames in a restored guest. Dropped.
+            at = self._buf.find(self._ready_frame)
+            if at < 0:
+                del self._buf[: max(0, len(self._buf) - len(self._ready_frame) + 1)]
+                return
+            del self._buf[: at + len(self._ready_frame)]
+            self.ready.set()
         while len(self._buf) >= _HEADER.size:
             kind, conn_id, size = _HEADER.unpack_from(self._buf)
             if size > MAX_DATA:
@@ -326,8 +345,7 @@ class StreamMux:
 
     def _dispatch(self, kind: int, conn_id: int, payload: bytes) -> None:
         if kind == READY:
-            self.ready.set()
-            return
+            raise StreamProtocolError("a second READY")
         if kind == OPEN:
             self._open(conn_id, payload)
             return
@@ -366,6 +384,8 @@ class StreamMux:
     async def _run_flow(self, stream: GuestStream) -> None:
         try:
             await self._on_flow(stream)
+        except Exception:  # one flow's failure ends that flow only
+            pass
         finally:
             stream.close()
 
