@@ -178,6 +178,7 @@ def test_host_writes_wait_for_the_guests_acks_then_end_with_eof() -> None:
         frames = parse(h.sent)
         assert sum(len(p) for k, _, p in frames if k == DATA) == WINDOW + 10
         assert frames[-1] == (EOF, 1, b"") and (CLOSE, 1, b"") not in frames
+        assert flow.closed and not h.mux._streams  # the guest frees its end
         h.release.set()
         await h.mux.aclose()
 

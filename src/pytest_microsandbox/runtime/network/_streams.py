@@ -246,6 +246,11 @@ class GuestStream:
         self._host_done = True
         self._eof_wanted = True
         self._readable.set()
+        if self._eof_sent:  # its EOF went earlier: nothing is left to send
+            self.closed = True
+            self._mux._forget(self.id)
+            self._drained.set()
+            return
         self._pump()
 
     def abort(self) -> None:
