@@ -53,6 +53,7 @@ __all__ = [
     "HOST_SOCKET",
     "LOOPBACK_ONLY_ENV",
     "QEMU_SOCKET",
+    "STREAM_ENV",
     "NetworkEvent",
     "NetworkStack",
     "guest_resolv_conf",
@@ -68,6 +69,9 @@ QEMU_SOCKET = "net.qemu"
 #: Set to 1 (the test suite does) to refuse every host dial outside 127.0.0.0/8
 #: and never ask a real DNS resolver: a guard for machines that must stay local.
 LOOPBACK_ONLY_ENV = "MICROSANDBOX_NETWORK_LOOPBACK_ONLY"
+#: Set to 0 to keep every TCP flow on WireGuard (no stream path): for
+#: measuring one path against the other, or an image whose nft misbehaves.
+STREAM_ENV = "MICROSANDBOX_NETWORK_STREAM"
 
 # The guest's link to the shim: a /30 of the benchmarking range 198.18.0.0/15,
 # which no real destination uses; the shim is .1, the guest .2.
@@ -798,8 +802,17 @@ class NetworkStack:
         ``stale``: the guest may hold a captured sandbox's redirect, removed if
         the new path does not come up.
         """
+        if os.environ.get(STREAM_ENV, "") == "0":
+            self.stream_state = f"off: {STREAM_ENV}=0"
+            if stale:  # a captured redirect would lead nowhere: remove it
+                self._stream_task = asyncio.ensure_future(self._drop_redirect(apply_rule))
+            return
         self.stream_state = "starting"
         self._stream_task = asyncio.ensure_future(self._stream_path(start_mux, apply_rule, stale))
+
+    async def _drop_redirect(self, apply_rule: ApplyRule) -> None:
+        with contextlib.suppress(Exception):
+            await apply_rule(f"delete table inet {NFT_TABLE}")
 
     async def wait_stream_path(self, timeout: float) -> bool:
         """Wait until the stream path is on (True) or has failed or timed out (False)."""
