@@ -79,6 +79,7 @@ from .lifetime import current_runtime
 from .network import NetworkPolicy, NetworkStack, PortPublisher, Secret, SecretSubstituter
 from .network._ports import RELAY_ARGS, RELAY_PROGRAM, RELAY_UDP_ARGS
 from .network._streams import (
+    NFT_TABLE,
     STREAM_ARGS,
     STREAM_PORT,
     ExecTransport,
@@ -858,7 +859,9 @@ class Sandbox:
         if self._captured_network:
             # The captured redirect leads to a listener whose host end is gone:
             # the first command must find the new one (or WireGuard) in place.
-            await stack.wait_stream_path(self._request_timeout)
+            up = await stack.wait_stream_path(self._request_timeout)
+            if not up and stack.stream_state == "starting":
+                await self._apply_nft(f"delete table inet {NFT_TABLE}")
 
     async def _start_stream_mux(self, token: str) -> MuxTransport:
         """The guest end of the stream path (``agent --stream``, no timeout) and
@@ -979,6 +982,7 @@ class Sandbox:
         :raises SnapshotError: cold-booted sandbox, mounted volume, full disk, QEMU error.
         """
         async with self._unpaused():
+            await self._settle_network()
             return await _snapshotter().snapshot(self, name)
 
     async def fork(self, name: str | None = None) -> Sandbox:
@@ -988,7 +992,16 @@ class Sandbox:
         :raises SnapshotError: like :meth:`snapshot`.
         """
         async with self._unpaused():
+            await self._settle_network()
             return await _snapshotter().fork(self, name)
+
+    async def _settle_network(self) -> None:
+        """Let a stream path that is starting finish (its requests to the agent
+        and its ``nft`` run) before a capture, so that no capture holds them
+        half done.
+        """
+        if self._network is not None:
+            await self._network.wait_stream_path(self._request_timeout)
 
     @contextlib.asynccontextmanager
     async def _unpaused(self) -> AsyncIterator[None]:

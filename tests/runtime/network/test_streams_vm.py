@@ -16,13 +16,16 @@ import os
 import select
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
+import trustme
 
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig
 from pytest_microsandbox.runtime.network import NetworkPolicy, Rule, Secret
@@ -62,7 +65,11 @@ except OSError as exc:
     out["denied"] = [type(exc).__name__, time.monotonic() - t]
 # Secrets: substituted for the allowed host, the flow cut for another.
 res = []
-for url in (f"http://api.test:{host_ports['api']}/", f"http://other.test:{host_ports['api']}/"):
+for url in (
+    f"http://api.test:{host_ports['api']}/",
+    f"http://other.test:{host_ports['api']}/",
+    f"https://api.test:{host_ports['tls_api']}/",  # TLS intercepted with the cache's CA
+):
     req = urllib.request.Request(url, headers={"Authorization": "Bearer " + os.environ["API_KEY"]})
     try:
         with urllib.request.urlopen(req, timeout=20) as resp:
@@ -103,23 +110,32 @@ class _Api(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, object]]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     blob = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Blob)
     sink = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Sink)
     api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    tls_api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    ca = trustme.CA()  # the HTTPS server's CA: the host trusts it, the guest never sees it
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("api.test").configure_cert(ctx)
+    tls_api.socket = ctx.wrap_socket(tls_api.socket, server_side=True)
+    ca_file = tmp_path_factory.mktemp("ca") / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
     trap = socket.socket()  # a listener nobody accepts on: never dialled
     trap.bind(("127.0.0.1", 0))
     trap.listen(8)
-    for server in (blob, sink, api):
+    for server in (blob, sink, api, tls_api):
         threading.Thread(target=server.serve_forever, daemon=True).start()
     yield {
         "blob": blob.server_address[1],
         "sink": sink.server_address[1],
         "api": api.server_address[1],
+        "tls_api": tls_api.server_address[1],
         "trap": trap.getsockname()[1],
         "trap_socket": trap,
+        "ca_file": ca_file,
     }
-    for server in (blob, sink, api):
+    for server in (blob, sink, api, tls_api):
         server.shutdown()
         server.server_close()
     trap.close()
@@ -129,9 +145,8 @@ def test_the_stream_path_carries_tcp_and_the_host_still_decides_every_flow(
     servers: dict[str, object],
 ) -> None:
     ports = {k: v for k, v in servers.items() if isinstance(v, int)}
-    policy = NetworkPolicy.public_only().allow(
-        Rule.cidr("127.0.0.1/32", ports=[ports["blob"], ports["sink"], ports["api"]])
-    )
+    allowed = [ports["blob"], ports["sink"], ports["api"], ports["tls_api"]]
+    policy = NetworkPolicy.public_only().allow(Rule.cidr("127.0.0.1/32", ports=allowed))
     hosts = {name: "127.0.0.1" for name in ("blob.test", "sink.test", "api.test", "other.test")}
     hosts["trap.test"] = "127.0.0.1"
     config = SandboxConfig(
@@ -139,6 +154,7 @@ def test_the_stream_path_carries_tcp_and_the_host_still_decides_every_flow(
         network=policy,
         hosts=hosts,
         secrets=[Secret.env("API_KEY", value=SECRET, allow_hosts=["api.test"])],
+        upstream_ca_certs=(Path(str(servers["ca_file"])),),
     )
 
     async def main() -> None:
@@ -159,6 +175,7 @@ def test_the_stream_path_carries_tcp_and_the_host_still_decides_every_flow(
             ]
             assert result["secrets"][0] == [200, "authorized"], result["secrets"]
             assert result["secrets"][1][0] == "error", result["secrets"]
+            assert result["secrets"][2] == [200, "authorized"], result["secrets"]
             readable, _, _ = select.select([servers["trap_socket"]], [], [], 0)
             assert not readable, "a denied flow reached the host's listener"
             tcp = [e for e in stack.events() if e.protocol == "tcp"]
@@ -171,6 +188,7 @@ def test_the_stream_path_carries_tcp_and_the_host_still_decides_every_flow(
             api = [e for e in tcp if e.port == ports["api"]]
             assert "secret(s) substituted" in api[0].reason
             assert api[1].verdict == "deny" and "API_KEY" in api[1].reason
+            assert "secret(s) substituted" in by_port[ports["tls_api"]].reason
 
             # Guest root removes the redirect: TCP goes over WireGuard again,
             # decided by the same host handler (it gains nothing).
