@@ -873,20 +873,27 @@ class Sandbox:
             port = await self._vm.connect_stream_port(self._request_timeout)
         except (BackendUnavailableError, SandboxNotRunningError):
             port = None
-        try:
+        if port is None:
             handle = await self._agent.exec_stream(
-                [*argv, STREAM_PORT_NAME] if port is not None else argv,
+                argv, env={}, cwd="/", user="0", stdin=True, window=_STREAM_WINDOW
+            )
+            return ExecTransport(handle)
+        try:
+            # Over the port it leaves the agent once listening (exit 0).
+            result = await self._agent.exec(
+                [*argv, STREAM_PORT_NAME],
                 env={},
                 cwd="/",
                 user="0",
-                stdin=port is None,
-                window=_STREAM_WINDOW,
+                timeout=self._request_timeout,
+                max_output=1 << 16,
             )
+            if not result.ok:
+                raise ExecError(f"agent --stream exited with {result.returncode}")
         except BaseException:
-            if port is not None:
-                await port.aclose()
+            await port.aclose()
             raise
-        return ExecTransport(handle) if port is None else PortTransport(handle, port)
+        return PortTransport(port)
 
     async def _apply_nft(self, commands: str) -> bool:
         """Run ``nft`` commands in the guest as root; False when it cannot (an

@@ -3234,11 +3234,6 @@ static int stream_mux(const char *port_text, const char *token, const char *vpor
 		if (!*end && pid > 1 && pid != getpid())
 			kill((pid_t)pid, SIGKILL);
 	}
-	int fd = open(SM_PIDFILE, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-	if (fd >= 0) {
-		dprintf(fd, "%d\n", (int)getpid());
-		close(fd);
-	}
 	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	int one = 1;
 	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
@@ -3256,6 +3251,27 @@ static int stream_mux(const char *port_text, const char *token, const char *vpor
 		sm_in = sm_out = open_vport(vport);
 		if (sm_in < 0)
 			return 1;
+		/* Over its own port it needs no EXEC: it leaves the agent's
+		 * bookkeeping (the EXEC ends now, exit 0 = listening), so a capture
+		 * holds no running EXEC whose id a restored session could reuse.
+		 * It ends when the host closes the port (EOF) or the VM does. */
+		pid_t child = fork();
+		if (child < 0)
+			return 1;
+		if (child > 0)
+			_exit(0);
+		setsid();
+		int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+		if (null >= 0) {
+			dup2(null, 0);
+			dup2(null, 1);
+			dup2(null, 2);
+		}
+	}
+	int pf = open(SM_PIDFILE, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (pf >= 0) {
+		dprintf(pf, "%d\n", (int)getpid());
+		close(pf);
 	}
 	/* IPv6 too, when the guest has it (its rule redirects to [::1]:PORT). */
 	int ls6 = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);

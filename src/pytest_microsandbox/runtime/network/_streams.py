@@ -96,12 +96,11 @@ class ExecTransport:
 
 
 class PortTransport:
-    """Frames over the VM's own virtio-serial port (``msb.stream``); the agent
-    process (``handle``) only holds it.
+    """Frames over the VM's own virtio-serial port (``msb.stream``), held by
+    the agent's listener running on its own (closing the port ends it).
     """
 
-    def __init__(self, handle: Any, port: Any) -> None:
-        self._handle = handle
+    def __init__(self, port: Any) -> None:
         self._port = port
 
     async def send(self, data: bytes) -> None:
@@ -119,8 +118,6 @@ class PortTransport:
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):
             await self._port.aclose()
-        with contextlib.suppress(Exception):
-            await self._handle.kill()
 
 
 class StreamProtocolError(Exception):
