@@ -18,6 +18,7 @@ from pytest_microsandbox.runtime.network._streams import (
     EOF,
     MAX_DATA,
     OPEN,
+    QUEUE_MAX,
     READY,
     WINDOW,
     GuestStream,
@@ -208,3 +209,33 @@ def test_the_redirect_leaves_the_guest_loopback_and_the_hosts_link_alone() -> No
     assert "127.0.0.0/8" in rules and "198.18.0.0/16" in rules and "::1" in rules
     assert "198.19" not in rules  # pinned names go through it
     assert rules.count("redirect to :15001") == 2
+
+
+def test_a_guest_that_stops_reading_cannot_make_the_host_queue_without_bound() -> None:
+    async def main() -> None:
+        unblock = asyncio.Event()
+        flows: list[GuestStream] = []
+        sent: list[bytes] = []
+
+        async def stuck(data: bytes) -> None:
+            sent.append(data)
+            await unblock.wait()  # the guest reads nothing from its port
+
+        async def keep(stream: GuestStream) -> None:
+            flows.append(stream)
+            await asyncio.Event().wait()
+
+        mux = StreamMux(stuck, keep, token=TOKEN, max_flows=64)
+        mux.start()
+        mux.feed(ready() + b"".join(open4(i, "1.2.3.4", 80) for i in range(1, 41)))
+        await settle()
+        for flow in flows:  # 40 x 512 KiB would be 20 MiB
+            flow.write(b"z" * WINDOW)
+        await settle()
+        assert mux._queued <= QUEUE_MAX + MAX_DATA + 9
+        assert any(flow._pending for flow in flows)  # held back, not dropped
+        unblock.set()
+        await settle()
+        await mux.aclose()
+
+    asyncio.run(main())

@@ -32,6 +32,7 @@ __all__ = [
     "MAX_DATA",
     "NFT_TABLE",
     "OPEN",
+    "QUEUE_MAX",
     "READY",
     "STREAM_ARGS",
     "STREAM_PORT",
@@ -50,6 +51,9 @@ READY, OPEN, DATA, EOF, CLOSE, ACK = range(6)
 MAX_DATA = 65536
 #: Bytes either side may have unacknowledged per connection (agent.c: SM_WINDOW).
 WINDOW = 512 * 1024
+#: Bytes queued toward the guest across all connections: past it, writers wait
+#: (a guest that stops reading its port cannot make the host buffer 512 MiB).
+QUEUE_MAX = 8 << 20
 #: The guest port of the agent's listener (127.0.0.1 in the guest).
 STREAM_PORT = 15001
 #: The agent's flag (``/proc/self/exe --stream PORT``).
@@ -206,7 +210,12 @@ class GuestStream:
         self._pump()
 
     def _pump(self) -> None:
-        while self._pending and self._unacked < WINDOW and not self.closed:
+        while (
+            self._pending
+            and self._unacked < WINDOW
+            and not self.closed
+            and self._mux._queued < QUEUE_MAX
+        ):
             size = min(MAX_DATA, WINDOW - self._unacked, len(self._pending))
             chunk = bytes(self._pending[:size])
             del self._pending[:size]
@@ -293,6 +302,7 @@ class StreamMux:
         self._streams: dict[int, GuestStream] = {}
         self._buf = bytearray()
         self._out: list[bytes] = []
+        self._queued = 0
         self._out_ready = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -306,7 +316,9 @@ class StreamMux:
         self._writer = asyncio.ensure_future(self._write_loop())
 
     def _send(self, kind: int, conn_id: int, payload: bytes) -> None:
-        self._out.append(_HEADER.pack(kind, conn_id, len(payload)) + payload)
+        frame = _HEADER.pack(kind, conn_id, len(payload)) + payload
+        self._out.append(frame)
+        self._queued += len(frame)
         self._out_ready.set()
 
     async def _write_loop(self) -> None:
@@ -316,6 +328,10 @@ class StreamMux:
             batch, self._out = b"".join(self._out), []
             if batch:
                 await self._write_stdin(batch)
+                self._queued -= len(batch)
+                for stream in list(self._streams.values()):
+                    if stream._pending:
+                        stream._pump()  # writers held back by QUEUE_MAX
 
     def _forget(self, conn_id: int) -> None:
         self._streams.pop(conn_id, None)
