@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from pytest_microsandbox.runtime.network import _streams
 from pytest_microsandbox.runtime.network._streams import (
     ACK,
     CLOSE,
@@ -20,6 +21,7 @@ from pytest_microsandbox.runtime.network._streams import (
     OPEN,
     QUEUE_MAX,
     READY,
+    UP_WINDOW,
     WINDOW,
     GuestStream,
     StreamMux,
@@ -139,15 +141,15 @@ def test_guest_data_is_read_in_order_acknowledged_and_bounded_by_the_window() ->
         await settle()
         flow = h.flows[0]
         chunk = b"x" * MAX_DATA
-        for _ in range(WINDOW // MAX_DATA):
+        for _ in range(UP_WINDOW // MAX_DATA):
             h.mux.feed(frame(DATA, 1, chunk))
         got = b""
-        while len(got) < WINDOW:
+        while len(got) < UP_WINDOW:
             got += await flow.read(1 << 20)
         await settle()
         acks = [int.from_bytes(p, "big") for k, _, p in parse(h.sent) if k == ACK]
-        assert sum(acks) == WINDOW  # the guest may send the whole window again
-        for _ in range(WINDOW // MAX_DATA):
+        assert sum(acks) == UP_WINDOW  # the guest may send the whole window again
+        for _ in range(UP_WINDOW // MAX_DATA):
             h.mux.feed(frame(DATA, 1, chunk))
         h.mux.feed(frame(DATA, 1, b"!"))  # one byte past the window: the flow is reset
         await settle()
@@ -237,5 +239,30 @@ def test_a_guest_that_stops_reading_cannot_make_the_host_queue_without_bound() -
         unblock.set()
         await settle()
         await mux.aclose()
+
+    asyncio.run(main())
+
+
+def test_guest_bytes_buffered_on_the_host_are_capped_across_flows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_streams, "INBOUND_MAX", 3 * UP_WINDOW)
+
+    async def main() -> None:
+        h = Harness()
+        h.mux._max_flows = 8
+        h.mux.feed(ready() + b"".join(open4(i, "1.2.3.4", 80) for i in range(1, 5)))
+        await settle()
+        chunk = b"u" * MAX_DATA
+        for conn in range(1, 5):  # nobody reads: the fourth flow overflows the host
+            for _ in range(UP_WINDOW // MAX_DATA):
+                h.mux.feed(frame(DATA, conn, chunk))
+        await settle()
+        assert [f.closed for f in h.flows] == [False, False, False, True]
+        assert h.mux._inbound == 3 * UP_WINDOW
+        h.flows[0].abort()  # a closed flow's unread bytes are released
+        assert h.mux._inbound == 2 * UP_WINDOW
+        h.release.set()
+        await h.mux.aclose()
 
     asyncio.run(main())

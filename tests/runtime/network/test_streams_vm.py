@@ -178,7 +178,11 @@ def test_the_stream_path_carries_tcp_and_the_host_still_decides_every_flow(
             assert result["secrets"][2] == [200, "authorized"], result["secrets"]
             readable, _, _ = select.select([servers["trap_socket"]], [], [], 0)
             assert not readable, "a denied flow reached the host's listener"
-            tcp = [e for e in stack.events() if e.protocol == "tcp"]
+            for _ in range(100):  # a flow's event is final once its host side closed
+                tcp = [e for e in stack.events() if e.protocol == "tcp"]
+                if all(e.bytes_in or e.verdict != "allow" for e in tcp):
+                    break
+                await anyio.sleep(0.1)
             assert all(e.path == "stream" for e in tcp), [e.describe() for e in tcp]
             by_port = {e.port: e for e in tcp}
             assert by_port[ports["blob"]].bytes_in == len(BLOB)

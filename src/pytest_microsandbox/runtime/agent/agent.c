@@ -3079,12 +3079,14 @@ static int connect_udp_relay(const char *port_text)
  * Guest -> host: READY (TOKEN), OPEN (family 4 or 6, address, port), DATA, EOF, CLOSE,
  * ACK (u32: bytes of the host's DATA written to the socket).  Host -> guest:
  * DATA, EOF (shutdown), CLOSE (reset), ACK (u32: guest bytes consumed).
- * Either side keeps at most SM_WINDOW bytes unacknowledged per connection,
+ * Host -> guest keeps at most SM_DOWN_WINDOW bytes unacknowledged per
+ * connection, guest -> host SM_UP_WINDOW (the host's memory is the scarcer),
  * so neither buffers more than that.  Nothing here is trusted by the host.
  */
 enum { SM_READY = 0, SM_OPEN = 1, SM_DATA = 2, SM_EOF = 3, SM_CLOSE = 4, SM_ACK = 5 };
 #define SM_MAX_DATA 65536u
-#define SM_WINDOW (512u * 1024u)
+#define SM_DOWN_WINDOW (2048u * 1024u)
+#define SM_UP_WINDOW (256u * 1024u)
 #define SM_MAX_CONNS 1024
 #define SM_PIDFILE "/run/msb-stream.pid"
 #ifndef SO_ORIGINAL_DST
@@ -3095,7 +3097,7 @@ struct sconn {
 	int fd; /* -1: free slot */
 	uint32_t id;
 	char *out; /* host bytes not yet written to the socket */
-	size_t out_len, out_cap;
+	size_t out_off, out_len, out_cap; /* unwritten: out[out_off, out_len) */
 	uint32_t up_unacked; /* guest bytes sent to the host, not yet acknowledged */
 	uint32_t down_unacked; /* host bytes written to the socket, not yet acknowledged */
 	bool rd_done, eof_in;
@@ -3152,8 +3154,8 @@ static void sm_maybe_done(struct sconn *c)
 static void sm_flush(struct sconn *c)
 {
 	size_t done = 0;
-	while (done < c->out_len) {
-		ssize_t w = write(c->fd, c->out + done, c->out_len - done);
+	while (c->out_off + done < c->out_len) {
+		ssize_t w = write(c->fd, c->out + c->out_off + done, c->out_len - c->out_off - done);
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
@@ -3166,12 +3168,15 @@ static void sm_flush(struct sconn *c)
 		done += (size_t)w;
 	}
 	if (done) {
-		memmove(c->out, c->out + done, c->out_len - done);
-		c->out_len -= done;
+		/* No memmove per write (under TCG it cost more than the write):
+		 * the buffer is compacted only when an append needs the room. */
+		c->out_off += done;
+		if (c->out_off == c->out_len)
+			c->out_off = c->out_len = 0;
 		/* Acknowledged in quarters of the window: each frame costs the guest
 		 * a trip through the agent, and the host keeps >= 3/4 of it. */
 		c->down_unacked += (uint32_t)done;
-		if (c->down_unacked >= SM_WINDOW / 4) {
+		if (c->down_unacked >= SM_DOWN_WINDOW / 4) {
 			unsigned char n[4];
 			sm_put32(n, c->down_unacked);
 			sm_send(SM_ACK, c->id, n, 4);
@@ -3302,7 +3307,7 @@ static int stream_mux(const char *port_text, const char *token, const char *vpor
 			if (c->fd < 0)
 				continue;
 			short ev = 0;
-			if (!c->rd_done && c->up_unacked < SM_WINDOW)
+			if (!c->rd_done && c->up_unacked < SM_UP_WINDOW)
 				ev |= POLLIN;
 			if (c->out_len)
 				ev |= POLLOUT;
@@ -3329,11 +3334,11 @@ static int stream_mux(const char *port_text, const char *token, const char *vpor
 				sm_free(c, false);
 				continue;
 			}
-			if (c->fd < 0 || c->rd_done || c->up_unacked >= SM_WINDOW ||
+			if (c->fd < 0 || c->rd_done || c->up_unacked >= SM_UP_WINDOW ||
 			    !(pfds[k].revents & (POLLIN | POLLHUP | POLLERR)))
 				continue;
 			static char buf[SM_MAX_DATA];
-			size_t room = SM_WINDOW - c->up_unacked;
+			size_t room = SM_UP_WINDOW - c->up_unacked;
 			ssize_t r = read(c->fd, buf, room < sizeof buf ? room : sizeof buf);
 			if (r > 0) {
 				c->up_unacked += (uint32_t)r;
@@ -3403,13 +3408,18 @@ static int stream_mux(const char *port_text, const char *token, const char *vpor
 				if (!c)
 					continue; /* closed meanwhile */
 				if (type == SM_DATA && !c->eof_in) {
-					if (c->out_len + len > SM_WINDOW) {
+					if (c->out_len - c->out_off + len > SM_DOWN_WINDOW) {
 						sm_send(SM_CLOSE, c->id, NULL, 0);
 						sm_free(c, true);
 						continue;
 					}
+					if (c->out_len + len > c->out_cap && c->out_off) {
+						memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+						c->out_len -= c->out_off;
+						c->out_off = 0;
+					}
 					if (c->out_len + len > c->out_cap) {
-						size_t cap = c->out_len + len < 65536 ? 65536 : SM_WINDOW;
+						size_t cap = c->out_len + len < 65536 ? 65536 : SM_DOWN_WINDOW;
 						char *grown = realloc(c->out, cap);
 						if (!grown)
 							return 1;
