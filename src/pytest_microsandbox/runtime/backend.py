@@ -132,6 +132,16 @@ class VMHandle(abc.ABC):
         """
         raise BackendUnavailableError(f"{type(self).__name__} has no host-guest channel")
 
+    async def connect_stream_port(self, timeout: float) -> anyio.abc.ByteStream:
+        """Return the byte stream to the guest's stream-path port (the
+        network's ``agent --stream``). One connection per VM.
+
+        :raises BackendUnavailableError: this backend has no such port (the
+            stream path then runs over the agent channel).
+        :raises SandboxNotRunningError: the port was already taken.
+        """
+        raise BackendUnavailableError(f"{type(self).__name__} has no stream port")
+
     def console_tail(self, lines: int = 40) -> str:
         return read_console_tail(self.spec.console_path, lines)
 

@@ -54,6 +54,10 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_net",
     "wireguard",
     "crc32c_generic",
+    # The stream path's redirect (network/_streams.py): nftables NAT + redirect.
+    # After crc32c_generic: their libcrc32c needs it loaded.
+    "nft_chain_nat",
+    "nft_redir",
     "erofs",
     "overlay",
     "9pnet_virtio",

@@ -50,6 +50,8 @@ from ._diagnostics import (
     printable,
 )
 from ._exceptions import (
+    BackendUnavailableError,
+    CommandNotFoundError,
     ConfigError,
     CopyLimitError,
     ExecError,
@@ -76,10 +78,18 @@ from .images import SCRIPTS_DIR, ImageConfig, image_config_for, imaged_venv
 from .lifetime import current_runtime
 from .network import NetworkPolicy, NetworkStack, PortPublisher, Secret, SecretSubstituter
 from .network._ports import RELAY_ARGS, RELAY_PROGRAM, RELAY_UDP_ARGS
+from .network._streams import (
+    NFT_TABLE,
+    STREAM_ARGS,
+    STREAM_PORT,
+    ExecTransport,
+    MuxTransport,
+    PortTransport,
+)
 from .network._tls import ensure_ca
 from .provision import ColdBoot, GuestSession, Provisioner, Snapshotter, extensions
 from .pty import PTY_WINDOW, PtySession
-from .qemu import XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
+from .qemu import STREAM_PORT_NAME, XFER_DISK_BYTES, XFER_IMAGE, XFER_SERIAL
 from .volumes import (
     lock_volumes,
     mount_volumes,
@@ -191,6 +201,10 @@ class SandboxMetrics:
 
 #: Where a sandbox with secrets finds the interception CA (its overlay only).
 _GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+#: Where the guest's nft may be (the stream path's redirect; none: WireGuard only).
+_NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")
+#: Output of ``agent --stream`` the host holds unacknowledged (its frames).
+_STREAM_WINDOW = 4 << 20
 _GUEST_CA_FILE = "/etc/ssl/certs/pytest-microsandbox-ca.pem"
 _CA_ENV = {
     "SSL_CERT_FILE": _GUEST_CA_BUNDLE,  # OpenSSL, Python's ssl
@@ -538,6 +552,7 @@ class Sandbox:
         self._recent = RecentExecs()
         self._base_env: dict[str, str] | None = None
         self._network: NetworkStack | None = None
+        self._captured_network = False
         #: Secret placeholders to keep (env var -> placeholder): a restore's or fork's.
         self._placeholders: dict[str, str] = {}
         self._ports: PortPublisher | None = None
@@ -729,6 +744,7 @@ class Sandbox:
         session: GuestSession,
         *,
         secret_placeholders: Mapping[str, str] | None = None,
+        captured_network: bool = False,
     ) -> Sandbox:
         """Take over a provisioned guest: give it the host clock, a fresh RNG seed
         and its hostname, mount ``config.volumes``, return the sandbox. The
@@ -736,10 +752,14 @@ class Sandbox:
 
         ``secret_placeholders`` (env var -> placeholder) are those the guest
         already holds (a restored snapshot's, a fork's parent's): the secrets of
-        ``config`` keep them instead of drawing new ones.
+        ``config`` keep them instead of drawing new ones. ``captured_network``:
+        the guest was captured with a network on, so it may hold the captured
+        sandbox's stream path (its redirect and its listener, whose host end is
+        gone): the new one replaces it before the sandbox is handed out.
         """
         sandbox = cls(config, session)
         sandbox._placeholders = dict(secret_placeholders or {})
+        sandbox._captured_network = captured_network
         try:
             await sandbox._configure_guest()
         except BaseException:
@@ -833,6 +853,63 @@ class Sandbox:
         )
         if stack.secrets is not None:
             await self._trust_interception_ca()
+        stack.start_stream_path(
+            self._start_stream_mux, self._apply_nft, stale=self._captured_network
+        )
+        if self._captured_network:
+            # The captured redirect leads to a listener whose host end is gone:
+            # the first command must find the new one (or WireGuard) in place.
+            up = await stack.wait_stream_path(self._request_timeout)
+            if not up and stack.stream_state == "starting":
+                await self._apply_nft(f"delete table inet {NFT_TABLE}")
+
+    async def _start_stream_mux(self, token: str) -> MuxTransport:
+        """The guest end of the stream path (``agent --stream``, no timeout) and
+        the transport to it: the VM's stream port, else the agent channel
+        (the exec's stdin/stdout, its output bounded by a window).
+        """
+        argv = [RELAY_PROGRAM, STREAM_ARGS, str(STREAM_PORT), token]
+        try:
+            port = await self._vm.connect_stream_port(self._request_timeout)
+        except (BackendUnavailableError, SandboxNotRunningError):
+            port = None
+        if port is None:
+            handle = await self._agent.exec_stream(
+                argv, env={}, cwd="/", user="0", stdin=True, window=_STREAM_WINDOW
+            )
+            return ExecTransport(handle)
+        try:
+            # Over the port it leaves the agent once listening (exit 0).
+            result = await self._agent.exec(
+                [*argv, STREAM_PORT_NAME],
+                env={},
+                cwd="/",
+                user="0",
+                timeout=self._request_timeout,
+                max_output=1 << 16,
+            )
+            if not result.ok:
+                raise ExecError(f"agent --stream exited with {result.returncode}")
+        except BaseException:
+            await port.aclose()
+            raise
+        return PortTransport(port)
+
+    async def _apply_nft(self, commands: str) -> bool:
+        """Run ``nft`` commands in the guest as root; False when it cannot (an
+        image without nft, a kernel without its modules).
+        """
+        for nft in _NFT_PATHS:
+            try:
+                result = await self._agent.exec(
+                    [nft, commands], env={}, cwd="/", user="0", timeout=60, max_output=1 << 16
+                )
+            except CommandNotFoundError:
+                continue
+            except SandboxError:
+                return False
+            return result.ok
+        return False
 
     async def _trust_interception_ca(self) -> None:
         """Add the cache directory's interception CA to the guest's trust store
@@ -912,6 +989,7 @@ class Sandbox:
         :raises SnapshotError: cold-booted sandbox, mounted volume, full disk, QEMU error.
         """
         async with self._unpaused():
+            await self._settle_network()
             return await _snapshotter().snapshot(self, name)
 
     async def fork(self, name: str | None = None) -> Sandbox:
@@ -921,7 +999,16 @@ class Sandbox:
         :raises SnapshotError: like :meth:`snapshot`.
         """
         async with self._unpaused():
+            await self._settle_network()
             return await _snapshotter().fork(self, name)
+
+    async def _settle_network(self) -> None:
+        """Let a stream path that is starting finish (its requests to the agent
+        and its ``nft`` run) before a capture, so that no capture holds them
+        half done.
+        """
+        if self._network is not None:
+            await self._network.wait_stream_path(self._request_timeout)
 
     @contextlib.asynccontextmanager
     async def _unpaused(self) -> AsyncIterator[None]:

@@ -592,7 +592,10 @@ async def _restore_entry(
     secret_placeholders: Mapping[str, str] | None = None,
 ) -> Sandbox:
     session = await _restore_session(entry, config, backend, plan, cache, pooled, warm_command)
-    return await Sandbox.from_session(config, session, secret_placeholders=secret_placeholders)
+    captured = SandboxConfig.from_json(entry.meta.config).network is not None
+    return await Sandbox.from_session(
+        config, session, secret_placeholders=secret_placeholders, captured_network=captured
+    )
 
 
 class TemplateProvisioner:

@@ -3067,9 +3067,389 @@ static int connect_udp_relay(const char *port_text)
 	}
 }
 
+/*
+ * `agent --stream PORT TOKEN [VPORT]`: the guest end of the stream path (docs/network.md,
+ * "Stream path").  Listens on 127.0.0.1:PORT, where the guest's nftables
+ * rule (set by the host) redirects outbound TCP; each accepted connection's
+ * original destination (SO_ORIGINAL_DST) goes to the host, which decides it
+ * like a WireGuard flow before any host socket opens, and the bytes cross
+ * the virtio-serial port named VPORT (else this process's stdin/stdout, the
+ * agent channel: ~6x slower under TCG) as frames:
+ *   type u8, id u32, len u32 (big endian), then len bytes (<= SM_MAX_DATA).
+ * Guest -> host: READY (TOKEN), OPEN (family 4 or 6, address, port), DATA, EOF, CLOSE,
+ * ACK (u32: bytes of the host's DATA written to the socket).  Host -> guest:
+ * DATA, EOF (shutdown), CLOSE (reset), ACK (u32: guest bytes consumed).
+ * Host -> guest keeps at most SM_DOWN_WINDOW bytes unacknowledged per
+ * connection, guest -> host SM_UP_WINDOW (the host's memory is the scarcer),
+ * so neither buffers more than that.  Nothing here is trusted by the host.
+ */
+enum { SM_READY = 0, SM_OPEN = 1, SM_DATA = 2, SM_EOF = 3, SM_CLOSE = 4, SM_ACK = 5 };
+#define SM_MAX_DATA 65536u
+#define SM_DOWN_WINDOW (2048u * 1024u)
+#define SM_UP_WINDOW (256u * 1024u)
+#define SM_MAX_CONNS 1024
+#define SM_PIDFILE "/run/msb-stream.pid"
+#ifndef SO_ORIGINAL_DST
+#define SO_ORIGINAL_DST 80
+#endif
+
+struct sconn {
+	int fd; /* -1: free slot */
+	uint32_t id;
+	char *out; /* host bytes not yet written to the socket */
+	size_t out_off, out_len, out_cap; /* unwritten: out[out_off, out_len) */
+	uint32_t up_unacked; /* guest bytes sent to the host, not yet acknowledged */
+	uint32_t down_unacked; /* host bytes written to the socket, not yet acknowledged */
+	bool rd_done, eof_in;
+};
+
+static void sm_put32(unsigned char *p, uint32_t v)
+{
+	p[0] = (unsigned char)(v >> 24);
+	p[1] = (unsigned char)(v >> 16);
+	p[2] = (unsigned char)(v >> 8);
+	p[3] = (unsigned char)v;
+}
+
+static uint32_t sm_get32(const unsigned char *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* Frames cross stdin/stdout, or a virtio-serial port of their own. */
+static int sm_in = 0, sm_out = 1;
+
+static void sm_send(uint8_t type, uint32_t id, const void *data, uint32_t len)
+{
+	static unsigned char frame[9 + SM_MAX_DATA];
+	frame[0] = type;
+	sm_put32(frame + 1, id);
+	sm_put32(frame + 5, len);
+	if (len)
+		memcpy(frame + 9, data, len);
+	write_all_fd(sm_out, (const char *)frame, 9 + (size_t)len);
+}
+
+static void sm_free(struct sconn *c, bool reset)
+{
+	if (reset) {
+		struct linger l = {1, 0};
+		setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+	}
+	close(c->fd);
+	free(c->out);
+	memset(c, 0, sizeof *c);
+	c->fd = -1;
+}
+
+/* Both directions ended: tell the host and free the slot. */
+static void sm_maybe_done(struct sconn *c)
+{
+	if (c->rd_done && c->eof_in && c->out_len == 0) {
+		sm_send(SM_CLOSE, c->id, NULL, 0);
+		sm_free(c, false);
+	}
+}
+
+static void sm_flush(struct sconn *c)
+{
+	size_t done = 0;
+	while (c->out_off + done < c->out_len) {
+		ssize_t w = write(c->fd, c->out + c->out_off + done, c->out_len - c->out_off - done);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			break;
+		if (w <= 0) {
+			sm_send(SM_CLOSE, c->id, NULL, 0);
+			sm_free(c, true);
+			return;
+		}
+		done += (size_t)w;
+	}
+	if (done) {
+		/* No memmove per write (under TCG it cost more than the write):
+		 * the buffer is compacted only when an append needs the room. */
+		c->out_off += done;
+		if (c->out_off == c->out_len)
+			c->out_off = c->out_len = 0;
+		/* Acknowledged in quarters of the window: each frame costs the guest
+		 * a trip through the agent, and the host keeps >= 3/4 of it. */
+		c->down_unacked += (uint32_t)done;
+		if (c->down_unacked >= SM_DOWN_WINDOW / 4) {
+			unsigned char n[4];
+			sm_put32(n, c->down_unacked);
+			sm_send(SM_ACK, c->id, n, 4);
+			c->down_unacked = 0;
+		}
+	}
+	if (c->out_len == 0 && c->eof_in) {
+		shutdown(c->fd, SHUT_WR);
+		sm_maybe_done(c);
+	}
+}
+
+static struct sconn *sm_find(struct sconn *conns, uint32_t id)
+{
+	for (int i = 0; i < SM_MAX_CONNS; i++)
+		if (conns[i].fd >= 0 && conns[i].id == id)
+			return &conns[i];
+	return NULL;
+}
+
+/* Opens the virtio-serial port named `name` (its /dev node), or -1. */
+static int open_vport(const char *name)
+{
+	DIR *d = opendir("/sys/class/virtio-ports");
+	if (!d)
+		return -1;
+	struct dirent *e;
+	int fd = -1;
+	while (fd < 0 && (e = readdir(d))) {
+		char path[PATH_MAX], text[64];
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+		if (read_small(path, text, sizeof text) < 0 || strcmp(text, name))
+			continue;
+		snprintf(path, sizeof path, "/dev/%s", e->d_name);
+		/* Busy while a killed predecessor still holds it. */
+		for (int tries = 0; tries < 200; tries++) {
+			fd = open(path, O_RDWR | O_CLOEXEC);
+			if (fd >= 0 || errno != EBUSY)
+				break;
+			usleep(10000);
+		}
+	}
+	closedir(d);
+	return fd;
+}
+
+static int stream_mux(const char *port_text, const char *token, const char *vport)
+{
+	char *end;
+	long port = strtol(port_text, &end, 10);
+	if (*end || port < 1 || port > 65535)
+		return 2;
+	/* A restored snapshot may hold the previous sandbox's mux, whose host end
+	 * is gone: end it, and take its port. */
+	char old[32];
+	if (read_small(SM_PIDFILE, old, sizeof old) > 0) {
+		long pid = strtol(old, &end, 10);
+		if (!*end && pid > 1 && pid != getpid())
+			kill((pid_t)pid, SIGKILL);
+	}
+	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	int one = 1;
+	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (ls < 0 || setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
+		return 1;
+	for (int tries = 0; bind(ls, (struct sockaddr *)&sin, sizeof sin) < 0; tries++) {
+		if (errno != EADDRINUSE || tries == 200)
+			return 1;
+		usleep(10000); /* the killed mux's socket closes */
+	}
+	if (listen(ls, 128) < 0)
+		return 1;
+	if (vport) {
+		sm_in = sm_out = open_vport(vport);
+		if (sm_in < 0)
+			return 1;
+		/* Over its own port it needs no EXEC: it leaves the agent's
+		 * bookkeeping (the EXEC ends now, exit 0 = listening), so a capture
+		 * holds no running EXEC whose id a restored session could reuse.
+		 * It ends when the host closes the port (EOF) or the VM does. */
+		pid_t child = fork();
+		if (child < 0)
+			return 1;
+		if (child > 0)
+			_exit(0);
+		setsid();
+		int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+		if (null >= 0) {
+			dup2(null, 0);
+			dup2(null, 1);
+			dup2(null, 2);
+		}
+	}
+	int pf = open(SM_PIDFILE, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (pf >= 0) {
+		dprintf(pf, "%d\n", (int)getpid());
+		close(pf);
+	}
+	/* IPv6 too, when the guest has it (its rule redirects to [::1]:PORT). */
+	int ls6 = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	struct sockaddr_in6 sin6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port)};
+	sin6.sin6_addr = in6addr_loopback;
+	if (ls6 >= 0 && (setsockopt(ls6, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+			 setsockopt(ls6, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) < 0 ||
+			 bind(ls6, (struct sockaddr *)&sin6, sizeof sin6) < 0 || listen(ls6, 128) < 0)) {
+		close(ls6);
+		ls6 = -1;
+	}
+	static struct sconn conns[SM_MAX_CONNS];
+	static struct pollfd pfds[2 + SM_MAX_CONNS];
+	static int slot[2 + SM_MAX_CONNS];
+	static unsigned char in[2 * (9 + SM_MAX_DATA)];
+	size_t have = 0;
+	uint32_t next_id = 1;
+	for (int i = 0; i < SM_MAX_CONNS; i++)
+		conns[i].fd = -1;
+	/* The host drops whatever precedes this (a captured predecessor's frames). */
+	size_t tl = strlen(token);
+	sm_send(SM_READY, 0, token, (uint32_t)(tl < 256 ? tl : 256));
+	for (;;) {
+		int n = 3;
+		pfds[0] = (struct pollfd){.fd = sm_in, .events = POLLIN};
+		for (int i = 0; i < SM_MAX_CONNS; i++) {
+			struct sconn *c = &conns[i];
+			if (c->fd < 0)
+				continue;
+			short ev = 0;
+			if (!c->rd_done && c->up_unacked < SM_UP_WINDOW)
+				ev |= POLLIN;
+			if (c->out_len)
+				ev |= POLLOUT;
+			slot[n] = i;
+			pfds[n++] = (struct pollfd){.fd = c->fd, .events = ev};
+		}
+		/* Full: new connections wait in the backlog. */
+		pfds[1] = (struct pollfd){.fd = n - 3 < SM_MAX_CONNS ? ls : -1, .events = POLLIN};
+		pfds[2] = (struct pollfd){.fd = n - 3 < SM_MAX_CONNS ? ls6 : -1, .events = POLLIN};
+		if (poll(pfds, (nfds_t)n, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return 1;
+		}
+		for (int k = 3; k < n; k++) {
+			struct sconn *c = &conns[slot[k]];
+			if (c->fd != pfds[k].fd || !pfds[k].revents)
+				continue;
+			if (pfds[k].revents & POLLOUT)
+				sm_flush(c);
+			if (c->fd >= 0 && c->rd_done && (pfds[k].revents & (POLLERR | POLLHUP))) {
+				/* Reset, or shut both ways: nothing more can cross (no busy loop). */
+				sm_send(SM_CLOSE, c->id, NULL, 0);
+				sm_free(c, false);
+				continue;
+			}
+			if (c->fd < 0 || c->rd_done || c->up_unacked >= SM_UP_WINDOW ||
+			    !(pfds[k].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			static char buf[SM_MAX_DATA];
+			size_t room = SM_UP_WINDOW - c->up_unacked;
+			ssize_t r = read(c->fd, buf, room < sizeof buf ? room : sizeof buf);
+			if (r > 0) {
+				c->up_unacked += (uint32_t)r;
+				sm_send(SM_DATA, c->id, buf, (uint32_t)r);
+			} else if (r == 0) {
+				c->rd_done = true;
+				sm_send(SM_EOF, c->id, NULL, 0);
+				sm_maybe_done(c);
+			} else if (errno != EAGAIN && errno != EINTR) {
+				sm_send(SM_CLOSE, c->id, NULL, 0);
+				sm_free(c, true);
+			}
+		}
+		for (int l = 1; l <= 2; l++) {
+			if (!(pfds[l].revents & POLLIN))
+				continue;
+			int s = accept4(pfds[l].fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+			struct sockaddr_storage dst;
+			socklen_t dl = sizeof dst;
+			unsigned char o[19];
+			size_t olen = 0;
+			if (s >= 0 && l == 1 &&
+			    getsockopt(s, SOL_IP, SO_ORIGINAL_DST, &dst, &dl) == 0 &&
+			    dst.ss_family == AF_INET) {
+				struct sockaddr_in *d4 = (struct sockaddr_in *)&dst;
+				o[0] = 4;
+				memcpy(o + 1, &d4->sin_addr, 4);
+				memcpy(o + 5, &d4->sin_port, 2);
+				olen = 7;
+			} else if (s >= 0 && l == 2 &&
+				   getsockopt(s, SOL_IPV6, SO_ORIGINAL_DST, &dst, &dl) == 0 &&
+				   dst.ss_family == AF_INET6) {
+				struct sockaddr_in6 *d6 = (struct sockaddr_in6 *)&dst;
+				o[0] = 6;
+				memcpy(o + 1, &d6->sin6_addr, 16);
+				memcpy(o + 17, &d6->sin6_port, 2);
+				olen = 19;
+			}
+			for (int i = 0; olen && i < SM_MAX_CONNS; i++) {
+				if (conns[i].fd >= 0)
+					continue;
+				conns[i].fd = s;
+				conns[i].id = next_id++;
+				s = -1;
+				sm_send(SM_OPEN, conns[i].id, o, (uint32_t)olen);
+				break;
+			}
+			if (s >= 0)
+				close(s); /* not redirected, or full */
+		}
+		if (pfds[0].revents) {
+			ssize_t r = read(sm_in, in + have, sizeof in - have);
+			if (r <= 0)
+				return 0; /* the host ended the stream path */
+			have += (size_t)r;
+			size_t at = 0;
+			while (have - at >= 9) {
+				uint8_t type = in[at];
+				uint32_t id = sm_get32(in + at + 1), len = sm_get32(in + at + 5);
+				if (len > SM_MAX_DATA)
+					return 3; /* out of step: nothing after this can be trusted */
+				if (have - at < 9 + (size_t)len)
+					break;
+				const unsigned char *p = in + at + 9;
+				at += 9 + (size_t)len;
+				struct sconn *c = sm_find(conns, id);
+				if (!c)
+					continue; /* closed meanwhile */
+				if (type == SM_DATA && !c->eof_in) {
+					if (c->out_len - c->out_off + len > SM_DOWN_WINDOW) {
+						sm_send(SM_CLOSE, c->id, NULL, 0);
+						sm_free(c, true);
+						continue;
+					}
+					if (c->out_len + len > c->out_cap && c->out_off) {
+						memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+						c->out_len -= c->out_off;
+						c->out_off = 0;
+					}
+					if (c->out_len + len > c->out_cap) {
+						size_t cap = c->out_len + len < 65536 ? 65536 : SM_DOWN_WINDOW;
+						char *grown = realloc(c->out, cap);
+						if (!grown)
+							return 1;
+						c->out = grown;
+						c->out_cap = cap;
+					}
+					memcpy(c->out + c->out_len, p, len);
+					c->out_len += len;
+					sm_flush(c);
+				} else if (type == SM_EOF) {
+					c->eof_in = true;
+					sm_flush(c);
+				} else if (type == SM_CLOSE) {
+					sm_free(c, true);
+				} else if (type == SM_ACK && len == 4) {
+					uint32_t a = sm_get32(p);
+					c->up_unacked -= a < c->up_unacked ? a : c->up_unacked;
+				}
+			}
+			memmove(in, in + at, have - at);
+			have -= at;
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	signal(SIGPIPE, SIG_IGN);
+	if ((argc == 4 || argc == 5) && !strcmp(argv[1], "--stream"))
+		return stream_mux(argv[2], argv[3], argc == 5 ? argv[4] : NULL);
 	if (argc == 3 && !strcmp(argv[1], "--connect"))
 		return connect_relay(argv[2]);
 	if (argc == 3 && !strcmp(argv[1], "--connect-udp"))

@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,14 @@ from .._exceptions import BackendUnavailableError
 from ._dns import answer_query, resolve_host, resolve_host6
 from ._policy import Destination, IPAddress, NetworkPolicy, Protocol
 from ._secrets import SecretSubstituter, SubstitutionError
+from ._streams import (
+    NFT_TABLE,
+    GuestStream,
+    MuxTransport,
+    StreamMux,
+    StreamProtocolError,
+    nft_ruleset,
+)
 from ._tls import TlsServer, ensure_ca, looks_like_tls
 
 __all__ = [
@@ -45,6 +53,7 @@ __all__ = [
     "HOST_SOCKET",
     "LOOPBACK_ONLY_ENV",
     "QEMU_SOCKET",
+    "STREAM_ENV",
     "NetworkEvent",
     "NetworkStack",
     "guest_resolv_conf",
@@ -60,6 +69,9 @@ QEMU_SOCKET = "net.qemu"
 #: Set to 1 (the test suite does) to refuse every host dial outside 127.0.0.0/8
 #: and never ask a real DNS resolver: a guard for machines that must stay local.
 LOOPBACK_ONLY_ENV = "MICROSANDBOX_NETWORK_LOOPBACK_ONLY"
+#: Set to 0 to keep every TCP flow on WireGuard (no stream path): for
+#: measuring one path against the other, or an image whose nft misbehaves.
+STREAM_ENV = "MICROSANDBOX_NETWORK_STREAM"
 
 # The guest's link to the shim: a /30 of the benchmarking range 198.18.0.0/15,
 # which no real destination uses; the shim is .1, the guest .2.
@@ -88,9 +100,17 @@ _READ = 65536
 _UDP_IDLE_S = 30.0
 _CONNECT_TIMEOUT_S = 10.0
 _DENY_CLOSE_DELAY_S = 0.5
+#: How long the guest's stream listener may take to say READY.
+_STREAM_START_S = 30.0
 # NET flags (agent.c): no default route; a rehearsal (undone at the end).
 _F_NO_ROUTE = 1
 _F_REHEARSAL = 2
+
+
+#: Starts ``agent --stream`` in the guest: the transport to it.
+StartMux = Callable[[str], Awaitable[MuxTransport]]
+#: Runs ``nft`` commands in the guest: True when they succeeded.
+ApplyRule = Callable[[str], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -111,12 +131,15 @@ class NetworkEvent:
     reason: str
     bytes_out: int = 0
     bytes_in: int = 0
+    #: How the flow reached the host: ``wireguard`` or ``stream`` (TCP only).
+    path: str = "wireguard"
 
     def describe(self) -> str:
         where = f"{self.name} ({self.destination})" if self.name else self.destination
         return (
             f"{self.protocol} {where}:{self.port} {self.verdict} [{self.reason}] "
             f"out={self.bytes_out} in={self.bytes_in}"
+            + (" via stream" if self.path == "stream" else "")
         )
 
 
@@ -363,6 +386,14 @@ class NetworkStack:
         self._guest_key = ""
         self._server_pub = ""
         self._closed = False
+        self._stream_task: asyncio.Task[None] | None = None
+        self._stream_up = asyncio.Event()
+        #: The stream path's state: "off" (not started), "starting", "on", or
+        #: "off: why" (it ended or could not start: TCP goes over WireGuard).
+        self.stream_state = "off"
+        #: Which transport carries it once on (``PortTransport``: the VM's own
+        #: virtio-serial port; ``ExecTransport``: the agent channel).
+        self.stream_transport = ""
 
     @property
     def dns_ip(self) -> str:
@@ -511,7 +542,7 @@ class NetworkStack:
                 stream.close()
 
     def _admit(
-        self, dst_ip: str, dst_port: int, proto: Protocol
+        self, dst_ip: str, dst_port: int, proto: Protocol, path: str = "wireguard"
     ) -> tuple[Destination, NetworkEvent]:
         """Decide a flow by the policy and the loopback guard, before any host
         socket opens; the destination and the logged event (verdict allow/deny).
@@ -527,6 +558,7 @@ class NetworkStack:
             dest.name,
             "allow" if decision.allowed and not guard else "deny",
             guard or decision.reason,
+            path=path,
         )
         self._log(event)
         return dest, event
@@ -538,9 +570,13 @@ class NetworkStack:
         if ipaddress.ip_address(dst_ip) == DNS_IP and int(dst_port) == 53:
             await self._dns_tcp(stream)
             return
-        dest, event = self._admit(dst_ip, int(dst_port), "tcp")
+        path = "stream" if isinstance(stream, GuestStream) else "wireguard"
+        dest, event = self._admit(dst_ip, int(dst_port), "tcp", path)
         if event.verdict != "allow":
-            await _refuse(stream)
+            if isinstance(stream, GuestStream):
+                stream.abort()  # the stream path can reset: the guest sees it at once
+            else:
+                await _refuse(stream)
             return
         try:
             reader, writer = await asyncio.wait_for(
@@ -751,11 +787,111 @@ class NetworkStack:
                     self._names[ip] = name
         return reply
 
+    def start_stream_path(
+        self, start_mux: StartMux, apply_rule: ApplyRule, *, stale: bool = False
+    ) -> None:
+        """Start the stream path in the background (docs/network.md): until it
+        is on, and whenever it is off, guest TCP goes over WireGuard. Both
+        paths end in :meth:`_on_tcp`: one policy decision per flow, before any
+        host socket opens.
+
+        ``start_mux(token)`` starts ``agent --stream PORT VPORT TOKEN`` in the
+        guest and returns the transport to it (:mod:`._streams`);
+        ``apply_rule`` runs ``nft`` commands in the guest, True when they
+        succeeded (False: no nft, no nftables modules: the path stays off).
+        ``stale``: the guest may hold a captured sandbox's redirect, removed if
+        the new path does not come up.
+        """
+        if os.environ.get(STREAM_ENV, "") == "0":
+            self.stream_state = f"off: {STREAM_ENV}=0"
+            if stale:  # a captured redirect would lead nowhere: remove it
+                self._stream_task = asyncio.ensure_future(self._drop_redirect(apply_rule))
+            return
+        self.stream_state = "starting"
+        self._stream_task = asyncio.ensure_future(self._stream_path(start_mux, apply_rule, stale))
+
+    async def _drop_redirect(self, apply_rule: ApplyRule) -> None:
+        with contextlib.suppress(Exception):
+            await apply_rule(f"delete table inet {NFT_TABLE}")
+
+    async def wait_stream_path(self, timeout: float) -> bool:
+        """Wait until the stream path is on (True) or has failed or timed out (False)."""
+        if self._stream_task is None:
+            return False
+        up = asyncio.ensure_future(self._stream_up.wait())
+        try:
+            await asyncio.wait(
+                {up, self._stream_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            up.cancel()
+        return self.stream_state == "on"
+
+    async def _stream_path(self, start_mux: StartMux, apply_rule: ApplyRule, stale: bool) -> None:
+        transport: MuxTransport | None = None
+        mux: StreamMux | None = None
+        ruled = False
+        try:
+            token = secrets.token_hex(16)
+            transport = await start_mux(token)
+            mux = StreamMux(transport.send, self._on_tcp, token=token, max_flows=MAX_FLOWS)
+            mux.start()
+
+            async def read(transport: MuxTransport, mux: StreamMux) -> None:
+                async for data in transport.chunks():
+                    mux.feed(data)
+
+            reader = asyncio.ensure_future(read(transport, mux))
+            ready = asyncio.ensure_future(mux.ready.wait())
+            await asyncio.wait(
+                {reader, ready}, timeout=_STREAM_START_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not ready.done():
+                ready.cancel()
+                reader.cancel()
+                self.stream_state = "off: the guest's stream listener did not start"
+                return
+            ruled = await apply_rule(nft_ruleset())
+            if not ruled:
+                reader.cancel()
+                self.stream_state = (
+                    "off: the guest could not redirect TCP (nft or its modules missing)"
+                )
+                return
+            self.stream_state = "on"
+            self.stream_transport = type(transport).__name__
+            self._stream_up.set()
+            try:
+                await reader
+                self.stream_state = "off: the guest's stream listener ended"
+            except StreamProtocolError as exc:
+                self.stream_state = f"off: {exc}"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the guest failed to start it: WireGuard carries TCP
+            self.stream_state = f"off: {exc}"
+        finally:
+            self._stream_up.set()
+            if mux is not None:
+                mux.end(self.stream_state)
+            if transport is not None:
+                await transport.aclose()
+            if (ruled or stale) and not self._closed and self.stream_state != "on":
+                # Connections would be redirected to nothing: back to WireGuard.
+                with contextlib.suppress(Exception):
+                    await apply_rule(f"delete table inet {NFT_TABLE}")
+            if mux is not None:
+                await mux.aclose()
+
     async def aclose(self) -> None:
         """Stop accepting flows, close every host socket. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._stream_task is not None:
+            self._stream_task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._stream_task, 5)
         for transport in self._transports:
             transport.close()
         if self._server is not None:
