@@ -38,6 +38,7 @@ from ._remote import _b64, _unb64, read_line, write_line
 from ._remote_stream import STREAM_OPS, open_relay
 from ._state import StateStore
 from .config import SandboxConfig
+from .lifetime import current_runtime
 from .sandbox import Sandbox
 
 __all__ = ["main", "serve"]
@@ -339,6 +340,13 @@ async def _restore_registered(store: StateStore, config: SandboxConfig, path: Pa
             await anyio.to_thread.run_sync(store.release, record)
         raise
     await sandbox._register(store, record)
+    # The capture's own timers, else the caller's (a plugin's kept-warm VM,
+    # restored from a snapshot taken without any).
+    timers = {"idle_timeout": config.idle_timeout, "max_duration": config.max_duration}
+    own = sandbox.config.idle_timeout is not None or sandbox.config.max_duration is not None
+    if not own and any(v is not None for v in timers.values()):
+        sandbox.config = sandbox.config.model_copy(update=timers)
+        (await current_runtime()).spawn(sandbox._enforce_limits)
     return sandbox
 
 
