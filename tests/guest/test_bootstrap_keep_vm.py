@@ -18,9 +18,9 @@ from pytest_microsandbox.plugin._backend import availability
 from pytest_microsandbox.plugin._zygote import (
     CONTROL_DIR,
     GuestPlan,
-    _collected,
-    _project_image,
-    _send_go,
+    collected,
+    project_image,
+    send_go,
     guest_env,
     restore_base,
 )
@@ -93,12 +93,12 @@ def test_a_kept_base_runner_serves_one_run_after_another(tmp_path: Path) -> None
     go = Go(cwd=str(project), args=args, keep=True).encode()
 
     async def main() -> None:
-        image = await _project_image(plan)
+        image = await project_image(plan)
         assert image is not None
         sandbox = await restore_base(plan, f"msb-keep-{secrets.token_hex(3)}", *image)
         try:
-            await _send_go(sandbox, go)
-            first = await _collected(sandbox)
+            await send_go(sandbox, go)
+            first = await collected(sandbox)
             assert first.items == 1
             channel = await sandbox.open_channel()
             outcomes = await _run(channel, "test_kept.py::test_leaves_a_process")
@@ -108,8 +108,8 @@ def test_a_kept_base_runner_serves_one_run_after_another(tmp_path: Path) -> None
             # The next run: the edit written in, a new go request.
             await sandbox.fs().write(str(test_file), EDITED.encode())
             await sandbox.fs().remove(f"{CONTROL_DIR}/{READY}")
-            await _send_go(sandbox, go)
-            second = await _collected(sandbox)
+            await send_go(sandbox, go)
+            second = await collected(sandbox)
             assert (second.items, second.pid != first.pid) == (2, True)
             assert not await _alive(sandbox, "[s]leep 4321")
             assert not await sandbox.fs().exists(f"/proc/{first.pid}/stat")
@@ -117,7 +117,7 @@ def test_a_kept_base_runner_serves_one_run_after_another(tmp_path: Path) -> None
             assert outcomes == ["passed", "passed", "passed"]
 
             # The end of a run: its child goes, the base runner stays.
-            await _send_go(sandbox, END)
+            await send_go(sandbox, END)
             with anyio.fail_after(60):
                 while await sandbox.fs().exists(f"/proc/{second.pid}/stat"):
                     await anyio.sleep(0.1)

@@ -33,7 +33,7 @@ import anyio
 import anyio.abc
 
 from ..guest.messages import END, READY, Go
-from ..runtime import LockTimeoutError, SandboxError
+from ..runtime import LockTimeoutError, SandboxConfig, SandboxError
 from ..runtime._keys import digest_parts
 from ..runtime._locks import EntryLock
 from ..runtime._remote import RemoteSandbox, SandboxHandle, create_detached
@@ -292,9 +292,11 @@ async def _sync_files(
 
 
 async def _reuse(
-    slot: WarmSlot, plan: GuestPlan, root: Path, files: dict[str, FileState]
+    slot: WarmSlot, plan: GuestPlan, root: Path, files: dict[str, FileState], seconds: float
 ) -> WarmVM | None:
-    """The slot's VM, its files brought up to date; None if there is none alive."""
+    """The slot's VM, its files brought up to date; None if there is none alive
+    (or it was started with another idle time: it is removed).
+    """
     record = await anyio.to_thread.run_sync(slot.record)
     if record is None:
         return None
@@ -304,6 +306,10 @@ async def _reuse(
     store = StateStore.default(plan.config.cache_dir)
     row = await anyio.to_thread.run_sync(store.get, record.sandbox)
     if row is None or not row.detached:
+        return None
+    if SandboxConfig.from_json(row.config).idle_timeout != seconds:  # asked for another time
+        with contextlib.suppress(SandboxError, OSError):
+            await SandboxHandle(store, row).remove()
         return None
     try:
         remote = await anyio.to_thread.run_sync(RemoteSandbox.open, store, row)
@@ -369,7 +375,7 @@ async def claim_warm(
         files = await anyio.to_thread.run_sync(project_files, root, *excluded)
         if files is None:  # symlinks or special files: copied whole, each run
             return None
-        vm = await _reuse(slot, plan, root, files)
+        vm = await _reuse(slot, plan, root, files, seconds)
         if vm is None:
             vm = await _start(slot, plan, root, files, seconds, build_name)
     except BaseException:
