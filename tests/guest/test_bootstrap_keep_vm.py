@@ -19,10 +19,10 @@ from pytest_microsandbox.plugin._zygote import (
     CONTROL_DIR,
     GuestPlan,
     collected,
-    project_image,
-    send_go,
     guest_env,
+    project_image,
     restore_base,
+    send_go,
 )
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig
 

@@ -16,6 +16,7 @@ from pytest_microsandbox.plugin._warm import (
     claim_slot,
     file_changes,
     project_files,
+    sweep_stale,
     warm_sandbox_name,
 )
 
@@ -66,8 +67,8 @@ def test_the_record_round_trips_and_bad_ones_are_ignored(tmp_path: Path) -> None
     slot = claim_slot(tmp_path, project, 0)
     assert slot is not None
     slot.forget()
-    slot.release()  # none waits: nothing is left
-    assert list(slot.directory.iterdir()) == []
+    slot.release()  # none waits: nothing is left, not even the project's directory
+    assert not slot.directory.exists()
 
 
 def test_changed_new_and_removed_files_are_found(tmp_path: Path) -> None:
@@ -95,3 +96,24 @@ def test_the_sandbox_name_fits_the_store(tmp_path: Path) -> None:
     name = warm_sandbox_name(tmp_path, 3)
     assert name.startswith("msb-warm-") and name.endswith("-3") and len(name) < 40
     assert name != warm_sandbox_name(tmp_path / "other", 3)
+
+
+def test_stale_slots_are_swept_and_held_ones_left_alone(tmp_path: Path) -> None:
+    projects = [tmp_path / name for name in ("gone", "alive", "held")]
+    for project in projects:
+        project.mkdir()
+        slot = claim_slot(tmp_path, project, 0)
+        assert slot is not None
+        slot.write(WarmRecord(sandbox=project.name, base="b", files={}))
+        slot.release()
+    held = claim_slot(tmp_path, projects[2], 0)  # a run uses it now
+    assert held is not None
+    try:
+        # "gone" and "held" name no running sandbox; only "gone" can be swept.
+        assert sweep_stale(tmp_path, lambda name: name == "alive") == 1
+        assert held.record() is not None
+    finally:
+        held.release()
+    left = sorted(p.parent.name for p in (tmp_path / "warm").glob("*/0.json"))
+    assert len(left) == 2
+    assert len(list((tmp_path / "warm").iterdir())) == 2  # the swept one's directory went

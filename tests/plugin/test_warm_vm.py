@@ -14,7 +14,7 @@ import pytest
 from test_marker_vm import run
 
 from pytest_microsandbox.plugin._backend import availability
-from pytest_microsandbox.plugin._warm import claim_slot, warm_sandbox_name
+from pytest_microsandbox.plugin._warm import claim_slot, sweep_stale, warm_sandbox_name
 from pytest_microsandbox.runtime import Sandbox, SandboxNotFoundError
 from pytest_microsandbox.runtime._state import StateStore
 
@@ -90,3 +90,4 @@ def test_the_next_run_is_served_by_the_kept_vm(tmp_path: Path) -> None:
 async def _remove(name: str) -> None:
     with contextlib.suppress(SandboxNotFoundError):
         await Sandbox.remove(name)
+    sweep_stale(None, lambda n: n != name and StateStore.default().get(n) is not None)

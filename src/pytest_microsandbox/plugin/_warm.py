@@ -62,6 +62,7 @@ __all__ = [
     "claim_warm",
     "file_changes",
     "project_files",
+    "sweep_stale",
     "warm_sandbox_name",
 ]
 
@@ -147,9 +148,15 @@ class WarmSlot:
             self._path.unlink()
 
     def release(self) -> None:
-        """Let the slot go; its lock file too when no VM waits in it."""
+        """Let the slot go; its lock file (and the project's directory, once
+        empty) too when no VM waits in it.
+        """
         if self._lock.held:
-            self._lock.release(delete=not self._path.exists())
+            empty = not self._path.exists()
+            self._lock.release(delete=empty)
+            if empty:
+                with contextlib.suppress(OSError):  # other slots are in it
+                    self.directory.rmdir()
 
     @property
     def held(self) -> bool:
@@ -168,6 +175,34 @@ def claim_slot(cache: Path | None, project_root: Path, slot: int) -> WarmSlot | 
     except LockTimeoutError:
         return None
     return WarmSlot(directory, slot, lock)
+
+
+def sweep_stale(cache: Path | None, alive: Callable[[str], bool]) -> int:
+    """Drop the records (and lock files) of slots whose sandbox is gone (its idle
+    timeout stopped it, or it was removed), skipping slots a run holds; the
+    number dropped. ``alive(name)``: whether that sandbox still runs.
+    """
+    dropped = 0
+    warm = (cache or default_cache_dir()) / "warm"
+    with contextlib.suppress(OSError):
+        for directory in list(warm.iterdir()):
+            for path in list(directory.glob("*.json")):
+                if not path.stem.isdigit():
+                    continue
+                lock = EntryLock(directory / f"{path.stem}.lock", "a warm VM slot")
+                try:
+                    lock.acquire(0)
+                except (LockTimeoutError, OSError):
+                    continue
+                slot = WarmSlot(directory, int(path.stem), lock)
+                record = slot.record()
+                if record is None or not alive(record.sandbox):
+                    slot.forget()
+                    dropped += 1
+                slot.release()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    return dropped
 
 
 def project_files(
@@ -367,6 +402,13 @@ async def claim_warm(
     if root is None:
         return None
     cache = plan.config.cache_dir
+    store = StateStore.default(cache)
+
+    def alive(name: str) -> bool:
+        row = store.get(name)
+        return row is not None and row.detached
+
+    await anyio.to_thread.run_sync(sweep_stale, cache, alive)
     slot = await anyio.to_thread.run_sync(claim_slot, cache, root, slot_number)
     if slot is None:
         return None
