@@ -87,7 +87,7 @@ async def _probe(runner: Any, plan: Any, nodeid: str, test: Path, rounds: int) -
         )
     }
     outcomes: list[bool] = []
-    project = await z._project_image(plan)
+    project = await z.project_image(plan)
     assert project is not None, "the project is too large to copy in"
     go = Go(cwd=plan.cwd, args=plan.args).encode()
     edit = 1000
@@ -96,8 +96,8 @@ async def _probe(runner: Any, plan: Any, nodeid: str, test: Path, rounds: int) -
         sandbox = await z.restore_base(plan, f"msb-probe-f{r}", *project)
         try:
             t1 = time.monotonic()
-            await z._send_go(sandbox, go)
-            await z._collected(sandbox)
+            await z.send_go(sandbox, go)
+            await z.collected(sandbox)
             t2 = time.monotonic()
             channel = await sandbox.open_channel()
             out = await runner.exchange(sandbox, channel, nodeid, True, 120.0)
@@ -118,8 +118,8 @@ async def _probe(runner: Any, plan: Any, nodeid: str, test: Path, rounds: int) -
                 t3 = time.monotonic()
                 await sandbox.fs().write(str(test), test.read_bytes())
                 t4 = time.monotonic()
-                await z._send_go(sandbox, go)
-                await z._collected(sandbox)
+                await z.send_go(sandbox, go)
+                await z.collected(sandbox)
                 t5 = time.monotonic()
                 out = await runner.exchange(sandbox, channel, nodeid, True, 120.0)
                 t6 = time.monotonic()
