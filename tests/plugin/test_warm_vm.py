@@ -85,9 +85,9 @@ def test_the_next_run_is_served_by_the_kept_vm(tmp_path: Path) -> None:
         assert not _alive(short)
     finally:
         anyio.run(_remove, name)
+        sweep_stale(None, lambda n: n != name and StateStore.default().get(n) is not None)
 
 
 async def _remove(name: str) -> None:
     with contextlib.suppress(SandboxNotFoundError):
         await Sandbox.remove(name)
-    sweep_stale(None, lambda n: n != name and StateStore.default().get(n) is not None)

@@ -182,23 +182,36 @@ def main(argv: list[str]) -> int:
         from pytest_microsandbox.guest import runner
 
         request = runner.wait_for_go(control)
-        child = (0, 0)
+
+        def fork(populate: bool) -> runner.KeptRun:
+            forked = runner.KeptRun.spare(control, populate)
+            if isinstance(forked, runner.KeptRun):
+                return forked
+            code = run(control, runner.enter(forked, start_dir), memo)  # the child
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
         # Kept warm (--sandbox-keep-warm): each run in a child of this process,
-        # which stays pristine (never collects) for the next run's go request.
+        # which stays pristine (never collects) for the next run's go request;
+        # once a run has ended the next run's child is forked and made ready.
+        running: runner.KeptRun | None = None
+        spare: runner.KeptRun | None = None
         while request is None or request.keep:
-            if child[0]:
-                runner.end_run(*child)
-                child = (0, 0)
+            if running is not None:
+                running.end()
+                running = None
             if request is not None:
-                child = runner.fork_run(control)
-                if child[0] == 0:
-                    code = run(control, runner.enter(request, start_dir), memo)
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
+                running = spare or fork(populate=False)
+                spare = None
+                while not running.start(request):
+                    running = fork(populate=False)
+            elif spare is None:
+                spare = fork(populate=True)
             request = runner.read_go(control)
-        if child[0]:
-            runner.end_run(*child)
+        for child in (running, spare):
+            if child is not None:
+                child.end()
         return run(control, runner.enter(request, start_dir), memo)
     if not argv:
         print("usage: bootstrap.py CONTROL [pytest args] | --base CONTROL", file=sys.stderr)
