@@ -62,12 +62,17 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+#: ``--no-hypothesis``: every run without hypothesis's pytest plugin (our test
+#: extras install it; it imports all of hypothesis in each run's terminal summary).
+PLUGINS: list[str] = []
+
+
 def run(root: Path, edit: int | None, env: dict[str, str], *extra: str) -> float:
     if edit is not None:
         (root / "test_edit.py").write_text(TEST.format(n=edit))
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PLUGINS, *extra],
         cwd=root,
         env=env,
         capture_output=True,
@@ -140,4 +145,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--all", action="store_true", help="also two reruns without an edit")
     parser.add_argument("--boot", action="store_true", help="also the project booted as a layer")
-    main(parser.parse_args())
+    parser.add_argument(
+        "--no-hypothesis", action="store_true", help="every run with -p no:hypothesispytest"
+    )
+    parsed = parser.parse_args()
+    if parsed.no_hypothesis:
+        PLUGINS += ["-p", "no:hypothesispytest"]
+    main(parsed)
