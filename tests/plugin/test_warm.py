@@ -54,9 +54,14 @@ def test_the_record_round_trips_and_bad_ones_are_ignored(tmp_path: Path) -> None
     record = WarmRecord(sandbox="msb-warm-x-0", base="zygote-base-y", files={"a.py": (3, 7)})
     slot.write(record)
     assert slot.record() == record
+    with_go = WarmRecord(sandbox="s", base="b", files={}, go='{"cwd": "/p", "args": []}')
+    slot.write(with_go)
+    assert slot.record() == with_go
+    slot.write(record)
     path = slot.directory / "0.json"
     for bad in ("{", "[]", '{"sandbox": 1, "base": "b", "files": {}}',
-                '{"sandbox": "s", "base": "b", "files": {"a": [1]}}'):  # fmt: skip
+                '{"sandbox": "s", "base": "b", "files": {"a": [1]}}',
+                '{"sandbox": "s", "base": "b", "files": {}, "go": 1}'):  # fmt: skip
         path.write_text(bad)
         assert slot.record() is None
     path.write_text(" " * (MAX_RECORD_BYTES + 1))

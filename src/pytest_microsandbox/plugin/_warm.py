@@ -32,7 +32,7 @@ from typing import TypeVar
 import anyio
 import anyio.abc
 
-from ..guest.messages import END, READY, Go
+from ..guest.messages import END, READY, Go, MessageError
 from ..runtime import LockTimeoutError, SandboxConfig, SandboxError
 from ..runtime._keys import digest_parts
 from ..runtime._locks import EntryLock
@@ -75,16 +75,21 @@ MAX_RECORD_BYTES = 16 << 20
 @dataclass(frozen=True)
 class WarmRecord:
     """What a slot's VM holds: its sandbox's name, the base zygote it was
-    restored from, the project's files (relative path -> state) copied in.
+    restored from, the project's files (relative path -> state) copied in, and
+    the last run's go request (the next run sends it again as soon as it has
+    claimed the VM, before its own collection; "" for none).
     """
 
     sandbox: str
     base: str
     files: Mapping[str, FileState]
+    go: str = ""
 
     def encode(self) -> str:
         files = {path: list(state) for path, state in sorted(self.files.items())}
-        return json.dumps({"sandbox": self.sandbox, "base": self.base, "files": files})
+        return json.dumps(
+            {"sandbox": self.sandbox, "base": self.base, "files": files, "go": self.go}
+        )
 
     @classmethod
     def decode(cls, text: str) -> WarmRecord | None:
@@ -93,11 +98,12 @@ class WarmRecord:
             data = json.loads(text)
             sandbox, base, raw = data["sandbox"], data["base"], data["files"]
             files = {str(p): (int(s[0]), int(s[1])) for p, s in raw.items()}
+            go = data.get("go", "")
         except (ValueError, KeyError, TypeError, AttributeError, IndexError):
             return None
-        if not isinstance(sandbox, str) or not isinstance(base, str):
+        if not all(isinstance(v, str) for v in (sandbox, base, go)):
             return None
-        return cls(sandbox=sandbox, base=base, files=files)
+        return cls(sandbox=sandbox, base=base, files=files, go=go)
 
 
 def _slots_dir(cache: Path | None, project_root: Path) -> Path:
@@ -262,6 +268,7 @@ class WarmVM:
         self.files = files
         self.running = True
         self.reused = False  # served an earlier run (else restored for this one)
+        self.sent: Go | None = None  # the go request its guest runs now
 
     async def open_channel(self) -> anyio.abc.ByteStream:
         return await self.remote.open_channel()
@@ -273,14 +280,23 @@ class WarmVM:
         # The supervisor watches the guest; a hung one ends at the test's timeout.
         return await call()
 
+    async def send(self, request: Go) -> None:
+        """Have the pristine base runner start a child collecting ``request``
+        (replacing the one started before, if any)."""
+        with contextlib.suppress(SandboxError):  # the last run's: not this one's
+            await self.remote.fs().remove(f"{CONTROL_DIR}/{READY}")
+        await send_go(self.remote, request.encode())
+        self.sent = request
+
     async def go(self, plan: GuestPlan) -> None:
-        """Have the pristine base runner fork this run's child and collect.
+        """This run's child collected: the one started at the claim if it was
+        sent what ``plan`` asks for, else a new one.
 
         :raises ZygoteError: it did not collect (the message has its log).
         """
-        with contextlib.suppress(SandboxError):  # the last run's: not this one's
-            await self.remote.fs().remove(f"{CONTROL_DIR}/{READY}")
-        await send_go(self.remote, Go(cwd=plan.cwd, args=plan.args, keep=True).encode())
+        request = Go(cwd=plan.cwd, args=plan.args, keep=True)
+        if self.sent != request:
+            await self.send(request)
         await collected(self.remote)
 
     async def kill(self) -> None:
@@ -303,7 +319,8 @@ class WarmVM:
             await self.kill()
             return
         self.running = False
-        record = WarmRecord(sandbox=self.name, base=self.base, files=self.files)
+        go = "" if self.sent is None else self.sent.encode()
+        record = WarmRecord(sandbox=self.name, base=self.base, files=self.files, go=go)
         await anyio.to_thread.run_sync(self.slot.write, record)
         await anyio.to_thread.run_sync(self.slot.release)
 
@@ -356,6 +373,19 @@ async def _reuse(
         return None
     vm = WarmVM(remote, slot, record.base, files)
     vm.reused = True
+    if record.go:
+        # The last run's request again, now: its collection runs beside this
+        # run's own start-up and collection, and serves it if the files and
+        # options are the same (WarmVM.go).
+        try:
+            request = Go.decode(record.go)
+            if request.keep:
+                await vm.send(request)
+        except MessageError:
+            pass  # not one: this run sends its own
+        except SandboxError:
+            await vm.kill()
+            raise
     return vm
 
 
