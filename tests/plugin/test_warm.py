@@ -10,15 +10,21 @@ import sys
 import textwrap
 from pathlib import Path
 
+import anyio
+import pytest
+
+from pytest_microsandbox.plugin import _warm
 from pytest_microsandbox.plugin._warm import (
     MAX_RECORD_BYTES,
     WarmRecord,
+    WarmVM,
     claim_slot,
     file_changes,
     project_files,
     sweep_stale,
     warm_sandbox_name,
 )
+from pytest_microsandbox.runtime import GuestTimeoutError
 
 
 def test_a_slot_is_claimed_by_one_run_at_a_time(tmp_path: Path) -> None:
@@ -122,3 +128,41 @@ def test_stale_slots_are_swept_and_held_ones_left_alone(tmp_path: Path) -> None:
     left = sorted(p.parent.name for p in (tmp_path / "warm").glob("*/0.json"))
     assert len(left) == 2
     assert len(list((tmp_path / "warm").iterdir())) == 2  # the swept one's directory went
+
+
+class _Remote:
+    """What WarmVM._watched uses of a RemoteSandbox: its name and metrics."""
+
+    name = "msb-warm-stub-0"
+    config = None
+
+    def __init__(self, answers: bool) -> None:
+        self.answers = answers
+
+    async def metrics(self) -> None:
+        if not self.answers:
+            await anyio.sleep(3600)  # a hung guest
+
+
+def _vm(answers: bool) -> WarmVM:
+    return WarmVM(_Remote(answers), None, "b", {})  # type: ignore[arg-type]
+
+
+def test_a_hung_kept_vm_fails_the_call_and_a_live_one_returns(monkeypatch) -> None:
+    monkeypatch.setattr(_warm, "HEARTBEAT_S", 0.05)
+
+    async def slow() -> int:
+        await anyio.sleep(0.5)
+        return 7
+
+    async def broken() -> int:
+        raise ValueError("the call's own error")
+
+    async def main() -> None:
+        assert await _vm(True)._watched("running a test", slow) == 7
+        with pytest.raises(GuestTimeoutError, match="stopped answering while running a test"):
+            await _vm(False)._watched("running a test", slow)
+        with pytest.raises(ValueError, match="the call's own error"):
+            await _vm(True)._watched("running a test", broken)
+
+    anyio.run(main)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import anyio
 import anyio.abc
 
 from ..guest.messages import END, READY, Go, MessageError
-from ..runtime import LockTimeoutError, SandboxConfig, SandboxError
+from ..runtime import GuestTimeoutError, LockTimeoutError, SandboxConfig, SandboxError
 from ..runtime._keys import digest_parts
 from ..runtime._locks import EntryLock
 from ..runtime._remote import RemoteSandbox, SandboxHandle, create_detached
@@ -50,9 +51,16 @@ from ._zygote import (
     send_go,
 )
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
 T = TypeVar("T")
 
+#: How often a kept-warm VM's guest is asked for its metrics while a test runs.
+HEARTBEAT_S = 5.0
+
 __all__ = [
+    "HEARTBEAT_S",
     "MAX_RECORD_BYTES",
     "FileState",
     "WarmRecord",
@@ -277,8 +285,48 @@ class WarmVM:
         return f"(kept-warm VM {self.name}: its console is its supervisor's; see `microsandbox ls`)"
 
     async def _watched(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        # The supervisor watches the guest; a hung one ends at the test's timeout.
-        return await call()
+        """Await ``call()`` while the guest is asked for its metrics every
+        :data:`HEARTBEAT_S` through the supervisor: a hung guest raises
+        GuestTimeoutError instead of blocking the run (as a local sandbox's
+        watchdog does).
+        """
+        result: list[T] = []
+        failure: list[SandboxError] = []
+
+        async def run(scope: anyio.CancelScope) -> None:
+            result.append(await call())
+            scope.cancel()
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            while True:
+                await anyio.sleep(HEARTBEAT_S)
+                try:
+                    with anyio.fail_after(3 * HEARTBEAT_S):
+                        await self.remote.metrics()
+                except TimeoutError:
+                    failure.append(
+                        GuestTimeoutError(
+                            f"kept-warm VM {self.name}: the guest stopped answering while "
+                            f"{what} (no answer within {3 * HEARTBEAT_S:g} s)"
+                        )
+                    )
+                except SandboxError as exc:
+                    failure.append(exc)
+                if failure:
+                    scope.cancel()
+                    return
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, tg.cancel_scope)
+                tg.start_soon(watch, tg.cancel_scope)
+        except BaseExceptionGroup as group:  # call()'s own error, as itself
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if failure:
+            raise failure[0]
+        return result[0]
 
     async def send(self, request: Go) -> None:
         """Have the pristine base runner start a child collecting ``request``
