@@ -18,6 +18,10 @@ runs under the default isolation (``process`` under TCG):
 * ``boot with project`` (``--boot``; ``$MICROSANDBOX_PROJECT_COPY_MAX_MB=0``): the
   project is a layer of the VM, so an edit means a new template (cold boot) and
   a Python start in the guest;
+* ``keep warm`` (``--sandbox-keep-warm=600``, opt-in): the VM of the last run
+  of this way, kept by its supervisor, claimed, the changed file copied in, a
+  fresh pytest forked in the guest from the pristine base runner, in a QEMU whose
+  translation cache is warm; removed at the end of the benchmark;
 * ``plain host pytest``: ``pytest -p no:microsandbox``, the baseline;
 * with ``--all``, right after the ``live`` run, the same project run twice more
   without an edit: served live too (no snapshot is built for process
@@ -30,6 +34,7 @@ from this run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -37,7 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import anyio
+
+from pytest_microsandbox.plugin._warm import warm_sandbox_name
 from pytest_microsandbox.plugin._zygote import COPY_MAX_ENV, LIVE_ENV
+from pytest_microsandbox.runtime import Sandbox, SandboxNotFoundError
 
 TEST = """
 import pytest
@@ -53,12 +62,17 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+#: ``--no-hypothesis``: every run without hypothesis's pytest plugin (our test
+#: extras install it; it imports all of hypothesis in each run's terminal summary).
+PLUGINS: list[str] = []
+
+
 def run(root: Path, edit: int | None, env: dict[str, str], *extra: str) -> float:
     if edit is not None:
         (root / "test_edit.py").write_text(TEST.format(n=edit))
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PLUGINS, *extra],
         cwd=root,
         env=env,
         capture_output=True,
@@ -77,6 +91,7 @@ def main(args: argparse.Namespace) -> None:
     ways: dict[str, tuple[dict[str, str], tuple[str, ...], bool]] = {
         "live (default)": (env, sandboxed, True),
         "snapshot first (before)": ({**env, LIVE_ENV: "0"}, sandboxed, True),
+        "keep warm (opt-in)": (env, (*sandboxed, "--sandbox-keep-warm=600"), True),
     }
     if args.boot:
         ways["boot with project"] = ({**env, COPY_MAX_ENV: "0"}, sandboxed, True)
@@ -98,11 +113,14 @@ def main(args: argparse.Namespace) -> None:
         for way_env, extra, _ in ways.values():  # base zygote, templates, images: once
             edit += 1
             run(root, edit, way_env, *extra)
-        for _ in range(args.rounds):
-            for way in ways_order:
-                way_env, extra, edited = ways[way]
-                edit += 1
-                times[way].append(run(root, edit if edited else None, way_env, *extra))
+        try:
+            for _ in range(args.rounds):
+                for way in ways_order:
+                    way_env, extra, edited = ways[way]
+                    edit += 1
+                    times[way].append(run(root, edit if edited else None, way_env, *extra))
+        finally:
+            anyio.run(_remove, warm_sandbox_name(root, 0))
     host_p50 = pct(times["plain host pytest"], 0.5)
     print(
         f"\nbench_edit: one marked test after an edit, wall time of pytest ({args.rounds} rounds)"
@@ -112,6 +130,14 @@ def main(args: argparse.Namespace) -> None:
         print(f"  {way:<28} p50 {p50:6.2f} s   p95 {p95:6.2f} s   {p50 / host_p50:5.1f}x host")
     live, before = pct(times["live (default)"], 0.5), pct(times["snapshot first (before)"], 0.5)
     print(f"  {'snapshot first / live (p50)':<28} {before / live:.2f}x")
+    warm = pct(times["keep warm (opt-in)"], 0.5)
+    print(f"  {'live / keep warm (p50)':<28} {live / warm:.2f}x")
+    print(f"  load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+async def _remove(name: str) -> None:
+    with contextlib.suppress(SandboxNotFoundError):
+        await Sandbox.remove(name)
 
 
 if __name__ == "__main__":
@@ -119,4 +145,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--all", action="store_true", help="also two reruns without an edit")
     parser.add_argument("--boot", action="store_true", help="also the project booted as a layer")
-    main(parser.parse_args())
+    parser.add_argument(
+        "--no-hypothesis", action="store_true", help="every run with -p no:hypothesispytest"
+    )
+    parsed = parser.parse_args()
+    if parsed.no_hypothesis:
+        PLUGINS += ["-p", "no:hypothesispytest"]
+    main(parsed)

@@ -151,10 +151,14 @@ def test_control_files_round_trip_and_refuse_what_they_are_not():
     assert Ready.decode('{"pid": 7}') == Ready(pid=7)
     go = Go(cwd="/src", args=("-q", "tests/test_a.py"))
     assert Go.decode(go.encode()) == go
+    kept = Go(cwd="/src", args=("t.py",), keep=True)
+    assert Go.decode(kept.encode()) == kept
+    assert not Go.decode('{"cwd": "/", "args": []}').keep  # an older host's request
     for bad in ('{"pid": "7"}', '{"pid": 7, "errors": [1]}', "[]", "{"):
         with pytest.raises(MessageError):
             Ready.decode(bad)
-    for bad in ('{"cwd": "/"}', '{"cwd": 1, "args": []}', '{"cwd": "/", "args": [1]}'):
+    for bad in ('{"cwd": "/"}', '{"cwd": 1, "args": []}', '{"cwd": "/", "args": [1]}',
+                '{"cwd": "/", "args": [], "keep": 1}'):  # fmt: skip
         with pytest.raises(MessageError):
             Go.decode(bad)
 

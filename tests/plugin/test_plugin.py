@@ -50,6 +50,10 @@ def test_settings_bool_flags_and_ini(pytester: pytest.Pytester):
     pytester.makeini("[pytest]\nsandbox_require = true\n")
     s = resolve_settings(pytester.parseconfig("--no-sandbox", "--sandbox-keep-failed"))
     assert s.require and s.no_sandbox and s.keep_failed
+    assert s.keep_warm == 0  # off unless asked for
+    pytester.makeini("[pytest]\nsandbox_keep_warm = 90\n")
+    assert resolve_settings(pytester.parseconfig()).keep_warm == 90
+    assert resolve_settings(pytester.parseconfig("--sandbox-keep-warm=5")).keep_warm == 5
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,9 @@ def test_settings_bool_flags_and_ini(pytester: pytest.Pytester):
         (["--sandbox-cpus=0"], "--sandbox-cpus must be between 1 and 64"),
         (["--sandbox-accel=hvf"], "--sandbox-accel must be one of auto, kvm, tcg"),
         (["--sandbox-isolation=thread"], "--sandbox-isolation must be one of"),
+        (["--sandbox-keep-warm=-1"], "--sandbox-keep-warm must be a number of seconds"),
+        (["--sandbox-keep-warm=soon"], "--sandbox-keep-warm must be a number of seconds"),
+        (["--sandbox-keep-warm=nan"], "--sandbox-keep-warm must be a number of seconds"),
     ],
 )
 def test_bad_options_are_usage_errors(pytester: pytest.Pytester, args, needle):

@@ -59,7 +59,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Sandbox, RemoteSandbox]]
         )  # fmt: skip
         remote = RemoteSandbox(StateStore(tmp_path), record, TOKEN)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, _Server(sb, TOKEN).handle)
+            tg.start_soon(listener.serve, _Server(sb, TOKEN, tg).handle)
             try:
                 yield sb, remote
             finally:

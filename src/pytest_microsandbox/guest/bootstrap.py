@@ -16,6 +16,11 @@ file's ``pytest_cmdline_main`` hook, once the import hook is installed and the
 entry-point plugins are loaded (the package with them, through that hook), and
 registers itself there. ``-p no:...``, ``-W`` and the ini then act as locally.
 
+A go request with ``keep`` (``--sandbox-keep-warm``) runs in a forked child
+instead, and the ``--base`` process waits, pristine, for the next request: the
+next run's go (or an end request) kills that child and what it started, and
+the next child collects in a VM whose code paths are already translated.
+
 ``--base`` first runs pytest once on an empty directory (see
 :func:`pytest_microsandbox.guest.runner.wait_for_go`); that run loads the
 entry-point plugins, the package included, so what is imported between it and
@@ -172,11 +177,42 @@ def main(argv: list[str]) -> int:
         os.makedirs(control, exist_ok=True)
         memo = MetadataMemo()
         memo.install()
+        start_dir = os.getcwd()
         prewarm()
         from pytest_microsandbox.guest import runner
 
-        args = runner.wait_for_go(control)
-        return run(control, args, memo)
+        request = runner.wait_for_go(control)
+
+        def fork(populate: bool) -> runner.KeptRun:
+            forked = runner.KeptRun.spare(control, populate)
+            if isinstance(forked, runner.KeptRun):
+                return forked
+            code = run(control, runner.enter(forked, start_dir), memo)  # the child
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+        # Kept warm (--sandbox-keep-warm): each run in a child of this process,
+        # which stays pristine (never collects) for the next run's go request;
+        # once a run has ended the next run's child is forked and made ready.
+        running: runner.KeptRun | None = None
+        spare: runner.KeptRun | None = None
+        while request is None or request.keep:
+            if running is not None:
+                running.end()
+                running = None
+            if request is not None:
+                running = spare or fork(populate=False)
+                spare = None
+                while not running.start(request):
+                    running = fork(populate=False)
+            elif spare is None:
+                spare = fork(populate=True)
+            request = runner.read_go(control)
+        for child in (running, spare):
+            if child is not None:
+                child.end()
+        return run(control, runner.enter(request, start_dir), memo)
     if not argv:
         print("usage: bootstrap.py CONTROL [pytest args] | --base CONTROL", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Literal, Union
 __all__ = [
     "BASE_READY",
     "CHANNEL_PORT_NAME",
+    "END",
     "GO",
     "GUEST_ENV",
     "OUTCOMES",
@@ -351,26 +352,39 @@ class Ready:
 
 @dataclass(frozen=True)
 class Go:
-    """A base runner's start request: collect ``args`` (pytest arguments) in ``cwd``."""
+    """A base runner's start request: collect ``args`` (pytest arguments) in ``cwd``.
+
+    ``keep``: the VM is kept warm between runs (``--sandbox-keep-warm``): the
+    base runner forks a child for this run and stays as it was, pristine, for
+    the next request (another go, or :data:`END`), which first kills this run's
+    processes. Without it the base runner becomes the run's runner itself.
+    """
 
     cwd: str
     args: tuple[str, ...]
+    keep: bool = False
 
     def encode(self) -> str:
-        return json.dumps({"cwd": self.cwd, "args": list(self.args)})
+        return json.dumps({"cwd": self.cwd, "args": list(self.args), "keep": self.keep})
 
     @classmethod
     def decode(cls, text: str) -> Go:
         """:raises MessageError: ``text`` is not a go request."""
         data = _object(text.encode(), "a go request")
-        cwd, args = data.get("cwd"), data.get("args")
+        cwd, args, keep = data.get("cwd"), data.get("args"), data.get("keep", False)
         if (
             not isinstance(cwd, str)
             or not isinstance(args, list)
             or not all(isinstance(a, str) for a in args)
+            or not isinstance(keep, bool)
         ):
             raise MessageError("a malformed go request", line=text.encode())
-        return cls(cwd=cwd, args=tuple(args))
+        return cls(cwd=cwd, args=tuple(args), keep=keep)
+
+
+#: Written to a kept base runner's go FIFO at the end of a run: kill the run's
+#: processes and wait, pristine, for the next go request.
+END = "end"
 
 
 # -- helpers ------------------------------------------------------------------------------------

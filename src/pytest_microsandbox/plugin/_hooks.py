@@ -180,6 +180,13 @@ class MicrosandboxPlugin:
             return
         if config.pluginmanager.has_plugin("dsession"):
             return
+        if settings.keep_warm:
+            # Never in vm isolation: a VM kept for the next run is shared by its tests.
+            spec = marker_spec(pytest.mark.sandbox.mark, settings, "the settings")
+            if spec.network == "off" and self._isolation(spec.isolation) == "process":
+                if availability().ok:
+                    self.runner().prestart_warm(spec)
+                return
         from ._hint import live_enabled, live_hint
 
         guess = live_hint(config.rootpath, settings.cache_dir) if live_enabled() else None

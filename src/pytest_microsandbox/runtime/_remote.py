@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_LINE",
+    "RelayedChannel",
     "RemoteSandbox",
     "RemoteSandboxFs",
     "SandboxHandle",
@@ -327,13 +328,38 @@ async def create_detached(
     return await anyio.to_thread.run_sync(RemoteSandbox.open, store, record)
 
 
+class RelayedChannel(anyio.abc.ByteStream):
+    """A detached sandbox's channel through its supervisor's control socket: bytes
+    both ways, after the one JSON answer line (``leftover``: what was read past it).
+    """
+
+    def __init__(self, stream: anyio.abc.SocketStream, leftover: bytes) -> None:
+        self._stream = stream
+        self._leftover = leftover
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._leftover:
+            data, self._leftover = self._leftover[:max_bytes], self._leftover[max_bytes:]
+            return data
+        return await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 class RemoteSandbox:
     """A detached sandbox, driven through its supervisor (any process may hold one).
 
     Names follow :class:`~.sandbox.Sandbox`; streamed execs and terminals are
     relayed by the supervisor (``_remote_stream.py``), snapshots and forks taken
-    by it; what needs the VM's devices in this process (``open_channel``) is
-    not offered.
+    by it, and the raw channel (:meth:`open_channel`) relayed by it, one client
+    at a time.
     """
 
     def __init__(self, store: StateStore, record: SandboxRecord, token: str) -> None:
@@ -550,6 +576,34 @@ class RemoteSandbox:
     async def kill(self) -> None:
         with contextlib.suppress(SandboxNotRunningError):
             await self._call("kill")
+
+    async def open_channel(self) -> anyio.abc.ByteStream:
+        """The raw byte channel to the guest (see :meth:`Sandbox.open_channel`),
+        relayed by the supervisor, which holds the VM's end for the sandbox's
+        life: one client at a time, and another may open it once this one is
+        closed (unlike a local sandbox's, opened once). What the guest writes
+        while no client holds it is discarded. An open channel counts as host
+        activity (``idle_timeout``).
+
+        :raises SandboxError: another client holds the channel (its message says
+            so), or the sandbox is stopped.
+        """
+        stream = await self._connect()
+        try:
+            await write_line(stream, {"token": self._token, "op": "channel"})
+            reader = BufferedByteReceiveStream(stream)
+            try:
+                answer = await read_line(reader)
+            except (anyio.EndOfStream, anyio.IncompleteRead):
+                raise SandboxNotRunningError(
+                    f"sandbox {self.name!r}: its supervisor hung up opening the channel"
+                ) from None
+            if not answer.get("ok"):
+                raise error_from(answer)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return RelayedChannel(stream, reader.buffer)
 
     async def remove(self, timeout: float | None = None) -> None:
         await SandboxHandle(self.store, self.record).remove(timeout=timeout)

@@ -38,6 +38,7 @@ from ._remote import _b64, _unb64, read_line, write_line
 from ._remote_stream import STREAM_OPS, open_relay
 from ._state import StateStore
 from .config import SandboxConfig
+from .lifetime import current_runtime
 from .sandbox import Sandbox
 
 __all__ = ["main", "serve"]
@@ -54,9 +55,14 @@ _SUN_PATH_MAX = 107
 
 
 class _Server:
-    def __init__(self, sandbox: Sandbox, token: str) -> None:
+    def __init__(self, sandbox: Sandbox, token: str, tasks: anyio.abc.TaskGroup) -> None:
         self.sandbox = sandbox
         self.token = token
+        self._tasks = tasks  # the supervisor's: ends with the sandbox
+        # The VM's channel, opened on the first client's request (QEMU connects
+        # it once per VM), and the client it is relayed to now, if any.
+        self._channel: anyio.abc.ByteStream | None = None
+        self._channel_client: anyio.abc.SocketStream | None = None
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
@@ -73,6 +79,9 @@ class _Server:
                 )
                 return
             op = request.pop("op", None)
+            if op == "channel":
+                await self.channel(stream, reader)
+                return
             if op in STREAM_OPS:
                 await self.relay(str(op), request, stream, reader)
                 return
@@ -111,6 +120,57 @@ class _Server:
             return
         with contextlib.suppress(SandboxError, OSError, anyio.BrokenResourceError):
             await relay.run(stream, reader)
+
+    async def channel(
+        self, stream: anyio.abc.SocketStream, reader: BufferedByteReceiveStream
+    ) -> None:
+        """Relay the VM's channel to this connection until either side closes it;
+        one client at a time. The guest's bytes are read by :meth:`_pump` for the
+        sandbox's whole life, so what it writes between clients is discarded,
+        never held for the next client.
+        """
+        if self._channel_client is not None:
+            with contextlib.suppress(OSError, anyio.BrokenResourceError):
+                message = (
+                    f"the channel of sandbox {self.sandbox.name!r} is held by another "
+                    "client: one at a time; try again once it has closed it"
+                )
+                await write_line(stream, {"ok": False, "error": "SandboxError", "message": message})
+            return
+        self._channel_client = stream
+        try:
+            if self._channel is None:
+                try:
+                    self._channel = await self.sandbox.open_channel()
+                except SandboxError as exc:
+                    with contextlib.suppress(OSError, anyio.BrokenResourceError):
+                        await write_line(
+                            stream, {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+                        )
+                    return
+                self._tasks.start_soon(self._pump, self._channel)
+            channel = self._channel
+            async with self.sandbox._host_activity():
+                with contextlib.suppress(
+                    OSError, anyio.BrokenResourceError, anyio.ClosedResourceError
+                ):
+                    await write_line(stream, {"ok": True, "result": None})
+                    leftover = bytes(reader.buffer)
+                    if leftover:
+                        await channel.send(leftover)
+                    async for data in stream:
+                        await channel.send(data)
+        finally:
+            self._channel_client = None
+
+    async def _pump(self, channel: anyio.abc.ByteStream) -> None:
+        """The guest's side of the channel, to the client holding it, else dropped."""
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            async for data in channel:
+                client = self._channel_client
+                if client is not None:
+                    with contextlib.suppress(OSError, anyio.BrokenResourceError):
+                        await client.send(data)
 
     async def dispatch(self, op: str, args: dict[str, Any]) -> Any:
         sb = self.sandbox
@@ -240,9 +300,9 @@ async def serve(directory: Path, config: SandboxConfig, restore: Path | None = N
         sandbox._record = await anyio.to_thread.run_sync(
             lambda: store.update(record, detached=True, control=str(sock_path))
         )
-        server = _Server(sandbox, token)
         _report({"ok": True})
         async with anyio.create_task_group() as tg:
+            server = _Server(sandbox, token, tg)
 
             async def on_signals() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -280,6 +340,13 @@ async def _restore_registered(store: StateStore, config: SandboxConfig, path: Pa
             await anyio.to_thread.run_sync(store.release, record)
         raise
     await sandbox._register(store, record)
+    # The capture's own timers, else the caller's (a plugin's kept-warm VM,
+    # restored from a snapshot taken without any).
+    timers = {"idle_timeout": config.idle_timeout, "max_duration": config.max_duration}
+    own = sandbox.config.idle_timeout is not None or sandbox.config.max_duration is not None
+    if not own and any(v is not None for v in timers.values()):
+        sandbox.config = sandbox.config.model_copy(update=timers)
+        (await current_runtime()).spawn(sandbox._enforce_limits)
     return sandbox
 
 

@@ -1715,6 +1715,19 @@ class Sandbox:
             )
 
     @contextlib.asynccontextmanager
+    async def _host_activity(self) -> AsyncIterator[None]:
+        """Count as a host call in flight (``idle_timeout``) meanwhile: a detached
+        sandbox's channel relayed to a client (``_supervisor.py``).
+        """
+        self._active += 1
+        self._last_activity = time.monotonic()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._last_activity = time.monotonic()
+
+    @contextlib.asynccontextmanager
     async def _guest_errors(self, *, new: bool = True) -> AsyncIterator[None]:
         """Turn a lost connection into GuestCrashedError with the console tail.
 

@@ -35,7 +35,13 @@ from ._prune import (
     prune_volumes,
 )
 from ._reference import ImageReference, is_oci_reference, parse_reference
-from ._resolve import image_config_for, images_dir, project_layer, resolve_root_layers
+from ._resolve import (
+    image_config_for,
+    images_dir,
+    project_exclusions,
+    project_layer,
+    resolve_root_layers,
+)
 from ._staging import ETC_COPY
 from ._store import IMAGE_BUDGET_ENV, image_budget_bytes, prune_images
 
@@ -74,6 +80,7 @@ __all__ = [
     "local_image",
     "log_pull_progress",
     "parse_reference",
+    "project_exclusions",
     "project_layer",
     "prune_images",
     "prune_oci_store",

@@ -31,6 +31,7 @@ __all__ = [
     "STABLE_LAYER_TTL",
     "image_config_for",
     "images_dir",
+    "project_exclusions",
     "project_layer",
     "resolve_root_layers",
 ]
@@ -361,6 +362,19 @@ def image_config_for(image: str, cache_dir: Path | None = None) -> ImageConfig |
         return None
     pulled = local_image(image, cache_dir)
     return None if pulled is None else pulled.config
+
+
+def project_exclusions(
+    project_root: Path, cache_dir: Path | None = None
+) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    """What the project's layer leaves out: (absolute paths, names at any depth),
+    for callers that copy the project's files in one by one.
+    """
+    images = images_dir(cache_dir)
+    for spec in plan_host_trees(project_root=project_root, cache_dir=images.parent):
+        if spec.serial == PROJECT_SERIAL:
+            return spec.exclude_paths, spec.exclude_names
+    raise ImageError(f"{project_root} has no project layer")  # pragma: no cover
 
 
 def project_layer(project_root: Path, cache_dir: Path | None = None) -> Layer:
