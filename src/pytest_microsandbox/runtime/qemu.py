@@ -166,8 +166,8 @@ def build_command(
         "-chardev", f"socket,id=stream,path={stream_sock},server=off",
         "-device", f"virtserialport,chardev=stream,name={STREAM_PORT_NAME}",
         "-device", "virtio-rng-device",
-        # Bulk host->guest data: the serial port moves ~3 MB/s that way under
-        # TCG (4 KiB per round trip), this disk >100 MB/s. Read-only: the guest
+        # Bulk host->guest data: the agent's port moves ~30 MB/s that way under
+        # TCG (its poll loop and pipes), this disk ~200 MB/s. Read-only: the guest
         # cannot write into the host file.
         "-drive", f"id=xfer,file={spec.run_dir / XFER_IMAGE},format=raw,if=none,readonly=on",
         "-device", f"virtio-blk-device,drive=xfer,serial={XFER_SERIAL}",

@@ -20,8 +20,9 @@ import socketserver
 import ssl
 import sys
 import threading
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -29,7 +30,7 @@ import pytest
 import trustme
 
 from pytest_microsandbox.runtime import ConfigError, Sandbox, SandboxConfig, SyncSandbox
-from pytest_microsandbox.runtime.network import NetworkPolicy, Rule, Secret
+from pytest_microsandbox.runtime.network import NetworkEvent, NetworkPolicy, Rule, Secret
 
 pytestmark = pytest.mark.vm
 
@@ -94,6 +95,29 @@ class _Echo(socketserver.BaseRequestHandler):
 
 class _Tcp6Server(socketserver.ThreadingTCPServer):
     address_family = socket.AF_INET6
+
+
+def events_when(
+    read: Callable[[], list[NetworkEvent]], done: Callable[[list[NetworkEvent]], bool]
+) -> list[NetworkEvent]:
+    """The events once ``done`` holds (a flow's byte counts and substitutions
+    are written when the host side has closed it, a moment after the guest's
+    last read), or after 10 s, for the assertions to say what is missing.
+    """
+    deadline = time.monotonic() + 10.0
+    while not done(events := read()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return events
+
+
+async def events_when_async(
+    read: Callable[[], list[NetworkEvent]], done: Callable[[list[NetworkEvent]], bool]
+) -> list[NetworkEvent]:
+    """:func:`events_when` without blocking the loop that finishes the flows."""
+    deadline = time.monotonic() + 10.0
+    while not done(events := read()) and time.monotonic() < deadline:
+        await anyio.sleep(0.05)
+    return events
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +199,10 @@ def test_policy_decides_every_flow_before_a_host_socket_opens(
     readable, _, _ = select.select([trap], [], [], 0)
     assert not readable, "a denied connection reached the host listener"
 
-    events = net_sandbox.network.events()
+    events = events_when(
+        net_sandbox.network.events,
+        lambda evs: any(e.verdict == "allow" and e.protocol == "tcp" and e.bytes_in for e in evs),
+    )
     by = {(e.protocol, e.name, e.port, e.verdict) for e in events}
     assert ("tcp", "echo.test", servers["tcp"], "allow") in by
     assert ("udp", "udp.test", servers["udp"], "allow") in by
@@ -429,7 +456,14 @@ def test_a_secret_reaches_only_its_host_and_never_the_guest_memory(tmp_path: Pat
             assert results[1][0] == "error"  # the placeholder was headed elsewhere: cut
             assert results[2] == [200, "authorized"], results
             assert results[3][0] == "error"
-            events = [e for e in sb.network.events() if e.protocol == "tcp"]
+
+            def tcp_events() -> list[NetworkEvent]:
+                return [e for e in sb.network.events() if e.protocol == "tcp"]
+
+            events = await events_when_async(
+                tcp_events,
+                lambda evs: len(evs) >= 4 and all(e.bytes_in or e.verdict == "deny" for e in evs),
+            )
             assert "secret(s) substituted" in events[0].reason
             assert events[1].verdict == "deny" and "API_KEY" in events[1].reason
             assert "secret(s) substituted" in events[2].reason
