@@ -29,6 +29,7 @@ ASYNC_ONLY = {
     (Sandbox, "open_channel"): "returns an anyio byte stream, usable only on the loop",
     (Sandbox, "from_session"): "takes a provisioner's session, whose objects live on the loop",
     (Sandbox, "session"): "the session's agent client and monitor are usable only on the loop",
+    (RemoteSandbox, "open_channel"): "returns an anyio byte stream, usable only on the loop",
     (RemoteSandbox, "open"): "a constructor from a store row; SyncRemoteSandbox wraps its result",
     (PtySession, "aclose"): "the blocking twin's is close() (leaving `with` calls it too)",
 }
