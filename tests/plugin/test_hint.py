@@ -11,7 +11,9 @@ from pytest_microsandbox.plugin import _hint
 from pytest_microsandbox.plugin._hint import (
     drop_live_hint,
     has_live_hint,
+    live_cost,
     live_hint,
+    write_live_cost,
     write_live_hint,
     write_zygote_hint,
     zygote_hint,
@@ -103,3 +105,33 @@ def test_a_damaged_zygote_hint_is_no_hint(tmp_path: Path) -> None:
         path.write_text(text)
         assert zygote_hint(root, tmp_path, _args) is None
     assert [p.name for p in (tmp_path / "hints").iterdir()] == [path.name]  # no temp file left
+
+
+def test_a_live_start_cost_is_per_project_and_per_zygote(tmp_path: Path) -> None:
+    cache, one, other = tmp_path / "cache", tmp_path / "one", tmp_path / "other"
+    assert live_cost(one, cache, "zyg-a") is None
+    write_live_cost(one, cache, "zyg-a", 11.5)
+    assert live_cost(one, cache, "zyg-a") == 11.5
+    assert live_cost(one, cache, "zyg-b") is None  # an edit: another zygote
+    assert live_cost(other, cache, "zyg-a") is None
+    write_live_cost(one, cache, "zyg-b", 1.0)  # the last live start is what counts
+    assert live_cost(one, cache, "zyg-a") is None and live_cost(one, cache, "zyg-b") == 1.0
+    assert live_cost(None, cache, "zyg-b") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "[]",
+        '{"zygote": "z"}',
+        '{"zygote": "z", "seconds": "9"}',
+        '{"zygote": "z", "seconds": -1}',
+    ],
+)
+def test_an_unreadable_live_cost_is_no_cost(tmp_path: Path, text: str) -> None:
+    cache = tmp_path / "cache"
+    write_live_cost(tmp_path, cache, "z", 5.0)
+    path = next((cache / "hints").glob("livecost-*"))
+    path.write_text(text)
+    assert live_cost(tmp_path, cache, "z") is None

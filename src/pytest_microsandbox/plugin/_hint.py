@@ -33,8 +33,10 @@ __all__ = [
     "LIVE_ENV",
     "drop_live_hint",
     "has_live_hint",
+    "live_cost",
     "live_enabled",
     "live_hint",
+    "write_live_cost",
     "write_live_hint",
     "write_zygote_hint",
     "zygote_hint",
@@ -198,6 +200,41 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+def write_live_cost(root: Path | None, cache: Path | None, zygote: str, seconds: float) -> None:
+    """Record that serving zygote ``zygote`` of the project at ``root`` live (a
+    collection in a fresh clone) took ``seconds``.
+    """
+    path = _hint_path(root, cache, "livecost")
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+        partial.write_text(json.dumps({"zygote": zygote, "seconds": round(seconds, 3)}))
+        partial.replace(path)
+    _forget_oldest(path.parent, "livecost-*")
+
+
+def live_cost(root: Path | None, cache: Path | None, zygote: str) -> float | None:
+    """Seconds the last live start of ``zygote`` for the project at ``root`` took,
+    or None if the project's last live start was of another zygote (an edit) or
+    the record is missing or unreadable.
+    """
+    path = _hint_path(root, cache, "livecost")
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as src:
+            data = json.loads(src.read(1024))
+        seconds = data["seconds"]
+        same = data["zygote"] == zygote
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not same or not isinstance(seconds, (int, float)) or not 0 <= seconds < 86400:
+        return None
+    return float(seconds)
 
 
 def drop_live_hint(root: Path | None, cache: Path | None) -> None:
