@@ -177,6 +177,34 @@ def test_fork_carries_state_then_diverges() -> None:
     run(body)
 
 
+def test_a_command_running_at_a_fork_never_reaches_the_childs_requests() -> None:
+    # The parent's command is captured mid-run: it goes on in the child, whose
+    # agent must not report it under the parent session's request id (the
+    # child's host numbers its own requests afresh).
+    async def body() -> None:
+        async with await Sandbox.create(CONFIG, name="parent") as parent:
+            running = await parent.exec_stream("sh", ["-c", "sleep 2; echo late"])
+            async with await parent.fork() as child:
+                outputs: dict[int, tuple[int, str]] = {}
+
+                async def mine(i: int) -> None:
+                    # Live while the captured command ends (in guest time) in the child.
+                    out = await child.exec("sh", ["-c", f"sleep 3; echo mine-{i}"])
+                    outputs[i] = (out.exit_code, out.stdout_text)
+
+                async with anyio.create_task_group() as tg:
+                    for i in range(12):
+                        tg.start_soon(mine, i)
+                assert outputs == {i: (0, f"mine-{i}\n") for i in range(12)}
+                for i in range(3):
+                    out = await child.exec("echo", [f"after-{i}"])
+                    assert (out.exit_code, out.stdout_text) == (0, f"after-{i}\n")
+            result = await running.wait()
+            assert (result.exit_code, result.stdout_text) == (0, "late\n")
+
+    run(body)
+
+
 _BUILDER = textwrap.dedent(
     """
     import sys, anyio

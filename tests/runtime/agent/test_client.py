@@ -316,9 +316,9 @@ async def test_exec_stream_events_and_signals() -> None:
             Stderr(f"{i}:err0;".encode()),
             Stdout(f"{i}:out1;".encode()),
             Stderr(f"{i}:err1;".encode()),
-            Exited(exit_code=i, term_signal=None, timed_out=False),
+            Exited(exit_code=i % 256, term_signal=None, timed_out=False),
         ]
-        assert proc.returncode == i
+        assert proc.returncode == i % 256
         assert (await proc.wait()).stdout == b""  # iteration consumed the output
 
         proc = await client.exec_stream(["sleep"])
@@ -376,6 +376,76 @@ async def test_frames_for_unknown_ids_are_dropped() -> None:
     async with connect(agent) as (client, _):
         await client.ping()
         assert client.error is None
+        assert client.stray_frames == 2  # 998 and 999 are not this session's (random start)
+
+
+async def test_frames_for_ids_not_yet_issued_never_reach_the_request_that_takes_the_id() -> None:
+    # A guest restored from a capture may report a command of the session it
+    # was captured with, under an id this session is about to use.
+    async def agent(a: FakeAgent) -> None:
+        ping = await a.recv()
+        stale = ping.id % 0xFFFF_FFFF + 1  # the id the client hands out next
+        await a.send(stale, MsgType.STDOUT, [bytes_field(Tag.DATA, b"late")])
+        await a.send(
+            stale, MsgType.EXITED, [int_field(Tag.EXIT_CODE, 9), int_field(Tag.TIMED_OUT, 0)]
+        )
+        await a.send(ping.id, MsgType.OK)
+        await a.serve()
+
+    async with connect(agent) as (client, fake):
+        await client.ping()
+        result = await client.exec(["echo", "mine"])
+        assert (
+            fake.of_type(MsgType.EXEC)[0].id == fake.of_type(MsgType.PING)[0].id % 0xFFFF_FFFF + 1
+        )
+        assert (result.exit_code, result.stdout) == (0, b"mine\n")
+        assert client.error is None and client.stray_frames == 2
+        assert sum("never issued" in line for line in client.logs) == 1
+
+
+async def test_issued_ids_wrap_and_abandoned_ones_are_not_strays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "_first_request_id", lambda: 0xFFFF_FFFF)
+
+    async def agent(a: FakeAgent) -> None:
+        for _ in range(2):
+            ping = await a.recv()
+            await a.send(ping.id, MsgType.OK)
+        await a.send(0xFFFF_FFFF, MsgType.OK)  # issued, answered: dropped quietly
+        await a.send(1, MsgType.OK)
+        await a.send(2, MsgType.OK)  # never issued
+        await a.send(0xFFFF_FFFE, MsgType.OK)  # never issued (just before the start)
+        await a.serve()
+
+    async with connect(agent) as (client, fake):
+        await client.ping()
+        await client.ping()
+        assert [f.id for f in fake.of_type(MsgType.PING)] == [0xFFFF_FFFF, 1]
+        with anyio.fail_after(5):
+            while client.stray_frames < 2:
+                await anyio.sleep(0.01)
+        await client.ping()  # its OK follows every frame above on the wire
+        assert client.error is None and client.stray_frames == 2
+
+
+async def test_a_guest_flooding_unissued_ids_is_bounded_and_harmless() -> None:
+    async def agent(a: FakeAgent) -> None:
+        ping = await a.recv()
+        for k in range(2000):
+            await a.send(
+                (ping.id + 1000 + k) % 0xFFFF_FFFF + 1,
+                MsgType.STDOUT,
+                [bytes_field(Tag.DATA, b"x" * 100)],
+            )
+        await a.send(ping.id, MsgType.OK)
+        await a.serve()
+
+    async with connect(agent, log_lines=10) as (client, _):
+        await client.ping()
+        await client.ping()
+        assert client.stray_frames == 2000 and len(client.logs) <= 10
+        assert not client._pending
 
 
 # --- files ----------------------------------------------------------------------------------

@@ -375,3 +375,29 @@ async def test_the_agent_keeps_to_the_output_window(client: AgentClient) -> None
                 got += len(event.data)
                 await proc.ack(len(event.data))
     assert got == size and proc.returncode == 0
+
+
+async def test_hello_disowns_the_previous_sessions_commands(
+    client: AgentClient, tmp_path: Path
+) -> None:
+    # A HELLO starts a new host session (the first request after a restore),
+    # which numbers its requests afresh: a command of the previous session runs
+    # on, but its output and exit must reach no request of the new one.
+    marker = tmp_path / "went-on"
+    old = await client.exec_stream(
+        ["sh", "-c", f"sleep 0.5; echo late; echo ran > {marker}"], env=ENV
+    )
+    await client.hello(timeout=10)
+    assert any("1 request(s) of the previous one disowned" in line for line in client.logs)
+    for _ in range(6):
+        result = await client.exec(["sh", "-c", "sleep 0.2; echo mine"], env=ENV, timeout=10)
+        assert (result.exit_code, result.stdout) == (0, b"mine\n")
+    with anyio.fail_after(10):
+        while not marker.exists():
+            await anyio.sleep(0.05)
+    with anyio.move_on_after(0.5) as waited:
+        await old.wait()
+    assert waited.cancelled_caught  # its exit was reaped silently
+    await old.aclose()
+    await client.ping(timeout=5)
+    assert client.error is None

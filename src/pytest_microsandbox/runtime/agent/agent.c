@@ -520,6 +520,7 @@ struct req {
 	uint32_t id;
 	int kind;
 	bool dead;           /* finished; freed at the end of the loop iteration */
+	bool disowned;       /* exec of an earlier host session: runs on, reported to no one */
 	/* exec */
 	pid_t pid;
 	int out_fd, err_fd, in_fd;  /* with a pty: out_fd and in_fd are the master */
@@ -543,7 +544,7 @@ static int nreqs;
 static struct req *find_req(uint32_t id)
 {
 	for (int i = 0; i < nreqs; i++)
-		if (!reqs[i]->dead && reqs[i]->id == id)
+		if (!reqs[i]->dead && !reqs[i]->disowned && reqs[i]->id == id)
 			return reqs[i];
 	return NULL;
 }
@@ -1124,12 +1125,57 @@ static void reap_children(int sig_fd)
 			if (!r->dead && r->kind == R_EXEC && r->pid == pid) {
 				r->reaped = true;
 				r->status = st;
-				exec_finish(r);
+				if (r->disowned)
+					release(r); /* its output went nowhere; so does its exit */
+				else
+					exec_finish(r);
 				break;
 			}
 		}
 		/* anything else is an orphan PID 1 inherited: reaped, nothing to report */
 	}
+}
+
+/* A HELLO starts a new host session: the first request after a restore
+ * (snapshot, fork, template clone) or any reconnection.  Requests still live
+ * belong to the host session the guest was captured with, whose ids the new
+ * host reuses: their transfers end, and their commands go on running (they
+ * are part of the captured guest, as a forked VM keeps its processes) but are
+ * disowned: their ids are free again, their stdin is closed, their output is
+ * read and dropped, their exit reaped silently. */
+static void disown_requests(void)
+{
+	int n = 0;
+	for (int i = 0; i < nreqs; i++) {
+		struct req *r = reqs[i];
+		if (r->dead || r->disowned)
+			continue;
+		n++;
+		if (r->kind != R_EXEC) {
+			release(r);
+			continue;
+		}
+		r->disowned = true;
+		r->window = 0; /* nobody ACKs any more: keep draining */
+		close_fd(&r->in_fd);
+		free(r->inq);
+		r->inq = NULL;
+		r->inq_off = r->inq_len = r->inq_cap = 0;
+	}
+	if (n)
+		logmsg("new host session: %d request(s) of the previous one disowned", n);
+}
+
+/* Reads and drops a disowned exec's output; closes the fd at its end. */
+static void discard_output(int *fd)
+{
+	static uint8_t sink[65536];
+	ssize_t n;
+	do
+		n = read(*fd, sink, sizeof sink);
+	while (n < 0 && errno == EINTR);
+	if (n == 0 || (n < 0 && errno != EAGAIN))
+		close_fd(fd);
 }
 
 static void kill_all_execs(void)
@@ -2541,6 +2587,8 @@ static void handle_frame(const uint8_t *f, uint32_t len)
 		protocol_error(&m, why);
 		return;
 	}
+	if (m.type == M_HELLO)
+		disown_requests(); /* before the lookup: HELLO may reuse an old live id */
 	struct req *r = find_req(m.id);
 	/* A failed FS_WRITE waits for its FS_END; anything else on that id means the host moved on. */
 	if (r && r->kind == R_WRITE_FAILED && m.type != M_FS_CHUNK && m.type != M_FS_END) {
@@ -2727,6 +2775,10 @@ static void serve(int sig_fd)
 				int *fd = pmap[i].what == W_OUT ? &r->out_fd : &r->err_fd;
 				if (r->dead || *fd != pfds[i].fd)
 					break; /* finished earlier in this iteration */
+				if (r->disowned) {
+					discard_output(fd);
+					break;
+				}
 				size_t max = out_room(r);
 				if (!max)
 					break; /* the other output used the window up in this iteration */

@@ -18,6 +18,7 @@ import inspect
 import io
 import math
 import os
+import secrets
 import socket
 import sys
 from collections import deque
@@ -182,7 +183,16 @@ class AgentClient:
         self._write_timeout = write_timeout
         self._decoder = FrameDecoder()
         self._pending: dict[int, _Request] = {}
-        self._next_id = 1
+        # Ids start at a random point and grow: a guest restored from a capture
+        # may still report requests of the session it was captured with (an
+        # agent from before docs/protocol.md's HELLO rule does), and those ids
+        # then fall outside this session's, almost surely.
+        self._first_id = _first_request_id()
+        self._next_id = self._first_id
+        self._issued_span = 0  # ids handed out so far from _first_id on (wrapping)
+        #: Frames the guest sent for request ids this client never issued
+        #: (dropped; a stale or hostile guest's).
+        self.stray_frames = 0
         self._write_lock = anyio.Lock()
         self._error: SandboxError | None = None
         self._ready: HelloInfo | None = None
@@ -849,14 +859,22 @@ class AgentClient:
         self._check_alive()
         # Ids grow monotonically and wrap, skipping live ones, so a late frame for an
         # abandoned (timed out) request is not mistaken for a reply to a new one.
-        while self._next_id in self._pending or self._next_id == 0:
-            self._next_id = self._next_id % _MAX_ID + 1
+        while self._next_id in self._pending:
+            self._advance_id()
         req_id = self._next_id
-        self._next_id = self._next_id % _MAX_ID + 1
+        self._advance_id()
         inbox, outbox = anyio.create_memory_object_stream[Frame](math.inf)
         req = _Request(self, req_id, inbox, outbox)
         self._pending[req_id] = req
         return req
+
+    def _advance_id(self) -> None:
+        self._next_id = self._next_id % _MAX_ID + 1
+        self._issued_span = min(self._issued_span + 1, _MAX_ID)
+
+    def _issued(self, req_id: int) -> bool:
+        """Whether this client ever handed out ``req_id`` (ids 1.._MAX_ID, wrapping)."""
+        return req_id > 0 and (req_id - self._first_id) % _MAX_ID < self._issued_span
 
     @contextmanager
     def _request(self) -> Iterator[_Request]:
@@ -983,8 +1001,12 @@ class AgentClient:
                     self.logs.append(f"(log callback failed: {exc!r})")
         else:
             req = self._pending.get(frame.id)
-            # Frames for ids we gave up on (timeouts, abandoned execs) are dropped.
             if req is None or req.closed:
+                # Frames for ids we gave up on (timeouts, abandoned execs) are
+                # dropped; so are those for ids never issued, counted: a guest
+                # sending them is stale or hostile, and no request may take them.
+                if not self._issued(frame.id):
+                    self._stray(frame)
                 return
             if req.window and frame.type in (MsgType.STDOUT, MsgType.STDERR):
                 req.unacked += len(frame.get_bytes(Tag.DATA) or b"")
@@ -994,6 +1016,14 @@ class AgentClient:
                         f"not acknowledged, over the window of {req.window}"
                     )
             req.inbox.send_nowait(frame)
+
+    def _stray(self, frame: Frame) -> None:
+        self.stray_frames += 1
+        if self.stray_frames == 1:  # once: a guest could send them forever
+            self.logs.append(
+                f"(dropped {frame.type_name} for request id {frame.id}, never issued by "
+                "this host session; later ones are only counted in stray_frames)"
+            )
 
     def _violation(self, message: str) -> ProtocolError:
         exc = ProtocolError(message)
@@ -1019,6 +1049,11 @@ class AgentClient:
         exc = type(self._error)(self._error.message)
         exc.__cause__ = self._error
         return exc
+
+
+def _first_request_id() -> int:
+    """Where a client's request ids start: anywhere in 1.._MAX_ID."""
+    return secrets.randbelow(_MAX_ID) + 1
 
 
 def _plain_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
