@@ -106,14 +106,7 @@ def write_zygote_hint(
     names = [str(f) for f in watched]
     digest = _files_digest(names, args)
     text = json.dumps({"zygote": zygote, "files": list(files), "watched": names, "digest": digest})
-    with contextlib.suppress(OSError):
-        if path.exists() and path.read_text(errors="replace") == text:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-        partial.write_text(text)
-        partial.replace(path)
-    _forget_oldest(path.parent, "zygote-*")
+    _write_hint(path, text, "zygote-*")
 
 
 def zygote_hint(
@@ -173,14 +166,22 @@ def write_live_hint(root: Path | None, cache: Path | None, base: str = "") -> No
     path = _hint_path(root, cache)
     if path is None:
         return
+    _write_hint(path, base, "live-*")
+
+
+def _write_hint(path: Path, text: str, pattern: str) -> None:
+    """Write a hint whole (aside, then renamed) unless it already says ``text``;
+    then keep the newest :data:`HINTS_MAX` of its kind (``pattern``). A hint is
+    advice: a failed write is no error.
+    """
     with contextlib.suppress(OSError):
-        if path.exists() and path.read_text(errors="replace") == base:
+        if path.exists() and path.read_text(errors="replace") == text:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-        partial.write_text(base)
+        partial.write_text(text)
         partial.replace(path)
-    _forget_oldest(path.parent, "live-*")
+    _forget_oldest(path.parent, pattern)
 
 
 def _forget_oldest(directory: Path, pattern: str) -> None:
@@ -209,12 +210,7 @@ def write_live_cost(root: Path | None, cache: Path | None, zygote: str, seconds:
     path = _hint_path(root, cache, "livecost")
     if path is None:
         return
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-        partial.write_text(json.dumps({"zygote": zygote, "seconds": round(seconds, 3)}))
-        partial.replace(path)
-    _forget_oldest(path.parent, "livecost-*")
+    _write_hint(path, json.dumps({"zygote": zygote, "seconds": round(seconds, 3)}), "livecost-*")
 
 
 def live_cost(root: Path | None, cache: Path | None, zygote: str) -> float | None:
