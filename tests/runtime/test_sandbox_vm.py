@@ -29,8 +29,10 @@ from pytest_microsandbox.runtime import (
     Stdout,
     SyncSandbox,
 )
+from pytest_microsandbox.runtime.agent.protocol import CHUNK
 from pytest_microsandbox.runtime.boot import resolve_accel
 from pytest_microsandbox.runtime.qemu import QemuBackend
+from pytest_microsandbox.runtime.sandbox import EXEC_STREAM_WINDOW
 
 pytestmark = pytest.mark.vm
 
@@ -510,3 +512,28 @@ def test_a_guest_flooding_its_console_cannot_grow_the_host_log(
         time.sleep(0.1)
     assert "END-OF-FLOOD" in shared_sandbox.console_tail(3)
     assert log.stat().st_size <= CONSOLE_MAX_BYTES
+
+
+def test_exec_stream_output_nobody_reads_is_bounded_on_the_host() -> None:
+    # Past the window the agent stops reading the command's pipe: the command
+    # blocks instead of the host buffering without limit (a guest flooding an
+    # unread stream cannot grow host memory). Reading then gets every byte.
+    size = 8 << 20
+
+    async def main() -> None:
+        async with await Sandbox.create(SandboxConfig(name="window-demo")) as sb:
+            handle = await sb.exec_stream("head", ["-c", str(size), "/dev/zero"])
+            await anyio.sleep(3)  # unbounded, the 8 MiB cross in well under a second
+            alive = await sb.exec("kill", ["-0", str(handle.pid)])
+            assert alive.exit_code == 0, "the command ran to its end: nothing held it back"
+            held = handle._process._chan.unacked  # type: ignore[attr-defined]
+            assert 0 < held <= EXEC_STREAM_WINDOW + 2 * CHUNK
+            total = 0
+            with anyio.fail_after(60):
+                async for event in handle:
+                    if isinstance(event, Stdout):
+                        total += len(event.data)
+            assert total == size
+            assert handle._process.returncode == 0
+
+    anyio.run(main)

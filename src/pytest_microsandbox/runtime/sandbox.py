@@ -205,6 +205,10 @@ _GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")
 #: Output of ``agent --stream`` the host holds unacknowledged (its frames).
 _STREAM_WINDOW = 4 << 20
+#: Output of an ``exec_stream`` the host holds before the caller takes it: past
+#: it the agent stops reading the command's pipes (the command blocks), so a
+#: command nobody reads, or a hostile guest, cannot grow host memory.
+EXEC_STREAM_WINDOW = 1 << 20
 _GUEST_CA_FILE = "/etc/ssl/certs/pytest-microsandbox-ca.pem"
 _CA_ENV = {
     "SSL_CERT_FILE": _GUEST_CA_BUNDLE,  # OpenSSL, Python's ssl
@@ -1378,7 +1382,9 @@ class Sandbox:
         """Start a command and return a handle streaming its events.
 
         Iterating the handle delivers all of the output, without limit; its
-        :meth:`ExecHandle.wait` caps what it collects like :meth:`exec`.
+        :meth:`ExecHandle.wait` caps what it collects like :meth:`exec`. The host
+        holds at most :data:`EXEC_STREAM_WINDOW` bytes not yet taken: past that
+        the command blocks on its output until the handle is read.
 
         :raises CommandNotFoundError: ``cmd`` does not exist in the guest.
         :raises ConfigError: ``timeout`` is not a finite number of seconds > 0.
@@ -1395,6 +1401,8 @@ class Sandbox:
                 user=user or self._default_user(),
                 timeout=timeout,
                 stdin=stdin,
+                window=EXEC_STREAM_WINDOW,
+                auto_ack=True,
             )
         handle = ExecHandle(self, process, timeout)
         self._streams.add(handle)

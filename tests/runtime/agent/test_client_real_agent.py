@@ -274,6 +274,24 @@ async def test_exec_stream_still_delivers_everything(client: AgentClient) -> Non
     assert (out, err) == (3_000_000, 2_000_005)
 
 
+async def test_auto_acknowledged_window_delivers_everything(client: AgentClient) -> None:
+    # The process acknowledges what its reader took: a window far smaller than
+    # the output neither stalls the command nor breaks the protocol, iterated
+    # or collected by wait().
+    proc = await client.exec_stream(["sh", "-c", FLOOD], ENV, window=65536, auto_ack=True)
+    out = 0
+    async with proc:
+        async for event in proc:
+            if isinstance(event, Stdout):
+                out += len(event.data)
+            if out >= 1_000_000:
+                break
+        with anyio.fail_after(60):  # a guard against a stall, not a speed assertion
+            result = await proc.wait()
+    assert out + len(result.stdout) == 3_000_000
+    assert len(result.stderr) == 2_000_005
+
+
 async def test_read_over_max_size_stops_the_agent(client: AgentClient, tmp_path: Path) -> None:
     endless = tmp_path / "endless"  # stands in for /proc/kcore: 1 TiB, sparse
     with open(endless, "wb") as f:

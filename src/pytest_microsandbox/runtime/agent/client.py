@@ -394,6 +394,7 @@ class AgentClient:
         stdin: bool = False,
         tty: tuple[int, int] | None = None,
         window: int | None = None,
+        auto_ack: bool = False,
     ) -> ExecProcess:
         """Start ``argv`` in the guest and return once it runs.
 
@@ -408,9 +409,10 @@ class AgentClient:
         ``window`` (bytes) bounds the output the host holds unread: the agent
         stops reading the command's output once it has sent that much not yet
         acknowledged with :meth:`ExecProcess.ack`, and a guest that sends more
-        breaks the protocol. Raises ValueError for an empty argv, a size outside
-        1..65535, a window < 4096,
-        or NUL bytes, ConfigError for a timeout that is not a finite number
+        breaks the protocol; with ``auto_ack`` the process acknowledges output
+        itself as its events are taken (iterated or collected by ``wait``).
+        Raises ValueError for an empty argv, a size outside 1..65535, a window
+        < 4096, or NUL bytes, ConfigError for a timeout that is not a finite number
         of seconds > 0, ExecError naming the argument or variable if one is
         over Linux's MAX_ARG_STRLEN or all together over one frame,
         CommandNotFoundError if the program does not exist, ExecError if the
@@ -462,6 +464,7 @@ class AgentClient:
                     stdin_pipe=stdin or tty is not None,
                     deadline=deadline,
                     tty=tty is not None,
+                    ack_every=window // 4 if window and auto_ack else 0,
                 )
             if reply.type == MsgType.ERROR:
                 err = reply.require_int(Tag.ERRNO)

@@ -75,8 +75,13 @@ class ExecProcess:
         stdin_pipe: bool,
         deadline: float | None,
         tty: bool = False,
+        ack_every: int = 0,
     ) -> None:
         self._chan = channel
+        # > 0: output is acknowledged by itself once this many bytes were taken
+        # (events yielded or collected), so the window bounds what the host holds.
+        self._ack_every = ack_every
+        self._taken = 0
         self.program = program
         self.pid = pid
         self._stdin_pipe = stdin_pipe
@@ -167,13 +172,17 @@ class ExecProcess:
             raise ExecError(f"exec of {self.program!r} (pid {self.pid}) was abandoned")
         frame = await self._receive()
         if frame.type == MsgType.STDOUT:
-            return Stdout(frame.require_bytes(Tag.DATA))
+            data = frame.require_bytes(Tag.DATA)
+            await self._took(len(data))
+            return Stdout(data)
         if frame.type == MsgType.STDERR:
             if self.tty:
                 # A terminal has one output: the agent never sends STDERR for it.
                 self._release()
                 raise self._chan.violation(f"STDERR (id {frame.id}) from a pseudo-terminal")
-            return Stderr(frame.require_bytes(Tag.DATA))
+            data = frame.require_bytes(Tag.DATA)
+            await self._took(len(data))
+            return Stderr(data)
         if frame.type == MsgType.EXITED:
             timed_out = frame.require_int(Tag.TIMED_OUT)
             if timed_out not in (0, 1):
@@ -196,6 +205,17 @@ class ExecProcess:
         raise self._chan.violation(
             f"unexpected {frame.type_name} (id {frame.id}) while an exec is running"
         )
+
+    async def _took(self, size: int) -> None:
+        """Count ``size`` output bytes taken; acknowledge them in batches when
+        ``ack_every`` is set (one ACK frame per batch, not one per chunk).
+        """
+        if not self._ack_every:
+            return
+        self._taken += size
+        if self._taken >= self._ack_every:
+            taken, self._taken = self._taken, 0
+            await self.ack(taken)
 
     async def _receive(self) -> Frame:
         if self._deadline is None:
