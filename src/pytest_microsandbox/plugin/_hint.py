@@ -33,6 +33,7 @@ __all__ = [
     "LIVE_ENV",
     "drop_live_hint",
     "has_live_hint",
+    "has_zygote_hint",
     "live_cost",
     "live_enabled",
     "live_hint",
@@ -142,6 +143,14 @@ def zygote_hint(
 def has_live_hint(root: Path | None, cache: Path | None) -> bool:
     """Whether the last run of the project at ``root`` served a test from a live VM."""
     path = _hint_path(root, cache)
+    return path is not None and path.exists()
+
+
+def has_zygote_hint(root: Path | None, cache: Path | None) -> bool:
+    """Whether the last run of the project at ``root`` named its zygote (it ran
+    marked tests from one), whatever changed since.
+    """
+    path = _hint_path(root, cache, "zygote")
     return path is not None and path.exists()
 
 

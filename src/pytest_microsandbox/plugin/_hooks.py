@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
+import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,7 +19,7 @@ from ._backend import accel_decision, availability, in_guest, isolation_for
 from ._options import MarkerSpec, Settings, item_spec, marker_spec
 from ._progress import ProgressView
 from ._stats import Stats
-from ._xdist import RELAY_DIR_KEY, ControllerRelay, WorkerRelay, sandboxed_line
+from ._xdist import RELAY_DIR_KEY, RUN_STARTED_KEY, ControllerRelay, WorkerRelay, sandboxed_line
 
 if TYPE_CHECKING:
     from ..runtime import SyncSandbox
@@ -33,6 +35,9 @@ __all__ = [
     "get_plugin",
 ]
 
+#: How long the controller's exit waits for its walk of the venv and Python
+#: prefix (a few tenths of a second here; an unwaited walk dies with the process).
+_PREWALK_JOIN_S = 30.0
 #: The plugin object's name in pytest's plugin manager.
 PLUGIN_NAME = "microsandbox-session"
 #: The marker's spec of a marked item (set at collection).
@@ -64,6 +69,9 @@ class MicrosandboxPlugin:
         self._relay: ControllerRelay | None = None
         self._relay_out: WorkerRelay | None = None
         self._relayed_counts = False
+        # Tree walks made since count as this run's (``runtime.images._walks``).
+        self._run_started = time.time()
+        self._prewalk: threading.Thread | None = None
 
     def runner(self) -> HostRunner:
         if self._runner is None:
@@ -168,6 +176,10 @@ class MicrosandboxPlugin:
         if workerinput.get(RELAY_DIR_KEY):
             self._relay_out = WorkerRelay(workerinput[RELAY_DIR_KEY], workerinput["workerid"])
         self._unsubscribe = subscribe(self._on_build)
+        from ..runtime._walk_sharing import share_walks_since, walk_sharing_enabled
+
+        if walk_sharing_enabled():
+            share_walks_since(float(workerinput.get(RUN_STARTED_KEY, self._run_started)))
         self._prestart(config)
 
     def _prestart(self, config: pytest.Config) -> None:
@@ -179,6 +191,7 @@ class MicrosandboxPlugin:
         if settings.no_sandbox or config.option.collectonly or settings.keep_failed:
             return
         if config.pluginmanager.has_plugin("dsession"):
+            self._prewalk_for_workers(config)
             return
         if settings.keep_warm:
             # Never in vm isolation: a VM kept for the next run is shared by its tests.
@@ -198,6 +211,32 @@ class MicrosandboxPlugin:
         if availability().ok:
             self.runner().prestart(spec, guess)
 
+    def _prewalk_for_workers(self, config: pytest.Config) -> None:
+        """In xdist's controller: walk the venv and the Python prefix (~0.3 s of
+        CPU each time, see ``runtime.images._walks``) while the workers start, so
+        that they find the walks done instead of each making its own, when the
+        last run of this project ran sandboxed tests (``_hint``).
+        """
+        from ..runtime._walk_sharing import walk_sharing_enabled
+        from ._hint import has_live_hint, has_zygote_hint
+
+        if not walk_sharing_enabled():
+            return
+        root, cache = config.rootpath, self.settings.cache_dir
+        if not (has_live_hint(root, cache) or has_zygote_hint(root, cache)):
+            return
+        if self.settings.image != "host" or not availability().ok:
+            return
+
+        def walk() -> None:
+            from ..runtime.images import prewalk_host_trees
+
+            with contextlib.suppress(Exception):  # the workers walk themselves then
+                prewalk_host_trees(root, cache)
+
+        self._prewalk = threading.Thread(target=walk, name="microsandbox-prewalk", daemon=True)
+        self._prewalk.start()
+
     def _on_build(self, event: BuildEvent) -> None:
         if event.state == "done":
             self.stats.record_build(event.kind, event.elapsed, outermost=event.parent == 0)
@@ -212,6 +251,9 @@ class MicrosandboxPlugin:
             self._view(event)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self._prewalk is not None:
+            self._prewalk.join(_PREWALK_JOIN_S)
+            self._prewalk = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -231,6 +273,7 @@ class MicrosandboxPlugin:
         if self._relay is None:
             self._relay = ControllerRelay(self._on_worker_build)
         node.workerinput[RELAY_DIR_KEY] = str(self._relay.directory)
+        node.workerinput[RUN_STARTED_KEY] = self._run_started
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:

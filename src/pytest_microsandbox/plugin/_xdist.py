@@ -25,10 +25,19 @@ from typing import Any
 
 from ..runtime.progress import BuildEvent
 
-__all__ = ["RELAY_DIR_KEY", "ControllerRelay", "WorkerRelay", "sandboxed_line"]
+__all__ = [
+    "RELAY_DIR_KEY",
+    "RUN_STARTED_KEY",
+    "ControllerRelay",
+    "WorkerRelay",
+    "sandboxed_line",
+]
 
 #: The ``workerinput`` key naming the directory the workers write to.
 RELAY_DIR_KEY = "microsandbox_relay_dir"
+#: The ``workerinput`` key of the run's start (the controller's ``time.time()``):
+#: the workers reuse tree walks made since (``runtime.images._walks``).
+RUN_STARTED_KEY = "microsandbox_run_started"
 #: Seconds between the controller's reads of the workers' event files.
 _POLL = 0.2
 #: Longest event line read (a longer one is a bug of ours; it is skipped).

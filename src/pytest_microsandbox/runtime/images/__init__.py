@@ -38,6 +38,7 @@ from ._reference import ImageReference, is_oci_reference, parse_reference
 from ._resolve import (
     image_config_for,
     images_dir,
+    prewalk_host_trees,
     project_exclusions,
     project_layer,
     resolve_root_layers,
@@ -80,6 +81,7 @@ __all__ = [
     "local_image",
     "log_pull_progress",
     "parse_reference",
+    "prewalk_host_trees",
     "project_exclusions",
     "project_layer",
     "prune_images",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import tempfile
@@ -26,11 +27,13 @@ from ._reference import is_oci_reference
 from ._staging import MOUNT_POINTS, stage_base, stage_mount_points
 from ._store import image_intact
 from ._unpack import oci_layers, read_image_file
+from ._walks import FirstWalkShared, shared_fingerprint
 
 __all__ = [
     "STABLE_LAYER_TTL",
     "image_config_for",
     "images_dir",
+    "prewalk_host_trees",
     "project_exclusions",
     "project_layer",
     "resolve_root_layers",
@@ -95,20 +98,47 @@ def _staged_layer(
         return build_layer(spec, images)
 
 
+def _stable_key(images: Path, spec: LayerSpec) -> tuple[str, ...]:
+    return (str(images), spec.serial, spec.family(), *spec.exclude_names)
+
+
+def _walk_identity(images: Path, spec: LayerSpec) -> tuple[str, ...]:
+    return (*_stable_key(images, spec), *map(os.fspath, spec.exclude_paths))
+
+
+def _is_stable(spec: LayerSpec) -> bool:
+    """Not a source tree that changes with every edit (checked on every resolve)."""
+    return not spec.serial.startswith((PROJECT_SERIAL, "l-edit"))
+
+
+def prewalk_host_trees(project_root: Path | None, cache_dir: Path | None = None) -> None:
+    """Fingerprint the host's stable trees (venv, Python prefix) through the
+    shared walk records (:mod:`._walks`), building nothing: an xdist controller
+    does it while its workers start, so that they find the walks done.
+    """
+    images = images_dir(cache_dir)
+    cache = images.parent
+    for spec in plan_host_trees(project_root=project_root, cache_dir=cache):
+        if _is_stable(spec):
+            shared_fingerprint(cache, _walk_identity(images, spec), spec.fingerprint)
+
+
 def _host_tree_layers(
     images: Path, project_root: Path | None, cache: Path, include_project: bool
 ) -> list[Layer]:
     """Project, editable installs, venv, Python prefix (those not under /usr)."""
 
     def stable(spec: LayerSpec) -> Layer:
-        key = (str(images), spec.serial, spec.family(), *spec.exclude_names)
-        return _memoized(key, lambda: build_layer(spec, images))
+        key = _stable_key(images, spec)
+        # An xdist worker's first walk of a big tree is usually another's (_walks).
+        shared = dataclasses.replace(
+            spec, fingerprint=FirstWalkShared(cache, _walk_identity(images, spec), spec.fingerprint)
+        )
+        return _memoized(key, lambda: build_layer(shared, images))
 
     return [
         # Source trees that change with every edit are checked on every resolve.
-        build_layer(spec, images)
-        if spec.serial.startswith((PROJECT_SERIAL, "l-edit"))
-        else stable(spec)
+        stable(spec) if _is_stable(spec) else build_layer(spec, images)
         for spec in plan_host_trees(project_root=project_root, cache_dir=cache)
         if include_project or spec.serial != PROJECT_SERIAL
     ]
