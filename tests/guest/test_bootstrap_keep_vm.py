@@ -32,10 +32,15 @@ pytestmark = [
 ]
 
 FIRST = """
-import subprocess
+import os, subprocess, time
 
 def test_leaves_a_process():
-    subprocess.Popen(["setsid", "sleep", "4321"])
+    child = subprocess.Popen(["setsid", "sleep", "4321"])
+    # Left running only once in a session of its own: until setsid(2), it is in
+    # this test's process group, which the runner kills when the test ends.
+    deadline = time.monotonic() + 60
+    while os.getsid(child.pid) != child.pid and time.monotonic() < deadline:
+        time.sleep(0.01)
 """
 EDITED = (
     FIRST
