@@ -79,6 +79,7 @@ from .lifetime import current_runtime
 from .network import NetworkPolicy, NetworkStack, PortPublisher, Secret, SecretSubstituter
 from .network._ports import RELAY_ARGS, RELAY_PROGRAM, RELAY_UDP_ARGS
 from .network._streams import (
+    NFT_PATHS,
     NFT_TABLE,
     STREAM_ARGS,
     STREAM_PORT,
@@ -201,8 +202,6 @@ class SandboxMetrics:
 
 #: Where a sandbox with secrets finds the interception CA (its overlay only).
 _GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-#: Where the guest's nft may be (the stream path's redirect; none: WireGuard only).
-_NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")
 #: Output of ``agent --stream`` the host holds unacknowledged (its frames).
 _STREAM_WINDOW = 4 << 20
 #: Output of an ``exec_stream`` the host holds before the caller takes it: past
@@ -903,7 +902,7 @@ class Sandbox:
         """Run ``nft`` commands in the guest as root; False when it cannot (an
         image without nft, a kernel without its modules).
         """
-        for nft in _NFT_PATHS:
+        for nft in NFT_PATHS:
             try:
                 result = await self._agent.exec(
                     [nft, commands], env={}, cwd="/", user="0", timeout=60, max_output=1 << 16

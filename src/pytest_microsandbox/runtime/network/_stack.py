@@ -60,6 +60,7 @@ __all__ = [
     "network_used",
     "rehearsal_blob",
     "stop_rehearsals",
+    "stream_path_enabled",
 ]
 
 #: The shim's socket (QEMU's ``remote.path``) and QEMU's own (``local.path``),
@@ -160,6 +161,13 @@ def network_used() -> bool:
     (:func:`rehearsal_blob`).
     """
     return _used and not _rehearsals_failed
+
+
+def stream_path_enabled() -> bool:
+    """Whether sandboxes start the stream path (``MICROSANDBOX_NETWORK_STREAM``
+    is not ``0``); pooled clones rehearse its ``nft`` run only then.
+    """
+    return os.environ.get(STREAM_ENV, "") != "0"
 
 
 def stop_rehearsals() -> None:
@@ -807,7 +815,7 @@ class NetworkStack:
         ``stale``: the guest may hold a captured sandbox's redirect, removed if
         the new path does not come up.
         """
-        if os.environ.get(STREAM_ENV, "") == "0":
+        if not stream_path_enabled():
             self.stream_state = f"off: {STREAM_ENV}=0"
             if stale:  # a captured redirect would lead nowhere: remove it
                 self._stream_task = asyncio.ensure_future(self._drop_redirect(apply_rule))
