@@ -332,9 +332,10 @@ def test_a_sandbox_without_network_has_no_stack() -> None:
 
 
 #: The guest's view of its network, as root: every IPv4 and IPv6 route (all
-#: tables), wg0's and eth0's addresses, nftables, a connect each way.
+#: tables), wg0's and eth0's addresses, wg0's key and peers (generic netlink:
+#: the image has no ``wg``), nftables, a connect each way.
 GUEST_NETSTATE = r"""
-import errno, json, socket, subprocess
+import errno, json, socket, struct, subprocess
 def routes6():
     out = []
     for line in open("/proc/net/ipv6_route"):
@@ -352,8 +353,32 @@ def connect(family, addr):
         return errno.errorcode.get(exc.errno, str(exc))
     finally:
         s.close()
+def attrs(data):  # netlink attributes: type -> payload (nested flag dropped)
+    out, off = {}, 0
+    while off + 4 <= len(data):
+        n, t = struct.unpack_from("=HH", data, off)
+        if n < 4:
+            break
+        out[t & 0x3FFF] = data[off + 4 : off + n]
+        off += (n + 3) & ~3
+    return out
+def genl(sock, family, cmd, flags, payload):
+    hdr = struct.pack("=IHHII", 16 + 4 + len(payload), family, 1 | flags, 1, 0)
+    sock.send(hdr + bytes([cmd, 1, 0, 0]) + payload)
+    data = sock.recv(65536)
+    if struct.unpack_from("=H", data, 4)[0] == 2:  # NLMSG_ERROR
+        raise OSError(-struct.unpack_from("=i", data, 16)[0], "genetlink")
+    return attrs(data[20 : struct.unpack_from("=I", data)[0]])
+def wg0_identity():  # which of private key (3) and peers (8) wg0 has
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
+    name = b"wireguard\0"
+    fam = genl(s, 0x10, 3, 0, struct.pack("=HH", 4 + len(name), 2) + name + b"\0\0")
+    fam_id = struct.unpack("=H", fam[1][:2])[0]
+    dev = genl(s, fam_id, 0, 0x300, struct.pack("=HH", 8, 2) + b"wg0\0")  # GET_DEVICE, dump
+    return sorted(k for k, v in dev.items() if k in (3, 8) and v.strip(b"\0"))
 fib = open("/proc/net/fib_trie").read()
 print(json.dumps({
+    "wg0": wg0_identity(),
     "routes": open("/proc/net/route").read().splitlines()[1:],
     "routes6": routes6(),
     "addrs6": [l.split()[-1] for l in open("/proc/net/if_inet6") if l.split()[-1] != "lo"],
@@ -375,6 +400,7 @@ def netstate(sb: SyncSandbox) -> dict[str, Any]:
 
 def assert_no_path_out(state: dict[str, Any], image_resolv: str) -> None:
     assert state["routes"] == [] and state["routes6"] == [], state
+    assert state["wg0"] == [], state  # no private key, no peer
     assert state["addrs4"] == [] and state["addrs6"] == [], state
     nft = bytes.fromhex(state["nft"])
     assert b"msb_" not in nft, nft  # no rehearsal's table, no redirect
@@ -462,6 +488,8 @@ def test_pooled_clones_rehearse_and_stay_without_network_until_their_own(
             wg6 = {line.split()[0] for line in addrs6.splitlines() if line.split()[-1] == "wg0"}
             assert len(wg6) == 1 and not wg6 & {b[86:102].hex() for b in rehearsed}
             assert sb.network.guest_mac not in {b[:6] for b in rehearsed}
+            out = await sb.exec(sys.executable, ["-c", GUEST_NETSTATE], user="0", timeout=120)
+            assert json.loads(out.stdout_bytes)["wg0"] == [3, 8]  # the probe sees key and peer
 
     backend = QemuBackend()
     try:

@@ -2363,10 +2363,15 @@ static int net_setup(const uint8_t *c, const char **step)
 			rc = -errno;
 			goto out;
 		}
-		*step = "removing the rehearsal's peer";
+		/* And its key: an all-zero private key leaves wg0 with none, as at
+		 * boot, so the sandbox's own NET sets a key on a keyless wg0, the
+		 * very path rehearsed, and a network-off clone keeps no identity. */
+		*step = "removing the rehearsal's peer and key";
+		static const uint8_t no_key[32];
 		nl_start(&nb, (uint16_t)fam, 0);
 		nl_put(&nb, genl, sizeof genl);
 		nl_attr(&nb, WGD_IFNAME, "wg0", 4);
+		nl_attr(&nb, WGD_PRIVATE_KEY, no_key, 32);
 		nl_attr(&nb, WGD_FLAGS, &dflags, 4);
 		if ((rc = nl_call(NL_GENERIC, &nb, NULL, 0)) < 0)
 			goto out;
