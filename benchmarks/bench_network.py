@@ -1,7 +1,7 @@
 """Network benchmark: guest -> host loopback through the sandbox's user-mode stack.
 
     .venv/bin/python benchmarks/bench_network.py [--rounds 50] [--mb 16] [--downloads 3]
-        [--creates 7]
+        [--creates 7] [--creates-only]
 
 Prints p50/p95 and ratios against baselines measured in the same run:
 
@@ -17,7 +17,11 @@ Prints p50/p95 and ratios against baselines measured in the same run:
   client-first (it sends, then reads) and server-first (it only reads);
 - create -> first exec with network on vs. off, both from a warmed pool clone
   (the pool is given time to refill before each create, so neither mode pays
-  a restore the other does not).
+  a restore the other does not); the on - off difference per round (the two
+  creates of a round are next to each other, so they share the machine's
+  load), its p50 and p95, and the load average over the creates.
+  ``--creates-only`` measures this alone (after one network-on create, so the
+  pooled clones rehearse as they would in a process that uses a network).
 
 Targets under TCG (issue #13): connect + first byte <= 20 ms, >= 20 MB/s,
 create with network <= 30 ms more. Only 127.0.0.0/8 is ever dialled
@@ -142,8 +146,21 @@ async def guest_json(sb: Sandbox, script: str, args: list[str]) -> dict[str, lis
     return json.loads(out.stdout_bytes)  # type: ignore[no-any-return]
 
 
-async def main(rounds: int, mb: int, downloads: int, creates: int) -> None:
+async def main(rounds: int, mb: int, downloads: int, creates: int, creates_only: bool) -> None:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    net = NetworkPolicy.public_only().allow(Rule.host("bench.test"))
+    config = SandboxConfig(name="bench-net", network=net, hosts={"bench.test": "127.0.0.1"})
+    if creates_only:
+        async with await Sandbox.create(config) as sb:
+            await sb.exec("true")
+            await sb.network.wait_stream_path(120)
+    else:
+        await paths(rounds, mb, downloads, config)
+    await create_rounds(creates, config)
+
+
+async def paths(rounds: int, mb: int, downloads: int, config: SandboxConfig) -> None:
+    """Connect + first byte, downloads, denied connects: stream path, then WireGuard."""
     echo, blob = await serve(mb)
     ports = [str(s.sockets[0].getsockname()[1]) for s in (echo, blob)]
     args = [*ports, str(rounds), str(downloads), str(mb << 20)]
@@ -151,8 +168,6 @@ async def main(rounds: int, mb: int, downloads: int, creates: int) -> None:
         sys.executable, "-c", CLIENT, "127.0.0.1", *args, stdout=subprocess.PIPE
     )
     host = json.loads((await proc.communicate())[0])
-    net = NetworkPolicy.public_only().allow(Rule.host("bench.test"))
-    config = SandboxConfig(name="bench-net", network=net, hosts={"bench.test": "127.0.0.1"})
     async with await Sandbox.create(config) as sb:
         # TCP goes over WireGuard until the stream path is on (docs/network.md).
         on = await sb.network.wait_stream_path(120)
@@ -167,41 +182,50 @@ async def main(rounds: int, mb: int, downloads: int, creates: int) -> None:
             if drop.exit_code == 0:
                 wg = await guest_json(sb, CLIENT, ["bench.test", *args])
                 wg_denied = await guest_json(sb, DENIED, ["198.51.100.7", str(max(3, rounds // 5))])
-    paths = [("stream path" if on else "WireGuard", guest, denied)]
+    runs = [("stream path" if on else "WireGuard", guest, denied)]
     if wg is not None and wg_denied is not None:
-        paths.append(("WireGuard", wg, wg_denied))
+        runs.append(("WireGuard", wg, wg_denied))
     print(f"connect + first byte ({rounds} rounds)")
     h = row("host -> host 127.0.0.1 (baseline)", host["lat"][1:], "ms", 1e3)
-    for label, run, _ in paths:
+    for label, run, _ in runs:
         g = row(f"guest -> host 127.0.0.1 via {label}", run["lat"][1:], "ms", 1e3)
         print(f"  ratio guest/host p50: {g / h:.1f}x; the first: {run['lat'][0] * 1e3:.1f} ms")
     print(f"download {mb} MiB x {downloads}")
     ht = row("host <- host 127.0.0.1 (baseline)", host["rates"], "MB/s", 1e-6)
     lt = row("guest <- guest loopback (the guest's ceiling)", guest["local"], "MB/s", 1e-6)
-    for label, run, _ in paths:
+    for label, run, _ in runs:
         gt = row(f"guest <- host 127.0.0.1 via {label}", run["rates"], "MB/s", 1e-6)
         print(f"  ratio guest/host p50: {gt / ht:.4f}; guest/guest-ceiling p50: {gt / lt:.2f}")
     print("denied TCP connect -> the guest sees the end (no byte, never dialled)")
-    for label, _, den in paths:
+    for label, _, den in runs:
         row(f"client-first via {label}", den["client"], "ms", 1e3)
         row(f"server-first via {label}", den["server"], "ms", 1e3)
     echo.close()
     blob.close()
+
+
+async def create_rounds(creates: int, config: SandboxConfig) -> None:
+    """Create -> first exec, network on vs. off, in rounds of one each."""
     timings: dict[str, list[float]] = {"off": [], "on": []}
     off_config = SandboxConfig(name="bench-net")
+    loads: list[float] = []
     for i in range(creates):
         # Alternate which mode goes first: neither always follows the other.
         for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
             await asyncio.sleep(2.0)  # the pool refills: both take a warmed clone
+            loads.append(os.getloadavg()[0])
             t = time.monotonic()
             async with await Sandbox.create(config if mode == "on" else off_config) as sb:
                 await sb.exec("true")
                 timings[mode].append(time.monotonic() - t)
-    if creates:
-        print("create -> first exec (warmed pool clones)")
+    if creates > 1:
+        print(f"create -> first exec (warmed pool clones; load {min(loads):.1f}-{max(loads):.1f})")
         on = row("network on", timings["on"][1:], "ms", 1e3)
         off = row("network off (baseline)", timings["off"][1:], "ms", 1e3)
         print(f"  network costs {on - off:+.1f} ms at p50 (ratio {on / off:.2f})")
+        # Per round: the two creates ran next to each other, under the same load.
+        diffs = [a - b for a, b in zip(timings["on"][1:], timings["off"][1:], strict=True)]
+        row("on - off, per round", diffs, "ms", 1e3)
 
 
 if __name__ == "__main__":
@@ -210,5 +234,6 @@ if __name__ == "__main__":
     parser.add_argument("--mb", type=int, default=16)
     parser.add_argument("--downloads", type=int, default=3)
     parser.add_argument("--creates", type=int, default=7)
+    parser.add_argument("--creates-only", action="store_true")
     a = parser.parse_args()
-    asyncio.run(main(a.rounds, a.mb, a.downloads, a.creates))
+    asyncio.run(main(a.rounds, a.mb, a.downloads, a.creates, a.creates_only))

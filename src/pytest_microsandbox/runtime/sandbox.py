@@ -79,6 +79,7 @@ from .lifetime import current_runtime
 from .network import NetworkPolicy, NetworkStack, PortPublisher, Secret, SecretSubstituter
 from .network._ports import RELAY_ARGS, RELAY_PROGRAM, RELAY_UDP_ARGS
 from .network._streams import (
+    NFT_PATHS,
     NFT_TABLE,
     STREAM_ARGS,
     STREAM_PORT,
@@ -201,8 +202,6 @@ class SandboxMetrics:
 
 #: Where a sandbox with secrets finds the interception CA (its overlay only).
 _GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-#: Where the guest's nft may be (the stream path's redirect; none: WireGuard only).
-_NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")
 #: Output of ``agent --stream`` the host holds unacknowledged (its frames).
 _STREAM_WINDOW = 4 << 20
 #: Output of an ``exec_stream`` the host holds before the caller takes it: past
@@ -782,11 +781,13 @@ class Sandbox:
     async def _configure_guest(self) -> None:
         async with self._guest_errors():
             # The network's host side (host work only) starts while the guest
-            # runs CONFIGURE.
-            starting = None
+            # runs CONFIGURE, and NET follows as soon as it is up, without
+            # waiting for CONFIGURE's reply (the agent answers them in order):
+            # one round trip less before the first command.
+            net: asyncio.Future[NetworkStack] | None = None
             if self.config.network is not None:
                 stack = self._network_stack(self.config.network)
-                starting = asyncio.ensure_future(stack.start())
+                net = asyncio.ensure_future(self._net_setup(stack))
             try:
                 await self._agent.configure(
                     time_ns=time.time_ns(),
@@ -799,16 +800,16 @@ class Sandbox:
                     for fd in lock_volumes(self.config.volumes):
                         self._session.stack.callback(os.close, fd)
                     await mount_volumes(self._agent, self.config.volumes, self._request_timeout)
-                if starting is not None:
-                    await starting
+                if net is not None:
+                    await net
             except BaseException:
-                if starting is not None:  # stopped, its error (if any) retrieved
-                    starting.cancel()
+                if net is not None:  # stopped, its error (if any) retrieved
+                    net.cancel()
                     with contextlib.suppress(BaseException):
-                        await starting
+                        await net
                 raise
-            if starting is not None:
-                await self._start_network(stack)
+            if net is not None:
+                await self._start_network(net.result())
             if self.config.ports:
                 await self._publish_ports()
 
@@ -846,15 +847,22 @@ class Sandbox:
         self._session.stack.push_async_callback(stack.aclose)
         return stack
 
-    async def _start_network(self, stack: NetworkStack) -> None:
-        """Give the guest its interfaces for the started ``stack`` (fresh key,
-        MAC and address on every restore: clones share no identity). Done
-        before the sandbox is handed out: the first command has the network.
+    async def _net_setup(self, stack: NetworkStack) -> NetworkStack:
+        """Start ``stack`` and give the guest its interfaces (fresh key, MAC
+        and address on every restore: clones share no identity). Done before
+        the sandbox is handed out: the first command has the network.
         """
+        await stack.start()
         self._network = stack
         await self._agent.net_setup(
             stack.guest_blob(), stack.resolv_conf().encode(), timeout=self._request_timeout
         )
+        return stack
+
+    async def _start_network(self, stack: NetworkStack) -> None:
+        """After :meth:`_net_setup`: the interception CA (secrets) and the
+        stream path.
+        """
         if stack.secrets is not None:
             await self._trust_interception_ca()
         stack.start_stream_path(
@@ -903,7 +911,7 @@ class Sandbox:
         """Run ``nft`` commands in the guest as root; False when it cannot (an
         image without nft, a kernel without its modules).
         """
-        for nft in _NFT_PATHS:
+        for nft in NFT_PATHS:
             try:
                 result = await self._agent.exec(
                     [nft, commands], env={}, cwd="/", user="0", timeout=60, max_output=1 << 16

@@ -314,6 +314,15 @@ class SyncSandbox(_SyncCommands):
         """The sandbox's network (``network.events()``); see :attr:`Sandbox.network`."""
         return self._sandbox.network
 
+    def wait_stream_path(self, timeout: float) -> bool:
+        """Wait until the network's stream path is on (True) or has failed or
+        timed out (False); see :meth:`NetworkStack.wait_stream_path`, which
+        needs the sandbox's event loop.
+
+        :raises ConfigError: the sandbox has no network.
+        """
+        return self._call(self._sandbox.network.wait_stream_path, timeout)
+
     @property
     def console_path(self) -> Path:
         """The host file holding the guest console's output."""

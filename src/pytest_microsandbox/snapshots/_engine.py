@@ -47,6 +47,7 @@ from ..runtime._locks import LOCK_TIMEOUT_ENV, hold, lock_timeout
 from ..runtime.agent.client import AgentClient
 from ..runtime.agent.protocol import (
     PROTOCOL_VERSION,
+    Field,
     FrameDecoder,
     MsgType,
     Tag,
@@ -59,12 +60,15 @@ from ..runtime.boot import BootPlan
 from ..runtime.config import SandboxConfig, Volume
 from ..runtime.lifetime import Runtime, current_runtime
 from ..runtime.network import (
+    NFT_PATHS,
     NetworkPolicy,
     Secret,
     guest_resolv_conf,
     network_used,
+    nft_rehearsal,
     rehearsal_blob,
     stop_rehearsals,
+    stream_path_enabled,
 )
 from ..runtime.paths import make_run_dir
 from ..runtime.progress import Stage, stage
@@ -533,30 +537,44 @@ async def _warm_up(inc: _Incoming, timeout: float = 30.0, command: bool = True) 
         bytes_field(Tag.CWD, config.workdir),
     ]
     decoder = FrameDecoder()
-    requests = [
-        (MsgType.HELLO, [int_field(Tag.VERSION, PROTOCOL_VERSION)], {MsgType.OK}),
-        (MsgType.CONFIGURE, configure, {MsgType.OK}),
-    ]
-    if command:
-        requests.append((MsgType.EXEC, exec_fields, {MsgType.EXITED}))
-    if network_used():
-        # Once this process has used a network: rehearse NET with a throwaway
-        # identity the agent undoes: a create's NET then runs on translated code.
-        net = [bytes_field(Tag.NET, rehearsal_blob()), bytes_field(Tag.DATA, guest_resolv_conf())]
-        requests.append((MsgType.NET, net, {MsgType.OK}))
+    next_id = 0
+
+    async def call(type_: MsgType, fields: list[Field], final: set[MsgType]) -> MsgType:
+        """Send one request and wait for its final frame (or ERROR); its type."""
+        nonlocal next_id
+        next_id += 1
+        await inc.stream.send(encode_frame(next_id, type_, fields))
+        while True:
+            for frame in decoder.feed(await inc.stream.receive()):
+                if frame.id == next_id and frame.type in final | {MsgType.ERROR}:
+                    return MsgType(frame.type)
+
     with anyio.fail_after(timeout):
-        for request_id, (type_, fields, final) in enumerate(requests, start=1):
-            await inc.stream.send(encode_frame(request_id, type_, fields))
-            done = False
-            while not done:
-                for frame in decoder.feed(await inc.stream.receive()):
-                    if frame.id == request_id and frame.type in final | {MsgType.ERROR}:
-                        done = True
-                        if frame.type == MsgType.ERROR and type_ == MsgType.NET:
-                            # Half a rehearsal may leave a route: not a clone to
-                            # hand out; and no more rehearsals, or none would be.
-                            stop_rehearsals()
-                            raise RuntimeError("the pooled clone's NET rehearsal failed")
+        await call(MsgType.HELLO, [int_field(Tag.VERSION, PROTOCOL_VERSION)], {MsgType.OK})
+        await call(MsgType.CONFIGURE, configure, {MsgType.OK})
+        if command:
+            await call(MsgType.EXEC, exec_fields, {MsgType.EXITED})
+        if network_used():
+            # Once this process has used a network: rehearse NET with a throwaway
+            # identity the agent undoes: a create's NET then runs on translated code.
+            net = [
+                bytes_field(Tag.NET, rehearsal_blob()),
+                bytes_field(Tag.DATA, guest_resolv_conf()),
+            ]
+            if await call(MsgType.NET, net, {MsgType.OK}) == MsgType.ERROR:
+                # Half a rehearsal may leave a route: not a clone to hand out;
+                # and no more rehearsals, or none would be.
+                stop_rehearsals()
+                raise RuntimeError("the pooled clone's NET rehearsal failed")
+            if stream_path_enabled():
+                # And the stream path's nft run (nothing committed): the
+                # sandbox's own then runs translated beside its first command.
+                # No nft in the image: ERROR (not found), the next path.
+                for nft in NFT_PATHS:
+                    argv = [bytes_field(Tag.ARG, a) for a in (nft, nft_rehearsal())]
+                    rehearse = [*argv, bytes_field(Tag.CWD, "/"), bytes_field(Tag.USER, "0")]
+                    if await call(MsgType.EXEC, rehearse, {MsgType.EXITED}) == MsgType.EXITED:
+                        break
     inc.warmed = True
 
 

@@ -24,13 +24,28 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 import trustme
 
-from pytest_microsandbox.runtime import ConfigError, Sandbox, SandboxConfig, SyncSandbox
-from pytest_microsandbox.runtime.network import NetworkEvent, NetworkPolicy, Rule, Secret
+from pytest_microsandbox.runtime import (
+    ConfigError,
+    Sandbox,
+    SandboxConfig,
+    SandboxError,
+    SyncSandbox,
+)
+from pytest_microsandbox.runtime.network import (
+    NetworkEvent,
+    NetworkPolicy,
+    Rule,
+    Secret,
+    guest_resolv_conf,
+    nft_rehearsal,
+    rehearsal_blob,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -314,6 +329,183 @@ def test_a_sandbox_without_network_has_no_stack() -> None:
         assert b"answered by the host" not in resolv
         with pytest.raises(Exception, match="has no network"):
             sb.network  # noqa: B018
+
+
+#: The guest's view of its network, as root: every IPv4 and IPv6 route (all
+#: tables), wg0's and eth0's addresses, wg0's key and peers (generic netlink:
+#: the image has no ``wg``), nftables, a connect each way.
+GUEST_NETSTATE = r"""
+import errno, json, socket, struct, subprocess
+def routes6():
+    out = []
+    for line in open("/proc/net/ipv6_route"):
+        f = line.split()
+        if f[-1] != "lo":
+            out.append(f[0] + "/" + str(int(f[1], 16)) + " " + f[-1])
+    return out
+def connect(family, addr):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(addr)
+        return "connected"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc))
+    finally:
+        s.close()
+def attrs(data):  # netlink attributes: type -> payload (nested flag dropped)
+    out, off = {}, 0
+    while off + 4 <= len(data):
+        n, t = struct.unpack_from("=HH", data, off)
+        if n < 4:
+            break
+        out[t & 0x3FFF] = data[off + 4 : off + n]
+        off += (n + 3) & ~3
+    return out
+def genl(sock, family, cmd, flags, payload):
+    hdr = struct.pack("=IHHII", 16 + 4 + len(payload), family, 1 | flags, 1, 0)
+    sock.send(hdr + bytes([cmd, 1, 0, 0]) + payload)
+    data = sock.recv(65536)
+    if struct.unpack_from("=H", data, 4)[0] == 2:  # NLMSG_ERROR
+        raise OSError(-struct.unpack_from("=i", data, 16)[0], "genetlink")
+    return attrs(data[20 : struct.unpack_from("=I", data)[0]])
+def wg0_identity():  # which of private key (3) and peers (8) wg0 has
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
+    name = b"wireguard\0"
+    fam = genl(s, 0x10, 3, 0, struct.pack("=HH", 4 + len(name), 2) + name + b"\0\0")
+    fam_id = struct.unpack("=H", fam[1][:2])[0]
+    dev = genl(s, fam_id, 0, 0x300, struct.pack("=HH", 8, 2) + b"wg0\0")  # GET_DEVICE, dump
+    return sorted(k for k, v in dev.items() if k in (3, 8) and v.strip(b"\0"))
+fib = open("/proc/net/fib_trie").read()
+print(json.dumps({
+    "wg0": wg0_identity(),
+    "routes": open("/proc/net/route").read().splitlines()[1:],
+    "routes6": routes6(),
+    "addrs6": [l.split()[-1] for l in open("/proc/net/if_inet6") if l.split()[-1] != "lo"],
+    "addrs4": [a for a in ("198.18.0.2", "100.64.0.1") if a in fib],
+    "nft": subprocess.run(["/usr/sbin/nft", "list", "ruleset"], capture_output=True).stdout.hex(),
+    "resolv": open("/etc/resolv.conf").read(),
+    "tcp4": connect(socket.AF_INET, ("198.51.100.7", 80)),
+    "tcp6": connect(socket.AF_INET6, ("2001:db8::7", 80)),
+    "dns": connect(socket.AF_INET, ("198.18.0.53", 53)),
+}))
+"""
+
+
+def netstate(sb: SyncSandbox) -> dict[str, Any]:
+    out = sb.exec(sys.executable, ["-c", GUEST_NETSTATE], user="0", timeout=120)
+    assert out.exit_code == 0, out.stderr_bytes[-2000:]
+    return json.loads(out.stdout_bytes)  # type: ignore[no-any-return]
+
+
+def assert_no_path_out(state: dict[str, Any], image_resolv: str) -> None:
+    assert state["routes"] == [] and state["routes6"] == [], state
+    assert state["wg0"] == [], state  # no private key, no peer
+    assert state["addrs4"] == [] and state["addrs6"] == [], state
+    nft = bytes.fromhex(state["nft"])
+    assert b"msb_" not in nft, nft  # no rehearsal's table, no redirect
+    assert state["resolv"] == image_resolv
+    for key in ("tcp4", "tcp6", "dns"):  # no route: refused in the guest at once
+        assert state[key] == "ENETUNREACH", state
+
+
+def test_a_net_rehearsal_leaves_no_address_route_or_rule_behind() -> None:
+    """The pool's rehearsal (NET with a throwaway identity, IPv4 and IPv6,
+    then the nft ruleset added and deleted in one transaction), run by hand
+    in a network-off sandbox: afterwards the guest has no path out, as before.
+    """
+    config = SandboxConfig(name="net-off")
+    with SyncSandbox.create(config) as sb:
+        before = netstate(sb)
+        assert_no_path_out(before, before["resolv"])
+        agent = sb.async_sandbox.session.agent
+        blob = rehearsal_blob()
+        sb._call(agent.net_setup, blob, guest_resolv_conf().encode(), 60)
+        nft = sb.exec("/usr/sbin/nft", [nft_rehearsal()], user="0")
+        assert nft.exit_code == 0, nft.stderr_bytes
+        assert_no_path_out(netstate(sb), before["resolv"])
+        # A rehearsal that would add no route cannot undo one: refused.
+        no_route = blob[:85] + bytes([blob[85] | 1]) + blob[86:]
+        with pytest.raises(SandboxError, match="rehearsal"):
+            sb._call(agent.net_setup, no_route, b"", 60)
+
+
+def test_pooled_clones_rehearse_and_stay_without_network_until_their_own(
+    servers: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once this process has used a network, pooled clones rehearse NET and
+    nft while they wait: a network-off sandbox from them has no path out; a
+    network-on one has IPv4 and IPv6 at its first command.
+    """
+    from pytest_microsandbox.runtime.provision import plan_for
+    from pytest_microsandbox.runtime.qemu import QemuBackend
+    from pytest_microsandbox.snapshots import _engine, close_pools, ensure_template, expect_creates
+
+    rehearsed: list[bytes] = []
+
+    def counted() -> bytes:
+        rehearsed.append(rehearsal_blob())
+        return rehearsed[-1]
+
+    monkeypatch.setattr(_engine, "rehearsal_blob", counted)
+    policy = (
+        NetworkPolicy.public_only()
+        .allow(Rule.host("echo.test", ports=[servers["tcp"]], protocol="tcp"))
+        .allow(Rule.host("v6.test", protocol="tcp"))
+    )
+    on = SandboxConfig(name="net-pool", network=policy, hosts=HOSTS)
+    off = SandboxConfig(name="net-pool")
+    first = json.dumps([("tcp", "echo.test", servers["tcp"]), ("tcp6", "v6.test", servers["tcp6"])])
+
+    async def warmed_pool() -> None:
+        """Only clones warmed from now on (this process has used a network)."""
+        await close_pools()
+        await _engine.prefill_pool(off, 1, backend)
+        entry = await ensure_template(off, backend, await plan_for(off, backend))
+        pool = await _engine._pool_for(entry, backend, None)
+        assert pool is not None
+        with anyio.fail_after(120):  # slow under load, never hanging
+            while not pool._ready:
+                await anyio.sleep(0.1)
+
+    async def body() -> None:
+        async with await Sandbox.create(on):  # this process uses a network
+            pass
+        await warmed_pool()
+        assert rehearsed, "the pooled clone did not rehearse"
+        async with await Sandbox.create(off) as sb:
+            out = await sb.exec(sys.executable, ["-c", GUEST_NETSTATE], user="0", timeout=120)
+            state = json.loads(out.stdout_bytes)
+            assert_no_path_out(state, state["resolv"])
+            assert "answered by the host" not in state["resolv"]  # the image's own
+        await warmed_pool()
+        async with await Sandbox.create(on) as sb:
+            # The first command: IPv4 and IPv6 (by name, AAAA) both work.
+            out = await sb.exec(sys.executable, ["-c", GUEST, first], timeout=180)
+            assert json.loads(out.stdout_bytes) == [["ok", "tcp:ping"], ["ok", "tcp:ping"]]
+            # Nothing of a rehearsal's identity: MAC and IPv6 address are the sandbox's own.
+            addrs6 = (await sb.fs().read("/proc/net/if_inet6")).decode()
+            wg6 = {line.split()[0] for line in addrs6.splitlines() if line.split()[-1] == "wg0"}
+            assert len(wg6) == 1 and not wg6 & {b[86:102].hex() for b in rehearsed}
+            assert sb.network.guest_mac not in {b[:6] for b in rehearsed}
+            out = await sb.exec(sys.executable, ["-c", GUEST_NETSTATE], user="0", timeout=120)
+            assert json.loads(out.stdout_bytes)["wg0"] == [3, 8]  # the probe sees key and peer
+
+    backend = QemuBackend()
+    try:
+        anyio.run(body)
+    finally:
+        expect_creates(0)
+
+
+def test_sync_wait_stream_path(net_sandbox: SyncSandbox) -> None:
+    up = net_sandbox.wait_stream_path(120)
+    assert up == (net_sandbox.network.stream_state == "on"), net_sandbox.network.stream_state
+    with (
+        SyncSandbox.create(SandboxConfig(name="net-off")) as sb,
+        pytest.raises(ConfigError, match="has no network"),
+    ):
+        sb.wait_stream_path(1)
 
 
 GUEST_SERVER = r"""

@@ -108,8 +108,11 @@ def test_a_rehearsal_has_a_throwaway_identity_and_asks_to_be_undone(tmp_path: Pa
     one, two = rehearsal_blob(), rehearsal_blob()
     assert len(one) == len(real) == 102  # the agent's NET_LEN
     assert one[85] == 2 and real[85] == 0  # NET_F_REHEARSAL; a real NET keeps its route
-    assert one[86:] == bytes(16) and real[86:] != bytes(16)  # IPv6: only a real NET has it
+    # IPv6 too (its paths rehearsed like the rest), in the same /64 as a real NET's.
+    v6 = [ipaddress.IPv6Address(b[86:]) for b in (one, two, real)]
+    assert all(a in ipaddress.IPv6Network("2001:2::/64") for a in v6)
     assert one[:6] != two[:6] and one[21:85] != two[21:85]  # MAC, keys: fresh each time
+    assert len(set(v6)) == 3  # and IPv6 address
     assert one[6:17] == real[6:17]  # same eth0 address and endpoint: the same kernel paths
     assert NetworkStack(NetworkPolicy.none(), {}, tmp_path).guest_blob()[85] == 1  # no route
 

@@ -18,6 +18,8 @@ from pytest_microsandbox.runtime.network._streams import (
     DATA,
     EOF,
     MAX_DATA,
+    NFT_REHEARSAL_TABLE,
+    NFT_TABLE,
     OPEN,
     QUEUE_MAX,
     READY,
@@ -26,6 +28,7 @@ from pytest_microsandbox.runtime.network._streams import (
     GuestStream,
     StreamMux,
     StreamProtocolError,
+    nft_rehearsal,
     nft_ruleset,
 )
 
@@ -211,6 +214,16 @@ def test_the_redirect_leaves_the_guest_loopback_and_the_hosts_link_alone() -> No
     assert "127.0.0.0/8" in rules and "198.18.0.0/16" in rules and "::1" in rules
     assert "198.19" not in rules  # pinned names go through it
     assert rules.count("redirect to :15001") == 2
+
+
+def test_the_nft_rehearsal_is_the_ruleset_in_its_own_table_deleted_in_the_same_run() -> None:
+    rehearsal = nft_rehearsal()
+    assert NFT_TABLE not in rehearsal  # never the real redirect's table
+    own = f"inet {NFT_REHEARSAL_TABLE}"
+    body = nft_ruleset(table=NFT_REHEARSAL_TABLE)
+    assert rehearsal.startswith(body)  # the same kernel paths: table, nat chain, rules
+    # One nft run is one transaction: ending with the delete, nothing is committed.
+    assert rehearsal.removeprefix(body) == f"; delete table {own}"
 
 
 def test_a_guest_that_stops_reading_cannot_make_the_host_queue_without_bound() -> None:

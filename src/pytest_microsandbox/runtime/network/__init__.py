@@ -21,12 +21,15 @@ from ._stack import (
     network_used,
     rehearsal_blob,
     stop_rehearsals,
+    stream_path_enabled,
 )
+from ._streams import NFT_PATHS, nft_rehearsal
 
 __all__ = [
     "DNS_IP",
     "HOST_SOCKET",
     "LOOPBACK_ONLY_ENV",
+    "NFT_PATHS",
     "QEMU_SOCKET",
     "STREAM_ENV",
     "Decision",
@@ -41,6 +44,8 @@ __all__ = [
     "classify",
     "guest_resolv_conf",
     "network_used",
+    "nft_rehearsal",
     "rehearsal_blob",
     "stop_rehearsals",
+    "stream_path_enabled",
 ]
