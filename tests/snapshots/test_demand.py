@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_microsandbox.snapshots._demand import CreateForecast, PoolDemand
+from pytest_microsandbox.snapshots._demand import CreateForecast, PoolDemand, pool_cap
 
 
 def test_spaced_out_creates_keep_the_base_depth() -> None:
@@ -125,3 +125,41 @@ def test_a_prefill_nobody_uses_shrinks_back() -> None:
     demand = PoolDemand(base=1, cap=8, idle_s=5.0, forecast=forecast)
     demand.note_prefill(0.0)
     assert demand.target(5.0) == 1
+
+
+def test_the_cap_is_the_count_asked_for_when_memory_allows() -> None:
+    assert pool_cap(1, most=24, budget_mib=1024, clone_mib=30, available_mib=64_000) == 24
+
+
+def test_the_memory_budget_bounds_the_cap() -> None:
+    # 100 MiB at 30 MiB a clone: 3 clones, not the 24 asked for.
+    assert pool_cap(1, most=24, budget_mib=100, clone_mib=30, available_mib=64_000) == 3
+
+
+def test_an_eighth_of_the_available_memory_bounds_the_cap() -> None:
+    # 2400 MiB available: 300 MiB for waiting clones, 10 of 30 MiB.
+    assert pool_cap(1, most=24, budget_mib=1024, clone_mib=30, available_mib=2400) == 10
+
+
+def test_the_available_share_is_split_across_xdist_workers() -> None:
+    # 300 MiB split across 4 workers: 75 MiB each, 2 clones per worker's pool.
+    assert pool_cap(1, 24, 1024, 30, available_mib=2400, workers=4) == 2
+
+
+def test_an_unknown_available_memory_leaves_the_budget_alone() -> None:
+    assert pool_cap(1, 24, 1024, 30, available_mib=None, workers=8) == 24
+
+
+@pytest.mark.parametrize("available", [0.0, -5.0, 10.0])
+def test_the_cap_never_falls_below_the_base_depth(available: float) -> None:
+    assert pool_cap(2, 24, 1024, 30, available_mib=available) == 2
+    assert pool_cap(2, 24, budget_mib=0, clone_mib=30) == 2
+    assert pool_cap(2, most=0, budget_mib=1024, clone_mib=30) == 2
+
+
+@pytest.mark.parametrize(
+    ("base", "most", "budget", "clone"), [(1, 24, 1024, 0), (-1, 24, 1024, 30), (1, -1, 1024, 30)]
+)
+def test_bad_cap_inputs_are_refused(base: int, most: int, budget: float, clone: float) -> None:
+    with pytest.raises(ValueError, match="clone_mib > 0"):
+        pool_cap(base, most, budget, clone)

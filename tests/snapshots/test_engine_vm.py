@@ -408,3 +408,32 @@ def test_a_prefill_fills_the_pool_before_the_first_create() -> None:
             expect_creates(0)
 
     run(body)
+
+
+def test_a_prefill_stops_at_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_microsandbox.runtime.provision import plan_for
+    from pytest_microsandbox.snapshots import POOL_MEMORY_ENV, expect_creates, prefill_pool
+    from pytest_microsandbox.snapshots._engine import POOL_CLONE_MIB, _pool_for
+
+    # Room for two waiting clones, and ten announced.
+    monkeypatch.setenv(POOL_MEMORY_ENV, str(2 * POOL_CLONE_MIB + POOL_CLONE_MIB // 2))
+
+    async def body() -> None:
+        backend = QemuBackend()
+        try:
+            await prefill_pool(CONFIG, 10, backend)
+            entry = await ensure_template(CONFIG, backend, await plan_for(CONFIG, backend))
+            pool = await _pool_for(entry, backend, None)
+            assert pool is not None
+            most = 0
+            with anyio.fail_after(120):  # slow under load, never hanging
+                # A finished pre-start starts the next one before it returns, so
+                # once two wait, a third would already be counted in the depth.
+                while len(pool._ready) < 2:
+                    most = max(most, pool.depth)
+                    await anyio.sleep(0.02)
+            assert max(most, pool.depth) == 2
+        finally:
+            expect_creates(0)
+
+    run(body)

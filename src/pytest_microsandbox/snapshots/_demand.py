@@ -21,12 +21,46 @@ from __future__ import annotations
 import math
 import threading
 
-__all__ = ["CreateForecast", "PoolDemand"]
+__all__ = ["AVAILABLE_SHARE", "CreateForecast", "PoolDemand", "pool_cap"]
 
 #: Weight of the newest sample in the moving averages (fast to follow a burst).
 _ALPHA = 0.5
 #: First guess of a pre-start's duration, before one is measured (TCG, loaded host).
 _FIRST_PRESTART_S = 0.3
+#: The fraction of the host's available memory the pools of one run may fill
+#: with waiting clones, whatever the budget says: a deep pool is a convenience,
+#: and a run that starts other memory-hungry work (its own sandboxes, builds)
+#: must not find the host already full of clones it never took.
+AVAILABLE_SHARE = 1 / 8
+
+
+def pool_cap(
+    base: int,
+    most: int,
+    budget_mib: float,
+    clone_mib: float,
+    available_mib: float | None = None,
+    workers: int = 1,
+) -> int:
+    """The deepest one pool may grow: at most ``most`` clones, within
+    ``budget_mib`` at ``clone_mib`` per clone, and within
+    :data:`AVAILABLE_SHARE` of ``available_mib`` (the host's MemAvailable;
+    None when unknown) split across the ``workers`` processes of the run (xdist
+    workers each keep a pool of their own). Never below ``base``: the depth kept
+    while creates are spaced out is asked for explicitly.
+
+    :raises ValueError: ``clone_mib`` is not > 0, or a count is negative.
+    """
+    if clone_mib <= 0 or base < 0 or most < 0 or budget_mib < 0:
+        raise ValueError(
+            f"need clone_mib > 0 and counts >= 0, got base {base}, most {most}, "
+            f"budget {budget_mib} MiB, {clone_mib} MiB per clone"
+        )
+    cap = min(most, math.floor(budget_mib / clone_mib))
+    if available_mib is not None:
+        share = max(0.0, available_mib) * AVAILABLE_SHARE / max(1, workers)
+        cap = min(cap, math.floor(share / clone_mib))
+    return max(base, cap)
 
 
 class CreateForecast:

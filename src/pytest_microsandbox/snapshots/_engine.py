@@ -83,7 +83,7 @@ from ..runtime.volumes import (
     volume_device_args,
 )
 from . import _store
-from ._demand import CreateForecast, PoolDemand
+from ._demand import CreateForecast, PoolDemand, pool_cap
 from ._model import FORMAT_VERSION, DiskMeta, SnapshotMeta
 
 __all__ = [
@@ -111,15 +111,21 @@ __all__ = [
 POOL_SIZE_ENV = "MICROSANDBOX_POOL_SIZE"
 _DEFAULT_LOCK_TIMEOUT = 600.0
 _DEFAULT_POOL_SIZE = 1
-#: The deepest a pool grows while creates come back to back (see ``_demand.py``).
+#: The deepest a pool grows while creates come back to back (see ``_demand.py``):
+#: 24 clones fill in ~2 s on 2 cores (TCG) and serve a run of fast tests for
+#: about as long again before the pool runs dry.
 POOL_MAX_ENV = "MICROSANDBOX_POOL_MAX"
-_DEFAULT_POOL_MAX = 8
+_DEFAULT_POOL_MAX = 24
 #: Host memory, in MiB, the waiting clones of one pool may cost.
 POOL_MEMORY_ENV = "MICROSANDBOX_POOL_MEMORY_MB"
-_DEFAULT_POOL_MEMORY_MB = 320
-#: Host PSS of one idle warmed clone under TCG, rounded up (32.1 MiB measured,
-#: README "Performance"): what the memory budget counts per clone.
-POOL_CLONE_MIB = 40
+_DEFAULT_POOL_MEMORY_MB = 1024
+#: What one more idle warmed clone costs the host under TCG, rounded up: its
+#: private memory (28.5-29.0 MiB measured, pools of 4-16 clones, 512 MiB guest)
+#: and page tables (0.5 MiB). Its PSS is higher (31-38 MiB, falling as more
+#: clones split the template's shared pages) and its RSS 72.6 MiB, but the
+#: shared part is paid once per template, not per clone.
+POOL_CLONE_MIB = 30
+#: The most clones kept while creates are spaced out (``POOL_SIZE_ENV``).
 _MAX_POOL_SIZE = 16
 #: Seconds without a create after which a deepened pool shrinks to its base.
 _POOL_IDLE_S = 5.0
@@ -218,12 +224,32 @@ def _pool_size() -> int:
 
 
 def _pool_cap(base: int) -> int:
-    """The deepest a pool may grow under back-to-back creates: ``POOL_MAX_ENV``,
-    within ``POOL_MEMORY_ENV`` at :data:`POOL_CLONE_MIB` per clone, never below ``base``.
+    """The deepest a pool may grow under back-to-back creates (:func:`~._demand.pool_cap`):
+    ``POOL_MAX_ENV``, within ``POOL_MEMORY_ENV`` at :data:`POOL_CLONE_MIB` per
+    clone and within a share of the host's available memory split across the
+    run's xdist workers (``PYTEST_XDIST_WORKER_COUNT``: each keeps a pool).
     """
-    most = int(_env_float(POOL_MAX_ENV, _DEFAULT_POOL_MAX))
-    budget = int(_env_float(POOL_MEMORY_ENV, _DEFAULT_POOL_MEMORY_MB)) // POOL_CLONE_MIB
-    return max(base, min(_MAX_POOL_SIZE, most, budget))
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
+    return pool_cap(
+        base,
+        int(_env_float(POOL_MAX_ENV, _DEFAULT_POOL_MAX)),
+        _env_float(POOL_MEMORY_ENV, _DEFAULT_POOL_MEMORY_MB),
+        POOL_CLONE_MIB,
+        _mem_available_mib(),
+        int(workers) if workers.isdigit() else 1,
+    )
+
+
+def _mem_available_mib() -> float | None:
+    """The host's MemAvailable in MiB (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _prestart_concurrency() -> int:
@@ -1099,7 +1125,7 @@ class _Pool:
 
     async def _trim_when_idle(self, scope: anyio.CancelScope) -> None:
         """Once creates stop, discard the clones beyond the base depth (each
-        costs ~32 MiB of host memory while it waits).
+        costs ~30 MiB of host memory while it waits).
         """
         with scope:
             while not self._closed:
