@@ -1,17 +1,40 @@
 """Snapshot benchmark: restore to first exec vs cold boot, PSS per idle clone, clones/s,
 and back-to-back creates (the ``sandbox`` fixture over a run of fast tests).
 
-Plain script (``python benchmarks/bench_snapshots.py [--clones 30]``; only the
-back-to-back scenario: ``--only-b2b``); prints a table. Every number is
-measured in this run; the ratios use the baselines measured here.
+Plain script (``python benchmarks/bench_snapshots.py [--clones 30]``); prints a
+table. Every number is measured in this run; the ratios use the baselines
+measured here.
+
+``--only-b2b [--before REV]`` runs only back-to-back creates, as an A/B of the
+code at git revision REV (default ``main``; its ``src`` exported to a temporary
+directory and put first on ``PYTHONPATH``) against this checkout, alternating
+the two in one run (the order flips every round), three cases each, every
+run in a fresh process:
+
+* warm: ``prefill_pool`` announces the creates, 1 s passes (a first test, the
+  rest of the collection), then ``--b2b`` creates -> first exec -> stop;
+* cold: the same creates as the first thing a process does (no forecast: the
+  pool follows the rate);
+* pytest: a generated project of ``--b2b`` fast tests using the ``sandbox``
+  fixture, timed per test on the host (between consecutive
+  ``pytest_runtest_logfinish``; the first test, which also imports the runtime
+  and checks the template, is reported apart).
+
+Each case also prints the host CPU of its processes and their QEMUs per create
+(``RUSAGE_CHILDREN``), less sensitive to the machine's other users than latency.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,6 +169,215 @@ async def b2b_rows(config: SandboxConfig, creates: int, rounds: int) -> list[tup
     return rows
 
 
+#: One library case in a fresh process: argv = warm|cold, creates, guest memory (MiB).
+_LIBRARY_CASE = """
+import json, sys, time, anyio
+import pytest_microsandbox
+from pytest_microsandbox.runtime import Sandbox, SandboxConfig
+from pytest_microsandbox.snapshots import close_pools, expect_creates, prefill_pool
+
+async def main():
+    case, creates, memory = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    config = SandboxConfig(name="bench", memory=memory)
+    if case == "warm":
+        await prefill_pool(config, creates)
+        await anyio.sleep(1.0)
+    times = []
+    for _ in range(creates):
+        t0 = time.monotonic()
+        sb = await Sandbox.create(config)
+        await sb.exec("true")
+        times.append(time.monotonic() - t0)
+        await sb.stop()
+    expect_creates(0)
+    await close_pools()
+    print(json.dumps({"src": pytest_microsandbox.__file__, "times": times}))
+
+anyio.run(main)
+"""
+
+#: The generated project's tests: each creates a sandbox and runs one command.
+_FIXTURE_TESTS = """
+import pytest
+
+
+@pytest.mark.parametrize("i", range({count}))
+def test_fast(sandbox, i):
+    assert sandbox.exec("true").success
+"""
+
+#: Host wall time per test, written to MSB_BENCH_OUT (as in bench_plugin.py).
+_TIMING_PLUGIN = """
+import os, time
+
+_last = [None]
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _last[0] is None:
+        _last[0] = time.monotonic()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    now = time.monotonic()
+    with open(os.environ["MSB_BENCH_OUT"], "a") as f:
+        f.write(f"{now - _last[0]}\\n")
+    _last[0] = now
+"""
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _export_src(rev: str, into: Path) -> tuple[Path, str]:
+    """``src`` of git revision ``rev`` of this repository under ``into``, and the
+    revision's short hash.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", rev],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    tar = subprocess.run(
+        ["git", "-C", str(repo), "archive", "--format=tar", commit, "src"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    archive = into / "src.tar"
+    archive.write_bytes(tar)
+    with tarfile.open(archive) as t:
+        t.extractall(into, filter="data")
+    return into / "src", commit
+
+
+class _Arm:
+    """One side of the A/B: a ``src`` tree put first on ``PYTHONPATH``."""
+
+    def __init__(self, label: str, src: Path) -> None:
+        self.label = label
+        self.src = src
+        self.times: dict[str, list[float]] = {}
+        self.first: list[float] = []
+        self.cpu: dict[str, list[float]] = {}
+
+    def env(self, extra_path: Path | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (self.src, extra_path) if p is not None)
+        return env
+
+    def _record(self, case: str, times: list[float], cpu: float) -> None:
+        self.times.setdefault(case, []).extend(times)
+        self.cpu.setdefault(case, []).append(cpu)
+
+    def library(self, case: str, creates: int, memory: int) -> None:
+        cpu = _children_cpu()
+        proc = subprocess.run(
+            [sys.executable, "-c", _LIBRARY_CASE, case, str(creates), str(memory)],
+            env=self.env(), capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise SystemExit(f"{self.label} {case} failed:\n{proc.stderr[-3000:]}")
+        out = json.loads(proc.stdout.splitlines()[-1])
+        if not out["src"].startswith(str(self.src)):
+            raise SystemExit(f"{self.label} imported {out['src']}, not {self.src}")
+        self._record(case, out["times"], (_children_cpu() - cpu) / creates)
+
+    def pytest(self, project: Path, creates: int, record: bool = True) -> None:
+        # Outside the project: a file changing in it would change the boot
+        # plan (the project is part of the guest) and rebuild the template.
+        out = project.parent / "times.txt"
+        out.unlink(missing_ok=True)
+        env = self.env(project)
+        env["MSB_BENCH_OUT"] = str(out)
+        cpu = _children_cpu()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             "-p", "no:hypothesispytest", "-p", "msb_bench_timing", "-n", "0"],
+            cwd=project, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise SystemExit(f"{self.label} pytest failed:\n{proc.stdout[-3000:]}")
+        if record:
+            times = [float(x) for x in out.read_text().split()]
+            self.first.append(times[0])
+            self._record("pytest", times[1:], (_children_cpu() - cpu) / creates)
+
+
+def _fixture_project(root: Path, creates: int) -> Path:
+    project = root / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "msb_bench_timing.py").write_text(_TIMING_PLUGIN)
+    (project / "test_fast.py").write_text(_FIXTURE_TESTS.format(count=creates))
+    return project
+
+
+def _ms(times: list[float], q: float) -> float:
+    return pct(times, q) * 1000
+
+
+def b2b_ab_rows(before_rev: str, creates: int, rounds: int, memory: int) -> list[tuple[str, str]]:
+    """Back-to-back creates, the code at ``before_rev`` against this checkout
+    (see the module docstring), ``rounds`` alternating rounds of three cases.
+    """
+    with tempfile.TemporaryDirectory(prefix="msb-bench-b2b-") as tmp:
+        root = Path(tmp)
+        before_src, commit = _export_src(before_rev, root)
+        if commit.startswith(before_rev):
+            before_rev = commit
+        arms = [
+            _Arm(
+                f"before ({before_rev}{'' if commit == before_rev else ' ' + commit})", before_src
+            ),
+            _Arm("now (this checkout)", Path(__file__).resolve().parents[1] / "src"),
+        ]
+        project = _fixture_project(root, creates)
+        for arm in arms:  # templates built, modules compiled, page cache warm
+            arm.pytest(project, creates, record=False)
+        for r in range(rounds):
+            for case in ("warm", "cold", "pytest"):
+                for arm in arms if r % 2 == 0 else arms[::-1]:
+                    if case == "pytest":
+                        arm.pytest(project, creates)
+                    else:
+                        arm.library(case, creates, memory)
+    rows: list[tuple[str, str]] = []
+    what = {
+        "warm": "warm (prefill_pool, 1 s head start)",
+        "cold": "cold (the first creates of a process)",
+        "pytest": f"through pytest (`sandbox` fixture, tests 2-{creates} of each run)",
+    }
+    before, now = arms
+    for case, label in what.items():
+        rows.append((f"{label}, {rounds}x{creates}", ""))
+        for arm in arms:
+            t = arm.times[case]
+            cpu = statistics.median(arm.cpu[case]) * 1000
+            rows.append(
+                (
+                    f"  {arm.label}",
+                    f"p50 {_ms(t, 0.5):.0f} ms, p95 {_ms(t, 0.95):.0f} ms, max "
+                    f"{max(t) * 1000:.0f} ms; CPU/create {cpu:.0f} ms",
+                )
+            )
+        b, n = before.times[case], now.times[case]
+        rows.append(
+            (
+                "  ratio before / now",
+                f"p50 {pct(b, 0.5) / pct(n, 0.5):.2f}x, p95 {pct(b, 0.95) / pct(n, 0.95):.2f}x",
+            )
+        )
+    rows.append(
+        (
+            "first test of a pytest run (runtime import, template check), before / now",
+            f"p50 {statistics.median(before.first) * 1000:.0f} / "
+            f"{statistics.median(now.first) * 1000:.0f} ms",
+        )
+    )
+    return rows
+
+
 def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n{title}")
@@ -156,9 +388,16 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
 async def main(args: argparse.Namespace) -> None:
     config = SandboxConfig(name="bench", memory=args.memory)
     if args.only_b2b:
-        rows = await b2b_rows(config, args.b2b, args.b2b_rounds)
-        load = os.getloadavg()[0]
-        print_rows(f"bench_snapshots back-to-back (load average {load:.1f})", rows)
+        load0 = os.getloadavg()
+        rows = await anyio.to_thread.run_sync(
+            b2b_ab_rows, args.before, args.b2b, args.b2b_rounds, args.memory
+        )
+        load1 = os.getloadavg()
+        print_rows(
+            f"bench_snapshots back-to-back A/B (load average {load0[0]:.1f} at the start, "
+            f"{load1[0]:.1f} at the end, {load1[1]:.1f} over its last 5 min)",
+            rows,
+        )
         return
     backend = QemuBackend()
     accel = await resolve_accel(config, backend)
@@ -275,5 +514,8 @@ if __name__ == "__main__":
     parser.add_argument("--memory", type=int, default=512)
     parser.add_argument("--b2b", type=int, default=20, help="back-to-back creates per round")
     parser.add_argument("--b2b-rounds", type=int, default=2)
-    parser.add_argument("--only-b2b", action="store_true", help="only the back-to-back rows")
+    parser.add_argument(
+        "--only-b2b", action="store_true", help="only back-to-back creates, A/B against --before"
+    )
+    parser.add_argument("--before", default="main", help="git revision of the --only-b2b baseline")
     anyio.run(main, parser.parse_args())
