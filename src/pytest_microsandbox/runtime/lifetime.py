@@ -174,6 +174,8 @@ _current: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
 )
 #: The default runtime of each event loop that has needed one.
 _defaults: dict[asyncio.AbstractEventLoop, Runtime] = {}
+#: Default runtimes made but not entered yet, and the event set once they are.
+_entering: dict[Runtime, anyio.Event] = {}
 
 
 async def current_runtime() -> Runtime:
@@ -186,19 +188,28 @@ async def current_runtime() -> Runtime:
     loop = asyncio.get_running_loop()
     runtime = _defaults.get(loop)
     if runtime is not None and not runtime.closed:
+        entering = _entering.get(runtime)
+        if entering is not None:
+            # Another task of this loop is starting it: a runtime not entered yet
+            # refuses work (spawn raises), so wait until its owner entered it.
+            await entering.wait()
+            if runtime.closed or _defaults.get(loop) is not runtime:
+                raise RuntimeError("the default runtime closed while it started")
         return runtime
     _forget_closed_loops()
     runtime = Runtime()
     _defaults[loop] = runtime
-    started = anyio.Event()
+    started = _entering[runtime] = anyio.Event()
 
     async def own() -> None:
         try:
             async with runtime:
+                _entering.pop(runtime, None)
                 started.set()
                 await anyio.sleep_forever()
         finally:
             started.set()
+            _entering.pop(runtime, None)
             if _defaults.get(loop) is runtime:
                 del _defaults[loop]
 

@@ -1076,8 +1076,8 @@ class _Pool:
             return
         want = self.demand.target(time.monotonic())
         while self.depth < want and self._starting < self._concurrency:
-            self._starting += 1
             self._background(self._start_one)
+            self._starting += 1
         if want > self.demand.base and self._trimmer is None:
             self._trimmer = anyio.CancelScope()
             self._runtime.spawn(self._trim_when_idle, self._trimmer)
@@ -1087,8 +1087,11 @@ class _Pool:
         self._changed = anyio.Event()
 
     def _background(self, fn: Callable[[], Awaitable[None]]) -> None:
-        self._busy += 1
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        """Run ``fn`` in the runtime's task group, counted until it ends.
+
+        :raises RuntimeError: the runtime is closed (nothing is counted then:
+            a count nobody ends would keep :meth:`aclose` waiting forever).
+        """
 
         async def run() -> None:
             try:
@@ -1098,7 +1101,9 @@ class _Pool:
                 if self._busy == 0:
                     self._idle.set()
 
-        self._runtime.spawn(run)
+        self._runtime.spawn(run)  # run starts at the next checkpoint, after the count
+        self._busy += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
 
     async def _start_one(self) -> None:
         began = time.monotonic()
