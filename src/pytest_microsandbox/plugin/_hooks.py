@@ -328,14 +328,6 @@ class MicrosandboxPlugin:
                 drop_live_hint(config.rootpath, self.settings.cache_dir)
                 self._runner.drop_prestart()
 
-    def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """Start the pool of pre-started clones for the tests using the ``sandbox``
-        fixture (``_fixtures.prefill_collected``).
-        """
-        from ._fixtures import prefill_collected
-
-        prefill_collected(session, self)
-
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(
         self, item: pytest.Item, nextitem: pytest.Item | None
