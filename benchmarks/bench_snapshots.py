@@ -8,11 +8,12 @@ measured here.
 ``--only-b2b [--before REV]`` runs only back-to-back creates, as an A/B of the
 code at git revision REV (default ``main``; its ``src`` exported to a temporary
 directory and put first on ``PYTHONPATH``) against this checkout, alternating
-the two in one run (the order flips every round), three cases each, every
-run in a fresh process:
+the two in one run (the order flips every round), three cases each
+(``--cases`` picks some), every run in a fresh process:
 
-* warm: ``prefill_pool`` announces the creates, 1 s passes (a first test, the
-  rest of the collection), then ``--b2b`` creates -> first exec -> stop;
+* warm: ``prefill_pool`` announces the creates, ``--head-start`` seconds pass
+  (default 1: a first test, the rest of the collection), then ``--b2b``
+  creates -> first exec -> stop;
 * cold: the same creates as the first thing a process does (no forecast: the
   pool follows the rate);
 * pytest: a generated project of ``--b2b`` fast tests using the ``sandbox``
@@ -169,7 +170,8 @@ async def b2b_rows(config: SandboxConfig, creates: int, rounds: int) -> list[tup
     return rows
 
 
-#: One library case in a fresh process: argv = warm|cold, creates, guest memory (MiB).
+#: One library case in a fresh process: argv = warm|cold, creates, guest memory
+#: (MiB), the warm case's head start (s).
 _LIBRARY_CASE = """
 import json, sys, time, anyio
 import pytest_microsandbox
@@ -181,7 +183,7 @@ async def main():
     config = SandboxConfig(name="bench", memory=memory)
     if case == "warm":
         await prefill_pool(config, creates)
-        await anyio.sleep(1.0)
+        await anyio.sleep(float(sys.argv[4]))
     times = []
     for _ in range(creates):
         t0 = time.monotonic()
@@ -270,11 +272,11 @@ class _Arm:
         self.times.setdefault(case, []).extend(times)
         self.cpu.setdefault(case, []).append(cpu)
 
-    def library(self, case: str, creates: int, memory: int) -> None:
+    def library(self, case: str, creates: int, memory: int, head_start: float) -> None:
         cpu = _children_cpu()
         proc = subprocess.run(
-            [sys.executable, "-c", _LIBRARY_CASE, case, str(creates), str(memory)],
-            env=self.env(), capture_output=True, text=True, timeout=900,
+            [sys.executable, "-c", _LIBRARY_CASE, case, str(creates), str(memory), str(head_start)],
+            env=self.env(), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         if proc.returncode != 0:
             raise SystemExit(f"{self.label} {case} failed:\n{proc.stderr[-3000:]}")
@@ -294,7 +296,7 @@ class _Arm:
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
              "-p", "no:hypothesispytest", "-p", "msb_bench_timing", "-n", "0"],
-            cwd=project, env=env, capture_output=True, text=True, timeout=900,
+            cwd=project, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         if proc.returncode != 0:
             raise SystemExit(f"{self.label} pytest failed:\n{proc.stdout[-3000:]}")
@@ -317,9 +319,16 @@ def _ms(times: list[float], q: float) -> float:
     return pct(times, q) * 1000
 
 
-def b2b_ab_rows(before_rev: str, creates: int, rounds: int, memory: int) -> list[tuple[str, str]]:
+def b2b_ab_rows(
+    before_rev: str,
+    creates: int,
+    rounds: int,
+    memory: int,
+    head_start: float = 1.0,
+    cases: Sequence[str] = ("warm", "cold", "pytest"),
+) -> list[tuple[str, str]]:
     """Back-to-back creates, the code at ``before_rev`` against this checkout
-    (see the module docstring), ``rounds`` alternating rounds of three cases.
+    (see the module docstring), ``rounds`` alternating rounds of ``cases``.
     """
     with tempfile.TemporaryDirectory(prefix="msb-bench-b2b-") as tmp:
         root = Path(tmp)
@@ -336,20 +345,22 @@ def b2b_ab_rows(before_rev: str, creates: int, rounds: int, memory: int) -> list
         for arm in arms:  # templates built, modules compiled, page cache warm
             arm.pytest(project, creates, record=False)
         for r in range(rounds):
-            for case in ("warm", "cold", "pytest"):
+            for case in cases:
                 for arm in arms if r % 2 == 0 else arms[::-1]:
                     if case == "pytest":
                         arm.pytest(project, creates)
                     else:
-                        arm.library(case, creates, memory)
+                        arm.library(case, creates, memory, head_start)
     rows: list[tuple[str, str]] = []
     what = {
-        "warm": "warm (prefill_pool, 1 s head start)",
+        "warm": f"warm (prefill_pool, {head_start:g} s head start)",
         "cold": "cold (the first creates of a process)",
         "pytest": f"through pytest (`sandbox` fixture, tests 2-{creates} of each run)",
     }
     before, now = arms
     for case, label in what.items():
+        if case not in cases:
+            continue
         rows.append((f"{label}, {rounds}x{creates}", ""))
         for arm in arms:
             t = arm.times[case]
@@ -368,6 +379,8 @@ def b2b_ab_rows(before_rev: str, creates: int, rounds: int, memory: int) -> list
                 f"p50 {pct(b, 0.5) / pct(n, 0.5):.2f}x, p95 {pct(b, 0.95) / pct(n, 0.95):.2f}x",
             )
         )
+    if "pytest" not in cases:
+        return rows
     rows.append(
         (
             "first test of a pytest run (runtime import, template check), before / now",
@@ -390,7 +403,13 @@ async def main(args: argparse.Namespace) -> None:
     if args.only_b2b:
         load0 = os.getloadavg()
         rows = await anyio.to_thread.run_sync(
-            b2b_ab_rows, args.before, args.b2b, args.b2b_rounds, args.memory
+            b2b_ab_rows,
+            args.before,
+            args.b2b,
+            args.b2b_rounds,
+            args.memory,
+            args.head_start,
+            args.cases.split(","),
         )
         load1 = os.getloadavg()
         print_rows(
@@ -518,4 +537,8 @@ if __name__ == "__main__":
         "--only-b2b", action="store_true", help="only back-to-back creates, A/B against --before"
     )
     parser.add_argument("--before", default="main", help="git revision of the --only-b2b baseline")
+    parser.add_argument(
+        "--head-start", type=float, default=1.0, help="seconds between prefill and creates (warm)"
+    )
+    parser.add_argument("--cases", default="warm,cold,pytest", help="--only-b2b cases to run")
     anyio.run(main, parser.parse_args())
