@@ -112,8 +112,9 @@ POOL_SIZE_ENV = "MICROSANDBOX_POOL_SIZE"
 _DEFAULT_LOCK_TIMEOUT = 600.0
 _DEFAULT_POOL_SIZE = 1
 #: The deepest a pool grows while creates come back to back (see ``_demand.py``):
-#: 24 clones fill in ~2 s on 2 cores (TCG) and serve a run of fast tests for
-#: about as long again before the pool runs dry.
+#: 24 clones take ~2 s of both cores to make under TCG (11-12 clones/s) and
+#: ~720 MiB while they wait; given that head start (``prefill_pool``), a run of
+#: 20 fast tests finds every clone ready (the old 8 served the first 8 only).
 POOL_MAX_ENV = "MICROSANDBOX_POOL_MAX"
 _DEFAULT_POOL_MAX = 24
 #: Host memory, in MiB, the waiting clones of one pool may cost.
