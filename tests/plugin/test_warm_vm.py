@@ -74,8 +74,10 @@ def test_the_next_run_is_served_by_the_kept_vm(tmp_path: Path) -> None:
             slot.release()
         assert _warm_pid(tmp_path) == pid
 
-        # Another idle time: a VM of its own, which stops once idle that long.
-        _run(tmp_path, "1 == 1", 3).assert_outcomes(passed=1)
+        # Another idle time: a VM of its own, which stops once idle that long
+        # (long enough to outlast this run's exit on a loaded machine: at 3 s
+        # the VM could be gone before its pid was read).
+        _run(tmp_path, "1 == 1", 10).assert_outcomes(passed=1)
         short = _warm_pid(tmp_path)
         assert short is not None and short != pid and not _alive(pid)
         deadline = time.monotonic() + 120
