@@ -21,7 +21,14 @@ Prints p50/p95 and ratios against baselines measured in the same run:
   creates of a round are next to each other, so they share the machine's
   load), its p50 and p95, and the load average over the creates.
   ``--creates-only`` measures this alone (after one network-on create, so the
-  pooled clones rehearse as they would in a process that uses a network).
+  pooled clones rehearse as they would in a process that uses a network);
+- marked-test overhead with network on vs. off: a project of trivial tests run
+  by pytest, marked ``sandbox(network="public-only")``, marked ``sandbox``
+  (off) and unmarked (the baseline), alternating in ``--marked-rounds`` rounds
+  under the default isolation; host wall time per test between consecutive
+  ``pytest_runtest_logfinish`` calls (each run's first test apart: it waits
+  for its VM), each mode's overhead over unmarked and the on - off difference
+  per round. ``--marked-only`` measures this alone.
 
 Targets under TCG (issue #13): connect + first byte <= 20 ms, >= 20 MB/s,
 create with network <= 30 ms more. Only 127.0.0.0/8 is ever dialled
@@ -36,9 +43,12 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig
 from pytest_microsandbox.runtime.network import LOOPBACK_ONLY_ENV, NetworkPolicy, Rule
@@ -228,6 +238,104 @@ async def create_rounds(creates: int, config: SandboxConfig) -> None:
         row("on - off, per round", diffs, "ms", 1e3)
 
 
+MARKED_TESTS = """
+import pytest
+
+pytestmark = {mark}
+
+
+@pytest.mark.parametrize("i", range({count}))
+def test_trivial(i):
+    assert i >= 0
+"""
+
+TIMING_PLUGIN = """
+import os, time
+
+_last = [None]
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _last[0] is None:
+        _last[0] = time.monotonic()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if os.environ.get("MICROSANDBOX_GUEST") or not os.environ.get("MSB_BENCH_OUT"):
+        return
+    now = time.monotonic()
+    with open(os.environ["MSB_BENCH_OUT"], "a") as f:
+        f.write(f"{now - _last[0]}\\n")
+    _last[0] = now
+"""
+
+#: The marked-test modes: the test file's mark.
+MARKS = {
+    "on": 'pytest.mark.sandbox(network="public-only")',
+    "off": "pytest.mark.sandbox",
+    "plain": "[]",
+}
+
+
+def _pytest_run(root: Path, mode: str, out: Path) -> list[float]:
+    """One pytest run of the ``mode`` project; the per-test times."""
+    root = root / mode  # a project per mode: each has its own last-run hints
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = str(root)
+    env["MSB_BENCH_OUT"] = str(out)
+    out.unlink(missing_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+         "msb_bench_timing", "-p", "no:hypothesispytest", f"test_{mode}.py"],
+        cwd=root, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return [float(x) for x in out.read_text().split()]
+
+
+def marked_rounds(rounds: int, count: int) -> None:
+    """Marked-test overhead, network on vs. off, against unmarked tests."""
+    with tempfile.TemporaryDirectory(prefix="msb-bench-net-marked-") as tmp:
+        root = Path(tmp)
+        for mode, mark in MARKS.items():
+            (root / mode).mkdir()
+            (root / mode / "pytest.ini").write_text("[pytest]\n")
+            (root / mode / "msb_bench_timing.py").write_text(TIMING_PLUGIN)
+            (root / mode / f"test_{mode}.py").write_text(
+                MARKED_TESTS.format(mark=mark, count=count)
+            )
+        out = root / "times.txt"
+        for mode in MARKS:  # builds (zygotes) and first runs, not measured
+            _pytest_run(root, mode, out)
+            _pytest_run(root, mode, out)
+        per_test: dict[str, list[float]] = {mode: [] for mode in MARKS}
+        first: dict[str, list[float]] = {mode: [] for mode in MARKS}
+        medians: dict[str, list[float]] = {mode: [] for mode in MARKS}
+        loads: list[float] = []
+        for i in range(rounds):
+            order = list(MARKS) if i % 2 == 0 else list(reversed(MARKS))
+            for mode in order:
+                loads.append(os.getloadavg()[0])
+                times = _pytest_run(root, mode, out)
+                first[mode].append(times[0])
+                per_test[mode] += times[1:]
+                medians[mode].append(statistics.median(times[1:]))
+    print(
+        f"marked-test overhead, {count} trivial tests per run, {rounds} alternating rounds "
+        f"(load {min(loads):.1f}-{max(loads):.1f})"
+    )
+    plain = row("unmarked (baseline)", per_test["plain"], "ms", 1e3)
+    off = row("marked, network off", per_test["off"], "ms", 1e3)
+    on = row("marked, network public-only", per_test["on"], "ms", 1e3)
+    print(f"  overhead over unmarked p50: off {off - plain:+.1f} ms, on {on - plain:+.1f} ms")
+    print(f"  network costs {on - off:+.1f} ms per test at p50 (ratio on/off {on / off:.2f})")
+    diffs = [a - b for a, b in zip(medians["on"], medians["off"], strict=True)]
+    row("on - off, per round (of each run's p50)", diffs, "ms", 1e3)
+    row("first test of a run, network off", first["off"], "ms", 1e3)
+    row("first test of a run, network on", first["on"], "ms", 1e3)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=50)
@@ -235,5 +343,11 @@ if __name__ == "__main__":
     parser.add_argument("--downloads", type=int, default=3)
     parser.add_argument("--creates", type=int, default=7)
     parser.add_argument("--creates-only", action="store_true")
+    parser.add_argument("--marked-rounds", type=int, default=4)
+    parser.add_argument("--marked-tests", type=int, default=20)
+    parser.add_argument("--marked-only", action="store_true")
     a = parser.parse_args()
-    asyncio.run(main(a.rounds, a.mb, a.downloads, a.creates, a.creates_only))
+    if not a.marked_only:
+        asyncio.run(main(a.rounds, a.mb, a.downloads, a.creates, a.creates_only))
+    if not a.creates_only:
+        marked_rounds(a.marked_rounds, a.marked_tests)
