@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_microsandbox.runtime._exceptions import ImageError
+from pytest_microsandbox.runtime._locks import cache_lock
 from pytest_microsandbox.runtime._walk_sharing import share_walks_since, walks_fresh_since
 from pytest_microsandbox.runtime.images._walks import (
     WALKS_DIR,
@@ -142,3 +144,38 @@ def test_a_process_waits_for_a_walk_in_progress_instead_of_walking(tmp_path: Pat
         assert results.get(timeout=10) == "child"
     finally:
         child.join(10)
+
+
+def test_a_cache_it_cannot_write_in_leaves_the_walk_to_this_process(tmp_path: Path) -> None:
+    share_walks_since(time.time())
+    (tmp_path / WALKS_DIR).write_text("a file where the directory goes")
+    walker = Walker("own")
+    assert shared_fingerprint(tmp_path, IDENTITY, walker) == "own"
+    assert walker.walks == 1
+
+
+def test_a_walk_held_past_the_lock_timeout_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    share_walks_since(time.time())
+    monkeypatch.setenv("MICROSANDBOX_CACHE_LOCK_TIMEOUT", "0.2")
+    shared_fingerprint(tmp_path, IDENTITY, Walker())
+    (record,) = (tmp_path / WALKS_DIR).glob("*.json")
+    held = cache_lock(record.with_suffix(".lock"), "held by a test")
+    held.acquire(5)
+    try:
+        walker = Walker("own")
+        assert shared_fingerprint(tmp_path, IDENTITY, walker) == "own"
+        assert walker.walks == 1
+    finally:
+        held.release()
+
+
+def test_an_unreadable_tree_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+    share_walks_since(time.time())
+
+    def broken() -> str:
+        raise ImageError("cannot fingerprint /nowhere")
+
+    with pytest.raises(ImageError, match="nowhere"):
+        shared_fingerprint(tmp_path, IDENTITY, broken)

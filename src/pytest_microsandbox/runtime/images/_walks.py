@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .._exceptions import LockTimeoutError
 from .._locks import cache_lock, cache_lock_timeout
 from .._walk_sharing import walks_fresh_since
 from ..paths import cache_dir as default_cache_dir
@@ -37,6 +38,8 @@ __all__ = ["WALKS_DIR", "FirstWalkShared", "shared_fingerprint"]
 WALKS_DIR = "walks"
 #: Records kept (one per tree and exclusion set ever fingerprinted; the oldest go).
 _RECORDS_MAX = 64
+#: Longest wait for another process's walk of the same tree before walking too.
+_LOCK_WAIT_S = 60.0
 #: Age after which a temporary record file is a killed writer's leftover.
 _TMP_STALE_S = 600.0
 #: A walk record is a few hundred bytes; anything longer is not one of ours.
@@ -97,25 +100,31 @@ def shared_fingerprint(
     recorded for the same ``identity`` (the tree and what its walk skips) from a
     walk that started after the run did. With sharing off, just ``compute()``.
 
-    :raises LockTimeoutError: another process held the tree's walk lock for
-        ``$MICROSANDBOX_CACHE_LOCK_TIMEOUT`` s.
+    Sharing only saves work: a cache directory it cannot write or lock in, a
+    walk lock held past ``$MICROSANDBOX_CACHE_LOCK_TIMEOUT`` (default 60 s here)
+    or a record it cannot write, and this process walks on its own. Errors of
+    ``compute()`` itself (an unreadable tree) propagate.
     """
     since = walks_fresh_since()
     if since is None:
         return compute()
     directory = default_cache_dir(cache) / WALKS_DIR
-    directory.mkdir(parents=True, exist_ok=True)
     name = _record_name(identity)
     record = directory / f"{name}.json"
     lock = cache_lock(directory / f"{name}.lock", f"the fingerprint walk {name}")
-    lock.acquire(cache_lock_timeout(60.0))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock.acquire(cache_lock_timeout(_LOCK_WAIT_S))
+    except (OSError, LockTimeoutError):
+        return compute()
     try:
         found = _read(record)
         if found is not None and found[0] >= since:
             return found[1]
         started = time.time()
         fingerprint = compute()
-        _write(record, started, fingerprint)
+        with contextlib.suppress(OSError):  # a full disk: the others walk too
+            _write(record, started, fingerprint)
     finally:
         lock.release(delete=True)
     _forget_oldest(directory)
