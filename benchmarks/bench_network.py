@@ -50,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _timing import TIMING_PLUGIN
+
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig
 from pytest_microsandbox.runtime.network import LOOPBACK_ONLY_ENV, NetworkPolicy, Rule
 
@@ -249,25 +251,6 @@ def test_trivial(i):
     assert i >= 0
 """
 
-TIMING_PLUGIN = """
-import os, time
-
-_last = [None]
-
-
-def pytest_runtest_logstart(nodeid, location):
-    if _last[0] is None:
-        _last[0] = time.monotonic()
-
-
-def pytest_runtest_logfinish(nodeid, location):
-    if os.environ.get("MICROSANDBOX_GUEST") or not os.environ.get("MSB_BENCH_OUT"):
-        return
-    now = time.monotonic()
-    with open(os.environ["MSB_BENCH_OUT"], "a") as f:
-        f.write(f"{now - _last[0]}\\n")
-    _last[0] = now
-"""
 
 #: The marked-test modes: the test file's mark.
 MARKS = {

@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from _timing import TIMING_PLUGIN
+
 SUITE = """
 import pytest
 
@@ -68,26 +70,6 @@ def test_b(i):
 @pytest.mark.parametrize("i", range(40))
 def test_c(i):  # real work: ~50 ms on the host, ~1 s under TCG
     assert sum(k * k for k in range(1_000_000)) > i
-"""
-
-TIMING_PLUGIN = """
-import os, time
-
-_last = [None]
-
-
-def pytest_runtest_logstart(nodeid, location):
-    if _last[0] is None:
-        _last[0] = time.monotonic()
-
-
-def pytest_runtest_logfinish(nodeid, location):
-    if os.environ.get("MICROSANDBOX_GUEST") or not os.environ.get("MSB_BENCH_OUT"):
-        return
-    now = time.monotonic()
-    with open(os.environ["MSB_BENCH_OUT"], "a") as f:
-        f.write(f"{now - _last[0]}\\n")
-    _last[0] = now
 """
 
 

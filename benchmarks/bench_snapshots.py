@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+from _timing import TIMING_PLUGIN
 
 from pytest_microsandbox.runtime import Sandbox, SandboxConfig, provision
 from pytest_microsandbox.runtime.boot import prepare_boot, resolve_accel
@@ -208,25 +209,6 @@ def test_fast(sandbox, i):
     assert sandbox.exec("true").success
 """
 
-#: Host wall time per test, written to MSB_BENCH_OUT (as in bench_plugin.py).
-_TIMING_PLUGIN = """
-import os, time
-
-_last = [None]
-
-
-def pytest_runtest_logstart(nodeid, location):
-    if _last[0] is None:
-        _last[0] = time.monotonic()
-
-
-def pytest_runtest_logfinish(nodeid, location):
-    now = time.monotonic()
-    with open(os.environ["MSB_BENCH_OUT"], "a") as f:
-        f.write(f"{now - _last[0]}\\n")
-    _last[0] = now
-"""
-
 
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -310,7 +292,7 @@ def _fixture_project(root: Path, creates: int) -> Path:
     project = root / "project"
     project.mkdir()
     (project / "pytest.ini").write_text("[pytest]\n")
-    (project / "msb_bench_timing.py").write_text(_TIMING_PLUGIN)
+    (project / "msb_bench_timing.py").write_text(TIMING_PLUGIN)
     (project / "test_fast.py").write_text(_FIXTURE_TESTS.format(count=creates))
     return project
 
