@@ -74,3 +74,5 @@ def test_a_fixture_and_a_marked_test_run_cleanly_and_failures_carry_diagnostics(
         assert "-c echo 'this went wrong' >&2; exit 4  ->  exit 4" in section
         assert "      this went wrong" in section
         assert "msb-kmsg-marker" in section
+        # A restored clone's console is empty: no blank "guest console" section.
+        assert "guest console: " not in proc.stdout, output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,20 @@ def test_guest_env_is_the_allow_list_only():
         "TERM": "xterm",
         GUEST_ENV: "1",
     }
+
+
+def test_guest_env_activates_the_guests_venv():
+    # The host ran .venv/bin/python -m pytest without activating the venv: its
+    # PATH names a pyenv shim the guest does not have, and no venv.
+    host = {"PATH": "/root/.pyenv/shims:/usr/bin:/venv/bin:/bin"}
+    env = _zygote.guest_env(host, Path("/venv"))
+    assert env["PATH"] == "/venv/bin:/root/.pyenv/shims:/usr/bin:/bin"
+    assert env["VIRTUAL_ENV"] == "/venv"
+    # No PATH on the host: the guest's default, after the venv.
+    assert _zygote.guest_env({}, Path("/venv"))["PATH"].startswith("/venv/bin:/usr/local/sbin:")
+    # No venv (Python outside one): the host's PATH as it is.
+    assert _zygote.guest_env(host)["PATH"] == host["PATH"]
+    assert "VIRTUAL_ENV" not in _zygote.guest_env(host)
 
 
 def test_request_env_forwards_named_variables_and_sets_values():

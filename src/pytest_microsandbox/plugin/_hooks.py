@@ -391,7 +391,10 @@ def sandbox_sections(item: pytest.Item) -> list[tuple[str, str]]:
     out = []
     for sb in item.stash.get(SANDBOXES_KEY, []):
         with contextlib.suppress(Exception):
-            out.append((f"guest console: {sb.name}", sb.console_tail()))
+            # A restored clone's console is usually empty (the kernel boots
+            # quiet, nothing is logged after restore): no blank section.
+            if tail := sb.console_tail().strip():
+                out.append((f"guest console: {sb.name}", tail))
         with contextlib.suppress(Exception):
             out.append((f"guest diagnostics: {sb.name}", sb.diagnostics()))
         with contextlib.suppress(Exception):

@@ -112,7 +112,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: A command's PATH in the guest when nothing sets another.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: Seconds between liveness pings while a command runs (a hung guest is
 #: reported after this plus ``request_timeout``, not never).
@@ -1120,7 +1121,7 @@ class Sandbox:
             with anyio.fail_after(timeout):
                 result = await self._agent.exec(
                     ["dmesg", "-r"],
-                    env={"PATH": _DEFAULT_PATH, "LANG": "C"},
+                    env={"PATH": DEFAULT_PATH, "LANG": "C"},
                     user="0",
                     timeout=timeout,
                     max_output=KMSG_MAX_BYTES,
@@ -1373,7 +1374,7 @@ class Sandbox:
         if env:
             merged.update(env)
         if self.config.scripts:
-            merged["PATH"] = f"{merged.get('PATH', _DEFAULT_PATH)}:{SCRIPTS_DIR}"
+            merged["PATH"] = f"{merged.get('PATH', DEFAULT_PATH)}:{SCRIPTS_DIR}"
         return merged
 
     async def exec_stream(
@@ -1830,7 +1831,7 @@ def exec_environment(
     adds none: a plain PATH, HOME, LANG and TERM, the imaged virtualenv
     activated (``image="host"``), an OCI image's own ``Env``, then ``config.env``.
     """
-    merged = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
+    merged = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
     merged.update(_venv_env(config.image))
     if image_config is not None:
         merged.update(image_config.env)
@@ -1853,7 +1854,7 @@ def _venv_env(image: str) -> dict[str, str]:
     venv = imaged_venv() if image == "host" else None
     if venv is None:
         return {}
-    return {"PATH": f"{venv}/bin:{_DEFAULT_PATH}", "VIRTUAL_ENV": str(venv)}
+    return {"PATH": f"{venv}/bin:{DEFAULT_PATH}", "VIRTUAL_ENV": str(venv)}
 
 
 def _rss(pid: int | None) -> int | None:
