@@ -129,3 +129,28 @@ def test_a_failed_build_is_attempted_once_and_its_cause_shown(tmp_path: Path):
     sections = out.split("short test summary info")[0]
     attempts = re.findall(r"zygote build failed earlier in this run", sections)
     assert len(attempts) == 3, out
+
+
+def test_a_conftest_that_hangs_in_the_guest_fails_with_its_stack(tmp_path: Path):
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "conftest.py").write_text(
+        "import os, time\n"
+        "def hang_in_the_guest():\n"
+        "    time.sleep(3600)\n"
+        "if os.environ.get('MICROSANDBOX_GUEST'):\n"
+        "    hang_in_the_guest()\n"
+    )
+    (tmp_path / "test_hangs.py").write_text(
+        "import pytest\n\n@pytest.mark.sandbox(timeout=60)\ndef test_x():\n    pass\n"
+    )
+    # Before: no output for the 600 s ready timeout, then "did not collect" with
+    # the base runner's stale log; the timeout had no setting.
+    result = run(tmp_path, "--sandbox-isolation=process", MICROSANDBOX_COLLECT_TIMEOUT="15")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*the guest runner did not collect the tests within 15 s*MICROSANDBOX_COLLECT_TIMEOUT*",
+            "stacks of the guest runner:",
+            "*conftest.py*line 3 in hang_in_the_guest",
+        ]
+    )

@@ -89,6 +89,24 @@ def test_guest_env_activates_the_guests_venv():
     assert "VIRTUAL_ENV" not in _zygote.guest_env(host)
 
 
+def test_ready_timeout_reads_its_variable(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(_zygote.READY_TIMEOUT_ENV, raising=False)
+    assert _zygote.ready_timeout() == 600
+    monkeypatch.setenv(_zygote.READY_TIMEOUT_ENV, "15")
+    assert _zygote.ready_timeout() == 15
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv(_zygote.READY_TIMEOUT_ENV, bad)
+        with pytest.raises(_zygote.ZygoteError, match=_zygote.READY_TIMEOUT_ENV):
+            _zygote.ready_timeout()
+
+
+def test_guest_lines_in_a_message_are_printable_and_bounded():
+    text = "ok\n\x1b]0;owned\x07\x1b[2Jclear\n" + "x" * 10_000
+    lines = _zygote._last_lines(text, 2).splitlines()
+    assert lines[0] == "]0;owned[2Jclear"  # no escape or bell reaches the terminal
+    assert len(lines[1]) == 500 and lines[1].endswith("…")
+
+
 def test_request_env_forwards_named_variables_and_sets_values():
     host = {"COLUMNS": "120", "SECRET_TOKEN": "xyz", "DB": "host-db", "LINES": "40"}
     entries = [("SECRET_TOKEN", None), ("DB", "ini-db"), ("DB", None), ("MISSING", None)]

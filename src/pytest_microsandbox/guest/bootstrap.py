@@ -32,10 +32,12 @@ metadata again is a good part of a collection after an edit.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import importlib.metadata
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import traceback
@@ -171,10 +173,29 @@ def run(control: str, args: list[str], memo: MetadataMemo | None = None) -> int:
     return code
 
 
+#: Open for as long as the handler may write to it (faulthandler needs that).
+_stacks_file: Any = None
+
+
+def dump_stacks_on_request(control: str) -> None:
+    """On SIGUSR1, write every thread's Python stack to ``control``/stacks (the
+    host's ``STACKS``): the host sends it when the runner takes too long to start
+    or collect (a conftest or an import that hangs in the guest) and shows where
+    it was. A file of its own, because pytest captures fd 2 while it collects.
+    The runner removes the handler once it has collected, before any test runs.
+    """
+    global _stacks_file
+    os.makedirs(control, exist_ok=True)
+    _stacks_file = open(os.path.join(control, "stacks"), "a")  # noqa: SIM115
+    faulthandler.register(signal.SIGUSR1, file=_stacks_file, all_threads=True)
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] != "--base":
+        dump_stacks_on_request(argv[0])
     if len(argv) == 2 and argv[0] == "--base":
         control = argv[1]
-        os.makedirs(control, exist_ok=True)
+        dump_stacks_on_request(control)
         memo = MetadataMemo()
         memo.install()
         start_dir = os.getcwd()

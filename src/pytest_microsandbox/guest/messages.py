@@ -41,6 +41,7 @@ __all__ = [
     "PHASES",
     "PREFIX",
     "READY",
+    "STACKS",
     "SUBTEST_REPORT_TYPE",
     "Done",
     "Envelope",
@@ -68,6 +69,9 @@ CHANNEL_PORT_NAME = "msb.chan"
 READY = "ready"
 BASE_READY = "base-ready"
 GO = "go"
+#: Control file: every thread's Python stack, written by the runner on SIGUSR1
+#: while it starts and collects (bootstrap.py names it literally).
+STACKS = "stacks"
 
 Phase = Literal["setup", "call", "teardown"]
 Outcome = Literal["passed", "failed", "skipped"]
