@@ -1,9 +1,12 @@
-"""The base runner's metadata memo (guest/bootstrap.py, run by its path there)."""
+"""The base runner's metadata and fixture-scan memos (guest/bootstrap.py, run by
+its path there)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -58,3 +61,79 @@ def test_the_memo_answers_as_importlib_and_sees_new_entries(
     finally:
         memo.uninstall()
     assert importlib.metadata.distributions is memo.original
+
+
+FIXTURE_RUNS = """
+import sys, types
+import importlib.util
+import pytest
+
+spec = importlib.util.spec_from_file_location("msb_bootstrap_under_test", sys.argv[1])
+bootstrap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bootstrap)
+memo = bootstrap.FixtureScanMemo()
+scanned = []
+original = memo.original
+
+def counting(manager, *args, **kwargs):
+    holder = kwargs.get("holder")
+    scanned.append(getattr(holder, "__name__", type(holder).__name__))
+    return original(manager, *args, **kwargs)
+
+memo.original = counting
+assert memo.install()
+assert pytest.main(["-q", "-p", "plug_mod", sys.argv[2]]) == 0  # the base's warm-up
+memo.stop_recording()
+import plug_mod
+
+@pytest.fixture
+def added_later():
+    return "new"
+
+plug_mod.added_later = added_later  # a module that changed is scanned again
+scanned.clear()
+code = pytest.main(["-q", "-p", "plug_mod", sys.argv[3]])
+print("SCANNED", sorted(set(scanned)))
+sys.exit(code)
+"""
+
+
+def test_the_fixture_memo_replays_plugin_modules_and_rescans_what_changed(tmp_path: Path) -> None:
+    (tmp_path / "plug_mod.py").write_text(
+        "import pytest\n\n"
+        "@pytest.fixture\ndef from_plugin():\n    return 'plugin'\n\n"
+        "@pytest.fixture(name='renamed')\ndef _renamed():\n    return 'by name'\n\n"
+        "class Holder:\n"
+        "    @pytest.fixture\n    def from_instance(self):\n        return id(self)\n\n"
+        "def pytest_configure(config):\n"
+        "    config.pluginmanager.register(Holder(), 'holder')\n"
+    )
+    warm, real = tmp_path / "warm", tmp_path / "real"
+    warm.mkdir()
+    real.mkdir()
+    (warm / "test_w.py").write_text("def test_w(from_plugin):\n    assert from_plugin\n")
+    (real / "conftest.py").write_text(
+        "import pytest\n\n@pytest.fixture\ndef from_conftest():\n    return 'conftest'\n"
+    )
+    (real / "test_r.py").write_text(
+        "def test_r(from_plugin, renamed, from_instance, from_conftest, tmp_path, added_later,"
+        " request):\n"
+        "    assert (from_plugin, renamed, from_conftest) == ('plugin', 'by name', 'conftest')\n"
+        "    assert from_instance == id(request.config.pluginmanager.get_plugin('holder'))\n"
+        "    assert added_later == 'new' and tmp_path.is_dir()\n"
+    )
+    bootstrap = Path(guest_package.__file__).parent / "bootstrap.py"
+    proc = subprocess.run(
+        [sys.executable, "-c", FIXTURE_RUNS, str(bootstrap), str(warm), str(real)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "PYTEST_ADDOPTS": ""},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    scanned = proc.stdout.split("SCANNED ", 1)[1]
+    # Scanned again: the changed module, the conftest, and the holder instance
+    # (it has fixtures, bound to each instance); pytest's own modules replayed.
+    assert "plug_mod" in scanned and "Holder" in scanned and "conftest" in scanned
+    assert "_pytest.tmpdir" not in scanned and "_pytest.fixtures" not in scanned
