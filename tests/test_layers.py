@@ -32,8 +32,10 @@ LAYERS = {"runtime": 0, "snapshots": 1, "plugin": 2, "hookspec": 2, "cli": 2}
 APART = {"cli": {"plugin", "hookspec"}, "plugin": {"cli"}, "hookspec": {"cli"}}
 
 #: Parts that may import nothing of the package but themselves, and no
-#: third-party module but pytest.
+#: third-party module but pytest's own (the guest's bootstrap memoizes what
+#: _pytest and pluggy read of the plugins).
 SELF_CONTAINED = {"guest"}
+PYTEST_PACKAGES = ("pytest", "_pytest", "pluggy")
 
 #: Layers that must not import pytest.
 NO_PYTEST = {"runtime", "snapshots", "cli"}
@@ -99,7 +101,7 @@ def _foreign(path: Path, package_dir: Path, own: str) -> set[str]:
             part = _part(module)
             if module != NAME and part != own:
                 out.add(str(part))
-        elif top not in sys.stdlib_module_names and top not in ("__future__", "pytest"):
+        elif top not in sys.stdlib_module_names and top not in ("__future__", *PYTEST_PACKAGES):
             out.add(top)
     return out
 
@@ -151,6 +153,7 @@ def test_the_guest_imports_only_the_stdlib_pytest_and_itself(tmp_path, source, e
     (package / "guest" / "probe.py").write_text(f"def f():\n    {source}\n")
     (package / "guest" / "fine.py").write_text(
         "from __future__ import annotations\nimport json, os\nimport pytest\n"
+        "import pluggy._manager\nfrom _pytest.fixtures import FixtureManager\n"
         "from . import probe\nfrom .probe import f\nimport pytest_microsandbox.guest.probe\n"
     )
     assert _violations(package) == {("guest/probe.py", expected)}

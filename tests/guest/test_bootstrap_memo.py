@@ -137,3 +137,58 @@ def test_the_fixture_memo_replays_plugin_modules_and_rescans_what_changed(tmp_pa
     # (it has fixtures, bound to each instance); pytest's own modules replayed.
     assert "plug_mod" in scanned and "Holder" in scanned and "conftest" in scanned
     assert "_pytest.tmpdir" not in scanned and "_pytest.fixtures" not in scanned
+
+
+PLUGIN_RUNS = """
+import sys
+import importlib.util
+import pytest
+
+spec = importlib.util.spec_from_file_location("msb_bootstrap_under_test", sys.argv[1])
+bootstrap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bootstrap)
+memo = bootstrap.PluginScanMemo()
+memo.install()
+assert pytest.main(["-q", "-p", "hooks_mod", sys.argv[2]]) == 0  # the base's warm-up
+import hooks_mod
+kept = len(memo.answers)
+
+def pytest_report_header(config):
+    return "added after the warm-up"
+
+hooks_mod.pytest_report_header = pytest_report_header  # read again: the module changed
+code = pytest.main(["-p", "hooks_mod", sys.argv[2]])
+print("KEPT", kept, "CALLS", hooks_mod.CALLS)
+sys.exit(code)
+"""
+
+
+def test_the_plugin_memo_keeps_hook_options_and_reads_a_changed_module_again(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "hooks_mod.py").write_text(
+        "import pytest\n\nCALLS = []\n\n"
+        "@pytest.hookimpl(trylast=True)\ndef pytest_collection_modifyitems(items):\n"
+        "    CALLS.append('last')\n\n"
+        "@pytest.hookimpl(tryfirst=True)\ndef pytest_runtest_setup(item):\n"
+        "    CALLS.append('setup')\n\n"
+        "@pytest.hookimpl(wrapper=True)\ndef pytest_runtest_call(item):\n"
+        "    CALLS.append('around')\n    return (yield)\n"
+    )
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_t.py").write_text("def test_t():\n    pass\n")
+    bootstrap = Path(guest_package.__file__).parent / "bootstrap.py"
+    proc = subprocess.run(
+        [sys.executable, "-c", PLUGIN_RUNS, str(bootstrap), str(tmp_path / "tests")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "PYTEST_ADDOPTS": ""},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "added after the warm-up" in proc.stdout
+    kept = int(proc.stdout.split("KEPT ", 1)[1].split()[0])
+    assert kept > 20, proc.stdout  # pytest's own plugin modules, at least
+    # Both runs called every hook, each with its options (a wrapper wraps).
+    assert "CALLS ['last', 'setup', 'around', 'last', 'setup', 'around']" in proc.stdout

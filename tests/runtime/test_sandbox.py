@@ -6,14 +6,14 @@ import sys
 from pathlib import Path
 
 from pytest_microsandbox.runtime.images import imaged_venv
-from pytest_microsandbox.runtime.sandbox import _DEFAULT_PATH, _venv_env
+from pytest_microsandbox.runtime.sandbox import DEFAULT_PATH, _venv_env
 
 
 def test_the_host_image_activates_the_venv_it_carries() -> None:
     venv = imaged_venv()
     assert venv == Path(sys.prefix).resolve()
     env = _venv_env("host")
-    assert env == {"PATH": f"{venv}/bin:{_DEFAULT_PATH}", "VIRTUAL_ENV": str(venv)}
+    assert env == {"PATH": f"{venv}/bin:{DEFAULT_PATH}", "VIRTUAL_ENV": str(venv)}
 
 
 def test_directory_images_get_no_venv(tmp_path: Path) -> None:

@@ -209,6 +209,96 @@ class FixtureScanMemo:
         self.recording = False
 
 
+class PluginScanMemo:
+    """What pluggy and pytest read of a plugin *module* when a plugin manager
+    registers it (which of its names are hooks, with which options) and of a
+    hook function (its argument names), kept by the base runner for the real
+    run: each new ``Config`` scans every name of every plugin again, ~0.3 s
+    of a collection in a restored VM's cold QEMU, though a module imported
+    before the snapshot cannot have changed.
+
+    An answer is kept per module object and name, and used only while the
+    module has as many attributes as when it was kept (a module that changed is
+    read again); classes and instances, whose lookups can bind or run
+    descriptors, always go to the original code. The hook options are copied
+    out (pluggy completes them in place). Whatever of this a pluggy or pytest
+    version lacks is left alone. A memoized answer does not repeat pytest's
+    deprecation warning for an old-style hook mark; the host's run gives it.
+    """
+
+    def __init__(self) -> None:
+        # id(module) -> (module, its attribute count, {(what, name): answer})
+        self.answers: dict[int, tuple[Any, int, dict[tuple[str, str], Any]]] = {}
+        self.arguments: dict[Any, Any] = {}  # function -> varnames(function)
+
+    def _module_answer(self, what: str, module: Any, name: str, compute: Any) -> Any:
+        size = len(vars(module))
+        entry = self.answers.get(id(module))
+        if entry is None or entry[0] is not module or entry[1] != size:
+            entry = (module, size, {})
+            self.answers[id(module)] = entry
+        table = entry[2]
+        key = (what, name)
+        if key not in table:
+            table[key] = compute()
+        return table[key]
+
+    def install(self) -> None:
+        import types
+
+        import pluggy._impl
+        import pluggy._manager
+        from _pytest.config import PytestPluginManager
+
+        memo = self
+
+        def copied(opts: Any) -> Any:
+            return None if opts is None else dict(opts)
+
+        for method in ("parse_hookimpl_opts", "parse_hookspec_opts"):
+            original = getattr(PytestPluginManager, method, None)
+            if original is None:
+                continue
+
+            def parse(
+                manager: Any, plugin: Any, name: str, _o: Any = original, _m: str = method
+            ) -> Any:
+                if not isinstance(plugin, types.ModuleType):
+                    return _o(manager, plugin, name)
+                answer = memo._module_answer(_m, plugin, name, lambda: _o(manager, plugin, name))
+                return copied(answer)
+
+            setattr(PytestPluginManager, method, functools.wraps(original)(parse))
+
+        static_hook_attr = getattr(pluggy._manager, "_static_hook_attr", None)
+        if static_hook_attr is not None:
+
+            @functools.wraps(static_hook_attr)
+            def static_attr(obj: Any, name: str) -> Any:
+                if not isinstance(obj, types.ModuleType):
+                    return static_hook_attr(obj, name)
+                return memo._module_answer("attr", obj, name, lambda: static_hook_attr(obj, name))
+
+            pluggy._manager._static_hook_attr = static_attr
+
+        varnames = getattr(pluggy._impl, "varnames", None)
+        if varnames is not None:
+
+            @functools.wraps(varnames)
+            def arguments(func: Any, **kwargs: Any) -> Any:
+                # A plain function's names come from its code and defaults
+                # only; anything else (methods, wrapped callables) is read anew.
+                plain = isinstance(func, types.FunctionType) and not hasattr(func, "__wrapped__")
+                if kwargs or not plain:
+                    return varnames(func, **kwargs)
+                key = (func, func.__code__, func.__defaults__)
+                if key not in memo.arguments:
+                    memo.arguments[key] = varnames(func)
+                return memo.arguments[key]
+
+            pluggy._impl.varnames = arguments  # type: ignore[attr-defined]
+
+
 class _Attach:
     """Registers the runner's server plugin once pytest has parsed its options
     (and so loaded its plugins): the metadata memo, if any, is done then.
@@ -287,6 +377,7 @@ def main(argv: list[str]) -> int:
         memo.install()
         fixtures = FixtureScanMemo()
         fixtures.install()
+        PluginScanMemo().install()
         start_dir = os.getcwd()
         prewarm()
         fixtures.stop_recording()
