@@ -63,6 +63,23 @@ def test_the_memo_answers_as_importlib_and_sees_new_entries(
     assert importlib.metadata.distributions is memo.original
 
 
+def _run_with_bootstrap(script: str, tmp_path: Path, *args: Path) -> str:
+    """``script`` in a fresh interpreter (the memos patch pytest and pluggy
+    process-wide), given bootstrap.py's path and ``args``; its stdout.
+    """
+    bootstrap = Path(guest_package.__file__).parent / "bootstrap.py"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(bootstrap), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "PYTEST_ADDOPTS": ""},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
 FIXTURE_RUNS = """
 import sys, types
 import importlib.util
@@ -122,17 +139,7 @@ def test_the_fixture_memo_replays_plugin_modules_and_rescans_what_changed(tmp_pa
         "    assert from_instance == id(request.config.pluginmanager.get_plugin('holder'))\n"
         "    assert added_later == 'new' and tmp_path.is_dir()\n"
     )
-    bootstrap = Path(guest_package.__file__).parent / "bootstrap.py"
-    proc = subprocess.run(
-        [sys.executable, "-c", FIXTURE_RUNS, str(bootstrap), str(warm), str(real)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(tmp_path), "PYTEST_ADDOPTS": ""},
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    scanned = proc.stdout.split("SCANNED ", 1)[1]
+    scanned = _run_with_bootstrap(FIXTURE_RUNS, tmp_path, warm, real).split("SCANNED ", 1)[1]
     # Scanned again: the changed module, the conftest, and the holder instance
     # (it has fixtures, bound to each instance); pytest's own modules replayed.
     assert "plug_mod" in scanned and "Holder" in scanned and "conftest" in scanned
@@ -177,18 +184,9 @@ def test_the_plugin_memo_keeps_hook_options_and_reads_a_changed_module_again(
     )
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_t.py").write_text("def test_t():\n    pass\n")
-    bootstrap = Path(guest_package.__file__).parent / "bootstrap.py"
-    proc = subprocess.run(
-        [sys.executable, "-c", PLUGIN_RUNS, str(bootstrap), str(tmp_path / "tests")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(tmp_path), "PYTEST_ADDOPTS": ""},
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "added after the warm-up" in proc.stdout
-    kept = int(proc.stdout.split("KEPT ", 1)[1].split()[0])
-    assert kept > 20, proc.stdout  # pytest's own plugin modules, at least
+    out = _run_with_bootstrap(PLUGIN_RUNS, tmp_path, tmp_path / "tests")
+    assert "added after the warm-up" in out
+    kept = int(out.split("KEPT ", 1)[1].split()[0])
+    assert kept > 20, out  # pytest's own plugin modules, at least
     # Both runs called every hook, each with its options (a wrapper wraps).
-    assert "CALLS ['last', 'setup', 'around', 'last', 'setup', 'around']" in proc.stdout
+    assert "CALLS ['last', 'setup', 'around', 'last', 'setup', 'around']" in out
