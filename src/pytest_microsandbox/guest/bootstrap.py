@@ -368,8 +368,6 @@ def dump_stacks_on_request(control: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] != "--base":
-        dump_stacks_on_request(argv[0])
     if len(argv) == 2 and argv[0] == "--base":
         control = argv[1]
         dump_stacks_on_request(control)
@@ -418,6 +416,7 @@ def main(argv: list[str]) -> int:
     if not argv:
         print("usage: bootstrap.py CONTROL [pytest args] | --base CONTROL", file=sys.stderr)
         return 2
+    dump_stacks_on_request(argv[0])
     return run(argv[0], argv[1:])
 
 
