@@ -2,7 +2,8 @@
 its test file was edited (so the project's zygote is missing), against plain
 host ``pytest`` of the same test in the same run.
 
-Plain script (``python benchmarks/bench_edit.py [--rounds 5] [--all] [--boot]``); prints
+Plain script (``python benchmarks/bench_edit.py [--rounds 5] [--all] [--boot]
+[--before REV]``); prints
 p50/p95 per way and each way's ratio to plain host pytest (p50). The ways are
 measured in the same run, alternating, on one temporary project outside this
 repository (so the benchmark never changes the project it measures); the test
@@ -23,6 +24,9 @@ runs under the default isolation (``process`` under TCG):
   fresh pytest forked in the guest from the pristine base runner, in a QEMU whose
   translation cache is warm; removed at the end of the benchmark;
 * ``plain host pytest``: ``pytest -p no:microsandbox``, the baseline;
+* with ``--before REV``, ``live`` with the code of git revision ``REV`` of this
+  repository (its ``src`` first on ``PYTHONPATH``, as ``bench_snapshots.py
+  --before`` does): an A/B of a change in the same run;
 * with ``--all``, right after the ``live`` run, the same project run twice more
   without an edit: served live too (no snapshot is built for process
   isolation; the first rerun used to build one).
@@ -86,6 +90,8 @@ def run(root: Path, edit: int | None, env: dict[str, str], *extra: str) -> float
 
 def main(args: argparse.Namespace) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    # Users' shells rarely set it; with it every run parses every module again.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     sandboxed = ("--sandbox-require",)
     host = ("-p", "no:microsandbox", "-W", "ignore::pytest.PytestUnknownMarkWarning")
     ways: dict[str, tuple[dict[str, str], tuple[str, ...], bool]] = {
@@ -104,21 +110,33 @@ def main(args: argparse.Namespace) -> None:
         ways["rerun 2 (no edit)"] = (env, sandboxed, False)
     ways["plain host pytest"] = (env, host, True)
     ways_order.append("plain host pytest")
-    times: dict[str, list[float]] = {way: [] for way in ways_order}
     edit = 0
     with tempfile.TemporaryDirectory(prefix="msb-bench-edit-") as tmp:
+        if args.before:
+            from bench_snapshots import _export_src
+
+            src, commit = _export_src(args.before, Path(tmp))
+            before = f"live, before ({commit})"
+            ways[before] = ({**env, "PYTHONPATH": str(src)}, sandboxed, True)
+            ways_order.insert(ways_order.index("live (default)") + 1, before)
+        times: dict[str, list[float]] = {way: [] for way in ways_order}
         root = Path(tmp) / "edited"
-        root.mkdir()
-        (root / "pytest.ini").write_text("[pytest]\n")
-        for way_env, extra, _ in ways.values():  # base zygote, templates, images: once
+        # The older code in a project of its own: its base zygote differs, and
+        # a project's hint names the base its last run restored.
+        roots = {way: Path(tmp) / "edited-before" if "before (" in way else root for way in ways}
+        for path in set(roots.values()):
+            path.mkdir()
+            (path / "pytest.ini").write_text("[pytest]\n")
+        for way, (way_env, extra, _) in ways.items():  # base zygote, templates, images: once
             edit += 1
-            run(root, edit, way_env, *extra)
+            run(roots[way], edit, way_env, *extra)
         try:
             for _ in range(args.rounds):
                 for way in ways_order:
                     way_env, extra, edited = ways[way]
                     edit += 1
-                    times[way].append(run(root, edit if edited else None, way_env, *extra))
+                    elapsed = run(roots[way], edit if edited else None, way_env, *extra)
+                    times[way].append(elapsed)
         finally:
             anyio.run(_remove, warm_sandbox_name(root, 0))
     host_p50 = pct(times["plain host pytest"], 0.5)
@@ -132,6 +150,9 @@ def main(args: argparse.Namespace) -> None:
     print(f"  {'snapshot first / live (p50)':<28} {before / live:.2f}x")
     warm = pct(times["keep warm (opt-in)"], 0.5)
     print(f"  {'live / keep warm (p50)':<28} {live / warm:.2f}x")
+    for way in times:
+        if way.startswith("live, before"):
+            print(f"  {'before / live (p50)':<28} {pct(times[way], 0.5) / live:.2f}x")
     print(f"  load average at the end: {os.getloadavg()[0]:.1f}")
 
 
@@ -145,6 +166,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--all", action="store_true", help="also two reruns without an edit")
     parser.add_argument("--boot", action="store_true", help="also the project booted as a layer")
+    parser.add_argument("--before", metavar="REV", help="also live with the code of git REV")
     parser.add_argument(
         "--no-hypothesis", action="store_true", help="every run with -p no:hypothesispytest"
     )

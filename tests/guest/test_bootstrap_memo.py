@@ -190,3 +190,63 @@ def test_the_plugin_memo_keeps_hook_options_and_reads_a_changed_module_again(
     assert kept > 20, out  # pytest's own plugin modules, at least
     # Both runs called every hook, each with its options (a wrapper wraps).
     assert "CALLS ['last', 'setup', 'around', 'last', 'setup', 'around']" in out
+
+
+def test_excluded_plugins_reads_p_no_as_pytest_does() -> None:
+    excluded = _bootstrap().excluded_plugins
+    args = ["-q", "-p", "no:cacheprovider", "-pno:warnings", "-p", "xdist", "-p", " no:x ", "t.py"]
+    assert excluded(args) == ["no:cacheprovider", "no:warnings", "no:x"]
+    assert excluded(["t.py", "-p"]) == []  # a trailing -p names nothing
+    assert excluded(["--pdb", "-k", "no:x", "--co"]) == []
+
+
+PREPARED_RUNS = """
+import sys, pathlib
+import importlib.util
+import pytest
+import _pytest.config
+
+spec = importlib.util.spec_from_file_location("msb_bootstrap_under_test", sys.argv[1])
+bootstrap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bootstrap)
+seen = []
+
+class Seen:
+    def pytest_configure(self, config):
+        seen.append(config)
+
+def run(prepared_args, args):
+    prepared = bootstrap.PreparedConfig.make(tuple(prepared_args))
+    prepared.use()
+    code = pytest.main(args, plugins=[Seen()])
+    assert _pytest.config.get_config is prepared.original  # used once at most
+    config = seen[-1]
+    print("USED" if config is prepared.config else "FRESH",
+          config.invocation_params.args == tuple(args),
+          config.invocation_params.dir == pathlib.Path.cwd(),
+          config.pluginmanager.has_plugin("cacheprovider"),
+          code)
+
+# The project's file arguments come after the prestart: the same config serves.
+run(["-q", "-p", "no:cacheprovider"], ["-q", "-p", "no:cacheprovider", sys.argv[2]])
+# Another set of excluded plugins: pytest's own get_config.
+run(["-q"], ["-q", "-p", "no:cacheprovider", sys.argv[2]])
+run(["-q", "-p", "no:cacheprovider"], ["-q", sys.argv[2]])
+print("BAD", bootstrap.PreparedConfig.make(("-p", "no:main")))  # essential: UsageError
+"""
+
+
+def test_a_prepared_config_serves_the_run_whose_arguments_exclude_the_same_plugins(
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_p.py").write_text("def test_p():\n    pass\n")
+    out = _run_with_bootstrap(PREPARED_RUNS, tmp_path, project)
+    lines = [line for line in out.splitlines() if line.split(" ")[0] in ("USED", "FRESH", "BAD")]
+    assert lines == [
+        "USED True True False 0",  # the run's own invocation parameters
+        "FRESH True True False 0",
+        "FRESH True True True 0",
+        "BAD None",
+    ], out

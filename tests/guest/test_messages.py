@@ -154,11 +154,15 @@ def test_control_files_round_trip_and_refuse_what_they_are_not():
     kept = Go(cwd="/src", args=("t.py",), keep=True)
     assert Go.decode(kept.encode()) == kept
     assert not Go.decode('{"cwd": "/", "args": []}').keep  # an older host's request
+    early = Go(cwd="/src", args=("t.py",), prepare=True)
+    assert Go.decode(early.encode()) == early
+    assert "prepare" not in go.encode()  # the other requests encode as before
     for bad in ('{"pid": "7"}', '{"pid": 7, "errors": [1]}', "[]", "{"):
         with pytest.raises(MessageError):
             Ready.decode(bad)
     for bad in ('{"cwd": "/"}', '{"cwd": 1, "args": []}', '{"cwd": "/", "args": [1]}',
-                '{"cwd": "/", "args": [], "keep": 1}'):  # fmt: skip
+                '{"cwd": "/", "args": [], "keep": 1}',
+                '{"cwd": "/", "args": [], "prepare": 1}'):  # fmt: skip
         with pytest.raises(MessageError):
             Go.decode(bad)
 

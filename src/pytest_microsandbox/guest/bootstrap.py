@@ -36,6 +36,7 @@ import faulthandler
 import functools
 import importlib.metadata
 import os
+import pathlib
 import shutil
 import signal
 import sys
@@ -299,6 +300,82 @@ class PluginScanMemo:
             pluggy._impl.varnames = arguments  # type: ignore[attr-defined]
 
 
+def excluded_plugins(args: list[str] | tuple[str, ...]) -> list[str]:
+    """The ``-p no:NAME`` values in ``args``, read as pytest's ``get_config``
+    reads them (``consider_preparse`` with ``exclude_only``): all it takes from
+    its arguments besides recording them.
+    """
+    found: list[str] = []
+    i = 0
+    while i < len(args):
+        opt = args[i]
+        i += 1
+        if opt == "-p":
+            if i == len(args):
+                break
+            value = args[i]
+            i += 1
+        elif opt.startswith("-p"):
+            value = opt[2:]
+        else:
+            continue
+        if value.strip().startswith("no:"):
+            found.append(value.strip())
+    return found
+
+
+class PreparedConfig:
+    """pytest's ``get_config`` for a run's arguments, done before the run starts
+    (a go request with ``prepare``, sent while the host copies the project in):
+    a new plugin manager with pytest's default plugins registered and their
+    options added, ~0.1-0.2 s of a restored VM's cold start, none of it reading
+    a file of the project. The real run's ``get_config`` returns it (:meth:`use`)
+    when its arguments leave out the same plugins (:func:`excluded_plugins`)
+    and its ``prog`` is the same, with the run's own invocation parameters;
+    otherwise, or once used, pytest's own ``get_config`` runs.
+    """
+
+    def __init__(self, args: tuple[str, ...]) -> None:
+        import inspect
+
+        import _pytest.config
+
+        self.excluded = excluded_plugins(args)
+        self.module: Any = _pytest.config
+        self.original: Any = _pytest.config.get_config
+        # As pytest.main calls it (pytest >= 8.4 names its parser's prog).
+        takes_prog = "prog" in inspect.signature(self.original).parameters
+        self.kwargs = {"prog": "pytest.main()"} if takes_prog else {}
+        self.config: Any = self.original(list(args), **self.kwargs)
+
+    @classmethod
+    def make(cls, args: tuple[str, ...]) -> PreparedConfig | None:
+        """None when pytest fails here: the real run's own ``get_config`` then
+        fails the same way, and reports it as a run does.
+        """
+        try:
+            return cls(args)
+        except Exception:
+            return None
+
+    def use(self) -> None:
+        """Make pytest's next ``get_config`` call this one's (once)."""
+        prepared, module, original = self, self.module, self.original
+
+        @functools.wraps(original)
+        def get_config(args: Any = None, plugins: Any = None, **kwargs: Any) -> Any:
+            module.get_config = original
+            if kwargs != prepared.kwargs or excluded_plugins(list(args or ())) != prepared.excluded:
+                return original(args, plugins, **kwargs)
+            config = prepared.config
+            config.invocation_params = type(config.invocation_params)(
+                args=args or (), plugins=plugins, dir=pathlib.Path.cwd()
+            )
+            return config
+
+        module.get_config = get_config
+
+
 class _Attach:
     """Registers the runner's server plugin once pytest has parsed its options
     (and so loaded its plugins): the metadata memo, if any, is done then.
@@ -382,6 +459,10 @@ def main(argv: list[str]) -> int:
         from pytest_microsandbox.guest import runner
 
         request = runner.wait_for_go(control)
+        prepared: PreparedConfig | None = None
+        while request is not None and request.prepare:
+            prepared = PreparedConfig.make(request.args)
+            request = runner.read_go(control)
 
         def fork(populate: bool) -> runner.KeptRun:
             forked = runner.KeptRun.spare(control, populate)
@@ -412,6 +493,8 @@ def main(argv: list[str]) -> int:
         for child in (running, spare):
             if child is not None:
                 child.end()
+        if prepared is not None:
+            prepared.use()
         return run(control, runner.enter(request, start_dir), memo)
     if not argv:
         print("usage: bootstrap.py CONTROL [pytest args] | --base CONTROL", file=sys.stderr)

@@ -362,28 +362,40 @@ class Go:
     base runner forks a child for this run and stays as it was, pristine, for
     the next request (another go, or :data:`END`), which first kills this run's
     processes. Without it the base runner becomes the run's runner itself.
+
+    ``prepare``: the project is not in the guest yet; the runner does what
+    pytest's start needs no file for (its plugin manager and the default
+    plugins' registration, for these ``args``) and waits for the real request,
+    sent once the project is in. Its ``args`` must match for that work to be
+    used; else the runner starts from scratch.
     """
 
     cwd: str
     args: tuple[str, ...]
     keep: bool = False
+    prepare: bool = False
 
     def encode(self) -> str:
-        return json.dumps({"cwd": self.cwd, "args": list(self.args), "keep": self.keep})
+        data = {"cwd": self.cwd, "args": list(self.args), "keep": self.keep}
+        if self.prepare:
+            data["prepare"] = True
+        return json.dumps(data)
 
     @classmethod
     def decode(cls, text: str) -> Go:
         """:raises MessageError: ``text`` is not a go request."""
         data = _object(text.encode(), "a go request")
-        cwd, args, keep = data.get("cwd"), data.get("args"), data.get("keep", False)
+        cwd, args = data.get("cwd"), data.get("args")
+        keep, prepare = data.get("keep", False), data.get("prepare", False)
         if (
             not isinstance(cwd, str)
             or not isinstance(args, list)
             or not all(isinstance(a, str) for a in args)
             or not isinstance(keep, bool)
+            or not isinstance(prepare, bool)
         ):
             raise MessageError("a malformed go request", line=text.encode())
-        return cls(cwd=cwd, args=tuple(args), keep=keep)
+        return cls(cwd=cwd, args=tuple(args), keep=keep, prepare=prepare)
 
 
 #: Written to a kept base runner's go FIFO at the end of a run: kill the run's
