@@ -452,6 +452,39 @@ def test_plan_host_trees_order_and_omissions(tmp_path: Path) -> None:
     assert specs == []
 
 
+@pytest.mark.parametrize(
+    ("cfg_line", "excluded"),
+    [
+        ("include-system-site-packages = false", True),
+        ("", True),  # venv and virtualenv default to false
+        ("Include-System-Site-Packages = True", False),
+        (None, False),  # no pyvenv.cfg: nothing known, nothing left out
+    ],
+)
+def test_the_prefix_layer_leaves_out_site_packages_an_isolated_venv_cannot_import(
+    tmp_path: Path, cfg_line: str | None, excluded: bool
+) -> None:
+    base, venv, project = _fake_prefixes(tmp_path)
+    write(base / "lib/python3.11/site-packages/big/__init__.py")
+    cfg = venv / "pyvenv.cfg"
+    if cfg_line is None:
+        cfg.unlink()
+    else:
+        cfg.write_text(f"home = {base}/bin\n{cfg_line}\n")
+    specs = plan_host_trees(
+        project_root=project, cache_dir=tmp_path / "c", base_prefix=base, prefix=venv
+    )
+    python = specs[-1]
+    site = (base / "lib/python3.11/site-packages").resolve()
+    assert (site in python.exclude_paths) is excluded
+    # The fingerprint follows: a change there matters only when it is imaged.
+    before = python.fingerprint()
+    write(base / "lib/python3.11/site-packages/big/new.py")
+    assert (python.fingerprint() == before) is excluded
+    write(base / "lib/python3.11/os2.py")  # the stdlib always counts
+    assert python.fingerprint() != before
+
+
 def test_plan_host_trees_excludes_cache_inside_project(tmp_path: Path) -> None:
     base, venv, project = _fake_prefixes(tmp_path)
     cache = project / ".cache/msb"

@@ -216,6 +216,22 @@ def editable_source_dirs(prefix: Path, covered: list[Path]) -> list[Path]:
     return found[:MAX_EDITABLE_LAYERS]
 
 
+def _uses_system_site_packages(venv: Path) -> bool:
+    """Whether the virtualenv at ``venv`` imports the base Python's site-packages
+    too (its ``pyvenv.cfg`` says ``include-system-site-packages = true``); True
+    when that cannot be read, so that nothing it may import is left out.
+    """
+    try:
+        text = (venv / "pyvenv.cfg").read_text(errors="replace")
+    except OSError:
+        return True
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip().lower() == "include-system-site-packages":
+            return value.strip().lower() != "false"
+    return False  # venv and virtualenv write the key; without it they default to false
+
+
 def imaged_venv(prefix: Path | None = None, base_prefix: Path | None = None) -> Path | None:
     """The virtualenv (``sys.prefix``) that the ``host`` image carries, at the
     same path in the guest, or None when Python runs outside one. The image
@@ -263,7 +279,15 @@ def plan_host_trees(
     if venv != base and not _under(venv, usr) and not _under(venv, base):
         _refuse_wholesale(venv, "virtualenv")
         trees.insert(0, ("l-venv", "venv", venv, f"{venv} (virtualenv)"))  # above the prefix
-    specs = [_tree_spec(serial, label, tree, desc) for serial, label, tree, desc in trees]
+    unused: tuple[Path, ...] = ()
+    if venv != base and not _under(venv, base) and not _uses_system_site_packages(venv):
+        # The venv cannot import from them; here they were 51k of the prefix's
+        # 60k entries, most of the walk that fingerprints it on every run.
+        unused = tuple(sorted(base.glob("lib*/python3*/site-packages")))
+    specs = [
+        _tree_spec(serial, label, tree, desc, exclude_paths=unused if serial == "l-python" else ())
+        for serial, label, tree, desc in trees
+    ]
     if project_root is not None:
         root = Path(project_root).resolve()
         if not root.is_dir():
