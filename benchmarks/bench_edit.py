@@ -31,8 +31,11 @@ runs under the default isolation (``process`` under TCG):
   without an edit: served live too (no snapshot is built for process
   isolation; the first rerun used to build one).
 
-The ratio printed beside each way is its p50 over plain host pytest's p50, both
-from this run.
+Each run is ``pytest -q`` in the project, as a user types it (``--no-cacheprovider``
+and ``--no-hypothesis`` add ``-p no:...``: a run that leaves a plugin out starts
+its guest pytest from a plugin manager made after the restore, not the one its
+base made). The ratio printed beside each way is its p50 over plain host
+pytest's p50, both from this run.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def run(root: Path, edit: int | None, env: dict[str, str], *extra: str) -> float
         (root / "test_edit.py").write_text(TEST.format(n=edit))
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PLUGINS, *extra],
+        [sys.executable, "-m", "pytest", "-q", *PLUGINS, *extra],
         cwd=root,
         env=env,
         capture_output=True,
@@ -168,9 +171,17 @@ if __name__ == "__main__":
     parser.add_argument("--boot", action="store_true", help="also the project booted as a layer")
     parser.add_argument("--before", metavar="REV", help="also live with the code of git REV")
     parser.add_argument(
+        "--no-cacheprovider",
+        action="store_true",
+        help="every run with -p no:cacheprovider (a plugin left out: the guest's "
+        "pytest cannot start from the plugin manager its base made)",
+    )
+    parser.add_argument(
         "--no-hypothesis", action="store_true", help="every run with -p no:hypothesispytest"
     )
     parsed = parser.parse_args()
     if parsed.no_hypothesis:
         PLUGINS += ["-p", "no:hypothesispytest"]
+    if parsed.no_cacheprovider:
+        PLUGINS += ["-p", "no:cacheprovider"]
     main(parsed)

@@ -227,6 +227,8 @@ def run(prepared_args, args):
           config.pluginmanager.has_plugin("cacheprovider"),
           code)
 
+# What the base makes before its snapshot serves a run that excludes nothing.
+run([], ["-q", sys.argv[2]])
 # The project's file arguments come after the prestart: the same config serves.
 run(["-q", "-p", "no:cacheprovider"], ["-q", "-p", "no:cacheprovider", sys.argv[2]])
 # Another set of excluded plugins: pytest's own get_config.
@@ -245,6 +247,7 @@ def test_a_prepared_config_serves_the_run_whose_arguments_exclude_the_same_plugi
     out = _run_with_bootstrap(PREPARED_RUNS, tmp_path, project)
     lines = [line for line in out.splitlines() if line.split(" ")[0] in ("USED", "FRESH", "BAD")]
     assert lines == [
+        "USED True True True 0",
         "USED True True False 0",  # the run's own invocation parameters
         "FRESH True True False 0",
         "FRESH True True True 0",

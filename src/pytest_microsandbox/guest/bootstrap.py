@@ -358,6 +358,10 @@ class PreparedConfig:
         except Exception:
             return None
 
+    def serves(self, args: list[str] | tuple[str, ...]) -> bool:
+        """Whether a run with ``args`` can take this config: the same exclusions."""
+        return excluded_plugins(args) == self.excluded
+
     def use(self) -> None:
         """Make pytest's next ``get_config`` call this one's (once)."""
         prepared, module, original = self, self.module, self.original
@@ -365,7 +369,7 @@ class PreparedConfig:
         @functools.wraps(original)
         def get_config(args: Any = None, plugins: Any = None, **kwargs: Any) -> Any:
             module.get_config = original
-            if kwargs != prepared.kwargs or excluded_plugins(list(args or ())) != prepared.excluded:
+            if kwargs != prepared.kwargs or not prepared.serves(list(args or ())):
                 return original(args, plugins, **kwargs)
             config = prepared.config
             config.invocation_params = type(config.invocation_params)(
@@ -456,18 +460,23 @@ def main(argv: list[str]) -> int:
         start_dir = os.getcwd()
         prewarm()
         fixtures.stop_recording()
+        # For a run that leaves out no plugin (most do), made before the snapshot;
+        # a prepare request for other arguments replaces it.
+        prepared = PreparedConfig.make(())
         from pytest_microsandbox.guest import runner
 
         request = runner.wait_for_go(control)
-        prepared: PreparedConfig | None = None
         while request is not None and request.prepare:
-            prepared = PreparedConfig.make(request.args)
+            if prepared is None or not prepared.serves(request.args):
+                prepared = PreparedConfig.make(request.args)
             request = runner.read_go(control)
 
         def fork(populate: bool) -> runner.KeptRun:
             forked = runner.KeptRun.spare(control, populate)
             if isinstance(forked, runner.KeptRun):
                 return forked
+            if prepared is not None:  # the child's own copy
+                prepared.use()
             code = run(control, runner.enter(forked, start_dir), memo)  # the child
             sys.stdout.flush()
             sys.stderr.flush()
