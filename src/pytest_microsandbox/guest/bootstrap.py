@@ -405,7 +405,9 @@ def prewarm() -> None:
     """
     empty = tempfile.mkdtemp(prefix="msb-warm-")
     try:
-        pytest.main([empty, "--co", "-q", "-p", "no:cacheprovider", f"--rootdir={empty}"])
+        # With the plugins a run has by default (the cache's too), so that the
+        # memos know what each of their classes holds.
+        pytest.main([empty, "--co", "-q", f"--rootdir={empty}"])
     except BaseException:  # a plugin failing here fails again, visibly, in the real run
         traceback.print_exc()
     finally:
