@@ -287,6 +287,24 @@ def test_the_header_needs_neither_the_config_models_nor_the_engine(pytester: pyt
     result.stdout.fnmatch_lines(["microsandbox: *", "heavy modules: []"])
 
 
+def test_the_runtime_is_imported_with_the_collector_paused_and_restored() -> None:
+    import gc
+
+    from pytest_microsandbox.plugin._hooks import _collector_paused
+
+    assert gc.isenabled()
+    with _collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()  # a run that turned it off keeps it off
+    try:
+        with _collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_misspelt_microsandbox_hook_is_rejected(pytester: pytest.Pytester):
     # The hookspec is registered, so pytest validates implementations against it.
     pytester.makeconftest("def pytest_microsandbox_zygote_kye(config):\n    return 'x'\n")
