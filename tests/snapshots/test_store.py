@@ -335,3 +335,37 @@ def test_a_snapshot_named_like_a_temporary_is_still_listed_and_pruned(tmp_path: 
     old = time.time() - 7200
     os.utime(path, (old, old))
     assert Snapshot.prune(tmp_path, max_age=3600) == ["before-tmp-cleanup"]
+
+
+def test_qemu_version_is_remembered_per_binary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asked once per binary: a later process reads the cache, a replaced
+    binary (or a damaged record) is asked again.
+    """
+    binary = tmp_path / "qemu-system-x86_64"
+    binary.write_text("#!/bin/sh\necho 'QEMU emulator version 1.0'\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("MICROSANDBOX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_store, "find_qemu", lambda: str(binary))
+    asked: list[str] = []
+    real = _store.qemu_version
+    monkeypatch.setattr(_store, "qemu_version", lambda q=None: asked.append(q or "") or real(q))
+
+    def version() -> str:
+        _store.current_qemu_version.cache_clear()  # as a new process
+        return _store.current_qemu_version()
+
+    try:
+        assert version() == "QEMU emulator version 1.0"
+        assert version() == "QEMU emulator version 1.0"
+        assert len(asked) == 1
+        memo = tmp_path / "cache" / _store.QEMU_VERSION_FILE
+        assert [p.name for p in memo.parent.iterdir()] == [memo.name]  # no temporary left
+        binary.write_text("#!/bin/sh\necho 'QEMU emulator version 2.0'\n")  # an upgrade
+        assert version() == "QEMU emulator version 2.0"
+        memo.write_text("{not json")
+        assert version() == "QEMU emulator version 2.0"
+        assert len(asked) == 3
+    finally:
+        _store.current_qemu_version.cache_clear()

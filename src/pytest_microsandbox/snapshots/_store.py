@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ from ..runtime._integrity import (
 )
 from ..runtime._locks import LOCK_TIMEOUT_ENV, remove_idle_lock_files
 from ..runtime.paths import cache_dir
-from ..runtime.qemu import qemu_version
+from ..runtime.qemu import find_qemu, qemu_version
 from ._model import FORMAT_VERSION, EntryDigests, SnapshotMeta
 
 __all__ = [
@@ -168,9 +169,41 @@ def _cache_store(root: Path) -> CacheStore:
     )
 
 
+#: The cache file remembering QEMU's version line per binary (:func:`current_qemu_version`).
+QEMU_VERSION_FILE = "qemu-version"
+
+
 @functools.lru_cache(maxsize=1)
 def current_qemu_version() -> str:
-    return qemu_version()
+    """QEMU's version line (a snapshot made by another QEMU is refused), remembered
+    in the cache per binary: asking QEMU starts a process, ~15 ms on the way to
+    a run's first restore. The binary's path, inode, size and times name it (an
+    upgrade replaces the file); anything unreadable asks QEMU again.
+    """
+    try:
+        binary = find_qemu()
+        st = os.stat(binary)
+    except Exception:  # no QEMU: as qemu_version() says it
+        return qemu_version()
+    stamp = f"{binary}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    memo = cache_dir() / QEMU_VERSION_FILE
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(memo.read_text())
+        if known.get("stamp") == stamp and isinstance(known.get("version"), str):
+            return str(known["version"])
+    version = qemu_version(binary)
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=f".tmp-{QEMU_VERSION_FILE}-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"stamp": stamp, "version": version}))
+            os.replace(tmp, memo)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return version
 
 
 def entry_lock_path(entry: Path) -> Path:
