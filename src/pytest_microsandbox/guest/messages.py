@@ -366,8 +366,8 @@ class Go:
     ``prepare``: the project is not in the guest yet; the runner does what
     pytest's start needs no file for (its plugin manager and the default
     plugins' registration, for these ``args``) and waits for the real request,
-    sent once the project is in. Its ``args`` must match for that work to be
-    used; else the runner starts from scratch.
+    sent once the project is in. That work serves the real request when both
+    leave out the same plugins (``-p no:NAME``); else the runner starts anew.
     """
 
     cwd: str
