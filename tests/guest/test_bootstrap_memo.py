@@ -215,13 +215,14 @@ class Seen:
     def pytest_configure(self, config):
         seen.append(config)
 
-def run(prepared_args, args):
-    prepared = bootstrap.PreparedConfig.make(tuple(prepared_args))
-    prepared.use()
+def run(prepared_args, args, also=None):
+    made = [bootstrap.PreparedConfig.make(tuple(a)) for a in (prepared_args, *(also or []))]
+    bootstrap.use_prepared(made)
     code = pytest.main(args, plugins=[Seen()])
-    assert _pytest.config.get_config is prepared.original  # used once at most
+    assert _pytest.config.get_config is made[0].original  # used once at most
     config = seen[-1]
-    print("USED" if config is prepared.config else "FRESH",
+    used = [i for i, m in enumerate(made) if config is m.config]
+    print("USED" + "".join(map(str, used)) if used else "FRESH",
           config.invocation_params.args == tuple(args),
           config.invocation_params.dir == pathlib.Path.cwd(),
           config.pluginmanager.has_plugin("cacheprovider"),
@@ -234,6 +235,8 @@ run(["-q", "-p", "no:cacheprovider"], ["-q", "-p", "no:cacheprovider", sys.argv[
 # Another set of excluded plugins: pytest's own get_config.
 run(["-q"], ["-q", "-p", "no:cacheprovider", sys.argv[2]])
 run(["-q", "-p", "no:cacheprovider"], ["-q", sys.argv[2]])
+# Of several (the base's two), the one whose exclusions are the run's.
+run([], ["-q", "-pno:cacheprovider", sys.argv[2]], also=[["-pno:cacheprovider"]])
 print("BAD", bootstrap.PreparedConfig.make(("-p", "no:main")))  # essential: UsageError
 """
 
@@ -245,11 +248,12 @@ def test_a_prepared_config_serves_the_run_whose_arguments_exclude_the_same_plugi
     project.mkdir()
     (project / "test_p.py").write_text("def test_p():\n    pass\n")
     out = _run_with_bootstrap(PREPARED_RUNS, tmp_path, project)
-    lines = [line for line in out.splitlines() if line.split(" ")[0] in ("USED", "FRESH", "BAD")]
+    lines = [line for line in out.splitlines() if line.startswith(("USED", "FRESH", "BAD"))]
     assert lines == [
-        "USED True True True 0",
-        "USED True True False 0",  # the run's own invocation parameters
+        "USED0 True True True 0",
+        "USED0 True True False 0",  # the run's own invocation parameters
         "FRESH True True False 0",
         "FRESH True True True 0",
+        "USED1 True True False 0",
         "BAD None",
     ], out

@@ -202,6 +202,18 @@ def test_zygote_build_holds_its_entry_lock(tmp_path, monkeypatch: pytest.MonkeyP
     assert not lock_path.exists()
 
 
+def test_the_base_runner_is_told_which_plugins_its_run_leaves_out():
+    from pytest_microsandbox.runtime import SandboxConfig
+
+    config = SandboxConfig(name="zygote")
+    args = ("-o", "addopts=", "-p", " no:cacheprovider", "-p", "xdist", "-p", "no:x", "t.py")
+    plan = _zygote.GuestPlan(config=config, cwd="/p", args=args, env={}, watched=())
+    command = plan.base_command()
+    assert f"--base {_zygote.CONTROL_DIR} -pno:cacheprovider -pno:x;" in command
+    plain = _zygote.GuestPlan(config=config, cwd="/p", args=("t.py",), env={}, watched=())
+    assert "-pno:" not in plain.base_command()
+
+
 def test_a_runner_that_cannot_start_writes_its_exit_and_error_at_once(tmp_path):
     """Every start failure (here: its directory is missing, as in a directory
     image) ends in the exit marker and the log, so the host stops waiting at

@@ -1,7 +1,7 @@
 """The guest runner's entry point, run by its path (never imported):
 
     python .../pytest_microsandbox/guest/bootstrap.py CONTROL [pytest args]
-    python .../pytest_microsandbox/guest/bootstrap.py --base CONTROL
+    python .../pytest_microsandbox/guest/bootstrap.py --base CONTROL [-pno:NAME ...]
 
 pytest must start here as a local ``python -m pytest`` does. So nothing of this
 package is imported before ``pytest.main``: the package is a ``pytest11``
@@ -330,11 +330,12 @@ class PreparedConfig:
     a new plugin manager with pytest's default plugins registered and their
     options added, 0.2-0.3 s of a restored VM's cold start, none of it reading
     a file of the project. The base runner makes one before its snapshot for a
-    run that leaves out no plugin, and one for a go request with ``prepare``
-    (sent while the host copies the project in) whose arguments leave out
-    others. The real run's ``get_config`` returns it (:meth:`use`)
-    when its arguments leave out the same plugins (:func:`excluded_plugins`)
-    and its ``prog`` is the same, with the run's own invocation parameters;
+    run that leaves out no plugin and one for the plugins the run that built it
+    left out (``--base CONTROL -pno:NAME...``), and one for a go request with
+    ``prepare`` (sent while the host copies the project in) whose arguments
+    leave out others. The real run's ``get_config`` returns the one whose
+    excluded plugins (:func:`excluded_plugins`) are the run's, if its ``prog``
+    is the same, with the run's own invocation parameters (:func:`use_prepared`);
     otherwise, or once used, pytest's own ``get_config`` runs.
     """
 
@@ -365,22 +366,27 @@ class PreparedConfig:
         """Whether a run with ``args`` can take this config: the same exclusions."""
         return excluded_plugins(args) == self.excluded
 
-    def use(self) -> None:
-        """Make pytest's next ``get_config`` call this one's (once)."""
-        prepared, module, original = self, self.module, self.original
 
-        @functools.wraps(original)
-        def get_config(args: Any = None, plugins: Any = None, **kwargs: Any) -> Any:
-            module.get_config = original
-            if kwargs != prepared.kwargs or not prepared.serves(list(args or ())):
-                return original(args, plugins, **kwargs)
-            config = prepared.config
-            config.invocation_params = type(config.invocation_params)(
-                args=args or (), plugins=plugins, dir=pathlib.Path.cwd()
-            )
-            return config
+def use_prepared(configs: list[PreparedConfig]) -> None:
+    """Make pytest's next ``get_config`` call (once) return the first of
+    ``configs`` that serves its arguments, else run pytest's own."""
+    if not configs:
+        return
+    module, original = configs[0].module, configs[0].original
 
-        module.get_config = get_config
+    @functools.wraps(original)
+    def get_config(args: Any = None, plugins: Any = None, **kwargs: Any) -> Any:
+        module.get_config = original
+        for prepared in configs:
+            if kwargs == prepared.kwargs and prepared.serves(list(args or ())):
+                config = prepared.config
+                config.invocation_params = type(config.invocation_params)(
+                    args=args or (), plugins=plugins, dir=pathlib.Path.cwd()
+                )
+                return config
+        return original(args, plugins, **kwargs)
+
+    module.get_config = get_config
 
 
 class _Attach:
@@ -454,8 +460,8 @@ def dump_stacks_on_request(control: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "--base":
-        control = argv[1]
+    if len(argv) >= 2 and argv[0] == "--base":
+        control, excluding = argv[1], tuple(argv[2:])
         dump_stacks_on_request(control)
         memo = MetadataMemo()
         memo.install()
@@ -465,23 +471,26 @@ def main(argv: list[str]) -> int:
         start_dir = os.getcwd()
         prewarm()
         fixtures.stop_recording()
-        # For a run that leaves out no plugin (most do), made before the snapshot;
-        # a prepare request for other arguments replaces it.
-        prepared = PreparedConfig.make(())
+        # Before the snapshot: for a run that leaves out no plugin (most do),
+        # and for one that leaves out what the run that built this base did;
+        # a prepare request for other arguments adds its own.
+        made = [PreparedConfig.make(()), PreparedConfig.make(excluding) if excluding else None]
+        prepared = [config for config in made if config is not None]
         from pytest_microsandbox.guest import runner
 
         request = runner.wait_for_go(control)
         while request is not None and request.prepare:
-            if prepared is None or not prepared.serves(request.args):
-                prepared = PreparedConfig.make(request.args)
+            args = request.args
+            if not any(config.serves(args) for config in prepared):
+                config = PreparedConfig.make(args)
+                prepared += [config] if config is not None else []
             request = runner.read_go(control)
 
         def fork(populate: bool) -> runner.KeptRun:
             forked = runner.KeptRun.spare(control, populate)
             if isinstance(forked, runner.KeptRun):
                 return forked
-            if prepared is not None:  # the child's own copy
-                prepared.use()
+            use_prepared(prepared)  # the child's own copies
             code = run(control, runner.enter(forked, start_dir), memo)  # the child
             sys.stdout.flush()
             sys.stderr.flush()
@@ -507,11 +516,13 @@ def main(argv: list[str]) -> int:
         for child in (running, spare):
             if child is not None:
                 child.end()
-        if prepared is not None:
-            prepared.use()
+        use_prepared(prepared)
         return run(control, runner.enter(request, start_dir), memo)
     if not argv:
-        print("usage: bootstrap.py CONTROL [pytest args] | --base CONTROL", file=sys.stderr)
+        print(
+            "usage: bootstrap.py CONTROL [pytest args] | --base CONTROL [-pno:NAME ...]",
+            file=sys.stderr,
+        )
         return 2
     dump_stacks_on_request(argv[0])
     return run(argv[0], argv[1:])
