@@ -189,7 +189,11 @@ def current_qemu_version() -> str:
     memo = cache_dir() / QEMU_VERSION_FILE
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(memo.read_text())
-        if known.get("stamp") == stamp and isinstance(known.get("version"), str):
+        if (
+            isinstance(known, dict)
+            and known.get("stamp") == stamp
+            and isinstance(known.get("version"), str)
+        ):
             return str(known["version"])
     version = qemu_version(binary)
     with contextlib.suppress(OSError):
