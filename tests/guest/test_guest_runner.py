@@ -116,3 +116,54 @@ def test_the_spare_ignores_a_line_that_is_not_a_request_and_stops_at_eof():
         os.close(channel_r)
         if channel_w >= 0:
             os.close(channel_w)
+
+
+def test_the_spare_keeps_a_vm_request_to_itself():
+    """Under vm isolation the runner is not woken: the seq it needs to answer
+    for a spare that dies goes into their shared page, and the pipe stays open
+    until the spare ends.
+    """
+    channel_r, channel_w = os.pipe()
+    taken_r, taken_w = os.pipe()
+    request = Request("tests/test_a.py::test_x", "cd" * 16, False, {"A": "1"})
+    os.write(channel_w, request.encode())
+    shared = runner._SpareState()
+    try:
+        server = runner._Server("/nonexistent", channel_r)
+        assert server.take_request(taken_w, shared) == request
+        assert shared.kept_seq() == request.seq
+        assert not shared.answered()
+        os.set_blocking(taken_r, False)
+        with pytest.raises(BlockingIOError):  # open, and nothing in it
+            os.read(taken_r, 1)
+        shared.set_answered()
+        assert shared.answered()
+    finally:
+        for fd in (channel_r, channel_w, taken_r, taken_w):
+            os.close(fd)
+        shared.close()
+
+
+def test_a_vm_request_whose_seq_does_not_fit_is_passed_on():
+    channel_r, channel_w = os.pipe()
+    taken_r, taken_w = os.pipe()
+    request = Request("tests/test_a.py::test_x", "e" * 300, False)
+    os.write(channel_w, request.encode())
+    shared = runner._SpareState()
+    try:
+        server = runner._Server("/nonexistent", channel_r)
+        assert server.take_request(taken_w, shared) == request
+        assert shared.kept_seq() is None
+        assert _read_all(taken_r) == request.encode().rstrip(b"\n")
+    finally:
+        os.close(channel_r)
+        os.close(channel_w)
+        shared.close()
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_the_spare_s_shortcut_matches_how_requests_are_written(fork: bool):
+    # A process-isolation line is passed on before it is decoded when it holds
+    # this field; the env cannot fake it (its values are strings).
+    line = Request("t.py::x", "ab" * 16, fork, {"fork": "true"}).encode()
+    assert (runner._FORK_FIELD in line) is fork

@@ -102,9 +102,10 @@ class MessageError(ValueError):
 @dataclass(frozen=True)
 class Request:
     """Run test ``nodeid``. ``seq`` is a random token the host made for this
-    request: every line of the answer carries it. ``fork``: run it in a forked
-    process and keep serving (process isolation), else in the runner, which
-    then exits (vm isolation). ``env`` is set in the test's process before its
+    request: every line of the answer carries it. ``fork``: the runner keeps
+    serving after it (process isolation), else it exits once the test's
+    process has ended (vm isolation); either way the test runs in a forked
+    process. ``env`` is set in the test's process before its
     setup.
     """
 
