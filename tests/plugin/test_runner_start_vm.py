@@ -124,6 +124,9 @@ def test_a_failed_build_is_attempted_once_and_its_cause_shown(tmp_path: Path):
     # Every failure carries the real cause, not "collected no tests".
     assert out.count("RuntimeError: the conftest broke in the guest") >= 4, out
     assert "collected no tests" not in out
+    # The runner's log shown is this run's: not the base's warm-up ("no tests
+    # collected" from its run on an empty directory) ahead of it.
+    assert "no tests collected" not in out, out
     # One build attempt in the whole run (two workers): the other tests reused its failure.
     # (in the failure sections: the short summary repeats them when not truncated)
     sections = out.split("short test summary info")[0]

@@ -40,6 +40,7 @@ import os
 import pathlib
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import traceback
@@ -442,6 +443,23 @@ def run(control: str, args: list[str], memo: MetadataMemo | None = None) -> int:
     return code
 
 
+def fresh_log() -> None:
+    """Start the runner's log over (its stdout and stderr: one regular file,
+    ``>log 2>&1``) for the run a go request starts: the base's warm-up and the
+    earlier kept runs wrote there first, and the host shows the log's tail as a
+    failed run's output. Left alone when stdout is anything else.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        if not stat.S_ISREG(os.fstat(1).st_mode):
+            return
+        os.ftruncate(1, 0)
+        os.lseek(1, 0, os.SEEK_SET)  # stderr's too: the same open file
+    except OSError:
+        pass
+
+
 #: Open for as long as the handler may write to it (faulthandler needs that).
 _stacks_file: Any = None
 
@@ -491,6 +509,7 @@ def main(argv: list[str]) -> int:
             if isinstance(forked, runner.KeptRun):
                 return forked
             use_prepared(prepared)  # the child's own copies
+            fresh_log()
             code = run(control, runner.enter(forked, start_dir), memo)  # the child
             sys.stdout.flush()
             sys.stderr.flush()
@@ -517,6 +536,7 @@ def main(argv: list[str]) -> int:
             if child is not None:
                 child.end()
         use_prepared(prepared)
+        fresh_log()
         return run(control, runner.enter(request, start_dir), memo)
     if not argv:
         print(
