@@ -27,7 +27,10 @@ user's venv need not have it; ``--keep-hypothesis`` measures with it loaded.
 
     .venv/bin/python benchmarks/bench_plugin.py [--baseline-runs 50] [--rounds 5] [--xdist-only]
 
-``--xdist-only`` runs the ``-n`` comparison alone. ``--process-ab VAR=VALUE``
+``--xdist-only`` runs the ``-n`` comparison alone. ``--before REV`` runs only
+the marked tests under ``process`` and then ``vm`` isolation, ``--rounds``
+times each, alternating this checkout with git revision REV's code, and prints
+each side's overhead per round, per-test p50/p95 and the rounds' ratios. ``--process-ab VAR=VALUE``
 runs only the marked tests under ``process`` isolation, ``--rounds`` times
 each, alternating runs without and with VAR=VALUE in the environment (e.g.
 ``MICROSANDBOX_TCG_CPU=max``, the guest CPU before issue #16's third pass),
@@ -95,9 +98,10 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run(d: Path, *args: str, out: Path | None = None) -> float:
+def _run(d: Path, *args: str, out: Path | None = None, src: Path | None = None) -> float:
+    """One pytest run in ``d``; ``src``: a ``src`` tree put first on ``PYTHONPATH``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["PYTHONPATH"] = str(d)
+    env["PYTHONPATH"] = str(d) if src is None else f"{src}{os.pathsep}{d}"
     if out is not None:
         out.unlink(missing_ok=True)
         env["MSB_BENCH_OUT"] = str(out)
@@ -137,6 +141,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--xdist-only", action="store_true", help="only the -n 2 vs -n 0 rounds")
     parser.add_argument("--process-ab", metavar="VAR=VALUE", help="process isolation A/B")
+    parser.add_argument("--before", metavar="REV", help="per-test A/B against git REV's code")
     args = parser.parse_args()
     if args.keep_hypothesis:
         EXTRA_ARGS.clear()
@@ -147,6 +152,9 @@ def main() -> int:
         out = root / "times.txt"
         if args.process_ab:
             _process_ab(args, plain, marked, out)
+            return 0
+        if args.before:
+            _before_ab(args, plain, marked, out, root / "before")
             return 0
 
         if not args.xdist_only:
@@ -244,6 +252,47 @@ def _process_ab(args: argparse.Namespace, plain: Path, marked: Path, out: Path) 
         f"{'/'.join(f'{r:.2f}' for r in ratios)} "
         f"(p50 {statistics.median(ratios):.2f}); load average {os.getloadavg()[0]:.1f}"
     )
+
+
+def _before_ab(args: argparse.Namespace, plain: Path, marked: Path, out: Path, into: Path) -> None:
+    """The 50 marked tests under each isolation level, ``--rounds`` times each,
+    alternating runs of this checkout and of git revision ``--before`` (its
+    ``src`` first on ``PYTHONPATH``, as ``bench_snapshots.py --before`` does).
+    """
+    from bench_snapshots import _export_src
+
+    into.mkdir()
+    src, commit = _export_src(args.before, into)
+    _run(plain, "-k", "not test_c", out=out)
+    unmarked = statistics.median(_per_test(out))
+    arms: dict[str, Path | None] = {"now": None, f"before ({commit})": src}
+    print(f"50 trivial marked tests, {args.rounds} alternating rounds, this checkout and {commit}")
+    print(f"  unmarked (host pytest) p50 {unmarked * 1000:.2f} ms")
+    for level in ("process", "vm"):
+        runs: dict[str, list[float]] = {key: [] for key in arms}
+        every: dict[str, list[float]] = {key: [] for key in arms}
+        for tree in arms.values():  # each side's zygote, built before the rounds
+            _run(marked, f"--sandbox-isolation={level}", "test_bench.py::test_b[0]", src=tree)
+        for i in range(args.rounds):
+            for key in list(arms)[:: 1 if i % 2 == 0 else -1]:
+                _run(marked, f"--sandbox-isolation={level}", "-k", "not test_c", out=out,
+                     src=arms[key])  # fmt: skip
+                times = _per_test(out)[1:]  # the first includes the VM start
+                runs[key].append((statistics.median(times) - unmarked) * 1000)
+                every[key] += times
+        print(f"  {level} isolation:")
+        for key, overheads in runs.items():
+            print(
+                f"    {key}: overhead p50 {statistics.median(overheads):.1f} ms per round "
+                f"({_fmt(overheads)}); per test p50 {statistics.median(every[key]) * 1000:.1f} ms, "
+                f"p95 {_p(every[key], 0.95) * 1000:.1f} ms"
+            )
+        now, before = runs["now"], runs[f"before ({commit})"]
+        ratios = [b / a for a, b in zip(now, before, strict=True)]
+        print(
+            f"    rounds' ratios before / now: {'/'.join(f'{r:.2f}' for r in ratios)} "
+            f"(p50 {statistics.median(ratios):.2f}); load average {os.getloadavg()[0]:.1f}"
+        )
 
 
 @contextmanager

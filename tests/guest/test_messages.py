@@ -53,6 +53,9 @@ def test_a_request_round_trips():
     line = request.encode()
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert Request.decode(line[:-1]) == request
+    kept = Request(NODE, "5eq", False, keep=True)
+    assert Request.decode(kept.encode()[:-1]) == kept
+    assert b"keep" not in Request(NODE, "5eq", False).encode()  # older runners' lines
 
 
 @pytest.mark.parametrize(
@@ -63,6 +66,7 @@ def test_a_request_round_trips():
         (b'{"nodeid": 1, "seq": "s", "fork": true}', "a malformed request"),
         (b'{"nodeid": "n", "seq": "s", "fork": 1}', "a malformed request"),
         (b'{"nodeid": "n", "seq": "s", "fork": true, "env": {"A": 1}}', "a request whose env"),
+        (b'{"nodeid": "n", "seq": "s", "fork": false, "keep": 1}', "a request whose keep"),
     ],
 )
 def test_a_malformed_request_is_refused(raw: bytes, what: str):

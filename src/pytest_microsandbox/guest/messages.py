@@ -105,17 +105,21 @@ class Request:
     request: every line of the answer carries it. ``fork``: the runner keeps
     serving after it (process isolation), else it exits once the test's
     process has ended (vm isolation); either way the test runs in a forked
-    process. ``env`` is set in the test's process before its
-    setup.
+    process. ``env`` is set in the test's process before its setup. ``keep``
+    (vm isolation): the host keeps the VM if the test fails, so the test runs
+    in the VM's own mounts, where the kept VM shows what it left.
     """
 
     nodeid: str
     seq: str
     fork: bool
     env: Mapping[str, str] = field(default_factory=dict)
+    keep: bool = False
 
     def encode(self) -> bytes:
         request = {"nodeid": self.nodeid, "seq": self.seq, "fork": self.fork, "env": dict(self.env)}
+        if self.keep:
+            request["keep"] = True
         return json.dumps(request).encode() + b"\n"
 
     @classmethod
@@ -131,7 +135,10 @@ class Request:
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         ):
             raise MessageError("a request whose env is not a str -> str object", line=line)
-        return cls(nodeid=nodeid, seq=seq, fork=fork, env=env)
+        keep = data.get("keep", False)
+        if not isinstance(keep, bool):
+            raise MessageError("a request whose keep is not a boolean", line=line)
+        return cls(nodeid=nodeid, seq=seq, fork=fork, env=env, keep=keep)
 
 
 # -- runner -> host -----------------------------------------------------------------------------
