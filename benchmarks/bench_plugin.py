@@ -40,6 +40,7 @@ and prints each round's overhead over unmarked and the ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -222,36 +223,63 @@ def _per_test_part(
     results["fresh_process_p50_ms"] = statistics.median(fresh) * 1000
 
 
-def _process_ab(args: argparse.Namespace, plain: Path, marked: Path, out: Path) -> None:
-    name, _, value = args.process_ab.partition("=")
-    _run(plain, "-k", "not test_c", out=out)
-    unmarked = statistics.median(_per_test(out))
-    runs: dict[str, list[float]] = {"default": [], args.process_ab: []}
-    every: dict[str, list[float]] = {"default": [], args.process_ab: []}
-    for key in runs:  # each variant's zygote, built before the rounds
-        with _env(name, value if key != "default" else None):
-            _run(marked, "--sandbox-isolation=process", "test_bench.py::test_b[0]")
+#: One side of an A/B: its label, a variable set for its runs (or None) and a
+#: ``src`` tree put first on ``PYTHONPATH`` (or None: this checkout).
+_Arm = tuple[str, tuple[str, str] | None, Path | None]
+
+
+def _alternate(
+    args: argparse.Namespace, marked: Path, out: Path, unmarked: float, level: str,
+    arms: list[_Arm],
+) -> None:  # fmt: skip
+    """The 50 marked tests under ``level`` isolation, ``--rounds`` times for each
+    arm, alternating; prints each arm's overhead per round, per-test p50/p95 and
+    the rounds' ratios of the second arm to the first.
+    """
+
+    def run(arm: _Arm, *pytest_args: str, into: Path | None = None) -> None:
+        _, variable, src = arm
+        name, value = variable or ("", None)
+        with _env(name, value) if variable else contextlib.nullcontext():
+            _run(marked, f"--sandbox-isolation={level}", *pytest_args, out=into, src=src)
+
+    runs: dict[str, list[float]] = {label: [] for label, _, _ in arms}
+    every: dict[str, list[float]] = {label: [] for label, _, _ in arms}
+    for arm in arms:  # each arm's zygote, built before the rounds
+        run(arm, "test_bench.py::test_b[0]")
     for i in range(args.rounds):
-        for key in list(runs)[:: 1 if i % 2 == 0 else -1]:
-            with _env(name, value if key != "default" else None):
-                _run(marked, "--sandbox-isolation=process", "-k", "not test_c", out=out)
-            times = _per_test(out)[1:]  # the first includes the worker's VM start
-            runs[key].append((statistics.median(times) - unmarked) * 1000)
-            every[key] += times
-    print(f"process isolation, 50 trivial tests, {args.rounds} alternating rounds")
-    print(f"  unmarked (host pytest) p50 {unmarked * 1000:.2f} ms")
-    for key, overheads in runs.items():
+        for arm in arms[:: 1 if i % 2 == 0 else -1]:
+            run(arm, "-k", "not test_c", into=out)
+            times = _per_test(out)[1:]  # the first includes the VM start
+            runs[arm[0]].append((statistics.median(times) - unmarked) * 1000)
+            every[arm[0]] += times
+    print(f"  {level} isolation:")
+    for label, overheads in runs.items():
         print(
-            f"  {key}: overhead p50 {statistics.median(overheads):.1f} ms per round "
-            f"({_fmt(overheads)}); per test p50 {statistics.median(every[key]) * 1000:.1f} ms, "
-            f"p95 {_p(every[key], 0.95) * 1000:.1f} ms"
+            f"    {label}: overhead p50 {statistics.median(overheads):.1f} ms per round "
+            f"({_fmt(overheads)}); per test p50 {statistics.median(every[label]) * 1000:.1f} ms, "
+            f"p95 {_p(every[label], 0.95) * 1000:.1f} ms"
         )
-    ratios = [b / a for a, b in zip(runs["default"], runs[args.process_ab], strict=True)]
+    first, second = (runs[label] for label, _, _ in arms)
+    ratios = [b / a for a, b in zip(first, second, strict=True)]
     print(
-        f"  rounds' ratios {args.process_ab} / default: "
-        f"{'/'.join(f'{r:.2f}' for r in ratios)} "
+        f"    rounds' ratios {arms[1][0]} / {arms[0][0]}: {'/'.join(f'{r:.2f}' for r in ratios)} "
         f"(p50 {statistics.median(ratios):.2f}); load average {os.getloadavg()[0]:.1f}"
     )
+
+
+def _unmarked(plain: Path, out: Path) -> float:
+    _run(plain, "-k", "not test_c", out=out)
+    return statistics.median(_per_test(out))
+
+
+def _process_ab(args: argparse.Namespace, plain: Path, marked: Path, out: Path) -> None:
+    name, _, value = args.process_ab.partition("=")
+    unmarked = _unmarked(plain, out)
+    print(f"50 trivial marked tests, {args.rounds} alternating rounds")
+    print(f"  unmarked (host pytest) p50 {unmarked * 1000:.2f} ms")
+    arms: list[_Arm] = [("default", None, None), (args.process_ab, (name, value), None)]
+    _alternate(args, marked, out, unmarked, "process", arms)
 
 
 def _before_ab(args: argparse.Namespace, plain: Path, marked: Path, out: Path, into: Path) -> None:
@@ -263,36 +291,12 @@ def _before_ab(args: argparse.Namespace, plain: Path, marked: Path, out: Path, i
 
     into.mkdir()
     src, commit = _export_src(args.before, into)
-    _run(plain, "-k", "not test_c", out=out)
-    unmarked = statistics.median(_per_test(out))
-    arms: dict[str, Path | None] = {"now": None, f"before ({commit})": src}
+    unmarked = _unmarked(plain, out)
     print(f"50 trivial marked tests, {args.rounds} alternating rounds, this checkout and {commit}")
     print(f"  unmarked (host pytest) p50 {unmarked * 1000:.2f} ms")
+    arms: list[_Arm] = [("now", None, None), (f"before ({commit})", None, src)]
     for level in ("process", "vm"):
-        runs: dict[str, list[float]] = {key: [] for key in arms}
-        every: dict[str, list[float]] = {key: [] for key in arms}
-        for tree in arms.values():  # each side's zygote, built before the rounds
-            _run(marked, f"--sandbox-isolation={level}", "test_bench.py::test_b[0]", src=tree)
-        for i in range(args.rounds):
-            for key in list(arms)[:: 1 if i % 2 == 0 else -1]:
-                _run(marked, f"--sandbox-isolation={level}", "-k", "not test_c", out=out,
-                     src=arms[key])  # fmt: skip
-                times = _per_test(out)[1:]  # the first includes the VM start
-                runs[key].append((statistics.median(times) - unmarked) * 1000)
-                every[key] += times
-        print(f"  {level} isolation:")
-        for key, overheads in runs.items():
-            print(
-                f"    {key}: overhead p50 {statistics.median(overheads):.1f} ms per round "
-                f"({_fmt(overheads)}); per test p50 {statistics.median(every[key]) * 1000:.1f} ms, "
-                f"p95 {_p(every[key], 0.95) * 1000:.1f} ms"
-            )
-        now, before = runs["now"], runs[f"before ({commit})"]
-        ratios = [b / a for a, b in zip(now, before, strict=True)]
-        print(
-            f"    rounds' ratios before / now: {'/'.join(f'{r:.2f}' for r in ratios)} "
-            f"(p50 {statistics.median(ratios):.2f}); load average {os.getloadavg()[0]:.1f}"
-        )
+        _alternate(args, marked, out, unmarked, level, arms)
 
 
 @contextmanager

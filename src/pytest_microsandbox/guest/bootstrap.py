@@ -44,7 +44,7 @@ import stat
 import sys
 import tempfile
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Run by path, Python put this file's directory first on sys.path, where it
 # would make the runner's modules importable under bare names; ``python -m
@@ -53,6 +53,9 @@ if not getattr(sys.flags, "safe_path", False) and sys.path:  # 3.11+
     sys.path[0] = os.getcwd()
 
 import pytest
+
+if TYPE_CHECKING:  # nothing of the package is imported before pytest.main
+    from pytest_microsandbox.guest.messages import Go
 
 # Over another image the host's Python runs through the host's loader
 # (docs/images.md): its children started with sys.executable must too, so the
@@ -504,13 +507,17 @@ def main(argv: list[str]) -> int:
                 prepared += [config] if config is not None else []
             request = runner.read_go(control)
 
+        def start(go: Go) -> int:
+            """The run ``go`` asks for, in this process."""
+            use_prepared(prepared)  # a kept run's child: its own copies
+            fresh_log()
+            return run(control, runner.enter(go, start_dir), memo)
+
         def fork(populate: bool) -> runner.KeptRun:
             forked = runner.KeptRun.spare(control, populate)
             if isinstance(forked, runner.KeptRun):
                 return forked
-            use_prepared(prepared)  # the child's own copies
-            fresh_log()
-            code = run(control, runner.enter(forked, start_dir), memo)  # the child
+            code = start(forked)  # the child
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -535,9 +542,7 @@ def main(argv: list[str]) -> int:
         for child in (running, spare):
             if child is not None:
                 child.end()
-        use_prepared(prepared)
-        fresh_log()
-        return run(control, runner.enter(request, start_dir), memo)
+        return start(request)
     if not argv:
         print(
             "usage: bootstrap.py CONTROL [pytest args] | --base CONTROL [-pno:NAME ...]",
