@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from pytest_microsandbox.guest.messages import Done, Report
-from pytest_microsandbox.plugin._timings import TIMINGS_ENV, StepTimer, timer_for
+from pytest_microsandbox.plugin._timings import (
+    TIMINGS_ENV,
+    StepTimer,
+    check_timings_path,
+    timer_for,
+)
+
+pytest_plugins = ["pytester"]
 
 
 def _report(when: str, start: float, duration: float, subtest: bool = False) -> Report:
@@ -62,3 +69,32 @@ def test_reports_without_times_leave_the_guest_steps_out(tmp_path: Path) -> None
     report = Report("t.py::x", "setup", "passed", {"$report_type": "TestReport"})
     timer.guest([report])
     assert "setup" not in timer.steps and "guest_span" not in timer.steps
+
+
+def test_an_absolute_path_or_none_passes_the_check(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(TIMINGS_ENV, raising=False)
+    check_timings_path()
+    monkeypatch.setenv(TIMINGS_ENV, str(tmp_path / "t.jsonl"))
+    check_timings_path()
+
+
+@pytest.mark.parametrize("value", ["1", "timings.jsonl", "../t.jsonl"])
+def test_a_relative_path_is_refused_before_it_lands_in_the_project(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv(TIMINGS_ENV, value)
+    with pytest.raises(pytest.UsageError, match=r"absolute path, got .*/tmp/timings\.jsonl"):
+        check_timings_path()
+
+
+def test_the_plugin_refuses_it_at_configure(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TIMINGS_ENV, "1")
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*MICROSANDBOX_TIMINGS must name the file*got '1'*"])
+    assert not (pytester.path / "1").exists()

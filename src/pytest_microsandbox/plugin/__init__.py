@@ -32,6 +32,7 @@ from ._fixtures import (
 )
 from ._hooks import PLUGIN_KEY, PLUGIN_NAME, MicrosandboxPlugin
 from ._options import MARKER_DOC, NO_SANDBOX_MARKER_DOC, add_options, resolve_settings
+from ._timings import check_timings_path
 
 __all__ = [
     "MicrosandboxPlugin",
@@ -80,6 +81,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_DOC)
     config.addinivalue_line("markers", NO_SANDBOX_MARKER_DOC)
+    check_timings_path()
     plugin = MicrosandboxPlugin(config, resolve_settings(config))
     config.stash[PLUGIN_KEY] = plugin
     config.pluginmanager.register(plugin, PLUGIN_NAME)

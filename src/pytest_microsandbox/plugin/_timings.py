@@ -1,6 +1,7 @@
 """Per-test timings of the marked-test path, for ``benchmarks/bench_suite.py``.
 
-Off unless ``$MICROSANDBOX_TIMINGS`` names a file: then the host runner appends
+Off unless ``$MICROSANDBOX_TIMINGS`` names a file by its absolute path (checked
+at configure: :func:`check_timings_path`): then the host runner appends
 one JSON line per sandboxed test to it (``O_APPEND``, one ``write`` per line, so
 xdist workers can share the file). Each line holds host-side step durations,
 measured with ``time.monotonic`` around what the runner already does, and the
@@ -31,11 +32,29 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import pytest
+
 from ..guest.messages import Message, Report
 
-__all__ = ["TIMINGS_ENV", "StepTimer", "timer_for"]
+__all__ = ["TIMINGS_ENV", "StepTimer", "check_timings_path", "timer_for"]
 
 TIMINGS_ENV = "MICROSANDBOX_TIMINGS"
+
+
+def check_timings_path() -> None:
+    """:raises pytest.UsageError: ``$MICROSANDBOX_TIMINGS`` is set but not an
+    absolute path. A relative one (``=1`` taken for a switch) is a file in the
+    current directory, usually the project: it changes the project's layer
+    with every test, and every run then rebuilds the project's zygote.
+    """
+    value = os.environ.get(TIMINGS_ENV)
+    if value and not os.path.isabs(value):
+        raise pytest.UsageError(
+            f"${TIMINGS_ENV} must name the file to append timings to by its absolute "
+            f"path, got {value!r} (a relative path lands in the current directory, "
+            f"usually the project, and rebuilds its zygote every run); "
+            f"e.g. {TIMINGS_ENV}=/tmp/timings.jsonl, or unset it"
+        )
 
 
 @dataclass
